@@ -1,0 +1,148 @@
+"""The one typed config of a distillflow run (YAML → pydantic), validated once, up front.
+
+Relative paths in a config resolve against the current working directory, like every
+other path given on the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prompts.config import PromptsConfig
+from tasks.filter_config import FiltersConfig
+from training.config import TrainingConfig
+
+
+class ConfigError(ValueError):
+    """A config or input problem, with a message that names the file, the key and the fix."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+SEED_FORMATS = ("jsonl", "json", "parquet", "csv", "hf_disk")
+
+
+class SeedSource(StrictModel):
+    path: Path = Field(description="A .jsonl/.json/.parquet/.csv file or a datasets.save_to_disk directory.")
+    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf_disk"] = Field(
+        "auto", description="File format; `auto` decides from the suffix (or a directory → hf_disk)."
+    )
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows from this file.")
+
+
+class GenerationConfig(StrictModel):
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(512, ge=1, description="Completion token budget per answer.")
+    top_logprobs: int = Field(0, ge=0, le=20, description="Capture top-k logprobs per token (0 = off).")
+    seed: int | None = Field(None, description="Per-request sampling seed, if the server supports it.")
+    stop: list[str] | None = None
+
+
+class TeacherConfig(StrictModel):
+    backend: Literal["openai", "local"] = Field(
+        "openai", description="openai: any OpenAI-compatible URL; local: in-process transformers."
+    )
+    base_url: str | None = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL.")
+    model: str = Field(..., description="Served model name (openai) or a model directory (local).")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY",
+        description="NAME of the env var (or `prefect-secret:BLOCK`) holding the key — never the key.",
+    )
+    max_concurrency: int = Field(32, ge=1, le=4096)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    max_retries: int = Field(6, ge=0, le=50)
+    timeout_s: float = Field(120.0, gt=0)
+    system_prompt: str | None = None
+    batch_size: int = Field(512, ge=1, description="Prompts per Prefect task (async I/O inside).")
+    local_batch_size: int = Field(8, ge=1, description="Sequences per forward pass (local backend).")
+    device: str = Field("auto", description="local backend: auto, cpu, cuda, cuda:N.")
+    generation: GenerationConfig = GenerationConfig()
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _looks_like_a_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.startswith(("sk-", "sk_")) or len(value) > 64 or " " in value:
+            raise ValueError(
+                "api_key_env takes the NAME of an environment variable (e.g. OPENAI_API_KEY), "
+                "not the key itself; export the key and put the variable's name here"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _base_url_for_openai(self) -> TeacherConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("teacher.base_url is required when teacher.backend is 'openai'")
+        return self
+
+
+class EvalConfig(StrictModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class DistillConfig(StrictModel):
+    name: str = Field(..., min_length=1, description="Dataset / run name.")
+    output_dir: Path = Field(..., description="Where the dataset (and the ledger) is written.")
+    seeds: list[SeedSource] = Field(..., min_length=1)
+    prompts: PromptsConfig = PromptsConfig()
+    teacher: TeacherConfig
+    filters: FiltersConfig = FiltersConfig()
+    training: TrainingConfig | None = None
+    evaluation: EvalConfig | None = None
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as JSON-able data; holds no secret (keys are only env var names)."""
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid config ({error.error_count()} problem(s)):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key; remove it or check its spelling")
+        elif kind == "missing":
+            lines.append(f"  - {key}: required key is missing; add it")
+        else:
+            lines.append(f"  - {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: Path | str = "<config>") -> DistillConfig:
+    try:
+        return DistillConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(Path(source), error)) from None
+
+
+def load_config(path: str | Path, check_files: bool = True) -> DistillConfig:
+    """Read and validate a YAML config; with `check_files`, also that every seed file exists."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (name, output_dir, seeds, ...)")
+    config = parse_config(data, path)
+    if check_files:
+        for index, seed in enumerate(config.seeds):
+            if not seed.path.exists():
+                raise ConfigError(
+                    f"{path}: seeds.{index}.path: {seed.path} does not exist "
+                    f"(relative paths resolve against {Path.cwd()}); fix the path"
+                )
+    return config

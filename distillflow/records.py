@@ -1,0 +1,100 @@
+"""The record types that flow through the whole pipeline.
+
+A prompt is generated once (`PromptRecord`), answered by the teacher (`TeacherAnswer`),
+and ends in exactly one of the accepted rows (`data/`) or the rejects (`rejects/`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def content_id(text: str) -> str:
+    """Stable id of a prompt: the first 32 hex digits of sha256 over its UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRecord:
+    """One prompt to send to the teacher.
+
+    `strategy` says how it was made (`seed`, `edge_case:unicode`, `adversarial:typo`, ...);
+    `parent_id` is the id of the seed or prompt it was derived from (None for seeds).
+    """
+
+    id: str
+    prompt: str
+    strategy: str
+    parent_id: str | None = None
+
+    @classmethod
+    def make(cls, prompt: str, strategy: str, parent_id: str | None = None) -> PromptRecord:
+        return cls(id=content_id(prompt), prompt=prompt, strategy=strategy, parent_id=parent_id)
+
+
+@dataclass(slots=True)
+class TeacherAnswer:
+    """What came back for one request. `error` is a reject reason code when it failed.
+
+    `top_logprobs`: one entry per generated token,
+    `{"token": str, "logprob": float, "top": [{"token": str, "logprob": float}, ...]}`.
+    """
+
+    content: str | None
+    finish_reason: str | None
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    top_logprobs: list[dict[str, Any]] | None = None
+    error: str | None = None
+    error_detail: str | None = None
+    from_ledger: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(slots=True)
+class Reject:
+    """A prompt that did not make it into `data/`, with a machine-readable reason code.
+
+    `duplicate_of` is the id of the kept row for duplicate reasons; `response` keeps a
+    teacher answer that was paid for but filtered out.
+    """
+
+    id: str
+    prompt: str
+    strategy: str
+    reason: str
+    detail: str = ""
+    parent_id: str | None = None
+    duplicate_of: str | None = None
+    response: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, record: PromptRecord, reason: str, detail: str = "", **kw: Any) -> Reject:
+        return cls(
+            id=record.id,
+            prompt=record.prompt,
+            strategy=record.strategy,
+            parent_id=record.parent_id,
+            reason=reason,
+            detail=detail,
+            **kw,
+        )
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "strategy": self.strategy,
+            "parent_id": self.parent_id,
+            "reason": self.reason,
+            "detail": self.detail,
+            "duplicate_of": self.duplicate_of,
+            "response": self.response,
+        }
