@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prompts.config import PromptsConfig
+from tasks.capture_config import CaptureConfig
 from tasks.filter_config import FiltersConfig
 from training.config import TrainingConfig
 
@@ -99,6 +100,7 @@ class DistillConfig(StrictModel):
     filters: FiltersConfig = FiltersConfig()
     training: TrainingConfig | None = None
     evaluation: EvalConfig | None = None
+    capture: CaptureConfig | None = None
 
     def redacted(self) -> dict[str, Any]:
         """The config as JSON-able data; holds no secret (keys are only env var names)."""

@@ -1,0 +1,72 @@
+"""Config of teacher logit capture (the `capture:` section), for the kd_topk objective.
+
+`distill capture-logits CONFIG` adds the teacher's top-k logprobs of every supervised
+response token to an existing dataset. Positions come from `training.data.encode_example`,
+so `system_prompt` and `max_length` must be the ones training uses: left unset, they are
+taken from the `training:` section (then from `teacher.system_prompt`, and 2048).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CaptureConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    source: Literal["local", "vllm"] = Field(
+        "local",
+        description="local: forward passes of a Hugging Face model directory in this process; "
+        "vllm: an OpenAI-compatible vLLM server scoring the token ids (`prompt_logprobs`).",
+    )
+    model: str | None = Field(
+        None,
+        description="local: the teacher model directory; vllm: the served model name. "
+        "Default: teacher.model.",
+    )
+    tokenizer: Path | None = Field(
+        None,
+        description="Tokenizer directory that turns rows into token ids (the student's; teacher "
+        "and student must share a vocabulary). Default: the model directory (local), "
+        "training.teacher (vllm).",
+    )
+    k: int = Field(20, ge=1, le=1024, description="Logprobs kept per position (vLLM caps it at --max-logprobs).")
+    input_dir: Path | None = Field(
+        None, description="Dataset to read (its data/*.parquet). Default: output_dir of the config."
+    )
+    output_dir: Path | None = Field(
+        None,
+        description="Where the dataset with the extra columns is written. Default: input_dir "
+        "(in place: each shard is replaced atomically, the manifest rewritten last).",
+    )
+    system_prompt: str | None = Field(
+        None, description="System message of every example. Default: training.system_prompt."
+    )
+    max_length: int | None = Field(
+        None, ge=8, description="Tokens per example (truncation). Default: training.max_length."
+    )
+    batch_size: int = Field(
+        8, ge=1, description="Sequences per forward pass (local) or per request (vllm)."
+    )
+    rows_per_read: int = Field(
+        256, ge=1, description="Rows read from a shard at a time (bounds memory)."
+    )
+    device: str = Field("auto", description="local: auto, cpu, cuda, cuda:N.")
+    base_url: str | None = Field(
+        None, description="vllm: the server's /v1 URL. Default: teacher.base_url."
+    )
+    api_key_env: str | None = Field(
+        None, description="vllm: NAME of the env var holding the key. Default: teacher.api_key_env."
+    )
+    max_concurrency: int = Field(8, ge=1, le=1024, description="vllm: requests in flight.")
+    timeout_s: float = Field(300.0, gt=0, description="vllm: per-request timeout.")
+    max_retries: int = Field(4, ge=0, le=50, description="vllm: retries of a failed request.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CaptureConfig:
+        if self.source == "vllm" and self.device != "auto":
+            raise ValueError("capture.device applies to source: local only; remove it")
+        return self
