@@ -1,9 +1,218 @@
-"""Config of student training (the `training:` section)."""
+"""Config of student training (the `training:` section).
+
+One pydantic model, every field documented, ranges checked on construction (unknown keys
+are errors). `python -m training.train --config CONFIG.yaml` reads it from the `training:`
+section of a full distillflow config, or from a YAML file that holds only this section.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Objective = Literal["sft", "kd_logits", "kd_topk", "hidden"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+
+# configs/deepspeed/ of this repository: the default ZeRO configs live there.
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+class DeriveStudentConfig(BaseModel):
+    """Build the student from the teacher instead of loading a model directory.
+
+    Layers: every `layer_stride`-th teacher layer is copied (DistilBERT-style), starting at
+    layer 0, or `num_layers` evenly spaced layers (first and last included). Width: with
+    `hidden_size` / `intermediate_size` / `num_attention_heads` set, the student is a fresh
+    (randomly initialised) model of that width and the teacher's depth choice; weights can
+    only be copied when the width is the teacher's.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    layer_stride: int | None = Field(
+        2, ge=1, description="Copy teacher layers 0, k, 2k, ... (k = layer_stride)."
+    )
+    num_layers: int | None = Field(
+        None, ge=1, description="Instead of a stride: keep this many evenly spaced teacher layers."
+    )
+    hidden_size: int | None = Field(None, ge=8, description="Narrower width (random init).")
+    intermediate_size: int | None = Field(None, ge=8, description="MLP width of a narrower student.")
+    num_attention_heads: int | None = Field(
+        None, ge=1, description="Attention heads of a narrower student (hidden_size must divide)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DeriveStudentConfig:
+        if self.hidden_size is not None and self.num_attention_heads is not None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; pick a head count that divides it"
+                )
+        return self
 
 
 class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- data --------------------------------------------------------------------------
+    dataset_dir: Path = Field(
+        ..., description="A distillflow dataset directory; its `data/*.parquet` shards are read."
+    )
+    output_dir: Path = Field(
+        ...,
+        description="Run directory: metrics.jsonl, metrics.json, checkpoints/ and final/ "
+        "(the exported student).",
+    )
+    system_prompt: str | None = Field(
+        None, description="System message put before every prompt by the chat template."
+    )
+    max_length: int = Field(
+        1024, ge=8, le=1_048_576, description="Tokens per example (prompt + response); longer "
+        "examples are truncated (the prompt is cut from the left, then the response)."
+    )
+    packing: bool = Field(
+        False,
+        description="Concatenate examples into rows of max_length tokens (attention is kept "
+        "inside each example through position ids).",
+    )
+    tokenized_cache_dir: Path | None = Field(
+        None,
+        description="Where tokenised datasets are cached (key: tokenizer + data hash + "
+        "max_length + system prompt). Default: <output_dir>/tokenized; point several runs "
+        "(a sweep) at one directory to share it.",
+    )
+    topk_column: str = Field(
+        "teacher_topk", description="Column with the teacher top-k logprobs (kd_topk)."
+    )
+
+    # --- models ------------------------------------------------------------------------
+    student: Path | None = Field(
+        None, description="Student: a Hugging Face model directory (with its tokenizer)."
+    )
+    derive_student: DeriveStudentConfig | None = Field(
+        None, description="Or: derive the student from the teacher (needs `teacher`)."
+    )
+    teacher: Path | None = Field(
+        None,
+        description="Teacher model directory. Needed by kd_logits and hidden (forward pass), "
+        "by derive_student, and for the vocabulary preflight of kd_topk.",
+    )
+    teacher_zero3_inference: bool = Field(
+        False,
+        description="Partition the teacher's weights across processes with ZeRO-3 inference "
+        "(no optimizer state either way). For teachers that do not fit one process.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Training precision (bfloat16 also sets bf16 in DeepSpeed)."
+    )
+
+    # --- objective ---------------------------------------------------------------------
+    objective: Objective = Field(
+        "sft",
+        description="sft: cross-entropy on the teacher's text (black box, any tokenizer); "
+        "kd_logits: KL/JSD to an in-process teacher's logits; kd_topk: KL to the teacher "
+        "top-k logprobs stored in the dataset; hidden: hidden-state matching + a logit loss.",
+    )
+    divergence: Divergence = Field(
+        "forward_kl",
+        description="forward_kl = KL(teacher||student) (mode covering), reverse_kl = "
+        "KL(student||teacher) (mode seeking), jsd = generalised JSD(beta).",
+    )
+    beta: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="JSD interpolation: mixture M = beta*teacher + (1-beta)*student. beta=0 "
+        "is forward KL, beta=1 is reverse KL (the convention of TRL's GKD).",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, le=100.0, description="Softmax temperature T of both models in the KD "
+        "term; the KD term is multiplied by T^2 so its gradients keep their scale."
+    )
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="loss = alpha * KD + (1 - alpha) * cross-entropy (KD objectives; sft "
+        "is pure cross-entropy)."
+    )
+    hidden_layer_pairs: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="hidden: (teacher_layer, student_layer) pairs of hidden states to match "
+        "(0 = embeddings output, i = output of block i). Empty: last layers of both.",
+    )
+    hidden_loss: Literal["mse", "cosine"] = Field(
+        "mse", description="hidden: distance between projected student and teacher states."
+    )
+    hidden_weight: float = Field(
+        1.0, ge=0.0, le=1000.0, description="hidden: weight of the hidden-state term added to "
+        "the logit loss (alpha * KD + (1 - alpha) * CE)."
+    )
+    loss_chunk_tokens: int = Field(
+        1024,
+        ge=1,
+        description="KD losses run over this many tokens at a time, so the full "
+        "[tokens x vocab] distributions and their gradients never all live at once.",
+    )
+
+    # --- optimisation ------------------------------------------------------------------
+    micro_batch_size: int = Field(4, ge=1, le=65_536, description="Sequences per process per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65_536, description="Micro-steps per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up optimizer steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="After warm-up: constant, or cosine decay to 10% at the last step."
+    )
+    epochs: float = Field(1.0, gt=0.0, le=10_000, description="Passes over the data (if max_steps is unset).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    seed: int = Field(0, description="Seed of initialisation, shuffling and the student derivation.")
+    log_every: int = Field(1, ge=1, description="Print a progress line every N optimizer steps.")
+
+    # --- DeepSpeed and processes ---------------------------------------------------------
+    deepspeed_config: Path = Field(
+        DEEPSPEED_CONFIG_DIR / "zero2.json",
+        description="DeepSpeed JSON (see configs/deepspeed/: zero1, zero2, zero3, "
+        "zero2_offload_optimizer, zero3_offload). Batch sizes, lr and precision are filled "
+        "in from this config; everything else comes from the file.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(
+        None, description="Override zero_optimization.stage of the DeepSpeed JSON."
+    )
+    num_processes: int = Field(1, ge=1, le=4096, description="Processes on this node (torchrun).")
+    master_port: int = Field(29511, ge=1024, le=65535, description="Rendezvous port of torchrun.")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Save a DeepSpeed checkpoint every N optimizer steps (0 = only at the end)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the latest N checkpoints.")
+    resume: bool = Field(
+        True,
+        description="Continue from the latest checkpoint in output_dir/checkpoints if there is "
+        "one (same data order, same loss curve as an uninterrupted run).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if self.student is None and self.derive_student is None:
+            raise ValueError(
+                "set `student` (a model directory) or `derive_student` (with `teacher`) "
+                "to say which student to train"
+            )
+        if self.student is not None and self.derive_student is not None:
+            raise ValueError("set only one of `student` and `derive_student`")
+        needs_teacher = self.objective in ("kd_logits", "hidden") or self.derive_student is not None
+        if needs_teacher and self.teacher is None:
+            raise ValueError(
+                f"objective {self.objective!r}"
+                + (" with derive_student" if self.derive_student is not None else "")
+                + " needs a teacher model directory: set `teacher`"
+            )
+        for teacher_layer, student_layer in self.hidden_layer_pairs:
+            if teacher_layer < 0 or student_layer < 0:
+                raise ValueError("hidden_layer_pairs take non-negative layer indices (0 = embeddings)")
+        return self
+
+    @property
+    def is_white_box(self) -> bool:
+        """Objectives that compare against teacher logits (so need matching vocabularies)."""
+        return self.objective != "sft"
