@@ -66,6 +66,8 @@ class TeacherConfig(StrictModel):
     batch_size: int = Field(512, ge=1, description="Prompts per Prefect task (async I/O inside).")
     local_batch_size: int = Field(8, ge=1, description="Sequences per forward pass (local backend).")
     device: str = Field("auto", description="local backend: auto, cpu, cuda, cuda:N.")
+    price_per_million_prompt_tokens: float | None = Field(None, ge=0, description="For the cost estimate.")
+    price_per_million_completion_tokens: float | None = Field(None, ge=0, description="For the cost estimate.")
     generation: GenerationConfig = GenerationConfig()
 
     @field_validator("api_key_env")

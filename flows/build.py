@@ -1,0 +1,262 @@
+"""The `build_dataset` flow: seeds → prompts → prompt filters → teacher → response filters → Parquet.
+
+The flow only wires; each task does one coarse step (a batch of hundreds of prompts, with
+async I/O inside), because each Prefect task run costs milliseconds of bookkeeping.
+Tasks take NO_CACHE: their inputs are large lists whose hashing would cost more than
+the work, and the durable cache of teacher answers is the ledger.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+import distillflow
+from distillflow.config import ConfigError, DistillConfig, load_config
+from distillflow.records import PromptRecord, Reject, TeacherAnswer
+from storage.dataset import count_by, dataset_card, write_dataset
+from storage.ledger import Ledger
+from storage.seeds import load_seeds
+from tasks.filters import filter_prompts, filter_responses
+from tasks.teacher import (
+    OpenAITeacher,
+    TeacherFatalError,
+    TeacherStats,
+    answer_requests,
+    build_messages,
+    resolve_api_key,
+)
+
+LEDGER_PATH = Path(".ledger") / "teacher.sqlite"
+
+
+class LocalTeacherClient:
+    """The in-process Hugging Face teacher behind the interface `answer_requests` expects."""
+
+    def __init__(self, config) -> None:  # noqa: ANN001 - TeacherConfig
+        self.config = config
+        self.model = config.model
+        self.stats = TeacherStats()
+        self.batch_size = config.local_batch_size
+
+    def answer_batch(self, messages_list: list[list[dict]]) -> list[TeacherAnswer]:
+        from tasks.teacher_local import get_local_teacher
+
+        return get_local_teacher(self.config).answer_batch(messages_list)
+
+
+def make_teacher(config: DistillConfig, api_key: str | None) -> OpenAITeacher | LocalTeacherClient:
+    if config.teacher.backend == "local":
+        return LocalTeacherClient(config.teacher)
+    return OpenAITeacher(config.teacher, api_key=api_key)
+
+
+class Progress:
+    """Logs `answered N/M` at most every `every_s` seconds (and at the end)."""
+
+    def __init__(self, label: str, every_s: float = 5.0) -> None:
+        self.label, self.every_s = label, every_s
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s or done == total:
+            self.last = now
+            rate = done / max(now - self.started, 1e-9)
+            print(f"[{self.label}] {done}/{total} answered ({rate:.0f}/s)", file=sys.stderr, flush=True)
+
+
+# -- tasks ----------------------------------------------------------------------------------
+
+
+@task(name="load-seeds", cache_policy=NO_CACHE)
+def load_seeds_task(config: DistillConfig, prompt_column: str | None) -> tuple[list[PromptRecord], list[Reject]]:
+    return load_seeds(config.seeds, prompt_column)
+
+
+@task(name="generate-prompts", cache_policy=NO_CACHE)
+def generate_prompts_task(config: DistillConfig, seeds: list[PromptRecord], teacher: Any, ledger: Ledger):
+    from prompts.generate import generate_prompts
+
+    def complete(messages_list: list[list[dict]]) -> list[TeacherAnswer]:
+        return [answer for answer, _ in answer_requests(teacher, ledger, messages_list)]
+
+    return generate_prompts(seeds, config.prompts, complete)
+
+
+@task(name="filter-prompts", cache_policy=NO_CACHE)
+def filter_prompts_task(prompts: list[PromptRecord], config: DistillConfig):
+    return filter_prompts(prompts, config.filters)
+
+
+@task(name="answer-batch", cache_policy=NO_CACHE, task_run_name="answer-batch-{batch_index}")
+def answer_batch_task(
+    batch_index: int, prompts: list[PromptRecord], config: DistillConfig, teacher: Any, ledger: Ledger, progress: Progress
+) -> tuple[list[dict[str, Any]], list[Reject]]:
+    """Ask the teacher for one batch (ledger first); answered rows and teacher-error rejects."""
+    messages_list = [build_messages(p.prompt, config.teacher.system_prompt) for p in prompts]
+    answers = answer_requests(teacher, ledger, messages_list, progress=progress)
+    teacher_name = Path(config.teacher.model).name if config.teacher.backend == "local" else config.teacher.model
+    rows: list[dict[str, Any]] = []
+    rejects: list[Reject] = []
+    for record, (answer, created_at) in zip(prompts, answers):
+        if not answer.ok:
+            rejects.append(Reject.of(record, answer.error or "teacher_error:unknown", answer.error_detail or ""))
+            continue
+        row = {
+            "id": record.id,
+            "prompt": record.prompt,
+            "response": answer.content or "",
+            "strategy": record.strategy,
+            "parent_id": record.parent_id,
+            "teacher_model": answer.model or teacher_name,
+            "finish_reason": answer.finish_reason,
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "created_at": datetime.fromtimestamp(created_at, tz=timezone.utc),
+        }
+        if config.teacher.generation.top_logprobs:
+            row["top_logprobs"] = answer.top_logprobs
+        rows.append(row)
+    return rows, rejects
+
+
+@task(name="filter-responses", cache_policy=NO_CACHE)
+def filter_responses_task(rows: list[dict[str, Any]], config: DistillConfig):
+    return filter_responses(rows, config.filters)
+
+
+@task(name="write-dataset", cache_policy=NO_CACHE)
+def write_dataset_task(
+    config: DistillConfig, rows: list[dict[str, Any]], rejects: list[Reject], manifest: dict[str, Any], secrets: list[str]
+) -> dict[str, Any]:
+    return write_dataset(
+        config.output_dir,
+        rows,
+        [r.to_row() for r in rejects],
+        manifest,
+        dataset_card(manifest),
+        with_top_logprobs=bool(config.teacher.generation.top_logprobs),
+        secrets=secrets,
+    )
+
+
+# -- flow -----------------------------------------------------------------------------------
+
+
+def _artifact_key(name: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:60] or "dataset"
+
+
+@flow(name="build-dataset")
+def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> dict[str, Any]:
+    """Build a dataset of teacher answers from `config`; returns the manifest."""
+    logger = get_run_logger()
+    started = time.time()
+    api_key = resolve_api_key(config.teacher.api_key_env) if config.teacher.backend == "openai" else None
+    ledger = Ledger(config.output_dir / LEDGER_PATH)
+    teacher = make_teacher(config, api_key)
+    try:
+        seeds, seed_rejects = load_seeds_task(config, prompt_column)
+        prompts, generation_rejects, prompt_report = generate_prompts_task(config, seeds, teacher, ledger)
+        kept, prompt_rejects = filter_prompts_task(prompts, config)
+        logger.info("%d seeds, %d prompts generated, %d after prompt filters", len(seeds), len(prompts), len(kept))
+
+        answered: list[dict[str, Any]] = []
+        teacher_rejects: list[Reject] = []
+        progress = Progress(config.name)
+        batch_size = config.teacher.batch_size
+        for batch_index, start in enumerate(range(0, len(kept), batch_size)):
+            rows, rejects = answer_batch_task(
+                batch_index, kept[start : start + batch_size], config, teacher, ledger, progress
+            )
+            answered.extend(rows)
+            teacher_rejects.extend(rejects)
+        accepted, response_rejects = filter_responses_task(answered, config)
+    except TeacherFatalError as error:
+        logger.error("%s", error)
+        raise
+    finally:
+        ledger.close()
+
+    all_rejects = seed_rejects + generation_rejects + prompt_rejects + teacher_rejects + response_rejects
+    entered = len(seed_rejects) + len(prompts) + len(generation_rejects)
+    counts = {
+        "seeds": len(seeds),
+        "bad_seed_rows": len(seed_rejects),
+        "prompts_generated": len(prompts),
+        "generation_rejects": len(generation_rejects),
+        "after_prompt_filters": len(kept),
+        "teacher_answered": len(answered),
+        "teacher_errors": len(teacher_rejects),
+        "accepted": len(accepted),
+        "rejected": len(all_rejects),
+    }
+    reject_reasons = dict(sorted(Counter(r.reason for r in all_rejects).items()))
+    stats = teacher.stats
+    usage = stats.to_dict()
+    usage["paid_requests"] = stats.requests_sent
+    pricing = config.teacher
+    if pricing.price_per_million_prompt_tokens is not None or pricing.price_per_million_completion_tokens is not None:
+        usage["estimated_cost_usd"] = round(
+            stats.prompt_tokens * (pricing.price_per_million_prompt_tokens or 0) / 1e6
+            + stats.completion_tokens * (pricing.price_per_million_completion_tokens or 0) / 1e6,
+            6,
+        )
+    manifest = {
+        "format_version": 1,
+        "name": config.name,
+        "distillflow_version": distillflow.__version__,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "config": config.redacted(),
+        "counts": counts,
+        "reject_reasons": reject_reasons,
+        "accepted_per_strategy": count_by(accepted, "strategy"),
+        "prompt_report": prompt_report,
+        "teacher_usage": usage,
+        "invariant": {
+            "entered": entered,
+            "accepted_plus_rejected": len(accepted) + len(all_rejects),
+            "holds": entered == len(accepted) + len(all_rejects),
+        },
+        "elapsed_s": round(time.time() - started, 3),
+    }
+    if not manifest["invariant"]["holds"]:
+        raise RuntimeError(f"internal error: {entered} prompts entered but {len(accepted) + len(all_rejects)} rows out")
+    manifest = write_dataset_task(config, accepted, all_rejects, manifest, [api_key] if api_key else [])
+
+    table = [{"stage": stage, "reason": "", "count": value} for stage, value in counts.items()]
+    table += [{"stage": "rejected", "reason": reason, "count": value} for reason, value in reject_reasons.items()]
+    create_table_artifact(
+        key=f"{_artifact_key(config.name)}-counts",
+        table=table,
+        description=f"{config.name}: rows per stage and reject reason",
+    )
+    logger.info("wrote %d rows (%d rejects) to %s", len(accepted), len(all_rejects), config.output_dir)
+    return manifest
+
+
+def build_command(config_path: str | Path, prompt_column: str | None = None) -> dict[str, Any]:
+    """`distill build CONFIG`: validate everything that can be checked before paying, then run."""
+    config = load_config(config_path)
+    if config.teacher.backend == "openai":
+        resolve_api_key(config.teacher.api_key_env)  # fail before any teacher call
+    elif not Path(config.teacher.model).is_dir():
+        raise ConfigError(f"{config_path}: teacher.model: {config.teacher.model} is not a model directory")
+    load_seeds(config.seeds, prompt_column, config_path)  # bad files/columns fail here
+    manifest = build_dataset(config, prompt_column)
+    counts = manifest["counts"]
+    print(
+        f"{config.name}: {counts['accepted']} accepted, {counts['rejected']} rejected → {config.output_dir}",
+        file=sys.stderr,
+    )
+    return manifest

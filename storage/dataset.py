@@ -1,0 +1,124 @@
+"""Write a finished dataset: shards into a staging area, swap into place, card, manifest last.
+
+Layout (see DESIGN.md): `data/part-*.parquet`, `rejects/part-*.parquet`, `README.md`,
+`manifest.json`. The manifest is removed before anything is rewritten and written after
+everything else, so a directory with a manifest is always complete and consistent.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from storage.manifest import remove_manifest, write_manifest
+from storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema
+
+STAGING = ".staging"
+
+
+def _secret_free(value: Any, secrets: list[str]) -> Any:
+    """Replace any occurrence of a secret value with `***` (defence in depth)."""
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret and len(secret) >= 6 and secret in value:
+                value = value.replace(secret, "***")
+        return value
+    if isinstance(value, dict):
+        return {k: _secret_free(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_secret_free(v, secrets) for v in value]
+    return value
+
+
+def write_dataset(
+    output_dir: str | Path,
+    rows: list[dict[str, Any]],
+    reject_rows: list[dict[str, Any]],
+    manifest: dict[str, Any],
+    card: str,
+    with_top_logprobs: bool = False,
+    rows_per_shard: int = 100_000,
+    secrets: list[str] | None = None,
+) -> dict[str, Any]:
+    """Write rows and rejects as shards, the card, and the manifest (last). Returns the manifest."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_manifest(output_dir)
+    staging = output_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+
+    data_writer = ShardWriter(staging / "data", accepted_schema(with_top_logprobs), rows_per_shard, root=staging)
+    data_writer.write(rows)
+    reject_writer = ShardWriter(staging / "rejects", REJECT_SCHEMA, rows_per_shard, root=staging)
+    reject_writer.write(reject_rows)
+    shards = {"data": [s.to_dict() for s in data_writer.close()], "rejects": [s.to_dict() for s in reject_writer.close()]}
+
+    for part in ("data", "rejects"):
+        target, old = output_dir / part, output_dir / f".old-{part}"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        (staging / part).rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+    manifest = dict(manifest)
+    manifest["shards"] = shards
+    manifest = _secret_free(manifest, secrets or [])
+    (output_dir / "README.md").write_text(_secret_free(card, secrets or []), encoding="utf-8")
+    write_manifest(output_dir, manifest)
+    return manifest
+
+
+def dataset_card(manifest: dict[str, Any]) -> str:
+    """A Markdown dataset card from the manifest's counts."""
+    counts = manifest.get("counts", {})
+    reasons = manifest.get("reject_reasons", {})
+    strategies = manifest.get("accepted_per_strategy", {})
+    usage = manifest.get("teacher_usage", {})
+    teacher = manifest.get("config", {}).get("teacher", {})
+    lines = [
+        f"# {manifest.get('name', 'dataset')}",
+        "",
+        f"Teacher answers from `{teacher.get('model')}` ({teacher.get('backend')} backend), built by "
+        f"distillflow {manifest.get('distillflow_version', '')} at {manifest.get('created_at', '')}.",
+        "",
+        "## Counts",
+        "",
+        "| stage | rows |",
+        "|---|---:|",
+        *[f"| {stage} | {value} |" for stage, value in counts.items()],
+        "",
+        "## Accepted rows per strategy",
+        "",
+        "| strategy | rows |",
+        "|---|---:|",
+        *[f"| {name} | {value} |" for name, value in sorted(strategies.items())],
+        "",
+        "## Rejects per reason",
+        "",
+        "| reason | rows |",
+        "|---|---:|",
+        *[f"| {name} | {value} |" for name, value in sorted(reasons.items())],
+        "",
+        "## Teacher usage",
+        "",
+        *[f"- {key}: {value}" for key, value in usage.items() if not isinstance(value, dict)],
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "import datasets",
+        'ds = datasets.load_dataset("parquet", data_dir="<this directory>/data", split="train")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def count_by(rows: list[dict[str, Any]], key: str) -> dict[str, int]:
+    return dict(sorted(Counter(str(row.get(key)) for row in rows).items()))

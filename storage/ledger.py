@@ -1,0 +1,97 @@
+"""The teacher ledger: every paid-for answer, durable the moment it arrives.
+
+Why SQLite in WAL mode: one file, one transaction per answer (~tens of µs, no fsync per
+commit with `synchronous=NORMAL`), readers never block the writer, and a process killed
+with SIGKILL loses nothing that was committed — the WAL is replayed on the next open. The
+only loss window is a power cut or OS crash, which `durability="full"` closes at the cost
+of an fsync per answer. Append-only segment files would be as fast but need their own
+compaction and torn-write handling; SQLite already solves both.
+
+Keys are content hashes of the full request (messages, model, generation parameters),
+so a rerun of the same config finds every answer it already paid for, and a change of
+any parameter that changes the answer is a new key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from distillflow.records import TeacherAnswer
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS answers (
+    key         TEXT PRIMARY KEY,
+    created_at  REAL NOT NULL,
+    answer      TEXT NOT NULL
+);
+"""
+
+
+def request_key(messages: list[dict[str, Any]], model: str, params: dict[str, Any]) -> str:
+    """sha256 over the canonical JSON of everything that determines the teacher's answer."""
+    payload = json.dumps(
+        {"messages": messages, "model": model, "params": params},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class Ledger:
+    """Append-only store of teacher answers keyed by `request_key`. Single-writer."""
+
+    def __init__(self, path: str | Path, durability: Literal["normal", "full"] = "normal") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(SCHEMA)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, tuple[TeacherAnswer, float]]:
+        """Answers already recorded for `keys`: key → (answer, created_at unix seconds)."""
+        found: dict[str, tuple[TeacherAnswer, float]] = {}
+        keys = list(keys)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            placeholders = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT key, created_at, answer FROM answers WHERE key IN ({placeholders})", chunk
+            )
+            for key, created_at, payload in rows:
+                answer = TeacherAnswer(**json.loads(payload))
+                answer.from_ledger = True
+                found[key] = (answer, created_at)
+        return found
+
+    def put(self, key: str, answer: TeacherAnswer, created_at: float | None = None) -> float:
+        """Record one answer now (its own transaction). Returns its created_at."""
+        created_at = time.time() if created_at is None else created_at
+        data = asdict(answer)
+        data.pop("from_ledger", None)
+        self._db.execute(
+            "INSERT OR IGNORE INTO answers (key, created_at, answer) VALUES (?, ?, ?)",
+            (key, created_at, json.dumps(data, ensure_ascii=False)),
+        )
+        return created_at
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,428 @@
+"""Teacher clients: any OpenAI-compatible server through `openai.AsyncOpenAI`.
+
+Everything that can go wrong at the network boundary is handled here:
+- bounded concurrency (`max_concurrency` workers) and an in-process token bucket for
+  requests/tokens per minute;
+- retries with exponential backoff and full jitter on 429 (honouring `Retry-After`),
+  5xx, 408, timeouts, dropped connections and malformed bodies;
+- no retry storm on permanent errors: until one request to an endpoint has come back
+  without an auth error, only one request is in flight, and 401/403/404 stop the run at
+  once (`TeacherFatalError`); a 400/422 for one prompt becomes that prompt's reject
+  reason `teacher_error:400`.
+
+`answer_requests` puts the ledger in front: answers already paid for come from it, and
+each new answer is recorded the moment it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+from distillflow.config import ConfigError, TeacherConfig
+from distillflow.records import TeacherAnswer
+from storage.ledger import Ledger, request_key
+
+Messages = list[dict[str, Any]]
+
+# Reasons that will not change on a retry with the same request: recorded in the ledger
+# so that a rerun does not pay for them again.
+PERMANENT_ERROR_PREFIXES = ("teacher_error:400", "teacher_error:413", "teacher_error:422")
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+MAX_RETRY_AFTER_S = 120.0
+
+
+class TeacherFatalError(RuntimeError):
+    """The endpoint refuses every request (bad key, no permission, unknown model/URL)."""
+
+
+def resolve_api_key(api_key_env: str | None) -> str:
+    """The key named by `teacher.api_key_env`; never logged, never stored.
+
+    `api_key_env: null` means the server needs no key (a local vLLM): a placeholder is sent.
+    `prefect-secret:NAME` reads a Prefect Secret block.
+    """
+    if api_key_env is None:
+        return "EMPTY"
+    if api_key_env.startswith("prefect-secret:"):
+        block_name = api_key_env.split(":", 1)[1]
+        from prefect.blocks.system import Secret
+
+        try:
+            return Secret.load(block_name).get()
+        except ValueError as error:
+            raise ConfigError(
+                f"teacher.api_key_env: Prefect Secret block {block_name!r} not found; "
+                f"create it in the UI or with `Secret(value=...).save({block_name!r})`"
+            ) from error
+    value = os.environ.get(api_key_env)
+    if not value:
+        raise ConfigError(
+            f"teacher.api_key_env: environment variable {api_key_env} is not set; "
+            f"export {api_key_env}=<your key> (or set api_key_env: null for a server without auth)"
+        )
+    return value
+
+
+def build_messages(prompt: str, system_prompt: str | None) -> Messages:
+    messages: Messages = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+@dataclass
+class TeacherStats:
+    requests_sent: int = 0
+    retries: int = 0
+    ledger_hits: int = 0
+    answered: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retry_reasons: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requests_sent": self.requests_sent,
+            "retries": self.retries,
+            "ledger_hits": self.ledger_hits,
+            "answered": self.answered,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "retry_reasons": dict(self.retry_reasons),
+        }
+
+
+class RateLimiter:
+    """Token buckets for requests and tokens per minute, shared by the workers of a loop."""
+
+    def __init__(
+        self, requests_per_minute: float | None, tokens_per_minute: float | None, burst_s: float = 1.0
+    ) -> None:
+        # Per-second refill rates; a bucket holds `burst_s` seconds of budget (at least one
+        # request), so the limit is smooth rather than a minute-sized burst.
+        self.limits = {"requests": requests_per_minute, "tokens": tokens_per_minute}
+        self.capacity = {
+            name: max(limit / 60.0 * burst_s, 1.0) if limit else 0.0 for name, limit in self.limits.items()
+        }
+        self.levels = dict(self.capacity)
+        self.updated = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    @property
+    def active(self) -> bool:
+        return any(self.limits.values())
+
+    async def acquire(self, tokens: int) -> None:
+        if not self.active:
+            return
+        need = {"requests": 1.0, "tokens": float(tokens)}
+        async with self.lock:
+            while True:
+                now = time.monotonic()
+                elapsed, self.updated = now - self.updated, now
+                wait = 0.0
+                for name, limit in self.limits.items():
+                    if not limit:
+                        continue
+                    capacity = self.capacity[name]
+                    self.levels[name] = min(capacity, self.levels[name] + elapsed * limit / 60.0)
+                    # A request larger than the whole bucket waits for a full bucket.
+                    want = min(need[name], capacity)
+                    if self.levels[name] < want:
+                        wait = max(wait, (want - self.levels[name]) * 60.0 / limit)
+                if wait <= 0:
+                    for name, limit in self.limits.items():
+                        if limit:
+                            self.levels[name] -= min(need[name], self.capacity[name])
+                    return
+                await asyncio.sleep(wait)
+
+
+# Endpoints (base_url, model) that have answered at least once without an auth error in
+# this process: only for those does a run start at full concurrency.
+_verified_endpoints: set[tuple[str, str]] = set()
+_verified_lock = threading.Lock()
+
+
+def _retry_after_seconds(error: openai.APIStatusError) -> float | None:
+    headers = error.response.headers
+    for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(header)
+        if value is None:
+            continue
+        try:
+            return min(float(value) / divisor, MAX_RETRY_AFTER_S)
+        except ValueError:
+            continue
+    return None
+
+
+class OpenAITeacher:
+    """Chat completions against an OpenAI-compatible endpoint."""
+
+    def __init__(self, config: TeacherConfig, api_key: str | None = None) -> None:
+        self.config = config
+        self._api_key = api_key if api_key is not None else resolve_api_key(config.api_key_env)
+        self.stats = TeacherStats()
+        self.endpoint = (str(config.base_url), config.model)
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    def request_params(self) -> dict[str, Any]:
+        """Generation parameters sent with every request (and hashed into ledger keys)."""
+        generation = self.config.generation
+        params: dict[str, Any] = {
+            "temperature": generation.temperature,
+            "top_p": generation.top_p,
+            "max_tokens": generation.max_tokens,
+        }
+        if generation.seed is not None:
+            params["seed"] = generation.seed
+        if generation.stop:
+            params["stop"] = generation.stop
+        if generation.top_logprobs:
+            params["logprobs"] = True
+            params["top_logprobs"] = generation.top_logprobs
+        return params
+
+    def _client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=self.config.base_url,
+            api_key=self._api_key,
+            max_retries=0,  # retries are ours: counted, jittered, fail-fast on auth errors
+            timeout=self.config.timeout_s,
+        )
+
+    async def answer_all(
+        self,
+        messages_list: Sequence[Messages],
+        on_answer: Callable[[int, TeacherAnswer], None] | None = None,
+    ) -> list[TeacherAnswer]:
+        """Answers in input order. Raises `TeacherFatalError` (after cancelling in-flight
+        requests) when the endpoint rejects the credentials, the model or the URL."""
+        results: list[TeacherAnswer | None] = [None] * len(messages_list)
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for index in range(len(messages_list)):
+            queue.put_nowait(index)
+        limiter = RateLimiter(self.config.requests_per_minute, self.config.tokens_per_minute)
+        params = self.request_params()
+        opened = asyncio.Event()
+        with _verified_lock:
+            if self.endpoint in _verified_endpoints:
+                opened.set()
+
+        async with self._client() as client:
+
+            async def worker(worker_id: int) -> None:
+                if worker_id > 0:
+                    await opened.wait()
+                while True:
+                    try:
+                        index = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        return
+                    answer = await self._answer_one(client, limiter, params, messages_list[index], opened)
+                    results[index] = answer
+                    self.stats.answered += 1
+                    self.stats.prompt_tokens += answer.prompt_tokens
+                    self.stats.completion_tokens += answer.completion_tokens
+                    if on_answer is not None:
+                        on_answer(index, answer)
+
+            workers = min(self.config.max_concurrency, max(1, len(messages_list)))
+            tasks = [asyncio.create_task(worker(i)) for i in range(workers)]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        return results  # type: ignore[return-value]
+
+    def _mark_open(self, opened: asyncio.Event) -> None:
+        if not opened.is_set():
+            with _verified_lock:
+                _verified_endpoints.add(self.endpoint)
+            opened.set()
+
+    async def _answer_one(
+        self,
+        client: openai.AsyncOpenAI,
+        limiter: RateLimiter,
+        params: dict[str, Any],
+        messages: Messages,
+        opened: asyncio.Event,
+    ) -> TeacherAnswer:
+        estimated_tokens = sum(len(m.get("content") or "") for m in messages) // 4 + params["max_tokens"]
+        reason, detail = "teacher_error:unknown", ""
+        for attempt in range(self.config.max_retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                self.stats.retry_reasons[reason] += 1
+            await limiter.acquire(estimated_tokens)
+            self.stats.requests_sent += 1
+            retry_after: float | None = None
+            try:
+                response = await client.chat.completions.create(
+                    model=self.config.model, messages=messages, **params
+                )
+            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
+                raise TeacherFatalError(self._fatal_message(error)) from None
+            except openai.RateLimitError as error:
+                self._mark_open(opened)
+                reason, detail = "teacher_error:429", _short(error)
+                retry_after = _retry_after_seconds(error)
+            except openai.APIStatusError as error:
+                self._mark_open(opened)
+                status = error.status_code
+                reason, detail = f"teacher_error:{status}", _short(error)
+                if status < 500 and status not in (408, 409):
+                    return TeacherAnswer(None, None, self.model, error=reason, error_detail=detail)
+                retry_after = _retry_after_seconds(error)
+            except openai.APITimeoutError as error:
+                reason, detail = "teacher_error:timeout", _short(error)
+            except openai.APIConnectionError as error:
+                reason, detail = "teacher_error:connection", _short(error)
+            except (openai.APIResponseValidationError, ValueError) as error:
+                self._mark_open(opened)
+                reason, detail = "teacher_error:malformed", _short(error)
+            else:
+                self._mark_open(opened)
+                answer = self._parse(response)
+                if answer is not None:
+                    return answer
+                reason, detail = "teacher_error:malformed", f"unexpected response body: {str(response)[:200]}"
+            if attempt < self.config.max_retries:
+                await asyncio.sleep(self._backoff(attempt, retry_after))
+        return TeacherAnswer(
+            None, None, self.model, error=reason,
+            error_detail=f"gave up after {self.config.max_retries + 1} attempts: {detail}",
+        )
+
+    @staticmethod
+    def _backoff(attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after + random.uniform(0, 0.1 * max(retry_after, 1.0))
+        # Exponential backoff with full jitter.
+        return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+
+    def _fatal_message(self, error: openai.APIStatusError) -> str:
+        status = error.status_code
+        fixes = {
+            401: f"the API key in ${self.config.api_key_env} was refused; export the right key",
+            403: f"the key in ${self.config.api_key_env} has no permission for this model",
+            404: f"model {self.config.model!r} or URL {self.config.base_url} not found; "
+            "check teacher.model and teacher.base_url (it usually ends in /v1)",
+        }
+        return f"teacher endpoint {self.config.base_url} answered {status}: {fixes.get(status, '')}. Stopped the run."
+
+    def _parse(self, response: Any) -> TeacherAnswer | None:
+        choices = getattr(response, "choices", None)
+        if not choices:
+            return None
+        choice = choices[0]
+        message = getattr(choice, "message", None)
+        if message is None:
+            return None
+        usage = getattr(response, "usage", None)
+        top_logprobs = None
+        logprobs = getattr(choice, "logprobs", None)
+        if self.config.generation.top_logprobs and logprobs is not None and logprobs.content is not None:
+            top_logprobs = [
+                {
+                    "token": item.token,
+                    "logprob": float(item.logprob),
+                    "top": [{"token": alt.token, "logprob": float(alt.logprob)} for alt in (item.top_logprobs or [])],
+                }
+                for item in logprobs.content
+            ]
+        return TeacherAnswer(
+            content=message.content,
+            finish_reason=choice.finish_reason,
+            model=getattr(response, "model", None) or self.model,
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            top_logprobs=top_logprobs,
+        )
+
+
+def _short(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text[:300]
+
+
+def is_recordable(answer: TeacherAnswer) -> bool:
+    """Answers worth keeping in the ledger: real answers and permanent per-prompt errors."""
+    return answer.ok or (answer.error or "").startswith(PERMANENT_ERROR_PREFIXES)
+
+
+def teacher_params_for_key(config: TeacherConfig) -> dict[str, Any]:
+    """What goes into the ledger key besides the messages and the model name."""
+    generation = config.generation.model_dump()
+    return {"backend": config.backend, **generation}
+
+
+def answer_requests(
+    teacher: Any,
+    ledger: Ledger,
+    messages_list: Sequence[Messages],
+    progress: Callable[[int, int], None] | None = None,
+) -> list[tuple[TeacherAnswer, float]]:
+    """Answer every request, paying only for those the ledger does not hold.
+
+    `teacher` is an `OpenAITeacher` (async, concurrent) or any object with
+    `answer_batch(messages_list) -> list[TeacherAnswer]` and `batch_size` (local models).
+    Returns (answer, created_at) in input order; identical requests are sent once.
+    """
+    params = teacher_params_for_key(teacher.config)
+    keys = [request_key(messages, teacher.model, params) for messages in messages_list]
+    found = ledger.get_many(set(keys))
+    stats: TeacherStats = teacher.stats
+    stats.ledger_hits += sum(1 for key in keys if key in found)
+
+    pending: dict[str, Messages] = {}
+    for key, messages in zip(keys, messages_list):
+        if key not in found and key not in pending:
+            pending[key] = messages
+    pending_keys = list(pending)
+    fresh: dict[str, tuple[TeacherAnswer, float]] = {}
+    done = len(messages_list) - len(pending_keys)
+
+    def record(index: int, answer: TeacherAnswer) -> None:
+        nonlocal done
+        key = pending_keys[index]
+        created_at = ledger.put(key, answer) if is_recordable(answer) else time.time()
+        fresh[key] = (answer, created_at)
+        done += 1
+        if progress is not None:
+            progress(done, len(messages_list))
+
+    if pending_keys:
+        requests = [pending[key] for key in pending_keys]
+        if isinstance(teacher, OpenAITeacher):
+            asyncio.run(teacher.answer_all(requests, on_answer=record))
+        else:
+            for start in range(0, len(requests), teacher.batch_size):
+                chunk = requests[start : start + teacher.batch_size]
+                for offset, answer in enumerate(teacher.answer_batch(chunk)):
+                    stats.requests_sent += 1
+                    stats.answered += 1
+                    stats.prompt_tokens += answer.prompt_tokens
+                    stats.completion_tokens += answer.completion_tokens
+                    record(start + offset, answer)
+    return [found[key] if key in found else fresh[key] for key in keys]

@@ -1,0 +1,144 @@
+"""The OpenAI teacher client against the project's own faulty OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import tasks.teacher as teacher_module
+from distillflow.config import TeacherConfig
+from storage.ledger import Ledger
+from tasks.teacher import OpenAITeacher, TeacherFatalError, answer_requests, build_messages
+from tests.openai_server import FaultyOpenAIServer, ServerThread, expected_answer
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(teacher_module, "BACKOFF_BASE_S", 0.01)
+    teacher_module._verified_endpoints.clear()
+
+
+@pytest.fixture
+def server(port):
+    fake = FaultyOpenAIServer(api_key="right-key", hang_s=3.0)
+    with ServerThread(fake, port) as running:
+        yield running
+
+
+def make_teacher(server: ServerThread, key: str = "right-key", **overrides) -> OpenAITeacher:
+    settings = dict(
+        base_url=server.base_url, model="test-teacher", api_key_env=None, max_concurrency=16, timeout_s=1.0, max_retries=4
+    )
+    settings.update(overrides)
+    return OpenAITeacher(TeacherConfig(**settings), api_key=key)
+
+
+def ask(teacher: OpenAITeacher, prompts: list[str]):
+    return asyncio.run(teacher.answer_all([build_messages(p, None) for p in prompts]))
+
+
+def test_every_answer_belongs_to_its_prompt_under_concurrency(server):
+    prompts = [f"question number {i}: what is {i} squared?" for i in range(300)]
+    teacher = make_teacher(server, max_concurrency=32)
+    answers = ask(teacher, prompts)
+    assert [a.content for a in answers] == [expected_answer(p) for p in prompts]
+    assert all(a.finish_reason == "stop" and a.ok for a in answers)
+    assert teacher.stats.requests_sent == 300
+    assert server.server.total_requests == 300
+
+
+def test_transient_faults_are_retried_until_answered(server):
+    prompts = [
+        "rate limited [[429x2]]",
+        "server error [[500x1]]",
+        "unavailable [[503x2]]",
+        "dropped connection [[dropx1]]",
+        "malformed body [[badjsonx1]]",
+        "hangs past the timeout [[hangx1]]",
+        "plain",
+    ]
+    teacher = make_teacher(server)
+    started = time.monotonic()
+    answers = ask(teacher, prompts)
+    assert [a.content for a in answers] == [expected_answer(p) for p in prompts]
+    attempts = server.server.attempts
+    assert [attempts[p] for p in prompts] == [3, 2, 3, 2, 2, 2, 1]
+    reasons = teacher.stats.retry_reasons
+    for reason in ("429", "500", "503", "connection", "malformed", "timeout"):
+        assert reasons[f"teacher_error:{reason}"] >= 1, reasons
+    # Two 429s each carried Retry-After: 1 — the client waited for them.
+    assert time.monotonic() - started >= 2.0
+
+
+def test_bad_request_is_a_per_prompt_reject_and_the_run_goes_on(server):
+    prompts = ["fine one", "this one is refused [[400]]", "fine two"]
+    answers = ask(make_teacher(server), prompts)
+    assert answers[1].error == "teacher_error:400" and answers[1].content is None
+    assert answers[0].ok and answers[2].ok
+    assert server.server.attempts[prompts[1]] == 1  # a 400 is not retried
+
+
+def test_exhausted_retries_become_an_error_answer(server):
+    answers = ask(make_teacher(server, max_retries=2), ["always down [[503]]"])
+    assert answers[0].error == "teacher_error:503"
+    assert "3 attempts" in answers[0].error_detail
+    assert server.server.attempts["always down [[503]]"] == 3
+
+
+def test_wrong_key_stops_the_run_after_one_call(server):
+    teacher = make_teacher(server, key="wrong-key", max_concurrency=32)
+    with pytest.raises(TeacherFatalError, match="401"):
+        ask(teacher, [f"prompt {i}" for i in range(200)])
+    assert server.server.unauthorized <= 2
+    assert server.server.total_requests <= 2
+
+
+def test_unknown_model_stops_the_run(server):
+    with pytest.raises(TeacherFatalError, match="404.*teacher.model"):
+        ask(make_teacher(server, model="no-such-model"), ["a", "b", "c"])
+    assert server.server.total_requests <= 2
+
+
+def test_truncation_empty_content_and_top_logprobs_come_through(server):
+    teacher = make_teacher(server, generation={"top_logprobs": 3, "max_tokens": 64})
+    answers = ask(teacher, ["cut me [[truncate]] off please", "say nothing [[empty]]", "one two three"])
+    assert answers[0].finish_reason == "length"
+    assert answers[1].content == "" and answers[1].ok
+    tokens = answers[2].top_logprobs
+    assert tokens is not None and len(tokens) == len(answers[2].content.split(" "))
+    assert all(len(t["top"]) == 3 for t in tokens)
+    assert "".join(t["token"] for t in tokens) == answers[2].content
+
+
+def test_requests_per_minute_is_respected(server):
+    teacher = make_teacher(server, requests_per_minute=1200)  # 20 per second, 1 s burst
+    started = time.monotonic()
+    ask(teacher, [f"rated {i}" for i in range(50)])
+    assert time.monotonic() - started >= 1.2  # 50 requests - 20 burst = 30 more at 20/s
+
+
+def test_ledger_pays_once_and_keeps_permanent_errors(server, tmp_path):
+    prompts = [f"ledger prompt {i}" for i in range(40)] + ["refused [[400]]", "flaky [[503]]"]
+    messages = [build_messages(p, "be brief") for p in prompts]
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        first = answer_requests(make_teacher(server, max_retries=1), ledger, messages)
+        assert len(ledger) == 41  # 40 answers + the permanent 400; the 503 is not recorded
+    before = server.server.total_requests
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        teacher = make_teacher(server, max_retries=1)
+        second = answer_requests(teacher, ledger, messages)
+    # Only the transient failure was asked again (2 attempts with max_retries=1).
+    assert server.server.total_requests - before == 2
+    assert teacher.stats.ledger_hits == 41
+    assert [a.content for a, _ in first] == [a.content for a, _ in second]
+    assert [t for _, t in first[:40]] == [t for _, t in second[:40]]  # created_at kept
+
+
+def test_changed_generation_parameters_are_a_new_request(server, tmp_path):
+    messages = [build_messages("same prompt", None)]
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        answer_requests(make_teacher(server), ledger, messages)
+        answer_requests(make_teacher(server, generation={"temperature": 0.0}), ledger, messages)
+        assert len(ledger) == 2
