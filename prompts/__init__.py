@@ -1,0 +1,11 @@
+"""Prompt generation: seeds → edge cases, adversarial perturbations, teacher-driven rewrites.
+
+`generate_prompts` is the one entry point; it imports no orchestrator, so any flow (or a
+plain script) can call it.
+"""
+
+from prompts.diversity import prompt_diversity_summary
+from prompts.generate import generate_prompts
+from prompts.teacher_driven import CompleteFn
+
+__all__ = ["CompleteFn", "generate_prompts", "prompt_diversity_summary"]

@@ -1,0 +1,92 @@
+"""Prompt-set diversity: distinct-n over word n-grams and length distributions."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from distillflow.records import PromptRecord
+
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+# Upper edges of the character-length histogram bins (the last bin is open-ended).
+LENGTH_BIN_EDGES = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word and punctuation tokens (a tokenizer-free approximation)."""
+    return _WORD.findall(text.lower())
+
+
+def distinct_n(texts: Iterable[str], n: int) -> float:
+    """Unique n-grams / all n-grams over the whole set (Li et al., 2016); 0.0 when none."""
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    for text in texts:
+        tokens = words(text)
+        for start in range(len(tokens) - n + 1):
+            seen.add(tuple(tokens[start : start + n]))
+            total += 1
+    return len(seen) / total if total else 0.0
+
+
+def percentiles(values: Sequence[float], points: Sequence[int] = (0, 10, 25, 50, 75, 90, 99, 100)) -> dict[str, float]:
+    """Nearest-rank percentiles (`p0` = min, `p100` = max); empty dict for no values."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+    out = {}
+    for point in points:
+        rank = max(1, math.ceil(point / 100 * len(ordered)))
+        out[f"p{point}"] = ordered[rank - 1]
+    return out
+
+
+def length_histogram(lengths: Iterable[int]) -> dict[str, int]:
+    """Counts per bin of character length: `0`, `1-16`, `17-32`, ..., `16385+`."""
+    labels = ["0"] + [f"{low + 1}-{high}" for low, high in zip(LENGTH_BIN_EDGES, LENGTH_BIN_EDGES[1:])]
+    labels.append(f"{LENGTH_BIN_EDGES[-1] + 1}+")
+    counts = dict.fromkeys(labels, 0)
+    for length in lengths:
+        if length == 0:
+            counts["0"] += 1
+            continue
+        for low, high in zip(LENGTH_BIN_EDGES, LENGTH_BIN_EDGES[1:]):
+            if low < length <= high:
+                counts[f"{low + 1}-{high}"] += 1
+                break
+        else:
+            counts[labels[-1]] += 1
+    return counts
+
+
+def prompt_diversity_summary(records: Sequence[PromptRecord] | Sequence[str]) -> dict[str, Any]:
+    """Distinct-1/2/3, character and word length percentiles, and a length histogram."""
+    texts = [record if isinstance(record, str) else record.prompt for record in records]
+    char_lengths = [len(text) for text in texts]
+    word_lengths = [len(words(text)) for text in texts]
+    return {
+        "count": len(texts),
+        "unique_prompts": len(set(texts)),
+        "distinct_1": round(distinct_n(texts, 1), 6),
+        "distinct_2": round(distinct_n(texts, 2), 6),
+        "distinct_3": round(distinct_n(texts, 3), 6),
+        "chars": {
+            "mean": round(sum(char_lengths) / len(texts), 3) if texts else 0.0,
+            **percentiles(char_lengths),
+        },
+        "words": {
+            "mean": round(sum(word_lengths) / len(texts), 3) if texts else 0.0,
+            **percentiles(word_lengths),
+        },
+        "char_length_histogram": length_histogram(char_lengths),
+        "non_ascii_share": round(sum(not t.isascii() for t in texts) / len(texts), 6) if texts else 0.0,
+    }
+
+
+def per_strategy_counts(records: Iterable[PromptRecord]) -> dict[str, int]:
+    """Rows per strategy, sorted by strategy name."""
+    return dict(sorted(Counter(record.strategy for record in records).items()))

@@ -1,0 +1,353 @@
+"""`generate_prompts`: seeds → a mixed, deterministic prompt set.
+
+The mix follows `prompts.strategies`: each family (seed, edge_case, adversarial, evolve,
+self_instruct) gets `weight / sum(weights)` of `num_prompts`. Inside a family the
+sub-strategies take turns (round-robin, in config order) until the family's share is met.
+
+Determinism: which seeds a sub-strategy uses, and in what order, comes from a hash of
+(`random_seed`, strategy, seed id), not from the input order; each row's randomness comes
+from its own `random.Random(f"{random_seed}:{parent_id}:{strategy}")` (with `:{k}` added for
+the k-th reuse of a parent). So the same config and seeds give a byte-identical prompt set,
+and teacher-driven rows are identical given the same teacher answers (the ledger).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from distillflow.records import PromptRecord, Reject
+from prompts.adversarial import ADVERSARIAL
+from prompts.config import FAMILIES, PromptsConfig
+from prompts.diversity import per_strategy_counts, prompt_diversity_summary
+from prompts.domains import DOMAIN_EDGE_CASES
+from prompts.edge_cases import EDGE_CASES
+from prompts.teacher_driven import (
+    IN_DEPTH_OPERATIONS,
+    CompleteFn,
+    Messages,
+    call_teacher,
+    evolve_messages,
+    parse_generated_prompt,
+    reject_for,
+    request_id,
+    self_instruct_messages,
+)
+
+RuleFn = Callable[[str, random.Random, Any], "str | None"]
+
+
+def _order_key(*parts: object) -> str:
+    return hashlib.sha256(":".join(str(part) for part in parts).encode("utf-8")).hexdigest()
+
+
+def row_rng(random_seed: int, parent_id: str | None, strategy: str, k: int = 0) -> random.Random:
+    """The random generator of one row: depends only on these four values."""
+    key = f"{random_seed}:{parent_id}:{strategy}" if k == 0 else f"{random_seed}:{parent_id}:{strategy}:{k}"
+    return random.Random(key)
+
+
+def ordered_parents(parents: Sequence[PromptRecord], random_seed: int, strategy: str) -> list[PromptRecord]:
+    """The parents in a pseudo-random order that depends on their ids, not on input order."""
+    return sorted(parents, key=lambda record: (_order_key(random_seed, strategy, record.id), record.id))
+
+
+def allocate(total: int, weights: dict[str, float], capacity: dict[str, int] | None = None) -> dict[str, int]:
+    """Split `total` across families by weight (largest remainder, ties in FAMILIES order).
+
+    A family with a `capacity` never gets more than it; its excess goes to the others by
+    weight. What nobody can take is left unallocated (the caller reports the shortfall).
+    """
+    capacity = capacity or {}
+    quotas = {family: 0 for family in FAMILIES if weights.get(family, 0.0) > 0}
+    remaining = total
+    open_families = list(quotas)
+    while remaining > 0 and open_families:
+        weight_sum = sum(weights[family] for family in open_families)
+        shares = {family: remaining * weights[family] / weight_sum for family in open_families}
+        given = {family: math.floor(share) for family, share in shares.items()}
+        leftover = remaining - sum(given.values())
+        by_remainder = sorted(open_families, key=lambda f: (-(shares[f] - given[f]), FAMILIES.index(f)))
+        for family in by_remainder[:leftover]:
+            given[family] += 1
+        remaining = 0
+        for family in open_families:
+            room = capacity.get(family, total) - quotas[family]
+            taken = min(given[family], room)
+            quotas[family] += taken
+            remaining += given[family] - taken
+        open_families = [f for f in open_families if quotas[f] < capacity.get(f, total)]
+    return quotas
+
+
+def _rule_candidates(
+    strategy: str,
+    function: RuleFn,
+    settings: Any,
+    parents: Sequence[PromptRecord],
+    random_seed: int,
+    max_rounds: int,
+) -> Iterator[PromptRecord]:
+    """Rows of one rule-based sub-strategy: each parent once per round, for `max_rounds`.
+
+    Stops early when a whole round produced nothing (the strategy fits none of the seeds).
+    """
+    order = ordered_parents(parents, random_seed, strategy)
+    for k in range(max_rounds):
+        produced = False
+        for parent in order:
+            text = function(parent.prompt, row_rng(random_seed, parent.id, strategy, k), settings)
+            if text is None or text == parent.prompt:
+                continue
+            produced = True
+            yield PromptRecord.make(text, strategy, parent.id)
+        if not produced:
+            return
+
+
+def round_robin(streams: dict[str, Iterator[PromptRecord]], quota: int, seen: set[str]) -> list[PromptRecord]:
+    """Take one new row from each stream in turn until `quota` rows or all streams run dry.
+
+    A row whose prompt is already in the set (`seen` ids) is skipped, not counted.
+    """
+    rows: list[PromptRecord] = []
+    active = list(streams)
+    while len(rows) < quota and active:
+        for name in list(active):
+            if len(rows) >= quota:
+                break
+            row = next((candidate for candidate in streams[name] if candidate.id not in seen), None)
+            if row is None:
+                active.remove(name)
+                continue
+            seen.add(row.id)
+            rows.append(row)
+    return rows
+
+
+def _rule_family(
+    family: str,
+    functions: dict[str, RuleFn],
+    settings: Any,
+    quota: int,
+    seeds: Sequence[PromptRecord],
+    random_seed: int,
+    seen: set[str],
+) -> list[PromptRecord]:
+    max_rounds = math.ceil(quota / len(seeds)) + 2
+    streams = {
+        name: _rule_candidates(f"{family}:{name}", function, settings, seeds, random_seed, max_rounds)
+        for name, function in functions.items()
+    }
+    return round_robin(streams, quota, seen)
+
+
+def edge_case_functions(config: PromptsConfig) -> dict[str, RuleFn]:
+    """The enabled edge-case generators: built-in kinds, then `<domain>.<name>` per pack."""
+    functions: dict[str, RuleFn] = {kind: EDGE_CASES[kind] for kind in config.edge_case.kinds}
+    for domain in config.domains:
+        for name, function in DOMAIN_EDGE_CASES[domain].items():
+            functions[f"{domain}.{name}"] = function
+    return functions
+
+
+def _evolve_family(
+    quota: int,
+    seeds: Sequence[PromptRecord],
+    config: PromptsConfig,
+    complete: CompleteFn,
+    seen: set[str],
+) -> tuple[list[PromptRecord], list[Reject], int]:
+    """Evol-Instruct: round 1 rewrites seeds; round k rewrites round k-1's accepted rows.
+
+    Every request counts against the quota, accepted or not (each ends as a row or a
+    reject). Returns rows, rejects and the number of teacher requests.
+    """
+    settings = config.evolve
+    rows: list[PromptRecord] = []
+    rejects: list[Reject] = []
+    requests_sent = 0
+    parents = list(seeds)
+    for _ in range(settings.max_rounds):
+        budget = quota - requests_sent
+        if budget <= 0 or not parents:
+            break
+        # Round-robin over operations, each walking its own ordering of the parents.
+        queues = {
+            op: iter(ordered_parents(parents, config.random_seed, f"evolve:{op}")) for op in settings.operations
+        }
+        plan: list[tuple[str, PromptRecord]] = []
+        active = list(queues)
+        while len(plan) < budget and active:
+            for op in list(active):
+                if len(plan) >= budget:
+                    break
+                parent = next(queues[op], None)
+                if parent is None:
+                    active.remove(op)
+                else:
+                    plan.append((op, parent))
+        requests = [evolve_messages(op, parent.prompt) for op, parent in plan]
+        answers = call_teacher(complete, requests)
+        requests_sent += len(requests)
+        accepted_this_round: list[PromptRecord] = []
+        for (op, parent), messages, answer in zip(plan, requests, answers):
+            strategy = f"evolve:{op}"
+            parsed = parse_generated_prompt(
+                answer,
+                [parent.prompt],
+                settings.max_prompt_chars,
+                require_new_words=op in IN_DEPTH_OPERATIONS,
+            )
+            if parsed.reason is not None:
+                rejects.append(reject_for(messages, strategy, parent.id, parsed, answer))
+                continue
+            row = PromptRecord.make(parsed.prompt, strategy, parent.id)
+            if row.id in seen:
+                rejects.append(
+                    reject_for(messages, strategy, parent.id, parsed, answer, duplicate_of=row.id)
+                )
+                continue
+            seen.add(row.id)
+            rows.append(row)
+            accepted_this_round.append(row)
+        parents = accepted_this_round
+    return rows, rejects, requests_sent
+
+
+def _self_instruct_family(
+    quota: int,
+    seeds: Sequence[PromptRecord],
+    config: PromptsConfig,
+    complete: CompleteFn,
+    seen: set[str],
+) -> tuple[list[PromptRecord], list[Reject], int]:
+    """Self-Instruct: each request shows `num_examples` seeds; parent_id = the first one."""
+    settings = config.self_instruct
+    pool = sorted(seeds, key=lambda record: record.id)
+    size = min(settings.num_examples, len(pool))
+    plan: list[tuple[list[PromptRecord], Messages]] = []
+    planned: set[str] = set()
+    for k in range(quota * 3 + 10):
+        if len(plan) >= quota:
+            break
+        rng = row_rng(config.random_seed, None, "self_instruct", k)
+        examples = rng.sample(pool, size)
+        messages = self_instruct_messages([example.prompt for example in examples])
+        key = request_id(messages)
+        if key in planned:  # the same examples in the same order: the same request
+            continue
+        planned.add(key)
+        plan.append((examples, messages))
+    answers = call_teacher(complete, [messages for _, messages in plan])
+    rows: list[PromptRecord] = []
+    rejects: list[Reject] = []
+    for (examples, messages), answer in zip(plan, answers):
+        parent_id = examples[0].id
+        parsed = parse_generated_prompt(
+            answer,
+            [example.prompt for example in examples],
+            settings.max_prompt_chars,
+            require_new_words=False,
+        )
+        if parsed.reason is not None:
+            rejects.append(reject_for(messages, "self_instruct", parent_id, parsed, answer))
+            continue
+        row = PromptRecord.make(parsed.prompt, "self_instruct", parent_id)
+        if row.id in seen:
+            rejects.append(reject_for(messages, "self_instruct", parent_id, parsed, answer, duplicate_of=row.id))
+            continue
+        seen.add(row.id)
+        rows.append(row)
+    return rows, rejects, len(plan)
+
+
+def generate_prompts(
+    seeds: list[PromptRecord],
+    config: PromptsConfig,
+    complete: CompleteFn | None = None,
+) -> tuple[list[PromptRecord], list[Reject], dict[str, Any]]:
+    """Build the prompt set from `seeds` by the mix in `config.strategies`.
+
+    `complete` sends a batch of chat requests to the teacher and returns one
+    `TeacherAnswer` per request, in order (needed only for evolve / self_instruct).
+    Returns (prompt rows in a deterministic order, rejects of teacher-driven attempts,
+    report with per-strategy counts and a diversity summary).
+    """
+    if config.uses_teacher() and complete is None:
+        families = [f for f in ("evolve", "self_instruct") if config.strategies.get(f, 0) > 0]
+        raise ValueError(
+            f"prompts.strategies gives {families} a weight > 0, which needs the teacher: pass "
+            "`complete` to generate_prompts, or set those weights to 0"
+        )
+    unique: dict[str, PromptRecord] = {}
+    for seed in seeds:
+        unique.setdefault(seed.id, seed)
+    seed_rows = list(unique.values())
+    if not seed_rows:
+        raise ValueError("no seed prompts: every family derives prompts from seeds; add seed rows")
+
+    random_seed = config.random_seed
+    quotas = allocate(config.num_prompts, config.strategies, capacity={"seed": len(seed_rows)})
+    seen: set[str] = set()
+    rows: list[PromptRecord] = []
+    rejects: list[Reject] = []
+    teacher_requests = 0
+
+    # A generated prompt equal to a seed is never new, whether or not that seed is in the set.
+    seen.update(seed.id for seed in seed_rows)
+    if quotas.get("seed", 0):
+        for seed in ordered_parents(seed_rows, random_seed, "seed")[: quotas["seed"]]:
+            rows.append(PromptRecord(id=seed.id, prompt=seed.prompt, strategy="seed", parent_id=None))
+    if quotas.get("edge_case", 0):
+        functions = edge_case_functions(config)
+        rows += _rule_family("edge_case", functions, config.edge_case, quotas["edge_case"], seed_rows, random_seed, seen)
+    if quotas.get("adversarial", 0):
+        functions = {kind: ADVERSARIAL[kind] for kind in config.adversarial.kinds}
+        rows += _rule_family(
+            "adversarial", functions, config.adversarial, quotas["adversarial"], seed_rows, random_seed, seen
+        )
+    if quotas.get("evolve", 0):
+        evolved, evolve_rejects, sent = _evolve_family(quotas["evolve"], seed_rows, config, complete, seen)
+        rows += evolved
+        rejects += evolve_rejects
+        teacher_requests += sent
+    if quotas.get("self_instruct", 0):
+        made, si_rejects, sent = _self_instruct_family(quotas["self_instruct"], seed_rows, config, complete, seen)
+        rows += made
+        rejects += si_rejects
+        teacher_requests += sent
+
+    report = generation_report(config, quotas, rows, rejects, teacher_requests, len(seed_rows))
+    return rows, rejects, report
+
+
+def generation_report(
+    config: PromptsConfig,
+    quotas: dict[str, int],
+    rows: Sequence[PromptRecord],
+    rejects: Sequence[Reject],
+    teacher_requests: int,
+    num_seeds: int,
+) -> dict[str, Any]:
+    """Counts per strategy and family, reject reasons, and the diversity of the set."""
+    families = Counter(row.strategy.split(":", 1)[0] for row in rows)
+    produced = len(rows) + len(rejects)
+    return {
+        "target": config.num_prompts,
+        "num_seeds": num_seeds,
+        "allocation": dict(quotas),
+        "generated": len(rows),
+        "rejected": len(rejects),
+        "shortfall": max(0, config.num_prompts - produced),
+        "teacher_requests": teacher_requests,
+        "per_family": {family: families.get(family, 0) for family in FAMILIES if family in quotas},
+        "per_strategy": per_strategy_counts(rows),
+        "rejects_per_strategy": dict(sorted(Counter(r.strategy for r in rejects).items())),
+        "rejects_per_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
+        "diversity": prompt_diversity_summary(rows),
+    }
