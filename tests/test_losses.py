@@ -1,0 +1,206 @@
+"""Distillation losses checked against analytic cases and float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.losses import (
+    chunked_distillation_loss,
+    divergence_from_logprobs,
+    logit_divergence,
+    select_supervised,
+    topk_coarse_logprobs,
+    topk_divergence,
+)
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+
+
+def logits(n: int = 6, vocab: int = 11, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+def reference_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p || q) per row, written out in float64."""
+    p = torch.softmax(p_logits.double() / temperature, -1)
+    q = torch.softmax(q_logits.double() / temperature, -1)
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_identical_logits_give_zero(divergence, temperature):
+    same = logits()
+    loss = logit_divergence(same, same.clone(), divergence, beta=0.3, temperature=temperature)
+    assert torch.allclose(loss, torch.zeros_like(loss), atol=1e-6)
+
+
+def test_forward_and_reverse_kl_match_the_definition():
+    student, teacher = logits(seed=1), logits(seed=2)
+    forward = logit_divergence(student, teacher, "forward_kl")
+    reverse = logit_divergence(student, teacher, "reverse_kl")
+    assert torch.allclose(forward.double(), reference_kl(teacher, student), atol=1e-5)  # KL(T || S)
+    assert torch.allclose(reverse.double(), reference_kl(student, teacher), atol=1e-5)  # KL(S || T)
+    assert not torch.allclose(forward, reverse, atol=1e-3)  # the test can tell them apart
+
+
+def test_jsd_endpoints_are_the_two_kls_and_its_slopes_agree():
+    student, teacher = logits(seed=3, scale=1.0), logits(seed=4, scale=1.0)
+    forward = logit_divergence(student, teacher, "forward_kl")
+    reverse = logit_divergence(student, teacher, "reverse_kl")
+    # Convention (TRL GKD): beta = 0 → forward KL(T||S), beta = 1 → reverse KL(S||T) ...
+    assert torch.allclose(logit_divergence(student, teacher, "jsd", beta=0.0), forward)
+    assert torch.allclose(logit_divergence(student, teacher, "jsd", beta=1.0), reverse)
+    # ... which is what the mixture form tends to, scaled: JSD/beta → KL(T||S) as beta → 0.
+    s64, t64 = F.log_softmax(student, -1), F.log_softmax(teacher, -1)  # float64
+    eps = 1e-5
+    near_zero = divergence_from_logprobs(s64, t64, "jsd", beta=eps) / eps
+    near_one = divergence_from_logprobs(s64, t64, "jsd", beta=1 - eps) / eps
+    assert torch.allclose(near_zero, forward.double(), rtol=1e-3, atol=1e-4)
+    assert torch.allclose(near_one, reverse.double(), rtol=1e-3, atol=1e-4)
+
+
+def test_jsd_half_is_symmetric_and_bounded():
+    student, teacher = logits(seed=5), logits(seed=6)
+    ab = logit_divergence(student, teacher, "jsd", beta=0.5)
+    ba = logit_divergence(teacher, student, "jsd", beta=0.5)
+    assert torch.allclose(ab, ba, atol=1e-6)
+    assert (ab >= -1e-7).all() and (ab <= math.log(2) + 1e-6).all()
+
+
+def test_temperature_divides_logits():
+    student, teacher = logits(seed=7), logits(seed=8)
+    at_t = logit_divergence(student, teacher, "forward_kl", temperature=3.0)
+    assert torch.allclose(at_t.double(), reference_kl(teacher, student, temperature=3.0), atol=1e-5)
+
+
+def test_t_squared_keeps_gradient_scale_at_high_temperature():
+    # d/dz_s [T^2 KL(p_T || p_S)] = T (p_S - p_T) → (z_s - z_t - mean(z_s - z_t)) / V as T → ∞.
+    vocab, temperature = 7, 1000.0
+    student = logits(n=3, vocab=vocab, seed=9).float().requires_grad_()
+    teacher = logits(n=3, vocab=vocab, seed=10).float()
+    head = torch.nn.Identity()
+    sums = chunked_distillation_loss(
+        student, torch.zeros(3, dtype=torch.long), head, teacher_hidden=teacher, teacher_head=head,
+        temperature=temperature, alpha=1.0,
+    )
+    sums.total.backward()
+    difference = (student - teacher).detach()
+    expected = (difference - difference.mean(-1, keepdim=True)) / vocab
+    assert torch.allclose(student.grad, expected, rtol=2e-2, atol=2e-3)
+    # and the KD value is T^2 times the divergence at temperature T
+    plain = logit_divergence(student.detach(), teacher, temperature=temperature).sum()
+    assert torch.allclose(sums.kd, plain * temperature**2, rtol=1e-4)
+
+
+def test_alpha_mixes_kd_and_cross_entropy():
+    student, teacher = logits(seed=11).float(), logits(seed=12).float()
+    targets = torch.randint(0, 11, (6,), generator=torch.Generator().manual_seed(0))
+    head = torch.nn.Identity()
+    sums = chunked_distillation_loss(student, targets, head, teacher_hidden=teacher, teacher_head=head, alpha=0.25)
+    ce = F.cross_entropy(student, targets, reduction="sum")
+    kd = logit_divergence(student, teacher).sum()
+    assert torch.allclose(sums.ce, ce) and torch.allclose(sums.kd, kd, rtol=1e-5)
+    assert torch.allclose(sums.total, 0.25 * kd + 0.75 * ce, rtol=1e-5)
+
+
+def test_masking_ignores_prompt_and_padding_positions():
+    batch, length, hidden = 2, 6, 5
+    states = torch.randn(batch, length, hidden)
+    labels = torch.tensor([[-100, -100, 3, 4, -100, -100], [-100, 1, 2, -100, -100, -100]])
+    rows, targets = select_supervised(states, labels)
+    # positions t with labels[t + 1] != -100: (0,1), (0,2), (1,0), (1,1)
+    assert torch.equal(targets, torch.tensor([3, 4, 1, 2]))
+    assert torch.equal(rows, torch.stack([states[0, 1], states[0, 2], states[1, 0], states[1, 1]]))
+    # changing anything at masked positions does not change the loss
+    head = torch.nn.Linear(hidden, 7)
+    before = chunked_distillation_loss(*select_supervised(states, labels), head).total
+    noisy = states.clone()
+    noisy[0, 3:] = 100.0
+    noisy[1, 2:] = -100.0
+    after = chunked_distillation_loss(*select_supervised(noisy, labels), head).total
+    assert torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_equals_dense_when_k_covers_the_vocabulary(divergence, temperature):
+    vocab = 13
+    student, teacher = logits(n=5, vocab=vocab, seed=13).float(), logits(n=5, vocab=vocab, seed=14).float()
+    teacher_log = F.log_softmax(teacher, -1)
+    order = torch.argsort(teacher_log, dim=-1, descending=True)  # (N, V): k = V, sorted like a capture
+    sparse = topk_divergence(student, order, teacher_log.gather(-1, order), divergence, 0.3, temperature)
+    dense = logit_divergence(student, teacher, divergence, 0.3, temperature)
+    assert torch.allclose(sparse, dense, atol=1e-5)
+
+
+def test_topk_tail_bucket_holds_the_mass_outside_the_topk():
+    vocab, k = 10, 3
+    teacher = logits(n=4, vocab=vocab, seed=15).float()
+    teacher_log = F.log_softmax(teacher, -1)
+    top_log, top_ids = teacher_log.topk(k, dim=-1)
+    student_log, coarse_teacher = topk_coarse_logprobs(teacher, top_ids, top_log)
+    # a student equal to the teacher matches the coarse (k + 1)-class teacher exactly
+    assert torch.allclose(student_log.exp().sum(-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(coarse_teacher[:, k].exp(), 1 - top_log.exp().sum(-1), atol=1e-5)
+    assert torch.allclose(topk_divergence(teacher, top_ids, top_log), torch.zeros(4), atol=1e-5)
+    # moving student mass around inside the tail costs nothing ...
+    reshuffled = teacher.clone()
+    for row in range(4):
+        tail = [v for v in range(vocab) if v not in top_ids[row].tolist()]
+        reshuffled[row, tail] = teacher[row, tail[::-1]]
+    assert torch.allclose(topk_divergence(reshuffled, top_ids, top_log), torch.zeros(4), atol=1e-5)
+    # ... moving it out of the top-k into the tail does
+    leaked = teacher.clone().scatter_add(-1, top_ids[:, :1], torch.full((4, 1), -3.0))
+    assert (topk_divergence(leaked, top_ids, top_log) > 1e-3).all()
+
+
+def test_topk_gradients_are_finite_when_the_tail_is_empty():
+    vocab = 6
+    student = logits(n=3, vocab=vocab, seed=16).float().requires_grad_()
+    teacher_log = F.log_softmax(logits(n=3, vocab=vocab, seed=17).float(), -1)
+    ids = torch.arange(vocab).expand(3, vocab)
+    for divergence in DIVERGENCES:
+        student.grad = None
+        topk_divergence(student, ids, teacher_log, divergence, 0.5).sum().backward()
+        assert torch.isfinite(student.grad).all(), divergence
+
+
+@pytest.mark.parametrize("objective", ["sft", "kd_logits", "kd_topk"])
+def test_chunking_changes_neither_value_nor_gradient(objective):
+    n, hidden, vocab = 23, 8, 17
+    generator = torch.Generator().manual_seed(18)
+    states = torch.randn(n, hidden, generator=generator)
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    teacher_states = torch.randn(n, hidden, generator=generator)
+    teacher_head = torch.nn.Linear(hidden, vocab).requires_grad_(False)
+    kwargs = {}
+    if objective == "kd_logits":
+        kwargs = {"teacher_hidden": teacher_states, "teacher_head": teacher_head, "divergence": "jsd"}
+    if objective == "kd_topk":
+        top_log, top_ids = F.log_softmax(teacher_head(teacher_states), -1).topk(5, dim=-1)
+        kwargs = {"topk_ids": top_ids, "topk_logprobs": top_log, "temperature": 2.0}
+    results = []
+    for chunk in (4, 1000):
+        head = torch.nn.Linear(hidden, vocab)
+        torch.nn.init.constant_(head.bias, 0.1)
+        with torch.no_grad():
+            head.weight.copy_(torch.linspace(-1, 1, vocab * hidden).view(vocab, hidden))
+        rows = states.clone().requires_grad_()
+        total = chunked_distillation_loss(rows, targets, head, chunk_tokens=chunk, **kwargs).total
+        total.backward()
+        results.append((total.detach(), rows.grad, head.weight.grad))
+    for small, large in zip(*results):
+        assert torch.allclose(small, large, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_vocabulary_rows_are_trimmed():
+    student = logits(n=4, vocab=9, seed=19).float()
+    padded = torch.cat([student, torch.full((4, 3), 50.0)], dim=-1)  # 3 padded rows, huge logits
+    targets = torch.tensor([0, 1, 2, 3])
+    trimmed = chunked_distillation_loss(padded, targets, torch.nn.Identity(), vocab_size=9)
+    assert torch.allclose(trimmed.total, F.cross_entropy(student, targets, reduction="sum"))

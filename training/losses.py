@@ -1,0 +1,284 @@
+"""Distillation losses: small pure functions over flat token rows.
+
+Shapes: N = supervised tokens (already selected and shifted: row n of the student output
+predicts target n), V = vocabulary, k = teacher top-k, H = hidden size. Every per-token
+function returns (N,); the training step sums them and divides by the global count of
+supervised tokens of the optimizer step (across micro-batches and processes), which keeps
+the loss a true per-token mean under gradient accumulation and uneven lengths.
+
+Divergence conventions (those of TRL's GKD):
+- forward KL  = KL(teacher || student) = sum_v p_T(v) (log p_T(v) - log p_S(v)),
+- reverse KL  = KL(student || teacher),
+- JSD(beta)   = beta * KL(teacher || M) + (1 - beta) * KL(student || M),
+                M = beta * teacher + (1 - beta) * student.
+  JSD(beta) → 0 at both ends; its slopes there are the two KLs (JSD/beta → forward KL as
+  beta → 0, JSD/(1 - beta) → reverse KL as beta → 1), so beta = 0 and beta = 1 are defined
+  as forward and reverse KL.
+
+Temperature T divides both models' logits in the KD term, and the KD term is multiplied by
+T^2 (Hinton et al.) so that its gradients keep their magnitude as T changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+# Stand-in for log(0) in the top-k tail bucket: exp(-1e4) is 0 in float32, and unlike -inf
+# it keeps 0 * (log p - log q) finite in backward.
+LOG_FLOOR = -1.0e4
+TAIL_EPS = 1.0e-5
+
+
+# --------------------------------------------------------------------------------------
+# Divergences between two distributions given as log-probabilities
+# --------------------------------------------------------------------------------------
+
+
+def kl_from_logprobs(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row. p_log, q_log: (N, C) log-probabilities → (N,).
+
+    Classes with p = 0 contribute 0 (even where q = 0 too).
+    """
+    p = p_log.exp()
+    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
+
+
+def divergence_from_logprobs(
+    student_log: torch.Tensor, teacher_log: torch.Tensor, divergence: str, beta: float = 0.5
+) -> torch.Tensor:
+    """student_log, teacher_log: (N, C) log-probabilities → (N,) per-token divergence."""
+    match divergence:
+        case "forward_kl":
+            return kl_from_logprobs(teacher_log, student_log)
+        case "reverse_kl":
+            return kl_from_logprobs(student_log, teacher_log)
+        case "jsd":
+            if beta == 0.0:
+                return kl_from_logprobs(teacher_log, student_log)
+            if beta == 1.0:
+                return kl_from_logprobs(student_log, teacher_log)
+            mixture_log = torch.logaddexp(teacher_log + math.log(beta), student_log + math.log1p(-beta))
+            return beta * kl_from_logprobs(teacher_log, mixture_log) + (1 - beta) * kl_from_logprobs(
+                student_log, mixture_log
+            )
+        case _:
+            raise ValueError(f"unknown divergence {divergence!r}; use one of {DIVERGENCES}")
+
+
+def logit_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """(N, V) student and teacher logits → (N,) divergence at temperature T (no T^2 here)."""
+    student_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_log = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return divergence_from_logprobs(student_log, teacher_log, divergence, beta)
+
+
+# --------------------------------------------------------------------------------------
+# Sparse teacher: top-k logprobs plus an explicit tail bucket
+# --------------------------------------------------------------------------------------
+
+
+def topk_coarse_logprobs(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both distributions over k + 1 classes: the teacher's top-k tokens and "everything else".
+
+    student_logits: (N, V); topk_ids: (N, k) distinct token ids; topk_logprobs: (N, k) the
+    teacher's natural-log probabilities at T = 1. Returns (student_log, teacher_log), both
+    (N, k + 1) log-probabilities; column k is the tail bucket.
+
+    Tail mass: the teacher's tail is r = 1 - sum(top-k probabilities) (0 below TAIL_EPS), the
+    student's is exactly 1 - sum of its probabilities on the same k ids (from its full
+    softmax). Any divergence between these coarse distributions is a lower bound of the
+    full-vocabulary one (data-processing inequality) and equals it when the top-k covers the
+    vocabulary (r = 0) — and unlike renormalising over the top-k, it penalises a student
+    that puts too much (or too little) mass outside the teacher's top-k.
+    At T != 1 the teacher's tail is tempered as if its mass were spread evenly over the
+    V - k other tokens: r_T ∝ (V - k)^(1 - 1/T) r^(1/T) (the maximum-entropy guess; exact
+    at T = 1 and when r = 0).
+    """
+    vocab = student_logits.shape[-1]
+    k = topk_ids.shape[-1]
+    student_log_full = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    student_top = student_log_full.gather(-1, topk_ids)  # (N, k)
+    # log of the student's mass outside the top-k, summed directly (no 1 - x cancellation);
+    # LOG_FLOOR instead of -inf keeps gradients finite when the top-k covers the vocabulary.
+    outside = student_log_full.scatter(-1, topk_ids, LOG_FLOOR)  # (N, V)
+    student_tail = torch.logsumexp(outside, dim=-1, keepdim=True).clamp_min(LOG_FLOOR)  # (N, 1)
+
+    teacher = topk_logprobs.float()  # (N, k), T = 1
+    tail_mass = 1.0 - teacher.double().exp().sum(-1, keepdim=True)  # (N, 1)
+    # Below TAIL_EPS the "tail" is rounding noise of the stored logprobs (a top-k that covers
+    # the vocabulary): treat it as empty rather than as mass the student must move.
+    tail_mass = torch.where(tail_mass > TAIL_EPS, tail_mass, torch.zeros_like(tail_mass)).float()
+    log_tail = torch.log(tail_mass).clamp_min(LOG_FLOOR)  # (N, 1)
+    if temperature != 1.0:
+        others = max(vocab - k, 1)
+        tempered_tail = (1 - 1 / temperature) * math.log(others) + log_tail / temperature
+        teacher_log = torch.cat([teacher / temperature, tempered_tail], dim=-1)
+        teacher_log = teacher_log - torch.logsumexp(teacher_log, dim=-1, keepdim=True)
+    else:
+        teacher_log = torch.cat([teacher, log_tail], dim=-1)
+    student_log = torch.cat([student_top, student_tail], dim=-1)
+    return student_log, teacher_log
+
+
+def topk_divergence(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """(N, V) student logits vs the teacher's (N, k) top-k → (N,) divergence over k + 1 classes."""
+    student_log, teacher_log = topk_coarse_logprobs(student_logits, topk_ids, topk_logprobs, temperature)
+    return divergence_from_logprobs(student_log, teacher_log, divergence, beta)
+
+
+# --------------------------------------------------------------------------------------
+# Hidden states
+# --------------------------------------------------------------------------------------
+
+
+def hidden_state_distance(projected_student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """(N, H_teacher) projected student states vs teacher states → (N,).
+
+    mse: mean over features of the squared difference; cosine: 1 - cosine similarity.
+    """
+    match kind:
+        case "mse":
+            return (projected_student.float() - teacher.float()).pow(2).mean(-1)
+        case "cosine":
+            return 1.0 - F.cosine_similarity(projected_student.float(), teacher.float(), dim=-1)
+        case _:
+            raise ValueError(f"unknown hidden loss {kind!r}; use 'mse' or 'cosine'")
+
+
+# --------------------------------------------------------------------------------------
+# Chunked over tokens: logits exist for one chunk at a time, forward and backward
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossSums:
+    """Sums over the tokens given (not means): divide by the global supervised-token count."""
+
+    total: torch.Tensor  # scalar, carries the gradient
+    kd: torch.Tensor  # scalar, detached: T^2-scaled divergence sum
+    ce: torch.Tensor  # scalar, detached: cross-entropy sum
+
+
+def _chunk_sums(
+    student_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    *,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    alpha: float,
+    vocab_size: int | None,
+) -> torch.Tensor:
+    """One chunk → stacked (total, kd, ce) sums. Shapes as in `chunked_distillation_loss`."""
+    student_logits = student_head(student_hidden)  # (n, V_student)
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
+    ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+    zero = ce.new_zeros(())
+    if teacher_hidden is not None:
+        with torch.no_grad():
+            teacher_logits = teacher_head(teacher_hidden)  # (n, V_teacher)
+            if vocab_size is not None:
+                teacher_logits = teacher_logits[..., :vocab_size]
+        kd = logit_divergence(student_logits, teacher_logits, divergence, beta, temperature).sum()
+    elif topk_ids is not None:
+        kd = topk_divergence(student_logits, topk_ids, topk_logprobs, divergence, beta, temperature).sum()
+    else:
+        return torch.stack([ce, zero, ce])
+    kd = kd * temperature**2
+    return torch.stack([alpha * kd + (1 - alpha) * ce, kd, ce])
+
+
+def chunked_distillation_loss(
+    student_hidden: torch.Tensor,
+    targets: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    topk_ids: torch.Tensor | None = None,
+    topk_logprobs: torch.Tensor | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    chunk_tokens: int = 1024,
+    vocab_size: int | None = None,
+) -> LossSums:
+    """alpha * T^2 * divergence + (1 - alpha) * cross-entropy, summed over N tokens.
+
+    student_hidden: (N, H_s) final (normed) student states; targets: (N,) token ids;
+    student_head: (n, H_s) → (n, V) (the student's lm_head). White-box: teacher_hidden
+    (N, H_t) and teacher_head (n, H_t) → (n, V). Sparse: topk_ids / topk_logprobs (N, k).
+    Neither: plain cross-entropy (sft). vocab_size trims padded embedding rows of both heads.
+
+    Each chunk of `chunk_tokens` rows goes through activation checkpointing: its (n, V)
+    logits, log-probabilities and their gradients are freed after the chunk and recomputed in
+    backward, so peak memory grows with chunk_tokens x V, not N x V.
+    """
+    sums = []
+    for start in range(0, student_hidden.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        sums.append(
+            checkpoint(
+                _chunk_sums,
+                student_hidden[rows],
+                targets[rows],
+                None if teacher_hidden is None else teacher_hidden[rows],
+                None if topk_ids is None else topk_ids[rows],
+                None if topk_logprobs is None else topk_logprobs[rows],
+                use_reentrant=False,
+                student_head=student_head,
+                teacher_head=teacher_head,
+                divergence=divergence,
+                beta=beta,
+                temperature=temperature,
+                alpha=alpha,
+                vocab_size=vocab_size,
+            )
+        )
+    if not sums:  # no supervised token in this micro-batch: a zero that still has a graph
+        total = student_head(student_hidden[:0]).sum()
+        return LossSums(total, total.detach(), total.detach())
+    stacked = torch.stack(sums).sum(0)  # (3,)
+    return LossSums(stacked[0], stacked[1].detach(), stacked[2].detach())
+
+
+def select_supervised(states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift and mask: states (B, L, H) and labels (B, L) → rows (N, H) and targets (N,).
+
+    The state at position t predicts labels[t + 1]; rows whose target is -100 (prompt,
+    padding, or a packed neighbour's prompt) are dropped. Order: row-major over (B, L).
+    """
+    mask = labels[:, 1:] != -100  # (B, L-1)
+    return states[:, :-1][mask], labels[:, 1:][mask]
