@@ -236,7 +236,7 @@ def negation_flip(text: str, rng: random.Random, config: AdversarialConfig) -> s
     matches = list(_NEGATION_PATTERN.finditer(text))
     if not matches:
         return f"Explain what is NOT the case here, and why: {text}"
-    count = max(1, round(len(matches) * config.severity * 0.5))
+    count = max(1, round(len(matches) * config.severity))
     chosen = sorted(rng.sample(matches, min(count, len(matches))), key=lambda m: m.start(), reverse=True)
     for match in chosen:
         word = match.group()

@@ -48,7 +48,9 @@ def long_input(text: str, rng: random.Random, config: EdgeCaseConfig) -> str:
     Token counts are estimated as characters / `chars_per_token`.
     """
     budget_chars = int(config.long_input_tokens * config.chars_per_token)
-    target = rng.randint(int(budget_chars * 0.9), budget_chars)
+    # Filler words are at most 13 characters with their space, so aiming 16 above 90% and
+    # stopping before the target keeps the result inside the 90-100% window.
+    target = rng.randint(min(budget_chars, int(budget_chars * 0.9) + 16), budget_chars)
     question_first = rng.random() < 0.5
     head = f"{text}\n\nBackground material follows.\n\n" if question_first else "Background material:\n\n"
     tail = "" if question_first else f"\n\nWith that background in mind: {text}"
@@ -63,9 +65,12 @@ def long_input(text: str, rng: random.Random, config: EdgeCaseConfig) -> str:
         paragraphs.append(paragraph)
         used += cost
     body = "\n\n".join(paragraphs)
-    # Top up with single words so the length lands inside the 90-100% window.
-    while len(head) + len(body) + len(tail) + 8 < target * 0.95 and room > 0:
-        body += (" " if body else "") + rng.choice(_FILLER_WORDS)
+    # Top up with single words while the next one still fits under the target.
+    while True:
+        word = (" " if body else "") + rng.choice(_FILLER_WORDS)
+        if len(head) + len(body) + len(word) + len(tail) > target:
+            break
+        body += word
     return head + body + tail
 
 
