@@ -30,10 +30,11 @@ def build(
     """Black-box dataset flow: prompts → teacher → filters → Parquet."""
     from distillflow.config import ConfigError
     from flows.build import build_command
+    from tasks.teacher import TeacherFatalError
 
     try:
         build_command(config, prompt_column=prompt_column)
-    except ConfigError as error:
+    except (ConfigError, TeacherFatalError) as error:
         _fail(error)
 
 
@@ -52,9 +53,13 @@ def dedup(
 @app.command("capture-logits")
 def capture_logits(config: Path = typer.Argument(..., help="YAML config.")) -> None:
     """Add teacher top-k logprobs to a dataset (white-box data)."""
+    from distillflow.config import ConfigError
     from flows.capture_logits import capture_logits_command
 
-    capture_logits_command(config)
+    try:
+        capture_logits_command(config)
+    except (ConfigError, FileNotFoundError) as error:
+        _fail(error)
 
 
 @app.command()

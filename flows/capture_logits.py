@@ -1,0 +1,42 @@
+"""`distill capture-logits CONFIG`: add teacher top-k logprobs to a dataset (for kd_topk).
+
+The flow only wires: plan (which shards, mark the output incomplete) → one task per shard
+(skipped when already captured with the same settings) → manifest, written last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from distillflow.config import load_config
+from tasks.capture_logits import (
+    CaptureSettings,
+    capture_shard_task,
+    finish_capture_task,
+    plan_capture_task,
+    resolve_capture_settings,
+)
+
+
+@flow(name="capture-logits")
+def capture_logits(settings: CaptureSettings) -> dict[str, Any]:
+    shards = plan_capture_task(settings)
+    results = [capture_shard_task(path, settings) for path in shards]
+    return finish_capture_task(settings, results)
+
+
+def capture_logits_command(config_path: str | Path) -> dict[str, Any]:
+    """Validate the config up front, then run the flow; returns the manifest's capture record."""
+    config = load_config(config_path, check_files=False)
+    settings = resolve_capture_settings(config)
+    summary = capture_logits(settings)
+    print(
+        f"captured top-{summary['k']} logprobs of {summary['positions']} tokens in "
+        f"{summary['rows']} rows → {settings.output_dir} "
+        f"({summary['stored_bytes_per_token']} bytes/token stored, "
+        f"{summary['shards_skipped']} shard(s) already done)"
+    )
+    return summary
