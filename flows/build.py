@@ -75,6 +75,20 @@ class Progress:
             print(f"[{self.label}] {done}/{total} answered ({rate:.0f}/s)", file=sys.stderr, flush=True)
 
 
+def split_repeated_seeds(seeds: list[PromptRecord]) -> tuple[list[PromptRecord], list[Reject]]:
+    """A seed prompt that appears again (same text) is a reject pointing at its first copy."""
+    first: set[str] = set()
+    unique: list[PromptRecord] = []
+    repeated: list[Reject] = []
+    for seed in seeds:
+        if seed.id in first:
+            repeated.append(Reject.of(seed, "exact_duplicate", "seed repeated in the input", duplicate_of=seed.id))
+        else:
+            first.add(seed.id)
+            unique.append(seed)
+    return unique, repeated
+
+
 # -- tasks ----------------------------------------------------------------------------------
 
 
@@ -167,6 +181,8 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     teacher = make_teacher(config, api_key)
     try:
         seeds, seed_rejects = load_seeds_task(config, prompt_column)
+        seeds, repeated_seeds = split_repeated_seeds(seeds)
+        seed_rejects = seed_rejects + repeated_seeds
         prompts, generation_rejects, prompt_report = generate_prompts_task(config, seeds, teacher, ledger)
         kept, prompt_rejects = filter_prompts_task(prompts, config)
         logger.info("%d seeds, %d prompts generated, %d after prompt filters", len(seeds), len(prompts), len(kept))
