@@ -1,0 +1,257 @@
+"""Student and teacher models: loading, deriving a student, vocabulary preflight, and the
+module DeepSpeed trains (student + hidden-state projections + the whole loss in forward)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.config import DeriveStudentConfig, TrainingConfig
+from training.data import Batch
+from training.losses import chunked_distillation_loss, hidden_state_distance, select_supervised
+
+
+class VocabularyMismatch(ValueError):
+    """Teacher and student tokenizers disagree on token ids."""
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model directory (no config.json); pass a directory "
+            "written by save_pretrained"
+        )
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+
+
+def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The teacher in inference mode: eval(), no gradients, so no optimizer state either."""
+    teacher = load_causal_lm(path, dtype)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    teacher.config.use_cache = False
+    return teacher
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"cannot derive a student from {type(model).__name__}: it has no model.layers list "
+            "(Llama/Qwen/Mistral-style decoders do); give a student model directory instead"
+        )
+    return layers
+
+
+def chosen_layers(num_teacher_layers: int, derive: DeriveStudentConfig) -> list[int]:
+    """Teacher layer indices the student keeps: every k-th (0, k, 2k, ...) or n evenly spaced."""
+    if derive.num_layers is not None:
+        count = min(derive.num_layers, num_teacher_layers)
+        return sorted({int(round(x)) for x in np.linspace(0, num_teacher_layers - 1, count)})
+    return list(range(0, num_teacher_layers, derive.layer_stride or 1))
+
+
+def derive_student(teacher_dir: str | Path, derive: DeriveStudentConfig, seed: int = 0) -> nn.Module:
+    """A student built from the teacher: fewer layers (copied) and/or a narrower width (fresh).
+
+    Same width: embeddings, final norm, lm_head and the chosen blocks are copied from the
+    teacher (DistilBERT-style). Narrower: a randomly initialised model of the teacher's
+    architecture with the new width and the chosen number of layers.
+    """
+    teacher = load_causal_lm(teacher_dir)
+    layers = chosen_layers(teacher.config.num_hidden_layers, derive)
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in layers]
+    narrower = any(
+        value is not None for value in (derive.hidden_size, derive.intermediate_size, derive.num_attention_heads)
+    )
+    torch.manual_seed(seed)
+    if not narrower:
+        student = type(teacher)(config)
+        teacher_state = teacher.state_dict()
+        student_state = {}
+        for name in student.state_dict():
+            source = name
+            if name.startswith("model.layers."):
+                index = int(name.split(".")[2])
+                source = name.replace(f"model.layers.{index}.", f"model.layers.{layers[index]}.", 1)
+            student_state[name] = teacher_state[source]
+        student.load_state_dict(student_state)
+        return student
+    heads = derive.num_attention_heads or config.num_attention_heads
+    hidden = derive.hidden_size or config.hidden_size
+    if hidden % heads:
+        raise ValueError(
+            f"derive_student: hidden_size {hidden} is not divisible by {heads} attention heads; "
+            "set num_attention_heads to a divisor"
+        )
+    config.hidden_size = hidden
+    config.num_attention_heads = heads
+    config.num_key_value_heads = heads
+    config.head_dim = hidden // heads
+    config.intermediate_size = derive.intermediate_size or 2 * hidden
+    return type(teacher)(config)
+
+
+# --------------------------------------------------------------------------------------
+# Vocabulary preflight
+# --------------------------------------------------------------------------------------
+
+
+def vocabulary_preflight(
+    teacher_tokenizer, student_tokenizer, teacher_rows: int, student_rows: int
+) -> int:
+    """Check that teacher and student share token ids; return the vocabulary size to keep.
+
+    teacher_rows / student_rows are the models' output-embedding rows, often padded past the
+    tokenizer (e.g. 151936 vs 152064 for one Qwen vocabulary): logits of rows ≥ the returned
+    size are trimmed from both models before any softmax. A real mismatch is an error.
+    """
+    teacher_name = getattr(teacher_tokenizer, "name_or_path", "teacher")
+    student_name = getattr(student_tokenizer, "name_or_path", "student")
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab != student_vocab:
+        only_teacher = len(teacher_vocab.keys() - student_vocab.keys())
+        only_student = len(student_vocab.keys() - teacher_vocab.keys())
+        moved = sum(1 for token, index in teacher_vocab.items() if student_vocab.get(token, index) != index)
+        raise VocabularyMismatch(
+            f"teacher tokenizer {teacher_name!r} ({len(teacher_vocab)} tokens) and student "
+            f"tokenizer {student_name!r} ({len(student_vocab)} tokens) differ: "
+            f"{only_teacher} tokens only in the teacher, {only_student} only in the student, "
+            f"{moved} with different ids. White-box objectives compare distributions token by "
+            "token and need one vocabulary: pick a student from the teacher's family, derive it "
+            "from the teacher (training.derive_student), or use objective: sft, which works "
+            "across tokenizers"
+        )
+    size = len(teacher_tokenizer)
+    smallest_rows = min(teacher_rows, student_rows)
+    if smallest_rows < size:
+        raise VocabularyMismatch(
+            f"the tokenizer has {size} tokens but a model has only {smallest_rows} output rows "
+            f"(teacher {teacher_rows}, student {student_rows}); the model and tokenizer "
+            "directories do not belong together"
+        )
+    return size
+
+
+def topk_preflight(topk_ids_max: int, vocab_size: int) -> None:
+    if topk_ids_max >= vocab_size:
+        raise VocabularyMismatch(
+            f"the dataset's teacher top-k holds token id {topk_ids_max}, outside the student's "
+            f"vocabulary of {vocab_size}; the logprobs were captured with another tokenizer"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The module DeepSpeed trains
+# --------------------------------------------------------------------------------------
+
+
+def _hidden_states(model: nn.Module, batch: Batch, all_layers: bool):
+    """Run the decoder (no lm_head): (last (B, L, H), tuple of per-layer states or None)."""
+    outputs = model.base_model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        output_hidden_states=all_layers,
+        use_cache=False,
+    )
+    return outputs.last_hidden_state, outputs.hidden_states
+
+
+class DistillationModel(nn.Module):
+    """Student (+ hidden-state projections) whose forward returns the loss sums of a batch.
+
+    Everything that touches student weights runs inside forward, so DeepSpeed's ZeRO hooks
+    see every use. The teacher is held outside the module tree (no optimizer state, not
+    partitioned with the student, not saved in student checkpoints).
+
+    forward(batch) → (4,) tensor of sums over the batch's supervised tokens:
+    [total (with gradient), kd, ce, hidden]; divide by the global token count.
+    """
+
+    def __init__(self, student: nn.Module, config: TrainingConfig, vocab_size: int | None, teacher=None):
+        super().__init__()
+        self.student = student
+        self.config = config
+        self.vocab_size = vocab_size
+        self._teacher = [teacher]  # a list keeps it out of named_parameters / state_dict
+        self.layer_pairs: list[tuple[int, int]] = []
+        self.projections = nn.ModuleList()
+        if config.objective == "hidden":
+            teacher_layers = teacher.config.num_hidden_layers
+            student_layers = student.config.num_hidden_layers
+            self.layer_pairs = list(config.hidden_layer_pairs) or [(teacher_layers, student_layers)]
+            for teacher_layer, student_layer in self.layer_pairs:
+                if teacher_layer > teacher_layers or student_layer > student_layers:
+                    raise ValueError(
+                        f"hidden_layer_pairs: ({teacher_layer}, {student_layer}) is out of range; "
+                        f"the teacher has layers 0..{teacher_layers}, the student 0..{student_layers}"
+                    )
+                projection = nn.Linear(student.config.hidden_size, teacher.config.hidden_size, bias=False)
+                if student.config.hidden_size == teacher.config.hidden_size:
+                    nn.init.eye_(projection.weight)  # start as the identity when widths match
+                self.projections.append(projection)
+
+    @property
+    def teacher(self):
+        return self._teacher[0]
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        config = self.config
+        hidden_needed = config.objective == "hidden"
+        student_last, student_layers = _hidden_states(self.student, batch, hidden_needed)
+        rows, targets = select_supervised(student_last, batch.labels)  # (N, H_s), (N,)
+
+        teacher_rows = teacher_head = None
+        teacher_layers = None
+        if config.objective in ("kd_logits", "hidden"):
+            with torch.no_grad():
+                teacher_last, teacher_layers = _hidden_states(self.teacher, batch, hidden_needed)
+            teacher_rows, _ = select_supervised(teacher_last, batch.labels)  # (N, H_t)
+            teacher_head = self.teacher.get_output_embeddings()
+
+        sums = chunked_distillation_loss(
+            rows,
+            targets,
+            self.student.get_output_embeddings(),
+            teacher_hidden=teacher_rows,
+            teacher_head=teacher_head,
+            topk_ids=batch.topk_ids if config.objective == "kd_topk" else None,
+            topk_logprobs=batch.topk_logprobs if config.objective == "kd_topk" else None,
+            divergence=config.divergence,
+            beta=config.beta,
+            temperature=config.temperature,
+            alpha=0.0 if config.objective == "sft" else config.alpha,
+            chunk_tokens=config.loss_chunk_tokens,
+            vocab_size=self.vocab_size,
+        )
+        total = sums.total
+        hidden_sum = total.new_zeros(())
+        for projection, (teacher_layer, student_layer) in zip(self.projections, self.layer_pairs):
+            student_states, _ = select_supervised(student_layers[student_layer], batch.labels)
+            teacher_states, _ = select_supervised(teacher_layers[teacher_layer], batch.labels)
+            hidden_sum = hidden_sum + hidden_state_distance(
+                projection(student_states), teacher_states, config.hidden_loss
+            ).sum()
+        if self.layer_pairs:
+            total = total + config.hidden_weight * hidden_sum
+        return torch.stack([total, sums.kd, sums.ce, hidden_sum.detach()])
