@@ -23,14 +23,20 @@ def words(text: str) -> list[str]:
 
 def distinct_n(texts: Iterable[str], n: int) -> float:
     """Unique n-grams / all n-grams over the whole set (Li et al., 2016); 0.0 when none."""
-    seen: set[tuple[str, ...]] = set()
-    total = 0
-    for text in texts:
-        tokens = words(text)
-        for start in range(len(tokens) - n + 1):
-            seen.add(tuple(tokens[start : start + n]))
-            total += 1
-    return len(seen) / total if total else 0.0
+    return _distinct([words(text) for text in texts], (n,))[n]
+
+
+def _distinct(token_lists: Sequence[list[str]], orders: Sequence[int]) -> dict[int, float]:
+    out = {}
+    for n in orders:
+        seen: set[tuple[str, ...]] = set()
+        total = 0
+        for tokens in token_lists:
+            grams = list(zip(*(tokens[i:] for i in range(n))))
+            total += len(grams)
+            seen.update(grams)
+        out[n] = len(seen) / total if total else 0.0
+    return out
 
 
 def percentiles(values: Sequence[float], points: Sequence[int] = (0, 10, 25, 50, 75, 90, 99, 100)) -> dict[str, float]:
@@ -66,14 +72,16 @@ def length_histogram(lengths: Iterable[int]) -> dict[str, int]:
 def prompt_diversity_summary(records: Sequence[PromptRecord] | Sequence[str]) -> dict[str, Any]:
     """Distinct-1/2/3, character and word length percentiles, and a length histogram."""
     texts = [record if isinstance(record, str) else record.prompt for record in records]
+    token_lists = [words(text) for text in texts]
     char_lengths = [len(text) for text in texts]
-    word_lengths = [len(words(text)) for text in texts]
+    word_lengths = [len(tokens) for tokens in token_lists]
+    distinct = _distinct(token_lists, (1, 2, 3))
     return {
         "count": len(texts),
         "unique_prompts": len(set(texts)),
-        "distinct_1": round(distinct_n(texts, 1), 6),
-        "distinct_2": round(distinct_n(texts, 2), 6),
-        "distinct_3": round(distinct_n(texts, 3), 6),
+        "distinct_1": round(distinct[1], 6),
+        "distinct_2": round(distinct[2], 6),
+        "distinct_3": round(distinct[3], 6),
         "chars": {
             "mean": round(sum(char_lengths) / len(texts), 3) if texts else 0.0,
             **percentiles(char_lengths),

@@ -38,14 +38,14 @@ _FILLER_WORDS = (
 
 
 def _filler_sentence(rng: random.Random) -> str:
-    words = [rng.choice(_FILLER_WORDS) for _ in range(rng.randint(8, 18))]
-    return " ".join(words).capitalize() + "."
+    return " ".join(rng.choices(_FILLER_WORDS, k=rng.randint(8, 18))).capitalize() + "."
 
 
-def long_input(text: str, rng: random.Random, config: EdgeCaseConfig) -> str:
+def long_input(text: str, rng: random.Random, config: EdgeCaseConfig) -> str | None:
     """The seed wrapped in background text until it is 90-100% of `long_input_tokens`.
 
-    Token counts are estimated as characters / `chars_per_token`.
+    Token counts are estimated as characters / `chars_per_token`; a seed that alone is
+    already too long for the budget gets None.
     """
     budget_chars = int(config.long_input_tokens * config.chars_per_token)
     # Filler words are at most 13 characters with their space, so aiming 16 above 90% and
@@ -55,6 +55,8 @@ def long_input(text: str, rng: random.Random, config: EdgeCaseConfig) -> str:
     head = f"{text}\n\nBackground material follows.\n\n" if question_first else "Background material:\n\n"
     tail = "" if question_first else f"\n\nWith that background in mind: {text}"
     room = target - len(head) - len(tail)
+    if room < 0:  # the seed alone already fills the budget
+        return None
     paragraphs: list[str] = []
     used = 0
     while True:

@@ -91,10 +91,12 @@ def _rule_candidates(
     parents: Sequence[PromptRecord],
     random_seed: int,
     max_rounds: int,
+    seen: set[str],
 ) -> Iterator[PromptRecord]:
-    """Rows of one rule-based sub-strategy: each parent once per round, for `max_rounds`.
+    """New rows of one rule-based sub-strategy: each parent once per round, `max_rounds` rounds.
 
-    Stops early when a whole round produced nothing (the strategy fits none of the seeds).
+    Skips rows already in the set (`seen` ids) and stops early when a whole round brought
+    nothing new (the strategy fits none of the seeds, or has no variety left).
     """
     order = ordered_parents(parents, random_seed, strategy)
     for k in range(max_rounds):
@@ -103,23 +105,25 @@ def _rule_candidates(
             text = function(parent.prompt, row_rng(random_seed, parent.id, strategy, k), settings)
             if text is None or text == parent.prompt:
                 continue
+            row = PromptRecord.make(text, strategy, parent.id)
+            if row.id in seen:
+                continue
             produced = True
-            yield PromptRecord.make(text, strategy, parent.id)
+            yield row
         if not produced:
             return
 
 
 def round_robin(streams: dict[str, Iterator[PromptRecord]], quota: int, seen: set[str]) -> list[PromptRecord]:
-    """Take one new row from each stream in turn until `quota` rows or all streams run dry.
-
-    A row whose prompt is already in the set (`seen` ids) is skipped, not counted.
-    """
+    """Take one new row from each stream in turn until `quota` rows or all streams run dry."""
     rows: list[PromptRecord] = []
     active = list(streams)
     while len(rows) < quota and active:
         for name in list(active):
             if len(rows) >= quota:
                 break
+            # A stream checks `seen` when it yields, but another stream may have added the
+            # same prompt since.
             row = next((candidate for candidate in streams[name] if candidate.id not in seen), None)
             if row is None:
                 active.remove(name)
@@ -140,7 +144,7 @@ def _rule_family(
 ) -> list[PromptRecord]:
     max_rounds = math.ceil(quota / len(seeds)) + 2
     streams = {
-        name: _rule_candidates(f"{family}:{name}", function, settings, seeds, random_seed, max_rounds)
+        name: _rule_candidates(f"{family}:{name}", function, settings, seeds, random_seed, max_rounds, seen)
         for name, function in functions.items()
     }
     return round_robin(streams, quota, seen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -14,11 +15,11 @@ from pydantic import ValidationError
 
 from distillflow.records import PromptRecord
 from prompts import generate_prompts, prompt_diversity_summary
-from prompts.adversarial import DISTRACTORS, FALSE_PREMISES, INJECTIONS_BY_SEVERITY, NEGATION_FLIPS, max_edits
+from prompts.adversarial import ADVERSARIAL, DISTRACTORS, FALSE_PREMISES, INJECTIONS_BY_SEVERITY, NEGATION_FLIPS, max_edits
 from prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS, AdversarialConfig, PromptsConfig
 from prompts.diversity import distinct_n, length_histogram, percentiles
-from prompts.domains import arithmetic, code
-from prompts.edge_cases import BOUNDARY_NUMBERS, CONTRADICTIONS, MIXED_LANGUAGE_PHRASES, SIDE_QUESTIONS
+from prompts.domains import DOMAIN_EDGE_CASES, arithmetic, code
+from prompts.edge_cases import EDGE_CASES, BOUNDARY_NUMBERS, CONTRADICTIONS, MIXED_LANGUAGE_PHRASES, SIDE_QUESTIONS
 from prompts.generate import allocate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -386,3 +387,18 @@ def test_teacher_driven_weights_without_a_teacher_are_a_clear_error():
 def test_no_seeds_is_a_clear_error():
     with pytest.raises(ValueError, match="no seed prompts"):
         generate_prompts([], PromptsConfig())
+
+
+ODD_SEEDS = ["", " ", "\n\t", "🚀", "123", "a", "x" * 50_000, "What is -5.5 + 1,000?", "שלום", '{"a": 1}', "is is is"]
+
+
+@pytest.mark.parametrize("severity", [0.0, 1.0])
+def test_every_generator_copes_with_odd_seeds(severity):
+    """Empty, one-character, huge, digit-only or caseless seeds give a string or None, never an error."""
+    config = PromptsConfig(adversarial={"severity": severity})
+    generators = [(function, config.edge_case) for function in EDGE_CASES.values()]
+    generators += [(function, config.adversarial) for function in ADVERSARIAL.values()]
+    generators += [(function, config.edge_case) for pack in DOMAIN_EDGE_CASES.values() for function in pack.values()]
+    for (function, settings), text in itertools.product(generators, ODD_SEEDS):
+        result = function(text, random.Random(0), settings)
+        assert result is None or isinstance(result, str)
