@@ -1,0 +1,33 @@
+"""`distill train CONFIG`: student training as a Prefect flow (one task: the hand-off)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from distillflow.config import ConfigError
+from tasks.train_student import TrainingFailed, load_training_config, train_student
+
+
+@flow(name="train")
+def train(
+    config_path: str,
+    num_processes: int | None = None,
+    command: list[str] | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    return train_student(config_path, num_processes=num_processes, command=command, timeout_s=timeout_s)
+
+
+def train_command(config_path: str | Path, num_processes: int | None = None) -> dict[str, Any]:
+    """Validate the config, run the flow, print the final metrics; one-paragraph error on failure."""
+    try:
+        config = load_training_config(config_path)
+        metrics = train(str(config_path), num_processes=num_processes)
+    except (ConfigError, TrainingFailed, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    shown = ", ".join(f"{key}={value}" for key, value in metrics.items() if not isinstance(value, dict | list))
+    print(f"trained → {config.output_dir}: {shown}")
+    return metrics
