@@ -149,14 +149,18 @@ class SelfInstructConfig(_Strict):
 
 
 class PromptsConfig(_Strict):
-    num_prompts: int = Field(1000, ge=1, description="Target prompt count after generation, before filtering.")
+    num_prompts: int = Field(
+        1000, ge=1, description="Target prompt count after generation, before filtering."
+    )
     strategies: dict[str, float] = Field(
         default_factory=lambda: {"seed": 1.0, "edge_case": 0.3, "adversarial": 0.3, "evolve": 0.0},
         description="Mix weights per strategy family (seed, edge_case, adversarial, evolve, "
         "self_instruct): each family gets weight / sum(weights) of num_prompts. `seed` = the "
         "seed prompts themselves, each at most once.",
     )
-    random_seed: int = Field(0, description="Same config + same random_seed = byte-identical prompt set.")
+    random_seed: int = Field(
+        0, description="Same config + same random_seed = byte-identical prompt set."
+    )
     edge_case: EdgeCaseConfig = EdgeCaseConfig()
     adversarial: AdversarialConfig = AdversarialConfig()
     evolve: EvolveConfig = EvolveConfig()

@@ -6,6 +6,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Any
 
 from distillflow.records import PromptRecord
@@ -39,7 +40,9 @@ def _distinct(token_lists: Sequence[list[str]], orders: Sequence[int]) -> dict[i
     return out
 
 
-def percentiles(values: Sequence[float], points: Sequence[int] = (0, 10, 25, 50, 75, 90, 99, 100)) -> dict[str, float]:
+def percentiles(
+    values: Sequence[float], points: Sequence[int] = (0, 10, 25, 50, 75, 90, 99, 100)
+) -> dict[str, float]:
     """Nearest-rank percentiles (`p0` = min, `p100` = max); empty dict for no values."""
     if not values:
         return {}
@@ -53,14 +56,14 @@ def percentiles(values: Sequence[float], points: Sequence[int] = (0, 10, 25, 50,
 
 def length_histogram(lengths: Iterable[int]) -> dict[str, int]:
     """Counts per bin of character length: `0`, `1-16`, `17-32`, ..., `16385+`."""
-    labels = ["0"] + [f"{low + 1}-{high}" for low, high in zip(LENGTH_BIN_EDGES, LENGTH_BIN_EDGES[1:])]
+    labels = ["0"] + [f"{low + 1}-{high}" for low, high in pairwise(LENGTH_BIN_EDGES)]
     labels.append(f"{LENGTH_BIN_EDGES[-1] + 1}+")
     counts = dict.fromkeys(labels, 0)
     for length in lengths:
         if length == 0:
             counts["0"] += 1
             continue
-        for low, high in zip(LENGTH_BIN_EDGES, LENGTH_BIN_EDGES[1:]):
+        for low, high in pairwise(LENGTH_BIN_EDGES):
             if low < length <= high:
                 counts[f"{low + 1}-{high}"] += 1
                 break
@@ -91,7 +94,9 @@ def prompt_diversity_summary(records: Sequence[PromptRecord] | Sequence[str]) ->
             **percentiles(word_lengths),
         },
         "char_length_histogram": length_histogram(char_lengths),
-        "non_ascii_share": round(sum(not t.isascii() for t in texts) / len(texts), 6) if texts else 0.0,
+        "non_ascii_share": round(sum(not t.isascii() for t in texts) / len(texts), 6)
+        if texts
+        else 0.0,
     }
 
 

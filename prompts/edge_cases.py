@@ -29,7 +29,7 @@ def empty_input(text: str, rng: random.Random, config: EdgeCaseConfig) -> str:
 
 # ── long ─────────────────────────────────────────────────────────────────────────────
 
-_FILLER_WORDS = (
+_FILLER_WORDS = (  # noqa: SIM905 - a sentence reads better than a 60-item list
     "the report notes that each team reviewed its quarterly plan and agreed on a few "
     "changes to the schedule while the budget stayed within the limits set last year "
     "several members asked for more detail about the risks and the timeline so the "
@@ -52,7 +52,11 @@ def long_input(text: str, rng: random.Random, config: EdgeCaseConfig) -> str | N
     # stopping before the target keeps the result inside the 90-100% window.
     target = rng.randint(min(budget_chars, int(budget_chars * 0.9) + 16), budget_chars)
     question_first = rng.random() < 0.5
-    head = f"{text}\n\nBackground material follows.\n\n" if question_first else "Background material:\n\n"
+    head = (
+        f"{text}\n\nBackground material follows.\n\n"
+        if question_first
+        else "Background material:\n\n"
+    )
     tail = "" if question_first else f"\n\nWith that background in mind: {text}"
     room = target - len(head) - len(tail)
     if room < 0:  # the seed alone already fills the budget
@@ -124,7 +128,13 @@ def boundary_numbers(text: str, rng: random.Random, config: EdgeCaseConfig) -> s
 # ── unicode ──────────────────────────────────────────────────────────────────────────
 
 EMOJI = ("😀", "🚀", "👍🏽", "👩‍💻", "🇯🇵", "❤️", "🤔", "🔥", "🧪", "🏳️‍🌈")
-RTL_PHRASES = ("مرحبا بالعالم", "שלום עולם", "\u202eesrever\u202c", "سؤال: ما هو؟", "\u200fשאלה\u200f")
+RTL_PHRASES = (
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "\u202eesrever\u202c",
+    "سؤال: ما هو؟",
+    "\u200fשאלה\u200f",
+)
 COMBINING = ("\u0301", "\u0300", "\u0308", "\u0327", "\u0303", "\u036f", "\u0489")
 ZERO_WIDTH = ("\u200b", "\u200c", "\u200d", "\ufeff", "\u2060")
 HOMOGLYPHS = {
@@ -165,7 +175,9 @@ def unicode_stress(text: str, rng: random.Random, config: EdgeCaseConfig) -> str
     elif kind == "zero_width":
         result = _inside_words(text, rng, ZERO_WIDTH, 0.25)
     elif kind == "homoglyph":
-        result = "".join(HOMOGLYPHS[c] if c in HOMOGLYPHS and rng.random() < 0.5 else c for c in text)
+        result = "".join(
+            HOMOGLYPHS[c] if c in HOMOGLYPHS and rng.random() < 0.5 else c for c in text
+        )
     else:
         result = _sprinkle(text, rng, CJK_PHRASES, rng.randint(1, 2))
     if result.isascii():  # no letter to decorate (e.g. digits only): fall back to emoji
@@ -202,7 +214,9 @@ def mixed_language(text: str, rng: random.Random, config: EdgeCaseConfig) -> str
 
 def malformed_structure(text: str, rng: random.Random, config: EdgeCaseConfig) -> str:
     """The seed inside broken JSON, an unclosed code block, broken Markdown or HTML."""
-    kind = rng.choice(("json_unclosed", "json_trailing_comma", "json_quotes", "code", "markdown", "html"))
+    kind = rng.choice(
+        ("json_unclosed", "json_trailing_comma", "json_quotes", "code", "markdown", "html")
+    )
     if kind == "json_unclosed":
         return '{"task": "answer", "input": "' + text.replace('"', '\\"') + '", "options": [1, 2,'
     if kind == "json_trailing_comma":
@@ -210,7 +224,7 @@ def malformed_structure(text: str, rng: random.Random, config: EdgeCaseConfig) -
     if kind == "json_quotes":
         return "{'input': '" + text + "', priority: high, }"
     if kind == "code":
-        return f"```python\ndef question():\n    return \"\"\"{text}\n    # unterminated"
+        return f'```python\ndef question():\n    return """{text}\n    # unterminated'
     if kind == "markdown":
         return f"| field | value |\n|---|\n| question | {text}\n| note | **bold without end\n\n- item\n  - "
     return f"<div><p>{text}<b>important</p></div"

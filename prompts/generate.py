@@ -47,16 +47,26 @@ def _order_key(*parts: object) -> str:
 
 def row_rng(random_seed: int, parent_id: str | None, strategy: str, k: int = 0) -> random.Random:
     """The random generator of one row: depends only on these four values."""
-    key = f"{random_seed}:{parent_id}:{strategy}" if k == 0 else f"{random_seed}:{parent_id}:{strategy}:{k}"
+    key = (
+        f"{random_seed}:{parent_id}:{strategy}"
+        if k == 0
+        else f"{random_seed}:{parent_id}:{strategy}:{k}"
+    )
     return random.Random(key)
 
 
-def ordered_parents(parents: Sequence[PromptRecord], random_seed: int, strategy: str) -> list[PromptRecord]:
+def ordered_parents(
+    parents: Sequence[PromptRecord], random_seed: int, strategy: str
+) -> list[PromptRecord]:
     """The parents in a pseudo-random order that depends on their ids, not on input order."""
-    return sorted(parents, key=lambda record: (_order_key(random_seed, strategy, record.id), record.id))
+    return sorted(
+        parents, key=lambda record: (_order_key(random_seed, strategy, record.id), record.id)
+    )
 
 
-def allocate(total: int, weights: dict[str, float], capacity: dict[str, int] | None = None) -> dict[str, int]:
+def allocate(
+    total: int, weights: dict[str, float], capacity: dict[str, int] | None = None
+) -> dict[str, int]:
     """Split `total` across families by weight (largest remainder, ties in FAMILIES order).
 
     A family with a `capacity` never gets more than it; its excess goes to the others by
@@ -71,7 +81,9 @@ def allocate(total: int, weights: dict[str, float], capacity: dict[str, int] | N
         shares = {family: remaining * weights[family] / weight_sum for family in open_families}
         given = {family: math.floor(share) for family, share in shares.items()}
         leftover = remaining - sum(given.values())
-        by_remainder = sorted(open_families, key=lambda f: (-(shares[f] - given[f]), FAMILIES.index(f)))
+        by_remainder = sorted(
+            open_families, key=lambda f: (-(shares[f] - given[f]), FAMILIES.index(f))
+        )
         for family in by_remainder[:leftover]:
             given[family] += 1
         remaining = 0
@@ -114,7 +126,9 @@ def _rule_candidates(
             return
 
 
-def round_robin(streams: dict[str, Iterator[PromptRecord]], quota: int, seen: set[str]) -> list[PromptRecord]:
+def round_robin(
+    streams: dict[str, Iterator[PromptRecord]], quota: int, seen: set[str]
+) -> list[PromptRecord]:
     """Take one new row from each stream in turn until `quota` rows or all streams run dry."""
     rows: list[PromptRecord] = []
     active = list(streams)
@@ -144,7 +158,9 @@ def _rule_family(
 ) -> list[PromptRecord]:
     max_rounds = math.ceil(quota / len(seeds)) + 2
     streams = {
-        name: _rule_candidates(f"{family}:{name}", function, settings, seeds, random_seed, max_rounds, seen)
+        name: _rule_candidates(
+            f"{family}:{name}", function, settings, seeds, random_seed, max_rounds, seen
+        )
         for name, function in functions.items()
     }
     return round_robin(streams, quota, seen)
@@ -182,7 +198,8 @@ def _evolve_family(
             break
         # Round-robin over operations, each walking its own ordering of the parents.
         queues = {
-            op: iter(ordered_parents(parents, config.random_seed, f"evolve:{op}")) for op in settings.operations
+            op: iter(ordered_parents(parents, config.random_seed, f"evolve:{op}"))
+            for op in settings.operations
         }
         plan: list[tuple[str, PromptRecord]] = []
         active = list(queues)
@@ -263,7 +280,11 @@ def _self_instruct_family(
             continue
         row = PromptRecord.make(parsed.prompt, "self_instruct", parent_id)
         if row.id in seen:
-            rejects.append(reject_for(messages, "self_instruct", parent_id, parsed, answer, duplicate_of=row.id))
+            rejects.append(
+                reject_for(
+                    messages, "self_instruct", parent_id, parsed, answer, duplicate_of=row.id
+                )
+            )
             continue
         seen.add(row.id)
         rows.append(row)
@@ -306,22 +327,42 @@ def generate_prompts(
     seen.update(seed.id for seed in seed_rows)
     if quotas.get("seed", 0):
         for seed in ordered_parents(seed_rows, random_seed, "seed")[: quotas["seed"]]:
-            rows.append(PromptRecord(id=seed.id, prompt=seed.prompt, strategy="seed", parent_id=None))
+            rows.append(
+                PromptRecord(id=seed.id, prompt=seed.prompt, strategy="seed", parent_id=None)
+            )
     if quotas.get("edge_case", 0):
         functions = edge_case_functions(config)
-        rows += _rule_family("edge_case", functions, config.edge_case, quotas["edge_case"], seed_rows, random_seed, seen)
+        rows += _rule_family(
+            "edge_case",
+            functions,
+            config.edge_case,
+            quotas["edge_case"],
+            seed_rows,
+            random_seed,
+            seen,
+        )
     if quotas.get("adversarial", 0):
         functions = {kind: ADVERSARIAL[kind] for kind in config.adversarial.kinds}
         rows += _rule_family(
-            "adversarial", functions, config.adversarial, quotas["adversarial"], seed_rows, random_seed, seen
+            "adversarial",
+            functions,
+            config.adversarial,
+            quotas["adversarial"],
+            seed_rows,
+            random_seed,
+            seen,
         )
     if quotas.get("evolve", 0):
-        evolved, evolve_rejects, sent = _evolve_family(quotas["evolve"], seed_rows, config, complete, seen)
+        evolved, evolve_rejects, sent = _evolve_family(
+            quotas["evolve"], seed_rows, config, complete, seen
+        )
         rows += evolved
         rejects += evolve_rejects
         teacher_requests += sent
     if quotas.get("self_instruct", 0):
-        made, si_rejects, sent = _self_instruct_family(quotas["self_instruct"], seed_rows, config, complete, seen)
+        made, si_rejects, sent = _self_instruct_family(
+            quotas["self_instruct"], seed_rows, config, complete, seen
+        )
         rows += made
         rejects += si_rejects
         teacher_requests += sent

@@ -92,8 +92,10 @@ _TEMPLATE_LEAKS = (
     "}}",
 )
 _STOPWORDS = frozenset(
-    "a an the and or but of to in on at for with by from is are was were be been it this that "
-    "these those as please can you your me my i we our do does".split()
+    (  # noqa: SIM905
+        "a an the and or but of to in on at for with by from is are was were be been it this "
+        "that these those as please can you your me my i we our do does"
+    ).split()
 )
 
 
@@ -151,7 +153,9 @@ def parse_generated_prompt(
     if leaks:
         return Parsed(prompt, "template_leak", f"contains {leaks[0]!r} from the instructions")
     if len(prompt) > max_chars:
-        return Parsed(prompt, "too_long", f"{len(prompt)} characters > max_prompt_chars={max_chars}")
+        return Parsed(
+            prompt, "too_long", f"{len(prompt)} characters > max_prompt_chars={max_chars}"
+        )
     normalized = normalize(prompt)
     if not normalized:
         return Parsed(prompt, "no_new_information", "only punctuation or symbols")
@@ -159,7 +163,9 @@ def parse_generated_prompt(
         if normalized == normalize(parent):
             return Parsed(prompt, "copy_of_parent", "same words as the prompt it was made from")
     if require_new_words and parents and content_words(prompt) <= content_words(parents[0]):
-        return Parsed(prompt, "no_new_information", "adds no content word to the prompt it rewrites")
+        return Parsed(
+            prompt, "no_new_information", "adds no content word to the prompt it rewrites"
+        )
     return Parsed(prompt)
 
 

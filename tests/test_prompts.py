@@ -15,11 +15,24 @@ from pydantic import ValidationError
 
 from distillflow.records import PromptRecord
 from prompts import generate_prompts, prompt_diversity_summary
-from prompts.adversarial import ADVERSARIAL, DISTRACTORS, FALSE_PREMISES, INJECTIONS_BY_SEVERITY, NEGATION_FLIPS, max_edits
+from prompts.adversarial import (
+    ADVERSARIAL,
+    DISTRACTORS,
+    FALSE_PREMISES,
+    INJECTIONS_BY_SEVERITY,
+    NEGATION_FLIPS,
+    max_edits,
+)
 from prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS, AdversarialConfig, PromptsConfig
 from prompts.diversity import distinct_n, length_histogram, percentiles
 from prompts.domains import DOMAIN_EDGE_CASES, arithmetic, code
-from prompts.edge_cases import EDGE_CASES, BOUNDARY_NUMBERS, CONTRADICTIONS, MIXED_LANGUAGE_PHRASES, SIDE_QUESTIONS
+from prompts.edge_cases import (
+    BOUNDARY_NUMBERS,
+    CONTRADICTIONS,
+    EDGE_CASES,
+    MIXED_LANGUAGE_PHRASES,
+    SIDE_QUESTIONS,
+)
 from prompts.generate import allocate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +53,9 @@ def levenshtein(a: str, b: str) -> int:
     for i, char_a in enumerate(a, 1):
         current = [i]
         for j, char_b in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+            current.append(
+                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
+            )
         previous = current
     return previous[-1]
 
@@ -90,7 +105,9 @@ def test_empty_is_empty_or_whitespace_only():
 
 @pytest.mark.parametrize("budget", [256, 2048])
 def test_long_inputs_land_near_the_token_budget(budget):
-    config = only("edge_case", ["long"], n=20, edge_case={"kinds": ["long"], "long_input_tokens": budget})
+    config = only(
+        "edge_case", ["long"], n=20, edge_case={"kinds": ["long"], "long_input_tokens": budget}
+    )
     for row in rows_of(config):
         tokens = len(row.prompt) / config.edge_case.chars_per_token
         assert 0.9 * budget <= tokens <= budget
@@ -136,7 +153,9 @@ def test_contradictory_multi_question_and_format_constraints():
     for row in rows_of(only("edge_case", ["multi_question"], n=20)):
         assert BY_ID[row.parent_id].prompt.strip() in row.prompt
         assert sum(question in row.prompt for question in SIDE_QUESTIONS) >= 1
-    constraint = re.compile(r"exactly \d+|JSON only|no more than \d+|lowercase|letter 'e'|yes or no|Markdown table|YAML")
+    constraint = re.compile(
+        r"exactly \d+|JSON only|no more than \d+|lowercase|letter 'e'|yes or no|Markdown table|YAML"
+    )
     for row in rows_of(only("edge_case", ["format_constraint"], n=30)):
         assert row.prompt.startswith(BY_ID[row.parent_id].prompt.rstrip())
         assert constraint.search(row.prompt.rsplit("\n\n", 1)[1])
@@ -149,19 +168,26 @@ def test_contradictory_multi_question_and_format_constraints():
 def test_every_adversarial_kind_makes_new_prompts_from_seeds(kind):
     rows = rows_of(only("adversarial", [kind], n=30))
     assert len(rows) == 30
-    assert all(row.strategy == f"adversarial:{kind}" and row.prompt != BY_ID[row.parent_id].prompt for row in rows)
+    assert all(
+        row.strategy == f"adversarial:{kind}" and row.prompt != BY_ID[row.parent_id].prompt
+        for row in rows
+    )
 
 
 @pytest.mark.parametrize("kind", ["typo", "char_noise"])
 @pytest.mark.parametrize("severity", [0.0, 0.5, 1.0])
 def test_typos_and_noise_stay_within_the_configured_edit_distance(kind, severity):
-    config = only("adversarial", n=40, adversarial={"kinds": [kind], "severity": severity, "max_typo_edits": 4})
+    config = only(
+        "adversarial",
+        n=40,
+        adversarial={"kinds": [kind], "severity": severity, "max_typo_edits": 4},
+    )
     for row in rows_of(config):
         parent = BY_ID[row.parent_id].prompt
         assert 1 <= levenshtein(parent, row.prompt) <= max_edits(parent, config.adversarial)
-    assert max_edits("a long enough sentence", AdversarialConfig(severity=severity, max_typo_edits=4)) == max(
-        1, round(4 * severity)
-    )
+    assert max_edits(
+        "a long enough sentence", AdversarialConfig(severity=severity, max_typo_edits=4)
+    ) == max(1, round(4 * severity))
 
 
 def test_casing_whitespace_and_word_swaps_change_only_what_they_say():
@@ -175,7 +201,9 @@ def test_casing_whitespace_and_word_swaps_change_only_what_they_say():
 
 def test_distractors_grow_with_severity():
     def distractors_per_row(severity):
-        config = only("adversarial", n=20, adversarial={"kinds": ["distractor"], "severity": severity})
+        config = only(
+            "adversarial", n=20, adversarial={"kinds": ["distractor"], "severity": severity}
+        )
         rows = rows_of(config)
         assert all(BY_ID[row.parent_id].prompt in row.prompt for row in rows)
         return {sum(sentence in row.prompt for sentence in DISTRACTORS) for row in rows}
@@ -190,15 +218,21 @@ def test_false_premise_injection_negation_and_roleplay():
     injections = [text for level in INJECTIONS_BY_SEVERITY for text in level]
     for row in rows_of(only("adversarial", ["injection"], n=20)):
         assert any(injection in row.prompt for injection in injections)
-    flipped = re.compile(r"\b(" + "|".join(re.escape(new) for _, new in NEGATION_FLIPS) + r"|NOT)\b", re.I)
+    flipped = re.compile(
+        r"\b(" + "|".join(re.escape(new) for _, new in NEGATION_FLIPS) + r"|NOT)\b", re.IGNORECASE
+    )
     for row in rows_of(only("adversarial", ["negation"], n=30)):
         assert flipped.search(row.prompt)
     for row in rows_of(only("adversarial", ["roleplay"], n=20)):
-        assert BY_ID[row.parent_id].prompt in row.prompt and len(row.prompt) > len(BY_ID[row.parent_id].prompt)
+        assert BY_ID[row.parent_id].prompt in row.prompt and len(row.prompt) > len(
+            BY_ID[row.parent_id].prompt
+        )
 
 
 def test_negation_flips_polar_words():
-    config = only("adversarial", ["negation"], n=1, adversarial={"kinds": ["negation"], "severity": 1.0})
+    config = only(
+        "adversarial", ["negation"], n=1, adversarial={"kinds": ["negation"], "severity": 1.0}
+    )
     seed = PromptRecord.make("Is the largest planet always visible?", "seed")
     (row,) = rows_of(config, [seed])
     assert row.prompt == "Is not the smallest planet never visible?"
@@ -211,12 +245,20 @@ def test_arithmetic_pack_rewrites_numbers_and_skips_seeds_without_any():
     rng = random.Random(0)
     settings = PromptsConfig().edge_case
     assert arithmetic.carries("Explain why the sky is blue.", rng, settings) is None
-    assert re.fullmatch(r"What is 9{3,12} \+ (1|9{3,12})\?|What is 10{3,12} \+ 1\?", arithmetic.carries("What is 23 + 19?", rng, settings))
-    assert arithmetic.empty_collection("Compute the average of 4, 8, 15 and 42.", rng, settings) in {
-        f"Compute the average of {empty}." for empty in ("an empty list of numbers", "[]", "no numbers at all", "(an empty set)")
+    assert re.fullmatch(
+        r"What is 9{3,12} \+ (1|9{3,12})\?|What is 10{3,12} \+ 1\?",
+        arithmetic.carries("What is 23 + 19?", rng, settings),
+    )
+    assert arithmetic.empty_collection(
+        "Compute the average of 4, 8, 15 and 42.", rng, settings
+    ) in {
+        f"Compute the average of {empty}."
+        for empty in ("an empty list of numbers", "[]", "no numbers at all", "(an empty set)")
     }
     overflowed = arithmetic.overflow("What is 23 + 19?", rng, settings)
-    assert any(str(limit) in overflowed for limit in (2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64))
+    assert any(
+        str(limit) in overflowed for limit in (2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64)
+    )
 
 
 def test_domain_packs_join_the_edge_case_family_with_dotted_names():
@@ -257,13 +299,19 @@ def test_allocation_follows_the_weights_and_caps_the_seed_family():
 
 
 def test_the_mix_hits_the_target_with_each_row_once():
-    config = PromptsConfig(num_prompts=400, strategies={"seed": 1.0, "edge_case": 0.3, "adversarial": 0.3})
+    config = PromptsConfig(
+        num_prompts=400, strategies={"seed": 1.0, "edge_case": 0.3, "adversarial": 0.3}
+    )
     rows, rejects, report = generate_prompts(SEEDS, config)
     assert len(rows) == 400 and rejects == []
     assert len({row.id for row in rows}) == 400
     # Every seed once; the remaining rows split 0.3 : 0.3.
     half = (400 - len(SEEDS)) // 2
-    assert report["per_family"] == {"seed": len(SEEDS), "edge_case": half, "adversarial": 400 - len(SEEDS) - half}
+    assert report["per_family"] == {
+        "seed": len(SEEDS),
+        "edge_case": half,
+        "adversarial": 400 - len(SEEDS) - half,
+    }
     assert sum(report["per_strategy"].values()) == 400
     assert report["shortfall"] == 0
     seed_rows = [row for row in rows if row.strategy == "seed"]
@@ -276,17 +324,25 @@ def test_the_mix_hits_the_target_with_each_row_once():
 
 
 def test_only_seeds_gives_each_seed_once_and_reports_the_shortfall():
-    rows, _, report = generate_prompts(SEEDS, PromptsConfig(num_prompts=100, strategies={"seed": 1.0}))
+    rows, _, report = generate_prompts(
+        SEEDS, PromptsConfig(num_prompts=100, strategies={"seed": 1.0})
+    )
     assert len(rows) == len(SEEDS)
     assert report["shortfall"] == 100 - len(SEEDS)
 
 
 def _serialized(rows) -> bytes:
-    return json.dumps([[r.id, r.prompt, r.strategy, r.parent_id] for r in rows], ensure_ascii=False).encode()
+    return json.dumps(
+        [[r.id, r.prompt, r.strategy, r.parent_id] for r in rows], ensure_ascii=False
+    ).encode()
 
 
 def test_same_config_gives_a_byte_identical_set_whatever_the_seed_order():
-    config = PromptsConfig(num_prompts=300, strategies={"seed": 1, "edge_case": 1, "adversarial": 1}, domains=["arithmetic"])
+    config = PromptsConfig(
+        num_prompts=300,
+        strategies={"seed": 1, "edge_case": 1, "adversarial": 1},
+        domains=["arithmetic"],
+    )
     first, _, report_first = generate_prompts(SEEDS, config)
     shuffled = list(SEEDS)
     random.Random(1).shuffle(shuffled)
@@ -319,7 +375,9 @@ def test_same_config_gives_the_same_bytes_in_another_process():
         for hash_seed in ("1", "2")
     ]
     assert outputs[0] == outputs[1]
-    config = PromptsConfig(num_prompts=200, strategies={"seed": 1, "edge_case": 1, "adversarial": 1}, random_seed=7)
+    config = PromptsConfig(
+        num_prompts=200, strategies={"seed": 1, "edge_case": 1, "adversarial": 1}, random_seed=7
+    )
     rows, _, _ = generate_prompts(load_general_seeds(), config)
     assert json.loads(outputs[0]) == [[r.id, r.prompt, r.strategy, r.parent_id] for r in rows]
 
@@ -337,7 +395,14 @@ def test_report_has_counts_and_a_diversity_summary():
     _, _, report = generate_prompts(SEEDS, PromptsConfig(num_prompts=100))
     diversity = report["diversity"]
     assert diversity["count"] == report["generated"] == 100
-    assert set(diversity) >= {"distinct_1", "distinct_2", "distinct_3", "chars", "words", "char_length_histogram"}
+    assert set(diversity) >= {
+        "distinct_1",
+        "distinct_2",
+        "distinct_3",
+        "chars",
+        "words",
+        "char_length_histogram",
+    }
     assert sum(diversity["char_length_histogram"].values()) == 100
     assert 0 < diversity["distinct_1"] <= diversity["distinct_2"] <= 1
     json.dumps(report)  # JSON-able, for the manifest and the flow's artifacts
@@ -350,7 +415,12 @@ def test_distinct_n_percentiles_and_histogram_on_known_inputs():
     assert distinct_n([""], 1) == 0.0
     assert percentiles([1, 2, 3, 4], (0, 50, 100)) == {"p0": 1, "p50": 2, "p100": 4}
     histogram = length_histogram([0, 1, 16, 17, 20000])
-    assert (histogram["0"], histogram["1-16"], histogram["17-32"], histogram["16385+"]) == (1, 2, 1, 1)
+    assert (histogram["0"], histogram["1-16"], histogram["17-32"], histogram["16385+"]) == (
+        1,
+        2,
+        1,
+        1,
+    )
     summary = prompt_diversity_summary(["hello world", "hello there"])
     assert summary["distinct_1"] == 0.75 and summary["unique_prompts"] == 2
 
@@ -389,7 +459,19 @@ def test_no_seeds_is_a_clear_error():
         generate_prompts([], PromptsConfig())
 
 
-ODD_SEEDS = ["", " ", "\n\t", "🚀", "123", "a", "x" * 50_000, "What is -5.5 + 1,000?", "שלום", '{"a": 1}', "is is is"]
+ODD_SEEDS = [
+    "",
+    " ",
+    "\n\t",
+    "🚀",
+    "123",
+    "a",
+    "x" * 50_000,
+    "What is -5.5 + 1,000?",
+    "שלום",
+    '{"a": 1}',
+    "is is is",
+]
 
 
 @pytest.mark.parametrize("severity", [0.0, 1.0])
@@ -398,7 +480,11 @@ def test_every_generator_copes_with_odd_seeds(severity):
     config = PromptsConfig(adversarial={"severity": severity})
     generators = [(function, config.edge_case) for function in EDGE_CASES.values()]
     generators += [(function, config.adversarial) for function in ADVERSARIAL.values()]
-    generators += [(function, config.edge_case) for pack in DOMAIN_EDGE_CASES.values() for function in pack.values()]
+    generators += [
+        (function, config.edge_case)
+        for pack in DOMAIN_EDGE_CASES.values()
+        for function in pack.values()
+    ]
     for (function, settings), text in itertools.product(generators, ODD_SEEDS):
         result = function(text, random.Random(0), settings)
         assert result is None or isinstance(result, str)

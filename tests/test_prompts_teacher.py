@@ -20,7 +20,7 @@ from storage.ledger import Ledger
 from tasks.teacher import OpenAITeacher, answer_requests
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 
-ORIGINAL = re.compile(r"<original>\n(.*)\n</original>", re.S)
+ORIGINAL = re.compile(r"<original>\n(.*)\n</original>", re.DOTALL)
 
 
 def ok(content: str, finish_reason: str = "stop") -> TeacherAnswer:
@@ -39,22 +39,39 @@ PARENT = "Explain why the sky is blue."
 @pytest.mark.parametrize(
     ("answer", "reason"),
     [
-        (TeacherAnswer(None, None, "m", error="teacher_error:400", error_detail="flagged"), "teacher_error:400"),
-        (ok("<prompt>Explain why the sky is blue at noon but red at sunset in Lisbon.", "length"), "truncated"),
+        (
+            TeacherAnswer(None, None, "m", error="teacher_error:400", error_detail="flagged"),
+            "teacher_error:400",
+        ),
+        (
+            ok(
+                "<prompt>Explain why the sky is blue at noon but red at sunset in Lisbon.", "length"
+            ),
+            "truncated",
+        ),
         (ok(""), "empty"),
         (ok("   \n"), "empty"),
         (ok("<prompt>\n  \n</prompt>"), "empty"),
         (ok("lorem ipsum ### ??? ### lorem"), "unparseable"),
         (ok("Explain why the sky is blue, including Rayleigh scattering."), "unparseable"),
-        (ok("<prompt>Why is the sky blue?</prompt>\n<prompt>Why is grass green?</prompt>"), "unparseable"),
+        (
+            ok("<prompt>Why is the sky blue?</prompt>\n<prompt>Why is grass green?</prompt>"),
+            "unparseable",
+        ),
         (ok("I'm sorry, but I can't help with rewriting this prompt."), "refusal"),
         (ok("<prompt>I cannot help with that request.</prompt>"), "refusal"),
         (ok("<prompt>(the new prompt)</prompt>"), "template_leak"),
-        (ok("<prompt>Rewritten prompt: explain why the sky is blue in detail.</prompt>"), "template_leak"),
+        (
+            ok("<prompt>Rewritten prompt: explain why the sky is blue in detail.</prompt>"),
+            "template_leak",
+        ),
         (ok("<prompt>explain WHY the sky is blue!!</prompt>"), "copy_of_parent"),
         (ok("<prompt>Explain why the sky is blue. Explain why.</prompt>"), "no_new_information"),
         (ok("<prompt>?!?</prompt>"), "no_new_information"),
-        (ok("<prompt>" + "Explain scattering of light in detail. " * 300 + "</prompt>"), "too_long"),
+        (
+            ok("<prompt>" + "Explain scattering of light in detail. " * 300 + "</prompt>"),
+            "too_long",
+        ),
     ],
 )
 def test_unusable_answers_become_rejects_with_a_reason(answer, reason):
@@ -69,11 +86,16 @@ def test_a_good_answer_is_parsed_strictly_from_its_block():
     )
     parsed = parse_generated_prompt(answer, [PARENT], max_chars=8000, require_new_words=True)
     assert parsed.reason is None
-    assert parsed.prompt == "Explain why the sky is blue at noon but red at sunset, using Rayleigh scattering."
+    assert (
+        parsed.prompt
+        == "Explain why the sky is blue at noon but red at sunset, using Rayleigh scattering."
+    )
 
 
 def test_a_user_style_prompt_that_starts_with_i_cannot_is_not_a_refusal():
-    answer = ok("<prompt>I cannot get my Python loop to stop; why does `while x > 0: x += 1` never end?</prompt>")
+    answer = ok(
+        "<prompt>I cannot get my Python loop to stop; why does `while x > 0: x += 1` never end?</prompt>"
+    )
     assert parse_generated_prompt(answer, [PARENT], 8000, require_new_words=False).reason is None
 
 
@@ -134,11 +156,19 @@ def test_evolve_rows_carry_operation_and_parent_and_chain_over_rounds():
 def test_garbage_answers_become_rejects_with_strategy_parent_and_reason():
     answers = {
         "Explain why the sky is blue.": ok("lorem ipsum ### ??? ### lorem"),
-        "What is 23 + 19?": TeacherAnswer(None, None, "m", error="teacher_error:400", error_detail="bad"),
+        "What is 23 + 19?": TeacherAnswer(
+            None, None, "m", error="teacher_error:400", error_detail="bad"
+        ),
         "Write a haiku about autumn rain.": ok("<prompt>write a HAIKU about autumn rain</prompt>"),
-        "List the planets of the solar system.": ok("<prompt>List the planets of the solar system, with moons.</prompt>"),
+        "List the planets of the solar system.": ok(
+            "<prompt>List the planets of the solar system, with moons.</prompt>"
+        ),
     }
-    config = PromptsConfig(num_prompts=4, strategies={"evolve": 1.0}, evolve={"operations": ["breadth"], "max_rounds": 1})
+    config = PromptsConfig(
+        num_prompts=4,
+        strategies={"evolve": 1.0},
+        evolve={"operations": ["breadth"], "max_rounds": 1},
+    )
     complete = scripted_teacher(lambda content: answers[ORIGINAL.search(content).group(1)])
     rows, rejects, report = generate_prompts(SEEDS, config, complete)
     assert [row.prompt for row in rows] == ["List the planets of the solar system, with moons."]
@@ -147,16 +177,27 @@ def test_garbage_answers_become_rejects_with_strategy_parent_and_reason():
     assert by_parent[seed_id["Explain why the sky is blue."]].reason == "unparseable"
     assert by_parent[seed_id["What is 23 + 19?"]].reason == "teacher_error:400"
     assert by_parent[seed_id["Write a haiku about autumn rain."]].reason == "copy_of_parent"
-    assert by_parent[seed_id["Explain why the sky is blue."]].response == "lorem ipsum ### ??? ### lorem"
+    assert (
+        by_parent[seed_id["Explain why the sky is blue."]].response
+        == "lorem ipsum ### ??? ### lorem"
+    )
     assert all(reject.strategy == "evolve:breadth" for reject in rejects)
     assert len({reject.id for reject in rejects} | {row.id for row in rows}) == 4
-    assert report["rejects_per_reason"] == {"copy_of_parent": 1, "teacher_error:400": 1, "unparseable": 1}
+    assert report["rejects_per_reason"] == {
+        "copy_of_parent": 1,
+        "teacher_error:400": 1,
+        "unparseable": 1,
+    }
     assert report["generated"] + report["rejected"] == report["target"]
 
 
 def test_a_generated_prompt_that_already_exists_is_a_duplicate_reject():
     same = ok("<prompt>Describe how rainbows form after a storm.</prompt>")
-    config = PromptsConfig(num_prompts=4, strategies={"evolve": 1.0}, evolve={"operations": ["breadth"], "max_rounds": 1})
+    config = PromptsConfig(
+        num_prompts=4,
+        strategies={"evolve": 1.0},
+        evolve={"operations": ["breadth"], "max_rounds": 1},
+    )
     rows, rejects, _ = generate_prompts(SEEDS, config, scripted_teacher(lambda content: same))
     assert len(rows) == 1
     assert [reject.reason for reject in rejects] == ["duplicate_prompt"] * 3
@@ -165,14 +206,16 @@ def test_a_generated_prompt_that_already_exists_is_a_duplicate_reject():
 
 def test_self_instruct_shows_examples_and_rejects_copies_of_them():
     def script(content: str) -> TeacherAnswer:
-        examples = re.findall(r"<example>\n(.*?)\n</example>", content, re.S)
+        examples = re.findall(r"<example>\n(.*?)\n</example>", content, re.DOTALL)
         assert len(examples) == 2
         if "What is 23 + 19?" in examples:
             return ok("<prompt>What is 23 + 19?</prompt>")  # copies an example
         return ok(f"<prompt>Design a quiz question about {len(content)} different birds.</prompt>")
 
-    config = PromptsConfig(num_prompts=5, strategies={"self_instruct": 1.0}, self_instruct={"num_examples": 2})
-    rows, rejects, report = generate_prompts(SEEDS, config, scripted_teacher(script))
+    config = PromptsConfig(
+        num_prompts=5, strategies={"self_instruct": 1.0}, self_instruct={"num_examples": 2}
+    )
+    rows, rejects, _ = generate_prompts(SEEDS, config, scripted_teacher(script))
     assert len(rows) + len(rejects) == 5
     assert all(row.strategy == "self_instruct" for row in rows)
     assert {row.parent_id for row in rows} <= {seed.id for seed in SEEDS}
@@ -182,11 +225,15 @@ def test_self_instruct_shows_examples_and_rejects_copies_of_them():
 
 def test_teacher_strategies_are_deterministic_given_the_same_answers():
     config = PromptsConfig(
-        num_prompts=40, strategies={"seed": 1, "edge_case": 1, "evolve": 1, "self_instruct": 0.5}, random_seed=3
+        num_prompts=40,
+        strategies={"seed": 1, "edge_case": 1, "evolve": 1, "self_instruct": 0.5},
+        random_seed=3,
     )
 
     def script(content: str) -> TeacherAnswer:
-        return ok(f"<prompt>Take this further, step {len(content)}: compare options and justify.</prompt>")
+        return ok(
+            f"<prompt>Take this further, step {len(content)}: compare options and justify.</prompt>"
+        )
 
     first = generate_prompts(SEEDS, config, scripted_teacher(script))
     second = generate_prompts(list(reversed(SEEDS)), config, scripted_teacher(script))
@@ -225,11 +272,19 @@ def test_evolve_through_the_test_server_with_faults_and_the_ledger(port, tmp_pat
     ]
     # `breadth`: the scripted new prompt sits inside its parent, so an in-depth rewrite would
     # (rightly) be rejected for adding no new words.
-    config = PromptsConfig(num_prompts=8, strategies={"evolve": 1.0}, evolve={"operations": ["breadth"], "max_rounds": 1})
+    config = PromptsConfig(
+        num_prompts=8,
+        strategies={"evolve": 1.0},
+        evolve={"operations": ["breadth"], "max_rounds": 1},
+    )
     fake = FaultyOpenAIServer(api_key="k")
     with ServerThread(fake, port) as server:
         teacher_config = TeacherConfig(
-            base_url=server.base_url, model="test-teacher", api_key_env=None, timeout_s=5.0, max_retries=3
+            base_url=server.base_url,
+            model="test-teacher",
+            api_key_env=None,
+            timeout_s=5.0,
+            max_retries=3,
         )
 
         def run():
@@ -245,7 +300,10 @@ def test_evolve_through_the_test_server_with_faults_and_the_ledger(port, tmp_pat
         requests_first_run = fake.total_requests
         again = run()
 
-    assert sorted(row.prompt for row in rows) == [new_prompt, "Name three rivers longer than 5000 km."]
+    assert sorted(row.prompt for row in rows) == [
+        new_prompt,
+        "Name three rivers longer than 5000 km.",
+    ]
     assert all(row.strategy == "evolve:breadth" for row in rows)
     by_parent = {reject.parent_id: reject.reason for reject in rejects}
     seed_ids = {seed.prompt.split(".")[0]: seed.id for seed in seeds}

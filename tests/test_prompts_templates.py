@@ -6,7 +6,12 @@ import jinja2
 import pytest
 
 from prompts.config import EVOLVE_OPERATIONS
-from prompts.teacher_driven import TEMPLATES_DIR, evolve_messages, render_template, self_instruct_messages
+from prompts.teacher_driven import (
+    TEMPLATES_DIR,
+    evolve_messages,
+    render_template,
+    self_instruct_messages,
+)
 
 OUTPUT_FORMAT = (
     "Reply with the new prompt only, written between a line <prompt> and a line </prompt>:\n"
@@ -40,7 +45,9 @@ def in_depth(method: str) -> str:
 
 
 EXPECTED = {
-    "evolve_add_constraints": in_depth("add one more constraint or requirement that the answer must satisfy."),
+    "evolve_add_constraints": in_depth(
+        "add one more constraint or requirement that the answer must satisfy."
+    ),
     "evolve_deepen": in_depth(
         "increase the depth and breadth of the inquiry: ask about causes, trade-offs or consequences "
         "of the specific issue it raises."
@@ -137,7 +144,10 @@ def test_evolve_template_renders_exactly(name):
 
 
 def test_self_instruct_template_renders_exactly():
-    assert render_template("self_instruct", examples=[PARENT, "What is 23 + 19?"]) == SELF_INSTRUCT_EXPECTED
+    assert (
+        render_template("self_instruct", examples=[PARENT, "What is 23 + 19?"])
+        == SELF_INSTRUCT_EXPECTED
+    )
 
 
 def test_every_operation_and_every_template_file_is_covered():
@@ -147,7 +157,9 @@ def test_every_operation_and_every_template_file_is_covered():
 
 
 def test_requests_are_one_user_message_with_the_rendered_template():
-    assert evolve_messages("deepen", PARENT) == [{"role": "user", "content": EXPECTED["evolve_deepen"]}]
+    assert evolve_messages("deepen", PARENT) == [
+        {"role": "user", "content": EXPECTED["evolve_deepen"]}
+    ]
     assert self_instruct_messages([PARENT, "What is 23 + 19?"]) == [
         {"role": "user", "content": SELF_INSTRUCT_EXPECTED}
     ]

@@ -14,7 +14,9 @@ from prompts.config import EdgeCaseConfig
 # Integers and decimals that are not part of a word (so "GPT4" or "v2" stay untouched).
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w])")
 # Two or more numbers separated by commas / "and": a collection of values.
-NUMBER_LIST = re.compile(r"-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)+(?:,?\s*(?:and|or)\s*-?\d+(?:\.\d+)?)?")
+NUMBER_LIST = re.compile(
+    r"-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)+(?:,?\s*(?:and|or)\s*-?\d+(?:\.\d+)?)?"
+)
 
 
 def _replace_numbers(text: str, values: list[str]) -> str | None:
@@ -35,12 +37,22 @@ def carries(text: str, rng: random.Random, config: EdgeCaseConfig) -> str | None
     """Numbers whose sum, difference or product carries through every digit (9999 + 1)."""
     digits = rng.randint(3, 12)
     nines = "9" * digits
-    return _replace_numbers(text, rng.choice(([nines, "1"], ["1" + "0" * digits, "1"], [nines, nines])))
+    return _replace_numbers(
+        text, rng.choice(([nines, "1"], ["1" + "0" * digits, "1"], [nines, nines]))
+    )
 
 
 def overflow(text: str, rng: random.Random, config: EdgeCaseConfig) -> str | None:
     """Values at and just past fixed-width integer limits (2**31 - 1, 2**63, 2**64)."""
-    limits = [str(2**31 - 1), str(2**31), str(2**32), str(2**63 - 1), str(2**63), str(2**64), str(-(2**63))]
+    limits = [
+        str(2**31 - 1),
+        str(2**31),
+        str(2**32),
+        str(2**63 - 1),
+        str(2**63),
+        str(2**64),
+        str(-(2**63)),
+    ]
     first = rng.choice(limits)
     return _replace_numbers(text, [first, rng.choice(("1", "2", first))])
 
@@ -65,13 +77,18 @@ def off_by_one(text: str, rng: random.Random, config: EdgeCaseConfig) -> str | N
 
 def zero_and_negative(text: str, rng: random.Random, config: EdgeCaseConfig) -> str | None:
     """Zero (including as a divisor) and negative values in place of the seed's numbers."""
-    return _replace_numbers(text, rng.choice((["0"], ["-7", "0"], ["0", "-0"], ["-1", "-1"], ["12", "0"])))
+    return _replace_numbers(
+        text, rng.choice((["0"], ["-7", "0"], ["0", "-0"], ["-1", "-1"], ["12", "0"]))
+    )
 
 
 def precision(text: str, rng: random.Random, config: EdgeCaseConfig) -> str | None:
     """Decimals that are inexact in binary floating point, and very small or large magnitudes."""
     return _replace_numbers(
-        text, rng.choice((["0.1", "0.2"], ["1e-16", "1"], ["0.3", "0.1"], ["1.005", "100"], ["1e16", "1"]))
+        text,
+        rng.choice(
+            (["0.1", "0.2"], ["1e-16", "1"], ["0.3", "0.1"], ["1.005", "100"], ["1e16", "1"])
+        ),
     )
 
 

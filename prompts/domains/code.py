@@ -33,7 +33,7 @@ def empty_collections(text: str, rng: random.Random, config: EdgeCaseConfig) -> 
         text,
         rng,
         (
-            "It must work when the input is empty ([], \"\" or {}).",
+            'It must work when the input is empty ([], "" or {}).',
             "What should happen when the input list is empty? Handle that case explicitly.",
             "Include a test where the input collection has no elements.",
         ),
