@@ -1,0 +1,220 @@
+"""Teacher throughput: a bare AsyncOpenAI loop vs `distill build`, same server, same run.
+
+A local OpenAI-compatible server (tests/openai_server.py) answers every request after a
+fixed latency (default 50 ms) with unlimited capacity. Each side runs in its own process
+so its peak RSS is its own:
+
+  (a) bare:  `openai.AsyncOpenAI` + an asyncio.Semaphore(concurrency), answers kept in a list
+  (b) build: the `build_dataset` flow end to end (seeds → prompts → filters → teacher with
+             ledger → response filters → Parquet + manifest) against a running Prefect
+             server; also the wall time of the whole `distill build` CLI process.
+
+    python bench/teacher_throughput.py [--prompts 20000] [--concurrency 64] [--latency-ms 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+API_KEY = "bench-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompts_for(n: int) -> list[str]:
+    """n distinct prompts of random words (seeded), far apart in Jaccard similarity."""
+    import random
+
+    rng = random.Random(1234)
+    vocabulary = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "po", "ru", "si", "ta", "vu", "ze")
+                  for b in ("bar", "cen", "dol", "fim", "gor", "hup", "jex", "kal", "mon", "nix",
+                            "pes", "quo", "rad", "sul", "tiv", "urb", "vek", "wol", "yan", "zop")]
+    return [f"Prompt {i}: " + " ".join(rng.choice(vocabulary) for _ in range(14)) + "?" for i in range(n)]
+
+
+# -- (a) bare loop ----------------------------------------------------------------------------
+
+
+async def bare_loop(base_url: str, prompts: list[str], concurrency: int) -> int:
+    import openai
+
+    semaphore = asyncio.Semaphore(concurrency)
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=120) as client:
+
+        async def one(prompt: str) -> str:
+            async with semaphore:
+                response = await client.chat.completions.create(
+                    model="test-teacher", messages=[{"role": "user", "content": prompt}], temperature=0.7, max_tokens=512
+                )
+                return response.choices[0].message.content
+
+        answers = await asyncio.gather(*(one(p) for p in prompts))
+    return sum(1 for a in answers if a)
+
+
+def run_bare(args: argparse.Namespace) -> dict:
+    prompts = prompts_for(args.prompts)
+    started = time.perf_counter()
+    answered = asyncio.run(bare_loop(args.base_url, prompts, args.concurrency))
+    elapsed = time.perf_counter() - started
+    return {"answered": answered, "elapsed_s": elapsed, "peak_rss_mb": peak_rss_mb()}
+
+
+# -- (b) distill build --------------------------------------------------------------------------
+
+
+def write_build_config(workdir: Path, base_url: str, n: int, concurrency: int) -> Path:
+    import yaml
+
+    seeds = workdir / "seeds.jsonl"
+    with open(seeds, "w") as handle:
+        for prompt in prompts_for(n):
+            handle.write(json.dumps({"prompt": prompt}) + "\n")
+    config = {
+        "name": "bench-throughput",
+        "output_dir": str(workdir / "out"),
+        "seeds": [{"path": str(seeds)}],
+        "prompts": {"num_prompts": n, "strategies": {"seed": 1.0, "edge_case": 0.0, "adversarial": 0.0, "evolve": 0.0}},
+        "teacher": {
+            "backend": "openai",
+            "base_url": base_url,
+            "model": "test-teacher",
+            "api_key_env": "BENCH_API_KEY",
+            "max_concurrency": concurrency,
+            "generation": {"temperature": 0.7, "max_tokens": 512},
+        },
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_build(args: argparse.Namespace) -> dict:
+    from distillflow.config import load_config
+    from flows.build import build_dataset
+
+    config = load_config(args.config)
+    started = time.perf_counter()
+    manifest = build_dataset(config)
+    elapsed = time.perf_counter() - started
+    return {
+        "answered": manifest["counts"]["teacher_answered"],
+        "accepted": manifest["counts"]["accepted"],
+        "elapsed_s": elapsed,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def child(mode: str, extra: list[str], env: dict[str, str]) -> dict:
+    command = [sys.executable, __file__, "--child", mode, *extra]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--child", choices=["bare", "build"], help=argparse.SUPPRESS)
+    parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child == "bare":
+        print(json.dumps(run_bare(args)))
+        return
+    if args.child == "build":
+        print(json.dumps(run_build(args)))
+        return
+
+    workdir = Path(tempfile.mkdtemp(prefix="distill-bench-"))
+    env = {**os.environ, "BENCH_API_KEY": API_KEY, "PREFECT_HOME": str(workdir / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    server_port, prefect_port = free_port(), free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "openai_server.py"), "--port", str(server_port),
+             "--api-key", API_KEY, "--latency-ms", str(args.latency_ms), "--no-record"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+            env={**env, "PREFECT_UI_ENABLED": "false"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+    ]
+    try:
+        base_url = f"http://127.0.0.1:{server_port}/v1"
+        wait_http(f"http://127.0.0.1:{server_port}/health")
+        wait_http(f"http://127.0.0.1:{prefect_port}/api/health")
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
+        config = write_build_config(workdir, base_url, args.prompts, args.concurrency)
+
+        print(f"{args.prompts} prompts, concurrency {args.concurrency}, server latency {args.latency_ms:.0f} ms")
+        # Warm both paths once (imports, connection set-up) on a small run.
+        child("bare", ["--prompts", "500", "--concurrency", str(args.concurrency), "--base-url", base_url], env)
+        bare = child("bare", ["--prompts", str(args.prompts), "--concurrency", str(args.concurrency),
+                              "--base-url", base_url], env)
+        build = child("build", ["--config", str(config)], env)
+        assert build["answered"] == args.prompts == bare["answered"], (bare, build)
+
+        # The whole CLI process too (interpreter start, imports, flow), on a fresh output dir.
+        cli_config = write_build_config(workdir / "cli", base_url, args.prompts, args.concurrency) \
+            if (workdir / "cli").mkdir() is None else None
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "distillflow.cli", "build", str(cli_config)], env=env, check=True,
+                       capture_output=True, timeout=1800)
+        cli_elapsed = time.perf_counter() - started
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
+
+    bare_rate = args.prompts / bare["elapsed_s"]
+    build_rate = args.prompts / build["elapsed_s"]
+    cli_rate = args.prompts / cli_elapsed
+    print(f"(a) bare AsyncOpenAI loop : {bare_rate:8.1f} prompts/s  ({bare['elapsed_s']:.1f} s, peak RSS {bare['peak_rss_mb']:.0f} MB)")
+    print(f"(b) distill build (flow)  : {build_rate:8.1f} prompts/s  ({build['elapsed_s']:.1f} s, peak RSS {build['peak_rss_mb']:.0f} MB)")
+    print(f"    distill build (CLI)   : {cli_rate:8.1f} prompts/s  ({cli_elapsed:.1f} s incl. interpreter start and imports)")
+    print(f"ratio b/a (flow)          : {build_rate / bare_rate:.3f}   (target >= 0.95)")
+    print(f"ratio b/a (CLI process)   : {cli_rate / bare_rate:.3f}")
+
+
+if __name__ == "__main__":
+    main()
