@@ -132,6 +132,13 @@ class EvolveConfig(_Strict):
     max_prompt_chars: int = Field(
         8000, ge=16, description="A rewritten prompt longer than this is rejected (`too_long`)."
     )
+    breadth_max_similarity: float = Field(
+        0.7,
+        gt=0.0,
+        le=1.0,
+        description="A `breadth` prompt whose ROUGE-L F1 with its parent is above this is "
+        "rejected (`too_similar`): in-breadth must ask something new; 1.0 turns it off.",
+    )
 
     @field_validator("operations")
     @classmethod
@@ -145,6 +152,13 @@ class SelfInstructConfig(_Strict):
     )
     max_prompt_chars: int = Field(
         8000, ge=16, description="A new prompt longer than this is rejected (`too_long`)."
+    )
+    max_similarity: float = Field(
+        0.7,
+        gt=0.0,
+        le=1.0,
+        description="A new prompt whose ROUGE-L F1 with any example is above this is rejected "
+        "(`too_similar`), as in Self-Instruct; 1.0 turns the check off.",
     )
 
 

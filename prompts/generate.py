@@ -223,6 +223,7 @@ def _evolve_family(
                 [parent.prompt],
                 settings.max_prompt_chars,
                 require_new_words=op in IN_DEPTH_OPERATIONS,
+                max_similarity=settings.breadth_max_similarity if op == "breadth" else 1.0,
             )
             if parsed.reason is not None:
                 rejects.append(reject_for(messages, strategy, parent.id, parsed, answer))
@@ -274,6 +275,7 @@ def _self_instruct_family(
             [example.prompt for example in examples],
             settings.max_prompt_chars,
             require_new_words=False,
+            max_similarity=settings.max_similarity,
         )
         if parsed.reason is not None:
             rejects.append(reject_for(messages, "self_instruct", parent_id, parsed, answer))

@@ -109,6 +109,24 @@ def content_words(text: str) -> set[str]:
     return {word for word in normalize(text).split() if word not in _STOPWORDS}
 
 
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over normalized words: 2PR/(P+R) from the longest common subsequence."""
+    a, b = normalize(candidate).split(), normalize(reference).split()
+    if not a or not b:
+        return 0.0
+    previous = [0] * (len(b) + 1)  # LCS lengths of a[:i] with every prefix of b
+    for word in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
 @dataclass(frozen=True, slots=True)
 class Parsed:
     """The outcome of parsing one teacher answer: a prompt, or a reject reason + detail."""
@@ -123,11 +141,13 @@ def parse_generated_prompt(
     parents: Sequence[str],
     max_chars: int,
     require_new_words: bool,
+    max_similarity: float = 1.0,
 ) -> Parsed:
     """Extract the new prompt from a teacher answer, strictly.
 
     `parents`: the prompt(s) it was made from (a copy of any is `copy_of_parent`);
-    `require_new_words`: in-depth rewrites must add at least one content word.
+    `require_new_words`: in-depth rewrites must add at least one content word;
+    `max_similarity`: reject when ROUGE-L F1 with any parent is above it (1.0 = off).
     """
     if answer.error is not None:
         return Parsed(None, answer.error, answer.error_detail or "")
@@ -166,6 +186,12 @@ def parse_generated_prompt(
         return Parsed(
             prompt, "no_new_information", "adds no content word to the prompt it rewrites"
         )
+    if max_similarity < 1.0:
+        for parent in parents:
+            similarity = rouge_l(prompt, parent)
+            if similarity > max_similarity:
+                detail = f"ROUGE-L {similarity:.2f} > {max_similarity} with its source"
+                return Parsed(prompt, "too_similar", detail)
     return Parsed(prompt)
 
 

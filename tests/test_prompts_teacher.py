@@ -15,7 +15,7 @@ from distillflow.config import TeacherConfig
 from distillflow.records import PromptRecord, TeacherAnswer
 from prompts import generate_prompts
 from prompts.config import PromptsConfig
-from prompts.teacher_driven import parse_generated_prompt
+from prompts.teacher_driven import parse_generated_prompt, rouge_l
 from storage.ledger import Ledger
 from tasks.teacher import OpenAITeacher, answer_requests
 from tests.openai_server import FaultyOpenAIServer, ServerThread
@@ -92,6 +92,25 @@ def test_a_good_answer_is_parsed_strictly_from_its_block():
     )
 
 
+def test_rouge_l_on_known_pairs():
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("a b c d", "e f") == 0.0
+    # LCS("a b c d", "a x c") = 2 → P = 2/4, R = 2/3, F1 = 4/7.
+    assert rouge_l("a b c d", "a x c") == pytest.approx(4 / 7)
+    assert rouge_l("", "a") == 0.0
+
+
+def test_a_new_prompt_too_close_to_its_source_is_too_similar():
+    answer = ok("<prompt>Explain briefly why the sky is blue.</prompt>")
+    parsed = parse_generated_prompt(answer, [PARENT], 8000, False, max_similarity=0.7)
+    assert parsed.reason == "too_similar"
+    assert parse_generated_prompt(answer, [PARENT], 8000, False, max_similarity=1.0).reason is None
+    different = ok("<prompt>Why do sunsets on Mars look blue rather than red?</prompt>")
+    assert (
+        parse_generated_prompt(different, [PARENT], 8000, False, max_similarity=0.7).reason is None
+    )
+
+
 def test_a_user_style_prompt_that_starts_with_i_cannot_is_not_a_refusal():
     answer = ok(
         "<prompt>I cannot get my Python loop to stop; why does `while x > 0: x += 1` never end?</prompt>"
@@ -161,7 +180,7 @@ def test_garbage_answers_become_rejects_with_strategy_parent_and_reason():
         ),
         "Write a haiku about autumn rain.": ok("<prompt>write a HAIKU about autumn rain</prompt>"),
         "List the planets of the solar system.": ok(
-            "<prompt>List the planets of the solar system, with moons.</prompt>"
+            "<prompt>Which moon has the thickest atmosphere, and why?</prompt>"
         ),
     }
     config = PromptsConfig(
@@ -171,7 +190,7 @@ def test_garbage_answers_become_rejects_with_strategy_parent_and_reason():
     )
     complete = scripted_teacher(lambda content: answers[ORIGINAL.search(content).group(1)])
     rows, rejects, report = generate_prompts(SEEDS, config, complete)
-    assert [row.prompt for row in rows] == ["List the planets of the solar system, with moons."]
+    assert [row.prompt for row in rows] == ["Which moon has the thickest atmosphere, and why?"]
     by_parent = {reject.parent_id: reject for reject in rejects}
     seed_id = {seed.prompt: seed.id for seed in SEEDS}
     assert by_parent[seed_id["Explain why the sky is blue."]].reason == "unparseable"
@@ -256,7 +275,7 @@ def fast_backoff(monkeypatch):
 
 
 def test_evolve_through_the_test_server_with_faults_and_the_ledger(port, tmp_path, fast_backoff):
-    new_prompt = "Explain why the sky is blue at noon and red at sunset, step by step."
+    new_prompt = "Why do sunsets on Mars look blue rather than red?"
     seeds = [
         PromptRecord.make(text, "seed")
         for text in (
@@ -300,10 +319,7 @@ def test_evolve_through_the_test_server_with_faults_and_the_ledger(port, tmp_pat
         requests_first_run = fake.total_requests
         again = run()
 
-    assert sorted(row.prompt for row in rows) == [
-        new_prompt,
-        "Name three rivers longer than 5000 km.",
-    ]
+    assert {row.prompt for row in rows} == {new_prompt, "Name three rivers longer than 5000 km."}
     assert all(row.strategy == "evolve:breadth" for row in rows)
     by_parent = {reject.parent_id: reject.reason for reject in rejects}
     seed_ids = {seed.prompt.split(".")[0]: seed.id for seed in seeds}
