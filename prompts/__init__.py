@@ -6,6 +6,13 @@ plain script) can call it.
 
 from prompts.diversity import prompt_diversity_summary
 from prompts.generate import generate_prompts
+from prompts.report import report_markdown, report_table
 from prompts.teacher_driven import CompleteFn
 
-__all__ = ["CompleteFn", "generate_prompts", "prompt_diversity_summary"]
+__all__ = [
+    "CompleteFn",
+    "generate_prompts",
+    "prompt_diversity_summary",
+    "report_markdown",
+    "report_table",
+]

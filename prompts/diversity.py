@@ -24,10 +24,11 @@ def words(text: str) -> list[str]:
 
 def distinct_n(texts: Iterable[str], n: int) -> float:
     """Unique n-grams / all n-grams over the whole set (Li et al., 2016); 0.0 when none."""
-    return _distinct([words(text) for text in texts], (n,))[n]
+    return distinct_orders([words(text) for text in texts], (n,))[n]
 
 
-def _distinct(token_lists: Sequence[list[str]], orders: Sequence[int]) -> dict[int, float]:
+def distinct_orders(token_lists: Sequence[list[str]], orders: Sequence[int]) -> dict[int, float]:
+    """distinct-n for each n in `orders`, over already tokenized texts."""
     out = {}
     for n in orders:
         seen: set[tuple[str, ...]] = set()
@@ -78,7 +79,7 @@ def prompt_diversity_summary(records: Sequence[PromptRecord] | Sequence[str]) ->
     token_lists = [words(text) for text in texts]
     char_lengths = [len(text) for text in texts]
     word_lengths = [len(tokens) for tokens in token_lists]
-    distinct = _distinct(token_lists, (1, 2, 3))
+    distinct = distinct_orders(token_lists, (1, 2, 3))
     return {
         "count": len(texts),
         "unique_prompts": len(set(texts)),

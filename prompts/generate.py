@@ -16,16 +16,15 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from distillflow.records import PromptRecord, Reject
 from prompts.adversarial import ADVERSARIAL
 from prompts.config import FAMILIES, PromptsConfig
-from prompts.diversity import per_strategy_counts, prompt_diversity_summary
 from prompts.domains import DOMAIN_EDGE_CASES
 from prompts.edge_cases import EDGE_CASES
+from prompts.report import generation_report
 from prompts.teacher_driven import (
     IN_DEPTH_OPERATIONS,
     CompleteFn,
@@ -371,30 +370,3 @@ def generate_prompts(
 
     report = generation_report(config, quotas, rows, rejects, teacher_requests, len(seed_rows))
     return rows, rejects, report
-
-
-def generation_report(
-    config: PromptsConfig,
-    quotas: dict[str, int],
-    rows: Sequence[PromptRecord],
-    rejects: Sequence[Reject],
-    teacher_requests: int,
-    num_seeds: int,
-) -> dict[str, Any]:
-    """Counts per strategy and family, reject reasons, and the diversity of the set."""
-    families = Counter(row.strategy.split(":", 1)[0] for row in rows)
-    produced = len(rows) + len(rejects)
-    return {
-        "target": config.num_prompts,
-        "num_seeds": num_seeds,
-        "allocation": dict(quotas),
-        "generated": len(rows),
-        "rejected": len(rejects),
-        "shortfall": max(0, config.num_prompts - produced),
-        "teacher_requests": teacher_requests,
-        "per_family": {family: families.get(family, 0) for family in FAMILIES if family in quotas},
-        "per_strategy": per_strategy_counts(rows),
-        "rejects_per_strategy": dict(sorted(Counter(r.strategy for r in rejects).items())),
-        "rejects_per_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
-        "diversity": prompt_diversity_summary(rows),
-    }

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from distillflow.records import PromptRecord
-from prompts import generate_prompts, prompt_diversity_summary
+from distillflow.records import PromptRecord, TeacherAnswer
+from prompts import generate_prompts, prompt_diversity_summary, report_markdown, report_table
 from prompts.adversarial import (
     ADVERSARIAL,
     DISTRACTORS,
@@ -488,3 +488,19 @@ def test_every_generator_copes_with_odd_seeds(severity):
     for (function, settings), text in itertools.product(generators, ODD_SEEDS):
         result = function(text, random.Random(0), settings)
         assert result is None or isinstance(result, str)
+
+
+def test_report_table_and_markdown_for_artifacts():
+    def script(requests):
+        return [TeacherAnswer("no prompt block here", "stop", "m") for _ in requests]
+
+    config = PromptsConfig(num_prompts=60, strategies={"seed": 1, "edge_case": 1, "evolve": 0.5})
+    rows, rejects, report = generate_prompts(SEEDS, config, script)
+    table = report_table(report)
+    assert sum(row["generated"] for row in table) == len(rows)
+    assert sum(row["rejected"] for row in table) == len(rejects) == report["allocation"]["evolve"]
+    assert {row["family"] for row in table} == {"seed", "edge_case", "evolve"}
+    markdown = report_markdown(report)
+    assert markdown.startswith(f"**{len(rows)}** prompts generated, **{len(rejects)}** rejected")
+    assert "| edge_case:unicode |" in markdown and "unparseable: " in markdown
+    assert set(report["diversity_per_family"]) == {"seed", "edge_case"}

@@ -1,0 +1,105 @@
+"""The generation report: counts per strategy and reason, and the diversity of the set.
+
+`generation_report` is what `generate_prompts` returns as its third value (it goes into the
+manifest); `report_table` and `report_markdown` turn it into rows / Markdown for a flow's
+artifacts or a CLI summary.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from distillflow.records import PromptRecord, Reject
+from prompts.config import FAMILIES, PromptsConfig
+from prompts.diversity import distinct_orders, per_strategy_counts, prompt_diversity_summary, words
+
+
+def family_of(strategy: str) -> str:
+    """`edge_case:unicode` → `edge_case`; `seed` → `seed`."""
+    return strategy.split(":", 1)[0]
+
+
+def generation_report(
+    config: PromptsConfig,
+    quotas: dict[str, int],
+    rows: Sequence[PromptRecord],
+    rejects: Sequence[Reject],
+    teacher_requests: int,
+    num_seeds: int,
+) -> dict[str, Any]:
+    """Counts per strategy and family, reject reasons, and the diversity of the set.
+
+    `shortfall`: how far rows + rejects fall short of `num_prompts` (e.g. fewer seeds than
+    the seed share, or strategies that ran out of new prompts).
+    """
+    families = Counter(family_of(row.strategy) for row in rows)
+    by_family: dict[str, list[list[str]]] = defaultdict(list)
+    for row in rows:
+        by_family[family_of(row.strategy)].append(words(row.prompt))
+    family_diversity = {}
+    for family in FAMILIES:
+        if family in by_family:
+            token_lists = by_family[family]
+            lengths = sorted(len(tokens) for tokens in token_lists)
+            family_diversity[family] = {
+                "distinct_2": round(distinct_orders(token_lists, (2,))[2], 6),
+                "median_words": lengths[(len(lengths) - 1) // 2],
+            }
+    produced = len(rows) + len(rejects)
+    return {
+        "target": config.num_prompts,
+        "num_seeds": num_seeds,
+        "allocation": dict(quotas),
+        "generated": len(rows),
+        "rejected": len(rejects),
+        "shortfall": max(0, config.num_prompts - produced),
+        "teacher_requests": teacher_requests,
+        "per_family": {family: families.get(family, 0) for family in FAMILIES if family in quotas},
+        "per_strategy": per_strategy_counts(rows),
+        "rejects_per_strategy": dict(sorted(Counter(r.strategy for r in rejects).items())),
+        "rejects_per_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
+        "diversity": prompt_diversity_summary(rows),
+        "diversity_per_family": family_diversity,
+    }
+
+
+def report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per strategy: `strategy`, `family`, `generated`, `rejected` (sorted by name)."""
+    generated = report["per_strategy"]
+    rejected = report["rejects_per_strategy"]
+    return [
+        {
+            "strategy": strategy,
+            "family": family_of(strategy),
+            "generated": generated.get(strategy, 0),
+            "rejected": rejected.get(strategy, 0),
+        }
+        for strategy in sorted(set(generated) | set(rejected))
+    ]
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """A short Markdown summary: totals, the per-strategy table, diversity, reject reasons."""
+    diversity = report["diversity"]
+    chars = diversity["chars"]
+    totals = (
+        f"**{report['generated']}** prompts generated, **{report['rejected']}** rejected "
+        f"(target {report['target']}, shortfall {report['shortfall']}, "
+        f"{report['teacher_requests']} teacher requests, {report['num_seeds']} seeds)."
+    )
+    spread = (
+        f"distinct-1/2/3: {diversity['distinct_1']:.3f} / {diversity['distinct_2']:.3f} / "
+        f"{diversity['distinct_3']:.3f}; characters p10/p50/p90: "
+        f"{chars.get('p10', 0)} / {chars.get('p50', 0)} / {chars.get('p90', 0)}"
+    )
+    lines = [totals, "", "| strategy | generated | rejected |", "|---|---:|---:|"]
+    lines += [
+        f"| {r['strategy']} | {r['generated']} | {r['rejected']} |" for r in report_table(report)
+    ]
+    lines += ["", spread]
+    if report["rejects_per_reason"]:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in report["rejects_per_reason"].items())
+        lines += ["", f"reject reasons: {reasons}"]
+    return "\n".join(lines) + "\n"
