@@ -1,0 +1,304 @@
+"""Near-duplicate detection: MinHash signatures + LSH banding + verified, deterministic clusters.
+
+Pipeline for N rows with K permutations (`num_perm`) split into B bands of R rows:
+
+1. `pack_texts`: normalise (NFKC, case-fold, punctuation → space, whitespace collapse) and
+   pack a batch into one UTF-8 byte buffer + offsets (pyarrow does the packing in C).
+2. `signatures`: a compiled kernel (numba) walks each row's shingles (character n-grams
+   over UTF-8 bytes, or word n-grams), hashes each shingle once to 64 bits, and keeps for
+   each of the K hash functions h_k(x) = (a_k·x + b_k) >> 32 (multiply-shift, a_k odd)
+   the minimum → (N, K) uint32. One call per batch, no Python per shingle.
+3. `band_keys`: each band's R values are hashed to one uint64 → (N, B).
+4. `candidate_pairs`: per band, rows with equal keys are candidates (found by sorting, not
+   by Python dicts); each bucket links every member to its first member and to its
+   predecessor.
+5. Verification: a candidate pair is kept when its estimated Jaccard similarity (fraction
+   of equal signature values) is ≥ the threshold, which removes LSH false positives.
+6. `resolve_clusters`: connected components of the verified pairs; every row of a
+   component is a duplicate of the component's first row in input order.
+
+Signatures depend only on a row's text, and steps 3-6 run once over all signatures, so
+the result is the same for every batch size and worker count. Memory: 4·K bytes per row
+(512 MB for 10^6 rows at K=128), plus 8·B bytes per row for band keys.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numba
+import numpy as np
+import pyarrow as pa
+
+from tasks.dedup import KEEP, resolve_clusters
+from tasks.filter_config import NearDedupConfig
+
+def fold_case(text: str) -> str:
+    """NFKC (skipped for ASCII, where it is the identity) then case-fold."""
+    return (text if text.isascii() else unicodedata.normalize("NFKC", text)).casefold()
+
+
+def near_dedup_normalize(text: str) -> str:
+    """The text the shingles are taken from: NFKC, case-fold, every run of ASCII
+    punctuation/whitespace/control characters → one space, stripped (the kernel does the
+    last step on bytes; this is the same rule in Python, for tests and debugging)."""
+    folded = fold_case(text)
+    return " ".join("".join(ch if not ch.isascii() or ch.isalnum() else " " for ch in folded).split())
+
+
+def pack_texts(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Case-folded texts packed into (data (L,) uint8, offsets (N+1,) int64) of UTF-8 bytes."""
+    array = pa.array([fold_case(text) for text in texts], type=pa.large_string())
+    _, offsets_buffer, data_buffer = array.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64, count=len(array) + 1)
+    offsets = offsets - offsets[0]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
+    return data, offsets
+
+
+# byte → itself, or 0 for a separator (ASCII punctuation, whitespace, control); bytes ≥ 128
+# (parts of non-ASCII characters) are kept
+_BYTE_CLASS = np.array(
+    [b if (b >= 128 or chr(b).isalnum()) else 0 for b in range(256)], dtype=np.uint8
+)
+
+
+@lru_cache(maxsize=16)
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Multipliers a (odd) and offsets b of the K hash functions h_k(x) = a_k·x + b_k mod 2^32,
+    each (K,) uint32 (a bijection on 32-bit values, as datasketch's `affine32` scheme)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
+    b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32)
+    return a, b
+
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_FNV_PRIME = np.uint64(0x100000001B3)
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_WORD_COMBINE = np.uint64(0x9E3779B97F4A7C15)
+_S27, _S30, _S31, _S32 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(32)
+_MAX32 = np.uint32(0xFFFFFFFF)
+
+
+@numba.njit(cache=True, inline="always")
+def _mix64(z):  # splitmix64 finaliser: a bijection on uint64 with full avalanche
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+@numba.njit(cache=True, inline="always")
+def _update(signature, shingle, a, b):
+    x = np.uint32(_mix64(shingle) >> _S32)
+    for k in range(a.shape[0]):  # vectorised by LLVM: 8 uint32 lanes per instruction
+        signature[k] = min(signature[k], np.uint32(a[k] * x + b[k]))
+
+
+@numba.njit(cache=True, nogil=True)
+def _signatures_kernel(data, offsets, byte_class, word_unit, n, a, b, out):
+    """out[row] = MinHash of row `row`'s shingles.
+
+    data (L,) uint8 case-folded UTF-8, offsets (N+1,) int64, byte_class (256,) uint8,
+    a, b (K,) uint32, out (N, K) uint32.
+    """
+    window = np.zeros(n, dtype=np.uint64)  # ring buffer of the last n word hashes
+    clean = np.empty(0, dtype=np.uint8)
+    for row in range(offsets.shape[0] - 1):
+        start, end = offsets[row], offsets[row + 1]
+        if clean.shape[0] < end - start:
+            clean = np.empty(2 * (end - start), dtype=np.uint8)
+        # separators → one space, runs collapsed, both ends stripped
+        length = 0
+        for j in range(start, end):
+            c = byte_class[data[j]]
+            if c != 0:
+                clean[length] = c
+                length += 1
+            elif length > 0 and clean[length - 1] != 32:
+                clean[length] = 32
+                length += 1
+        if length > 0 and clean[length - 1] == 32:
+            length -= 1
+        signature = out[row]
+        signature[:] = _MAX32
+        if not word_unit:
+            # character (UTF-8 byte) n-grams; a row shorter than n is one shingle
+            for i in range(max(1, length - n + 1)):
+                h = _FNV_OFFSET
+                for j in range(i, min(i + n, length)):
+                    h = (h ^ np.uint64(clean[j])) * _FNV_PRIME
+                _update(signature, h, a, b)
+        else:
+            # word n-grams; a row with fewer than n words is one shingle of all of them
+            words = 0
+            h = _FNV_OFFSET
+            for j in range(length + 1):
+                if j == length or clean[j] == 32:
+                    if j > 0:
+                        window[words % n] = _mix64(h)
+                        words += 1
+                        if words >= n:
+                            shingle = np.uint64(0)
+                            for t in range(words - n, words):
+                                shingle = (shingle ^ window[t % n]) * _WORD_COMBINE
+                            _update(signature, shingle, a, b)
+                    h = _FNV_OFFSET
+                else:
+                    h = (h ^ np.uint64(clean[j])) * _FNV_PRIME
+            if words < n:
+                shingle = np.uint64(0)
+                for t in range(words):
+                    shingle = (shingle ^ window[t]) * _WORD_COMBINE
+                _update(signature, shingle, a, b)
+
+
+def signatures(texts: Sequence[str], config: NearDedupConfig) -> np.ndarray:
+    """MinHash signatures of a batch of texts, (N, num_perm) uint32."""
+    data, offsets = pack_texts(texts)
+    a, b = permutations(config.num_perm, config.seed)
+    out = np.empty((len(texts), config.num_perm), dtype=np.uint32)
+    _signatures_kernel(data, offsets, _BYTE_CLASS, config.unit == "word", config.ngram, a, b, out)
+    return out
+
+
+# ---------------------------------------------------------------------------- LSH banding
+
+
+def _collision_probability(similarity: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """P(two rows with Jaccard s share at least one band) = 1 - (1 - s^r)^b."""
+    return 1.0 - (1.0 - similarity**rows) ** bands
+
+
+def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
+    """(bands, rows) with bands·rows ≤ num_perm minimising the weighted false-positive mass
+    ∫₀ᵗ P(s) ds plus false-negative mass ∫ₜ¹ (1 - P(s)) ds (the rule datasketch uses)."""
+    grid = np.linspace(0.0, 1.0, 2001)
+    best, best_error = (1, num_perm), np.inf
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            probability = _collision_probability(grid, bands, rows)
+            below = grid <= threshold
+            false_positive = np.trapezoid(probability[below], grid[below])
+            false_negative = np.trapezoid(1.0 - probability[~below], grid[~below])
+            error = fp_weight * false_positive + fn_weight * false_negative
+            if error < best_error - 1e-12:
+                best, best_error = (bands, rows), error
+    return best
+
+
+def banding(config: NearDedupConfig) -> tuple[int, int]:
+    if config.bands is not None:
+        return config.bands, config.num_perm // config.bands
+    return _cached_optimal_bands(config.threshold, config.num_perm)
+
+
+@lru_cache(maxsize=64)
+def _cached_optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    return optimal_bands(threshold, num_perm)
+
+
+def band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One uint64 key per (row, band): (N, K) uint32 → (N, bands) uint64."""
+    keys = np.zeros((signature.shape[0], bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            key = np.full(signature.shape[0], band, dtype=np.uint64)
+            for column in range(band * rows, (band + 1) * rows):
+                key = (key ^ signature[:, column].astype(np.uint64)) * _FNV_PRIME
+            key ^= key >> _S30
+            keys[:, band] = key * _M1
+    return keys
+
+
+def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs (left < right) from equal band keys, (E,) int64 each, without repeats.
+
+    Within each bucket (rows sharing a key in one band), every member is paired with the
+    bucket's first row and with its predecessor: 2 pairs per member instead of all
+    pairs, enough to connect the bucket.
+    """
+    num_rows = keys.shape[0]
+    lefts, rights = [], []
+    for band in range(keys.shape[1]):
+        order = np.argsort(keys[:, band], kind="stable")  # equal keys stay in input order
+        sorted_keys = keys[order, band]
+        same_as_previous = np.zeros(num_rows, dtype=bool)
+        same_as_previous[1:] = sorted_keys[1:] == sorted_keys[:-1]
+        positions = np.flatnonzero(same_as_previous)
+        if positions.size == 0:
+            continue
+        # first position of each bucket, for every position
+        bucket_start = np.where(same_as_previous, 0, np.arange(num_rows))
+        np.maximum.accumulate(bucket_start, out=bucket_start)
+        lefts += [order[bucket_start[positions]], order[positions - 1]]
+        rights += [order[positions], order[positions]]
+    if not lefts:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    left, right = np.concatenate(lefts).astype(np.int64), np.concatenate(rights).astype(np.int64)
+    pair = np.unique(np.minimum(left, right) * num_rows + np.maximum(left, right))
+    return pair // num_rows, pair % num_rows
+
+
+def estimated_jaccard(signature: np.ndarray, left: np.ndarray, right: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """Fraction of equal MinHash values per pair, (E,) float32."""
+    out = np.empty(len(left), dtype=np.float32)
+    for start in range(0, len(left), chunk):
+        stop = start + chunk
+        out[start:stop] = (signature[left[start:stop]] == signature[right[start:stop]]).mean(axis=1)
+    return out
+
+
+@dataclass(slots=True)
+class NearDuplicates:
+    """duplicate_of: (N,) int64, index of the kept row (-1 = keep); similarity: (N,) float32,
+    estimated Jaccard of each dropped row with its kept row (NaN for kept rows)."""
+
+    duplicate_of: np.ndarray
+    similarity: np.ndarray
+    candidate_pairs: int
+    verified_pairs: int
+
+
+def near_duplicates_from_signatures(signature: np.ndarray, config: NearDedupConfig) -> NearDuplicates:
+    """Steps 3-6 above over all signatures (N, K) uint32 of a dataset, in input order."""
+    bands, rows = banding(config)
+    left, right = candidate_pairs(band_keys(signature, bands, rows))
+    similarity = estimated_jaccard(signature, left, right)
+    verified = similarity >= config.threshold
+    duplicate_of = resolve_clusters(signature.shape[0], left[verified], right[verified])
+    dropped = np.flatnonzero(duplicate_of != KEEP)
+    to_kept = np.full(signature.shape[0], np.nan, dtype=np.float32)
+    to_kept[dropped] = estimated_jaccard(signature, dropped, duplicate_of[dropped])
+    return NearDuplicates(duplicate_of, to_kept, int(len(left)), int(verified.sum()))
+
+
+def near_duplicates(texts: Sequence[str], config: NearDedupConfig, batch_size: int = 65_536) -> NearDuplicates:
+    """Near-duplicates among `texts` (signatures computed batch by batch)."""
+    if len(texts) == 0:
+        return NearDuplicates(np.empty(0, np.int64), np.empty(0, np.float32), 0, 0)
+    signature = np.concatenate(
+        [signatures(texts[start : start + batch_size], config) for start in range(0, len(texts), batch_size)]
+    )
+    return near_duplicates_from_signatures(signature, config)
+
+
+def near_duplicate_details(result: NearDuplicates, threshold: float) -> dict[int, str]:
+    details = {}
+    for row in np.flatnonzero(result.duplicate_of != KEEP):
+        similarity = float(result.similarity[row])
+        note = "" if similarity >= threshold else " (linked through other near-duplicates)"
+        details[int(row)] = f"jaccard~{similarity:.2f} with kept row{note}"
+    return details
+
+
+def near_duplicate_stage(texts: Sequence[str], config: NearDedupConfig):  # noqa: ANN201 - StageResult
+    from tasks.filters import StageResult
+
+    result = near_duplicates(texts, config)
+    return StageResult(result.duplicate_of, result.duplicate_of != KEEP, near_duplicate_details(result, config.threshold))
