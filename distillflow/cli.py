@@ -70,6 +70,65 @@ def train(config: Path = typer.Argument(..., help="YAML config with a `training:
     train_command(config)
 
 
+@app.command()
+def inspect(
+    directory: Path = typer.Argument(..., help="A dataset directory written by `distill build`."),
+    samples: int = typer.Option(3, help="Sample rows to show from data/ and rejects/."),
+    seed: int = typer.Option(0, help="Seed of the sample."),
+) -> None:
+    """Summary, counts per strategy / reject reason, length histograms, samples."""
+    from storage.inspect import inspect_dataset
+
+    try:
+        typer.echo(inspect_dataset(directory, samples=samples, seed=seed))
+    except FileNotFoundError as error:
+        _fail(error)
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo dataset and student go."),
+    train: bool = typer.Option(True, "--train/--no-train", help="Also train a student."),
+) -> None:
+    """The whole pipeline on the embedded default (tiny local teacher), on CPU."""
+    from distillflow.config import ConfigError
+    from flows.demo import demo_command
+
+    try:
+        demo_command(workdir, train_student=train)
+    except ConfigError as error:
+        _fail(error)
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="YAML config (dataset, and training if present).")) -> None:
+    """All stages the config asks for (build → capture-logits → train) as one parent flow."""
+    from distillflow.config import ConfigError
+    from flows.pipeline import run_command
+    from tasks.teacher import TeacherFatalError
+
+    try:
+        run_command(config)
+    except (ConfigError, TeacherFatalError) as error:
+        _fail(error)
+
+
+@app.command()
+def serve(
+    configs: list[Path] = typer.Argument(..., help="One or more YAML configs to deploy."),
+    cron: Optional[str] = typer.Option(None, help="Cron schedule, e.g. '0 3 * * *'."),
+    interval_s: Optional[float] = typer.Option(None, help="Run every N seconds."),
+) -> None:
+    """Register Prefect deployments (build-dataset, distill-pipeline) and serve them."""
+    from distillflow.config import ConfigError
+    from flows.pipeline import serve_command
+
+    try:
+        serve_command(configs, cron=cron, interval_s=interval_s)
+    except ConfigError as error:
+        _fail(error)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,68 @@
+"""`distill run CONFIG`: build → (capture logits for kd_topk) → train, as one parent flow,
+and `distill serve`: the flows as Prefect deployments, with optional schedules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from distillflow.config import ConfigError, load_config
+from flows.build import build_dataset
+from tasks.teacher import resolve_api_key
+
+
+@flow(name="distill-pipeline")
+def run_pipeline(config_path: str) -> dict[str, Any]:
+    """Every stage the config asks for, each as a subflow visible in the UI."""
+    logger = get_run_logger()
+    config = load_config(config_path)
+    result: dict[str, Any] = {"dataset": build_dataset(config)["counts"]}
+    if config.training is None:
+        logger.info("no `training:` section: stopping after the dataset")
+        return result
+    if config.training.objective == "kd_topk" and getattr(config, "capture", None) is not None:
+        from flows.capture_logits import capture_logits_command
+
+        result["capture"] = capture_logits_command(config_path)
+    from flows.train import train
+
+    result["training"] = train(str(config_path))
+    return result
+
+
+def run_command(config_path: str | Path) -> dict[str, Any]:
+    config = load_config(config_path)
+    if config.teacher.backend == "openai":
+        resolve_api_key(config.teacher.api_key_env)
+    return run_pipeline(str(config_path))
+
+
+def serve_command(config_paths: list[Path], cron: str | None = None, interval_s: float | None = None) -> None:
+    """Register one `build-dataset` and one `distill-pipeline` deployment per config and serve
+    them until interrupted. The build deployment's parameter is the whole typed config, so the
+    UI's "Run" page shows it as a form (and the server rejects invalid values)."""
+    from prefect import serve
+
+    deployments = []
+    for path in config_paths:
+        # Only the NAME of the key's env var (or Secret block) is in the parameters; the
+        # process that serves the deployment needs the key in its environment.
+        config = load_config(path)
+        schedule: dict[str, Any] = {}
+        if cron:
+            schedule["cron"] = cron
+        elif interval_s:
+            schedule["interval"] = interval_s
+        deployments.append(
+            build_dataset.to_deployment(
+                name=config.name, parameters={"config": config.model_dump(mode="json")}, **schedule
+            )
+        )
+        deployments.append(
+            run_pipeline.to_deployment(name=config.name, parameters={"config_path": str(Path(path).resolve())}, **schedule)
+        )
+    if not deployments:
+        raise ConfigError("distill serve: give at least one config")
+    serve(*deployments)
