@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 import distillflow
@@ -256,6 +256,13 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         key=f"{_artifact_key(config.name)}-counts",
         table=table,
         description=f"{config.name}: rows per stage and reject reason",
+    )
+    from prompts.report import report_markdown
+
+    create_markdown_artifact(
+        key=f"{_artifact_key(config.name)}-prompts",
+        markdown=report_markdown(prompt_report),
+        description=f"{config.name}: prompts per strategy and their diversity",
     )
     logger.info("wrote %d rows (%d rejects) to %s", len(accepted), len(all_rejects), config.output_dir)
     return manifest
