@@ -254,3 +254,33 @@ def test_cli_wrong_key_fails_fast_with_a_clear_message(tmp_path, server, prefect
 def test_load_config_accepts_the_example_configs():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path, check_files=False)
+
+
+def test_mixed_strategies_are_traceable_to_their_seeds(prefect_harness, server, tmp_path):
+    from flows.build import build_command
+
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:20])
+    path = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", server.base_url)
+    config = yaml.safe_load(path.read_text())
+    config["prompts"] = {"num_prompts": 60, "strategies": {"seed": 1.0, "edge_case": 0.5, "adversarial": 0.5}}
+    config["filters"] = {}  # defaults: exact + near-duplicate dedup on
+    path.write_text(yaml.safe_dump(config))
+    manifest = build_command(path)
+
+    data = read_table(tmp_path / "out" / "data").to_pylist()
+    rejects = read_table(tmp_path / "out" / "rejects").to_pylist()
+    families = {row["strategy"].split(":")[0] for row in data}
+    assert {"seed", "edge_case", "adversarial"} <= families
+    seed_ids = {content_id(p) for p in GOOD[:20]}
+    for row in data + rejects:
+        if row["strategy"] != "seed":
+            assert row["parent_id"] in seed_ids, row
+    for row in rejects:
+        if row["reason"] in ("exact_duplicate", "near_duplicate"):
+            assert row["duplicate_of"], row
+    assert manifest["invariant"]["holds"]
+    assert set(manifest["prompt_report"]["per_strategy"]) >= {r["strategy"] for r in data}
+    # Same config, same prompts: a rebuild reproduces the dataset byte for byte.
+    again = build_command(path)
+    assert again["shards"]["data"][0]["sha256"] == manifest["shards"]["data"][0]["sha256"]
