@@ -93,10 +93,10 @@ class DiversityConfig(_Strict):
         description="Minimum rows kept per strategy family (`edge_case`) or exact strategy "
         "(`edge_case:unicode`), so edge cases are not crowded out.",
     )
-    embedding: Literal["semantic", "minhash"] = Field(
+    embedding: Literal["semantic", "hashed"] = Field(
         "semantic",
-        description="Space to cover: sentence embeddings (`semantic`) or a cheap hashed "
-        "bag-of-n-grams vector (`minhash`, no model needed).",
+        description="Space to cover: sentence embeddings (`semantic`, the semantic_dedup model) or "
+        "signed feature hashing of word 1-2-grams (`hashed`, no model needed).",
     )
     seed: int = Field(0, ge=0, description="Seed of the first centre when no quota fixes it.")
 

@@ -1,125 +1,217 @@
-"""The filtering stage of `distill build` as two plain functions.
+"""The filtering stage of `distill build` as plain functions.
 
 `filter_prompts` runs before the teacher is paid: decontamination, exact dedup, near-dup
 (MinHash) dedup, semantic dedup, diversity selection, in that order, each on the rows the
 previous one kept. `filter_responses` runs after: empty, truncated, length bounds,
 refusal, repetition, prompt echo, language.
 
-Both keep the input order of what they keep, and return one `Reject` per dropped row with
-a reason code (and, for duplicates, `duplicate_of` = the id of the kept row). The kept row
-of a duplicate cluster is the first in input order, so batch sizes and worker counts never
-change the result.
+Both keep the input order of what they keep and return one `Reject` per dropped row with a
+reason code (and, for duplicates, `duplicate_of` = the id of the kept row). The prompt side
+is split in two so it scales past one batch:
+
+- map, `prompt_features`: per batch, per row values (exact key, MinHash signature, eval
+  overlap). Each row's values depend only on its text, so batches can be computed in any
+  order, by any number of workers.
+- reduce, `resolve_prompt_filters`: one pass over the concatenated features of the whole
+  dataset decides every drop; the kept row of a duplicate cluster is the first in input
+  order. Hence the result never depends on batch size or worker count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from distillflow.records import PromptRecord, Reject
-from tasks.dedup import KEEP, exact_duplicates
+from tasks.dedup import KEEP, exact_keys, first_occurrence
 from tasks.filter_config import FiltersConfig
 from tasks.quality import ResponseChecker
 
 PROMPT_REASONS = ("contaminated", "exact_duplicate", "near_duplicate", "semantic_duplicate", "diversity")
 RESPONSE_REASONS = ("empty", "truncated", "too_short", "too_long", "refusal", "repetition", "prompt_echo", "language")
 
+TextsOf = Callable[[np.ndarray], list[str]]  # row indices -> their prompt texts
+Embed = Callable[[list[str]], np.ndarray]  # texts -> (n, D) float32, L2-normalised
+
 
 @dataclass(slots=True)
-class StageResult:
-    """What one prompt-side stage decided for the N rows it saw.
+class PromptFeatures:
+    """Per-row values of the prompt-side filters (None where a filter is off).
 
-    duplicate_of: (N,) int64, index (into the same N rows) of the kept row, -1 = keep.
-    dropped: (N,) bool, rows dropped for a reason that is not a duplicate (contaminated, diversity).
-    detail: per dropped row, a short human-readable detail.
+    exact_keys (N,) uint64; signatures (N, num_perm) uint32; overlap (N,) float32 =
+    fraction of the prompt's word n-grams found in the eval set.
     """
 
-    duplicate_of: np.ndarray
-    dropped: np.ndarray
-    detail: dict[int, str]
+    num_rows: int
+    exact_keys: np.ndarray | None = None
+    signatures: np.ndarray | None = None
+    overlap: np.ndarray | None = None
+
+    @staticmethod
+    def concat(parts: Sequence[PromptFeatures]) -> PromptFeatures:
+        def join(name: str) -> np.ndarray | None:
+            arrays = [getattr(part, name) for part in parts]
+            return None if not arrays or arrays[0] is None else np.concatenate(arrays)
+
+        return PromptFeatures(
+            num_rows=sum(part.num_rows for part in parts),
+            exact_keys=join("exact_keys"),
+            signatures=join("signatures"),
+            overlap=join("overlap"),
+        )
 
 
-def _duplicates_result(duplicate_of: np.ndarray, detail: dict[int, str] | None = None) -> StageResult:
-    return StageResult(duplicate_of, duplicate_of != KEEP, detail or {})
-
-
-def run_prompt_stages(texts: Sequence[str], strategies: Sequence[str], config: FiltersConfig, embed=None):  # noqa: ANN001, ANN201
-    """Run every enabled prompt-side stage over `texts`.
-
-    Yields nothing; returns (keep mask (N,) bool, list of (row, reason, detail, kept_row or -1)).
-    `embed` optionally replaces the sentence-embedding function (texts -> (n, d) float32,
-    L2-normalised), e.g. with a model already loaded.
-    """
-    num_rows = len(texts)
-    alive = np.arange(num_rows)  # indices of rows still kept, in input order
-    drops: list[tuple[int, str, str, int]] = []
-
-    def apply(reason: str, result: StageResult) -> None:
-        nonlocal alive
-        for local in np.flatnonzero(result.dropped):
-            kept_local = int(result.duplicate_of[local])
-            drops.append(
-                (
-                    int(alive[local]),
-                    reason,
-                    result.detail.get(int(local), ""),
-                    int(alive[kept_local]) if kept_local != KEEP else KEEP,
-                )
-            )
-        alive = alive[~result.dropped]
-
-    if config.decontamination.eval_files:
-        from tasks.decontam import contamination_stage
-
-        apply("contaminated", contamination_stage([texts[i] for i in alive], config.decontamination))
+def prompt_features(texts: Sequence[str], config: FiltersConfig) -> PromptFeatures:
+    """The map step over one batch of prompt texts."""
+    features = PromptFeatures(num_rows=len(texts))
     if config.exact_dedup:
-        duplicate_of = exact_duplicates(texts[i] for i in alive)
-        detail = {int(row): "normalised text equal" for row in np.flatnonzero(duplicate_of != KEEP)}
-        apply("exact_duplicate", _duplicates_result(duplicate_of, detail))
+        features.exact_keys = exact_keys(texts)
     if config.near_dedup.enabled:
-        from tasks.minhash import near_duplicate_stage
+        from tasks.minhash import signatures
 
-        apply("near_duplicate", near_duplicate_stage([texts[i] for i in alive], config.near_dedup))
+        features.signatures = signatures(texts, config.near_dedup)
+    if config.decontamination.eval_files:
+        from tasks.decontam import contaminated
+
+        features.overlap = contaminated(texts, config.decontamination)[1]
+    return features
+
+
+@dataclass(slots=True)
+class PromptDrop:
+    row: int  # index in the input
+    reason: str
+    detail: str
+    duplicate_of: int = KEEP  # index of the kept row, for duplicate reasons
+
+
+@dataclass(slots=True)
+class PromptDecisions:
+    keep: np.ndarray  # (N,) bool
+    drops: list[PromptDrop] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for drop in self.drops:
+            counts[drop.reason] = counts.get(drop.reason, 0) + 1
+        return counts
+
+
+def resolve_prompt_filters(
+    features: PromptFeatures,
+    texts_of: TextsOf,
+    strategies: Sequence[str],
+    config: FiltersConfig,
+    alive: np.ndarray | None = None,
+    embed: Embed | None = None,
+) -> PromptDecisions:
+    """The reduce step: decide every prompt-side drop over the whole dataset.
+
+    alive: row indices still in play (default: all), in input order; rows outside it are
+    neither kept nor reported (another stage already dropped them). texts_of: fetches prompt
+    texts for row indices (semantic dedup and diversity only). embed: replaces the
+    configured sentence-embedding model (e.g. one already loaded).
+    """
+    alive = np.arange(features.num_rows) if alive is None else np.asarray(alive, dtype=np.int64)
+    drops: list[PromptDrop] = []
+
+    def apply(reason: str, dropped: np.ndarray, duplicate_of: np.ndarray | None, details: dict[int, str]) -> None:
+        """dropped/duplicate_of are local to `alive`; record and shrink `alive`."""
+        nonlocal alive
+        for local in np.flatnonzero(dropped):
+            kept = KEEP if duplicate_of is None else int(alive[duplicate_of[local]])
+            drops.append(PromptDrop(int(alive[local]), reason, details.get(int(local), ""), kept))
+        alive = alive[~dropped]
+
+    if features.overlap is not None:
+        overlap = features.overlap[alive]
+        dropped = overlap >= config.decontamination.min_overlap
+        details = {
+            int(i): f"{overlap[i]:.2f} of word {config.decontamination.ngram}-grams found in the eval set"
+            for i in np.flatnonzero(dropped)
+        }
+        apply("contaminated", dropped, None, details)
+
+    if features.exact_keys is not None:
+        duplicate_of = first_occurrence(features.exact_keys[alive])
+        dropped = duplicate_of != KEEP
+        apply("exact_duplicate", dropped, duplicate_of, {int(i): "normalised text equal" for i in np.flatnonzero(dropped)})
+
+    if features.signatures is not None:
+        from tasks.minhash import near_duplicate_details, near_duplicates_from_signatures
+
+        result = near_duplicates_from_signatures(features.signatures[alive], config.near_dedup)
+        apply(
+            "near_duplicate",
+            result.duplicate_of != KEEP,
+            result.duplicate_of,
+            near_duplicate_details(result, config.near_dedup.threshold),
+        )
+
     embeddings = None
-    if config.semantic_dedup.enabled:
-        from tasks.semantic import embed_texts, semantic_duplicate_stage
+    if config.semantic_dedup.enabled or (config.diversity.keep is not None and config.diversity.embedding == "semantic"):
+        from tasks.semantic import embed_texts
 
         embed = embed or (lambda batch: embed_texts(batch, config.semantic_dedup))
-        embeddings = embed([texts[i] for i in alive])
-        result = semantic_duplicate_stage(embeddings, config.semantic_dedup)
-        apply("semantic_duplicate", result)
-        embeddings = embeddings[~result.dropped]
-    if config.diversity.keep is not None and config.diversity.keep < len(alive):
-        from tasks.diversity import diversity_stage
+    if config.semantic_dedup.enabled and len(alive) > 1:
+        from tasks.semantic import semantic_details, semantic_duplicates
 
-        apply(
-            "diversity",
-            diversity_stage(
-                [texts[i] for i in alive], [strategies[i] for i in alive], config, embeddings=embeddings, embed=embed
-            ),
-        )
-    keep = np.zeros(num_rows, dtype=bool)
+        embeddings = embed(texts_of(alive))
+        result = semantic_duplicates(embeddings, config.semantic_dedup)
+        dropped = result.duplicate_of != KEEP
+        apply("semantic_duplicate", dropped, result.duplicate_of, semantic_details(result, config.semantic_dedup.threshold))
+        embeddings = embeddings[~dropped]
+
+    diversity = config.diversity
+    if diversity.keep is not None and diversity.keep < len(alive):
+        from tasks.diversity import hashed_embeddings, nearest_kept_distance, select_diverse
+
+        if diversity.embedding == "hashed":
+            embeddings = hashed_embeddings(texts_of(alive))
+        elif embeddings is None:
+            embeddings = embed(texts_of(alive))
+        kept = select_diverse(embeddings, [strategies[i] for i in alive], diversity)
+        dropped = np.ones(len(alive), dtype=bool)
+        dropped[kept] = False
+        rows = np.flatnonzero(dropped)
+        distance = nearest_kept_distance(embeddings, kept, rows)
+        details = {
+            int(row): f"not among {diversity.keep} kept by {diversity.method}; cosine distance {d:.3f} to nearest kept"
+            for row, d in zip(rows, distance)
+        }
+        apply("diversity", dropped, None, details)
+
+    keep = np.zeros(features.num_rows, dtype=bool)
     keep[alive] = True
-    return keep, drops
+    return PromptDecisions(keep, sorted(drops, key=lambda drop: drop.row))
 
 
 def filter_prompts(
-    records: list[PromptRecord], config: FiltersConfig, embed=None  # noqa: ANN001
+    records: list[PromptRecord], config: FiltersConfig, embed: Embed | None = None
 ) -> tuple[list[PromptRecord], list[Reject]]:
     """Prompt-side filters. Returns (kept records in input order, one Reject per dropped record)."""
-    keep, drops = run_prompt_stages(
-        [record.prompt for record in records], [record.strategy for record in records], config, embed=embed
+    texts = [record.prompt for record in records]
+    step = config.batch_size
+    features = PromptFeatures.concat(
+        [prompt_features(texts[start : start + step], config) for start in range(0, len(texts), step)]
+        or [prompt_features([], config)]
+    )
+    decisions = resolve_prompt_filters(
+        features, lambda rows: [texts[i] for i in rows], [r.strategy for r in records], config, embed=embed
     )
     rejects = [
         Reject.of(
-            records[row], reason, detail, duplicate_of=records[kept].id if kept != KEEP else None
+            records[drop.row],
+            drop.reason,
+            drop.detail,
+            duplicate_of=records[drop.duplicate_of].id if drop.duplicate_of != KEEP else None,
         )
-        for row, reason, detail, kept in sorted(drops)
+        for drop in decisions.drops
     ]
-    return [record for record, flag in zip(records, keep) if flag], rejects
+    return [record for record, flag in zip(records, decisions.keep) if flag], rejects
 
 
 def response_reject(row: dict[str, Any], reason: str, detail: str) -> Reject:

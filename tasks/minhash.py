@@ -36,9 +36,15 @@ import pyarrow as pa
 from tasks.dedup import KEEP, resolve_clusters
 from tasks.filter_config import NearDedupConfig
 
+_UNICODE_PUNCTUATION_TO_SPACE = str.maketrans({ch: " " for ch in "¡¿«»‹›“”„‘’‚…–—―·•、。，．：；！？「」『』（）【】"})
+
+
 def fold_case(text: str) -> str:
-    """NFKC (skipped for ASCII, where it is the identity) then case-fold."""
-    return (text if text.isascii() else unicodedata.normalize("NFKC", text)).casefold()
+    """NFKC (skipped for ASCII, where it is the identity), case-fold, and common non-ASCII
+    punctuation (curly quotes, dashes, CJK punctuation) → space."""
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFKC", text).casefold().translate(_UNICODE_PUNCTUATION_TO_SPACE)
 
 
 def near_dedup_normalize(text: str) -> str:
@@ -164,6 +170,56 @@ def signatures(texts: Sequence[str], config: NearDedupConfig) -> np.ndarray:
     out = np.empty((len(texts), config.num_perm), dtype=np.uint32)
     _signatures_kernel(data, offsets, _BYTE_CLASS, config.unit == "word", config.ngram, a, b, out)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _word_ngram_kernel(data, offsets, byte_class, n, hashes, row_of):
+    """Hash of every word n-gram of every row (rows with fewer than n words: one hash of all
+    their words), the same hash `_signatures_kernel` uses. Returns how many were written."""
+    window = np.zeros(n, dtype=np.uint64)
+    count = 0
+    for row in range(offsets.shape[0] - 1):
+        start, end = offsets[row], offsets[row + 1]
+        words = 0
+        h = _FNV_OFFSET
+        in_word = False
+        for j in range(start, end + 1):
+            c = byte_class[data[j]] if j < end else np.uint8(0)
+            if c == 0:
+                if in_word:
+                    window[words % n] = _mix64(h)
+                    words += 1
+                    if words >= n:
+                        shingle = np.uint64(0)
+                        for t in range(words - n, words):
+                            shingle = (shingle ^ window[t % n]) * _WORD_COMBINE
+                        hashes[count] = _mix64(shingle)
+                        row_of[count] = row
+                        count += 1
+                in_word = False
+                h = _FNV_OFFSET
+            else:
+                in_word = True
+                h = (h ^ np.uint64(c)) * _FNV_PRIME
+        if words < n:
+            shingle = np.uint64(0)
+            for t in range(words):
+                shingle = (shingle ^ window[t]) * _WORD_COMBINE
+            hashes[count] = _mix64(shingle)
+            row_of[count] = row
+            count += 1
+    return count
+
+
+def word_ngram_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes (M,) uint64, row (M,) int64) of the word n-grams of each text, normalised as for
+    MinHash; a text with fewer than n words gives one hash of its whole word sequence."""
+    data, offsets = pack_texts(texts)
+    capacity = len(data) + len(texts)
+    hashes = np.empty(capacity, dtype=np.uint64)
+    row_of = np.empty(capacity, dtype=np.int64)
+    count = _word_ngram_kernel(data, offsets, _BYTE_CLASS, n, hashes, row_of)
+    return hashes[:count].copy(), row_of[:count].copy()
 
 
 # ---------------------------------------------------------------------------- LSH banding
@@ -295,10 +351,3 @@ def near_duplicate_details(result: NearDuplicates, threshold: float) -> dict[int
         note = "" if similarity >= threshold else " (linked through other near-duplicates)"
         details[int(row)] = f"jaccard~{similarity:.2f} with kept row{note}"
     return details
-
-
-def near_duplicate_stage(texts: Sequence[str], config: NearDedupConfig):  # noqa: ANN201 - StageResult
-    from tasks.filters import StageResult
-
-    result = near_duplicates(texts, config)
-    return StageResult(result.duplicate_of, result.duplicate_of != KEEP, near_duplicate_details(result, config.threshold))
