@@ -39,6 +39,9 @@ from prompts.teacher_driven import (
 
 RuleFn = Callable[[str, random.Random, Any], "str | None"]
 
+# A rule-based sub-strategy that brought no new prompt for this many rounds in a row is done.
+DRY_ROUNDS = 3
+
 
 def _order_key(*parts: object) -> str:
     return hashlib.sha256(":".join(str(part) for part in parts).encode("utf-8")).hexdigest()
@@ -106,22 +109,26 @@ def _rule_candidates(
 ) -> Iterator[PromptRecord]:
     """New rows of one rule-based sub-strategy: each parent once per round, `max_rounds` rounds.
 
-    Skips rows already in the set (`seen` ids) and stops early when a whole round brought
-    nothing new (the strategy fits none of the seeds, or has no variety left).
+    Skips rows already in the set (`seen` ids). Stops early after a round in which the
+    strategy fit no seed, or after `DRY_ROUNDS` rounds in a row that brought nothing new
+    (no variety left).
     """
     order = ordered_parents(parents, random_seed, strategy)
+    dry_rounds = 0
     for k in range(max_rounds):
-        produced = False
+        fits = produced = False
         for parent in order:
             text = function(parent.prompt, row_rng(random_seed, parent.id, strategy, k), settings)
             if text is None or text == parent.prompt:
                 continue
+            fits = True
             row = PromptRecord.make(text, strategy, parent.id)
             if row.id in seen:
                 continue
             produced = True
             yield row
-        if not produced:
+        dry_rounds = 0 if produced else dry_rounds + 1
+        if not fits or dry_rounds >= DRY_ROUNDS:
             return
 
 

@@ -504,3 +504,23 @@ def test_report_table_and_markdown_for_artifacts():
     assert markdown.startswith(f"**{len(rows)}** prompts generated, **{len(rejects)}** rejected")
     assert "| edge_case:unicode |" in markdown and "unparseable: " in markdown
     assert set(report["diversity_per_family"]) == {"seed", "edge_case"}
+
+
+def test_a_new_domain_pack_is_one_dict_of_functions(monkeypatch):
+    date = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
+
+    def leap_day(text, rng, config):
+        if not date.search(text):
+            return None
+        return date.sub(rng.choice(["2024-02-29", "2100-02-29"]), text, count=1)
+
+    monkeypatch.setitem(DOMAIN_EDGE_CASES, "dates", {"leap_day": leap_day})
+    seeds = [*SEEDS, PromptRecord.make("What weekday is 2023-03-01?", "seed")]
+    config = only("edge_case", ["empty"], n=4, domains=["dates"])
+    rows = rows_of(config, seeds)
+    leap = [row for row in rows if row.strategy == "edge_case:dates.leap_day"]
+    assert len(leap) == 2
+    assert {row.prompt for row in leap} <= {
+        "What weekday is 2024-02-29?",
+        "What weekday is 2100-02-29?",
+    }
