@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
+
 from distillflow.records import PromptRecord
 
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -28,17 +30,45 @@ def distinct_n(texts: Iterable[str], n: int) -> float:
 
 
 def distinct_orders(token_lists: Sequence[list[str]], orders: Sequence[int]) -> dict[int, float]:
-    """distinct-n for each n in `orders`, over already tokenized texts."""
+    """distinct-n for each n in `orders`, over already tokenized texts.
+
+    Tokens become integer ids and each n-gram one int64 code (id_1 * V^(n-1) + ... + id_n),
+    so millions of n-grams are counted with `np.unique` instead of a set of tuples.
+    """
+    vocab: dict[str, int] = {}
+    ids: list[int] = []
+    ends: list[int] = []  # (T,) index one past each text's last token
+    for tokens in token_lists:
+        ids.extend(vocab.setdefault(token, len(vocab)) for token in tokens)
+        ends.append(len(ids))
+    token_ids = np.asarray(ids, dtype=np.int64)  # (N,)
+    lengths = np.diff(np.asarray([0, *ends], dtype=np.int64))  # (T,)
+    end_of_text = np.repeat(np.asarray(ends, dtype=np.int64), lengths)  # (N,)
+    base = max(len(vocab), 1)
     out = {}
     for n in orders:
-        seen: set[tuple[str, ...]] = set()
-        total = 0
-        for tokens in token_lists:
-            grams = list(zip(*(tokens[i:] for i in range(n))))
-            total += len(grams)
-            seen.update(grams)
-        out[n] = len(seen) / total if total else 0.0
+        if base**n >= 2**63:  # codes would overflow int64: count tuples instead
+            out[n] = _distinct_with_tuples(token_lists, n)
+            continue
+        valid = np.arange(len(token_ids)) + n <= end_of_text  # n-gram fits inside its text
+        codes = np.zeros(len(token_ids), dtype=np.int64)
+        for offset in range(n):
+            shifted = np.zeros(len(token_ids), dtype=np.int64)
+            shifted[: len(token_ids) - offset] = token_ids[offset:]
+            codes = codes * base + shifted
+        total = int(valid.sum())
+        out[n] = np.unique(codes[valid]).size / total if total else 0.0
     return out
+
+
+def _distinct_with_tuples(token_lists: Sequence[list[str]], n: int) -> float:
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    for tokens in token_lists:
+        grams = list(zip(*(tokens[i:] for i in range(n))))
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
 
 
 def percentiles(
@@ -73,10 +103,17 @@ def length_histogram(lengths: Iterable[int]) -> dict[str, int]:
     return counts
 
 
-def prompt_diversity_summary(records: Sequence[PromptRecord] | Sequence[str]) -> dict[str, Any]:
-    """Distinct-1/2/3, character and word length percentiles, and a length histogram."""
+def prompt_diversity_summary(
+    records: Sequence[PromptRecord] | Sequence[str],
+    token_lists: Sequence[list[str]] | None = None,
+) -> dict[str, Any]:
+    """Distinct-1/2/3, character and word length percentiles, and a length histogram.
+
+    `token_lists`: `words()` of each prompt, when the caller already has them.
+    """
     texts = [record if isinstance(record, str) else record.prompt for record in records]
-    token_lists = [words(text) for text in texts]
+    if token_lists is None:
+        token_lists = [words(text) for text in texts]
     char_lengths = [len(text) for text in texts]
     word_lengths = [len(tokens) for tokens in token_lists]
     distinct = distinct_orders(token_lists, (1, 2, 3))

@@ -35,9 +35,10 @@ def generation_report(
     the seed share, or strategies that ran out of new prompts).
     """
     families = Counter(family_of(row.strategy) for row in rows)
+    token_lists = [words(row.prompt) for row in rows]
     by_family: dict[str, list[list[str]]] = defaultdict(list)
-    for row in rows:
-        by_family[family_of(row.strategy)].append(words(row.prompt))
+    for row, tokens in zip(rows, token_lists):
+        by_family[family_of(row.strategy)].append(tokens)
     family_diversity = {}
     for family in FAMILIES:
         if family in by_family:
@@ -60,7 +61,7 @@ def generation_report(
         "per_strategy": per_strategy_counts(rows),
         "rejects_per_strategy": dict(sorted(Counter(r.strategy for r in rejects).items())),
         "rejects_per_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
-        "diversity": prompt_diversity_summary(rows),
+        "diversity": prompt_diversity_summary(rows, token_lists),
         "diversity_per_family": family_diversity,
     }
 

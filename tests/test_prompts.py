@@ -24,7 +24,7 @@ from prompts.adversarial import (
     max_edits,
 )
 from prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS, AdversarialConfig, PromptsConfig
-from prompts.diversity import distinct_n, length_histogram, percentiles
+from prompts.diversity import distinct_n, distinct_orders, length_histogram, percentiles
 from prompts.domains import DOMAIN_EDGE_CASES, arithmetic, code
 from prompts.edge_cases import (
     BOUNDARY_NUMBERS,
@@ -524,3 +524,15 @@ def test_a_new_domain_pack_is_one_dict_of_functions(monkeypatch):
         "What weekday is 2024-02-29?",
         "What weekday is 2100-02-29?",
     }
+
+
+def test_fast_distinct_n_matches_counting_tuples():
+    rng = random.Random(0)
+    vocabulary = [f"w{i}" for i in range(30)]
+    token_lists = [[rng.choice(vocabulary) for _ in range(rng.randint(0, 12))] for _ in range(300)]
+    fast = distinct_orders(token_lists, (1, 2, 3, 4))
+    for n in (1, 2, 3, 4):
+        grams = [
+            tuple(tokens[i : i + n]) for tokens in token_lists for i in range(len(tokens) - n + 1)
+        ]
+        assert fast[n] == pytest.approx(len(set(grams)) / len(grams))
