@@ -42,12 +42,25 @@ def build(
 def dedup(
     in_dir: Path = typer.Argument(..., help="An existing dataset directory (with data/)."),
     out_dir: Path = typer.Argument(..., help="Where the filtered dataset is written."),
-    config: Optional[Path] = typer.Option(None, help="YAML config whose `filters:` section is used."),
+    config: Optional[Path] = typer.Option(
+        None, help="YAML config whose `filters:` section is used (default: the filters in IN_DIR's manifest)."
+    ),
+    engine: str = typer.Option(
+        "prefect", help="prefect (flow, local threads), dask (flow on a Dask cluster) or local (no Prefect)."
+    ),
+    dask_address: Optional[str] = typer.Option(None, help="Scheduler of an existing Dask cluster (engine dask)."),
+    workers: int = typer.Option(2, help="Worker processes of the local Dask cluster (engine dask, no address)."),
 ) -> None:
     """Run the filtering stage alone on an existing dataset."""
+    from distillflow.config import ConfigError
     from flows.dedup import dedup_command
 
-    dedup_command(in_dir, out_dir, config)
+    if engine not in ("prefect", "dask", "local"):
+        _fail(ValueError(f"--engine must be prefect, dask or local (got {engine!r})"))
+    try:
+        dedup_command(in_dir, out_dir, config, engine=engine, dask_address=dask_address, workers=workers)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        _fail(error)
 
 
 @app.command("capture-logits")

@@ -1,0 +1,140 @@
+"""`distill dedup IN_DIR OUT_DIR`: the filtering stage alone, on an existing dataset.
+
+The flow only wires the three passes of `tasks.dedup_dataset`: one `shard-features` task
+per input shard (the map, submitted together so the task runner runs them in parallel),
+one `resolve-filters` task (the global reduce), one `write-filtered` task. With the
+default thread-pool runner the shards run on local threads (the MinHash kernel releases
+the GIL); with `DaskTaskRunner` (prefect-dask) or `RayTaskRunner` (prefect-ray) the same
+flow spreads the map over a cluster, and only the compact features travel back.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+
+from tasks.dedup_dataset import (
+    DatasetDecisions,
+    ShardFeatures,
+    filter_dataset,
+    input_shards,
+    resolve_dataset,
+    shard_features,
+    write_filtered_dataset,
+)
+from tasks.filter_config import FiltersConfig
+
+Engine = Literal["prefect", "dask", "local"]
+
+
+@task(name="shard-features", cache_policy=NO_CACHE, task_run_name="shard-features-{path}")
+def shard_features_task(path: str, config: FiltersConfig) -> ShardFeatures:
+    return shard_features(path, config)
+
+
+@task(name="resolve-filters", cache_policy=NO_CACHE)
+def resolve_filters_task(shards: list[ShardFeatures], config: FiltersConfig) -> DatasetDecisions:
+    return resolve_dataset(shards, config)
+
+
+@task(name="write-filtered", cache_policy=NO_CACHE)
+def write_filtered_task(
+    in_dir: str, out_dir: str, paths: list[str], decisions: DatasetDecisions, config: FiltersConfig, elapsed_s: float
+) -> dict[str, Any]:
+    return write_filtered_dataset(in_dir, out_dir, [Path(p) for p in paths], decisions, config, elapsed_s)
+
+
+@flow(name="dedup-dataset")
+def dedup_flow(in_dir: str, out_dir: str, config: FiltersConfig) -> dict[str, Any]:
+    """Filter the dataset in `in_dir` into `out_dir`; returns the new manifest."""
+    logger = get_run_logger()
+    started = time.time()
+    paths = [str(p) for p in input_shards(in_dir)]
+    futures = shard_features_task.map(paths, config=unmapped(config))
+    shards = [future.result() for future in futures]
+    decisions = resolve_filters_task(shards, config)
+    del shards
+    manifest = write_filtered_task(in_dir, out_dir, paths, decisions, config, time.time() - started)
+    logger.info("%s: %s", out_dir, manifest["counts"])
+    return manifest
+
+
+def load_filters_config(config_path: str | Path | None, in_dir: str | Path) -> FiltersConfig:
+    """The `filters:` section of a YAML config (a full distill config or just the section's
+    keys); without a config, the filters recorded in IN_DIR's manifest, else the defaults."""
+    from distillflow.config import ConfigError, _format_validation_error
+    from pydantic import ValidationError
+
+    if config_path is None:
+        manifest_path = Path(in_dir) / "manifest.json"
+        if manifest_path.is_file():
+            import json
+
+            filters = json.loads(manifest_path.read_text(encoding="utf-8")).get("config", {}).get("filters")
+            if filters:
+                return FiltersConfig.model_validate(filters)
+        return FiltersConfig()
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML config with a `filters:` section")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (with a `filters:` section)")
+    section = data.get("filters", data if "name" not in data else {})
+    try:
+        return FiltersConfig.model_validate(section)
+    except ValidationError as error:
+        message = _format_validation_error(path, error).replace("  - ", "  - filters.")
+        raise ConfigError(message) from None
+
+
+def dedup_command(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    config_path: str | Path | None = None,
+    engine: Engine = "prefect",
+    dask_address: str | None = None,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """`distill dedup IN_DIR OUT_DIR [--config C]`: run the filters alone on a dataset.
+
+    engine: `prefect` (flow, thread-pool task runner), `dask` (flow on a Dask cluster at
+    `dask_address`, or a local one with `workers` processes), `local` (no Prefect).
+    """
+    from distillflow.config import ConfigError
+
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    config = load_filters_config(config_path, in_dir)
+    if not (in_dir / "data").is_dir():
+        raise ConfigError(f"{in_dir}: not a dataset directory (no data/ inside); pass the output_dir of a build")
+    if out_dir.resolve() == in_dir.resolve():
+        raise ConfigError("OUT_DIR must differ from IN_DIR (the input is read again while the output is written)")
+    if engine == "local":
+        manifest = filter_dataset(in_dir, out_dir, config)
+    elif engine == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        runner = (
+            DaskTaskRunner(address=dask_address)
+            if dask_address
+            else DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+        )
+        manifest = dedup_flow.with_options(task_runner=runner)(str(in_dir), str(out_dir), config)
+    else:
+        manifest = dedup_flow(str(in_dir), str(out_dir), config)
+    counts = manifest["counts"]
+    reasons = ", ".join(f"{k} {v}" for k, v in manifest["filter_reject_reasons"].items()) or "none"
+    print(
+        f"{in_dir} → {out_dir}: {counts['accepted']} of {counts['input_rows']} rows kept; dropped: {reasons}",
+        file=sys.stderr,
+    )
+    return manifest
