@@ -1,0 +1,132 @@
+"""Exact and near-duplicate detection: normalisation, MinHash accuracy, LSH banding, determinism."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from tasks.dedup import KEEP, exact_duplicates, first_occurrence, normalize_text, resolve_clusters
+from tasks.filter_config import FiltersConfig, NearDedupConfig
+from tasks.minhash import (
+    near_dedup_normalize,
+    near_duplicates,
+    optimal_bands,
+    signatures,
+    word_ngram_hashes,
+)
+
+WORDS = (
+    "river stone garden market winter violin engine planet harbor candle forest mirror pocket "
+    "ladder silver thunder orange bridge window puzzle rocket castle meadow lantern coffee "
+    "science history kernel vector matrix compiler network theorem proof poem story recipe"
+).split()
+
+
+def random_prompt(rng: random.Random, words: int = 24) -> str:
+    return " ".join(rng.choice(WORDS) + str(rng.randrange(1000)) for _ in range(words))
+
+
+def test_normalize_text_nfkc_casefold_whitespace():
+    assert normalize_text("  Ｈｅｌｌｏ\u00a0\tWORLD\n ") == "hello world"
+    assert normalize_text("Straße") == normalize_text("STRASSE")
+
+
+def test_exact_duplicates_point_at_first_occurrence():
+    texts = ["Hello  World", "b", "hello world", "HELLO WORLD ", "c", "b"]
+    assert exact_duplicates(texts).tolist() == [KEEP, KEEP, 0, 0, KEEP, 1]
+
+
+def test_first_occurrence_and_clusters_keep_smallest_index():
+    assert first_occurrence(np.array([5, 3, 5, 3, 7], dtype=np.uint64)).tolist() == [-1, -1, 0, 1, -1]
+    # chain 4-2, 2-0, and a separate pair 3-1
+    duplicate_of = resolve_clusters(5, np.array([4, 2, 3]), np.array([2, 0, 1]))
+    assert duplicate_of.tolist() == [-1, -1, 0, 1, 0]
+
+
+def test_near_dedup_normalisation_strips_punctuation_and_case():
+    assert near_dedup_normalize("Hello,   “World”!! it's") == "hello world it s"
+
+
+def test_minhash_estimates_jaccard_of_word_sets():
+    """The fraction of equal signature values estimates the Jaccard similarity of the shingle sets."""
+    config = NearDedupConfig(unit="word", ngram=1, num_perm=256)
+    rng = random.Random(0)
+    errors = []
+    for _ in range(20):
+        universe = [f"w{rng.randrange(10**9)}" for _ in range(200)]
+        a = set(universe[:150])
+        b = set(universe[50:200])  # |a ∩ b| = 100, |a ∪ b| = 200 -> J = 0.5
+        sig = signatures([" ".join(sorted(a)), " ".join(sorted(b))], config)
+        errors.append((sig[0] == sig[1]).mean() - 0.5)
+    assert abs(np.mean(errors)) < 0.02  # unbiased
+    assert np.std(errors) < 0.06  # ~ sqrt(J(1-J)/K) = 0.031
+
+
+def test_word_unit_ignores_word_order_for_unigrams():
+    config = NearDedupConfig(unit="word", ngram=1)
+    sig = signatures(["alpha beta gamma delta", "delta gamma beta alpha"], config)
+    assert (sig[0] == sig[1]).all()
+
+
+def test_short_and_empty_texts_get_one_shingle():
+    config = NearDedupConfig(unit="char", ngram=5)
+    sig = signatures(["ab", "AB!", "", "  "], config)
+    assert (sig[0] == sig[1]).all() and (sig[2] == sig[3]).all()
+    hashes, rows = word_ngram_hashes(["one two", "one two three four"], 3)
+    assert rows.tolist() == [0, 1, 1]
+
+
+def test_optimal_bands_match_datasketch():
+    from datasketch.lsh import _optimal_param
+
+    for threshold, num_perm in [(0.8, 128), (0.5, 64), (0.9, 256)]:
+        assert optimal_bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+def planted_corpus(seed: int = 0):
+    """Distinct prompts plus planted edits, reorders and exact copies, with ground truth."""
+    rng = random.Random(seed)
+    originals = [random_prompt(rng) for _ in range(300)]
+    texts, cluster = list(originals), list(range(len(originals)))
+    for index in range(0, 300, 3):
+        words = originals[index].split()
+        edited = list(words)
+        edited[rng.randrange(len(edited))] = "changed"  # one-word edit
+        swapped = words[12:] + words[:12]  # clause reorder
+        for variant in (" ".join(edited), " ".join(swapped), originals[index].upper() + " !"):
+            texts.append(variant)
+            cluster.append(index)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    return [texts[i] for i in order], [cluster[i] for i in order]
+
+
+def test_planted_near_duplicates_are_found_and_distinct_rows_survive():
+    texts, cluster = planted_corpus()
+    result = near_duplicates(texts, NearDedupConfig(threshold=0.7))
+    kept = result.duplicate_of == KEEP
+    # exactly one row per cluster survives, and each drop points inside its own cluster
+    assert sorted(cluster[i] for i in np.flatnonzero(kept)) == list(range(300))
+    for row in np.flatnonzero(~kept):
+        assert cluster[result.duplicate_of[row]] == cluster[row]
+        assert result.duplicate_of[row] < row  # the kept row is the first in input order
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64, 100_000])
+def test_near_duplicates_identical_across_batch_sizes(batch_size):
+    texts, _ = planted_corpus(seed=1)
+    config = NearDedupConfig(threshold=0.7)
+    reference = near_duplicates(texts, config, batch_size=len(texts))
+    result = near_duplicates(texts, config, batch_size=batch_size)
+    assert np.array_equal(result.duplicate_of, reference.duplicate_of)
+
+
+def test_filters_config_rejects_bad_values():
+    with pytest.raises(ValueError):
+        FiltersConfig(near_dedup={"threshold": 1.5})
+    with pytest.raises(ValueError):
+        FiltersConfig(near_dedup={"num_perm": 64, "bands": 65})
+    with pytest.raises(ValueError):
+        FiltersConfig(unknown_key=True)
