@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-import typer
+# Before Prefect is imported: no telemetry (it fails offline and locks SQLite), and time
+# for the temporary local server to start on a small machine when no PREFECT_API_URL is set.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import typer  # noqa: E402
 
 app = typer.Typer(
     help="distillflow: build teacher datasets, filter them, and distill a student.",

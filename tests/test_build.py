@@ -235,11 +235,13 @@ def test_seed_formats_and_prompt_column(tmp_path, fmt):
     assert [r.reason for r in rejects] == ["bad_seed:empty"]
 
 
-def test_cli_wrong_key_fails_fast_with_a_clear_message(tmp_path, server, prefect_server):
+def test_cli_wrong_key_fails_fast_with_a_clear_message(tmp_path, server):
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD)
     config = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", server.base_url, max_concurrency=32)
-    env = {**os.environ, **prefect_server, "DISTILL_TEST_KEY": "sk-wrong-key-000000"}
+    # No PREFECT_API_URL: the CLI runs on Prefect's temporary local server, as on a laptop.
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DISTILL_TEST_KEY": "sk-wrong-key-000000"}
+    env.pop("PREFECT_API_URL", None)
     result = subprocess.run(
         [sys.executable, "-m", "distillflow.cli", "build", str(config)],
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
