@@ -209,7 +209,8 @@ def reject_for(
         prompt=parsed.prompt or "",
         strategy=strategy,
         reason=parsed.reason or "duplicate_prompt",
-        detail=parsed.detail,
+        detail=parsed.detail
+        or (f"already in the prompt set as {duplicate_of}" if duplicate_of else ""),
         parent_id=parent_id,
         duplicate_of=duplicate_of,
         response=answer.content,
