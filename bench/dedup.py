@@ -1,0 +1,341 @@
+"""Near-duplicate benchmark: this project's MinHash stage vs datasketch, on planted clusters.
+
+    python bench/dedup.py                       # 1,000,000 prompts (a few minutes on 2 cores)
+    python bench/dedup.py --rows 100000         # quicker
+
+What it does:
+1. Generates N synthetic prompts (Zipf-distributed pseudo-words, 8-40 words each); 15% of
+   the distinct prompts are template siblings of the one before (60-85% of the words
+   shared, a different ending: hard negatives, as in templated prompt sets). About
+   12% of the distinct prompts get 1-4 planted near-duplicates (word substitutions,
+   deletions, insertions, adjacent swaps, a clause moved to the front, case and
+   punctuation changes); rows are shuffled. The planted cluster of every row is the
+   ground truth, written next to the shards.
+2. Writes them as Parquet shards (a dataset's data/ layout).
+3. Measures, each in its own process (so peak RSS is that stage's own):
+   - ours, full N: `tasks.minhash.near_duplicates` over all prompts (normalise, shingle,
+     signatures, LSH, verification, clusters), timed after the prompts are in memory;
+   - ours, streaming N: `tasks.dedup_dataset.filter_dataset` (exact + near dedup), reading
+     the shards and writing data/ + rejects/ + manifest;
+   - ours and datasketch on the same subsample (complete clusters, --subsample rows):
+     datasketch `MinHash` (scheme affine32, shared permutations, `update_batch`) +
+     `MinHashLSH` at the same threshold and num_perm, over the same shingles (character
+     5-grams of the same normalised text); each row queries the rows before it, then is
+     inserted. datasketch is too slow for N rows, hence the subsample.
+4. Prints rows/s, peak RSS, precision/recall/F1 and the speed ratio.
+
+Scoring: a row predicted as a duplicate is a true positive when it belongs to a planted
+cluster and the row it was matched to is in the same cluster. Recall divides by the
+planted duplicates (cluster size - 1 per cluster). "attainable" is the share of planted
+pairs (variant, original) whose true Jaccard similarity reaches the threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PUNCTUATION = ["?", ".", "!", ":", ","]
+
+
+# ------------------------------------------------------------------------------ corpus
+
+
+def make_vocabulary(rng: np.random.Generator, size: int = 40_000) -> list[str]:
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    lengths = rng.integers(2, 11, size=size)
+    flat = letters[rng.integers(0, 26, size=int(lengths.sum()))]
+    words, start = [], 0
+    for length in lengths:
+        words.append("".join(flat[start : start + length]))
+        start += length
+    return words
+
+
+def mutate(words: list[str], rng: random.Random, vocabulary: list[str]) -> list[str]:
+    """One or two light edits of a word list (a planted near-duplicate)."""
+    words = list(words)
+    for _ in range(rng.choice((1, 1, 2))):
+        op = rng.randrange(7)
+        i = rng.randrange(len(words))
+        if op == 0:
+            words[i] = rng.choice(vocabulary)  # substitution
+        elif op == 1 and len(words) > 4:
+            del words[i]  # deletion
+        elif op == 2:
+            words.insert(i, rng.choice(vocabulary))  # insertion
+        elif op == 3 and i + 1 < len(words):
+            words[i], words[i + 1] = words[i + 1], words[i]  # adjacent swap
+        elif op == 4 and len(words) >= 8:
+            cut = rng.randrange(len(words) * 2 // 3, len(words))  # move the last clause to the front
+            words = words[cut:] + words[:cut]
+        elif op == 5:
+            words[i] = words[i].upper()  # case
+        else:
+            words[i] = words[i] + rng.choice(PUNCTUATION)  # punctuation
+    return words
+
+
+def make_corpus(rows: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """(prompts, cluster id per prompt); cluster id = index of the original prompt."""
+    np_rng, rng = np.random.default_rng(seed), random.Random(seed)
+    vocabulary = make_vocabulary(np_rng)
+    ranks = np.minimum(np_rng.zipf(1.15, size=rows * 30), len(vocabulary)) - 1
+    position = 0
+    texts: list[str] = []
+    cluster: list[int] = []
+    previous: list[str] = []
+    while len(texts) < rows:
+        length = rng.randint(8, 40)
+        words = [vocabulary[r] for r in ranks[position : position + length]]
+        position = (position + length) % (len(ranks) - 64)
+        words[0] = words[0].capitalize()
+        if texts and rng.random() < 0.15 and len(previous) >= 10:
+            # a template sibling: a distinct prompt sharing 60-85% of the previous one's
+            # words (a hard negative, e.g. the same instruction about a different object)
+            keep = int(len(previous) * rng.uniform(0.6, 0.85))
+            words = previous[:keep] + [vocabulary[r] for r in ranks[position : position + len(previous) - keep]]
+        previous = words
+        original = len(texts)
+        texts.append(" ".join(words) + rng.choice("?.!"))
+        cluster.append(original)
+        if rng.random() < 0.12:
+            for _ in range(min(rng.randint(1, 4), rows - len(texts))):
+                texts.append(" ".join(mutate(words, rng, vocabulary)) + rng.choice("?.!"))
+                cluster.append(original)
+    order = np_rng.permutation(len(texts))[:rows]
+    return [texts[i] for i in order], np.asarray(cluster, dtype=np.int64)[order]
+
+
+def write_dataset(texts: list[str], directory: Path, rows_per_shard: int = 100_000) -> None:
+    import pyarrow as pa
+
+    from distillflow.records import content_id
+    from storage.manifest import write_manifest
+    from storage.parquet import write_table_atomic
+
+    for shard, start in enumerate(range(0, len(texts), rows_per_shard)):
+        chunk = texts[start : start + rows_per_shard]
+        # ids: content hash plus row number (planted exact copies must stay distinct rows)
+        table = pa.table(
+            {
+                "id": [content_id(text)[:24] + f"{start + i:08x}" for i, text in enumerate(chunk)],
+                "prompt": chunk,
+                "strategy": ["seed"] * len(chunk),
+            }
+        )
+        write_table_atomic(table, directory / "data" / f"part-{shard:05d}.parquet")
+    write_manifest(directory, {"name": "bench-dedup", "config": {}})
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def score(duplicate_of: np.ndarray, cluster: np.ndarray) -> dict[str, float]:
+    """Precision/recall/F1 of predicted duplicates (duplicate_of != -1) against planted clusters."""
+    sizes = np.bincount(np.unique(cluster, return_inverse=True)[1])
+    truth = int((sizes - 1).sum())
+    predicted = np.flatnonzero(duplicate_of >= 0)
+    correct = int((cluster[predicted] == cluster[duplicate_of[predicted]]).sum())
+    precision = correct / len(predicted) if len(predicted) else 1.0
+    recall = correct / truth if truth else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "predicted": int(len(predicted)), "planted": truth}
+
+
+def attainable(texts: list[str], cluster: np.ndarray, threshold: float, ngram: int, limit: int = 20_000) -> float:
+    """Share of planted (variant, first-of-cluster) pairs whose true shingle Jaccard ≥ threshold."""
+    from tasks.minhash import near_dedup_normalize
+
+    def shingles(text: str) -> set[str]:
+        norm = near_dedup_normalize(text)
+        return {norm[i : i + ngram] for i in range(max(1, len(norm) - ngram + 1))}
+
+    first: dict[int, int] = {}
+    hits = total = 0
+    for row, c in enumerate(cluster.tolist()):
+        if c not in first:
+            first[c] = row
+            continue
+        a, b = shingles(texts[row]), shingles(texts[first[c]])
+        hits += len(a & b) / len(a | b) >= threshold
+        total += 1
+        if total >= limit:
+            break
+    return hits / total if total else 1.0
+
+
+# ------------------------------------------------------------------------------ runners (child processes)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_ours(texts_path: str, args: dict, out: mp.Queue) -> None:
+    from tasks.filter_config import NearDedupConfig
+    from tasks.minhash import near_duplicates, signatures
+
+    texts = json.loads(Path(texts_path).read_text())
+    config = NearDedupConfig(threshold=args["threshold"], num_perm=args["num_perm"], unit="char", ngram=args["ngram"])
+    signatures(["warm up the compiled kernel"], config)
+    started = time.perf_counter()
+    result = near_duplicates(texts, config)
+    elapsed = time.perf_counter() - started
+    out.put({"elapsed": elapsed, "duplicate_of": result.duplicate_of.tolist(), "rss_mb": peak_rss_mb(),
+             "candidates": result.candidate_pairs, "verified": result.verified_pairs})
+
+
+def run_ours_parquet(data_dir: str, args: dict, out: mp.Queue) -> None:
+    """Full N from Parquet: read the prompts column, then the near-dup stage."""
+    import pyarrow.parquet as pq
+
+    from tasks.filter_config import NearDedupConfig
+    from tasks.minhash import near_duplicates, signatures
+
+    config = NearDedupConfig(threshold=args["threshold"], num_perm=args["num_perm"], unit="char", ngram=args["ngram"])
+    signatures(["warm up the compiled kernel"], config)
+    texts = pq.read_table(data_dir, columns=["prompt"]).column("prompt").to_pylist()
+    started = time.perf_counter()
+    result = near_duplicates(texts, config)
+    elapsed = time.perf_counter() - started
+    np.save(Path(data_dir).parent / "ours_duplicate_of.npy", result.duplicate_of)
+    out.put({"elapsed": elapsed, "rss_mb": peak_rss_mb(), "candidates": result.candidate_pairs,
+             "verified": result.verified_pairs})
+
+
+def run_stream(in_dir: str, out_dir: str, args: dict, out: mp.Queue) -> None:
+    from tasks.dedup_dataset import filter_dataset
+    from tasks.filter_config import FiltersConfig
+    from tasks.minhash import signatures
+
+    config = FiltersConfig(near_dedup={"threshold": args["threshold"], "num_perm": args["num_perm"], "ngram": args["ngram"]})
+    signatures(["warm up the compiled kernel"], config.near_dedup)
+    started = time.perf_counter()
+    manifest = filter_dataset(in_dir, out_dir, config)
+    out.put({"elapsed": time.perf_counter() - started, "rss_mb": peak_rss_mb(), "counts": manifest["counts"],
+             "reasons": manifest["filter_reject_reasons"]})
+
+
+def run_datasketch(texts_path: str, args: dict, out: mp.Queue) -> None:
+    from datasketch import MinHash, MinHashLSH
+
+    from tasks.minhash import near_dedup_normalize
+
+    texts = json.loads(Path(texts_path).read_text())
+    num_perm, ngram = args["num_perm"], args["ngram"]
+    template = MinHash(num_perm=num_perm, scheme="affine32")
+    started = time.perf_counter()
+    lsh = MinHashLSH(threshold=args["threshold"], num_perm=num_perm)
+    duplicate_of = np.full(len(texts), -1, dtype=np.int64)
+    for row, text in enumerate(texts):
+        norm = near_dedup_normalize(text).encode("utf-8")
+        minhash = template.copy()
+        minhash.update_batch([norm[i : i + ngram] for i in range(max(1, len(norm) - ngram + 1))])
+        candidates = lsh.query(minhash)
+        if candidates:
+            duplicate_of[row] = min(candidates)
+        lsh.insert(row, minhash)
+    elapsed = time.perf_counter() - started
+    out.put({"elapsed": elapsed, "duplicate_of": duplicate_of.tolist(), "rss_mb": peak_rss_mb(),
+             "bands": lsh.b, "rows_per_band": lsh.r})
+
+
+def in_child(target, *args) -> dict:  # noqa: ANN001
+    queue: mp.Queue = mp.get_context("spawn").Queue()
+    process = mp.get_context("spawn").Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--subsample", type=int, default=30_000, help="rows for the datasketch comparison")
+    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--num-perm", type=int, default=128)
+    parser.add_argument("--ngram", type=int, default=5, help="character n-gram length")
+    parser.add_argument("--workdir", type=Path, default=None, help="where shards go (default: a temp dir)")
+    parser.add_argument("--skip-stream", action="store_true", help="skip the streaming filter_dataset run")
+    args = parser.parse_args()
+    settings = {"threshold": args.threshold, "num_perm": args.num_perm, "ngram": args.ngram}
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-dedup-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    texts, cluster = make_corpus(args.rows)
+    # subsample = complete clusters: every row whose cluster id is among the first clusters
+    cluster_ids = np.unique(cluster)
+    chosen = np.isin(cluster, cluster_ids[: max(1, int(len(cluster_ids) * args.subsample / args.rows))])
+    sub_rows = np.flatnonzero(chosen)
+    sub_texts, sub_cluster = [texts[i] for i in sub_rows], cluster[sub_rows]
+    write_dataset(texts, workdir / "in")
+    (workdir / "sub.json").write_text(json.dumps(sub_texts))
+    np.save(workdir / "cluster.npy", cluster)
+    print(f"corpus: {len(texts):,} prompts ({np.mean([len(t) for t in texts[:10000]]):.0f} chars on average), "
+          f"{score(np.full(len(texts), -1), cluster)['planted']:,} planted near-duplicates; "
+          f"subsample {len(sub_texts):,} rows; built in {time.perf_counter() - t0:.0f}s → {workdir}")
+    reach = attainable(sub_texts, sub_cluster, args.threshold, args.ngram)
+    print(f"settings: char {args.ngram}-grams, threshold {args.threshold}, num_perm {args.num_perm}; "
+          f"{reach:.1%} of planted pairs have true Jaccard ≥ threshold (attainable recall)")
+    del texts
+
+    rows_out = []
+
+    def report(name: str, rows: int, result: dict, scores: dict | None) -> float:
+        rate = rows / result["elapsed"]
+        line = f"{name:<34} {rows:>9,} rows {result['elapsed']:>8.1f}s {rate:>11,.0f} rows/s  peak RSS {result['rss_mb']:>7,.0f} MB"
+        if scores:
+            line += f"  P {scores['precision']:.4f} R {scores['recall']:.4f} F1 {scores['f1']:.4f}"
+        print(line, flush=True)
+        rows_out.append({"name": name, "rows": rows, "rows_per_s": rate, **result, **(scores or {})})
+        return rate
+
+    full = in_child(run_ours_parquet, str(workdir / "in" / "data"), settings)
+    full_scores = score(np.load(workdir / "in" / "ours_duplicate_of.npy"), cluster)
+    ours_full_rate = report("ours near-dup, full", args.rows, full, full_scores)
+    if not args.skip_stream:
+        stream = in_child(run_stream, str(workdir / "in"), str(workdir / "out"), settings)
+        report("ours filter_dataset (stream)", args.rows, stream, None)
+        print(f"  streaming counts: {stream['counts']}  reasons: {stream['reasons']}")
+    ours_sub = in_child(run_ours, str(workdir / "sub.json"), settings)
+    ours_sub_rate = report("ours near-dup, subsample", len(sub_texts), ours_sub,
+                           score(np.asarray(ours_sub["duplicate_of"]), sub_cluster))
+    theirs = in_child(run_datasketch, str(workdir / "sub.json"), settings)
+    theirs_scores = score(np.asarray(theirs["duplicate_of"]), sub_cluster)
+    theirs_rate = report("datasketch MinHash+LSH, subsample", len(sub_texts), theirs, theirs_scores)
+    ours_sub_scores = score(np.asarray(ours_sub["duplicate_of"]), sub_cluster)
+    print(f"LSH: ours {full['candidates']:,} candidate pairs → {full['verified']:,} verified (full run); "
+          f"datasketch b={theirs['bands']} r={theirs['rows_per_band']}")
+    print(f"speed ratio (ours full N / datasketch subsample): {ours_full_rate / theirs_rate:,.1f}x; "
+          f"same subsample: {ours_sub_rate / theirs_rate:,.1f}x")
+    print(f"F1 on the same subsample: ours {ours_sub_scores['f1']:.4f} vs datasketch {theirs_scores['f1']:.4f}")
+    (workdir / "results.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k != "duplicate_of"} for r in rows_out], indent=2))
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
