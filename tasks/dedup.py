@@ -19,6 +19,8 @@ KEEP = -1  # `duplicate_of` value of a row that is kept
 
 def normalize_text(text: str) -> str:
     """Unicode NFKC, case-fold, collapse every run of whitespace to one space, strip."""
+    if text.isascii():  # NFKC is the identity on ASCII, and case-folding is lower()
+        return " ".join(text.lower().split())
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 

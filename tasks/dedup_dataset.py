@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.manifest import read_manifest, remove_manifest, write_manifest
-from storage.parquet import REJECT_SCHEMA, ShardInfo, ShardWriter, file_sha256, list_shards, write_table_atomic
+from storage.parquet import REJECT_SCHEMA, ShardInfo, file_sha256, list_shards, write_table_atomic
 from tasks.dedup import KEEP
 from tasks.filter_config import FiltersConfig
 from tasks.filters import Embed, PromptFeatures, prompt_features, resolve_prompt_filters
@@ -132,29 +132,35 @@ def resolve_dataset(shards: list[ShardFeatures], config: FiltersConfig, embed: E
     return DatasetDecisions([s.features.num_rows for s in shards], reason, detail, duplicate_of, ids)
 
 
-def _reject_rows(table: pa.Table, offset: int, decisions: DatasetDecisions) -> list[dict[str, Any]]:
-    columns = {name: table.column(name).to_pylist() for name in ("id", "prompt", "strategy", "parent_id", "response")
-               if name in table.column_names}
-    rows = []
-    for i in range(table.num_rows):
-        row = offset + i
-        code = decisions.reason[row]
-        if code is None:
-            continue
-        kept = int(decisions.duplicate_of[row])
-        rows.append(
-            {
-                "id": columns["id"][i],
-                "prompt": columns["prompt"][i],
-                "strategy": (columns.get("strategy") or [""] * table.num_rows)[i] or "",
-                "parent_id": (columns.get("parent_id") or [None] * table.num_rows)[i],
-                "reason": code,
-                "detail": decisions.detail.get(row, ""),
-                "duplicate_of": decisions.ids[kept].as_py() if kept != KEEP else None,
-                "response": (columns.get("response") or [None] * table.num_rows)[i],
-            }
-        )
-    return rows
+def _reject_table(table: pa.Table, offset: int, decisions: DatasetDecisions) -> pa.Table:
+    """The rows of `table` (global rows offset, offset+1, ...) that were dropped, as reject rows."""
+    local = np.array([i for i in range(table.num_rows) if decisions.reason[offset + i] is not None], dtype=np.int64)
+    dropped = table.take(pa.array(local, type=pa.int64()))
+    rows = local + offset
+    kept = decisions.duplicate_of[rows]
+    duplicate_of = decisions.ids.take(pa.array(np.where(kept == KEEP, 0, kept), type=pa.int64()))
+    duplicate_of = pa.array(
+        [value if k != KEEP else None for value, k in zip(duplicate_of.to_pylist(), kept.tolist())], pa.string()
+    )
+
+    def column(name: str, default: pa.Array) -> pa.Array:
+        field = REJECT_SCHEMA.field(name)
+        return dropped.column(name).cast(field.type) if name in dropped.column_names else default
+
+    strategy = column("strategy", pa.array([""] * len(local), pa.string()))
+    return pa.Table.from_arrays(
+        [
+            column("id", pa.nulls(len(local), pa.string())),
+            column("prompt", pa.nulls(len(local), pa.string())),
+            pa.array(["" if v is None else v for v in strategy.to_pylist()], pa.string()),
+            column("parent_id", pa.nulls(len(local), pa.string())),
+            pa.array([decisions.reason[r] for r in rows.tolist()], pa.string()),
+            pa.array([decisions.detail.get(r, "") for r in rows.tolist()], pa.string()),
+            duplicate_of,
+            column("response", pa.nulls(len(local), pa.string())),
+        ],
+        schema=REJECT_SCHEMA,
+    )
 
 
 def _carried_rejects(in_dir: Path) -> pa.Table | None:
@@ -223,12 +229,13 @@ def write_filtered_dataset(
     staging = out_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     data_writer = _TableShardWriter(staging / "data", staging)
-    reject_writer = ShardWriter(staging / "rejects", REJECT_SCHEMA, rows_per_shard=100_000, root=staging)
+    reject_writer = _TableShardWriter(staging / "rejects", staging)
+    reject_writer.schema = REJECT_SCHEMA
     carried = _carried_rejects(in_dir)
     carried_reasons: Counter[str] = Counter()
     if carried is not None:
         carried_reasons.update(carried.column("reason").to_pylist())
-        reject_writer.write(carried.to_pylist())
+        reject_writer.write(carried)
     keep_all = np.array([r is None for r in decisions.reason], dtype=bool)
     accepted_per_strategy: Counter[str] = Counter()
     offset = 0
@@ -241,7 +248,7 @@ def write_filtered_dataset(
             data_writer.write(kept)
             if "strategy" in kept.column_names:
                 accepted_per_strategy.update(kept.column("strategy").to_pylist())
-            reject_writer.write(_reject_rows(table, offset, decisions))
+            reject_writer.write(_reject_table(table, offset, decisions))
             offset += table.num_rows
     data_shards = data_writer.close()
     reject_shards = reject_writer.close()
