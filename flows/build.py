@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 import time
+from collections import deque
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +39,7 @@ from tasks.teacher import (
 )
 
 LEDGER_PATH = Path(".ledger") / "teacher.sqlite"
+BATCHES_IN_FLIGHT = 3
 
 
 class LocalTeacherClient:
@@ -61,18 +64,23 @@ def make_teacher(config: DistillConfig, api_key: str | None) -> OpenAITeacher | 
 
 
 class Progress:
-    """Logs `answered N/M` at most every `every_s` seconds (and at the end)."""
+    """Counts answers across concurrent batches; logs `answered N/M` every `every_s` seconds."""
 
-    def __init__(self, label: str, every_s: float = 5.0) -> None:
-        self.label, self.every_s = label, every_s
+    def __init__(self, label: str, total: int, every_s: float = 5.0) -> None:
+        self.label, self.total, self.every_s = label, total, every_s
+        self.done = 0
         self.started = self.last = time.monotonic()
+        self.lock = threading.Lock()
 
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.every_s or done == total:
+    def __call__(self, count: int) -> None:
+        with self.lock:
+            self.done += count
+            now = time.monotonic()
+            if now - self.last < self.every_s and self.done != self.total:
+                return
             self.last = now
-            rate = done / max(now - self.started, 1e-9)
-            print(f"[{self.label}] {done}/{total} answered ({rate:.0f}/s)", file=sys.stderr, flush=True)
+            rate = self.done / max(now - self.started, 1e-9)
+        print(f"[{self.label}] {self.done}/{self.total} answered ({rate:.0f}/s)", file=sys.stderr, flush=True)
 
 
 def split_repeated_seeds(seeds: list[PromptRecord]) -> tuple[list[PromptRecord], list[Reject]]:
@@ -179,6 +187,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     api_key = resolve_api_key(config.teacher.api_key_env) if config.teacher.backend == "openai" else None
     ledger = Ledger(config.output_dir / LEDGER_PATH)
     teacher = make_teacher(config, api_key)
+    in_flight: deque = deque()
     try:
         seeds, seed_rejects = load_seeds_task(config, prompt_column)
         seeds, repeated_seeds = split_repeated_seeds(seeds)
@@ -189,19 +198,38 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
 
         answered: list[dict[str, Any]] = []
         teacher_rejects: list[Reject] = []
-        progress = Progress(config.name)
+        progress = Progress(config.name, len(kept))
         batch_size = config.teacher.batch_size
-        for batch_index, start in enumerate(range(0, len(kept), batch_size)):
-            rows, rejects = answer_batch_task(
-                batch_index, kept[start : start + batch_size], config, teacher, ledger, progress
-            )
-            answered.extend(rows)
-            teacher_rejects.extend(rejects)
+        batches = [kept[start : start + batch_size] for start in range(0, len(kept), batch_size)]
+        if isinstance(teacher, OpenAITeacher):
+            # A few batch tasks in flight at once, so the shared `max_concurrency` never
+            # drains at a batch boundary; results are collected in batch order.
+            for batch_index, batch in enumerate(batches):
+                in_flight.append(
+                    answer_batch_task.submit(batch_index, batch, config, teacher, ledger, progress)
+                )
+                if len(in_flight) >= BATCHES_IN_FLIGHT:
+                    rows, rejects = in_flight.popleft().result()
+                    answered.extend(rows)
+                    teacher_rejects.extend(rejects)
+            while in_flight:
+                rows, rejects = in_flight.popleft().result()
+                answered.extend(rows)
+                teacher_rejects.extend(rejects)
+        else:  # an in-process model answers one batch at a time
+            for batch_index, batch in enumerate(batches):
+                rows, rejects = answer_batch_task(batch_index, batch, config, teacher, ledger, progress)
+                answered.extend(rows)
+                teacher_rejects.extend(rejects)
         accepted, response_rejects = filter_responses_task(answered, config)
     except TeacherFatalError as error:
         logger.error("%s", error)
         raise
     finally:
+        for future in in_flight:  # after a failure: let the other batches stop first
+            future.wait(timeout=120)
+        if isinstance(teacher, OpenAITeacher):
+            teacher.close()
         ledger.close()
 
     all_rejects = seed_rejects + generation_rejects + prompt_rejects + teacher_rejects + response_rejects

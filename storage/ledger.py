@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -56,6 +57,7 @@ class Ledger:
         self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()  # one connection, used from task threads and the teacher loop
 
     def get_many(self, keys: Iterable[str]) -> dict[str, tuple[TeacherAnswer, float]]:
         """Answers already recorded for `keys`: key → (answer, created_at unix seconds)."""
@@ -64,9 +66,10 @@ class Ledger:
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             placeholders = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT key, created_at, answer FROM answers WHERE key IN ({placeholders})", chunk
-            )
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT key, created_at, answer FROM answers WHERE key IN ({placeholders})", chunk
+                ).fetchall()
             for key, created_at, payload in rows:
                 answer = TeacherAnswer(**json.loads(payload))
                 answer.from_ledger = True
@@ -78,14 +81,17 @@ class Ledger:
         created_at = time.time() if created_at is None else created_at
         data = asdict(answer)
         data.pop("from_ledger", None)
-        self._db.execute(
-            "INSERT OR IGNORE INTO answers (key, created_at, answer) VALUES (?, ?, ?)",
-            (key, created_at, json.dumps(data, ensure_ascii=False)),
-        )
+        payload = json.dumps(data, ensure_ascii=False)
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO answers (key, created_at, answer) VALUES (?, ?, ?)",
+                (key, created_at, payload),
+            )
         return created_at
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
 
     def close(self) -> None:
         self._db.close()

@@ -17,6 +17,7 @@ each new answer is recorded the moment it arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import threading
@@ -105,6 +106,23 @@ class TeacherStats:
         }
 
 
+class BackgroundLoop:
+    """An asyncio event loop running in a daemon thread; `run` submits a coroutine to it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="teacher-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
 class RateLimiter:
     """Token buckets for requests and tokens per minute, shared by the workers of a loop."""
 
@@ -178,6 +196,12 @@ class OpenAITeacher:
         self._api_key = api_key if api_key is not None else resolve_api_key(config.api_key_env)
         self.stats = TeacherStats()
         self.endpoint = (str(config.base_url), config.model)
+        # Shared by every batch of a run (see `answer_sync`): one event loop in a thread,
+        # one client and connection pool, one concurrency limit, one rate limiter.
+        self._loop: BackgroundLoop | None = None
+        self._shared: tuple[openai.AsyncOpenAI, asyncio.Semaphore, RateLimiter] | None = None
+        self._fatal: TeacherFatalError | None = None
+        self._loop_lock = threading.Lock()
 
     @property
     def model(self) -> str:
@@ -208,25 +232,68 @@ class OpenAITeacher:
             timeout=self.config.timeout_s,
         )
 
-    async def answer_all(
+    def answer_sync(
         self,
         messages_list: Sequence[Messages],
         on_answer: Callable[[int, TeacherAnswer], None] | None = None,
     ) -> list[TeacherAnswer]:
+        """`answer_all` from synchronous code, on the teacher's own event loop thread.
+
+        Several threads (concurrent batch tasks) may call this at once: they share the
+        client, `max_concurrency` and the rate limits. `on_answer` runs on the loop thread.
+        """
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = BackgroundLoop()
+        return self._loop.run(self._answer_all_shared(messages_list, on_answer))
+
+    async def _answer_all_shared(self, messages_list, on_answer):  # noqa: ANN001, ANN202
+        if self._shared is None:
+            self._shared = (
+                self._client(),
+                asyncio.Semaphore(self.config.max_concurrency),
+                RateLimiter(self.config.requests_per_minute, self.config.tokens_per_minute),
+            )
+        client, semaphore, limiter = self._shared
+        return await self.answer_all(messages_list, on_answer, client=client, semaphore=semaphore, limiter=limiter)
+
+    def close(self) -> None:
+        """Close the shared client and stop the loop thread (after `answer_sync`)."""
+        if self._loop is None:
+            return
+        if self._shared is not None:
+            self._loop.run(self._shared[0].close())
+            self._shared = None
+        self._loop.close()
+        self._loop = None
+
+    async def answer_all(
+        self,
+        messages_list: Sequence[Messages],
+        on_answer: Callable[[int, TeacherAnswer], None] | None = None,
+        client: openai.AsyncOpenAI | None = None,
+        semaphore: asyncio.Semaphore | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> list[TeacherAnswer]:
         """Answers in input order. Raises `TeacherFatalError` (after cancelling in-flight
-        requests) when the endpoint rejects the credentials, the model or the URL."""
+        requests) when the endpoint rejects the credentials, the model or the URL.
+
+        Without `client`/`semaphore`/`limiter`, this call makes its own (closed at the end)."""
         results: list[TeacherAnswer | None] = [None] * len(messages_list)
         queue: asyncio.Queue[int] = asyncio.Queue()
         for index in range(len(messages_list)):
             queue.put_nowait(index)
-        limiter = RateLimiter(self.config.requests_per_minute, self.config.tokens_per_minute)
+        limiter = limiter or RateLimiter(self.config.requests_per_minute, self.config.tokens_per_minute)
+        semaphore = semaphore or asyncio.Semaphore(self.config.max_concurrency)
         params = self.request_params()
         opened = asyncio.Event()
         with _verified_lock:
             if self.endpoint in _verified_endpoints:
                 opened.set()
 
-        async with self._client() as client:
+        async with contextlib.AsyncExitStack() as stack:
+            if client is None:
+                client = await stack.enter_async_context(self._client())
 
             async def worker(worker_id: int) -> None:
                 if worker_id > 0:
@@ -236,7 +303,8 @@ class OpenAITeacher:
                         index = queue.get_nowait()
                     except asyncio.QueueEmpty:
                         return
-                    answer = await self._answer_one(client, limiter, params, messages_list[index], opened)
+                    async with semaphore:
+                        answer = await self._answer_one(client, limiter, params, messages_list[index], opened)
                     results[index] = answer
                     self.stats.answered += 1
                     self.stats.prompt_tokens += answer.prompt_tokens
@@ -271,6 +339,8 @@ class OpenAITeacher:
         estimated_tokens = sum(len(m.get("content") or "") for m in messages) // 4 + params["max_tokens"]
         reason, detail = "teacher_error:unknown", ""
         for attempt in range(self.config.max_retries + 1):
+            if self._fatal is not None:  # another batch of this run hit an auth error
+                raise self._fatal
             if attempt:
                 self.stats.retries += 1
                 self.stats.retry_reasons[reason] += 1
@@ -282,7 +352,8 @@ class OpenAITeacher:
                     model=self.config.model, messages=messages, **params
                 )
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
-                raise TeacherFatalError(self._fatal_message(error)) from None
+                self._fatal = TeacherFatalError(self._fatal_message(error))
+                raise self._fatal from None
             except openai.RateLimitError as error:
                 self._mark_open(opened)
                 reason, detail = "teacher_error:429", _short(error)
@@ -381,7 +452,7 @@ def answer_requests(
     teacher: Any,
     ledger: Ledger,
     messages_list: Sequence[Messages],
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[tuple[TeacherAnswer, float]]:
     """Answer every request, paying only for those the ledger does not hold.
 
@@ -401,21 +472,20 @@ def answer_requests(
             pending[key] = messages
     pending_keys = list(pending)
     fresh: dict[str, tuple[TeacherAnswer, float]] = {}
-    done = len(messages_list) - len(pending_keys)
+    if progress is not None:
+        progress(len(messages_list) - len(pending_keys))
 
     def record(index: int, answer: TeacherAnswer) -> None:
-        nonlocal done
         key = pending_keys[index]
         created_at = ledger.put(key, answer) if is_recordable(answer) else time.time()
         fresh[key] = (answer, created_at)
-        done += 1
         if progress is not None:
-            progress(done, len(messages_list))
+            progress(1)
 
     if pending_keys:
         requests = [pending[key] for key in pending_keys]
         if isinstance(teacher, OpenAITeacher):
-            asyncio.run(teacher.answer_all(requests, on_answer=record))
+            teacher.answer_sync(requests, on_answer=record)
         else:
             for start in range(0, len(requests), teacher.batch_size):
                 chunk = requests[start : start + teacher.batch_size]
