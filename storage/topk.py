@@ -11,18 +11,20 @@ Layout (little-endian)::
     top1     T × f32   logprob of the most likely token, exact
     ids      T × k × id_width bytes   unsigned ids, id_width = 2 (vocab ≤ 65,536),
                                       3 (≤ 16.7 M) or 4, chosen from the largest id
-    deltas   T × (k-1) × u16          round((top1 - logprob_j) / LOGPROB_STEP), j = 2..k,
+    gaps     T × (k-1) × u16          round(sqrt(top1 - logprob_j) · GAP_SCALE), j = 2..k,
                                       saturated at 65,535 (= 64 nats below the top-1)
 
 Size per position: 4 + k·id_width + 2·(k-1) bytes, plus 8 bytes per blob. At k = 20 that is
 82 bytes for a vocabulary ≤ 65,536 and 102 bytes for a larger one (Llama-3, Qwen, Gemma).
 
-Error: the top-1 logprob and every id are exact. Every other logprob is off by at most
-LOGPROB_STEP / 2 = 2**-11 ≈ 4.9e-4 nats (a relative error ≤ 4.9e-4 on its probability),
-except logprobs more than 64 nats below the top-1 (probability ratio < 1.6e-28), which
-decode as exactly 64 nats below it; -inf decodes the same way. Rounding is monotone, so
-decoded rows stay sorted. `bench/logits_bytes.py` measures the induced error on
-probabilities and on the KL of the renormalised top-k distributions.
+Error: the top-1 logprob and every id are exact. A gap g = top1 - logprob is stored on a
+square-root scale, so the error is smallest where probabilities are largest:
+|Δ log p| ≤ sqrt(g) / GAP_SCALE (+ 4e-9), i.e. ≤ 1.2e-4 nats at g = 1 and ≤ 9.8e-4 nats
+(MAX_LOGPROB_ERROR) at the 64-nat end; the absolute error of a probability is at most
+p_top1 · max_g e^-g·sqrt(g) / GAP_SCALE ≈ 5.3e-5 (MAX_PROB_ERROR). Gaps over 64 nats
+(probability ratio < 1.6e-28) and -inf decode as exactly 64 nats below the top-1. Rounding
+is monotone, so decoded rows stay sorted. `bench/logits_bytes.py` measures the error on
+probabilities and the KL it induces.
 """
 
 from __future__ import annotations
@@ -35,10 +37,17 @@ MAGIC = b"K"
 VERSION = 1
 HEADER = struct.Struct("<cBBBHI")  # magic, version, id_width, reserved, k, T
 
-LOGPROB_STEP = 1.0 / 1024.0  # nats per quantisation step of a delta to the top-1
-MAX_DELTA_CODE = np.iinfo(np.uint16).max
-MAX_DELTA_NATS = MAX_DELTA_CODE * LOGPROB_STEP  # ≈ 64 nats: larger gaps saturate here
-MAX_LOGPROB_ERROR = LOGPROB_STEP / 2  # bound on |decoded - true| for gaps below MAX_DELTA_NATS
+GAP_SCALE = 8192.0  # code = round(sqrt(gap in nats) * GAP_SCALE)
+MAX_GAP_CODE = np.iinfo(np.uint16).max
+MAX_DELTA_NATS = (MAX_GAP_CODE / GAP_SCALE) ** 2  # ≈ 64 nats: larger gaps saturate here
+# Bounds on |decoded - true| for gaps below MAX_DELTA_NATS (see the module docstring).
+MAX_LOGPROB_ERROR = float(np.sqrt(MAX_DELTA_NATS) / GAP_SCALE + 0.25 / GAP_SCALE**2)
+MAX_PROB_ERROR = float(np.exp(-0.5) * np.sqrt(0.5) / GAP_SCALE * 1.001)
+
+
+def logprob_error_bound(gap: np.ndarray | float) -> np.ndarray | float:
+    """Bound on |decoded - true| logprob of a token `gap` nats below the top-1."""
+    return np.sqrt(np.minimum(gap, MAX_DELTA_NATS)) / GAP_SCALE + 0.25 / GAP_SCALE**2
 
 
 def id_width_for(max_id: int) -> int:
@@ -90,7 +99,7 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray) -> bytes:
     if np.isneginf(top1).any():
         raise ValueError("the top-1 logprob of a position is -inf; the teacher output is broken")
     gaps = top1[:, None] - logprobs[:, 1:]  # (T, k-1), ≥ 0 (inf where logprob is -inf)
-    codes = np.minimum(np.rint(gaps / LOGPROB_STEP), MAX_DELTA_CODE).astype("<u2")
+    codes = np.minimum(np.rint(np.sqrt(gaps) * GAP_SCALE), MAX_GAP_CODE).astype("<u2")
 
     id_bytes = ids.astype("<u4").view(np.uint8).reshape(num_positions, k, 4)[:, :, :id_width]
     header = HEADER.pack(MAGIC, VERSION, id_width, 0, k, num_positions)
@@ -127,7 +136,7 @@ def decode_topk(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
     logprobs = np.empty((num_positions, k), dtype=np.float32)
     if k:
         logprobs[:, 0] = top1
-        gaps = codes.reshape(num_positions, k - 1).astype(np.float64) * LOGPROB_STEP
+        gaps = (codes.reshape(num_positions, k - 1).astype(np.float64) / GAP_SCALE) ** 2
         logprobs[:, 1:] = (top1.astype(np.float64)[:, None] - gaps).astype(np.float32)
     return ids, logprobs
 

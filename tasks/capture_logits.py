@@ -40,7 +40,15 @@ from distillflow.config import ConfigError, DistillConfig
 from storage.add_columns import add_columns_atomic, column_compressed_bytes, read_provenance
 from storage.manifest import MANIFEST_NAME, read_manifest, remove_manifest, write_manifest
 from storage.parquet import ShardInfo, file_sha256, list_shards
-from storage.topk import LOGPROB_STEP, MAX_DELTA_NATS, MAX_LOGPROB_ERROR, VERSION, encode_topk, topk_shape
+from storage.topk import (
+    GAP_SCALE,
+    MAX_DELTA_NATS,
+    MAX_LOGPROB_ERROR,
+    MAX_PROB_ERROR,
+    VERSION,
+    encode_topk,
+    topk_shape,
+)
 
 IGNORE_INDEX = -100
 TOPK_FIELDS = [
@@ -480,12 +488,14 @@ def capture_summary(settings: CaptureSettings, results: Sequence[ShardCapture]) 
         "shards_skipped": sum(result.skipped for result in results),
         "blob_bytes_per_token": round(sum(r.blob_bytes for r in results) / positions, 2) if positions else None,
         "stored_bytes_per_token": round(sum(r.stored_bytes for r in results) / positions, 2) if positions else None,
-        "logprob_step_nats": LOGPROB_STEP,
+        "gap_encoding": f"uint16 round(sqrt(top1 - logprob) * {GAP_SCALE:g})",
         "max_abs_logprob_error_nats": MAX_LOGPROB_ERROR,
+        "max_abs_prob_error": MAX_PROB_ERROR,
         "saturation_nats_below_top1": MAX_DELTA_NATS,
-        "error_note": "ids and the top-1 logprob are exact; other logprobs are within "
-        "max_abs_logprob_error_nats (relative probability error ≤ expm1 of it) unless more "
-        "than saturation_nats_below_top1 below the top-1",
+        "error_note": "ids and the top-1 logprob are exact; a logprob g nats below the top-1 "
+        "is within sqrt(g)/8192 nats (max_abs_logprob_error_nats at the saturation end), every "
+        "probability within max_abs_prob_error; gaps beyond saturation_nats_below_top1 decode "
+        "at that gap",
     }
 
 

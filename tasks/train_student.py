@@ -35,7 +35,8 @@ from training.config import TrainingConfig
 
 TAIL_LINES = 30  # output lines quoted in the error of a failed run
 MAX_CURVE_ROWS = 500  # rows of the loss-curve artifact (evenly thinned, last step kept)
-CURVE_COLUMNS = ("step", "loss", "lr", "tokens", "elapsed_s")
+# Columns of the loss-curve table, in this order, when metrics.jsonl has them.
+CURVE_COLUMNS = ("step", "loss", "kd", "ce", "hidden", "lr", "tokens", "elapsed_s")
 
 
 class TrainingFailed(RuntimeError):
@@ -160,7 +161,8 @@ def loss_curve_rows(steps: list[dict[str, Any]], max_rows: int = MAX_CURVE_ROWS)
     if len(steps) > max_rows:
         stride = math.ceil(len(steps) / max_rows)
         steps = steps[::stride] if (len(steps) - 1) % stride == 0 else steps[::stride] + [steps[-1]]
-    return [{column: _rounded(step.get(column)) for column in CURVE_COLUMNS} for step in steps]
+    columns = [column for column in CURVE_COLUMNS if any(column in step for step in steps)]
+    return [{column: _rounded(step.get(column)) for column in columns} for step in steps]
 
 
 def _rounded(value: Any) -> Any:
@@ -176,8 +178,9 @@ def summary_markdown(title: str, steps: list[dict[str, Any]], final: dict[str, A
             f"{len(steps)} logged step(s); loss {first.get('loss'):.4f} at step {first.get('step')} "
             f"→ {last.get('loss'):.4f} at step {last.get('step')}."
         )
-        if last.get("tokens") and last.get("elapsed_s"):
-            lines.append(f"Throughput: {last['tokens'] / last['elapsed_s']:,.0f} tokens/s.")
+        tokens = sum(step.get("tokens") or 0 for step in steps)  # `tokens` is per step
+        if tokens and last.get("elapsed_s"):
+            lines.append(f"{tokens:,} tokens in {last['elapsed_s']:.1f} s ({tokens / last['elapsed_s']:,.0f} tokens/s).")
         lines.append("")
     lines += ["| metric | value |", "|---|---|"]
     for key, value in final.items():
@@ -200,7 +203,9 @@ def artifact_key(output_dir: str | Path, suffix: str) -> str:
 def build_command(config_path: str | Path, config: TrainingConfig, num_processes: int | None) -> list[str]:
     from training.launch import build_launch_command
 
-    return list(build_launch_command(config_path, num_processes or config.num_processes))
+    return build_launch_command(
+        config_path, num_processes or config.num_processes, master_port=config.master_port
+    )
 
 
 @task(name="train-student", cache_policy=NO_CACHE)
@@ -220,7 +225,9 @@ def train_student(
     config = load_training_config(config_path)
     argv = command or build_command(config_path, config, num_processes)
     logger.info("launching training: %s", " ".join(argv))
-    run_streaming(argv, logger.info, env=env, timeout_s=timeout_s)
+    from training.launch import launch_env
+
+    run_streaming(argv, logger.info, env=launch_env() | (env or {}), timeout_s=timeout_s)
 
     steps, final = read_metrics(config.output_dir)
     create_table_artifact(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import free_port
 from tasks.train_student import (
     TrainingFailed,
     artifact_key,
@@ -113,10 +114,11 @@ def test_metrics_become_a_thinned_curve_and_a_summary(tmp_path):
 
     rows = loss_curve_rows(read_steps, max_rows=100)
     assert len(rows) <= 101 and rows[0]["step"] == 1 and rows[-1]["step"] == 1001
-    assert set(rows[0]) == {"step", "loss", "lr", "tokens", "elapsed_s"}
+    assert list(rows[0]) == ["step", "loss", "lr", "tokens", "elapsed_s"]
 
     markdown = summary_markdown("Run", read_steps, final)
     assert "| eval_loss | 0.5 |" in markdown and "1.0000 at step 1 → 0.0010 at step 1001" in markdown
+    assert "5,015,010 tokens in 100.1 s" in markdown  # `tokens` is per step: summed
     assert artifact_key("/x/My Run_2", "loss-curve") == "my-run-2-loss-curve"
     assert read_metrics(tmp_path / "missing") == ([], {})
 
@@ -206,3 +208,34 @@ def test_train_command_reports_a_bad_config_in_one_paragraph(tmp_path):
     bad.write_text(yaml.safe_dump({"dataset_dir": "d", "output_dir": "o"}))
     with pytest.raises(SystemExit, match="set `student`"):
         train_command(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_train_flow_runs_real_kd_topk_training_on_captured_logits(prefect_harness, tmp_path):
+    """capture-logits → `distill train` on a tiny Llama: the kd_topk objective decodes the
+    captured blobs, the flow streams the run and publishes its curve."""
+    from distillflow.tiny import build_tiny_llama
+    from flows.train import train
+    from tasks.capture_logits import capture_dataset
+    from tests.test_capture_logits import settings_for, write_dataset
+
+    teacher = tmp_path / "teacher"
+    build_tiny_llama(teacher, hidden_size=64, num_heads=2, num_layers=2, vocab_size=320, seed=1)
+    dataset = write_dataset(tmp_path / "ds")
+    capture_dataset(settings_for(teacher, dataset, dataset, max_length=64))
+
+    out = tmp_path / "kd-run"
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "dataset_dir": str(dataset), "output_dir": str(out), "student": str(teacher),
+        "teacher": str(teacher), "objective": "kd_topk", "max_length": 64, "max_steps": 2,
+        "micro_batch_size": 2, "master_port": free_port(),
+    }))
+    state = train(str(config), timeout_s=540, return_state=True)
+    assert state.is_completed(), state
+    metrics = state.result()
+    assert metrics["steps"] == 2 and metrics["objective"] == "kd_topk"
+    steps, _ = read_metrics(out)
+    assert [step["step"] for step in steps] == [1, 2] and all(step["kd"] > 0 for step in steps)
+    assert (out / "final" / "config.json").is_file()
