@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from training.losses import (
+    KDSettings,
+    chunk_loss_sums,
     chunked_distillation_loss,
     divergence_from_logprobs,
     logit_divergence,
@@ -83,10 +85,10 @@ def test_t_squared_keeps_gradient_scale_at_high_temperature():
     vocab, temperature = 7, 1000.0
     student = logits(n=3, vocab=vocab, seed=9).float().requires_grad_()
     teacher = logits(n=3, vocab=vocab, seed=10).float()
-    head = torch.nn.Identity()
+    identity = torch.eye(vocab)  # a head whose logits are its input rows
     sums = chunked_distillation_loss(
-        student, torch.zeros(3, dtype=torch.long), head, teacher_hidden=teacher, teacher_head=head,
-        temperature=temperature, alpha=1.0,
+        student, torch.zeros(3, dtype=torch.long), identity, teacher_hidden=teacher,
+        teacher_head_weight=identity, temperature=temperature, alpha=1.0,
     )
     sums.total.backward()
     difference = (student - teacher).detach()
@@ -100,8 +102,10 @@ def test_t_squared_keeps_gradient_scale_at_high_temperature():
 def test_alpha_mixes_kd_and_cross_entropy():
     student, teacher = logits(seed=11).float(), logits(seed=12).float()
     targets = torch.randint(0, 11, (6,), generator=torch.Generator().manual_seed(0))
-    head = torch.nn.Identity()
-    sums = chunked_distillation_loss(student, targets, head, teacher_hidden=teacher, teacher_head=head, alpha=0.25)
+    identity = torch.eye(11)
+    sums = chunked_distillation_loss(
+        student, targets, identity, teacher_hidden=teacher, teacher_head_weight=identity, alpha=0.25
+    )
     ce = F.cross_entropy(student, targets, reduction="sum")
     kd = logit_divergence(student, teacher).sum()
     assert torch.allclose(sums.ce, ce) and torch.allclose(sums.kd, kd, rtol=1e-5)
@@ -117,7 +121,7 @@ def test_masking_ignores_prompt_and_padding_positions():
     assert torch.equal(targets, torch.tensor([3, 4, 1, 2]))
     assert torch.equal(rows, torch.stack([states[0, 1], states[0, 2], states[1, 0], states[1, 1]]))
     # changing anything at masked positions does not change the loss
-    head = torch.nn.Linear(hidden, 7)
+    head = torch.randn(7, hidden)
     before = chunked_distillation_loss(*select_supervised(states, labels), head).total
     noisy = states.clone()
     noisy[0, 3:] = 100.0
@@ -172,35 +176,43 @@ def test_topk_gradients_are_finite_when_the_tail_is_empty():
 
 @pytest.mark.parametrize("objective", ["sft", "kd_logits", "kd_topk"])
 def test_chunking_changes_neither_value_nor_gradient(objective):
+    """Chunked (4 rows) vs one chunk, and both vs plain autograd through full logits."""
     n, hidden, vocab = 23, 8, 17
     generator = torch.Generator().manual_seed(18)
     states = torch.randn(n, hidden, generator=generator)
     targets = torch.randint(0, vocab, (n,), generator=generator)
     teacher_states = torch.randn(n, hidden, generator=generator)
-    teacher_head = torch.nn.Linear(hidden, vocab).requires_grad_(False)
+    teacher_head = torch.randn(vocab, hidden, generator=generator)
     kwargs = {}
     if objective == "kd_logits":
-        kwargs = {"teacher_hidden": teacher_states, "teacher_head": teacher_head, "divergence": "jsd"}
+        kwargs = {"teacher_hidden": teacher_states, "teacher_head_weight": teacher_head, "divergence": "jsd"}
     if objective == "kd_topk":
-        top_log, top_ids = F.log_softmax(teacher_head(teacher_states), -1).topk(5, dim=-1)
+        top_log, top_ids = F.log_softmax(teacher_states @ teacher_head.T, -1).topk(5, dim=-1)
         kwargs = {"topk_ids": top_ids, "topk_logprobs": top_log, "temperature": 2.0}
     results = []
     for chunk in (4, 1000):
-        head = torch.nn.Linear(hidden, vocab)
-        torch.nn.init.constant_(head.bias, 0.1)
-        with torch.no_grad():
-            head.weight.copy_(torch.linspace(-1, 1, vocab * hidden).view(vocab, hidden))
+        head = torch.linspace(-1, 1, vocab * hidden).view(vocab, hidden).requires_grad_()
         rows = states.clone().requires_grad_()
         total = chunked_distillation_loss(rows, targets, head, chunk_tokens=chunk, **kwargs).total
-        total.backward()
-        results.append((total.detach(), rows.grad, head.weight.grad))
-    for small, large in zip(*results):
+        (2.0 * total).backward()  # a scaled loss scales both gradients
+        results.append((total.detach(), rows.grad, head.grad))
+    head = torch.linspace(-1, 1, vocab * hidden).view(vocab, hidden).requires_grad_()
+    rows = states.clone().requires_grad_()
+    teacher_logits = teacher_states @ teacher_head.T if objective == "kd_logits" else None
+    plain = chunk_loss_sums(
+        rows @ head.T, targets, teacher_logits, kwargs.get("topk_ids"), kwargs.get("topk_logprobs"),
+        KDSettings(kwargs.get("divergence", "forward_kl"), 0.5, kwargs.get("temperature", 1.0), 0.5),
+    )[0]
+    (2.0 * plain).backward()
+    results.append((plain.detach(), rows.grad, head.grad))
+    for small, large, reference in zip(*results):
         assert torch.allclose(small, large, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(small, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_padded_vocabulary_rows_are_trimmed():
     student = logits(n=4, vocab=9, seed=19).float()
     padded = torch.cat([student, torch.full((4, 3), 50.0)], dim=-1)  # 3 padded rows, huge logits
     targets = torch.tensor([0, 1, 2, 3])
-    trimmed = chunked_distillation_loss(padded, targets, torch.nn.Identity(), vocab_size=9)
+    trimmed = chunked_distillation_loss(padded, targets, torch.eye(12), vocab_size=9)
     assert torch.allclose(trimmed.total, F.cross_entropy(student, targets, reduction="sum"))

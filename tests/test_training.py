@@ -27,9 +27,9 @@ from training.model import (
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    from training.testing import build_tiny_setup
+    from training.testing import build_tiny_setup_once
 
-    return build_tiny_setup(tmp_path_factory.mktemp("tiny-distill"), num_rows=16)
+    return build_tiny_setup_once(tmp_path_factory.getbasetemp() / "tiny-distill", num_rows=16)
 
 
 @pytest.fixture(scope="session")
@@ -195,3 +195,13 @@ def test_each_objective_lowers_its_loss(tiny, tokenizer, tmp_path, overrides):
         assert sums[1] > 0  # the KD term is really there
     if config.objective == "hidden":
         assert sums[3] > 0
+
+
+def test_entry_point_exits_non_zero_with_a_clear_message(tiny, tmp_path, capsys):
+    from training.train import main
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"training:\n  dataset_dir: {tmp_path}\n  output_dir: {tmp_path}/run\n  studnet: x\n")
+    assert main(["--config", str(config)]) == 1
+    message = capsys.readouterr().err
+    assert "training.studnet: unknown key" in message

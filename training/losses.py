@@ -22,12 +22,10 @@ T^2 (Hinton et al.) so that its gradients keep their magnitude as T changes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 # Stand-in for log(0) in the top-k tail bucket: exp(-1e4) is 0 in float32, and unlike -inf
@@ -112,9 +110,19 @@ def topk_coarse_logprobs(
     V - k other tokens: r_T ∝ (V - k)^(1 - 1/T) r^(1/T) (the maximum-entropy guess; exact
     at T = 1 and when r = 0).
     """
-    vocab = student_logits.shape[-1]
-    k = topk_ids.shape[-1]
     student_log_full = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    return topk_coarse_from_logprobs(student_log_full, topk_ids, topk_logprobs, temperature)
+
+
+def topk_coarse_from_logprobs(
+    student_log_full: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `topk_coarse_logprobs`, from the student's (N, V) log-probabilities at temperature T."""
+    vocab = student_log_full.shape[-1]
+    k = topk_ids.shape[-1]
     student_top = student_log_full.gather(-1, topk_ids)  # (N, k)
     # log of the student's mass outside the top-k, summed directly (no 1 - x cancellation);
     # LOG_FLOOR instead of -inf keeps gradients finite when the top-k covers the vocabulary.
@@ -184,48 +192,109 @@ class LossSums:
     ce: torch.Tensor  # scalar, detached: cross-entropy sum
 
 
-def _chunk_sums(
-    student_hidden: torch.Tensor,
+@dataclass(frozen=True)
+class KDSettings:
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    alpha: float = 0.5  # weight of the KD term; 1 - alpha weighs cross-entropy
+    vocab_size: int | None = None  # keep logits [:vocab_size] (drop padded embedding rows)
+
+
+def chunk_loss_sums(
+    student_logits: torch.Tensor,
     targets: torch.Tensor,
-    teacher_hidden: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
     topk_ids: torch.Tensor | None,
     topk_logprobs: torch.Tensor | None,
-    *,
-    student_head: Callable[[torch.Tensor], torch.Tensor],
-    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None,
-    divergence: str,
-    beta: float,
-    temperature: float,
-    alpha: float,
-    vocab_size: int | None,
+    settings: KDSettings,
 ) -> torch.Tensor:
-    """One chunk → stacked (total, kd, ce) sums. Shapes as in `chunked_distillation_loss`."""
-    student_logits = student_head(student_hidden)  # (n, V_student)
-    if vocab_size is not None:
-        student_logits = student_logits[..., :vocab_size]
-    ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
-    zero = ce.new_zeros(())
-    if teacher_hidden is not None:
-        with torch.no_grad():
-            teacher_logits = teacher_head(teacher_hidden)  # (n, V_teacher)
-            if vocab_size is not None:
-                teacher_logits = teacher_logits[..., :vocab_size]
-        kd = logit_divergence(student_logits, teacher_logits, divergence, beta, temperature).sum()
-    elif topk_ids is not None:
-        kd = topk_divergence(student_logits, topk_ids, topk_logprobs, divergence, beta, temperature).sum()
+    """(n, V) logits of one chunk → (3,) sums [alpha*T^2*KD + (1-alpha)*CE, T^2*KD, CE].
+
+    Dense teacher: teacher_logits (n, V). Sparse teacher: topk_ids / topk_logprobs (n, k).
+    Neither: cross-entropy only (the KD slot is 0 and alpha is ignored).
+    """
+    if settings.vocab_size is not None:
+        student_logits = student_logits[..., : settings.vocab_size]
+        if teacher_logits is not None:
+            teacher_logits = teacher_logits[..., : settings.vocab_size]
+    temperature = settings.temperature
+    student_log = F.log_softmax(student_logits.float(), dim=-1)  # (n, V), shared by CE and KD
+    ce = -student_log.gather(-1, targets[:, None]).sum()
+    if teacher_logits is None and topk_ids is None:
+        return torch.stack([ce, ce.new_zeros(()), ce])
+    if temperature != 1.0:
+        student_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if teacher_logits is not None:
+        teacher_log = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     else:
-        return torch.stack([ce, zero, ce])
+        student_log, teacher_log = topk_coarse_from_logprobs(student_log, topk_ids, topk_logprobs, temperature)
+    kd = divergence_from_logprobs(student_log, teacher_log, settings.divergence, settings.beta).sum()
     kd = kd * temperature**2
-    return torch.stack([alpha * kd + (1 - alpha) * ce, kd, ce])
+    return torch.stack([settings.alpha * kd + (1 - settings.alpha) * ce, kd, ce])
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Loss of `hidden @ weight.T` computed chunk by chunk, gradients included.
+
+    Forward runs each chunk's forward and backward at once and keeps only the gradients
+    w.r.t. the hidden rows (N, H) and the head weight (V, H); every (n, V) tensor of a chunk
+    is freed before the next. Backward scales the stored gradients. The head weight enters
+    the graph once, however many chunks there are, which keeps ZeRO-3's per-parameter
+    gradient hooks in step across processes with different token counts.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_weight, topk_ids, topk_logprobs, settings, chunk):
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
+        sums = hidden.new_zeros(3, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            teacher_logits = None
+            if teacher_hidden is not None:
+                teacher_logits = teacher_hidden[rows] @ teacher_weight.T  # (n, V_t), no grad
+            with torch.enable_grad():
+                chunk_hidden = hidden[rows].detach().requires_grad_(hidden.requires_grad)
+                chunk_weight = weight.detach().requires_grad_(weight.requires_grad)
+                chunk_sums = chunk_loss_sums(
+                    chunk_hidden @ chunk_weight.T,  # (n, V)
+                    targets[rows],
+                    teacher_logits,
+                    None if topk_ids is None else topk_ids[rows],
+                    None if topk_logprobs is None else topk_logprobs[rows],
+                    settings,
+                )
+                wanted = [t for t in (chunk_hidden, chunk_weight) if t.requires_grad]
+                grads = torch.autograd.grad(chunk_sums[0], wanted) if wanted else []
+            grads = list(grads)
+            if chunk_hidden.requires_grad:
+                grad_hidden[rows] = grads.pop(0)
+            if chunk_weight.requires_grad:
+                grad_weight += grads.pop(0)
+            sums += chunk_sums.detach().float()
+        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else hidden.new_zeros(0))
+        ctx.has_weight_grad = grad_weight is not None
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_sums[0]  # only the total (slot 0) is differentiated
+        return (
+            grad_hidden * scale,
+            grad_weight * scale if ctx.has_weight_grad else None,
+            None, None, None, None, None, None, None,
+        )
 
 
 def chunked_distillation_loss(
     student_hidden: torch.Tensor,
     targets: torch.Tensor,
-    student_head: Callable[[torch.Tensor], torch.Tensor],
+    head_weight: torch.Tensor,
     *,
     teacher_hidden: torch.Tensor | None = None,
-    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher_head_weight: torch.Tensor | None = None,
     topk_ids: torch.Tensor | None = None,
     topk_logprobs: torch.Tensor | None = None,
     divergence: str = "forward_kl",
@@ -238,40 +307,22 @@ def chunked_distillation_loss(
     """alpha * T^2 * divergence + (1 - alpha) * cross-entropy, summed over N tokens.
 
     student_hidden: (N, H_s) final (normed) student states; targets: (N,) token ids;
-    student_head: (n, H_s) → (n, V) (the student's lm_head). White-box: teacher_hidden
-    (N, H_t) and teacher_head (n, H_t) → (n, V). Sparse: topk_ids / topk_logprobs (N, k).
-    Neither: plain cross-entropy (sft). vocab_size trims padded embedding rows of both heads.
+    head_weight: (V, H_s) the student's lm_head weight. White-box: teacher_hidden (N, H_t)
+    and teacher_head_weight (V, H_t). Sparse: topk_ids / topk_logprobs (N, k). Neither:
+    plain cross-entropy (sft). vocab_size trims padded embedding rows of both heads.
 
-    Each chunk of `chunk_tokens` rows goes through activation checkpointing: its (n, V)
-    logits, log-probabilities and their gradients are freed after the chunk and recomputed in
-    backward, so peak memory grows with chunk_tokens x V, not N x V.
+    At most `chunk_tokens` rows of logits (and of their softmaxes and gradients) exist at a
+    time, so peak memory grows with chunk_tokens x V, not N x V.
     """
-    sums = []
-    for start in range(0, student_hidden.shape[0], chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
-        sums.append(
-            checkpoint(
-                _chunk_sums,
-                student_hidden[rows],
-                targets[rows],
-                None if teacher_hidden is None else teacher_hidden[rows],
-                None if topk_ids is None else topk_ids[rows],
-                None if topk_logprobs is None else topk_logprobs[rows],
-                use_reentrant=False,
-                student_head=student_head,
-                teacher_head=teacher_head,
-                divergence=divergence,
-                beta=beta,
-                temperature=temperature,
-                alpha=alpha,
-                vocab_size=vocab_size,
-            )
-        )
-    if not sums:  # no supervised token in this micro-batch: a zero that still has a graph
-        total = student_head(student_hidden[:0]).sum()
-        return LossSums(total, total.detach(), total.detach())
-    stacked = torch.stack(sums).sum(0)  # (3,)
-    return LossSums(stacked[0], stacked[1].detach(), stacked[2].detach())
+    settings = KDSettings(divergence, beta, temperature, alpha, vocab_size)
+    if teacher_hidden is not None:
+        teacher_hidden = teacher_hidden.detach()
+        teacher_head_weight = teacher_head_weight.detach()
+    sums = _ChunkedHeadLoss.apply(
+        student_hidden, head_weight, targets, teacher_hidden, teacher_head_weight,
+        topk_ids, topk_logprobs, settings, max(1, chunk_tokens),
+    )
+    return LossSums(sums[0], sums[1].detach(), sums[2].detach())
 
 
 def select_supervised(states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@ module DeepSpeed trains (student + hidden-state projections + the whole loss in 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -221,29 +222,35 @@ class DistillationModel(nn.Module):
         student_last, student_layers = _hidden_states(self.student, batch, hidden_needed)
         rows, targets = select_supervised(student_last, batch.labels)  # (N, H_s), (N,)
 
-        teacher_rows = teacher_head = None
+        teacher_rows = teacher_weight = None
         teacher_layers = None
+        teacher_head = contextlib.nullcontext()
         if config.objective in ("kd_logits", "hidden"):
             with torch.no_grad():
                 teacher_last, teacher_layers = _hidden_states(self.teacher, batch, hidden_needed)
             teacher_rows, _ = select_supervised(teacher_last, batch.labels)  # (N, H_t)
-            teacher_head = self.teacher.get_output_embeddings()
+            teacher_weight = self.teacher.get_output_embeddings().weight
+            if hasattr(teacher_weight, "ds_id"):  # teacher partitioned by ZeRO-3 inference
+                import deepspeed
 
-        sums = chunked_distillation_loss(
-            rows,
-            targets,
-            self.student.get_output_embeddings(),
-            teacher_hidden=teacher_rows,
-            teacher_head=teacher_head,
-            topk_ids=batch.topk_ids if config.objective == "kd_topk" else None,
-            topk_logprobs=batch.topk_logprobs if config.objective == "kd_topk" else None,
-            divergence=config.divergence,
-            beta=config.beta,
-            temperature=config.temperature,
-            alpha=0.0 if config.objective == "sft" else config.alpha,
-            chunk_tokens=config.loss_chunk_tokens,
-            vocab_size=self.vocab_size,
-        )
+                teacher_head = deepspeed.zero.GatheredParameters([teacher_weight])
+
+        with teacher_head:
+            sums = chunked_distillation_loss(
+                rows,
+                targets,
+                self.student.get_output_embeddings().weight,
+                teacher_hidden=teacher_rows,
+                teacher_head_weight=teacher_weight,
+                topk_ids=batch.topk_ids if config.objective == "kd_topk" else None,
+                topk_logprobs=batch.topk_logprobs if config.objective == "kd_topk" else None,
+                divergence=config.divergence,
+                beta=config.beta,
+                temperature=config.temperature,
+                alpha=0.0 if config.objective == "sft" else config.alpha,
+                chunk_tokens=config.loss_chunk_tokens,
+                vocab_size=self.vocab_size,
+            )
         total = sums.total
         hidden_sum = total.new_zeros(())
         for projection, (teacher_layer, student_layer) in zip(self.projections, self.layer_pairs):

@@ -86,3 +86,13 @@ def build_tiny_setup(
         )
     write_table_atomic(pa.Table.from_pylist(rows), root / "dataset" / "data" / "part-00000.parquet")
     return {"teacher": root / "teacher", "student": root / "student", "dataset": root / "dataset"}
+
+
+def build_tiny_setup_once(root: str | Path, **kwargs) -> dict[str, Path]:
+    """`build_tiny_setup` unless `root` already holds a finished one (marker written last)."""
+    root = Path(root)
+    marker = root / "READY"
+    if not marker.is_file():
+        build_tiny_setup(root, **kwargs)
+        marker.write_text("ok\n")
+    return {"teacher": root / "teacher", "student": root / "student", "dataset": root / "dataset"}

@@ -248,6 +248,11 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         teacher_engine.module.eval()
         teacher = teacher_engine.module
     model = DistillationModel(student, config, vocab_size, teacher)
+    ds_config = deepspeed_config(config, world)
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        # The loss reads lm_head.weight outside lm_head.forward: ZeRO-3 must gather it for
+        # the forward and backward of the whole model.
+        deepspeed.zero.register_external_parameter(model, student.get_output_embeddings().weight)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -257,7 +262,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(config, world),
+        config=ds_config,
     )
 
     # 4. Resume: the step index alone decides the data, so the loss curve continues exactly.

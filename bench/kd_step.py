@@ -1,0 +1,101 @@
+"""Step time of kd_topk vs sft on the same student (forward + backward + AdamW step).
+
+The student is a Llama built from a config (random weights, vocab 32k by default); batches
+are synthetic: random token ids, the second half of each row supervised, and teacher top-k
+logprobs (k = 20) drawn at random for every supervised token, as `distill capture-logits`
+would store them. Objectives alternate step by step so that load on a shared machine hits
+both alike; the figure is the median step time. Target: kd_topk ≤ 1.15x sft.
+
+    python bench/kd_step.py [--steps 12] [--vocab 32000] [--hidden 256] [--layers 4] [--tokens 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.config import TrainingConfig  # noqa: E402
+from training.data import Batch  # noqa: E402
+from training.model import DistillationModel  # noqa: E402
+
+
+def make_student(vocab: int, hidden: int, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+        tie_word_embeddings=False, use_cache=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def make_batch(rows: int, length: int, vocab: int, k: int) -> Batch:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, vocab, (rows, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, : length // 2] = -100
+    position_ids = torch.arange(length).expand(rows, length).clone()
+    supervised = int((labels[:, 1:] != -100).sum())
+    logprobs = torch.log_softmax(torch.randn(supervised, k, generator=generator) * 2, -1) - 0.2  # tail 18%
+    logprobs, order = logprobs.sort(-1, descending=True)
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:k] for _ in range(supervised)])
+    return Batch(input_ids, labels, position_ids, ids, logprobs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per objective")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per batch (rows of 128)")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--chunk", type=int, default=1024, help="loss_chunk_tokens")
+    args = parser.parse_args()
+
+    batch = make_batch(max(1, args.tokens // 128), 128, args.vocab, args.k)
+    runs = {}
+    for objective in ("sft", "kd_topk"):
+        config = TrainingConfig(
+            dataset_dir=".", output_dir=".", student=".", teacher=".", objective=objective,
+            alpha=0.5, loss_chunk_tokens=args.chunk,
+        )
+        model = DistillationModel(make_student(args.vocab, args.hidden, args.layers), config, args.vocab)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        runs[objective] = (model, optimizer)
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for step in range(args.warmup + args.steps):
+        for name, (model, optimizer) in runs.items():
+            started = time.perf_counter()
+            sums = model(batch)
+            (sums[0] / batch.num_supervised).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - started)
+
+    sft, topk = statistics.median(times["sft"]), statistics.median(times["kd_topk"])
+    params = sum(p.numel() for p in runs["sft"][0].parameters())
+    print(f"student: {params / 1e6:.1f} M params, vocab {args.vocab}, {batch.input_ids.numel()} tokens/step "
+          f"({batch.num_supervised} supervised), k = {args.k}, torch threads {torch.get_num_threads()}")
+    print(f"  sft     : median {sft * 1000:8.1f} ms/step")
+    print(f"  kd_topk : median {topk * 1000:8.1f} ms/step")
+    ratio = topk / sft
+    print(f"  ratio kd_topk / sft: {ratio:.3f}x  (target ≤ 1.15x) {'OK' if ratio <= 1.15 else 'ABOVE TARGET'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
