@@ -184,7 +184,14 @@ def attainable(texts: list[str], cluster: np.ndarray, threshold: float, ngram: i
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident set (VmHWM; ru_maxrss would include the parent's at spawn)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_ours(texts_path: str, args: dict, out: mp.Queue) -> None:

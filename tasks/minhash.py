@@ -8,7 +8,7 @@ Pipeline for N rows with K permutations (`num_perm`) split into B bands of R row
    over UTF-8 bytes, or word n-grams), hashes each shingle once to 64 bits, and keeps for
    each of the K hash functions h_k(x) = (a_k·x + b_k) >> 32 (multiply-shift, a_k odd)
    the minimum → (N, K) uint32. One call per batch, no Python per shingle.
-3. `band_keys`: each band's R values are hashed to one uint64 → (N, B).
+3. `band_keys`: each band's R values are hashed to one uint64 → (B, N).
 4. `candidate_pairs`: per band, rows with equal keys are candidates (found by sorting, not
    by Python dicts); each bucket links every member to its first member and to its
    predecessor. The banding favours recall (see `banding`), since step 5 restores precision.
@@ -19,7 +19,7 @@ Pipeline for N rows with K permutations (`num_perm`) split into B bands of R row
 
 Signatures depend only on a row's text, and steps 3-6 run once over all signatures, so
 the result is the same for every batch size and worker count. Memory: 4·K bytes per row
-(512 MB for 10^6 rows at K=128), plus 8·B bytes per row for band keys.
+(512 MB for 10^6 rows at K=128), plus 8·B bytes per row for band keys (128 MB at B=16).
 """
 
 from __future__ import annotations
@@ -267,46 +267,61 @@ def _cached_optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return optimal_bands(threshold, num_perm, FALSE_POSITIVE_WEIGHT, FALSE_NEGATIVE_WEIGHT)
 
 
-def band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """One uint64 key per (row, band): (N, K) uint32 → (N, bands) uint64."""
-    keys = np.zeros((signature.shape[0], bands), dtype=np.uint64)
-    with np.errstate(over="ignore"):
+@numba.njit(cache=True, nogil=True)
+def _band_keys_kernel(signature, bands, rows, out):
+    for row in range(signature.shape[0]):
         for band in range(bands):
-            key = np.full(signature.shape[0], band, dtype=np.uint64)
+            key = _FNV_OFFSET ^ np.uint64(band)
             for column in range(band * rows, (band + 1) * rows):
-                key = (key ^ signature[:, column].astype(np.uint64)) * _FNV_PRIME
-            key ^= key >> _S30
-            keys[:, band] = key * _M1
-    return keys
+                key = (key ^ np.uint64(signature[row, column])) * _FNV_PRIME
+            out[band, row] = _mix64(key)
+
+
+def band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One uint64 key per (band, row): (N, K) uint32 → (bands, N) uint64."""
+    out = np.empty((bands, signature.shape[0]), dtype=np.uint64)
+    _band_keys_kernel(np.ascontiguousarray(signature), bands, rows, out)
+    return out
 
 
 def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Candidate pairs (left < right) from equal band keys, (E,) int64 each, without repeats.
 
-    Within each bucket (rows sharing a key in one band), every member is paired with the
-    bucket's first row and with its predecessor: 2 pairs per member instead of all
-    pairs, enough to connect the bucket.
+    keys: (bands, N) uint64. Within each bucket (rows sharing a key in one band), ordered
+    by row, every member is paired with the bucket's first row and with its predecessor:
+    2 pairs per member instead of all pairs, enough to connect the bucket. Only rows in
+    buckets of two or more are re-sorted by (key, row), so the cost is one unstable sort
+    of N keys per band.
     """
-    num_rows = keys.shape[0]
+    num_rows = keys.shape[1]
     lefts, rights = [], []
-    for band in range(keys.shape[1]):
-        order = np.argsort(keys[:, band], kind="stable")  # equal keys stay in input order
-        sorted_keys = keys[order, band]
-        same_as_previous = np.zeros(num_rows, dtype=bool)
-        same_as_previous[1:] = sorted_keys[1:] == sorted_keys[:-1]
-        positions = np.flatnonzero(same_as_previous)
-        if positions.size == 0:
+    for band in range(keys.shape[0]):
+        band_key = keys[band]
+        order = np.argsort(band_key)
+        sorted_keys = band_key[order]
+        same = sorted_keys[1:] == sorted_keys[:-1]
+        if not same.any():
             continue
-        # first position of each bucket, for every position
-        bucket_start = np.where(same_as_previous, 0, np.arange(num_rows))
+        in_bucket = np.zeros(num_rows, dtype=bool)
+        in_bucket[1:] |= same
+        in_bucket[:-1] |= same
+        members = order[in_bucket]
+        member_keys = band_key[members]
+        resorted = np.lexsort((members, member_keys))  # by key, then by row
+        members, member_keys = members[resorted], member_keys[resorted]
+        same_as_previous = np.zeros(len(members), dtype=bool)
+        same_as_previous[1:] = member_keys[1:] == member_keys[:-1]
+        positions = np.flatnonzero(same_as_previous)
+        bucket_start = np.where(same_as_previous, 0, np.arange(len(members)))
         np.maximum.accumulate(bucket_start, out=bucket_start)
-        lefts += [order[bucket_start[positions]], order[positions - 1]]
-        rights += [order[positions], order[positions]]
+        lefts += [members[bucket_start[positions]], members[positions - 1]]
+        rights += [members[positions], members[positions]]
     if not lefts:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty
     left, right = np.concatenate(lefts).astype(np.int64), np.concatenate(rights).astype(np.int64)
-    pair = np.unique(np.minimum(left, right) * num_rows + np.maximum(left, right))
+    pair = np.sort(np.minimum(left, right) * num_rows + np.maximum(left, right))
+    pair = pair[np.concatenate(([True], pair[1:] != pair[:-1]))]  # sorted unique
     return pair // num_rows, pair % num_rows
 
 
