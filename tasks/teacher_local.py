@@ -119,7 +119,7 @@ class LocalTeacher:
             )
         self.device = resolve_device(teacher_config.device)
         self.dtype = dtype or default_dtype(self.device)
-        self.model_name = teacher_config.model
+        self.model_name = model_dir.name  # what `teacher_model` records for a local teacher
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.tokenizer.padding_side = "left"

