@@ -203,7 +203,11 @@ def encode_rows(settings: CaptureSettings, prompts: Sequence[str], responses: Se
 
 
 class LocalScorer:
-    """Top-k logprobs from a local Hugging Face causal LM (float32 forward passes)."""
+    """Top-k logprobs from a local Hugging Face causal LM (float32 forward passes).
+
+    Memory: one forward pass holds (batch_size, longest sequence, vocabulary) float32
+    logits; lower capture.batch_size for long examples or large vocabularies.
+    """
 
     def __init__(self, model_dir: str, device: str = "auto"):
         import torch
@@ -226,6 +230,12 @@ class LocalScorer:
 
         if k > self.vocab_size:
             raise ValueError(f"capture.k = {k} exceeds the teacher's vocabulary of {self.vocab_size}")
+        largest = max((max(ids) for ids in sequences if ids), default=0)
+        if largest >= self.vocab_size:
+            raise ValueError(
+                f"token id {largest} is outside the teacher's vocabulary of {self.vocab_size}; "
+                "capture.tokenizer must be a tokenizer that teacher and student share"
+            )
         results: list[TopK | None] = [None] * len(sequences)
         # Similar lengths share a batch (less padding); right padding + attention mask leaves
         # the logits of real tokens unchanged (causal attention never looks right).

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,15 +62,22 @@ def settings_for(teacher: Path, input_dir: Path, output_dir: Path, **overrides):
     return CaptureSettings(**(values | overrides))
 
 
-def direct_topk(teacher: Path, prompt: str, response: str, k: int, max_length: int = 64):
-    """Reference: one unpadded forward pass per example, top-k at each supervised token."""
+@functools.lru_cache(maxsize=2)
+def reference_model(teacher: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher))
+    return tokenizer, AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+
+
+def direct_topk(teacher: Path, prompt: str, response: str, k: int, max_length: int = 64):
+    """Reference: one unpadded forward pass per example, top-k at each supervised token."""
+    import torch
+
     from training.data import encode_example
 
-    tokenizer = AutoTokenizer.from_pretrained(str(teacher))
-    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    tokenizer, model = reference_model(teacher)
     example = encode_example(tokenizer, prompt, response, max_length=max_length)
     labels = np.asarray(example["labels"])
     targets = np.flatnonzero(labels != -100)
@@ -162,9 +171,8 @@ def vllm_prompt_logprobs(teacher: Path, input_ids: list[int], k: int) -> list[di
     """What vLLM returns as `prompt_logprobs`: entry i predicts token i; top-k plus the
     actual token (which may rank below k); JSON turns the token-id keys into strings."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    _, model = reference_model(teacher)
     with torch.inference_mode():
         logprobs = torch.log_softmax(model(torch.tensor([input_ids])).logits[0], dim=-1)
     entries: list[dict | None] = [None]
@@ -268,3 +276,70 @@ def test_capture_logits_flow_end_to_end(prefect_harness, tiny_teacher, tmp_path)
     assert summary["rows"] == len(ROWS) and summary["shards_captured"] == 2
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert manifest["capture"]["max_abs_logprob_error_nats"] == MAX_LOGPROB_ERROR
+
+
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_teacher, tmp_path_factory):
+    """A vLLM (CPU, float32) OpenAI-compatible server for the tiny teacher: its /v1 URL."""
+    import os
+    import subprocess
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    if not VLLM_PYTHON.is_file():
+        pytest.skip("no .venv-vllm (create it with scripts/setup_vllm_venv.sh)")
+    port = free_port()
+    scratch = tmp_path_factory.mktemp("vllm")
+    env = {
+        **os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_CACHE_ROOT": str(scratch / "cache"), "TMPDIR": str(scratch),
+    }
+    log = open(scratch / "server.log", "w")
+    server = subprocess.Popen(
+        [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_teacher),
+         "--served-model-name", "tiny-teacher", "--host", "127.0.0.1", "--port", str(port),
+         "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+         "--max-num-batched-tokens", "32768", "--max-logprobs", "20"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("vLLM did not start:\n" + (scratch / "server.log").read_text()[-3000:])
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.mark.vllm
+def test_vllm_capture_matches_local_capture(vllm_server, tiny_teacher, tmp_path):
+    from tasks.capture_logits import capture_dataset
+
+    source = write_dataset(tmp_path / "in")
+    local, served = tmp_path / "local", tmp_path / "served"
+    capture_dataset(settings_for(tiny_teacher, source, local))
+    summary = capture_dataset(settings_for(
+        tiny_teacher, source, served, source="vllm", model="tiny-teacher", base_url=vllm_server, k=K,
+        timeout_s=180.0, max_concurrency=1,  # the first requests on a busy CPU are slow
+    ))
+    assert summary["source"] == "vllm" and summary["rows"] == len(ROWS)
+    for blob, local_blob in zip(blobs_of(served), blobs_of(local)):
+        ids, logprobs = decode_topk(blob)
+        local_ids, local_logprobs = decode_topk(local_blob)
+        np.testing.assert_array_equal(ids, local_ids)
+        np.testing.assert_allclose(logprobs, local_logprobs, atol=1e-4)
