@@ -107,8 +107,13 @@ class DatasetDecisions:
 
 
 def resolve_dataset(shards: list[ShardFeatures], config: FiltersConfig, embed: Embed | None = None) -> DatasetDecisions:
-    """Pass 2: response verdicts, then the prompt-side filters over all rows at once."""
+    """Pass 2: response verdicts, then the prompt-side filters over all rows at once.
+
+    Consumes the shards' features (they are concatenated, then released)."""
     features = PromptFeatures.concat([s.features for s in shards])
+    shard_rows = [s.features.num_rows for s in shards]
+    for shard in shards:
+        shard.features = PromptFeatures(num_rows=shard.features.num_rows)  # release the arrays
     prompts = pa.chunked_array([s.prompts for s in shards], type=pa.large_string())
     ids = pa.concat_arrays([s.ids for s in shards]) if shards else pa.array([], pa.large_string())
     strategies = [strategy for s in shards for strategy in s.strategies]
@@ -129,7 +134,7 @@ def resolve_dataset(shards: list[ShardFeatures], config: FiltersConfig, embed: E
     decisions = resolve_prompt_filters(features, texts_of, strategies, config, alive=alive, embed=embed)
     for drop in decisions.drops:
         reason[drop.row], detail[drop.row], duplicate_of[drop.row] = drop.reason, drop.detail, drop.duplicate_of
-    return DatasetDecisions([s.features.num_rows for s in shards], reason, detail, duplicate_of, ids)
+    return DatasetDecisions(shard_rows, reason, detail, duplicate_of, ids)
 
 
 def _reject_table(table: pa.Table, offset: int, decisions: DatasetDecisions) -> pa.Table:
