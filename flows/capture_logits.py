@@ -15,6 +15,7 @@ from distillflow.config import load_config
 from tasks.capture_logits import (
     CaptureSettings,
     capture_shard_task,
+    check_capture_input,
     finish_capture_task,
     plan_capture_task,
     resolve_capture_settings,
@@ -32,6 +33,7 @@ def capture_logits_command(config_path: str | Path) -> dict[str, Any]:
     """Validate the config up front, then run the flow; returns the manifest's capture record."""
     config = load_config(config_path, check_files=False)
     settings = resolve_capture_settings(config)
+    check_capture_input(settings)  # a bad input directory fails before any flow starts
     summary = capture_logits(settings)
     print(
         f"captured top-{summary['k']} logprobs of {summary['positions']} tokens in "

@@ -442,16 +442,27 @@ def source_manifest(settings: CaptureSettings) -> dict[str, Any]:
     return read_manifest(input_dir)
 
 
-def plan_capture(settings: CaptureSettings) -> list[Path]:
-    """The input shards to capture; marks the output dataset incomplete until `finish_capture`."""
-    input_dir, output_dir = Path(settings.input_dir), Path(settings.output_dir)
+def check_capture_input(settings: CaptureSettings) -> list[Path]:
+    """The input shards; raises ConfigError when the input is not a finished dataset."""
+    input_dir = Path(settings.input_dir)
     shards = list_shards(input_dir / "data")
     if not shards:
         raise ConfigError(
             f"{input_dir}/data has no .parquet shards; point capture.input_dir at a dataset "
             "written by `distill build`"
         )
-    manifest = source_manifest(settings)  # fails clearly on an unfinished dataset
+    try:
+        source_manifest(settings)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
+    return shards
+
+
+def plan_capture(settings: CaptureSettings) -> list[Path]:
+    """The input shards to capture; marks the output dataset incomplete until `finish_capture`."""
+    input_dir, output_dir = Path(settings.input_dir), Path(settings.output_dir)
+    shards = check_capture_input(settings)
+    manifest = source_manifest(settings)
     if settings.in_place:
         kept_aside = input_dir / PRE_CAPTURE_MANIFEST
         if not kept_aside.is_file():

@@ -29,6 +29,7 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from pydantic import ValidationError
 
 from distillflow.config import ConfigError, load_config
 from training.config import TrainingConfig
@@ -61,8 +62,18 @@ def load_training_config(config_path: str | Path) -> TrainingConfig:
         raise ConfigError(f"{path}: the top level must be a mapping with a `training:` section")
     try:
         return TrainingConfig.model_validate(data)
-    except ValueError as error:
-        raise ConfigError(f"{path}: invalid training config:\n{error}") from None
+    except ValidationError as error:
+        lines = [f"{path}: invalid training config ({error.error_count()} problem(s)):"]
+        for item in error.errors():
+            key = ".".join(["training", *(str(part) for part in item["loc"])])
+            match item["type"]:
+                case "extra_forbidden":
+                    lines.append(f"  - {key}: unknown key; remove it or check its spelling")
+                case "missing":
+                    lines.append(f"  - {key}: required key is missing; add it")
+                case _:
+                    lines.append(f"  - {key}: {item['msg']}")
+        raise ConfigError("\n".join(lines)) from None
 
 
 # -- subprocess -----------------------------------------------------------------------------

@@ -251,12 +251,18 @@ def config_file(tmp_path: Path, teacher: Path, dataset: Path, **capture) -> Path
 
 def test_config_defaults_and_errors(tiny_teacher, tmp_path):
     from distillflow.config import ConfigError, load_config
-    from tasks.capture_logits import resolve_capture_settings
+    from tasks.capture_logits import check_capture_input, resolve_capture_settings
 
     config = load_config(config_file(tmp_path, tiny_teacher, tmp_path / "ds"), check_files=False)
     settings = resolve_capture_settings(config)
     assert settings.model == settings.tokenizer == str(tiny_teacher)
     assert settings.in_place and settings.input_dir == str(tmp_path / "ds")
+    with pytest.raises(ConfigError, match="no .parquet shards"):
+        check_capture_input(settings)
+    write_dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match="not a finished distillflow dataset"):
+        check_capture_input(settings)
 
     with pytest.raises(ConfigError, match="capture.tokenizer is required"):
         resolve_capture_settings(
