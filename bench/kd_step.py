@@ -6,7 +6,7 @@ logprobs (k = 20) drawn at random for every supervised token, as `distill captur
 would store them. Objectives alternate step by step so that load on a shared machine hits
 both alike; the figure is the median step time. Target: kd_topk ≤ 1.15x sft.
 
-    python bench/kd_step.py [--steps 12] [--vocab 32000] [--hidden 256] [--layers 4] [--tokens 1024]
+    python bench/kd_step.py [--steps 8] [--vocab 32000] [--hidden 256] [--layers 4] [--tokens 1024]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def make_batch(rows: int, length: int, vocab: int, k: int) -> Batch:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per objective")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per objective")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=256)

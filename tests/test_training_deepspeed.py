@@ -96,7 +96,15 @@ def test_two_processes_reproduce_the_one_process_loss_curve(tiny, reference, tmp
     settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     deepspeed_config = tmp_path / f"zero{stage}.json"
     deepspeed_config.write_text(json.dumps(settings))
-    metrics = run_training(tiny, tmp_path / f"zero{stage}", processes=2, deepspeed_config=str(deepspeed_config))
+    extra = {}
+    if stage == 3:  # and partition the teacher too (ZeRO-3 inference: no optimizer state)
+        teacher_settings = json.loads((ROOT / "configs" / "deepspeed" / "zero3_inference.json").read_text())
+        teacher_settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (tmp_path / "teacher.json").write_text(json.dumps(teacher_settings))
+        extra = {"teacher_zero3_inference": True, "teacher_deepspeed_config": str(tmp_path / "teacher.json")}
+    metrics = run_training(
+        tiny, tmp_path / f"zero{stage}", processes=2, deepspeed_config=str(deepspeed_config), **extra
+    )
     assert losses(metrics) == pytest.approx(losses(reference_metrics), rel=1e-4, abs=1e-5)
     # the exported weights agree too (ZeRO-3 gathers its partitions for save_pretrained)
     from transformers import AutoModelForCausalLM

@@ -105,6 +105,11 @@ class TrainingConfig(BaseModel):
         description="Partition the teacher's weights across processes with ZeRO-3 inference "
         "(no optimizer state either way). For teachers that do not fit one process.",
     )
+    teacher_deepspeed_config: Path = Field(
+        DEEPSPEED_CONFIG_DIR / "zero3_inference.json",
+        description="DeepSpeed JSON of the teacher when teacher_zero3_inference is on "
+        "(ZeRO-3, no optimizer).",
+    )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Training precision (bfloat16 also sets bf16 in DeepSpeed)."
     )

@@ -239,7 +239,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
 
     # 3. DeepSpeed engine around student (+ projections); a torch AdamW (no C++ optimizer).
     if teacher is not None and config.teacher_zero3_inference:
-        inference = json.loads((Path(config.deepspeed_config).parent / "zero3_inference.json").read_text())
+        inference = json.loads(Path(config.teacher_deepspeed_config).read_text(encoding="utf-8"))
         inference["train_micro_batch_size_per_gpu"] = config.micro_batch_size
         inference["gradient_accumulation_steps"] = 1
         inference["train_batch_size"] = config.micro_batch_size * world
