@@ -154,8 +154,8 @@ class ResponseChecker:
                 )
         elif len(text) >= 200:
             # few words but long (a character loop, or a script without spaces): 10-char grams
-            chars = list(text)
-            fraction = repeated_ngram_fraction(chars[::1], 10)
+            # (a stricter bar than for words: natural text repeats short character runs)
+            fraction = repeated_ngram_fraction(list(text), 10)
             if fraction > max(quality.max_repeated_ngram_fraction, 0.8):
                 return QualityVerdict("repetition", f"{fraction:.2f} of 10-character grams are repeats")
         repeats = max_line_repeats(text)

