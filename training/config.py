@@ -97,8 +97,9 @@ class TrainingConfig(BaseModel):
     )
     teacher: Path | None = Field(
         None,
-        description="Teacher model directory. Needed by kd_logits and hidden (forward pass), "
-        "by derive_student, and for the vocabulary preflight of kd_topk.",
+        description="Teacher model directory. Needed by kd_logits and hidden (forward pass) "
+        "and by derive_student; for kd_topk its tokenizer (a tokenizer-only directory is "
+        "enough) is compared with the student's before training.",
     )
     teacher_zero3_inference: bool = Field(
         False,

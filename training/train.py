@@ -206,16 +206,17 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     student.config.use_cache = False
     student_rows = student.get_output_embeddings().weight.shape[0]
     vocab_size = None
-    if config.is_white_box:
-        if teacher_tokenizer is None:
-            raise TrainingError(
-                "objective kd_topk needs `teacher` (its tokenizer) for the vocabulary check; "
-                "set training.teacher to the teacher's model directory"
-            )
+    if config.is_white_box and teacher_tokenizer is not None:
         teacher_rows = (
             teacher.get_output_embeddings().weight.shape[0] if teacher is not None else student_rows
         )
         vocab_size = vocabulary_preflight(teacher_tokenizer, student_tokenizer, teacher_rows, student_rows)
+    elif config.is_white_box:  # kd_topk without a teacher directory: ids are range-checked only
+        vocab_size = len(student_tokenizer)
+        log(
+            "warning: no `teacher` given, so the teacher's tokenizer cannot be compared with the "
+            "student's; set training.teacher (a model or tokenizer directory) to check it"
+        )
     parameters = sum(p.numel() for p in student.parameters())
     log(f"student: {parameters:,} parameters; objective {config.objective}; {world} process(es)")
 
