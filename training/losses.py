@@ -247,7 +247,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_weight, topk_ids, topk_logprobs, settings, chunk):
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
+        # float32 accumulator: a bf16 weight would lose precision summing over many chunks
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         sums = hidden.new_zeros(3, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
@@ -273,6 +274,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if chunk_weight.requires_grad:
                 grad_weight += grads.pop(0)
             sums += chunk_sums.detach().float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else hidden.new_zeros(0))
         ctx.has_weight_grad = grad_weight is not None
         return sums
