@@ -143,7 +143,7 @@ def resolve_prompt_filters(
     if features.signatures is not None:
         from tasks.minhash import near_duplicate_details, near_duplicates_from_signatures
 
-        result = near_duplicates_from_signatures(features.signatures[alive], config.near_dedup)
+        result = near_duplicates_from_signatures(features.signatures, config.near_dedup, index=alive)
         apply(
             "near_duplicate",
             result.duplicate_of != KEEP,

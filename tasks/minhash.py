@@ -268,19 +268,22 @@ def _cached_optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
 
 
 @numba.njit(cache=True, nogil=True)
-def _band_keys_kernel(signature, bands, rows, out):
-    for row in range(signature.shape[0]):
+def _band_keys_kernel(signature, index, bands, rows, out):
+    for i in range(index.shape[0]):
+        row = index[i]
         for band in range(bands):
             key = _FNV_OFFSET ^ np.uint64(band)
             for column in range(band * rows, (band + 1) * rows):
                 key = (key ^ np.uint64(signature[row, column])) * _FNV_PRIME
-            out[band, row] = _mix64(key)
+            out[band, i] = _mix64(key)
 
 
-def band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """One uint64 key per (band, row): (N, K) uint32 → (bands, N) uint64."""
-    out = np.empty((bands, signature.shape[0]), dtype=np.uint64)
-    _band_keys_kernel(np.ascontiguousarray(signature), bands, rows, out)
+def band_keys(signature: np.ndarray, bands: int, rows: int, index: np.ndarray | None = None) -> np.ndarray:
+    """One uint64 key per (band, row): (N, K) uint32 → (bands, N) uint64, or (bands, len(index))
+    for the rows `index` only (no copy of the signatures)."""
+    index = np.arange(signature.shape[0], dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+    out = np.empty((bands, len(index)), dtype=np.uint64)
+    _band_keys_kernel(np.ascontiguousarray(signature), index, bands, rows, out)
     return out
 
 
@@ -345,16 +348,23 @@ class NearDuplicates:
     verified_pairs: int
 
 
-def near_duplicates_from_signatures(signature: np.ndarray, config: NearDedupConfig) -> NearDuplicates:
-    """Steps 3-6 above over all signatures (N, K) uint32 of a dataset, in input order."""
+def near_duplicates_from_signatures(
+    signature: np.ndarray, config: NearDedupConfig, index: np.ndarray | None = None
+) -> NearDuplicates:
+    """Steps 3-6 above over the signatures (N, K) uint32 of a dataset, in input order.
+
+    index: optional increasing row indices to dedup among (e.g. the rows earlier stages
+    kept), read in place; the result is then indexed like `index`.
+    """
+    index = np.arange(signature.shape[0], dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
     bands, rows = banding(config)
-    left, right = candidate_pairs(band_keys(signature, bands, rows))
-    similarity = estimated_jaccard(signature, left, right)
+    left, right = candidate_pairs(band_keys(signature, bands, rows, index))
+    similarity = estimated_jaccard(signature, index[left], index[right])
     verified = similarity >= config.threshold
-    duplicate_of = resolve_clusters(signature.shape[0], left[verified], right[verified])
+    duplicate_of = resolve_clusters(len(index), left[verified], right[verified])
     dropped = np.flatnonzero(duplicate_of != KEEP)
-    to_kept = np.full(signature.shape[0], np.nan, dtype=np.float32)
-    to_kept[dropped] = estimated_jaccard(signature, dropped, duplicate_of[dropped])
+    to_kept = np.full(len(index), np.nan, dtype=np.float32)
+    to_kept[dropped] = estimated_jaccard(signature, index[dropped], index[duplicate_of[dropped]])
     return NearDuplicates(duplicate_of, to_kept, int(len(left)), int(verified.sum()))
 
 
