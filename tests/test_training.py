@@ -197,8 +197,12 @@ def test_each_objective_lowers_its_loss(tiny, tokenizer, tmp_path, overrides):
         assert sums[3] > 0
 
 
-def test_entry_point_exits_non_zero_with_a_clear_message(tiny, tmp_path, capsys):
+def test_entry_point_exits_non_zero_with_a_clear_message(tiny, tmp_path, capsys, monkeypatch):
     from training.train import main
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(name, value)  # main() fills these in; keep them out of other tests
 
     config = tmp_path / "bad.yaml"
     config.write_text(f"training:\n  dataset_dir: {tmp_path}\n  output_dir: {tmp_path}/run\n  studnet: x\n")
