@@ -9,10 +9,8 @@ Global batch: 1 process x 2 accumulation steps x 2 rows = 2 processes x 1 x 2 ro
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -144,4 +142,3 @@ def test_exported_student_loads_with_from_pretrained(tiny, reference):
     assert torch.isfinite(logits).all()
     changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), initial.state_dict().values()))
     assert changed  # it is the trained student, not a copy of the initial one
-    assert os.path.isfile(output_dir / "final" / "config.json") and sys.executable

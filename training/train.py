@@ -39,7 +39,6 @@ import yaml
 
 from training.config import TrainingConfig
 from training.data import (
-    Batch,
     attach_topk,
     collate,
     pack_examples,
