@@ -157,6 +157,11 @@ class QualityConfig(_Strict):
 
 class FiltersConfig(_Strict):
     exact_dedup: bool = Field(True, description="Drop prompts equal after NFKC, case-fold, whitespace collapse.")
+    keep_variants_of_parent: bool = Field(
+        True,
+        description="Keep an edge_case:*/adversarial:* prompt that duplicates only its own parent "
+        "(casing, whitespace and typo variants are meant to look like their seed).",
+    )
     near_dedup: NearDedupConfig = NearDedupConfig()
     semantic_dedup: SemanticDedupConfig = SemanticDedupConfig()
     decontamination: DecontaminationConfig = DecontaminationConfig()

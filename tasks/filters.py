@@ -202,16 +202,31 @@ def filter_prompts(
     decisions = resolve_prompt_filters(
         features, lambda rows: [texts[i] for i in rows], [r.strategy for r in records], config, embed=embed
     )
-    rejects = [
-        Reject.of(
-            records[drop.row],
-            drop.reason,
-            drop.detail,
-            duplicate_of=records[drop.duplicate_of].id if drop.duplicate_of != KEEP else None,
-        )
-        for drop in decisions.drops
-    ]
-    return [record for record, flag in zip(records, decisions.keep) if flag], rejects
+    keep = list(decisions.keep)
+    rejects = []
+    for drop in decisions.drops:
+        record = records[drop.row]
+        kept_row = records[drop.duplicate_of] if drop.duplicate_of != KEEP else None
+        if config.keep_variants_of_parent and is_variant_of(record, kept_row, drop.reason):
+            keep[drop.row] = True  # a casing/whitespace/typo variant is meant to look like its seed
+            continue
+        rejects.append(Reject.of(record, drop.reason, drop.detail, duplicate_of=kept_row.id if kept_row else None))
+    return [record for record, flag in zip(records, keep) if flag], rejects
+
+
+VARIANT_FAMILIES = ("adversarial", "edge_case")
+DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate", "semantic_duplicate")
+
+
+def is_variant_of(record: PromptRecord, kept: PromptRecord | None, reason: str) -> bool:
+    """A rule-based variant that only duplicates its own parent (the perturbation is the point)."""
+    return (
+        kept is not None
+        and reason in DUPLICATE_REASONS
+        and record.parent_id is not None
+        and record.parent_id == kept.id
+        and record.strategy.split(":", 1)[0] in VARIANT_FAMILIES
+    )
 
 
 def response_reject(row: dict[str, Any], reason: str, detail: str) -> Reject:

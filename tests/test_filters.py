@@ -169,3 +169,23 @@ def test_stage_order_contamination_before_dedup(tmp_path):
     kept, rejects = filter_prompts(records(texts), config)
     assert kept == [] and [r.reason for r in rejects] == ["contaminated", "contaminated"]
     assert np.all([r.duplicate_of is None for r in rejects])
+
+
+def test_rule_based_variants_survive_dedup_against_their_own_parent():
+    from distillflow.records import PromptRecord
+    from tasks.filter_config import FiltersConfig
+    from tasks.filters import filter_prompts
+
+    seed = PromptRecord.make("What is the capital of France?", "seed")
+    casing = PromptRecord.make("wHAT is THE capital OF france?", "adversarial:casing", seed.id)
+    spacing = PromptRecord.make("What  is the   capital of France?", "adversarial:whitespace", seed.id)
+    other_seed = PromptRecord.make("what is the capital of france?", "seed")  # a true duplicate
+    records = [seed, casing, spacing, other_seed]
+
+    kept, rejects = filter_prompts(records, FiltersConfig())
+    assert [r.strategy for r in kept] == ["seed", "adversarial:casing", "adversarial:whitespace"]
+    assert [(r.reason, r.duplicate_of) for r in rejects] == [("exact_duplicate", seed.id)]
+
+    kept, rejects = filter_prompts(records, FiltersConfig(keep_variants_of_parent=False))
+    assert [r.strategy for r in kept] == ["seed"]
+    assert len(rejects) == 3
