@@ -286,3 +286,41 @@ def test_mixed_strategies_are_traceable_to_their_seeds(prefect_harness, server, 
     # Same config, same prompts: a rebuild reproduces the dataset byte for byte.
     again = build_command(path)
     assert again["shards"]["data"][0]["sha256"] == manifest["shards"]["data"][0]["sha256"]
+
+
+def test_local_backend_builds_with_top_logprobs(prefect_harness, tmp_path):
+    from distillflow.tiny import build_tiny_llama
+    from flows.build import build_command
+
+    build_tiny_llama(tmp_path / "teacher", seed=3)
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:6])
+    config = {
+        "name": "local-build",
+        "output_dir": str(tmp_path / "out"),
+        "seeds": [{"path": str(seeds)}],
+        "prompts": {"num_prompts": 6, "strategies": {"seed": 1.0, "edge_case": 0.0, "adversarial": 0.0}},
+        "teacher": {
+            "backend": "local",
+            "model": str(tmp_path / "teacher"),
+            "api_key_env": None,
+            "local_batch_size": 4,
+            "generation": {"temperature": 0.0, "max_tokens": 8, "top_logprobs": 3},
+        },
+        "filters": {"drop_truncated": False, "quality": {"repetition": False, "refusal": False, "prompt_echo": False}},
+    }
+    path = tmp_path / "local.yaml"
+    path.write_text(yaml.safe_dump(config))
+    manifest = build_command(path)
+    rows = read_table(tmp_path / "out" / "data").to_pylist()
+    rejects = read_table(tmp_path / "out" / "rejects").to_pylist()
+    assert len(rows) + len(rejects) == 6 and manifest["invariant"]["holds"]
+    answered = [r for r in rows] + [r for r in rejects if r["response"]]
+    assert answered, "the local teacher answered nothing"
+    for row in rows:
+        assert row["teacher_model"] and row["completion_tokens"] <= 8
+        assert len(row["top_logprobs"]) == row["completion_tokens"]
+        assert all(len(t["top"]) == 3 for t in row["top_logprobs"])
+    # Rebuilding takes every answer from the ledger: the model is not even loaded again.
+    again = build_command(path)
+    assert again["teacher_usage"]["paid_requests"] == 0
