@@ -20,7 +20,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,9 +78,19 @@ class Ledger:
     def put(self, key: str, answer: TeacherAnswer, created_at: float | None = None) -> float:
         """Record one answer now (its own transaction). Returns its created_at."""
         created_at = time.time() if created_at is None else created_at
-        data = asdict(answer)
-        data.pop("from_ledger", None)
-        payload = json.dumps(data, ensure_ascii=False)
+        payload = json.dumps(
+            {
+                "content": answer.content,
+                "finish_reason": answer.finish_reason,
+                "model": answer.model,
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": answer.completion_tokens,
+                "top_logprobs": answer.top_logprobs,
+                "error": answer.error,
+                "error_detail": answer.error_detail,
+            },
+            ensure_ascii=False,
+        )
         with self._lock:
             self._db.execute(
                 "INSERT OR IGNORE INTO answers (key, created_at, answer) VALUES (?, ?, ?)",
