@@ -31,7 +31,8 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 # Stand-in for log(0) in the top-k tail bucket: exp(-1e4) is 0 in float32, and unlike -inf
 # it keeps 0 * (log p - log q) finite in backward.
 LOG_FLOOR = -1.0e4
-TAIL_EPS = 1.0e-5
+TAIL_EPS = 1.0e-5  # teacher tail mass below this is rounding noise of the stored logprobs
+STUDENT_TAIL_EPS = 1.0e-6  # student tail mass below this is float32 rounding of its softmax
 
 
 # --------------------------------------------------------------------------------------
@@ -101,8 +102,8 @@ def topk_coarse_logprobs(
     (N, k + 1) log-probabilities; column k is the tail bucket.
 
     Tail mass: the teacher's tail is r = 1 - sum(top-k probabilities) (0 below TAIL_EPS), the
-    student's is exactly 1 - sum of its probabilities on the same k ids (from its full
-    softmax). Any divergence between these coarse distributions is a lower bound of the
+    student's is 1 - sum of its probabilities on the same k ids (from its full softmax, summed
+    in float64; 0 below STUDENT_TAIL_EPS). Any divergence between these coarse distributions is a lower bound of the
     full-vocabulary one (data-processing inequality) and equals it when the top-k covers the
     vocabulary (r = 0) — and unlike renormalising over the top-k, it penalises a student
     that puts too much (or too little) mass outside the teacher's top-k.
@@ -121,13 +122,24 @@ def topk_coarse_from_logprobs(
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As `topk_coarse_logprobs`, from the student's (N, V) log-probabilities at temperature T."""
-    vocab = student_log_full.shape[-1]
-    k = topk_ids.shape[-1]
     student_top = student_log_full.gather(-1, topk_ids)  # (N, k)
-    # log of the student's mass outside the top-k, summed directly (no 1 - x cancellation);
-    # LOG_FLOOR instead of -inf keeps gradients finite when the top-k covers the vocabulary.
-    outside = student_log_full.scatter(-1, topk_ids, LOG_FLOOR)  # (N, V)
-    student_tail = torch.logsumexp(outside, dim=-1, keepdim=True).clamp_min(LOG_FLOOR)  # (N, 1)
+    return topk_coarse_from_top(student_top, topk_logprobs, student_log_full.shape[-1], temperature)
+
+
+def topk_coarse_from_top(
+    student_top: torch.Tensor, topk_logprobs: torch.Tensor, vocab: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `topk_coarse_logprobs`, from the student's (N, k) log-probabilities on the top-k ids."""
+    k = student_top.shape[-1]
+    # The student's mass outside the top-k, from (N, k) values only (no extra pass over V).
+    # Summed in float64; below STUDENT_TAIL_EPS it is float32 rounding of the log-softmax, so
+    # the tail counts as empty: LOG_FLOOR rather than -inf keeps gradients finite.
+    student_tail_mass = 1.0 - student_top.double().exp().sum(-1, keepdim=True)  # (N, 1)
+    student_tail = torch.where(
+        student_tail_mass > STUDENT_TAIL_EPS,
+        torch.log(student_tail_mass.clamp_min(STUDENT_TAIL_EPS)),
+        torch.full_like(student_tail_mass, LOG_FLOOR),
+    ).float()  # (N, 1)
 
     teacher = topk_logprobs.float()  # (N, k), T = 1
     tail_mass = 1.0 - teacher.double().exp().sum(-1, keepdim=True)  # (N, 1)
@@ -220,15 +232,23 @@ def chunk_loss_sums(
             teacher_logits = teacher_logits[..., : settings.vocab_size]
     temperature = settings.temperature
     student_log = F.log_softmax(student_logits.float(), dim=-1)  # (n, V), shared by CE and KD
-    ce = -student_log.gather(-1, targets[:, None]).sum()
-    if teacher_logits is None and topk_ids is None:
-        return torch.stack([ce, ce.new_zeros(()), ce])
-    if temperature != 1.0:
-        student_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    if teacher_logits is not None:
-        teacher_log = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if topk_ids is not None and temperature == 1.0:
+        # One gather for the target and the top-k ids: one (n, V) pass less in backward.
+        picked = student_log.gather(-1, torch.cat([targets[:, None], topk_ids], dim=-1))  # (n, 1 + k)
+        ce = -picked[:, 0].sum()
+        student_log, teacher_log = topk_coarse_from_top(picked[:, 1:], topk_logprobs, student_log.shape[-1])
     else:
-        student_log, teacher_log = topk_coarse_from_logprobs(student_log, topk_ids, topk_logprobs, temperature)
+        ce = -student_log.gather(-1, targets[:, None]).sum()
+        if teacher_logits is None and topk_ids is None:
+            return torch.stack([ce, ce.new_zeros(()), ce])
+        if temperature != 1.0:
+            student_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        if teacher_logits is not None:
+            teacher_log = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        else:
+            student_log, teacher_log = topk_coarse_from_logprobs(
+                student_log, topk_ids, topk_logprobs, temperature
+            )
     kd = divergence_from_logprobs(student_log, teacher_log, settings.divergence, settings.beta).sum()
     kd = kd * temperature**2
     return torch.stack([settings.alpha * kd + (1 - settings.alpha) * ce, kd, ce])
