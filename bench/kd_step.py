@@ -4,7 +4,9 @@ The student is a Llama built from a config (random weights, vocab 32k by default
 are synthetic: random token ids, the second half of each row supervised, and teacher top-k
 logprobs (k = 20) drawn at random for every supervised token, as `distill capture-logits`
 would store them. Objectives alternate step by step so that load on a shared machine hits
-both alike; the figure is the median step time. Target: kd_topk ≤ 1.15x sft.
+both alike; the figure is the median step time. Target: kd_topk ≤ 1.15x sft. On a machine
+shared with other jobs, run with OMP_NUM_THREADS=1: oversubscribed OpenMP threads make
+step times erratic.
 
     python bench/kd_step.py [--steps 8] [--vocab 32000] [--hidden 256] [--layers 4] [--tokens 1024]
 """
