@@ -108,9 +108,10 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu"
-    if on_cpu and os.environ.get("DISTILLFLOW_SHM_COMM", "1") == "0":
-        # The shared-memory all-reduce is a C++ op compiled on first use (35-105 s on 2
-        # cores). gloo alone is correct, only slower for big all-reduces: tests skip it.
+    if on_cpu and os.environ.get("DISTILLFLOW_SHM_COMM", "0") != "1":
+        # DeepSpeed's shared-memory all-reduce is a C++ op compiled on first use (35 s to
+        # several minutes on 2 cores). gloo alone is correct, only slower for large
+        # all-reduces, so CPU runs skip it unless DISTILLFLOW_SHM_COMM=1.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
     if not on_cpu:
