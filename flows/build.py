@@ -3,7 +3,8 @@
 The flow only wires; each task does one coarse step (a batch of hundreds of prompts, with
 async I/O inside), because each Prefect task run costs milliseconds of bookkeeping.
 Tasks take NO_CACHE: their inputs are large lists whose hashing would cost more than
-the work, and the durable cache of teacher answers is the ledger.
+the work, and the durable cache of teacher answers is the ledger. Large lists are passed
+`quote()`d, so Prefect does not walk every row looking for upstream futures.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 import distillflow
 from distillflow.config import ConfigError, DistillConfig, load_config
@@ -192,8 +194,8 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         seeds, seed_rejects = load_seeds_task(config, prompt_column)
         seeds, repeated_seeds = split_repeated_seeds(seeds)
         seed_rejects = seed_rejects + repeated_seeds
-        prompts, generation_rejects, prompt_report = generate_prompts_task(config, seeds, teacher, ledger)
-        kept, prompt_rejects = filter_prompts_task(prompts, config)
+        prompts, generation_rejects, prompt_report = generate_prompts_task(config, quote(seeds), teacher, ledger)
+        kept, prompt_rejects = filter_prompts_task(quote(prompts), config)
         logger.info("%d seeds, %d prompts generated, %d after prompt filters", len(seeds), len(prompts), len(kept))
 
         answered: list[dict[str, Any]] = []
@@ -206,7 +208,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             # drains at a batch boundary; results are collected in batch order.
             for batch_index, batch in enumerate(batches):
                 in_flight.append(
-                    answer_batch_task.submit(batch_index, batch, config, teacher, ledger, progress)
+                    answer_batch_task.submit(batch_index, quote(batch), config, teacher, ledger, progress)
                 )
                 if len(in_flight) >= BATCHES_IN_FLIGHT:
                     rows, rejects = in_flight.popleft().result()
@@ -218,10 +220,10 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 teacher_rejects.extend(rejects)
         else:  # an in-process model answers one batch at a time
             for batch_index, batch in enumerate(batches):
-                rows, rejects = answer_batch_task(batch_index, batch, config, teacher, ledger, progress)
+                rows, rejects = answer_batch_task(batch_index, quote(batch), config, teacher, ledger, progress)
                 answered.extend(rows)
                 teacher_rejects.extend(rejects)
-        accepted, response_rejects = filter_responses_task(answered, config)
+        accepted, response_rejects = filter_responses_task(quote(answered), config)
     except TeacherFatalError as error:
         logger.error("%s", error)
         raise
@@ -276,7 +278,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     }
     if not manifest["invariant"]["holds"]:
         raise RuntimeError(f"internal error: {entered} prompts entered but {len(accepted) + len(all_rejects)} rows out")
-    manifest = write_dataset_task(config, accepted, all_rejects, manifest, [api_key] if api_key else [])
+    manifest = write_dataset_task(config, quote(accepted), quote(all_rejects), manifest, [api_key] if api_key else [])
 
     table = [{"stage": stage, "reason": "", "count": value} for stage, value in counts.items()]
     table += [{"stage": "rejected", "reason": reason, "count": value} for reason, value in reject_reasons.items()]
