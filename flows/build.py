@@ -177,6 +177,12 @@ def write_dataset_task(
 # -- flow -----------------------------------------------------------------------------------
 
 
+def _lap(stage_seconds: dict[str, float], stage: str, since: float) -> float:
+    now = time.perf_counter()
+    stage_seconds[stage] = round(now - since, 3)
+    return now
+
+
 def _artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:60] or "dataset"
 
@@ -191,11 +197,16 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     teacher = make_teacher(config, api_key)
     in_flight: deque = deque()
     try:
+        stage_seconds: dict[str, float] = {}
+        mark = time.perf_counter()
         seeds, seed_rejects = load_seeds_task(config, prompt_column)
         seeds, repeated_seeds = split_repeated_seeds(seeds)
         seed_rejects = seed_rejects + repeated_seeds
+        mark = _lap(stage_seconds, "load_seeds", mark)
         prompts, generation_rejects, prompt_report = generate_prompts_task(config, quote(seeds), teacher, ledger)
+        mark = _lap(stage_seconds, "generate_prompts", mark)
         kept, prompt_rejects = filter_prompts_task(quote(prompts), config)
+        mark = _lap(stage_seconds, "filter_prompts", mark)
         logger.info("%d seeds, %d prompts generated, %d after prompt filters", len(seeds), len(prompts), len(kept))
 
         answered: list[dict[str, Any]] = []
@@ -223,7 +234,9 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 rows, rejects = answer_batch_task(batch_index, quote(batch), config, teacher, ledger, progress)
                 answered.extend(rows)
                 teacher_rejects.extend(rejects)
+        mark = _lap(stage_seconds, "teacher", mark)
         accepted, response_rejects = filter_responses_task(quote(answered), config)
+        mark = _lap(stage_seconds, "filter_responses", mark)
     except TeacherFatalError as error:
         logger.error("%s", error)
         raise
@@ -275,6 +288,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             "holds": entered == len(accepted) + len(all_rejects),
         },
         "elapsed_s": round(time.time() - started, 3),
+        "stage_seconds": stage_seconds,
     }
     if not manifest["invariant"]["holds"]:
         raise RuntimeError(f"internal error: {entered} prompts entered but {len(accepted) + len(all_rejects)} rows out")
