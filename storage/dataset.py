@@ -18,6 +18,18 @@ from storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema
 STAGING = ".staging"
 
 
+def swap_in_staged(output_dir: Path, staging: Path, parts: tuple[str, ...] = ("data", "rejects")) -> None:
+    """Move finished `staging/<part>` directories over `output_dir/<part>`, then drop staging."""
+    for part in parts:
+        target, old = output_dir / part, output_dir / f".old-{part}"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        (staging / part).rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def _secret_free(value: Any, secrets: list[str]) -> Any:
     """Replace any occurrence of a secret value with `***` (defence in depth)."""
     if not secrets:
@@ -57,14 +69,7 @@ def write_dataset(
     reject_writer.write(reject_rows)
     shards = {"data": [s.to_dict() for s in data_writer.close()], "rejects": [s.to_dict() for s in reject_writer.close()]}
 
-    for part in ("data", "rejects"):
-        target, old = output_dir / part, output_dir / f".old-{part}"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            target.rename(old)
-        (staging / part).rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(staging, ignore_errors=True)
+    swap_in_staged(output_dir, staging)
 
     manifest = dict(manifest)
     manifest["shards"] = shards

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.dataset import swap_in_staged
 from storage.manifest import read_manifest, remove_manifest, write_manifest
 from storage.parquet import REJECT_SCHEMA, ShardInfo, file_sha256, list_shards, write_table_atomic
 from tasks.dedup import KEEP
@@ -258,14 +259,7 @@ def write_filtered_dataset(
     data_shards = data_writer.close()
     reject_shards = reject_writer.close()
 
-    for part in ("data", "rejects"):
-        target, old = out_dir / part, out_dir / f".old-{part}"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            target.rename(old)
-        (staging / part).rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(staging, ignore_errors=True)
+    swap_in_staged(out_dir, staging)
 
     try:
         source = read_manifest(in_dir)
