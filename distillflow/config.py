@@ -109,10 +109,13 @@ class DistillConfig(StrictModel):
         return self.model_dump(mode="json")
 
 
-def _format_validation_error(path: Path, error: ValidationError) -> str:
-    lines = [f"{path}: invalid config ({error.error_count()} problem(s)):"]
+def format_validation_error(path: Path | str, error: ValidationError, section: str | None = None) -> str:
+    """One line per problem, each naming the key (prefixed with `section`, if given) and the fix."""
+    label = f"invalid {section} config" if section else "invalid config"
+    lines = [f"{path}: {label} ({error.error_count()} problem(s)):"]
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        parts = [section] if section else []
+        key = ".".join([*parts, *(str(part) for part in item["loc"])]) or "<top level>"
         kind = item["type"]
         if kind == "extra_forbidden":
             lines.append(f"  - {key}: unknown key; remove it or check its spelling")
@@ -127,7 +130,7 @@ def parse_config(data: dict[str, Any], source: Path | str = "<config>") -> Disti
     try:
         return DistillConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(Path(source), error)) from None
+        raise ConfigError(format_validation_error(source, error)) from None
 
 
 def load_config(path: str | Path, check_files: bool = True) -> DistillConfig:

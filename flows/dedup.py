@@ -68,7 +68,7 @@ def dedup_flow(in_dir: str, out_dir: str, config: FiltersConfig) -> dict[str, An
 def load_filters_config(config_path: str | Path | None, in_dir: str | Path) -> FiltersConfig:
     """The `filters:` section of a YAML config (a full distill config or just the section's
     keys); without a config, the filters recorded in IN_DIR's manifest, else the defaults."""
-    from distillflow.config import ConfigError, _format_validation_error
+    from distillflow.config import ConfigError, format_validation_error
     from pydantic import ValidationError
 
     if config_path is None:
@@ -93,8 +93,7 @@ def load_filters_config(config_path: str | Path | None, in_dir: str | Path) -> F
     try:
         return FiltersConfig.model_validate(section)
     except ValidationError as error:
-        message = _format_validation_error(path, error).replace("  - ", "  - filters.")
-        raise ConfigError(message) from None
+        raise ConfigError(format_validation_error(path, error, section="filters")) from None
 
 
 def dedup_command(

@@ -31,7 +31,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import ValidationError
 
-from distillflow.config import ConfigError, load_config
+from distillflow.config import ConfigError, format_validation_error, load_config
 from training.config import TrainingConfig
 
 TAIL_LINES = 30  # output lines quoted in the error of a failed run
@@ -63,17 +63,7 @@ def load_training_config(config_path: str | Path) -> TrainingConfig:
     try:
         return TrainingConfig.model_validate(data)
     except ValidationError as error:
-        lines = [f"{path}: invalid training config ({error.error_count()} problem(s)):"]
-        for item in error.errors():
-            key = ".".join(["training", *(str(part) for part in item["loc"])])
-            match item["type"]:
-                case "extra_forbidden":
-                    lines.append(f"  - {key}: unknown key; remove it or check its spelling")
-                case "missing":
-                    lines.append(f"  - {key}: required key is missing; add it")
-                case _:
-                    lines.append(f"  - {key}: {item['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(path, error, section="training")) from None
 
 
 # -- subprocess -----------------------------------------------------------------------------

@@ -69,6 +69,8 @@ def load_training_config(path: str | Path) -> TrainingConfig:
     """The `training:` section of a distillflow YAML, or a YAML that is only that section."""
     from pydantic import ValidationError
 
+    from distillflow.config import format_validation_error
+
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"{path}: config file not found; pass the path of a YAML config")
@@ -81,16 +83,7 @@ def load_training_config(path: str | Path) -> TrainingConfig:
     try:
         return TrainingConfig.model_validate(section)
     except ValidationError as error:
-        lines = [f"{path}: invalid training config ({error.error_count()} problem(s)):"]
-        for item in error.errors():
-            key = "training." + ".".join(str(part) for part in item["loc"]) if item["loc"] else "training"
-            if item["type"] == "extra_forbidden":
-                lines.append(f"  - {key}: unknown key; remove it or check its spelling")
-            elif item["type"] == "missing":
-                lines.append(f"  - {key}: required key is missing; add it")
-            else:
-                lines.append(f"  - {key}: {item['msg']}")
-        raise TrainingError("\n".join(lines)) from None
+        raise TrainingError(format_validation_error(path, error, section="training")) from None
 
 
 def single_process_defaults() -> None:
