@@ -42,7 +42,6 @@ from tasks.teacher import (
 
 LEDGER_PATH = Path(".ledger") / "teacher.sqlite"
 BATCHES_IN_FLIGHT = 3
-DEFAULT_SWITCH_INTERVAL = sys.getswitchinterval()
 
 
 class LocalTeacherClient:
@@ -197,6 +196,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     ledger = Ledger(config.output_dir / LEDGER_PATH)
     teacher = make_teacher(config, api_key)
     in_flight: deque = deque()
+    switch_interval = sys.getswitchinterval()
     try:
         stage_seconds: dict[str, float] = {}
         mark = time.perf_counter()
@@ -210,8 +210,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         mark = _lap(stage_seconds, "filter_prompts", mark)
         logger.info("%d seeds, %d prompts generated, %d after prompt filters", len(seeds), len(prompts), len(kept))
 
-        answered: list[dict[str, Any]] = []
-        teacher_rejects: list[Reject] = []
+        batch_results: list[tuple[list[dict[str, Any]], list[Reject]]] = []
         progress = Progress(config.name, len(kept))
         batch_size = config.teacher.batch_size
         batches = [kept[start : start + batch_size] for start in range(0, len(kept), batch_size)]
@@ -219,7 +218,6 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             # One event-loop thread drives every request; a longer GIL switch interval keeps
             # Prefect's bookkeeping threads from preempting it every 5 ms (~10% throughput
             # when the client is CPU-bound). Restored after the teacher stage.
-            switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(max(switch_interval, 0.05))
             # A few batch tasks in flight at once, so the shared `max_concurrency` never
             # drains at a batch boundary; results are collected in batch order.
@@ -228,19 +226,17 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                     answer_batch_task.submit(batch_index, quote(batch), config, teacher, ledger, progress)
                 )
                 if len(in_flight) >= BATCHES_IN_FLIGHT:
-                    rows, rejects = in_flight.popleft().result()
-                    answered.extend(rows)
-                    teacher_rejects.extend(rejects)
+                    batch_results.append(in_flight.popleft().result())
             while in_flight:
-                rows, rejects = in_flight.popleft().result()
-                answered.extend(rows)
-                teacher_rejects.extend(rejects)
+                batch_results.append(in_flight.popleft().result())
             sys.setswitchinterval(switch_interval)
         else:  # an in-process model answers one batch at a time
-            for batch_index, batch in enumerate(batches):
-                rows, rejects = answer_batch_task(batch_index, quote(batch), config, teacher, ledger, progress)
-                answered.extend(rows)
-                teacher_rejects.extend(rejects)
+            batch_results = [
+                answer_batch_task(batch_index, quote(batch), config, teacher, ledger, progress)
+                for batch_index, batch in enumerate(batches)
+            ]
+        answered = [row for rows, _ in batch_results for row in rows]
+        teacher_rejects = [reject for _, rejects in batch_results for reject in rejects]
         mark = _lap(stage_seconds, "teacher", mark)
         accepted, response_rejects = filter_responses_task(quote(answered), config)
         mark = _lap(stage_seconds, "filter_responses", mark)
@@ -248,7 +244,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         logger.error("%s", error)
         raise
     finally:
-        sys.setswitchinterval(DEFAULT_SWITCH_INTERVAL)
+        sys.setswitchinterval(switch_interval)
         for future in in_flight:  # after a failure: let the other batches stop first
             future.wait(timeout=120)
         if isinstance(teacher, OpenAITeacher):
