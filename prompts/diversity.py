@@ -6,7 +6,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from itertools import pairwise
+from itertools import chain, pairwise
 from typing import Any
 
 import numpy as np
@@ -35,15 +35,12 @@ def distinct_orders(token_lists: Sequence[list[str]], orders: Sequence[int]) -> 
     Tokens become integer ids and each n-gram one int64 code (id_1 * V^(n-1) + ... + id_n),
     so millions of n-grams are counted with `np.unique` instead of a set of tuples.
     """
-    vocab: dict[str, int] = {}
-    ids: list[int] = []
-    ends: list[int] = []  # (T,) index one past each text's last token
-    for tokens in token_lists:
-        ids.extend(vocab.setdefault(token, len(vocab)) for token in tokens)
-        ends.append(len(ids))
-    token_ids = np.asarray(ids, dtype=np.int64)  # (N,)
-    lengths = np.diff(np.asarray([0, *ends], dtype=np.int64))  # (T,)
-    end_of_text = np.repeat(np.asarray(ends, dtype=np.int64), lengths)  # (N,)
+    flat = list(chain.from_iterable(token_lists))
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(flat))}
+    token_ids = np.fromiter(map(vocab.__getitem__, flat), dtype=np.int64, count=len(flat))  # (N,)
+    lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))  # (T,)
+    ends = np.cumsum(lengths)  # (T,) index one past each text's last token
+    end_of_text = np.repeat(ends, lengths)  # (N,)
     base = max(len(vocab), 1)
     out = {}
     for n in orders:

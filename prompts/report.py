@@ -39,15 +39,18 @@ def generation_report(
     by_family: dict[str, list[list[str]]] = defaultdict(list)
     for row, tokens in zip(rows, token_lists):
         by_family[family_of(row.strategy)].append(tokens)
+    diversity = prompt_diversity_summary(rows, token_lists)
     family_diversity = {}
     for family in FAMILIES:
         if family in by_family:
-            token_lists = by_family[family]
-            lengths = sorted(len(tokens) for tokens in token_lists)
-            family_diversity[family] = {
-                "distinct_2": round(distinct_orders(token_lists, (2,))[2], 6),
-                "median_words": lengths[(len(lengths) - 1) // 2],
-            }
+            family_tokens = by_family[family]
+            lengths = sorted(len(tokens) for tokens in family_tokens)
+            distinct_2 = (
+                diversity["distinct_2"]  # one family: the whole set
+                if len(family_tokens) == len(token_lists)
+                else round(distinct_orders(family_tokens, (2,))[2], 6)
+            )
+            family_diversity[family] = {"distinct_2": distinct_2, "median_words": lengths[(len(lengths) - 1) // 2]}
     produced = len(rows) + len(rejects)
     return {
         "target": config.num_prompts,
@@ -61,7 +64,7 @@ def generation_report(
         "per_strategy": per_strategy_counts(rows),
         "rejects_per_strategy": dict(sorted(Counter(r.strategy for r in rejects).items())),
         "rejects_per_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
-        "diversity": prompt_diversity_summary(rows, token_lists),
+        "diversity": diversity,
         "diversity_per_family": family_diversity,
     }
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import threading
@@ -225,11 +226,16 @@ class OpenAITeacher:
         return params
 
     def _client(self) -> openai.AsyncOpenAI:
+        # aiohttp under the SDK (`openai[aiohttp]`) costs about a third less CPU per
+        # request than its default httpx transport; it matters when one process drives
+        # hundreds of requests a second.
+        http_client = openai.DefaultAioHttpClient() if self.config.http_backend == "aiohttp" else None
         return openai.AsyncOpenAI(
             base_url=self.config.base_url,
             api_key=self._api_key,
             max_retries=0,  # retries are ours: counted, jittered, fail-fast on auth errors
             timeout=self.config.timeout_s,
+            http_client=http_client,
         )
 
     def answer_sync(
@@ -348,8 +354,14 @@ class OpenAITeacher:
             self.stats.requests_sent += 1
             retry_after: float | None = None
             try:
-                response = await client.chat.completions.create(
-                    model=self.config.model, messages=messages, **params
+                # The SDK's own request path (auth, headers, timeouts, typed status errors)
+                # with the body taken as bytes: the answer is read straight from the JSON,
+                # skipping the SDK's params transform and response model, about a third
+                # of its CPU per request.
+                body = await client.post(
+                    "/chat/completions",
+                    body={"model": self.config.model, "messages": messages, **params},
+                    cast_to=bytes,
                 )
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
                 self._fatal = TeacherFatalError(self._fatal_message(error))
@@ -366,7 +378,7 @@ class OpenAITeacher:
                     return TeacherAnswer(None, None, self.model, error=reason, error_detail=detail)
                 retry_after = _retry_after_seconds(error)
             except openai.APITimeoutError as error:
-                reason, detail = "teacher_error:timeout", _short(error)
+                reason, detail = _timeout_reason(error), _short(error)
             except openai.APIConnectionError as error:
                 reason, detail = "teacher_error:connection", _short(error)
             except (openai.APIResponseValidationError, ValueError) as error:
@@ -374,10 +386,10 @@ class OpenAITeacher:
                 reason, detail = "teacher_error:malformed", _short(error)
             else:
                 self._mark_open(opened)
-                answer = self._parse(response)
+                answer = self._parse(body)
                 if answer is not None:
                     return answer
-                reason, detail = "teacher_error:malformed", f"unexpected response body: {str(response)[:200]}"
+                reason, detail = "teacher_error:malformed", f"unexpected response body: {body[:200]!r}"
             if attempt < self.config.max_retries:
                 await asyncio.sleep(self._backoff(attempt, retry_after))
         return TeacherAnswer(
@@ -402,34 +414,55 @@ class OpenAITeacher:
         }
         return f"teacher endpoint {self.config.base_url} answered {status}: {fixes.get(status, '')}. Stopped the run."
 
-    def _parse(self, response: Any) -> TeacherAnswer | None:
-        choices = getattr(response, "choices", None)
-        if not choices:
+    def _parse(self, body: bytes) -> TeacherAnswer | None:
+        """A chat completion body → `TeacherAnswer`; None when it is not one (malformed)."""
+        try:
+            data = json.loads(body)
+            choice = data["choices"][0]
+            content = choice["message"].get("content")
+            if content is not None and not isinstance(content, str):
+                return None
+            usage = data.get("usage") or {}
+            top_logprobs = None
+            logprobs = choice.get("logprobs")
+            if self.config.generation.top_logprobs and logprobs and logprobs.get("content") is not None:
+                top_logprobs = [
+                    {
+                        "token": item["token"],
+                        "logprob": float(item["logprob"]),
+                        "top": [
+                            {"token": alt["token"], "logprob": float(alt["logprob"])}
+                            for alt in (item.get("top_logprobs") or [])
+                        ],
+                    }
+                    for item in logprobs["content"]
+                ]
+            return TeacherAnswer(
+                content=content,
+                finish_reason=choice.get("finish_reason"),
+                model=data.get("model") or self.model,
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                top_logprobs=top_logprobs,
+            )
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             return None
-        choice = choices[0]
-        message = getattr(choice, "message", None)
-        if message is None:
-            return None
-        usage = getattr(response, "usage", None)
-        top_logprobs = None
-        logprobs = getattr(choice, "logprobs", None)
-        if self.config.generation.top_logprobs and logprobs is not None and logprobs.content is not None:
-            top_logprobs = [
-                {
-                    "token": item.token,
-                    "logprob": float(item.logprob),
-                    "top": [{"token": alt.token, "logprob": float(alt.logprob)} for alt in (item.top_logprobs or [])],
-                }
-                for item in logprobs.content
-            ]
-        return TeacherAnswer(
-            content=message.content,
-            finish_reason=choice.finish_reason,
-            model=getattr(response, "model", None) or self.model,
-            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-            top_logprobs=top_logprobs,
-        )
+
+
+def _timeout_reason(error: openai.APITimeoutError) -> str:
+    """`teacher_error:timeout`, or `:connection` for a dropped connection, which the SDK's
+    aiohttp transport reports as a connect timeout."""
+    import aiohttp
+
+    cause, dropped = error.__cause__, False
+    for _ in range(10):
+        if cause is None:
+            break
+        if isinstance(cause, TimeoutError):
+            return "teacher_error:timeout"
+        dropped = dropped or isinstance(cause, aiohttp.ClientConnectionError)
+        cause = cause.__cause__ or cause.__context__
+    return "teacher_error:connection" if dropped else "teacher_error:timeout"
 
 
 def _short(error: BaseException) -> str:

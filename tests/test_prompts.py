@@ -408,6 +408,13 @@ def test_report_has_counts_and_a_diversity_summary():
     json.dumps(report)  # JSON-able, for the manifest and the flow's artifacts
 
 
+def test_report_summary_covers_every_family_not_only_the_last():
+    _, _, report = generate_prompts(SEEDS, PromptsConfig(num_prompts=100))
+    rows, _, _ = generate_prompts(SEEDS, PromptsConfig(num_prompts=100))
+    assert len(report["diversity_per_family"]) >= 2
+    assert report["diversity"] == prompt_diversity_summary(rows)
+
+
 def test_distinct_n_percentiles_and_histogram_on_known_inputs():
     assert distinct_n(["a b", "a b"], 1) == 0.5
     assert distinct_n(["a b", "a b"], 2) == 0.5

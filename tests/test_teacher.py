@@ -39,9 +39,10 @@ def ask(teacher: OpenAITeacher, prompts: list[str]):
     return asyncio.run(teacher.answer_all([build_messages(p, None) for p in prompts]))
 
 
-def test_every_answer_belongs_to_its_prompt_under_concurrency(server):
+@pytest.mark.parametrize("http_backend", ["aiohttp", "httpx"])
+def test_every_answer_belongs_to_its_prompt_under_concurrency(server, http_backend):
     prompts = [f"question number {i}: what is {i} squared?" for i in range(300)]
-    teacher = make_teacher(server, max_concurrency=32)
+    teacher = make_teacher(server, max_concurrency=32, http_backend=http_backend)
     answers = ask(teacher, prompts)
     assert [a.content for a in answers] == [expected_answer(p) for p in prompts]
     assert all(a.finish_reason == "stop" and a.ok for a in answers)
@@ -49,7 +50,8 @@ def test_every_answer_belongs_to_its_prompt_under_concurrency(server):
     assert server.server.total_requests == 300
 
 
-def test_transient_faults_are_retried_until_answered(server):
+@pytest.mark.parametrize("http_backend", ["aiohttp", "httpx"])
+def test_transient_faults_are_retried_until_answered(server, http_backend):
     prompts = [
         "rate limited [[429x2]]",
         "server error [[500x1]]",
@@ -59,7 +61,7 @@ def test_transient_faults_are_retried_until_answered(server):
         "hangs past the timeout [[hangx1]]",
         "plain",
     ]
-    teacher = make_teacher(server)
+    teacher = make_teacher(server, http_backend=http_backend)
     started = time.monotonic()
     answers = ask(teacher, prompts)
     assert [a.content for a in answers] == [expected_answer(p) for p in prompts]
