@@ -132,7 +132,7 @@ def run_bare(args: argparse.Namespace) -> dict:
 # -- (b) distill build --------------------------------------------------------------------------
 
 
-def write_build_config(workdir: Path, base_url: str, n: int, concurrency: int) -> Path:
+def write_build_config(workdir: Path, base_url: str, n: int, concurrency: int, client_processes: int = 1) -> Path:
     import yaml
 
     seeds = workdir / "seeds.jsonl"
@@ -150,6 +150,7 @@ def write_build_config(workdir: Path, base_url: str, n: int, concurrency: int) -
             "model": "test-teacher",
             "api_key_env": "BENCH_API_KEY",
             "max_concurrency": concurrency,
+            "client_processes": client_processes,
             "generation": {"temperature": 0.7, "max_tokens": 512},
         },
     }

@@ -62,6 +62,13 @@ class TeacherConfig(StrictModel):
     tokens_per_minute: float | None = Field(None, gt=0)
     max_retries: int = Field(6, ge=0, le=50)
     timeout_s: float = Field(120.0, gt=0)
+    client_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes issuing teacher requests (each with max_concurrency/N in flight): raise it "
+        "when the teacher answers faster than one core can ask (~500 requests/s per process).",
+    )
     http_backend: Literal["aiohttp", "httpx"] = Field(
         "aiohttp",
         description="HTTP transport under the openai client: aiohttp (the SDK's high-concurrency "

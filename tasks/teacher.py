@@ -95,6 +95,12 @@ class TeacherStats:
     completion_tokens: int = 0
     retry_reasons: Counter = field(default_factory=Counter)
 
+    def add(self, other: dict[str, Any]) -> None:
+        """Add another process's `to_dict()`."""
+        for name in ("requests_sent", "retries", "ledger_hits", "answered", "prompt_tokens", "completion_tokens"):
+            setattr(self, name, getattr(self, name) + other.get(name, 0))
+        self.retry_reasons.update(other.get("retry_reasons", {}))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "requests_sent": self.requests_sent,
@@ -203,6 +209,7 @@ class OpenAITeacher:
         self._shared: tuple[openai.AsyncOpenAI, asyncio.Semaphore, RateLimiter] | None = None
         self._fatal: TeacherFatalError | None = None
         self._loop_lock = threading.Lock()
+        self._pool: Any = None  # tasks.teacher_pool.ClientPool when client_processes > 1
 
     @property
     def model(self) -> str:
@@ -246,12 +253,45 @@ class OpenAITeacher:
         """`answer_all` from synchronous code, on the teacher's own event loop thread.
 
         Several threads (concurrent batch tasks) may call this at once: they share the
-        client, `max_concurrency` and the rate limits. `on_answer` runs on the loop thread.
+        client, `max_concurrency` and the rate limits. `on_answer` runs on the loop thread
+        (or, with `client_processes > 1`, on the thread receiving that process's answers).
         """
+        if self.config.client_processes > 1:
+            callback = None if on_answer is None else (lambda index, answer, _created_at: on_answer(index, answer))
+            return self.pool().answer(messages_list, callback)
         with self._loop_lock:
             if self._loop is None:
                 self._loop = BackgroundLoop()
         return self._loop.run(self._answer_all_shared(messages_list, on_answer))
+
+    def pool(self) -> Any:
+        """The client processes (`client_processes > 1`), started on first use."""
+        from tasks.teacher_pool import ClientPool
+
+        with self._loop_lock:
+            if self._pool is None:
+                self._pool = ClientPool(self.config, self._api_key, self.config.client_processes)
+        return self._pool
+
+    def answer_and_record(
+        self,
+        messages_list: Sequence[Messages],
+        keys: Sequence[str],
+        ledger: Ledger,
+        on_recorded: Callable[[int, TeacherAnswer, float], None],
+    ) -> None:
+        """Answer every request and record each recordable answer under its key the moment
+        it arrives (in the client process that received it, with `client_processes > 1`);
+        then `on_recorded(index, answer, created_at)`."""
+        if self.config.client_processes > 1:
+            self.pool().answer(messages_list, on_recorded, ledger_path=str(ledger.path), keys=list(keys))
+            return
+
+        def record(index: int, answer: TeacherAnswer) -> None:
+            created_at = ledger.put(keys[index], answer) if is_recordable(answer) else time.time()
+            on_recorded(index, answer, created_at)
+
+        self.answer_sync(messages_list, on_answer=record)
 
     async def _answer_all_shared(self, messages_list, on_answer):  # noqa: ANN001, ANN202
         if self._shared is None:
@@ -264,7 +304,12 @@ class OpenAITeacher:
         return await self.answer_all(messages_list, on_answer, client=client, semaphore=semaphore, limiter=limiter)
 
     def close(self) -> None:
-        """Close the shared client and stop the loop thread (after `answer_sync`)."""
+        """Close the shared client and stop the loop thread or the client processes (after
+        `answer_sync`); the processes' request counts are added to `stats`."""
+        if self._pool is not None:
+            for worker_stats in self._pool.close():
+                self.stats.add(worker_stats)
+            self._pool = None
         if self._loop is None:
             return
         if self._shared is not None:
@@ -508,17 +553,19 @@ def answer_requests(
     if progress is not None:
         progress(len(messages_list) - len(pending_keys))
 
-    def record(index: int, answer: TeacherAnswer) -> None:
-        key = pending_keys[index]
-        created_at = ledger.put(key, answer) if is_recordable(answer) else time.time()
-        fresh[key] = (answer, created_at)
+    def recorded(index: int, answer: TeacherAnswer, created_at: float) -> None:
+        fresh[pending_keys[index]] = (answer, created_at)
         if progress is not None:
             progress(1)
+
+    def record(index: int, answer: TeacherAnswer) -> None:
+        created_at = ledger.put(pending_keys[index], answer) if is_recordable(answer) else time.time()
+        recorded(index, answer, created_at)
 
     if pending_keys:
         requests = [pending[key] for key in pending_keys]
         if isinstance(teacher, OpenAITeacher):
-            teacher.answer_sync(requests, on_answer=record)
+            teacher.answer_and_record(requests, pending_keys, ledger, recorded)
         else:
             for start in range(0, len(requests), teacher.batch_size):
                 chunk = requests[start : start + teacher.batch_size]

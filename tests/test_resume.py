@@ -45,7 +45,8 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> str:
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, port, prefect_server):
+@pytest.mark.parametrize("client_processes", [1, 2])
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, port, prefect_server, client_processes):
     prompts = [f"Resumable prompt {i}: describe the number {i * 7}." for i in range(400)]
     prompts += ["refused [[400]]", "cut [[truncate]] short"]
     seeds = tmp_path / "seeds.jsonl"
@@ -60,7 +61,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, port, prefect_
         fake.answered.clear()
 
         resumed = write_config(tmp_path / "b.yaml", seeds, tmp_path / "b", server.base_url,
-                               max_concurrency=CONCURRENCY, batch_size=64)
+                               max_concurrency=CONCURRENCY, batch_size=64, client_processes=client_processes)
         ledger = tmp_path / "b" / ".ledger" / "teacher.sqlite"
         process = run_build(resumed, env)
         deadline = time.monotonic() + 240
@@ -68,8 +69,16 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, port, prefect_
             assert process.poll() is None, "build finished before it could be killed"
             assert time.monotonic() < deadline, "build made no progress"
             time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
+        if client_processes == 1:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+        else:  # only the parent dies: its client processes must notice and stop paying
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(30)
+            time.sleep(1.0)
+            requests_then = fake.total_requests
+            time.sleep(1.5)
+            assert fake.total_requests == requests_then, "client processes kept calling the teacher"
         answered_before_kill = {p for p, n in fake.answered.items() if n}
         recorded = ledger_rows(ledger)
         assert 120 <= recorded < len(prompts)

@@ -144,3 +144,49 @@ def test_changed_generation_parameters_are_a_new_request(server, tmp_path):
         answer_requests(make_teacher(server), ledger, messages)
         answer_requests(make_teacher(server, generation={"temperature": 0.0}), ledger, messages)
         assert len(ledger) == 2
+
+
+# -- several client processes (teacher.client_processes) -------------------------------------
+
+
+def test_client_processes_answer_every_prompt_into_the_ledger_once(server, tmp_path):
+    prompts = [f"multi-process question {i}" for i in range(300)] + ["refused [[400]]", "late [[503x1]]"]
+    messages = [build_messages(p, None) for p in prompts]
+    teacher = make_teacher(server, max_concurrency=32, client_processes=2)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        try:
+            answers = answer_requests(teacher, ledger, messages)
+        finally:
+            teacher.close()
+        assert len(ledger) == 302  # 301 answers (one after a retry) + the permanent 400
+    assert [a.content for a, _ in answers[:300]] == [expected_answer(p) for p in prompts[:300]]
+    assert answers[300][0].error == "teacher_error:400"
+    assert answers[301][0].content == expected_answer(prompts[301])
+    # Both processes' counts reach the run's stats; the server saw each prompt once (+1 retry).
+    assert teacher.stats.requests_sent == server.server.total_requests == 303
+    assert teacher.stats.retry_reasons["teacher_error:503"] == 1
+    assert teacher.stats.answered == 302
+
+
+def test_client_processes_stop_on_a_wrong_key_after_one_call_each(server):
+    teacher = make_teacher(server, key="wrong-key", max_concurrency=32, client_processes=2)
+    try:
+        with pytest.raises(TeacherFatalError, match="401"):
+            teacher.answer_sync([build_messages(f"prompt {i}", None) for i in range(200)])
+        with pytest.raises(TeacherFatalError):  # later batches fail at once
+            teacher.answer_sync([build_messages("another", None)])
+    finally:
+        teacher.close()
+    assert server.server.total_requests <= 2
+
+
+def test_a_dead_client_process_fails_the_batch_instead_of_hanging(server):
+    teacher = make_teacher(server, client_processes=2)
+    try:
+        teacher.answer_sync([build_messages("warm up", None)])
+        for process in teacher._pool.processes:
+            process.kill()
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            teacher.answer_sync([build_messages(f"after {i}", None) for i in range(10)])
+    finally:
+        teacher.close()
