@@ -9,9 +9,10 @@ spend during each run is printed too (on a 2-core machine every side is CPU-boun
              kept in a list: the baseline the target is measured against
   (a') bare, lean: the same loop on the request path distillflow uses (the SDK's aiohttp
              transport, response body read as bytes), so b/a' is the pipeline's own overhead
-  (b) build: the `build_dataset` flow end to end (seeds → prompts → filters → teacher with
+  (b)  build: the `build_dataset` flow end to end (seeds → prompts → filters → teacher with
              ledger → response filters → Parquet + manifest) against a running Prefect
-             server; also the wall time of the whole `distill build` CLI process.
+             server, default settings; also the wall time of the whole `distill build` CLI
+  (b2) build with `teacher.client_processes: 2` (requests issued from two processes)
 
     python bench/teacher_throughput.py [--prompts 20000] [--concurrency 64] [--latency-ms 50]
 """
@@ -58,8 +59,11 @@ def peak_rss_mb() -> float:
 
 
 def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process plus its finished children (the client processes of `client_processes`)."""
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -192,7 +196,7 @@ def child(mode: str, extra: list[str], env: dict[str, str], servers: dict[str, i
 def describe(label: str, run: dict, prompts: int) -> str:
     servers = ", ".join(f"{name} {1000 * cpu / prompts:.2f}" for name, cpu in run["server_cpu_s"].items())
     return (f"{label}: {prompts / run['elapsed_s']:8.1f} prompts/s  ({run['elapsed_s']:.1f} s, "
-            f"peak RSS {run['peak_rss_mb']:.0f} MB; CPU ms/prompt: this process {1000 * run['cpu_s'] / prompts:.2f}, "
+            f"peak RSS {run['peak_rss_mb']:.0f} MB; CPU ms/prompt: this side {1000 * run['cpu_s'] / prompts:.2f}, "
             f"{servers})")
 
 
@@ -243,14 +247,15 @@ def main() -> None:
         # Warm both paths once (imports, connection set-up) on a small run.
         for path in ("default", "lean"):
             child("bare", ["--prompts", "500", "--path", path, *bare_args], env, servers)
-        runs: dict[str, list[dict]] = {"default": [], "lean": [], "build": []}
+        runs: dict[str, list[dict]] = {"default": [], "lean": [], "build": [], "build-2p": []}
         for repeat in range(args.repeats):
             for path in ("default", "lean"):
                 runs[path].append(child("bare", ["--prompts", str(args.prompts), "--path", path, *bare_args], env, servers))
-            (workdir / f"build-{repeat}").mkdir()
-            config = write_build_config(workdir / f"build-{repeat}", base_url, args.prompts, args.concurrency)
-            runs["build"].append(child("build", ["--config", str(config)], env, servers))  # fresh ledger each time
-            assert runs["build"][-1]["answered"] == args.prompts == runs["default"][-1]["answered"] == runs["lean"][-1]["answered"]
+            for side, client_processes in (("build", 1), ("build-2p", 2)):
+                (workdir / f"{side}-{repeat}").mkdir()  # a fresh ledger each time
+                config = write_build_config(workdir / f"{side}-{repeat}", base_url, args.prompts, args.concurrency, client_processes)
+                runs[side].append(child("build", ["--config", str(config)], env, servers))
+            assert all(side_runs[-1]["answered"] == args.prompts for side_runs in runs.values())
             print(f"  repeat {repeat}: " + ", ".join(
                 f"{side} {args.prompts / side_runs[-1]['elapsed_s']:.1f}/s" for side, side_runs in runs.items()), flush=True)
         best = {side: min(side_runs, key=lambda run: run["elapsed_s"]) for side, side_runs in runs.items()}
@@ -274,9 +279,13 @@ def main() -> None:
     print(describe("(a') bare loop on distillflow's request path  ", best["lean"], args.prompts))
     print(describe("(b)  distill build (flow, Prefect server)     ", best["build"], args.prompts))
     print(f"     stages (s): {best['build']['stage_seconds']}")
+    print(describe("(b2) distill build, teacher.client_processes: 2", best["build-2p"], args.prompts))
+    print(f"     stages (s): {best['build-2p']['stage_seconds']}")
     print(f"     distill build (CLI process): {cli_rate:8.1f} prompts/s  ({cli_elapsed:.1f} s incl. interpreter start and imports)")
     print(f"ratio b/a   (flow vs bare SDK loop)           : {rate['build'] / rate['default']:.3f}   (target >= 0.95)")
     print(f"ratio b/a'  (flow vs bare loop, same path)    : {rate['build'] / rate['lean']:.3f}   (the pipeline's own overhead)")
+    print(f"ratio b2/a  (2 client processes vs bare SDK)  : {rate['build-2p'] / rate['default']:.3f}")
+    print(f"ratio b2/a' (2 client processes vs same path) : {rate['build-2p'] / rate['lean']:.3f}")
     print(f"ratio CLI/a (whole process vs bare SDK loop)  : {cli_rate / rate['default']:.3f}")
 
 
