@@ -190,3 +190,12 @@ def test_a_dead_client_process_fails_the_batch_instead_of_hanging(server):
             teacher.answer_sync([build_messages(f"after {i}", None) for i in range(10)])
     finally:
         teacher.close()
+
+
+def test_response_bodies_that_are_not_chat_completions_are_malformed(server):
+    teacher = make_teacher(server)
+    for body in (b"not json", b"[]", b'{"choices": []}', b'{"choices": [{"finish_reason": "stop"}]}',
+                 b'{"choices": [{"message": {"content": 5}}]}'):
+        assert teacher._parse(body) is None, body
+    answer = teacher._parse(b'{"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "usage": null}')
+    assert (answer.content, answer.finish_reason, answer.prompt_tokens, answer.model) == ("hi", "stop", 0, "test-teacher")
