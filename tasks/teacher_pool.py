@@ -158,6 +158,7 @@ class ClientPool:
         self.job_ids = itertools.count()
         self.fatal: BaseException | None = None
         self.closing = False
+        self.broken: BaseException | None = None  # a worker died: every later batch fails at once
         self.stats_replies: queue.Queue[dict[str, Any]] = queue.Queue()
         for share in range(processes):
             parent_end, child_end = context.Pipe()
@@ -192,17 +193,22 @@ class ClientPool:
         job = _Job([None] * count, count, on_answer)
         job_id = next(self.job_ids)
         with self.lock:
+            if self.broken is not None:
+                raise self.broken
             self.jobs[job_id] = job
         processes = len(self.connections)
         try:
             for share, (connection, send_lock) in enumerate(zip(self.connections, self.send_locks)):
                 indices = list(range(share, count, processes))  # interleaved: shares finish together
                 if indices:
-                    with send_lock:
-                        connection.send((
-                            "job", job_id, indices, [messages_list[i] for i in indices], ledger_path,
-                            [keys[i] for i in indices] if keys is not None else None,
-                        ))
+                    try:
+                        with send_lock:
+                            connection.send((
+                                "job", job_id, indices, [messages_list[i] for i in indices], ledger_path,
+                                [keys[i] for i in indices] if keys is not None else None,
+                            ))
+                    except OSError as error:  # the worker is gone (its receiver reports why)
+                        self._fail(self.broken or RuntimeError(f"teacher client process {share} is gone: {error}"), job_id)
             job.done.wait()
         finally:
             with self.lock:
@@ -232,8 +238,14 @@ class ClientPool:
                 message = connection.recv()
             except (EOFError, OSError):
                 if not self.closing:
+                    self.processes[share].join(1.0)
                     code = self.processes[share].exitcode
-                    self._fail(RuntimeError(f"teacher client process {share} exited unexpectedly (exit code {code})"))
+                    with self.lock:
+                        self.broken = self.broken or RuntimeError(
+                            f"teacher client process {share} exited unexpectedly (exit code {code}); "
+                            "answers received so far are in the ledger, rerun to finish"
+                        )
+                    self._fail(self.broken)
                 return
             kind = message[0]
             if kind == "answer":

@@ -188,6 +188,9 @@ def test_a_dead_client_process_fails_the_batch_instead_of_hanging(server):
             process.kill()
         with pytest.raises(RuntimeError, match="exited unexpectedly"):
             teacher.answer_sync([build_messages(f"after {i}", None) for i in range(10)])
+        time.sleep(0.5)  # the receivers have seen the pipes close: later batches fail at once too
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            teacher.answer_sync([build_messages("later", None)])
     finally:
         teacher.close()
 
