@@ -129,6 +129,18 @@ def test_resume_from_a_checkpoint_continues_the_same_loss_curve(tiny, reference,
     assert json.loads((resumed_dir / "metrics.json").read_text())["resumed_from_step"] == 2
 
 
+def test_rerunning_a_finished_run_keeps_its_curve_and_reports_its_last_loss(tiny, reference, tmp_path):
+    reference_dir, reference_metrics = reference
+    again_dir = tmp_path / "again"
+    shutil.copytree(reference_dir, again_dir)
+    metrics = run_training(tiny, again_dir, processes=1)
+    assert losses(metrics) == losses(reference_metrics)  # nothing retrained, nothing lost
+    summary = json.loads((again_dir / "metrics.json").read_text())
+    assert summary["resumed_from_step"] == STEPS
+    assert summary["final_loss"] == pytest.approx(reference_metrics[-1]["loss"])
+    assert summary["tokens_per_s"] is None
+
+
 def test_exported_student_loads_with_from_pretrained(tiny, reference):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

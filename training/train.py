@@ -268,13 +268,15 @@ def train(config: TrainingConfig) -> dict[str, Any]:
             raise TrainingError(f"could not load the checkpoint in {checkpoint_dir}; delete it to start over")
         start_step = int(client_state["step"])
         log(f"resumed from {loaded} at step {start_step}")
+    loss = float("nan")
     if rank == 0:
-        _truncate_metrics(metrics_path, start_step)
+        loss = _truncate_metrics(metrics_path, start_step)
+        if start_step >= total_steps:
+            log(f"already trained to step {start_step}/{total_steps}; exporting the student again")
 
     # 5. Loop: one optimizer step = gradient_accumulation_steps micro-batches per process.
     started = time.time()
     tokens_seen = 0
-    loss = float("nan")
     engine.train()
     for step in range(start_step, total_steps):
         global_indices = step_rows(step, len(rows), global_batch, config.seed)
@@ -322,7 +324,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         "final_loss": loss,
         "steps": total_steps,
         "resumed_from_step": start_step,
-        "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else None,
+        "tokens_per_s": tokens_seen / elapsed if elapsed > 0 and tokens_seen else None,
         "elapsed_s": elapsed,
         "params": parameters,
         "objective": config.objective,
@@ -336,12 +338,15 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     return summary
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep metrics.jsonl lines of steps ≤ step (a resumed run rewrites what follows)."""
+def _truncate_metrics(path: Path, step: int) -> float:
+    """Keep metrics.jsonl lines of steps ≤ step (a resumed run rewrites what follows);
+    returns the loss logged at `step` (nan when there is none)."""
     if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        return float("nan")
+    kept = [record for line in path.read_text(encoding="utf-8").splitlines() if line
+            and (record := json.loads(line))["step"] <= step]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+    return float(kept[-1]["loss"]) if kept and kept[-1]["step"] == step else float("nan")
 
 
 def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: int) -> None:
