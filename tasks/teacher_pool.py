@@ -9,8 +9,7 @@ each with its own event loop, `AsyncOpenAI` client and connection pool, its shar
 Each worker records every answer in the run's ledger (SQLite WAL takes writers from
 several processes) the moment it arrives, then sends it to the parent, so "nothing lost,
 nothing paid twice" is the same as with one process: a SIGKILL of the parent loses at most
-the requests in flight, and the workers, seeing their pipe close, record what was on the
-wire and exit. Each worker has its own fail-fast gate, so a wrong key costs at most one
+the requests in flight (the workers see their pipe close, cancel them and exit). Each worker has its own fail-fast gate, so a wrong key costs at most one
 call per process. A worker that dies fails the batches waiting on it; their answers so
 far are in the ledger.
 """
@@ -95,7 +94,9 @@ async def _serve(connection: Any, teacher: Any) -> None:
     ) -> None:
         ledger = None
         if ledger_path is not None:
-            ledger = ledgers.get(ledger_path) or ledgers.setdefault(ledger_path, Ledger(ledger_path))
+            ledger = ledgers.get(ledger_path)
+            if ledger is None:  # (not `or`: an empty Ledger is falsy)
+                ledger = ledgers[ledger_path] = Ledger(ledger_path)
 
         def on_answer(position: int, answer: TeacherAnswer) -> None:
             if ledger is not None and keys is not None and is_recordable(answer):
