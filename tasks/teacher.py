@@ -288,8 +288,7 @@ class OpenAITeacher:
             return
 
         def record(index: int, answer: TeacherAnswer) -> None:
-            created_at = ledger.put(keys[index], answer) if is_recordable(answer) else time.time()
-            on_recorded(index, answer, created_at)
+            on_recorded(index, answer, record_answer(ledger, keys[index], answer))
 
         self.answer_sync(messages_list, on_answer=record)
 
@@ -520,6 +519,11 @@ def is_recordable(answer: TeacherAnswer) -> bool:
     return answer.ok or (answer.error or "").startswith(PERMANENT_ERROR_PREFIXES)
 
 
+def record_answer(ledger: Ledger, key: str, answer: TeacherAnswer) -> float:
+    """Put `answer` in the ledger under `key` when it is worth keeping; its created_at."""
+    return ledger.put(key, answer) if is_recordable(answer) else time.time()
+
+
 def teacher_params_for_key(config: TeacherConfig) -> dict[str, Any]:
     """What goes into the ledger key besides the messages and the model name."""
     generation = config.generation.model_dump()
@@ -559,8 +563,7 @@ def answer_requests(
             progress(1)
 
     def record(index: int, answer: TeacherAnswer) -> None:
-        created_at = ledger.put(pending_keys[index], answer) if is_recordable(answer) else time.time()
-        recorded(index, answer, created_at)
+        recorded(index, answer, record_answer(ledger, pending_keys[index], answer))
 
     if pending_keys:
         requests = [pending[key] for key in pending_keys]

@@ -60,7 +60,7 @@ def worker_main(connection: Any, config_json: str, api_key: str) -> None:
 
 
 async def _serve(connection: Any, teacher: Any) -> None:
-    from tasks.teacher import RateLimiter, TeacherFatalError, is_recordable
+    from tasks.teacher import RateLimiter, TeacherFatalError, record_answer
 
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple] = asyncio.Queue()
@@ -99,8 +99,8 @@ async def _serve(connection: Any, teacher: Any) -> None:
                 ledger = ledgers[ledger_path] = Ledger(ledger_path)
 
         def on_answer(position: int, answer: TeacherAnswer) -> None:
-            if ledger is not None and keys is not None and is_recordable(answer):
-                created_at = ledger.put(keys[position], answer)  # durable before anything else
+            if ledger is not None and keys is not None:
+                created_at = record_answer(ledger, keys[position], answer)  # durable before anything else
             else:
                 created_at = time.time()
             send(("answer", job_id, indices[position], answer, created_at))
