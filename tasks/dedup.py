@@ -78,3 +78,16 @@ def resolve_clusters(num_rows: int, left: np.ndarray, right: np.ndarray) -> np.n
     duplicate_of = first[labels]
     duplicate_of[duplicate_of == np.arange(num_rows)] = KEEP
     return duplicate_of
+
+
+def duplicate_details(
+    duplicate_of: np.ndarray, similarity: np.ndarray, threshold: float, measure: str, digits: int, linked_through: str
+) -> dict[int, str]:
+    """`detail` of each dropped row: its similarity to the kept row, and a note when it is
+    below the threshold (the row joined the cluster through other members)."""
+    details = {}
+    for row in np.flatnonzero(duplicate_of != KEEP):
+        value = float(similarity[row])
+        note = "" if value >= threshold else f" (linked through other {linked_through})"
+        details[int(row)] = f"{measure}~{value:.{digits}f} with kept row{note}"
+    return details

@@ -32,7 +32,7 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-from tasks.dedup import KEEP, resolve_clusters
+from tasks.dedup import KEEP, duplicate_details, resolve_clusters
 from tasks.filter_config import NearDedupConfig
 
 _UNICODE_PUNCTUATION_TO_SPACE = str.maketrans({ch: " " for ch in "¡¿«»‹›“”„‘’‚…–—―·•、。，．：；！？「」『』（）【】"})
@@ -378,9 +378,4 @@ def near_duplicates(texts: Sequence[str], config: NearDedupConfig, batch_size: i
 
 
 def near_duplicate_details(result: NearDuplicates, threshold: float) -> dict[int, str]:
-    details = {}
-    for row in np.flatnonzero(result.duplicate_of != KEEP):
-        similarity = float(result.similarity[row])
-        note = "" if similarity >= threshold else " (linked through other near-duplicates)"
-        details[int(row)] = f"jaccard~{similarity:.2f} with kept row{note}"
-    return details
+    return duplicate_details(result.duplicate_of, result.similarity, threshold, "jaccard", 2, "near-duplicates")

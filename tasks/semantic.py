@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from tasks.dedup import KEEP, resolve_clusters
+from tasks.dedup import KEEP, duplicate_details, resolve_clusters
 from tasks.filter_config import SemanticDedupConfig
 
 EXACT_SEARCH_MAX_ROWS = 20_000
@@ -120,9 +120,4 @@ def semantic_duplicates(embeddings: np.ndarray, config: SemanticDedupConfig) -> 
 
 
 def semantic_details(result: SemanticDuplicates, threshold: float) -> dict[int, str]:
-    details = {}
-    for row in np.flatnonzero(result.duplicate_of != KEEP):
-        cosine = float(result.similarity[row])
-        note = "" if cosine >= threshold else " (linked through other paraphrases)"
-        details[int(row)] = f"cosine~{cosine:.3f} with kept row{note}"
-    return details
+    return duplicate_details(result.duplicate_of, result.similarity, threshold, "cosine", 3, "paraphrases")
