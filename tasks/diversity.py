@@ -15,7 +15,7 @@ an N×N similarity matrix and is limited to `FACILITY_LOCATION_MAX_ROWS`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -49,6 +49,33 @@ def _first_centre(candidates: np.ndarray, seed: int) -> int:
     return int(np.random.default_rng(seed).choice(candidates))
 
 
+def _greedy_select(
+    num_rows: int,
+    keep: int,
+    groups: list[tuple[np.ndarray, int]] | None,
+    choose: Callable[[np.ndarray, np.ndarray], int],
+) -> np.ndarray:
+    """Sorted indices of `keep` rows picked one at a time by `choose(candidates, selected)`
+    (which also updates the caller's state): each group's quota first, picks restricted to
+    its mask, then the rest from every row."""
+    keep = min(keep, num_rows)
+    selected = np.zeros(num_rows, dtype=bool)
+
+    def fill(mask: np.ndarray, count: int) -> None:
+        for _ in range(count):
+            if selected.sum() >= keep:
+                return
+            candidates = np.flatnonzero(mask & ~selected)
+            if candidates.size == 0:
+                return
+            selected[choose(candidates, selected)] = True
+
+    for mask, quota in groups or []:
+        fill(mask, min(quota, int(mask.sum())))
+    fill(np.ones(num_rows, dtype=bool), keep - int(selected.sum()))
+    return np.flatnonzero(selected)
+
+
 def k_center_greedy(
     embeddings: np.ndarray, keep: int, groups: list[tuple[np.ndarray, int]] | None = None, seed: int = 0
 ) -> np.ndarray:
@@ -58,31 +85,18 @@ def k_center_greedy(
     first, each by picks restricted to its mask.
     """
     num_rows = embeddings.shape[0]
-    keep = min(keep, num_rows)
-    selected = np.zeros(num_rows, dtype=bool)
     distance = np.full(num_rows, np.inf, dtype=np.float32)  # to the nearest selected row
 
-    def pick(row: int) -> None:
-        selected[row] = True
+    def choose(candidates: np.ndarray, selected: np.ndarray) -> int:
+        if not selected.any():
+            row = _first_centre(candidates, seed)
+        else:
+            row = int(candidates[np.argmax(distance[candidates])])
         np.minimum(distance, 1.0 - embeddings @ embeddings[row], out=distance)
         distance[row] = -1.0
+        return row
 
-    def fill(mask: np.ndarray, count: int) -> None:
-        for _ in range(count):
-            if selected.sum() >= keep:
-                return
-            candidates = np.flatnonzero(mask & ~selected)
-            if candidates.size == 0:
-                return
-            if not selected.any():
-                pick(_first_centre(candidates, seed))
-            else:
-                pick(int(candidates[np.argmax(distance[candidates])]))
-
-    for mask, quota in groups or []:
-        fill(mask, min(quota, int(mask.sum())))
-    fill(np.ones(num_rows, dtype=bool), keep - int(selected.sum()))
-    return np.flatnonzero(selected)
+    return _greedy_select(num_rows, keep, groups, choose)
 
 
 def facility_location_greedy(
@@ -95,27 +109,16 @@ def facility_location_greedy(
             f"diversity.method facility_location keeps an N×N matrix and handles at most "
             f"{FACILITY_LOCATION_MAX_ROWS} rows (got {num_rows}); use method: k_center"
         )
-    keep = min(keep, num_rows)
     similarity = np.maximum(embeddings @ embeddings.T, 0.0)  # (N, N)
     coverage = np.zeros(num_rows, dtype=np.float32)  # max similarity to the selected set
-    selected = np.zeros(num_rows, dtype=bool)
 
-    def fill(mask: np.ndarray, count: int) -> None:
-        for _ in range(count):
-            if selected.sum() >= keep:
-                return
-            candidates = np.flatnonzero(mask & ~selected)
-            if candidates.size == 0:
-                return
-            gains = np.maximum(similarity[:, candidates] - coverage[:, None], 0.0).sum(axis=0)
-            row = int(candidates[np.argmax(gains)])
-            selected[row] = True
-            np.maximum(coverage, similarity[:, row], out=coverage)
+    def choose(candidates: np.ndarray, selected: np.ndarray) -> int:
+        gains = np.maximum(similarity[:, candidates] - coverage[:, None], 0.0).sum(axis=0)
+        row = int(candidates[np.argmax(gains)])
+        np.maximum(coverage, similarity[:, row], out=coverage)
+        return row
 
-    for mask, quota in groups or []:
-        fill(mask, min(quota, int(mask.sum())))
-    fill(np.ones(num_rows, dtype=bool), keep - int(selected.sum()))
-    return np.flatnonzero(selected)
+    return _greedy_select(num_rows, keep, groups, choose)
 
 
 def select_diverse(embeddings: np.ndarray, strategies: Sequence[str], config: DiversityConfig) -> np.ndarray:
