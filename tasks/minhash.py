@@ -98,6 +98,15 @@ def _mix64(z):  # splitmix64 finaliser: a bijection on uint64 with full avalanch
 
 
 @numba.njit(cache=True, inline="always")
+def _window_hash(window, first, last, n):
+    """One hash of words first..last-1, kept in the ring buffer `window` of n word hashes."""
+    shingle = np.uint64(0)
+    for t in range(first, last):
+        shingle = (shingle ^ window[t % n]) * _WORD_COMBINE
+    return shingle
+
+
+@numba.njit(cache=True, inline="always")
 def _update(signature, shingle, a, b):
     x = np.uint32(_mix64(shingle) >> _S32)
     for k in range(a.shape[0]):  # vectorised by LLVM: 8 uint32 lanes per instruction
@@ -148,17 +157,13 @@ def _signatures_kernel(data, offsets, byte_class, word_unit, n, a, b, out):
                         window[words % n] = _mix64(h)
                         words += 1
                         if words >= n:
-                            shingle = np.uint64(0)
-                            for t in range(words - n, words):
-                                shingle = (shingle ^ window[t % n]) * _WORD_COMBINE
+                            shingle = _window_hash(window, words - n, words, n)
                             _update(signature, shingle, a, b)
                     h = _FNV_OFFSET
                 else:
                     h = (h ^ np.uint64(clean[j])) * _FNV_PRIME
             if words < n:
-                shingle = np.uint64(0)
-                for t in range(words):
-                    shingle = (shingle ^ window[t]) * _WORD_COMBINE
+                shingle = _window_hash(window, 0, words, n)
                 _update(signature, shingle, a, b)
 
 
@@ -189,9 +194,7 @@ def _word_ngram_kernel(data, offsets, byte_class, n, hashes, row_of):
                     window[words % n] = _mix64(h)
                     words += 1
                     if words >= n:
-                        shingle = np.uint64(0)
-                        for t in range(words - n, words):
-                            shingle = (shingle ^ window[t % n]) * _WORD_COMBINE
+                        shingle = _window_hash(window, words - n, words, n)
                         hashes[count] = _mix64(shingle)
                         row_of[count] = row
                         count += 1
@@ -201,9 +204,7 @@ def _word_ngram_kernel(data, offsets, byte_class, n, hashes, row_of):
                 in_word = True
                 h = (h ^ np.uint64(c)) * _FNV_PRIME
         if words < n:
-            shingle = np.uint64(0)
-            for t in range(words):
-                shingle = (shingle ^ window[t]) * _WORD_COMBINE
+            shingle = _window_hash(window, 0, words, n)
             hashes[count] = _mix64(shingle)
             row_of[count] = row
             count += 1
