@@ -60,7 +60,7 @@ def worker_main(connection: Any, config_json: str, api_key: str) -> None:
 
 
 async def _serve(connection: Any, teacher: Any) -> None:
-    from tasks.teacher import RateLimiter, TeacherFatalError, record_answer
+    from tasks.teacher import TeacherFatalError, record_answer
 
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple] = asyncio.Queue()
@@ -76,11 +76,6 @@ async def _serve(connection: Any, teacher: Any) -> None:
                 return
 
     threading.Thread(target=read, name="teacher-client-inbox", daemon=True).start()
-    config = teacher.config
-    client = teacher._client()
-    semaphore = asyncio.Semaphore(config.max_concurrency)
-    limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
-
     def send(message: tuple) -> None:
         try:
             connection.send(message)
@@ -106,7 +101,8 @@ async def _serve(connection: Any, teacher: Any) -> None:
             send(("answer", job_id, indices[position], answer, created_at))
 
         try:
-            await teacher.answer_all(messages_list, on_answer, client=client, semaphore=semaphore, limiter=limiter)
+            # One client, concurrency limit and rate limiter for all of this process's jobs.
+            await teacher._answer_all_shared(messages_list, on_answer)
         except TeacherFatalError as error:
             send(("fatal", job_id, str(error)))
         except Exception as error:  # noqa: BLE001 - reported to the parent, which fails the batch
@@ -128,7 +124,8 @@ async def _serve(connection: Any, teacher: Any) -> None:
         for job in jobs:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
-        await client.close()
+        if teacher._shared is not None:
+            await teacher._shared[0].close()
         for ledger in ledgers.values():
             ledger.close()
 
