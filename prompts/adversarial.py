@@ -293,3 +293,40 @@ ADVERSARIAL: dict[str, AdversarialFn] = {
     "negation": negation_flip,
     "roleplay": roleplay_wrapper,
 }
+
+
+# Private-use characters: no perturbation above touches them (not letters, not spaces).
+_PLACEHOLDER_BASE = 0xE000
+
+
+def perturb_protected(
+    text: str,
+    protect: list[str],
+    perturb: AdversarialFn,
+    rng: random.Random,
+    config: AdversarialConfig,
+    attempts: int = 8,
+) -> str | None:
+    """`perturb(text)` with every span in `protect` kept verbatim, or None.
+
+    A typo in the word a question is about changes the right answer, so a robustness test
+    must perturb only the rest. Each protected span is swapped for one placeholder
+    character before perturbing and swapped back after; a draw that deleted or duplicated
+    a placeholder is retried (up to `attempts` draws from `rng`), else None.
+    """
+    spans = sorted({span for span in protect if span and span in text}, key=len, reverse=True)
+    if len(spans) > 256:
+        raise ValueError("perturb_protected: at most 256 protected spans per text")
+    masked = text
+    for index, span in enumerate(spans):
+        masked = masked.replace(span, chr(_PLACEHOLDER_BASE + index))
+    for _ in range(attempts):
+        result = perturb(masked, rng, config)
+        if result is None:
+            return None
+        marks = [chr(_PLACEHOLDER_BASE + index) for index in range(len(spans))]
+        if all(result.count(mark) == masked.count(mark) for mark in marks):
+            for index, span in enumerate(spans):
+                result = result.replace(chr(_PLACEHOLDER_BASE + index), span)
+            return result
+    return None
