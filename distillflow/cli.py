@@ -23,6 +23,14 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _every_command(ctx: typer.Context) -> None:
+    # SIGINT/SIGTERM stop any command within seconds, with exit code 130/143 (distillflow/interrupt.py).
+    from distillflow.interrupt import exit_on_signals
+
+    ctx.with_resource(exit_on_signals())
+
+
 def _fail(error: BaseException) -> None:
     """Print a one-paragraph error and exit non-zero."""
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)

@@ -62,6 +62,21 @@ class TeacherConfig(StrictModel):
     tokens_per_minute: float | None = Field(None, gt=0)
     max_retries: int = Field(6, ge=0, le=50)
     timeout_s: float = Field(120.0, gt=0)
+    first_contact_s: float = Field(
+        20.0,
+        gt=0,
+        description="Until the teacher has answered once, its first prompt retries for at most this "
+        "long; if a second prompt fails too (or the first timed out) the run stops with an error "
+        "naming the URL and the fix (see docs/reliability.md).",
+    )
+    max_error_rate: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Largest fraction of the prompts the teacher may fail to answer (after retries: "
+        "connection, timeout, 429, 5xx, malformed) before the run stops; below it the manifest's "
+        "`teacher_failures` says how many failed and why. 1.0 = never stop for failures.",
+    )
     client_processes: int = Field(
         1,
         ge=1,

@@ -28,13 +28,17 @@ from prefect.utilities.annotations import quote
 
 import distillflow
 from distillflow.config import ConfigError, DistillConfig, load_config
+from distillflow.interrupt import cancel_on_interrupt
 from distillflow.records import PromptRecord, Reject, TeacherAnswer
 from storage.dataset import count_by, dataset_card, write_dataset
 from storage.ledger import Ledger
 from storage.seeds import load_seeds
 from tasks.filters import filter_prompts, filter_responses
 from tasks.teacher import (
+    FailureBudget,
+    NoUsableAnswersError,
     OpenAITeacher,
+    TeacherAborted,
     TeacherFatalError,
     TeacherStats,
     answer_requests,
@@ -44,6 +48,7 @@ from tasks.teacher import (
 
 LEDGER_PATH = Path(".ledger") / "teacher.sqlite"
 BATCHES_IN_FLIGHT = 3
+HEARTBEAT_S = 60.0  # a stage running longer than this says so, every HEARTBEAT_S
 
 
 class LocalTeacherClient:
@@ -60,6 +65,9 @@ class LocalTeacherClient:
 
         return get_local_teacher(self.config).answer_batch(messages_list)
 
+    def abort(self, error: TeacherFatalError) -> None:
+        """Nothing to cancel: the model answers in this thread, which the signal interrupts."""
+
 
 def make_teacher(config: DistillConfig, api_key: str | None) -> OpenAITeacher | LocalTeacherClient:
     if config.teacher.backend == "local":
@@ -73,18 +81,50 @@ class Progress:
     def __init__(self, label: str, total: int, every_s: float = 5.0) -> None:
         self.label, self.total, self.every_s = label, total, every_s
         self.done = 0
-        self.started = self.last = time.monotonic()
+        self.started = self.last = self.last_answer = time.monotonic()
         self.lock = threading.Lock()
 
     def __call__(self, count: int) -> None:
         with self.lock:
             self.done += count
             now = time.monotonic()
+            if count:
+                self.last_answer = now
             if now - self.last < self.every_s and self.done != self.total:
                 return
             self.last = now
             rate = self.done / max(now - self.started, 1e-9)
         print(f"[{self.label}] {self.done}/{self.total} answered ({rate:.0f}/s)", file=sys.stderr, flush=True)
+
+    def status(self) -> str:
+        """For the heartbeat of a stage that seems stuck."""
+        with self.lock:
+            return f"{self.done}/{self.total} answered, the last {time.monotonic() - self.last_answer:.0f} s ago"
+
+
+@contextmanager
+def stage(stage_seconds: dict[str, float], name: str, label: str, status: Any = None) -> Iterator[None]:
+    """Time a stage into `stage_seconds[name]`; while it runs longer than `HEARTBEAT_S`, log
+    every `HEARTBEAT_S` that it still runs (with `status()`, when given), so a stuck stage
+    is visible."""
+    started = time.perf_counter()
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            extra = f": {status()}" if status is not None else ""
+            print(
+                f"[{label}] {name} still running after {time.perf_counter() - started:.0f} s{extra}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    threading.Thread(target=heartbeat, name=f"heartbeat-{name}", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+        stage_seconds[name] = round(time.perf_counter() - started, 3)
 
 
 def split_repeated_seeds(seeds: list[PromptRecord]) -> tuple[list[PromptRecord], list[Reject]]:
@@ -126,11 +166,17 @@ def filter_prompts_task(prompts: list[PromptRecord], config: DistillConfig):
 
 @task(name="answer-batch", cache_policy=NO_CACHE, task_run_name="answer-batch-{batch_index}")
 def answer_batch_task(
-    batch_index: int, prompts: list[PromptRecord], config: DistillConfig, teacher: Any, ledger: Ledger, progress: Progress
+    batch_index: int,
+    prompts: list[PromptRecord],
+    config: DistillConfig,
+    teacher: Any,
+    ledger: Ledger,
+    progress: Progress,
+    budget: FailureBudget,
 ) -> tuple[list[dict[str, Any]], list[Reject]]:
     """Ask the teacher for one batch (ledger first); answered rows and teacher-error rejects."""
     messages_list = [build_messages(p.prompt, config.teacher.system_prompt) for p in prompts]
-    answers = answer_requests(teacher, ledger, messages_list, progress=progress)
+    answers = answer_requests(teacher, ledger, messages_list, progress=progress, budget=budget)
     teacher_name = Path(config.teacher.model).name if config.teacher.backend == "local" else config.teacher.model
     rows: list[dict[str, Any]] = []
     rejects: list[Reject] = []
@@ -200,10 +246,27 @@ def client_bound_stage() -> Iterator[None]:
         sys.setswitchinterval(switch_interval)
 
 
-def _lap(stage_seconds: dict[str, float], stage: str, since: float) -> float:
-    now = time.perf_counter()
-    stage_seconds[stage] = round(now - since, 3)
-    return now
+def no_usable_answers_message(config: DistillConfig, asked: int, rejects: list[Reject], stage_name: str) -> str:
+    """Why a run that asked the teacher `asked` prompts has no row to keep, and what to do."""
+    reasons = Counter(reject.reason for reject in rejects)
+    listed = ", ".join(f"{reason} x{count}" for reason, count in reasons.most_common(5))
+    example = next((r for r in rejects if r.reason == reasons.most_common(1)[0][0]), None) if rejects else None
+    detail = f"; e.g. {example.detail[:300]}" if example is not None and example.detail else ""
+    teacher = config.teacher
+    where = teacher.base_url if teacher.backend == "openai" else teacher.model
+    if stage_name == "teacher":
+        fix = (
+            "the teacher rejected or failed every request: check teacher.model, teacher.generation (e.g. "
+            "top_logprobs or max_tokens the server does not support) and the server's log"
+        )
+        what = f"the teacher at {where} answered none of the {asked} prompts"
+    else:
+        fix = (
+            "look at the answers (the detail above); if they are right, turn off or relax the filter "
+            "that drops them under `filters:`"
+        )
+        what = f"the teacher at {where} answered {asked} prompts, but the response filters rejected every answer"
+    return f"{what} ({listed}{detail}). Likely fix: {fix}. Nothing was written; answers received are in the ledger."
 
 
 def _artifact_key(name: str) -> str:
@@ -219,51 +282,72 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     ledger = Ledger(config.output_dir / LEDGER_PATH)
     teacher = make_teacher(config, api_key)
     in_flight: deque = deque()
-    try:
-        stage_seconds: dict[str, float] = {}
-        mark = time.perf_counter()
-        seeds, seed_rejects = load_seeds_task(config, prompt_column)
-        seeds, repeated_seeds = split_repeated_seeds(seeds)
-        seed_rejects = seed_rejects + repeated_seeds
-        mark = _lap(stage_seconds, "load_seeds", mark)
-        prompts, generation_rejects, prompt_report = generate_prompts_task(config, quote(seeds), teacher, ledger)
-        mark = _lap(stage_seconds, "generate_prompts", mark)
-        kept, prompt_rejects = filter_prompts_task(quote(prompts), config)
-        mark = _lap(stage_seconds, "filter_prompts", mark)
-        logger.info("%d seeds, %d prompts generated, %d after prompt filters", len(seeds), len(prompts), len(kept))
+    label = config.name
+    stage_seconds: dict[str, float] = {}
 
-        batch_results: list[tuple[list[dict[str, Any]], list[Reject]]] = []
-        progress = Progress(config.name, len(kept))
-        batch_size = config.teacher.batch_size
-        batches = [kept[start : start + batch_size] for start in range(0, len(kept), batch_size)]
-        if isinstance(teacher, OpenAITeacher):
-            with client_bound_stage():
-                # A few batch tasks in flight at once, so the shared `max_concurrency` never
-                # drains at a batch boundary; results are collected in batch order.
-                for batch_index, batch in enumerate(batches):
-                    in_flight.append(
-                        answer_batch_task.submit(batch_index, quote(batch), config, teacher, ledger, progress)
-                    )
-                    if len(in_flight) >= BATCHES_IN_FLIGHT:
-                        batch_results.append(in_flight.popleft().result())
-                while in_flight:
-                    batch_results.append(in_flight.popleft().result())
-        else:  # an in-process model answers one batch at a time
-            batch_results = [
-                answer_batch_task(batch_index, quote(batch), config, teacher, ledger, progress)
-                for batch_index, batch in enumerate(batches)
-            ]
-        answered = [row for rows, _ in batch_results for row in rows]
-        teacher_rejects = [reject for _, rejects in batch_results for reject in rejects]
-        mark = _lap(stage_seconds, "teacher", mark)
-        accepted, response_rejects = filter_responses_task(quote(answered), config)
-        mark = _lap(stage_seconds, "filter_responses", mark)
-    except TeacherFatalError as error:
-        logger.error("%s", error)
+    def stop_teacher() -> None:  # on SIGINT/SIGTERM, from the signal watcher's thread
+        teacher.abort(TeacherAborted("interrupted by a signal"))
+
+    try:
+        with cancel_on_interrupt(stop_teacher):
+            with stage(stage_seconds, "load_seeds", label):
+                seeds, seed_rejects = load_seeds_task(config, prompt_column)
+                seeds, repeated_seeds = split_repeated_seeds(seeds)
+                seed_rejects = seed_rejects + repeated_seeds
+            with stage(stage_seconds, "generate_prompts", label):
+                prompts, generation_rejects, prompt_report = generate_prompts_task(config, quote(seeds), teacher, ledger)
+            for warning in prompt_report.get("warnings", []):
+                logger.warning("%s", warning)
+            with stage(stage_seconds, "filter_prompts", label):
+                kept, prompt_rejects = filter_prompts_task(quote(prompts), config)
+            logger.info("%d seeds, %d prompts generated, %d after prompt filters", len(seeds), len(prompts), len(kept))
+
+            batch_results: list[tuple[list[dict[str, Any]], list[Reject]]] = []
+            progress = Progress(label, len(kept))
+            budget = FailureBudget(len(kept), config.teacher, on_exceeded=teacher.abort)
+            batch_size = config.teacher.batch_size
+            batches = [kept[start : start + batch_size] for start in range(0, len(kept), batch_size)]
+            with stage(stage_seconds, "teacher", label, progress.status):
+                if isinstance(teacher, OpenAITeacher):
+                    with client_bound_stage():
+                        # A few batch tasks in flight at once, so the shared `max_concurrency` never
+                        # drains at a batch boundary; results are collected in batch order.
+                        for batch_index, batch in enumerate(batches):
+                            in_flight.append(
+                                answer_batch_task.submit(
+                                    batch_index, quote(batch), config, teacher, ledger, progress, budget
+                                )
+                            )
+                            if len(in_flight) >= BATCHES_IN_FLIGHT:
+                                batch_results.append(in_flight.popleft().result())
+                        while in_flight:
+                            batch_results.append(in_flight.popleft().result())
+                else:  # an in-process model answers one batch at a time
+                    batch_results = [
+                        answer_batch_task(batch_index, quote(batch), config, teacher, ledger, progress, budget)
+                        for batch_index, batch in enumerate(batches)
+                    ]
+            answered = [row for rows, _ in batch_results for row in rows]
+            teacher_rejects = [reject for _, rejects in batch_results for reject in rejects]
+            if kept and not answered:
+                raise NoUsableAnswersError(no_usable_answers_message(config, len(kept), teacher_rejects, "teacher"))
+            with stage(stage_seconds, "filter_responses", label):
+                accepted, response_rejects = filter_responses_task(quote(answered), config)
+            if answered and not accepted:
+                raise NoUsableAnswersError(
+                    no_usable_answers_message(config, len(answered), response_rejects, "filter_responses")
+                )
+    except BaseException as error:
+        # Stop the other batches now (requests in flight are cancelled; every answer
+        # received is already in the ledger), whatever stopped this one: a failed batch,
+        # the failure budget, SIGINT (KeyboardInterrupt) or SIGTERM (Prefect's TerminationSignal).
+        teacher.abort(error if isinstance(error, TeacherFatalError) else TeacherAborted(f"stopped: {error!r}"))
+        if isinstance(error, TeacherFatalError):
+            logger.error("%s", error)
         raise
     finally:
         for future in in_flight:  # after a failure: let the other batches stop first
-            future.wait(timeout=120)
+            future.wait(timeout=30)
         if isinstance(teacher, OpenAITeacher):
             teacher.close()
         ledger.close()
@@ -272,6 +356,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     entered = len(seed_rejects) + len(prompts) + len(generation_rejects)
     counts = {
         "seeds": len(seeds),
+        "seeds_unused": prompt_report.get("seeds_unused", 0),
         "bad_seed_rows": len(seed_rejects),
         "prompts_generated": len(prompts),
         "generation_rejects": len(generation_rejects),
@@ -303,6 +388,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         "accepted_per_strategy": count_by(accepted, "strategy"),
         "prompt_report": prompt_report,
         "teacher_usage": usage,
+        "teacher_failures": budget.summary(),
         "invariant": {
             "entered": entered,
             "accepted_plus_rejected": len(accepted) + len(all_rejects),

@@ -163,8 +163,12 @@ class SelfInstructConfig(_Strict):
 
 
 class PromptsConfig(_Strict):
-    num_prompts: int = Field(
-        1000, ge=1, description="Target prompt count after generation, before filtering."
+    num_prompts: int | None = Field(
+        None,
+        ge=1,
+        description="Target prompt count after generation, before filtering. null (the default) = "
+        "sized from the seeds: every seed once, and seeds x weight / seed weight prompts of each "
+        "other family (with no seed family: one prompt per seed for the heaviest family).",
     )
     strategies: dict[str, float] = Field(
         default_factory=lambda: {"seed": 1.0, "edge_case": 0.3, "adversarial": 0.3, "evolve": 0.0},

@@ -1,8 +1,10 @@
 """`generate_prompts`: seeds → a mixed, deterministic prompt set.
 
 The mix follows `prompts.strategies`: each family (seed, edge_case, adversarial, evolve,
-self_instruct) gets `weight / sum(weights)` of `num_prompts`. Inside a family the
-sub-strategies take turns (round-robin, in config order) until the family's share is met.
+self_instruct) gets `weight / sum(weights)` of `num_prompts`; without `num_prompts`, the
+set is sized from the seeds (`quotas_from_seeds`: every seed once, `weight / seed weight`
+prompts per seed for each other family). Inside a family the sub-strategies take turns
+(round-robin, in config order) until the family's share is met.
 
 Determinism: which seeds a sub-strategy uses, and in what order, comes from a hash of
 (`random_seed`, strategy, seed id), not from the input order; each row's randomness comes
@@ -41,6 +43,9 @@ RuleFn = Callable[[str, random.Random, Any], "str | None"]
 
 # A rule-based sub-strategy that brought no new prompt for this many rounds in a row is done.
 DRY_ROUNDS = 3
+# More generated prompts per seed than this (on average) is worth a warning: the set is
+# then mostly rewrites of a few questions.
+VARIANTS_PER_SEED_WARNING = 3.0
 
 
 def _order_key(*parts: object) -> str:
@@ -96,6 +101,41 @@ def allocate(
             remaining += given[family] - taken
         open_families = [f for f in open_families if quotas[f] < capacity.get(f, total)]
     return quotas
+
+
+def quotas_from_seeds(num_seeds: int, weights: dict[str, float]) -> dict[str, int]:
+    """Family quotas when `num_prompts` is not set: the seed family takes every seed once and
+    each other family `num_seeds * weight / seed weight` (rounded half up); with no seed
+    family, the heaviest family takes one prompt per seed and the others in proportion."""
+    unit = weights.get("seed", 0.0) or max(weights.values())
+    return {
+        family: math.floor(num_seeds * weights[family] / unit + 0.5)
+        for family in FAMILIES
+        if weights.get(family, 0.0) > 0
+    }
+
+
+def seed_warnings(
+    config: PromptsConfig, quotas: dict[str, int], num_seeds: int, seeds_unused: int
+) -> list[str]:
+    """What a user should hear about how the seeds are used: seeds left out by a small
+    `num_prompts`, and a set made mostly of variants of few seeds."""
+    warnings = []
+    seed_quota = quotas.get("seed", 0)
+    if config.strategies.get("seed", 0) > 0 and seed_quota < num_seeds:
+        warnings.append(
+            f"prompts.num_prompts={config.num_prompts} leaves room for {seed_quota} of the {num_seeds} "
+            f"seed prompts; {seeds_unused} seeds are not used in any form (manifest: seeds_unused). "
+            "Leave num_prompts out to use every seed once, or raise it."
+        )
+    variants = sum(count for family, count in quotas.items() if family != "seed")
+    if variants > VARIANTS_PER_SEED_WARNING * num_seeds:
+        warnings.append(
+            f"prompts: {variants} generated variants from {num_seeds} seed prompts "
+            f"({variants / num_seeds:.0f} per seed): the set will be mostly rewrites of the same few "
+            "questions. Add seeds, lower prompts.num_prompts, or leave it out to size the set from the seeds."
+        )
+    return warnings
 
 
 def _rule_candidates(
@@ -325,7 +365,11 @@ def generate_prompts(
         raise ValueError("no seed prompts: every family derives prompts from seeds; add seed rows")
 
     random_seed = config.random_seed
-    quotas = allocate(config.num_prompts, config.strategies, capacity={"seed": len(seed_rows)})
+    if config.num_prompts is None:
+        quotas = quotas_from_seeds(len(seed_rows), config.strategies)
+    else:
+        quotas = allocate(config.num_prompts, config.strategies, capacity={"seed": len(seed_rows)})
+    target = sum(quotas.values()) if config.num_prompts is None else config.num_prompts
     seen: set[str] = set()
     rows: list[PromptRecord] = []
     rejects: list[Reject] = []
@@ -375,5 +419,20 @@ def generate_prompts(
         rejects += si_rejects
         teacher_requests += sent
 
-    report = generation_report(config, quotas, rows, rejects, teacher_requests, len(seed_rows))
+    # A seed reaches the set as a `seed` row or as the parent of a generated prompt (or
+    # reject); the others are counted, since they appear nowhere else.
+    used = {row.id for row in rows if row.strategy == "seed"}
+    used |= {record.parent_id for record in [*rows, *rejects] if record.parent_id is not None}
+    seeds_unused = sum(1 for seed in seed_rows if seed.id not in used)
+    report = generation_report(
+        config,
+        quotas,
+        rows,
+        rejects,
+        teacher_requests,
+        len(seed_rows),
+        target=target,
+        seeds_unused=seeds_unused,
+        warnings=seed_warnings(config, quotas, len(seed_rows), seeds_unused),
+    )
     return rows, rejects, report

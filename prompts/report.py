@@ -28,12 +28,18 @@ def generation_report(
     rejects: Sequence[Reject],
     teacher_requests: int,
     num_seeds: int,
+    target: int | None = None,
+    seeds_unused: int = 0,
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Counts per strategy and family, reject reasons, and the diversity of the set.
 
-    `shortfall`: how far rows + rejects fall short of `num_prompts` (e.g. fewer seeds than
-    the seed share, or strategies that ran out of new prompts).
+    `target`: the prompt count aimed at (default `num_prompts`). `shortfall`: how far rows +
+    rejects fall short of it (e.g. fewer seeds than the seed share, or strategies that ran
+    out of new prompts). `seeds_unused`: seeds that are neither a `seed` row nor the parent
+    of a generated prompt (they reach the dataset in no form).
     """
+    target = config.num_prompts if target is None else target
     families = Counter(family_of(row.strategy) for row in rows)
     token_lists = [words(row.prompt) for row in rows]
     by_family: dict[str, list[list[str]]] = defaultdict(list)
@@ -53,12 +59,13 @@ def generation_report(
             family_diversity[family] = {"distinct_2": distinct_2, "median_words": lengths[(len(lengths) - 1) // 2]}
     produced = len(rows) + len(rejects)
     return {
-        "target": config.num_prompts,
+        "target": target,
         "num_seeds": num_seeds,
+        "seeds_unused": seeds_unused,
         "allocation": dict(quotas),
         "generated": len(rows),
         "rejected": len(rejects),
-        "shortfall": max(0, config.num_prompts - produced),
+        "shortfall": max(0, target - produced),
         "teacher_requests": teacher_requests,
         "per_family": {family: families.get(family, 0) for family in FAMILIES if family in quotas},
         "per_strategy": per_strategy_counts(rows),
@@ -66,6 +73,7 @@ def generation_report(
         "rejects_per_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
         "diversity": diversity,
         "diversity_per_family": family_diversity,
+        "warnings": list(warnings),
     }
 
 
@@ -91,7 +99,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     totals = (
         f"**{report['generated']}** prompts generated, **{report['rejected']}** rejected "
         f"(target {report['target']}, shortfall {report['shortfall']}, "
-        f"{report['teacher_requests']} teacher requests, {report['num_seeds']} seeds)."
+        f"{report['teacher_requests']} teacher requests, {report['num_seeds']} seeds, "
+        f"{report.get('seeds_unused', 0)} of them unused)."
     )
     spread = (
         f"distinct-1/2/3: {diversity['distinct_1']:.3f} / {diversity['distinct_2']:.3f} / "
@@ -103,6 +112,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"| {r['strategy']} | {r['generated']} | {r['rejected']} |" for r in report_table(report)
     ]
     lines += ["", spread]
+    for warning in report.get("warnings", []):
+        lines += ["", f"**Warning:** {warning}"]
     if report["rejects_per_reason"]:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in report["rejects_per_reason"].items())
         lines += ["", f"reject reasons: {reasons}"]

@@ -56,6 +56,21 @@ def inspect_dataset(directory: str | Path, samples: int = 3, seed: int = 0) -> s
             "counts:",
             *[f"  {key:<22} {value}" for key, value in manifest.get("counts", {}).items()],
         ]
+        counts = manifest.get("counts", {})
+        if counts.get("seeds_unused"):
+            lines.append(
+                f"  ({counts['seeds_unused']} of {counts.get('seeds')} seeds are in the dataset in no form: "
+                "see prompts.num_prompts)"
+            )
+        for warning in (manifest.get("prompt_report") or {}).get("warnings", []):
+            lines.append(f"WARNING: {warning}")
+        failures = manifest.get("teacher_failures") or {}
+        if failures.get("failed"):
+            reasons = ", ".join(f"{reason} x{n}" for reason, n in failures.get("reasons", {}).items())
+            lines.append(
+                f"teacher failed {failures['failed']} of {failures.get('of')} prompts "
+                f"(max_error_rate {failures.get('max_error_rate')}): {reasons}"
+            )
         usage = manifest.get("teacher_usage") or {}
         if usage:
             lines += ["", "teacher usage:"]

@@ -77,8 +77,9 @@ def shard_features(path: str | Path, config: FiltersConfig) -> ShardFeatures:
         if check is not None:
             responses = batch.column("response").to_pylist()
             reasons = batch.column("finish_reason").to_pylist() if "finish_reason" in names else [None] * len(texts)
+            row_strategies = strategies[offset : offset + len(texts)]
             for i, (prompt, response, finish) in enumerate(zip(texts, responses, reasons)):
-                verdict = check(prompt or "", response, finish)
+                verdict = check(prompt or "", response, finish, row_strategies[i] or "")
                 if verdict is not None:
                     response_drops[offset + i] = (verdict.reason, verdict.detail)
         offset += len(texts)

@@ -17,6 +17,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Adversarial prompts a good teacher refuses: an injected instruction, a jailbreak-style
+# role play, a false premise. Their refusals are the behaviour to distil.
+REFUSAL_EXPECTED_DEFAULT = ("adversarial:injection", "adversarial:roleplay", "adversarial:false_premise")
+
+
 class NearDedupConfig(_Strict):
     enabled: bool = Field(True, description="Drop near-duplicate prompts (MinHash + LSH).")
     threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity threshold.")
@@ -123,6 +128,12 @@ class QualityConfig(_Strict):
     extra_refusal_patterns: list[str] = Field(
         default_factory=list, description="More regular expressions matched (case-insensitive) at the start."
     )
+    keep_refusals_for: list[str] = Field(
+        default_factory=lambda: list(REFUSAL_EXPECTED_DEFAULT),
+        description="Strategies whose prompts ought to be refused: a refusal of one of these is the "
+        "answer a student should learn, so it is kept. An exact strategy (`adversarial:injection`) "
+        "or a whole family (`adversarial`); [] = reject every refusal.",
+    )
     repetition: bool = Field(True, description="Drop degenerate repetition (repeated word n-grams).")
     repetition_ngram: int = Field(3, ge=1, le=32, description="Word n-gram length for the repetition test.")
     max_repeated_ngram_fraction: float = Field(
@@ -145,6 +156,25 @@ class QualityConfig(_Strict):
         description="Drop when this fraction of the response's word 3-grams are copied from the "
         "prompt (or the normalised response equals the prompt).",
     )
+    @field_validator("keep_refusals_for")
+    @classmethod
+    def _known_strategies(cls, value: list[str]) -> list[str]:
+        from prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS, EVOLVE_OPERATIONS, FAMILIES
+
+        known = {
+            *FAMILIES,
+            *(f"adversarial:{kind}" for kind in ADVERSARIAL_KINDS),
+            *(f"edge_case:{kind}" for kind in EDGE_CASE_KINDS),
+            *(f"evolve:{operation}" for operation in EVOLVE_OPERATIONS),
+        }
+        unknown = [name for name in value if name not in known and not name.startswith("edge_case:")]
+        if unknown:
+            raise ValueError(
+                f"keep_refusals_for: unknown strategies {unknown}; use a family ({', '.join(FAMILIES)}) "
+                f"or family:kind, e.g. adversarial:injection"
+            )
+        return value
+
     language: str | None = Field(
         None,
         description="Expected script of responses: `latin`, `cyrillic`, `greek`, `arabic`, `hebrew`, "

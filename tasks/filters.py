@@ -247,7 +247,7 @@ def filter_responses(rows: list[dict[str, Any]], config: FiltersConfig) -> tuple
     kept: list[dict[str, Any]] = []
     rejects: list[Reject] = []
     for row in rows:
-        verdict = check(row.get("prompt") or "", row.get("response"), row.get("finish_reason"))
+        verdict = check(row.get("prompt") or "", row.get("response"), row.get("finish_reason"), row.get("strategy") or "")
         if verdict is None:
             kept.append(row)
         else:

@@ -106,13 +106,20 @@ class ResponseChecker:
         self.config = config
         self.quality = config.quality
         self.refusal_pattern = compile_refusal_patterns(self.quality.extra_refusal_patterns)
+        self.keep_refusals = frozenset(self.quality.keep_refusals_for)
         if self.quality.language is not None and self.quality.language not in SCRIPT_RANGES:
             raise ValueError(
                 f"filters.quality.language: unknown script {self.quality.language!r}; "
                 f"use one of {sorted(SCRIPT_RANGES)} or null"
             )
 
-    def __call__(self, prompt: str, response: str | None, finish_reason: str | None) -> QualityVerdict | None:
+    def refusal_expected(self, strategy: str) -> bool:
+        """Whether `strategy`'s prompts ought to be refused (`quality.keep_refusals_for`)."""
+        return strategy in self.keep_refusals or strategy.split(":", 1)[0] in self.keep_refusals
+
+    def __call__(
+        self, prompt: str, response: str | None, finish_reason: str | None, strategy: str = ""
+    ) -> QualityVerdict | None:
         config, quality = self.config, self.quality
         text = (response or "").strip()
         if not text:
@@ -123,7 +130,7 @@ class ResponseChecker:
             return QualityVerdict("too_short", f"{len(text)} chars < min_response_chars={config.min_response_chars}")
         if quality.max_response_chars is not None and len(text) > quality.max_response_chars:
             return QualityVerdict("too_long", f"{len(text)} chars > max_response_chars={quality.max_response_chars}")
-        if quality.refusal and len(text) <= quality.refusal_max_chars:
+        if quality.refusal and len(text) <= quality.refusal_max_chars and not self.refusal_expected(strategy):
             phrase = is_refusal(text, self.refusal_pattern)
             if phrase is not None:
                 return QualityVerdict("refusal", f"matched {phrase.strip()[:80]!r}")

@@ -8,7 +8,13 @@ Everything that can go wrong at the network boundary is handled here:
 - no retry storm on permanent errors: until one request to an endpoint has come back
   without an auth error, only one request is in flight, and 401/403/404 stop the run at
   once (`TeacherFatalError`); a 400/422 for one prompt becomes that prompt's reject
-  reason `teacher_error:400`.
+  reason `teacher_error:400`;
+- first contact: until the endpoint has answered once, its first prompt retries for at
+  most `first_contact_s` and a second prompt gets one try; when both fail (or the first
+  times out) the run stops with `TeacherUnreachableError`, naming the URL, the last error
+  and the likely fix, instead of grinding through every prompt;
+- `FailureBudget` stops a run once more prompts have failed than `max_error_rate` allows;
+  `abort` cancels every request of a run from any thread (a signal, a failed batch).
 
 `answer_requests` puts the ledger in front: answers already paid for come from it, and
 each new answer is recorded the moment it arrives.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import threading
@@ -47,6 +54,26 @@ MAX_RETRY_AFTER_S = 120.0
 
 class TeacherFatalError(RuntimeError):
     """The endpoint refuses every request (bad key, no permission, unknown model/URL)."""
+
+
+class TeacherUnreachableError(TeacherFatalError):
+    """The teacher answered none of the first prompts (connection, timeout, 5xx, malformed)."""
+
+
+class TeacherFailureRateError(TeacherFatalError):
+    """More prompts failed than `teacher.max_error_rate` allows."""
+
+
+class NoUsableAnswersError(TeacherFatalError):
+    """The run asked the teacher and got no answer that made it into the dataset."""
+
+
+class TeacherAborted(TeacherFatalError):
+    """The run was stopped from outside (a signal, another batch's failure)."""
+
+
+# While an endpoint has not answered yet: prompts that may fail before the run stops.
+FIRST_CONTACT_PROMPTS = 2
 
 
 def resolve_api_key(api_key_env: str | None) -> str:
@@ -210,6 +237,11 @@ class OpenAITeacher:
         self._fatal: TeacherFatalError | None = None
         self._loop_lock = threading.Lock()
         self._pool: Any = None  # tasks.teacher_pool.ClientPool when client_processes > 1
+        # First contact: (reason, detail, attempts, seconds) of each prompt that failed
+        # before the endpoint answered once.
+        self._first_failures: list[tuple[str, str, int, float]] = []
+        # Worker tasks of every `answer_all` running now, with their loops (for `abort`).
+        self._running: dict[asyncio.Task, asyncio.AbstractEventLoop] = {}
 
     @property
     def model(self) -> str:
@@ -302,6 +334,21 @@ class OpenAITeacher:
         client, semaphore, limiter = self._shared
         return await self.answer_all(messages_list, on_answer, client=client, semaphore=semaphore, limiter=limiter)
 
+    def abort(self, error: TeacherFatalError) -> None:
+        """Stop every request of this run, from any thread: requests in flight are cancelled
+        and every `answer_*` call raises `error`. Answers received so far are in the ledger
+        (each is recorded as it arrives)."""
+        if self._fatal is None:
+            self._fatal = error
+        with self._loop_lock:
+            running = list(self._running.items())
+            pool = self._pool
+        for task, loop in running:
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nothing runs there
+                loop.call_soon_threadsafe(task.cancel)
+        if pool is not None:
+            pool.abort(self._fatal)
+
     def close(self) -> None:
         """Close the shared client and stop the loop thread or the client processes (after
         `answer_sync`); the processes' request counts are added to `stats`."""
@@ -340,14 +387,14 @@ class OpenAITeacher:
         with _verified_lock:
             if self.endpoint in _verified_endpoints:
                 opened.set()
+        if self._fatal is not None:
+            raise self._fatal
 
         async with contextlib.AsyncExitStack() as stack:
             if client is None:
                 client = await stack.enter_async_context(self._client())
 
-            async def worker(worker_id: int) -> None:
-                if worker_id > 0:
-                    await opened.wait()
+            async def worker() -> None:
                 while True:
                     try:
                         index = queue.get_nowait()
@@ -362,14 +409,35 @@ class OpenAITeacher:
                     if on_answer is not None:
                         on_answer(index, answer)
 
+            async def follower(first: asyncio.Task) -> None:
+                # Until the endpoint has answered once, only the first worker asks; the
+                # others start when it has, or when the first worker is done (for any reason).
+                if not opened.is_set():
+                    waiter = asyncio.ensure_future(opened.wait())
+                    await asyncio.wait({waiter, first}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                if not first.done() or (not first.cancelled() and first.exception() is None):
+                    await worker()
+
             workers = min(self.config.max_concurrency, max(1, len(messages_list)))
-            tasks = [asyncio.create_task(worker(i)) for i in range(workers)]
+            first = asyncio.create_task(worker())
+            tasks = [first] + [asyncio.create_task(follower(first)) for _ in range(workers - 1)]
+            loop = asyncio.get_running_loop()
+            with self._loop_lock:
+                self._running.update((task, loop) for task in tasks)
             try:
                 await asyncio.gather(*tasks)
+            except asyncio.CancelledError:
+                if self._fatal is None:  # cancelled by our caller, not by `abort`
+                    raise
+                raise self._fatal from None
             finally:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                with self._loop_lock:
+                    for task in tasks:
+                        self._running.pop(task, None)
         return results  # type: ignore[return-value]
 
     def _mark_open(self, opened: asyncio.Event) -> None:
@@ -388,14 +456,19 @@ class OpenAITeacher:
     ) -> TeacherAnswer:
         estimated_tokens = sum(len(m.get("content") or "") for m in messages) // 4 + params["max_tokens"]
         reason, detail = "teacher_error:unknown", ""
-        for attempt in range(self.config.max_retries + 1):
-            if self._fatal is not None:  # another batch of this run hit an auth error
+        # A prompt asked after another failed on first contact gets one try: it decides.
+        attempts_allowed = 1 if self._first_failures and not opened.is_set() else self.config.max_retries + 1
+        started = time.monotonic()
+        attempts = 0
+        for attempt in range(attempts_allowed):
+            if self._fatal is not None:  # another batch of this run hit an auth error, or `abort`
                 raise self._fatal
             if attempt:
                 self.stats.retries += 1
                 self.stats.retry_reasons[reason] += 1
             await limiter.acquire(estimated_tokens)
             self.stats.requests_sent += 1
+            attempts += 1
             retry_after: float | None = None
             try:
                 # The SDK's own request path (auth, headers, timeouts, typed status errors)
@@ -411,35 +484,53 @@ class OpenAITeacher:
                 self._fatal = TeacherFatalError(self._fatal_message(error))
                 raise self._fatal from None
             except openai.RateLimitError as error:
-                self._mark_open(opened)
+                self._mark_open(opened)  # alive, only busy
                 reason, detail = "teacher_error:429", _short(error)
                 retry_after = _retry_after_seconds(error)
             except openai.APIStatusError as error:
-                self._mark_open(opened)
                 status = error.status_code
                 reason, detail = f"teacher_error:{status}", _short(error)
                 if status < 500 and status not in (408, 409):
+                    self._mark_open(opened)  # the server read the request and refused this prompt
                     return TeacherAnswer(None, None, self.model, error=reason, error_detail=detail)
                 retry_after = _retry_after_seconds(error)
             except openai.APITimeoutError as error:
-                reason, detail = _timeout_reason(error), _short(error)
+                reason, detail = _timeout_reason(error), _short(error, cause=True)
             except openai.APIConnectionError as error:
-                reason, detail = "teacher_error:connection", _short(error)
+                reason, detail = "teacher_error:connection", _short(error, cause=True)
             except (openai.APIResponseValidationError, ValueError) as error:
-                self._mark_open(opened)
                 reason, detail = "teacher_error:malformed", _short(error)
             else:
-                self._mark_open(opened)
                 answer = self._parse(body)
                 if answer is not None:
+                    self._mark_open(opened)
                     return answer
                 reason, detail = "teacher_error:malformed", f"unexpected response body: {body[:200]!r}"
-            if attempt < self.config.max_retries:
-                await asyncio.sleep(self._backoff(attempt, retry_after))
+            if attempt + 1 >= attempts_allowed:
+                break
+            wait = self._backoff(attempt, retry_after)
+            if not opened.is_set() and (
+                reason == "teacher_error:timeout" or time.monotonic() - started + wait > self.config.first_contact_s
+            ):
+                break  # first contact: each timeout cost timeout_s already; retries are bounded
+            await asyncio.sleep(wait)
+        if not opened.is_set():
+            self._first_contact_failed(reason, detail, attempts, time.monotonic() - started)
         return TeacherAnswer(
             None, None, self.model, error=reason,
-            error_detail=f"gave up after {self.config.max_retries + 1} attempts: {detail}",
+            error_detail=f"gave up after {attempts} attempt{'s' if attempts > 1 else ''}: {detail}",
         )
+
+    def _first_contact_failed(self, reason: str, detail: str, attempts: int, seconds: float) -> None:
+        """Note a prompt that failed before the endpoint answered once; stop the run when
+        `FIRST_CONTACT_PROMPTS` have (or one timed out: each try costs `timeout_s`)."""
+        if _endpoint_verified(self.endpoint):  # another batch got an answer meanwhile
+            return
+        self._first_failures.append((reason, detail, attempts, seconds))
+        if len(self._first_failures) < FIRST_CONTACT_PROMPTS and not reason.endswith(":timeout"):
+            return
+        self._fatal = TeacherUnreachableError(unreachable_message(self.config, self._first_failures))
+        raise self._fatal
 
     @staticmethod
     def _backoff(attempt: int, retry_after: float | None) -> float:
@@ -493,6 +584,128 @@ class OpenAITeacher:
             return None
 
 
+def _endpoint_verified(endpoint: tuple[str, str]) -> bool:
+    with _verified_lock:
+        return endpoint in _verified_endpoints
+
+
+def likely_fix(reason: str, config: TeacherConfig) -> str:
+    """What to do about a teacher that fails every request with `reason`."""
+    status = reason.rsplit(":", 1)[-1]
+    if status == "connection":
+        return (
+            "nothing accepts connections there: start the teacher server, or correct teacher.base_url "
+            "(scheme, host and port; it usually ends in /v1)"
+        )
+    if status in ("timeout", "408"):
+        return (
+            f"the server took the connection but sent no answer within teacher.timeout_s={config.timeout_s:g} s: "
+            "check that it is healthy (its log, memory), or raise teacher.timeout_s if it is only slow"
+        )
+    if status == "malformed":
+        return (
+            "something answers at that URL, but not with OpenAI chat completions (an HTML page, a proxy, "
+            "another API): point teacher.base_url at the API root, which usually ends in /v1"
+        )
+    if status == "429":
+        return "the endpoint keeps rate-limiting: check the account's quota, or lower teacher.requests_per_minute"
+    if status.isdigit():
+        return (
+            f"the server answers with HTTP {status}: read the teacher server's log (model still loading? "
+            "out of memory?) and restart it"
+        )
+    return "check that the teacher server is up and that teacher.base_url points at it"
+
+
+def unreachable_message(config: TeacherConfig, failures: Sequence[tuple[str, str, int, float]]) -> str:
+    reason, detail, _, _ = failures[-1]
+    attempts = sum(failure[2] for failure in failures)
+    seconds = sum(failure[3] for failure in failures)
+    prompts = "its first prompt" if len(failures) == 1 else f"any of its first {len(failures)} prompts"
+    return (
+        f"teacher at {config.base_url} (model {config.model!r}) did not answer {prompts} "
+        f"({attempts} request{'s' if attempts > 1 else ''} over {seconds:.0f} s); last error: {reason}: "
+        f"{detail.rstrip('.')}. Likely fix: {likely_fix(reason, config)}. "
+        "Stopped the run before paying for anything; rerun once the teacher answers "
+        f"(`curl {str(config.base_url).rstrip('/')}/models` should list the model)."
+    )
+
+
+def is_failure(answer: TeacherAnswer) -> bool:
+    """An answer the teacher failed to give (transport, timeout, 429, 5xx, malformed), as
+    opposed to an answer or a refusal of this one prompt by the API (400/413/422)."""
+    return not answer.ok and not is_recordable(answer)
+
+
+class FailureBudget:
+    """Stops a run as soon as more than `max_error_rate` of its `total` prompts have failed
+    (`is_failure`): from then on the rate can only end above it. `on_exceeded(error)` runs
+    once first (e.g. `OpenAITeacher.abort`), then `count` raises `TeacherFailureRateError`
+    (`TeacherUnreachableError` when no prompt has been answered yet)."""
+
+    def __init__(
+        self, total: int, config: TeacherConfig, on_exceeded: Callable[[TeacherFatalError], None] | None = None
+    ) -> None:
+        self.total = total
+        self.config = config
+        self.allowed = math.floor(config.max_error_rate * total + 1e-9)
+        self.on_exceeded = on_exceeded
+        self.reasons: Counter = Counter()
+        self.answered = 0  # answers (and per-prompt API refusals) counted so far
+        self.last_detail = ""
+        self.error: TeacherFatalError | None = None
+        self.lock = threading.Lock()
+
+    @property
+    def failed(self) -> int:
+        return sum(self.reasons.values())
+
+    def count(self, answer: TeacherAnswer) -> None:
+        with self.lock:
+            if not is_failure(answer):
+                self.answered += 1
+                return
+            self.reasons[answer.error or "teacher_error:unknown"] += 1
+            self.last_detail = answer.error_detail or ""
+            first_time = self.error is None and self.failed > self.allowed
+            if first_time:
+                kind = TeacherFailureRateError if self.answered else TeacherUnreachableError
+                self.error = kind(self.message())
+            error = self.error
+        if error is None:
+            return
+        if first_time and self.on_exceeded is not None:
+            self.on_exceeded(error)
+        raise error
+
+    def message(self) -> str:
+        reason, _ = self.reasons.most_common(1)[0]
+        reasons = ", ".join(f"{name} x{count}" for name, count in self.reasons.most_common())
+        if not self.answered:  # not one answer yet: the teacher is down, not flaky
+            return (
+                f"teacher at {self.config.base_url} (model {self.config.model!r}) answered none of the "
+                f"{self.failed} prompts asked so far ({reasons}); last error: {self.last_detail.rstrip('.')}. "
+                f"Likely fix: {likely_fix(reason, self.config)}. Stopped the run; rerun once the teacher answers."
+            )
+        return (
+            f"teacher at {self.config.base_url} failed {self.failed} of {self.total} prompts, more than "
+            f"teacher.max_error_rate={self.config.max_error_rate:g} allows ({self.allowed}): {reasons}; "
+            f"last error: {self.last_detail.rstrip('.')}. Likely fix: {likely_fix(reason, self.config)}. "
+            "Answers received so far are in the ledger: rerun once the teacher is healthy and only the rest "
+            "is paid for (or raise teacher.max_error_rate to accept a partial dataset)."
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """For the manifest: how many prompts failed, of how many, and why."""
+        return {
+            "failed": self.failed,
+            "of": self.total,
+            "rate": round(self.failed / self.total, 6) if self.total else 0.0,
+            "max_error_rate": self.config.max_error_rate,
+            "reasons": dict(self.reasons.most_common()),
+        }
+
+
 def _timeout_reason(error: openai.APITimeoutError) -> str:
     """`teacher_error:timeout`, or `:connection` for a dropped connection, which the SDK's
     aiohttp transport reports as a connect timeout."""
@@ -509,9 +722,16 @@ def _timeout_reason(error: openai.APITimeoutError) -> str:
     return "teacher_error:connection" if dropped else "teacher_error:timeout"
 
 
-def _short(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text[:300]
+def _short(error: BaseException, cause: bool = False) -> str:
+    """`Type: message`, cut to 300 characters; with `cause`, that of the error's root cause
+    when it has a message (the SDK says "Connection error."; its cause says which host and why)."""
+    root = error
+    for _ in range(10):
+        if not cause or (root.__cause__ or root.__context__) is None:
+            break
+        root = root.__cause__ or root.__context__
+    shown = root if str(root) else error
+    return f"{type(shown).__name__}: {shown}"[:300]
 
 
 def is_recordable(answer: TeacherAnswer) -> bool:
@@ -535,12 +755,14 @@ def answer_requests(
     ledger: Ledger,
     messages_list: Sequence[Messages],
     progress: Callable[[int], None] | None = None,
+    budget: FailureBudget | None = None,
 ) -> list[tuple[TeacherAnswer, float]]:
     """Answer every request, paying only for those the ledger does not hold.
 
     `teacher` is an `OpenAITeacher` (async, concurrent) or any object with
     `answer_batch(messages_list) -> list[TeacherAnswer]` and `batch_size` (local models).
     Returns (answer, created_at) in input order; identical requests are sent once.
+    `budget` counts failed answers as they arrive and stops the run past its limit.
     """
     params = teacher_params_for_key(teacher.config)
     keys = [request_key(messages, teacher.model, params) for messages in messages_list]
@@ -561,6 +783,8 @@ def answer_requests(
         fresh[pending_keys[index]] = (answer, created_at)
         if progress is not None:
             progress(1)
+        if budget is not None:
+            budget.count(answer)
 
     def record(index: int, answer: TeacherAnswer) -> None:
         recorded(index, answer, record_answer(ledger, pending_keys[index], answer))

@@ -156,6 +156,7 @@ class ClientPool:
         self.job_ids = itertools.count()
         self.fatal: BaseException | None = None
         self.closing = False
+        self.aborted = False
         self.broken: BaseException | None = None  # a worker died: every later batch fails at once
         self.stats_replies: queue.Queue[dict[str, Any]] = queue.Queue()
         for share in range(processes):
@@ -272,12 +273,26 @@ class ClientPool:
             elif kind == "stats":
                 self.stats_replies.put(message[1])
 
+    def abort(self, error: BaseException) -> None:
+        """Stop now, from any thread: every waiting and later batch raises `error`, and the
+        workers cancel their requests in flight and exit (what they recorded stays recorded)."""
+        self.fatal = self.fatal or error
+        self.closing = True  # the workers' exits that follow are expected
+        self.aborted = True  # `close` asks no stats: the workers are already stopping
+        self._fail(self.fatal)
+        for connection, send_lock in zip(self.connections, self.send_locks):
+            try:
+                with send_lock:
+                    connection.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+
     def close(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
         """Stop the workers; returns each live worker's stats (requests, retries, tokens)."""
         stats: list[dict[str, Any]] = []
         asked = 0
         for process, connection, send_lock in zip(self.processes, self.connections, self.send_locks):
-            if not process.is_alive():  # a dead worker's counts are lost with it
+            if self.aborted or not process.is_alive():  # a dead worker's counts are lost with it
                 continue
             try:
                 with send_lock:

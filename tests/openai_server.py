@@ -21,6 +21,12 @@ to the first N attempts of that prompt (without it, the fault is permanent):
 
 A wrong `Authorization: Bearer` key gets 401; an unknown model gets 404. `GET /stats`
 returns request counts per prompt; `POST /reset` clears them.
+
+`mode` breaks the whole server instead, as a dead or wrong teacher would:
+
+    always_500    500 to every chat request
+    html          200 with an HTML page on every path (a web page, not an API)
+    hang          accepts every chat request and never answers
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from typing import Any
 
 from aiohttp import web
 
+MODES = ("normal", "always_500", "html", "hang")
+HTML_PAGE = "<!DOCTYPE html>\n<html><head><title>Welcome</title></head><body><h1>It works!</h1></body></html>\n"
 MARKER = re.compile(r"\[\[(400|429|500|503|drop|badjson|hang)(?:x(\d+))?\]\]")
 SAY = re.compile(r"\[\[say:(.*?)\]\]", re.S)
 
@@ -56,7 +64,11 @@ class FaultyOpenAIServer:
         hang_s: float = 5.0,
         retry_after_s: int = 1,
         record_requests: bool = True,
+        mode: str = "normal",
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.mode = mode
         self.api_key = api_key
         self.model = model
         self.latency_s = latency_s
@@ -71,12 +83,19 @@ class FaultyOpenAIServer:
     # -- app -------------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
+        if self.mode == "html":
+            app.router.add_route("*", "/{tail:.*}", self.html_page)
+            return app
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/stats", self.stats)
         app.router.add_post("/reset", self.reset)
         app.router.add_get("/health", self.health)
         return app
+
+    async def html_page(self, request: web.Request) -> web.Response:
+        self.total_requests += 1
+        return web.Response(text=HTML_PAGE, content_type="text/html")
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -108,6 +127,12 @@ class FaultyOpenAIServer:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.total_requests += 1
+        if self.mode == "always_500":
+            return self._error(500, "Internal server error.")
+        if self.mode == "hang":
+            while request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.05)  # until the client gives up
+            raise asyncio.CancelledError
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             self.unauthorized += 1
             return self._error(401, "Incorrect API key provided.")
@@ -238,8 +263,10 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--hang-s", type=float, default=5.0)
     parser.add_argument("--no-record", action="store_true", help="skip per-prompt counters (benchmarks)")
+    parser.add_argument("--mode", choices=MODES, default="normal", help="break the whole server (see above)")
     args = parser.parse_args()
     server = FaultyOpenAIServer(
+        mode=args.mode,
         api_key=args.api_key,
         model=args.model,
         latency_s=args.latency_ms / 1000,
