@@ -98,6 +98,19 @@ def train(config: Path = typer.Argument(..., help="YAML config with a `training:
     train_command(config)
 
 
+@app.command("eval")
+def eval_(config: Path = typer.Argument(..., help="YAML config with an `evaluation:` section.")) -> None:
+    """Evaluate students and the teacher: accuracy, robustness, held-out agreement, speed, size."""
+    from distillflow.config import ConfigError
+    from flows.evaluate import eval_command
+    from tasks.teacher import TeacherFatalError
+
+    try:
+        eval_command(config)
+    except (ConfigError, TeacherFatalError, FileNotFoundError) as error:
+        _fail(error)
+
+
 @app.command()
 def inspect(
     directory: Path = typer.Argument(..., help="A dataset directory written by `distill build`."),

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from prompts.config import PromptsConfig
 from tasks.capture_config import CaptureConfig
+from tasks.eval_config import EvalConfig
 from tasks.filter_config import FiltersConfig
 from training.config import TrainingConfig
 
@@ -116,10 +117,6 @@ class TeacherConfig(StrictModel):
         return self
 
 
-class EvalConfig(StrictModel):
-    model_config = ConfigDict(extra="allow")
-
-
 class DistillConfig(StrictModel):
     name: str = Field(..., min_length=1, description="Dataset / run name.")
     output_dir: Path = Field(..., description="Where the dataset (and the ledger) is written.")
@@ -130,6 +127,27 @@ class DistillConfig(StrictModel):
     training: TrainingConfig | None = None
     evaluation: EvalConfig | None = None
     capture: CaptureConfig | None = None
+
+    @model_validator(mode="after")
+    def _holdout_agrees(self) -> DistillConfig:
+        """Training skips the rows evaluation holds out: training.holdout_fraction follows
+        evaluation.heldout.fraction when the held-out split is taken from the training data."""
+        heldout = self.evaluation.heldout if self.evaluation is not None else None
+        if self.training is None or heldout is None:
+            return self
+        heldout_dir = heldout.dataset_dir or self.output_dir
+        if Path(heldout_dir).resolve() != Path(self.training.dataset_dir).resolve():
+            return self
+        if self.training.holdout_fraction is None:
+            self.training.holdout_fraction = heldout.fraction
+        elif self.training.holdout_fraction != heldout.fraction:
+            raise ValueError(
+                f"training.holdout_fraction ({self.training.holdout_fraction}) differs from "
+                f"evaluation.heldout.fraction ({heldout.fraction}) on the same dataset, so the student "
+                "would train on rows it is evaluated on (or skip rows for nothing); set both to the "
+                "same value, or remove training.holdout_fraction"
+            )
+        return self
 
     def redacted(self) -> dict[str, Any]:
         """The config as JSON-able data; holds no secret (keys are only env var names)."""

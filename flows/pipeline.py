@@ -1,4 +1,4 @@
-"""`distill run CONFIG`: build → (capture logits for kd_topk) → train, as one parent flow,
+"""`distill run CONFIG`: build → (capture logits for kd_topk) → train → eval, as one parent flow,
 and `distill serve`: the flows as Prefect deployments, with optional schedules."""
 
 from __future__ import annotations
@@ -20,15 +20,19 @@ def run_pipeline(config_path: str) -> dict[str, Any]:
     config = load_config(config_path)
     result: dict[str, Any] = {"dataset": build_dataset(config)["counts"]}
     if config.training is None:
-        logger.info("no `training:` section: stopping after the dataset")
-        return result
-    if config.training.objective == "kd_topk" and getattr(config, "capture", None) is not None:
-        from flows.capture_logits import capture_logits_command
+        logger.info("no `training:` section: no student to train")
+    else:
+        if config.training.objective == "kd_topk" and getattr(config, "capture", None) is not None:
+            from flows.capture_logits import capture_logits_command
 
-        result["capture"] = capture_logits_command(config_path)
-    from flows.train import train
+            result["capture"] = capture_logits_command(config_path)
+        from flows.train import train
 
-    result["training"] = train(str(config_path))
+        result["training"] = train(str(config_path))
+    if config.evaluation is not None:
+        from flows.evaluate import evaluate
+
+        result["evaluation"] = evaluate(str(config_path))["table"]
     return result
 
 

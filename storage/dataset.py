@@ -7,6 +7,7 @@ everything else, so a directory with a manifest is always complete and consisten
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -127,3 +128,18 @@ def dataset_card(manifest: dict[str, Any]) -> str:
 
 def count_by(rows: list[dict[str, Any]], key: str) -> dict[str, int]:
     return dict(sorted(Counter(str(row.get(key)) for row in rows).items()))
+
+
+def is_heldout(row_id: str, fraction: float) -> bool:
+    """Whether the row with this `id` belongs to the held-out split (about `fraction` of rows).
+
+    A pure function of the id (sha256, not Python's salted `hash`), so training and
+    evaluation agree on the split in every process and on every rerun; raising `fraction`
+    only adds rows to the split, it never moves one out.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"held-out fraction must be in [0, 1], got {fraction}")
+    if fraction == 0.0:
+        return False
+    digest = hashlib.sha256(f"heldout:{row_id}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64

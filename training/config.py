@@ -87,6 +87,14 @@ class TrainingConfig(BaseModel):
     topk_column: str = Field(
         "teacher_topk", description="Column with the teacher top-k logprobs (kd_topk)."
     )
+    holdout_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Skip the rows of the held-out split (storage.dataset.is_heldout on the row `id`) "
+        "so evaluation measures unseen rows. Unset: evaluation.heldout.fraction when the config "
+        "evaluates a held-out split of this dataset, else 0 (train on every row).",
+    )
 
     # --- models ------------------------------------------------------------------------
     student: Path | None = Field(

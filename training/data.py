@@ -149,17 +149,29 @@ def read_columns(dataset_dir: str | Path, columns: list[str]):
     return table.select(columns)
 
 
+def training_row_mask(dataset_dir: str | Path, holdout_fraction: float) -> list[bool] | None:
+    """Which rows training may use: all (None) or those outside the held-out split by `id`."""
+    if not holdout_fraction:
+        return None
+    from storage.dataset import is_heldout
+
+    ids = read_columns(dataset_dir, ["id"]).column("id").to_pylist()
+    return [not is_heldout(str(row_id), holdout_fraction) for row_id in ids]
+
+
 def tokenize_dataset(
     dataset_dir: str | Path,
     tokenizer,
     system_prompt: str | None,
     max_length: int,
     cache_dir: str | Path,
+    holdout_fraction: float = 0.0,
 ) -> list[dict[str, np.ndarray]]:
     """Encode every row with `encode_example`; cached as Parquet under `cache_dir`.
 
-    The cache key covers the tokenizer, the data (shard digests), max_length and the system
-    prompt, so a change to any of them re-tokenises instead of reusing stale ids.
+    The cache key covers the tokenizer, the data (shard digests), max_length, the system
+    prompt and the held-out share, so a change to any of them re-tokenises instead of reusing
+    stale ids. Rows of the held-out split (`holdout_fraction` > 0) are left out.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -169,6 +181,7 @@ def tokenize_dataset(
     key = hashlib.sha256(
         json.dumps(
             [tokenizer_fingerprint(tokenizer), data_fingerprint(dataset_dir), max_length, system_prompt, 1]
+            + ([holdout_fraction] if holdout_fraction else [])
         ).encode()
     ).hexdigest()[:24]
     path = Path(cache_dir) / f"tokenized-{key}.parquet"
@@ -176,6 +189,9 @@ def tokenize_dataset(
         table = pq.read_table(path)
     else:
         rows = read_columns(dataset_dir, ["prompt", "response"]).to_pylist()
+        keep = training_row_mask(dataset_dir, holdout_fraction)
+        if keep is not None:
+            rows = [row for row, kept in zip(rows, keep) if kept]
         encoded = [
             encode_example(tokenizer, row["prompt"], row["response"], system_prompt, max_length)
             for row in rows
@@ -190,9 +206,14 @@ def tokenize_dataset(
 
 
 def attach_topk(
-    examples: list[dict[str, np.ndarray]], dataset_dir: str | Path, column: str = "teacher_topk"
+    examples: list[dict[str, np.ndarray]],
+    dataset_dir: str | Path,
+    column: str = "teacher_topk",
+    holdout_fraction: float = 0.0,
 ) -> None:
     """Add `topk_ids` (S, k) int64 and `topk_logprobs` (S, k) float32 to every example, in place.
+
+    `holdout_fraction` must be the one `tokenize_dataset` used (the same rows are skipped).
 
     S is the example's number of supervised tokens; a teacher blob longer than S (the response
     was truncated) is cut to the first S rows, a shorter one is an error.
@@ -200,6 +221,9 @@ def attach_topk(
     from storage.topk import decode_topk
 
     blobs = read_columns(dataset_dir, [column]).column(column).to_pylist()
+    keep = training_row_mask(dataset_dir, holdout_fraction)
+    if keep is not None:
+        blobs = [blob for blob, kept in zip(blobs, keep) if kept]
     if len(blobs) != len(examples):
         raise ValueError(f"{column}: {len(blobs)} rows but {len(examples)} examples")
     for index, (example, blob) in enumerate(zip(examples, blobs)):

@@ -77,6 +77,18 @@ def load_training_config(path: str | Path) -> TrainingConfig:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise TrainingError(f"{path}: expected a mapping with a `training:` section")
+    if "training" in data and "seeds" in data:
+        # A full distillflow config, validated as a whole: that fills training.holdout_fraction
+        # from evaluation.heldout, as the `distill train` flow saw it.
+        from distillflow.config import ConfigError, parse_config
+
+        try:
+            training = parse_config(data, path).training
+        except ConfigError as error:
+            raise TrainingError(str(error)) from None
+        if training is None:
+            raise TrainingError(f"{path}: the `training:` section is empty; fill it in (see the README)")
+        return training
     section = data.get("training", data) if "training" in data else data
     if section is None:
         raise TrainingError(f"{path}: the `training:` section is empty; fill it in (see the README)")
@@ -215,11 +227,12 @@ def train(config: TrainingConfig) -> dict[str, Any]:
 
     # 2. Data: tokenised once (cached), optionally packed; every rank holds the row list.
     cache_dir = config.tokenized_cache_dir or output_dir / "tokenized"
+    holdout = config.holdout_fraction or 0.0  # rows of the held-out split are never trained on
     examples = tokenize_dataset(
-        config.dataset_dir, student_tokenizer, config.system_prompt, config.max_length, cache_dir
+        config.dataset_dir, student_tokenizer, config.system_prompt, config.max_length, cache_dir, holdout
     )
     if config.objective == "kd_topk":
-        attach_topk(examples, config.dataset_dir, config.topk_column)
+        attach_topk(examples, config.dataset_dir, config.topk_column, holdout)
         topk_preflight(max(int(e["topk_ids"].max(initial=0)) for e in examples), vocab_size)
     rows = pack_examples(examples, config.max_length) if config.packing else examples
     rows = [row for row in rows if supervised_count(row) > 0] if not config.packing else rows
