@@ -306,28 +306,28 @@ def test_distill_eval_end_to_end_in_process(prefect_harness, tiny_model, tmp_pat
     write_jsonl(tmp_path / "set.jsonl", [{k: v for k, v in row.items()} for row in skill_rows()])
     config = {
         "output_dir": "data",
+        "teacher": {"backend": "local", "model": str(tiny_model), "device": "cpu"},
         "evaluation": {
             "output_dir": "eval",
-            "models": [{"name": "tiny", "path": str(tiny_model)}, {"name": "tiny2", "path": str(tiny_model)}],
+            "models": [{"name": "tiny", "path": str(tiny_model)}, {"name": "teacher", "teacher": True}],
             "eval_sets": [{"path": "set.jsonl", "name": "skills", "limit": 4}],
             "heldout": {"fraction": 0.5, "max_rows": 6},
             "robustness": {"perturbations": ["typo", "distractor"]},
             "speed": {"batch_sizes": [1, 4], "prompts": 4, "max_new_tokens": 3, "warmup": 1},
             "generation": {"max_tokens": 4, "device": "cpu"},
-            "reference_model": "tiny2",
         },
     }
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["eval", "eval.yaml"])
     assert result.exit_code == 0, result.output
-    assert "tok/s@1" in result.output and "tiny2" in result.output
+    assert "tok/s@1" in result.output and "teacher" in result.output
     for name in ("records.jsonl", "report.json", "report.md", "chart.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     records = [json.loads(line) for line in (tmp_path / "eval" / "records.jsonl").read_text().splitlines()]
     assert len(records) == 2 * (4 + 2 * 4 + 6)
     expected = recompute(records)
-    for model in ("tiny", "tiny2"):
+    for model in ("tiny", "teacher"):
         entry = report["models"][model]
         assert math.isclose(entry["accuracy"]["accuracy"], expected[model]["clean"])
         assert math.isclose(entry["robustness"]["robust_accuracy"], expected[model]["robust"])
@@ -339,4 +339,19 @@ def test_distill_eval_end_to_end_in_process(prefect_harness, tiny_model, tmp_pat
         assert entry["parameters"] > 0 and entry["size_mb"] > 0 and entry["peak_memory_mb"] is not None
         assert set(entry["speed"]) == {"1", "4"} and entry["speed"]["1"]["tokens_per_s"] > 0
     rows = {row["model"]: row for row in report["table"]}
-    assert rows["tiny2"]["speedup_vs_teacher"] == 1.0
+    assert report["reference_model"] == "teacher" and rows["teacher"]["speedup_vs_teacher"] == 1.0
+    # The same weights, greedy: the local teacher and the student answer alike.
+    answers = defaultdict(list)
+    for record in records:
+        answers[record["model"]].append(record["answer"])
+    assert answers["tiny"] == answers["teacher"]
+
+
+def test_cli_errors_are_one_paragraph(tmp_path):
+    (tmp_path / "none.yaml").write_text(yaml.safe_dump({"output_dir": "x"}))
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 1 and "no `evaluation:` section" in result.output
+    bad = {"evaluation": {"output_dir": "e", "models": [{"name": "s", "path": "s"}], "heldout": {}, "extra": 1}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "bad.yaml")])
+    assert result.exit_code == 1 and "evaluation.extra: unknown key" in result.output
