@@ -24,9 +24,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal
-
-CheckName = Literal["exact", "contains", "numeric", "regex", "choice", "json"]
+from typing import Any
 
 NUMERIC_REL_TOL = 1e-6
 NUMERIC_ABS_TOL = 1e-9

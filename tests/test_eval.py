@@ -208,6 +208,16 @@ def test_training_holds_out_what_evaluation_holds_out():
         parse_config({**BASE_CONFIG, "training": {**training, "holdout_fraction": 0.1}, "evaluation": evaluation})
 
 
+def test_the_training_process_reads_the_same_holdout(tmp_path):
+    from training.train import load_training_config
+
+    training = {"dataset_dir": "data/t", "output_dir": "runs/t", "student": "s"}
+    evaluation = {"output_dir": "e", "models": [{"name": "s", "path": "s"}], "heldout": {"fraction": 0.25}}
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump({**BASE_CONFIG, "training": training, "evaluation": evaluation}))
+    assert load_training_config(path).holdout_fraction == 0.25
+
+
 @pytest.mark.parametrize(
     "evaluation",
     [
@@ -355,3 +365,28 @@ def test_cli_errors_are_one_paragraph(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "bad.yaml")])
     assert result.exit_code == 1 and "evaluation.extra: unknown key" in result.output
+
+
+def test_distill_run_ends_with_eval_and_pays_nothing_twice(prefect_harness, server, tmp_path, monkeypatch):
+    from flows.pipeline import run_command
+    from tests.test_build import GOOD, write_config, write_seeds
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD)
+    path = write_config(tmp_path / "config.yaml", seeds, tmp_path / "data", server.base_url)
+    config = yaml.safe_load(path.read_text())
+    config["evaluation"] = {
+        "output_dir": str(tmp_path / "eval"),
+        "models": [{"name": "teacher", "teacher": True}],
+        "heldout": {"fraction": 0.5},
+        "speed": None,
+    }
+    path.write_text(yaml.safe_dump(config))
+    result = run_command(path)
+    (row,) = result["evaluation"]
+    assert row["model"] == "teacher" and row["agreement"] == 1.0
+    records = [json.loads(line) for line in (tmp_path / "eval" / "records.jsonl").read_text().splitlines()]
+    # The held-out prompts are the build's: every teacher answer came from the build's ledger.
+    assert records and all(r["from_ledger"] and r["eval_set"] == "heldout" for r in records)
+    assert sum(server.server.answered.values()) == len(GOOD)
