@@ -121,6 +121,12 @@ class InProcessModel:
         return sum(parameter.numel() for parameter in self.model.parameters())
 
     @property
+    def weights_memory_bytes(self) -> int:
+        """Bytes the parameters and buffers take in memory (at the dtype they were loaded in)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    @property
     def size_bytes(self) -> int:
         return weights_size_bytes(self.path)
 

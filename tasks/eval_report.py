@@ -189,12 +189,13 @@ def report_markdown(report: dict[str, Any]) -> str:
             markdown_table(["model", "batch", "tokens/s", "latency p50 (ms)", "latency p95 (ms)"], speed_rows),
             "",
             markdown_table(
-                ["model", "parameters", "size on disk (MB)", "peak memory (MB)"],
+                ["model", "parameters", "size on disk (MB)", "weights in memory (MB)", "peak memory (MB)"],
                 [
                     [
                         name,
                         "–" if entry.get("parameters") is None else f"{entry['parameters']:,}",
                         "–" if entry.get("size_mb") is None else f"{entry['size_mb']:.2f}",
+                        "–" if entry.get("weights_memory_mb") is None else f"{entry['weights_memory_mb']:.2f}",
                         "–" if entry.get("peak_memory_mb") is None else f"{entry['peak_memory_mb']:.1f} ({entry['peak_memory_kind']})",
                     ]
                     for name, entry in models.items()

@@ -337,6 +337,7 @@ def evaluate_model(run: EvalRun, model: EvalModel, items: list[EvalItem], log: A
         if runner.kind == "in_process":
             info["parameters"] = runner.parameters
             info["size_mb"] = runner.size_bytes / 2**20
+            info["weights_memory_mb"] = runner.weights_memory_bytes / 2**20
             info["source"] = str(runner.path)
             if heldout:
                 scores = runner.cross_entropy(
@@ -588,6 +589,7 @@ def build_report(
             "source": info.get("source"),
             "parameters": info.get("parameters"),
             "size_mb": info.get("size_mb"),
+            "weights_memory_mb": info.get("weights_memory_mb"),
             "peak_memory_mb": info.get("peak_memory_mb"),
             "peak_memory_kind": info.get("peak_memory_kind"),
             "speed": info.get("speed"),

@@ -347,6 +347,7 @@ def test_distill_eval_end_to_end_in_process(prefect_harness, tiny_model, tmp_pat
         assert math.isclose(entry["heldout"]["token_f1"], expected[model]["f1"])
         assert math.isclose(entry["heldout"]["perplexity"], expected[model]["ppl"])
         assert entry["parameters"] > 0 and entry["size_mb"] > 0 and entry["peak_memory_mb"] is not None
+        assert math.isclose(entry["weights_memory_mb"] * 2**20, 4 * entry["parameters"], rel_tol=0.01)  # float32
         assert set(entry["speed"]) == {"1", "4"} and entry["speed"]["1"]["tokens_per_s"] > 0
     rows = {row["model"]: row for row in report["table"]}
     assert report["reference_model"] == "teacher" and rows["teacher"]["speedup_vs_teacher"] == 1.0
