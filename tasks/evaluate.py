@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -127,6 +128,17 @@ def check_eval_run(run: EvalRun) -> None:
             )
         if item.path.suffix not in (".jsonl", ".parquet"):
             raise ConfigError(f"{where}: evaluation.eval_sets.{index}.path: {item.path}: use a .jsonl or .parquet file")
+    keys = [(f"evaluation.models.{i}.api_key_env", m.api_key_env) for i, m in enumerate(run.config.models) if m.base_url]
+    if any(m.teacher for m in run.config.models) and run.teacher is not None and run.teacher.backend == "openai":
+        keys.append(("teacher.api_key_env", run.teacher.api_key_env))
+    if run.config.judge is not None:
+        keys.append(("evaluation.judge.api_key_env", run.config.judge.api_key_env))
+    for key, env_name in keys:
+        if env_name is not None and not env_name.startswith("prefect-secret:") and not os.environ.get(env_name):
+            raise ConfigError(
+                f"{where}: {key}: environment variable {env_name} is not set; export {env_name}=<your key> "
+                "(or set it to null for a server without auth)"
+            )
     if run.config.heldout is not None:
         if run.dataset_dir is None:
             raise ConfigError(f"{where}: evaluation.heldout needs `dataset_dir` (or a top-level `output_dir`)")

@@ -391,3 +391,11 @@ def test_distill_run_ends_with_eval_and_pays_nothing_twice(prefect_harness, serv
     # The held-out prompts are the build's: every teacher answer came from the build's ledger.
     assert records and all(r["from_ledger"] and r["eval_set"] == "heldout" for r in records)
     assert sum(server.server.answered.values()) == len(GOOD)
+
+
+def test_a_missing_endpoint_key_is_named_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("EVAL_KEY", raising=False)
+    eval_set = write_jsonl(tmp_path / "set.jsonl", skill_rows())
+    path = endpoint_config(tmp_path, "http://127.0.0.1:9/v1", [{"path": str(eval_set)}])
+    with pytest.raises(ConfigError, match=r"evaluation.models.0.api_key_env: environment variable EVAL_KEY is not set"):
+        load_eval_run(path)
