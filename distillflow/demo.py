@@ -1,7 +1,7 @@
 """The demo teacher: a small character-level Llama that is good at the demo's task family.
 
-`prompts/skills.py` defines the task family (reverse / upper-case / count letters of a
-made-up word, the next number, the largest digit); every prompt has one right answer.
+`prompts/skills.py` defines the task family (the first / last letter and the length of a
+made-up word, the parity of a number, the largest of a few digits); every prompt has one right answer.
 The teacher is trained on an endless stream of those questions (arguments from the
 `train` half only), a share of them perturbed by the project's own adversarial
 generators (typos, casing, whitespace, distractor sentences, injected instructions, role
@@ -34,16 +34,19 @@ SHIPPED_TEACHER = Path(__file__).resolve().parent / "assets" / DEMO_TEACHER_DIRN
 @dataclass(frozen=True)
 class DemoTrainingSettings:
     hidden_size: int = 128
-    num_layers: int = 10  # deep and narrow: slow at batch 1, which a 2-layer student beats
+    num_layers: int = 8  # deep and narrow: slow at batch 1, which a 2-layer student beats
     num_heads: int = 4  # head_dim 32: the smallest vLLM's CPU attention accepts
     intermediate_size: int = 384
-    steps: int = 1500
-    batch_size: int = 64
+    steps: int = 4000  # at most; training stops early once held-out accuracy reaches target
+    batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
-    noisy_share: float = 0.5  # share of training questions perturbed by a generator
+    noisy_share: float = 0.3  # share of training questions perturbed by a generator
+    eval_every: int = 250  # greedy exact match on held-out questions every N steps
+    eval_questions: int = 200
+    target_accuracy: float = 0.96  # stop once held-out clean exact match reaches this
     seed: int = 0
-    version: int = 2  # bump when the task family or the noise changes
+    version: int = 3  # bump when the task family or the noise changes
 
 
 # The generators the teacher is trained to see through (prompts.adversarial.ADVERSARIAL keys).
@@ -125,6 +128,7 @@ def train_demo_teacher(out_dir: Path, settings: DemoTrainingSettings, log_every:
     import torch
 
     from distillflow.tiny import build_tiny_llama
+    from prompts.skills import distinct
 
     started = time.perf_counter()
     # No merges: the 256 byte tokens + specials, one token per character of ASCII text.
@@ -146,6 +150,9 @@ def train_demo_teacher(out_dir: Path, settings: DemoTrainingSettings, log_every:
         optimizer,
         lambda step: min(1.0, (step + 1) / settings.warmup_steps) * max(0.05, 1 - step / settings.steps),
     )
+    heldout = [(item.prompt, item.reference) for item in distinct(settings.eval_questions, seed=7, split="eval")]
+    accuracy: list[tuple[int, float]] = []
+    best: tuple[float, dict | None] = (-1.0, None)  # (held-out accuracy, weights) of the best check
     model.train()
     losses: list[float] = []
     batches: list = []
@@ -164,12 +171,24 @@ def train_demo_teacher(out_dir: Path, settings: DemoTrainingSettings, log_every:
         if log_every and (step + 1) % log_every == 0:
             recent = sum(losses[-log_every:]) / log_every
             print(f"step {step + 1}/{settings.steps} loss {recent:.4f} {time.perf_counter() - started:.0f}s", flush=True)
+        if settings.eval_every and (step + 1) % settings.eval_every == 0:
+            accuracy.append((step + 1, greedy_exact_match(model, tokenizer, heldout)))
+            model.train()
+            if log_every:
+                print(f"step {step + 1}: held-out exact match {accuracy[-1][1]:.3f}", flush=True)
+            if accuracy[-1][1] > best[0]:
+                best = (accuracy[-1][1], {name: value.clone() for name, value in model.state_dict().items()})
+            if accuracy[-1][1] >= settings.target_accuracy or stop_file_exists(out_dir):
+                break
+    if best[1] is not None:
+        model.load_state_dict(best[1])  # the weights of the best held-out check, not the last
     model.eval()
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     window = min(10, len(losses))
     return {
-        "steps": settings.steps,
+        "steps": len(losses),
+        "heldout_accuracy_by_step": accuracy,
         "first_loss": round(sum(losses[:window]) / window, 4),
         "final_loss": round(sum(losses[-window:]) / window, 4),
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -186,6 +205,32 @@ def _encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], l
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
+def stop_file_exists(out_dir: Path) -> bool:
+    """`touch OUT_DIR.stop` ends a long training at its next held-out check (best weights kept)."""
+    return out_dir.with_name(out_dir.name.split(".tmp-")[0].lstrip(".") + ".stop").exists()
+
+
+def greedy_exact_match(model, tokenizer, questions: list[tuple[str, str]], batch_size: int = 50) -> float:
+    """Share of `(prompt, reference)` the in-memory model answers exactly (greedy)."""
+    import torch
+
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues each row from its last token
+    right = 0
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q, _ in chunk
+        ]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            output = model.generate(**encoded, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        right += sum(answer.strip() == reference for answer, (_, reference) in zip(answers, chunk))
+    return right / len(questions)
 
 
 def _length_grouped(tokenizer, rng: random.Random, settings: DemoTrainingSettings, pool: int = 16) -> list:

@@ -1,14 +1,22 @@
-"""`distill demo`: the whole pipeline on the embedded default, on CPU, offline.
+"""`distill demo`: the whole pipeline on the embedded default, on CPU, offline, measured.
 
-1. a tiny local teacher (trained on first use, cached in `.cache/demo`),
-2. `build_dataset` with the in-process teacher: seed, edge-case and adversarial prompts,
-3. `train` a student derived from the teacher (every other layer) with DeepSpeed ZeRO-2,
-4. a summary of the dataset and the training metrics.
+1. the demo teacher (shipped weights; `prompts/skills.py` is its task family),
+2. `build_dataset` with the in-process teacher: seed questions and adversarial variants,
+3. `capture-logits`: the teacher's top-k logprobs of every answer token,
+4. three students of the same size (≤ 1/4 of the teacher's parameters, same initialisation)
+   trained with DeepSpeed: `sft` on the teacher's text (black box), `kd_topk` on its
+   captured logits (white box), and `reference` on the true answers of the same prompts,
+5. `distill eval`: the teacher and the three students on held-out questions (words and
+   numbers none of them saw), clean and perturbed, plus speed and size; the comparison
+   table and the report's path at the end.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,56 +24,148 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+STUDENTS = ("sft", "kd_topk", "reference")
 
 
-def demo_config(workdir: Path, teacher_dir: Path) -> dict[str, Any]:
-    """configs/demo.yaml with the teacher, the output dirs and a training section filled in."""
+@dataclass(frozen=True)
+class DemoBudget:
+    """How much the demo does; the defaults are what `distill demo` runs."""
+
+    num_prompts: int = 2000
+    student_steps: int = 500
+    eval_prompts: int = 300
+    speed_prompts: int = 32  # prompts timed at batch 1 and in one batch of 32
+    seed: int = 0
+
+
+def _resolve(path: str) -> str:
+    return str(path if Path(path).is_absolute() else ROOT / path)
+
+
+def demo_config(workdir: Path, teacher_dir: Path, budget: DemoBudget) -> dict[str, Any]:
+    """configs/demo.yaml with the teacher, the budget and the output dirs filled in."""
     config = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
     config["output_dir"] = str(workdir / "dataset")
-    config["seeds"] = [
-        {**seed, "path": str((ROOT / seed["path"]) if not Path(seed["path"]).is_absolute() else seed["path"])}
-        for seed in config["seeds"]
-    ]
+    config["seeds"] = [{**seed, "path": _resolve(seed["path"])} for seed in config["seeds"]]
+    config["prompts"]["num_prompts"] = budget.num_prompts
+    config["prompts"]["random_seed"] = budget.seed
     config["teacher"]["model"] = str(teacher_dir)
-    config.setdefault("training", {})
-    config["training"] = {
-        "dataset_dir": str(workdir / "dataset"),
-        "output_dir": str(workdir / "student"),
-        "teacher": str(teacher_dir),
-        "derive_student": {"layer_stride": 2},
-        "objective": "sft",
-        "max_length": 256,
-        "micro_batch_size": 8,
-        "learning_rate": 1e-3,
-        "max_steps": 30,
-        "log_every": 5,
-        "deepspeed_config": str(ROOT / "configs" / "deepspeed" / "zero2.json"),
-        **config["training"],
-    }
+    config["capture"]["model"] = str(teacher_dir)
+    training = config["training"]
+    training.update(
+        dataset_dir=str(workdir / "dataset"),
+        output_dir=str(workdir / "students" / "kd_topk"),
+        teacher=str(teacher_dir),
+        max_steps=budget.student_steps,
+        seed=budget.seed,
+        deepspeed_config=_resolve(training["deepspeed_config"]),
+    )
+    evaluation = config["evaluation"]
+    evaluation["output_dir"] = str(workdir / "eval")
+    evaluation["models"] = [{"name": "teacher", "path": str(teacher_dir)}] + [
+        {"name": name, "path": str(workdir / "students" / name / "final")} for name in STUDENTS
+    ]
+    evaluation["eval_sets"] = [
+        {**item, "path": _resolve(item["path"]), "limit": budget.eval_prompts} for item in evaluation["eval_sets"]
+    ]
+    evaluation["speed"]["prompts"] = budget.speed_prompts
     return config
 
 
-def demo_command(workdir: str | Path = "runs/demo", train_student: bool = True) -> dict[str, Any]:
+def student_config(config: dict[str, Any], workdir: Path, name: str, dataset_dir: Path) -> dict[str, Any]:
+    """The run config of one student: same model, data order, steps and init; other objective."""
+    variant = json.loads(json.dumps(config))
+    training = variant["training"]
+    training["output_dir"] = str(workdir / "students" / name)
+    training["dataset_dir"] = str(dataset_dir)
+    training["objective"] = "kd_topk" if name == "kd_topk" else "sft"
+    variant.pop("evaluation", None)
+    return variant
+
+
+def write_reference_dataset(dataset_dir: Path, seeds_path: Path, out_dir: Path) -> int:
+    """The built dataset's prompts with their TRUE answers instead of the teacher's.
+
+    A variant keeps its seed's answer when the seed's argument is still in it verbatim
+    (a typo inside the word would change the answer; such rows are left out). Returns
+    the number of rows written.
+    """
+    import pyarrow as pa
+
+    from distillflow.records import content_id
+    from storage.parquet import read_table, write_table_atomic
+
+    truth: dict[str, tuple[str, str]] = {}
+    for line in seeds_path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        truth[content_id(row["prompt"])] = (row["reference"], row["protect"][0])
+    table = read_table(dataset_dir / "data", columns=["id", "prompt", "strategy", "parent_id"])
+    rows = {"id": [], "prompt": [], "response": [], "strategy": []}
+    for row in table.to_pylist():
+        seed_id = row["id"] if row["strategy"] == "seed" else row["parent_id"]
+        if seed_id not in truth:
+            continue
+        reference, argument = truth[seed_id]
+        if argument not in row["prompt"]:
+            continue
+        rows["id"].append(row["id"])
+        rows["prompt"].append(row["prompt"])
+        rows["response"].append(reference)
+        rows["strategy"].append(row["strategy"])
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    write_table_atomic(pa.table(rows), out_dir / "data" / "part-00000.parquet")
+    return len(rows["id"])
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
+def demo_command(
+    workdir: str | Path = "runs/demo", train_student: bool = True, budget: DemoBudget | None = None
+) -> dict[str, Any]:
     from distillflow.demo import ensure_demo_teacher
     from flows.build import build_command
+    from flows.capture_logits import capture_logits_command
+    from flows.evaluate import eval_command
+    from flows.train import train_command
     from storage.inspect import inspect_dataset
 
+    budget = budget or DemoBudget()
+    started = time.perf_counter()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    print("[demo] preparing the tiny local teacher (first run trains it, ~1 min)…", file=sys.stderr, flush=True)
     teacher_dir = ensure_demo_teacher(ROOT / ".cache" / "demo")
+    _say(f"teacher: {teacher_dir}")
+    config = demo_config(workdir, teacher_dir, budget)
     config_path = workdir / "demo.yaml"
-    config_path.write_text(yaml.safe_dump(demo_config(workdir, teacher_dir), sort_keys=False), encoding="utf-8")
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
-    print(f"[demo] building the dataset ({config_path})…", file=sys.stderr, flush=True)
+    _say(f"building the dataset ({config_path})…")
     manifest = build_command(config_path)
     print(inspect_dataset(workdir / "dataset", samples=3))
-    result: dict[str, Any] = {"dataset": str(workdir / "dataset"), "counts": manifest["counts"]}
-    if train_student:
-        from flows.train import train_command
+    result: dict[str, Any] = {"dataset": str(workdir / "dataset"), "counts": manifest["counts"], "budget": asdict(budget)}
+    if not train_student:
+        return result
 
-        print("[demo] training a student with DeepSpeed (ZeRO-2, CPU)…", file=sys.stderr, flush=True)
-        result["training"] = train_command(config_path)
-        result["student"] = str(workdir / "student" / "final")
-    print(f"[demo] done: dataset in {workdir / 'dataset'}; student in {workdir / 'student'}", file=sys.stderr)
+    _say("capturing the teacher's top-k logprobs…")
+    capture_logits_command(config_path)
+    seeds_path = Path(config["seeds"][0]["path"])
+    reference_dir = workdir / "reference-data"
+    rows = write_reference_dataset(workdir / "dataset", seeds_path, reference_dir)
+    _say(f"reference dataset: {rows} rows with true answers ({reference_dir})")
+
+    result["training"] = {}
+    for name in STUDENTS:
+        dataset_dir = reference_dir if name == "reference" else workdir / "dataset"
+        path = workdir / f"student-{name}.yaml"
+        path.write_text(yaml.safe_dump(student_config(config, workdir, name, dataset_dir), sort_keys=False))
+        _say(f"training the {name} student with DeepSpeed ({budget.student_steps} steps)…")
+        result["training"][name] = train_command(path)
+
+    _say("evaluating the teacher and the students…")
+    result["report"] = eval_command(config_path)
+    result["report_path"] = str(workdir / "eval" / "report.md")
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    _say(f"done in {result['seconds']:.0f} s: report in {workdir / 'eval'}")
     return result

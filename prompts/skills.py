@@ -3,11 +3,16 @@
 Every prompt asks one of a few skills about one argument (a made-up word, a number or a
 list of digits) in one of several phrasings, and has exactly one right answer:
 
-    reverse   Reverse the word "plimo".            → omilp
-    upper     Write "plimo" in capital letters.    → PLIMO
-    length    How many letters are in "plimo"?     → 5
-    next      What number comes after 479?         → 480
-    max       What is the largest of 3, 8, 5?      → 8
+    first     What is the first letter of "plimo"?   → p
+    last      What is the last letter of "plimo"?    → o
+    length    How many letters are in "plimo"?       → 5
+    parity    Is 479 even or odd?                    → odd
+    max       What is the largest of 3, 8, 5?        → 8
+
+The skills are the ones a small character-level model can learn from scratch on a CPU in
+minutes and get right on arguments it never saw (a lookup next to a landmark, counting,
+comparing); skills that copy a whole word (reverse, upper-case) need far longer training
+at this size and were left out.
 
 Arguments are split in two by a stable hash: the teacher and the dataset's seed prompts
 only ever see the `train` half; the eval set uses the `eval` half, so accuracy on it is
@@ -48,25 +53,25 @@ class SkillPrompt:
 
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "reverse": (
-        'Reverse the word "{arg}".',
-        'Spell "{arg}" backwards.',
-        'What is "{arg}" written in reverse?',
+    "first": (
+        'What is the first letter of "{arg}"?',
+        'Which letter does "{arg}" start with?',
+        'Give the first letter of the word "{arg}".',
     ),
-    "upper": (
-        'Write "{arg}" in capital letters.',
-        'Uppercase the word "{arg}".',
-        'What is "{arg}" in upper case?',
+    "last": (
+        'What is the last letter of "{arg}"?',
+        'Which letter does "{arg}" end with?',
+        'Give the last letter of the word "{arg}".',
     ),
     "length": (
         'How many letters are in "{arg}"?',
         'Count the letters of "{arg}".',
         'What is the length of the word "{arg}"?',
     ),
-    "next": (
-        "What number comes after {arg}?",
-        "Add one to {arg}.",
-        "What is {arg} plus 1?",
+    "parity": (
+        "Is {arg} even or odd?",
+        "Is the number {arg} odd or even?",
+        "Tell me if {arg} is even or odd.",
     ),
     "max": (
         "What is the largest of {arg}?",
@@ -93,18 +98,18 @@ def _digits(rng: random.Random) -> str:
 
 
 def _argument(skill: str, rng: random.Random) -> str:
-    if skill in ("reverse", "upper", "length"):
+    if skill in ("first", "last", "length"):
         return _word(rng)
-    if skill == "next":
-        return str(rng.randint(0, 998))
+    if skill == "parity":
+        return str(rng.randint(0, 9999))
     return _digits(rng)
 
 
 ANSWERS: dict[str, Callable[[str], str]] = {
-    "reverse": lambda arg: arg[::-1],
-    "upper": lambda arg: arg.upper(),
+    "first": lambda arg: arg[0],
+    "last": lambda arg: arg[-1],
     "length": lambda arg: str(len(arg)),
-    "next": lambda arg: str(int(arg) + 1),
+    "parity": lambda arg: "odd" if int(arg) % 2 else "even",
     "max": lambda arg: max(arg.split(", "), key=int),
 }
 

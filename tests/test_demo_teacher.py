@@ -1,70 +1,102 @@
-"""The demo teacher: built once per version key, deterministic, and it answers in sentences."""
+"""The demo's task family and its teacher: checkable answers, a clean split, a competent teacher."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from distillflow.config import TeacherConfig
-from distillflow.demo import STAMP_FILE, DemoTrainingSettings, demo_corpus, ensure_demo_teacher
-from tasks.teacher_local import LocalTeacher
+from distillflow.demo import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, ensure_demo_teacher, version_key
+from prompts.adversarial import ADVERSARIAL, perturb_protected
+from prompts.config import AdversarialConfig
+from prompts.skills import ANSWERS, SKILLS, distinct, sample, split_of
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = DemoTrainingSettings(steps=4, batch_size=8)
 
 
-def weights_digest(model_dir: Path) -> str:
-    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_corpus_is_deterministic_and_has_refusals():
-    assert demo_corpus(0) == demo_corpus(0)
-    assert demo_corpus(0) != demo_corpus(1)
-    answers = {answer for _, answer in demo_corpus(0)}
-    assert "I'm sorry, but I can't help with that." in answers
-    assert "The capital of France is Paris." in answers
+def test_each_skill_answers_right():
+    assert ANSWERS["first"]("plimo") == "p"
+    assert ANSWERS["last"]("plimo") == "o"
+    assert ANSWERS["length"]("plimo") == "5"
+    assert ANSWERS["parity"]("479") == "odd" and ANSWERS["parity"]("10") == "even"
+    assert ANSWERS["max"]("3, 8, 5") == "8"
+    rng = random.Random(0)
+    for _ in range(200):
+        item = sample(rng, "train")
+        assert item.argument in item.prompt and item.reference == ANSWERS[item.skill](item.argument)
 
 
-def test_built_once_then_reused_and_rebuilt_on_a_new_version(tmp_path):
-    model_dir = ensure_demo_teacher(tmp_path, QUICK)
-    assert model_dir == tmp_path / "demo-teacher"
-    assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
-    stamp = json.loads((model_dir / STAMP_FILE).read_text())
-    built_at = (model_dir / "model.safetensors").stat().st_mtime_ns
-
-    assert ensure_demo_teacher(tmp_path, QUICK) == model_dir
-    assert (model_dir / "model.safetensors").stat().st_mtime_ns == built_at  # not rebuilt
-
-    other = DemoTrainingSettings(steps=5, batch_size=8)
-    ensure_demo_teacher(tmp_path, other)
-    assert json.loads((model_dir / STAMP_FILE).read_text())["version_key"] != stamp["version_key"]
-    assert not list(tmp_path.glob(".demo-teacher.tmp-*"))  # no staging dir left behind
+def test_eval_arguments_never_appear_in_training_seeds():
+    seeds = read_jsonl(ROOT / "prompts" / "seeds" / "skills.jsonl")
+    heldout = read_jsonl(ROOT / "prompts" / "seeds" / "skills_eval.jsonl")
+    train_args = {row["protect"][0] for row in seeds}
+    eval_args = {row["protect"][0] for row in heldout}
+    assert not train_args & eval_args
+    assert {split_of(arg) for arg in train_args} == {"train"} and {split_of(arg) for arg in eval_args} == {"eval"}
+    assert {row["skill"] for row in heldout} == set(SKILLS)
 
 
-def test_same_settings_give_the_same_weights(tmp_path):
-    first = ensure_demo_teacher(tmp_path / "a", QUICK)
-    second = ensure_demo_teacher(tmp_path / "b", QUICK)
-    assert weights_digest(first) == weights_digest(second)
+def test_shipped_seed_files_are_what_the_generator_makes():
+    # the files are committed so users can read them; they must not drift from the code
+    seeds = read_jsonl(ROOT / "prompts" / "seeds" / "skills.jsonl")
+    heldout = read_jsonl(ROOT / "prompts" / "seeds" / "skills_eval.jsonl")
+    assert seeds == [item.record() for item in distinct(len(seeds), seed=0, split="train")]
+    assert heldout == [item.record() for item in distinct(len(heldout), seed=1, split="eval")]
 
 
-@pytest.mark.slow
-def test_trained_teacher_answers_short_sentences():
-    # The real thing, in the cache `distill demo` uses (trained once per machine, ~1 min).
-    model_dir = ensure_demo_teacher(ROOT / ".cache" / "demo")
-    stamp = json.loads((model_dir / STAMP_FILE).read_text())
-    assert stamp["final_loss"] < 0.5 * stamp["first_loss"]
+def test_perturbations_keep_the_protected_argument():
+    config = AdversarialConfig(severity=1.0)
+    rng = random.Random(3)
+    for item in distinct(50, seed=5, split="eval"):
+        for kind, perturb in ADVERSARIAL.items():
+            out = perturb_protected(item.prompt, [item.argument], perturb, rng, config)
+            if out is not None:
+                assert item.argument in out, (kind, out)
+    # a perturbation that can only damage the span gives up instead of changing the answer
+    assert perturb_protected("x", ["x"], lambda text, rng, config: "", rng, config) is None
 
+
+def test_training_script_runs_at_a_tiny_size(tmp_path):
+    out = tmp_path / "teacher"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train_demo_teacher.py"), "--out", str(out),
+         "--steps", "2", "--eval-questions", "4", "--log-every", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    stamp = json.loads((out / STAMP_FILE).read_text())
+    assert stamp["steps"] == 2 and 0.0 <= stamp["clean_exact_match"] <= 1.0
+    assert "exact match" in (out / "README.md").read_text()
+    assert stamp["version_key"] == version_key(DemoTrainingSettings(steps=2))
+
+
+def test_shipped_teacher_is_current_and_used_without_training(tmp_path):
+    assert ensure_demo_teacher(tmp_path) == SHIPPED_TEACHER
+    assert not (tmp_path / "demo-teacher").exists()
+    stamp = json.loads((SHIPPED_TEACHER / STAMP_FILE).read_text())
+    assert stamp["clean_exact_match"] >= 0.9
+    size = sum(path.stat().st_size for path in SHIPPED_TEACHER.iterdir())
+    assert size <= 10 * 2**20
+
+
+def test_shipped_teacher_answers_heldout_questions():
+    from distillflow.config import TeacherConfig
+    from tasks.teacher_local import LocalTeacher
+
+    questions = distinct(60, seed=11, split="eval")
     config = TeacherConfig(
-        backend="local", model=str(model_dir), device="cpu", generation={"temperature": 0.0, "max_tokens": 48}
-    )
-    prompts = ["What is the capital of France?", "How many legs does a spider have?", "Explain gravity."]
-    answers = LocalTeacher(config).answer_batch([[{"role": "user", "content": p}] for p in prompts])
-    assert [a.content for a in answers] == [
-        "The capital of France is Paris.",
-        "A spider has 8 legs.",
-        "Gravity is the force that pulls masses toward each other.",
-    ]
-    assert all(a.finish_reason == "stop" for a in answers)
+        backend="local", model=str(SHIPPED_TEACHER), device="cpu", local_batch_size=32,
+        generation={"temperature": 0.0, "max_tokens": 16},
+    )  # fmt: skip
+    answers = LocalTeacher(config).answer_batch([[{"role": "user", "content": q.prompt}] for q in questions])
+    right = sum(answer.content.strip() == q.reference for answer, q in zip(answers, questions))
+    assert right / len(questions) >= 0.85
+    assert all(answer.finish_reason == "stop" for answer in answers)

@@ -1,0 +1,30 @@
+"""`distill demo` end to end at tiny budgets: every stage runs and the table has every row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.demo import STUDENTS, DemoBudget, demo_command
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_short_demo_trains_three_students_and_evaluates_them(tmp_path, prefect_harness):
+    budget = DemoBudget(num_prompts=40, student_steps=3, eval_prompts=8, speed_prompts=2)
+    result = demo_command(tmp_path, budget=budget)
+
+    manifest = json.loads((tmp_path / "dataset" / "manifest.json").read_text())
+    assert manifest["counts"]["accepted"] > 0
+    rows = {row["model"]: row for row in result["report"]["table"]}
+    assert list(rows) == ["teacher", *STUDENTS]
+    for name in STUDENTS:
+        assert (tmp_path / "students" / name / "final" / "config.json").is_file()
+        assert rows[name]["params"] * 4 <= rows["teacher"]["params"]  # at most 1/4 of the teacher
+        assert rows[name]["tok_s_at_1"] > 0 and rows[name]["robust_acc"] is not None
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["table"] == result["report"]["table"]
+    assert (tmp_path / "eval" / "report.md").is_file() and (tmp_path / "eval" / "chart.png").is_file()
+    # the reference student learns from true answers of the same prompts
+    assert 0 < result["training"]["reference"]["steps"] == budget.student_steps
