@@ -53,14 +53,21 @@ def write_filtered_task(
 @flow(name="dedup-dataset")
 def dedup_flow(in_dir: str, out_dir: str, config: FiltersConfig) -> dict[str, Any]:
     """Filter the dataset in `in_dir` into `out_dir`; returns the new manifest."""
+    from flows.build import stage  # a stage running past a minute says so
+
     logger = get_run_logger()
     started = time.time()
+    stage_seconds: dict[str, float] = {}
+    label = Path(out_dir).name
     paths = [str(p) for p in input_shards(in_dir)]
-    futures = shard_features_task.map(paths, config=unmapped(config))
-    shards = [future.result() for future in futures]
-    decisions = resolve_filters_task(shards, config)
+    with stage(stage_seconds, "shard_features", label):
+        futures = shard_features_task.map(paths, config=unmapped(config))
+        shards = [future.result() for future in futures]
+    with stage(stage_seconds, "resolve_filters", label):
+        decisions = resolve_filters_task(shards, config)
     del shards
-    manifest = write_filtered_task(in_dir, out_dir, paths, decisions, config, time.time() - started)
+    with stage(stage_seconds, "write", label):
+        manifest = write_filtered_task(in_dir, out_dir, paths, decisions, config, time.time() - started)
     logger.info("%s: %s", out_dir, manifest["counts"])
     return manifest
 

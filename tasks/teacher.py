@@ -5,10 +5,10 @@ Everything that can go wrong at the network boundary is handled here:
   requests/tokens per minute;
 - retries with exponential backoff and full jitter on 429 (honouring `Retry-After`),
   5xx, 408, timeouts, dropped connections and malformed bodies;
-- no retry storm on permanent errors: until one request to an endpoint has come back
-  without an auth error, only one request is in flight, and 401/403/404 stop the run at
-  once (`TeacherFatalError`); a 400/422 for one prompt becomes that prompt's reject
-  reason `teacher_error:400`;
+- no retry storm on permanent errors: until the endpoint has answered once (or refused
+  one prompt with a 4xx, or said 429), only one request per `answer_all` call is in
+  flight, and 401/403/404 stop the run at once (`TeacherFatalError`); a 400/422 for one
+  prompt becomes that prompt's reject reason `teacher_error:400`;
 - first contact: until the endpoint has answered once, its first prompt retries for at
   most `first_contact_s` and a second prompt gets one try; when both fail (or the first
   times out) the run stops with `TeacherUnreachableError`, naming the URL, the last error
@@ -373,7 +373,8 @@ class OpenAITeacher:
         limiter: RateLimiter | None = None,
     ) -> list[TeacherAnswer]:
         """Answers in input order. Raises `TeacherFatalError` (after cancelling in-flight
-        requests) when the endpoint rejects the credentials, the model or the URL.
+        requests) when the endpoint rejects the credentials, the model or the URL, when it
+        answers none of the first prompts (`TeacherUnreachableError`), or after `abort`.
 
         Without `client`/`semaphore`/`limiter`, this call makes its own (closed at the end)."""
         results: list[TeacherAnswer | None] = [None] * len(messages_list)
@@ -414,8 +415,10 @@ class OpenAITeacher:
                 # others start when it has, or when the first worker is done (for any reason).
                 if not opened.is_set():
                     waiter = asyncio.ensure_future(opened.wait())
-                    await asyncio.wait({waiter, first}, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
+                    try:
+                        await asyncio.wait({waiter, first}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()
                 if not first.done() or (not first.cancelled() and first.exception() is None):
                     await worker()
 

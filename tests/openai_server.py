@@ -130,8 +130,7 @@ class FaultyOpenAIServer:
         if self.mode == "always_500":
             return self._error(500, "Internal server error.")
         if self.mode == "hang":
-            while request.transport is not None and not request.transport.is_closing():
-                await asyncio.sleep(0.05)  # until the client gives up
+            await _while_connected(request, float("inf"))
             raise asyncio.CancelledError
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             self.unauthorized += 1
@@ -164,7 +163,8 @@ class FaultyOpenAIServer:
             if kind == "badjson":
                 return web.Response(text='{"id": "chatcmpl-bad", "choices": [{"mess', content_type="application/json")
             if kind == "hang":
-                await asyncio.sleep(self.hang_s)
+                if not await _while_connected(request, self.hang_s):
+                    raise asyncio.CancelledError
 
         finish_reason = "stop"
         say = SAY.search(prompt)
@@ -206,6 +206,17 @@ class FaultyOpenAIServer:
                 },
             }
         )
+
+
+async def _while_connected(request: web.Request, seconds: float) -> bool:
+    """Sleep up to `seconds`, less if the client goes away (then False): a handler left
+    sleeping for a client that gave up would hold the server's shutdown."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if request.transport is None or request.transport.is_closing():
+            return False
+        await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    return True
 
 
 def _fake_logprobs(tokens: list[str], top_k: int) -> list[dict[str, Any]]:
