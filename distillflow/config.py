@@ -178,15 +178,20 @@ def parse_config(data: dict[str, Any], source: Path | str = "<config>") -> Disti
         raise ConfigError(format_validation_error(source, error)) from None
 
 
-def load_config(path: str | Path, check_files: bool = True) -> DistillConfig:
-    """Read and validate a YAML config; with `check_files`, also that every seed file exists."""
-    path = Path(path)
+def read_yaml(path: Path) -> Any:
+    """The parsed YAML of a config file; a ConfigError naming the file when it is missing or broken."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass the path of a YAML config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
+def load_config(path: str | Path, check_files: bool = True) -> DistillConfig:
+    """Read and validate a YAML config; with `check_files`, also that every seed file exists."""
+    path = Path(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys (name, output_dir, seeds, ...)")
     config = parse_config(data, path)

@@ -1,7 +1,8 @@
 """The demo teacher: a small character-level Llama that is good at the demo's task family.
 
-`prompts/skills.py` defines the task family (the first / last letter and the length of a
-made-up word, the parity of a number, the largest of a few digits); every prompt has one right answer.
+`prompts/skills.py` defines the task family (the last and second-to-last letter of a
+made-up word, the last two digits and the parity of a number); every prompt has one right
+answer.
 The teacher is trained on an endless stream of those questions (arguments from the
 `train` half only), a share of them perturbed by the project's own adversarial
 generators (typos, casing, whitespace, distractor sentences, injected instructions, role
@@ -41,12 +42,12 @@ class DemoTrainingSettings:
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 100
-    noisy_share: float = 0.3  # share of training questions perturbed by a generator
+    noisy_share: float = 0.2  # share of training questions perturbed by a generator
     eval_every: int = 250  # greedy exact match on held-out questions every N steps
     eval_questions: int = 200
     target_accuracy: float = 0.96  # stop once held-out clean exact match reaches this
     seed: int = 0
-    version: int = 3  # bump when the task family or the noise changes
+    version: int = 5  # bump when the task family or the noise changes
 
 
 # The generators the teacher is trained to see through (prompts.adversarial.ADVERSARIAL keys).

@@ -31,8 +31,8 @@ STUDENTS = ("sft", "kd_topk", "reference")
 class DemoBudget:
     """How much the demo does; the defaults are what `distill demo` runs."""
 
-    num_prompts: int = 2000
-    student_steps: int = 500
+    num_prompts: int = 4000
+    student_steps: int = 1000
     eval_prompts: int = 300
     speed_prompts: int = 32  # prompts timed at batch 1 and in one batch of 32
     seed: int = 0

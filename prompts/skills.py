@@ -1,25 +1,28 @@
 """The demo's task family: short string and number skills with exactly checkable answers.
 
-Every prompt asks one of a few skills about one argument (a made-up word, a number or a
-list of digits) in one of several phrasings, and has exactly one right answer:
+Every prompt asks one of a few skills about one argument (a made-up word or a number),
+which ends the prompt, in one of several phrasings, and has exactly one right answer:
 
-    first     What is the first letter of "plimo"?   → p
-    last      What is the last letter of "plimo"?    → o
-    length    How many letters are in "plimo"?       → 5
-    parity    Is 479 even or odd?                    → odd
-    max       What is the largest of 3, 8, 5?        → 8
+    last      Last letter of the word: plimo             → o
+    before    Second-to-last letter of the word: plimo   → m
+    digit     Last digit of the number: 4821             → 1
+    tens      Second-to-last digit of the number: 4821   → 2
+    parity    Even or odd: 4821                          → odd
 
-The skills are the ones a small character-level model can learn from scratch on a CPU in
-minutes and get right on arguments it never saw (a lookup next to a landmark, counting,
-comparing); skills that copy a whole word (reverse, upper-case) need far longer training
-at this size and were left out.
+Each answer is a lookup at a fixed distance from the end of the prompt: a small
+character-level model learns that from scratch on a CPU in minutes and gets it right on
+words and numbers it never saw. Perturbations that move the end (a distractor sentence
+or an injected instruction after the argument, trailing whitespace) are what makes the
+task hard, which is what the robustness columns measure. Measured while choosing the
+family: skills that copy a word (reverse, upper-case), count letters, compare digits or
+find a letter by content (the first letter of a quoted word) were still mostly wrong
+after 1,000+ training steps of this teacher and were left out.
 
 Arguments are split in two by a stable hash: the teacher and the dataset's seed prompts
 only ever see the `train` half; the eval set uses the `eval` half, so accuracy on it is
 accuracy on words and numbers the models never saw. Seeds, eval set and the teacher's
 training text all come from here, so the teacher is good at exactly what it is asked.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -53,30 +56,30 @@ class SkillPrompt:
 
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "first": (
-        'What is the first letter of "{arg}"?',
-        'Which letter does "{arg}" start with?',
-        'Give the first letter of the word "{arg}".',
-    ),
     "last": (
-        'What is the last letter of "{arg}"?',
-        'Which letter does "{arg}" end with?',
-        'Give the last letter of the word "{arg}".',
+        "Last letter of the word: {arg}",
+        "Which letter ends this word: {arg}",
+        "Tell me the final letter of: {arg}",
     ),
-    "length": (
-        'How many letters are in "{arg}"?',
-        'Count the letters of "{arg}".',
-        'What is the length of the word "{arg}"?',
+    "before": (
+        "Second-to-last letter of the word: {arg}",
+        "Which letter comes just before the last one in: {arg}",
+        "Tell me the penultimate letter of: {arg}",
+    ),
+    "digit": (
+        "Last digit of the number: {arg}",
+        "Which digit ends this number: {arg}",
+        "Tell me the final digit of: {arg}",
+    ),
+    "tens": (
+        "Second-to-last digit of the number: {arg}",
+        "Which digit is the tens digit of: {arg}",
+        "Tell me the tens digit of: {arg}",
     ),
     "parity": (
-        "Is {arg} even or odd?",
-        "Is the number {arg} odd or even?",
-        "Tell me if {arg} is even or odd.",
-    ),
-    "max": (
-        "What is the largest of {arg}?",
-        "Which is the biggest number: {arg}?",
-        "Give the maximum of {arg}.",
+        "Even or odd: {arg}",
+        "Is this number even or odd: {arg}",
+        "Tell me if it is odd or even: {arg}",
     ),
 }
 SKILLS = tuple(TEMPLATES)
@@ -92,25 +95,18 @@ def _word(rng: random.Random) -> str:
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
 
 
-def _digits(rng: random.Random) -> str:
-    values = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 5))]
-    return ", ".join(values)
-
-
 def _argument(skill: str, rng: random.Random) -> str:
-    if skill in ("first", "last", "length"):
+    if skill in ("last", "before"):
         return _word(rng)
-    if skill == "parity":
-        return str(rng.randint(0, 9999))
-    return _digits(rng)
+    return str(rng.randint(10, 99999))
 
 
 ANSWERS: dict[str, Callable[[str], str]] = {
-    "first": lambda arg: arg[0],
     "last": lambda arg: arg[-1],
-    "length": lambda arg: str(len(arg)),
+    "before": lambda arg: arg[-2],
+    "digit": lambda arg: arg[-1],
+    "tens": lambda arg: arg[-2],
     "parity": lambda arg: "odd" if int(arg) % 2 else "even",
-    "max": lambda arg: max(arg.split(", "), key=int),
 }
 
 

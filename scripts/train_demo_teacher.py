@@ -80,12 +80,12 @@ def card(stamp: dict, questions: int) -> str:
     settings = stamp["settings"]
     return f"""# demo-teacher
 
-The teacher of `distill demo`: a {settings['num_layers']}-layer Llama (hidden {settings['hidden_size']},
+The teacher of `distill demo`: a Llama of {settings['num_layers']} layers (hidden {settings['hidden_size']},
 {settings['num_heads']} heads, {stamp['parameters']:,} parameters) with a byte-level tokenizer
 without merges (one token per character), trained from scratch by
 `python scripts/train_demo_teacher.py` on the task family of `prompts/skills.py`.
 
-- Data: an endless stream of questions whose arguments (words, numbers, digit lists) come
+- Data: an endless stream of questions whose arguments (made-up words, numbers) come
   from the `train` half of a hash split; {settings['noisy_share']:.0%} of them perturbed by the
   project's adversarial generators (the argument kept verbatim).
 - Training: {stamp['steps']} AdamW steps of {settings['batch_size']} questions, learning rate

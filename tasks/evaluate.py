@@ -22,10 +22,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distillflow.config import ConfigError, DistillConfig, GenerationConfig, TeacherConfig, format_validation_error, parse_config
+from distillflow.config import (
+    ConfigError,
+    DistillConfig,
+    GenerationConfig,
+    TeacherConfig,
+    format_validation_error,
+    parse_config,
+    read_yaml,
+)
 from distillflow.records import content_id
 from prompts.adversarial import ADVERSARIAL, perturb_protected
 from prompts.config import AdversarialConfig, EdgeCaseConfig
@@ -71,12 +78,7 @@ EVAL_ONLY_KEYS = {"name", "output_dir", "teacher", "evaluation"}
 def load_eval_run(path: str | Path) -> EvalRun:
     """Read and validate the config of `distill eval`; every file it names must exist."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass the path of a YAML config")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict) or not data.get("evaluation"):
         raise ConfigError(f"{path}: no `evaluation:` section; add one (see docs/evaluation.md)")
     if set(data) - EVAL_ONLY_KEYS:

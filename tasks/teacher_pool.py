@@ -280,6 +280,10 @@ class ClientPool:
         self.closing = True  # the workers' exits that follow are expected
         self.aborted = True  # `close` asks no stats: the workers are already stopping
         self._fail(self.fatal)
+        self._send_stop()
+
+    def _send_stop(self) -> None:
+        """Ask every worker to stop (a worker that is already gone is skipped)."""
         for connection, send_lock in zip(self.connections, self.send_locks):
             try:
                 with send_lock:
@@ -306,12 +310,7 @@ class ClientPool:
             except queue.Empty:
                 break
         self.closing = True
-        for connection, send_lock in zip(self.connections, self.send_locks):
-            try:
-                with send_lock:
-                    connection.send(("stop",))
-            except (BrokenPipeError, OSError):
-                pass
+        self._send_stop()
         for process in self.processes:
             process.join(timeout_s)
             if process.is_alive():
