@@ -5,11 +5,13 @@
 
 1. The demo dataset (`distill demo`'s build + capture-logits: the demo teacher's answers
    and its top-k logprobs), or `--dataset DIR` of an earlier run.
-2. Tuning, on seed 0 and a *validation* set (held-out-half questions drawn apart from the
-   test set): `kd_topk` over temperature × alpha; `kd_logits` gets the winner.
+2. Tuning, on the first seed and a *validation* set (held-out-half questions drawn apart
+   from the test set): `kd_topk` at T = 1, 2, 4 (alpha 0.5) and alpha = 1 (T = 2);
+   `kd_logits` gets the winner.
 3. For each seed: `sft` (teacher text), `kd_topk` and `kd_logits` (tuned), and `reference`
    (the true answers of the same prompts) — the demo's student (2 layers, hidden 96), the
-   same steps, learning rate, batch and data order per seed.
+   same steps, learning rate, batch and data order per seed (the kd_topk run of the first
+   seed is the tuning run of the winning point).
 4. `distill eval` of every student on the test set (prompts/seeds/skills_eval.jsonl), clean
    and under the robustness perturbations; mean ± sd over seeds per objective.
 
@@ -32,8 +34,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TEMPERATURES = (1.0, 2.0, 4.0)
-ALPHAS = (0.5, 1.0)
+# temperature at alpha 0.5, then alpha at the demo's temperature
+GRID = ((1.0, 0.5), (2.0, 0.5), (4.0, 0.5), (2.0, 1.0))
 
 
 def train_student(config: dict, workdir: Path, name: str, dataset_dir: Path, **training) -> Path:
@@ -109,6 +111,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
+    os.environ["OMP_NUM_THREADS"] = "1"  # tiny models: one thread per process (see flows/demo.py)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     budget = DemoBudget(num_prompts=200, eval_prompts=20) if args.quick else DemoBudget()
@@ -126,7 +129,7 @@ def main() -> None:
     validation = validation_set(workdir, 40 if args.quick else 200)
 
     # -- tuning kd_topk's temperature and alpha on seed 0, validation set --------------------
-    grid = [(t, a) for t in TEMPERATURES for a in ALPHAS] if not args.quick else [(2.0, 0.5), (1.0, 1.0)]
+    grid = list(GRID) if not args.quick else [(2.0, 0.5), (1.0, 1.0)]
     tuned = {}
     for temperature, alpha in grid:
         name = f"tune-kd_topk-T{temperature:g}-a{alpha:g}"
@@ -151,6 +154,10 @@ def main() -> None:
         for objective, settings in runs.items():
             data = reference_dir if objective == "reference" else dataset_dir
             name = f"{objective}-seed{seed}"
+            tuned_name = f"tune-kd_topk-T{best[0]:g}-a{best[1]:g}"
+            if objective == "kd_topk" and seed == args.seeds[0]:  # the tuning run is this very run
+                students[name] = tuned[tuned_name]
+                continue
             students[name] = train_student(config, workdir, name, data, max_steps=args.steps, seed=seed, **settings)
     test = evaluate(config, workdir, "test", students, test_set, robust=True)
 
