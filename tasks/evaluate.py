@@ -40,6 +40,7 @@ from prompts.edge_cases import EDGE_CASES
 from storage.dataset import is_heldout
 from tasks.eval_checks import CHECKS, exact_match, is_correct, rouge_l, token_f1
 from tasks.eval_config import EvalConfig, EvalModel, RobustnessConfig
+from tasks.teacher import TeacherFatalError
 
 CLEAN = "clean"
 HELDOUT = "heldout"
@@ -346,6 +347,13 @@ def evaluate_model(run: EvalRun, model: EvalModel, items: list[EvalItem], log: A
     try:
         answers = runner.answer([item.prompt for item in items])
         records = [{"model": model.name, **score_item(item, answer)} for item, answer in zip(items, answers)]
+        if records and all(record["error"] for record in records):
+            # Nothing came back: a 0 % row would blame the model for a dead endpoint.
+            raise TeacherFatalError(
+                f"evaluation model {model.name!r} answered none of its {len(records)} prompts "
+                f"(last error: {records[-1]['error']}); check that it is reachable "
+                f"({model.base_url or model.path or 'the config teacher'}) and rerun"
+            )
         info: dict[str, Any] = {"name": model.name, "kind": runner.kind, "entry": model.model_dump(mode="json")}
         heldout = [(index, item) for index, item in enumerate(items) if item.eval_set == HELDOUT]
         if runner.kind == "in_process":

@@ -399,3 +399,18 @@ def test_a_missing_endpoint_key_is_named_before_any_work(tmp_path, monkeypatch):
     path = endpoint_config(tmp_path, "http://127.0.0.1:9/v1", [{"path": str(eval_set)}])
     with pytest.raises(ConfigError, match=r"evaluation.models.0.api_key_env: environment variable EVAL_KEY is not set"):
         load_eval_run(path)
+
+
+def test_an_endpoint_that_never_answers_is_an_error_not_zero_accuracy(tmp_path, monkeypatch):
+    from tasks.teacher import TeacherFatalError
+
+    monkeypatch.setenv("EVAL_KEY", API_KEY)
+    many = write_jsonl(tmp_path / "many.jsonl", skill_rows())
+    path = endpoint_config(tmp_path, "http://127.0.0.1:9/v1", [{"path": str(many)}], robustness=None)
+    with pytest.raises(TeacherFatalError, match="teacher_error:connection"):  # the client's first-contact stop
+        run_endpoint(path)
+    # a single prompt never reaches the client's second probe: the eval itself refuses a 0 % row
+    one = write_jsonl(tmp_path / "one.jsonl", skill_rows()[:1])
+    path = endpoint_config(tmp_path, "http://127.0.0.1:9/v1", [{"path": str(one)}], robustness=None)
+    with pytest.raises(TeacherFatalError, match="answered none of its 1 prompts.*teacher_error:connection"):
+        run_endpoint(path)
