@@ -112,6 +112,31 @@ def eval_(config: Path = typer.Argument(..., help="YAML config with an `evaluati
 
 
 @app.command()
+def sweep(config: Path = typer.Argument(..., help="YAML config with `training:`, `evaluation:` and `sweep:` sections.")) -> None:
+    """Train and evaluate every point of a grid of training settings; ranked table and chart."""
+    from distillflow.config import ConfigError
+    from flows.sweep import SweepFailed, sweep_command
+
+    try:
+        sweep_command(config)
+    except (ConfigError, SweepFailed, FileNotFoundError) as error:
+        _fail(error)
+
+
+@app.command()
+def mine(config: Path = typer.Argument(..., help="YAML config with a `mining:` section.")) -> None:
+    """Add the prompts the student gets most wrong (answered by the teacher); retrain and evaluate."""
+    from distillflow.config import ConfigError
+    from flows.mine import mine_command
+    from tasks.teacher import TeacherFatalError
+
+    try:
+        mine_command(config)
+    except (ConfigError, TeacherFatalError, FileNotFoundError) as error:
+        _fail(error)
+
+
+@app.command()
 def inspect(
     directory: Path = typer.Argument(..., help="A dataset directory written by `distill build`."),
     samples: int = typer.Option(3, help="Sample rows to show from data/ and rejects/."),

@@ -16,6 +16,8 @@ from prompts.config import PromptsConfig
 from tasks.capture_config import CaptureConfig
 from tasks.eval_config import EvalConfig
 from tasks.filter_config import FiltersConfig
+from tasks.mining_config import MiningConfig
+from tasks.sweep_config import SweepConfig
 from training.config import TrainingConfig
 
 
@@ -127,6 +129,8 @@ class DistillConfig(StrictModel):
     training: TrainingConfig | None = None
     evaluation: EvalConfig | None = None
     capture: CaptureConfig | None = None
+    sweep: SweepConfig | None = None
+    mining: MiningConfig | None = None
 
     @model_validator(mode="after")
     def _holdout_agrees(self) -> DistillConfig:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -343,6 +344,7 @@ def speed_prompts(items: list[EvalItem]) -> list[str]:
 
 def evaluate_model(run: EvalRun, model: EvalModel, items: list[EvalItem], log: Any = print) -> dict[str, Any]:
     """Ask one model every item; its records, speed, size and parameters."""
+    began = time.perf_counter()
     runner = open_model(run, model)
     try:
         answers = runner.answer([item.prompt for item in items])
@@ -383,6 +385,7 @@ def evaluate_model(run: EvalRun, model: EvalModel, items: list[EvalItem], log: A
     finally:
         info_memory = runner.close()
     info.update(info_memory)
+    info["seconds"] = round(time.perf_counter() - began, 3)  # loading, answering, scoring and timing
     return {"records": records, "info": info}
 
 
@@ -616,6 +619,7 @@ def build_report(
             "peak_memory_kind": info.get("peak_memory_kind"),
             "speed": info.get("speed"),
             "usage": info.get("usage"),
+            "seconds": info.get("seconds"),
             **model_report(own, [r for r in judge_records if r["model"] == name]),
         }
     baseline = run.config.baseline_name

@@ -1,0 +1,358 @@
+"""Hard-prompt mining: candidates around a dataset, scored by how far the student is from
+the teacher, the hardest kept as a new version of the dataset.
+
+1. candidates — the project's generators (edge-case, adversarial, evolve, self-instruct)
+   seeded with the dataset's prompts, then the build's prompt filters over dataset +
+   candidates, dataset first, so a candidate that duplicates a dataset row (exactly or
+   nearly) is dropped;
+2. the teacher answers them (in the flow: the build's teacher client, ledger and response
+   filters, so an answer is paid once, whether mined now or used later);
+3. `score_candidates`: the student's distance from the teacher on each answered candidate;
+4. `select_candidates`: the hardest (a cap per kind) or, as a control, a random draw;
+5. `write_mined_dataset`: the parent's shards + one shard of mined rows (`strategy:
+   mined:<kind>`, `parent_id`, `mining_score`), every scored candidate in
+   candidates.parquet, manifest last.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from distillflow.config import ConfigError, DistillConfig
+from distillflow.records import PromptRecord, Reject
+from tasks.mining_config import MiningConfig
+
+MINED_SHARD = "part-mined-00000.parquet"
+CANDIDATES_FILE = "candidates.parquet"
+STAGING = ".staging-mined"
+
+
+@dataclass
+class MiningPlan:
+    """The `mining:` section with its defaults resolved against the rest of the config."""
+
+    mining: MiningConfig
+    dataset_dir: Path
+    output_dir: Path
+    student: Path
+    teacher_dir: Path | None  # an in-process teacher (for kl); None for an endpoint
+    score: str  # ce | kl | disagreement
+    train_output_dir: Path | None
+    eval_output_dir: Path | None
+    system_prompt: str | None
+    max_length: int
+
+
+def plan_mining(config: DistillConfig, source: str = "<config>") -> MiningPlan:
+    """Resolve and check everything before any work: files exist, the score is possible."""
+    mining = config.mining
+    if mining is None:
+        raise ConfigError(f"{source}: no `mining:` section; add one (see docs/mining.md)")
+    training = config.training
+    dataset_dir = Path(mining.dataset_dir or (training.dataset_dir if training else config.output_dir))
+    if not (dataset_dir / "data").is_dir():
+        raise ConfigError(f"{source}: mining: dataset {dataset_dir} has no data/; run `distill build` first")
+    output_dir = Path(mining.output_dir or f"{dataset_dir}-mined")
+    if output_dir.resolve() == dataset_dir.resolve():
+        raise ConfigError(f"{source}: mining.output_dir is the dataset itself; the mined version needs its own directory")
+    student = mining.student or (Path(training.output_dir) / "final" if training else None)
+    if student is None:
+        raise ConfigError(f"{source}: mining.student is not set and there is no `training:` section to find it in")
+    if not (Path(student) / "config.json").is_file():
+        raise ConfigError(
+            f"{source}: mining.student {student} is not a model directory (no config.json); train the "
+            "student first (distill train) or point mining.student at one"
+        )
+    teacher_dir = Path(config.teacher.model) if config.teacher.backend == "local" else None
+    score = mining.score
+    white_box = training is not None and training.is_white_box
+    if score == "auto":
+        score = "kl" if white_box and teacher_dir is not None else "ce"
+    if score == "kl" and teacher_dir is None:
+        raise ConfigError(
+            f"{source}: mining.score kl needs the teacher's logits, so an in-process teacher "
+            "(teacher.backend: local); use ce or disagreement with an endpoint teacher"
+        )
+    if mining.retrain != "none" and training is None:
+        raise ConfigError(f"{source}: mining.retrain {mining.retrain} needs a `training:` section (or set retrain: none)")
+    train_output_dir = None
+    if training is not None and mining.retrain != "none":
+        train_output_dir = Path(mining.train_output_dir or f"{training.output_dir}-mined")
+    eval_output_dir = None
+    if config.evaluation is not None and train_output_dir is not None:
+        eval_output_dir = Path(mining.eval_output_dir or f"{config.evaluation.output_dir}-mined")
+    system_prompt = training.system_prompt if training is not None else config.teacher.system_prompt
+    max_length = training.max_length if training is not None else 2048
+    return MiningPlan(mining, dataset_dir, output_dir, Path(student), teacher_dir, score, train_output_dir, eval_output_dir, system_prompt, max_length)
+
+
+# -- 1. candidates --------------------------------------------------------------------------
+
+
+def dataset_records(dataset_dir: Path) -> list[PromptRecord]:
+    """The dataset's rows as prompt records (they seed the candidate generators)."""
+    from storage.parquet import read_table
+
+    table = read_table(dataset_dir / "data", columns=["id", "prompt", "strategy"])
+    return [PromptRecord(id=str(i), prompt=p, strategy=s or "seed") for i, p, s in zip(*(table.column(c).to_pylist() for c in ("id", "prompt", "strategy")))]
+
+
+def generate_candidates(
+    config: DistillConfig, mining: MiningConfig, records: list[PromptRecord], complete: Any
+) -> tuple[list[PromptRecord], dict[str, Any]]:
+    """New prompts around `records`, none a duplicate of a dataset row; their counts."""
+    from prompts.generate import generate_prompts
+    from tasks.filters import filter_prompts
+
+    prompts_config = config.prompts.model_copy(
+        update={
+            "num_prompts": mining.candidates,
+            "strategies": {"seed": 0.0, **mining.strategies},
+            "random_seed": mining.random_seed,
+        }
+    )
+    seeds = [PromptRecord(id=r.id, prompt=r.prompt, strategy="seed") for r in records]
+    generated, generation_rejects, _ = generate_prompts(seeds, prompts_config, complete)
+    generated = [p for p in generated if p.strategy != "seed"]
+    # The build's prompt filters over dataset + candidates, dataset first: the first copy is
+    # kept, so a candidate that repeats (or nearly repeats) a dataset row is the one dropped.
+    kept, rejects = filter_prompts(records + generated, config.filters)
+    known = {r.id for r in records}
+    candidates = [p for p in kept if p.id not in known and p.parent_id is not None]
+    dropped = Counter(r.reason for r in rejects if r.id not in known)
+    return candidates, {
+        "generated": len(generated),
+        "generation_rejects": len(generation_rejects),
+        "dropped_by_prompt_filters": dict(sorted(dropped.items())),
+        "candidates": len(candidates),
+    }
+
+
+# -- 3. scores ------------------------------------------------------------------------------
+
+
+def _encode(tokenizer: Any, rows: list[dict[str, Any]], system_prompt: str | None, max_length: int) -> list[dict[str, Any]]:
+    from training.data import encode_example
+
+    return [encode_example(tokenizer, row["prompt"], row["response"], system_prompt, max_length) for row in rows]
+
+
+def _padded(chunk: list[dict[str, Any]], pad_id: int):
+    import torch
+
+    from training.data import IGNORE_INDEX
+
+    width = max(len(item["input_ids"]) for item in chunk)
+    input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, item in enumerate(chunk):  # right padding, masked out
+        size = len(item["input_ids"])
+        input_ids[row, :size] = torch.tensor(item["input_ids"])
+        labels[row, :size] = torch.tensor(item["labels"])
+        mask[row, :size] = 1
+    return input_ids, labels, mask
+
+
+def per_token_divergence(
+    student: Any, teacher: Any | None, encoded: list[dict[str, Any]], pad_id: int, batch_size: int
+) -> list[float]:
+    """Mean over each answer's tokens of the student's cross-entropy on the answer (teacher
+    None) or of KL(teacher || student) at each answer position (teacher given)."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.data import IGNORE_INDEX
+
+    scores: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            input_ids, labels, mask = _padded(encoded[start : start + batch_size], pad_id)
+            logits = student(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()  # (B, L-1, V)
+            targets = labels[:, 1:]  # (B, L-1): the output at t-1 predicts labels[t]
+            counted = targets != IGNORE_INDEX
+            if teacher is None:
+                per_token = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+                ).view(targets.shape)
+            else:
+                teacher_logits = teacher(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+                vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # padded embedding rows trimmed
+                teacher_logp = F.log_softmax(teacher_logits[..., :vocab], dim=-1)
+                student_logp = F.log_softmax(logits[..., :vocab], dim=-1)
+                per_token = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # (B, L-1)
+            for row in range(len(input_ids)):
+                tokens = int(counted[row].sum())
+                scores.append(float(per_token[row][counted[row]].sum()) / tokens if tokens else 0.0)
+    return scores
+
+
+def score_candidates(plan: MiningPlan, rows: list[dict[str, Any]], log: Any = print) -> list[float]:
+    """How far the student is from the teacher on each answered candidate (higher = harder)."""
+    if not rows:
+        return []
+    from training.model import load_causal_lm, load_tokenizer, vocabulary_preflight
+
+    batch_size = plan.mining.batch_size
+    if plan.score == "disagreement":
+        from tasks.eval_checks import token_f1
+        from tasks.eval_models import InProcessModel
+
+        max_tokens = max(8, min(512, max(len(row["response"]) for row in rows)))
+        model = InProcessModel(plan.student, max_tokens, batch_size, "cpu", plan.system_prompt)
+        try:
+            answers = model.answer([row["prompt"] for row in rows])
+        finally:
+            model.close()
+        return [1.0 - token_f1(answer.text or "", row["response"]) for answer, row in zip(answers, rows)]
+
+    tokenizer = load_tokenizer(plan.student)
+    student = load_causal_lm(plan.student).eval()
+    teacher = None
+    if plan.score == "kl":
+        teacher_tokenizer = load_tokenizer(plan.teacher_dir)  # type: ignore[arg-type]
+        teacher = load_causal_lm(plan.teacher_dir).eval()  # type: ignore[arg-type]
+        vocabulary_preflight(
+            teacher_tokenizer, tokenizer, teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    encoded = _encode(tokenizer, rows, plan.system_prompt, plan.max_length)
+    log(f"scoring {len(rows)} candidates ({plan.score}) with the student {plan.student}")
+    return per_token_divergence(student, teacher, encoded, pad, batch_size)
+
+
+# -- 4. selection ---------------------------------------------------------------------------
+
+
+def select_candidates(
+    rows: list[dict[str, Any]], scores: list[float], keep: int, max_share_per_kind: float, selection: str, seed: int
+) -> list[int]:
+    """Indices of the rows to add, hardest first (or a seeded random draw of the same size).
+
+    Hardest: the top scores, at most ceil(max_share_per_kind * keep) of one kind
+    (`strategy`); when the caps leave places empty, they go to the next-hardest rows of any
+    kind, so the count is always min(keep, len(rows))."""
+    count = min(keep, len(rows))
+    if selection == "random":
+        return sorted(random.Random(seed).sample(range(len(rows)), count))
+    order = sorted(range(len(rows)), key=lambda i: (-scores[i], rows[i]["id"]))  # ties: by id, stable
+    cap = max(1, math.ceil(max_share_per_kind * keep))
+    taken: Counter[str] = Counter()
+    chosen: list[int] = []
+    for index in order:
+        kind = rows[index]["strategy"]
+        if taken[kind] < cap:
+            chosen.append(index)
+            taken[kind] += 1
+        if len(chosen) == count:
+            return chosen
+    chosen_set = set(chosen)
+    chosen += [i for i in order if i not in chosen_set][: count - len(chosen)]
+    return chosen
+
+
+# -- 5. the new dataset version -------------------------------------------------------------
+
+
+def mined_row(row: dict[str, Any], score: float) -> dict[str, Any]:
+    return {**row, "strategy": f"mined:{row['strategy']}", "mining_score": float(score)}
+
+
+def write_mined_dataset(
+    plan: MiningPlan,
+    rows: list[dict[str, Any]],
+    scores: list[float],
+    chosen: list[int],
+    rejects: list[Reject],
+    summary: dict[str, Any],
+    secrets: list[str],
+) -> dict[str, Any]:
+    """The parent's data shards + a shard of the chosen rows; candidates.parquet with every
+    scored candidate (chosen or not, nothing paid for is dropped); rejects; manifest last."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage.dataset import _secret_free, count_by, swap_in_staged
+    from storage.manifest import read_manifest, remove_manifest, write_manifest
+    from storage.parquet import REJECT_SCHEMA, ShardInfo, file_sha256, list_shards, write_table_atomic
+    from training.data import data_fingerprint
+
+    parent = plan.dataset_dir
+    out = plan.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    remove_manifest(out)
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "data").mkdir(parents=True)
+    (staging / "rejects").mkdir(parents=True)
+    parent_shards = list_shards(parent / "data")
+    for shard in parent_shards:
+        shutil.copy2(shard, staging / "data" / shard.name)
+    schema = pq.read_schema(parent_shards[0])
+    chosen_rows = [mined_row(rows[i], scores[i]) for i in chosen]
+    if chosen_rows:
+        # The parent's columns and types (top-k columns excepted: capture-logits adds them),
+        # plus the score.
+        fields = [f for f in schema if not f.name.startswith("teacher_topk") and f.name not in ("topk_k", "topk_model")]
+        names = [f.name for f in fields]
+        columns = {name: [row.get(name) for row in chosen_rows] for name in names}
+        table = pa.table(columns, schema=pa.schema(fields).remove_metadata())
+        table = table.append_column("mining_score", pa.array([row["mining_score"] for row in chosen_rows], pa.float64()))
+        write_table_atomic(table, staging / "data" / MINED_SHARD)
+    candidate_table = pa.table(
+        {
+            "id": [row["id"] for row in rows],
+            "prompt": [row["prompt"] for row in rows],
+            "response": [row["response"] for row in rows],
+            "strategy": [row["strategy"] for row in rows],
+            "parent_id": [row["parent_id"] for row in rows],
+            "score": pa.array(scores, pa.float64()),
+            "selected": [i in set(chosen) for i in range(len(rows))],
+        }
+    )
+    write_table_atomic(candidate_table, staging / CANDIDATES_FILE)
+    reject_rows = [r.to_row() for r in rejects]
+    write_table_atomic(pa.Table.from_pylist(reject_rows, schema=REJECT_SCHEMA), staging / "rejects" / "part-00000.parquet")
+    swap_in_staged(out, staging, parts=("data", "rejects", CANDIDATES_FILE))
+
+    parent_manifest = read_manifest(parent)
+    shards = [ShardInfo(f"data/{p.name}", pq.read_metadata(p).num_rows, p.stat().st_size, file_sha256(p)).to_dict() for p in list_shards(out / "data")]
+    parent_rows = sum(pq.read_metadata(p).num_rows for p in parent_shards)
+    selected_scores = [scores[i] for i in chosen]
+    manifest = {
+        **{k: v for k, v in parent_manifest.items() if k not in ("shards", "capture")},
+        "name": f"{parent_manifest.get('name', parent.name)}-mined",
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "counts": {**parent_manifest.get("counts", {}), "accepted": parent_rows + len(chosen_rows), "mined": len(chosen_rows)},
+        "accepted_per_strategy": {**parent_manifest.get("accepted_per_strategy", {}), **count_by(chosen_rows, "strategy")},
+        "mining": {
+            **summary,
+            "parent": {"dir": str(parent), "data_fingerprint": data_fingerprint(parent), "rows": parent_rows},
+            "student": str(plan.student),
+            "score": plan.score,
+            "selection": plan.mining.selection,
+            "kept": len(chosen_rows),
+            "kept_per_kind": dict(sorted(Counter(row["strategy"] for row in chosen_rows).items())),
+            "mean_score_all": sum(scores) / len(scores) if scores else None,
+            "mean_score_kept": sum(selected_scores) / len(selected_scores) if selected_scores else None,
+            "candidates_file": CANDIDATES_FILE,
+            "rejects": dict(sorted(Counter(r.reason for r in rejects).items())),
+        },
+        "shards": {"data": shards, "rejects": [{"path": "rejects/part-00000.parquet", "rows": len(reject_rows)}]},
+    }
+    manifest = _secret_free(manifest, secrets)
+    card = (
+        f"# {manifest['name']}\n\nA version of `{parent}` with {len(chosen_rows)} mined rows "
+        f"(`strategy: mined:<kind>`, score `{plan.score}`, selection `{plan.mining.selection}`) added to its "
+        f"{parent_rows} rows. Every scored candidate, kept or not, is in `{CANDIDATES_FILE}`.\n"
+    )
+    (out / "README.md").write_text(_secret_free(card, secrets), encoding="utf-8")
+    write_manifest(out, manifest)
+    return manifest
