@@ -112,7 +112,12 @@ def mine(config_path: str) -> dict[str, Any]:
     scores = score_task(plan, quote(accepted))
     mining = plan.mining
     chosen = select_candidates(accepted, scores, mining.keep, mining.max_share_per_kind, mining.selection, mining.random_seed)
-    summary.update(answered=len(answered), scored=len(accepted), teacher_usage=teacher.stats.to_dict())
+    summary.update(
+        answered=len(answered),
+        teacher_errors=len(rejects) - len(response_rejects),  # not answered: asked again by a rerun
+        scored=len(accepted),
+        teacher_usage=teacher.stats.to_dict(),
+    )
     manifest = write_task(plan, quote(accepted), quote(scores), chosen, quote(rejects), summary, [api_key] if api_key else [])
     result: dict[str, Any] = {"dataset": str(plan.output_dir), "mining": manifest["mining"]}
     logger.info(

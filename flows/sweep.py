@@ -175,7 +175,7 @@ def sweep_command(config_path: str | Path) -> dict[str, Any]:
     print(f"sweep: {root / 'sweep.md'} (sweep.json, sweep.png, best.yaml beside it)", file=sys.stderr)
     failed = [r for r in summary["points"] if r["status"] == "failed"]
     if failed:
-        names = ", ".join(f"{r['name']} ({short_error(r.get('error'))})" for r in failed)
+        names = ", ".join(f"{r['name']} ({short_error(r.get('error'), limit=400)})" for r in failed)
         raise SweepFailed(
             f"{len(failed)} of {len(summary['points'])} sweep points failed: {names}; the others are ranked in "
             f"{root / 'sweep.md'}; fix the cause and rerun: finished points are reused"

@@ -6,14 +6,13 @@ import json
 
 import pytest
 
-from flows.demo import STUDENTS, DemoBudget, demo_command
+from flows.demo import STUDENTS
 
 
 @pytest.mark.slow
 @pytest.mark.deepspeed
-def test_short_demo_trains_three_students_and_evaluates_them(tmp_path, prefect_harness):
-    budget = DemoBudget(num_prompts=40, student_steps=3, eval_prompts=8, speed_prompts=2)
-    result = demo_command(tmp_path, budget=budget)
+def test_short_demo_trains_three_students_and_evaluates_them(tiny_demo):
+    tmp_path, budget, result = tiny_demo["workdir"], tiny_demo["budget"], tiny_demo["result"]
 
     manifest = json.loads((tmp_path / "dataset" / "manifest.json").read_text())
     assert manifest["counts"]["accepted"] > 0
