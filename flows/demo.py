@@ -34,7 +34,7 @@ class DemoBudget:
     """How much the demo does; the defaults are what `distill demo` runs."""
 
     num_prompts: int = 4000
-    student_steps: int = 400
+    student_steps: int = 1200
     eval_prompts: int = 300
     speed_prompts: int = 32  # prompts timed at batch 1 and in one batch of 32
     seed: int = 0
