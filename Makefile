@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test test-fast test-vllm demo bench kd-vs-sft clean smollm2 smollm2-model test-smollm2
+.PHONY: install test test-fast test-vllm demo bench kd-vs-sft mining-bench sweep-demo clean smollm2 smollm2-model test-smollm2
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,15 @@ bench: $(STAMP)
 # KD vs SFT on the demo task: 3 seeds, tuned temperature/alpha (about 45 minutes on 2 cores).
 kd-vs-sft: $(STAMP)
 	$(PY) bench/kd_vs_sft.py
+
+# Hard-prompt mining vs random extra prompts on the demo task, 3 seeds (docs/mining.md).
+mining-bench: $(STAMP)
+	$(PY) bench/mining.py
+
+# The demo's sweep (kd_topk temperature x alpha) after `make demo` (docs/sweep.md).
+sweep-demo: $(STAMP)
+	test -f runs/demo/demo.yaml || $(VENV)/bin/distill demo
+	$(VENV)/bin/distill sweep runs/demo/demo.yaml
 
 clean:
 	rm -rf runs .cache/demo .pytest_cache

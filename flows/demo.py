@@ -71,6 +71,14 @@ def demo_config(workdir: Path, teacher_dir: Path, budget: DemoBudget) -> dict[st
         {**item, "path": _resolve(item["path"]), "limit": budget.eval_prompts} for item in evaluation["eval_sets"]
     ]
     evaluation["speed"]["prompts"] = budget.speed_prompts
+    config["sweep"]["output_dir"] = str(workdir / "sweep")
+    mining = config["mining"]
+    mining.update(
+        student=str(workdir / "students" / "kd_topk" / "final"),
+        output_dir=str(workdir / "dataset-mined"),
+        train_output_dir=str(workdir / "students" / "kd_topk-mined"),
+        eval_output_dir=str(workdir / "eval-mined"),
+    )
     return config
 
 
@@ -81,7 +89,8 @@ def student_config(config: dict[str, Any], workdir: Path, name: str, dataset_dir
     training["output_dir"] = str(workdir / "students" / name)
     training["dataset_dir"] = str(dataset_dir)
     training["objective"] = "kd_topk" if name == "kd_topk" else "sft"
-    variant.pop("evaluation", None)
+    for section in ("evaluation", "sweep", "mining"):
+        variant.pop(section, None)
     return variant
 
 

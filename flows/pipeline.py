@@ -15,7 +15,8 @@ from tasks.teacher import resolve_api_key
 
 @flow(name="distill-pipeline")
 def run_pipeline(config_path: str) -> dict[str, Any]:
-    """Every stage the config asks for, each as a subflow visible in the UI."""
+    """Every stage the config asks for, each as a subflow visible in the UI: build →
+    (capture-logits) → train → eval → (mine: hard prompts, retrain, eval again)."""
     logger = get_run_logger()
     config = load_config(config_path)
     result: dict[str, Any] = {"dataset": build_dataset(config)["counts"]}
@@ -33,6 +34,12 @@ def run_pipeline(config_path: str) -> dict[str, Any]:
         from flows.evaluate import evaluate
 
         result["evaluation"] = evaluate(str(config_path))["table"]
+    if config.mining is not None:
+        from flows.mine import mine
+
+        # The student just trained is the one mined against; the new dataset version trains
+        # and evaluates a student again (mining.retrain).
+        result["mining"] = mine(str(config_path))
     return result
 
 
