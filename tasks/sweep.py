@@ -404,6 +404,7 @@ def write_sweep_chart(summary: dict[str, Any], path: Path) -> None:
     """Left: the metric against the first numeric key, one line per value of the other keys.
     Right: the metric against tokens/s at batch 1 with the accuracy–speed front."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -427,8 +428,12 @@ def write_sweep_chart(summary: dict[str, Any], path: Path) -> None:
             values.sort()
             left.plot([v[0] for v in values], [v[1] for v in values], marker="o", label=label)
         left.set_xlabel(x_key)
-        if len({v[0] for values in groups.values() for v in values}) > 2 and min(v[0] for values in groups.values() for v in values) > 0:
+        xs = sorted({v[0] for values in groups.values() for v in values})
+        if len(xs) > 2 and xs[0] > 0 and xs[-1] / xs[0] >= 4:  # e.g. temperatures 1, 2, 4: even steps
             left.set_xscale("log")
+            left.minorticks_off()
+        left.set_xticks(xs)
+        left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
         left.legend(fontsize=7)
     else:
         names = [r["name"] for r in done]
