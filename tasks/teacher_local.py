@@ -1,7 +1,7 @@
 """The local teacher backend: a Hugging Face causal LM answering chat prompts in-process.
 
 `LocalTeacher` loads a model directory once (transformers), renders each request with the
-tokenizer's chat template, and generates in left-padded batches. It returns the same
+config's `chat_template` (training/chat_template.py), else the tokenizer's own, and generates in left-padded batches. It returns the same
 `TeacherAnswer` records as the OpenAI-compatible backend, so the rest of the pipeline
 cannot tell the two apart.
 
@@ -32,6 +32,7 @@ import torch
 
 from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
+from training.chat_template import chat_template_text
 
 Messages = list[dict[str, str]]
 
@@ -125,10 +126,12 @@ class LocalTeacher:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if teacher_config.chat_template is not None:
+            self.tokenizer.chat_template = chat_template_text(teacher_config.chat_template)
         if not self.tokenizer.chat_template:
             raise ValueError(
-                f"the tokenizer in {model_dir} has no chat template; "
-                "save one with the tokenizer (tokenizer.chat_template = ...) and retry"
+                f"the tokenizer in {model_dir} has no chat template (a base model?); set "
+                "`chat_template: plain` (or a Jinja string or file) in the config"
             )
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype)
         self.model.to(self.device).eval()
