@@ -133,7 +133,13 @@ class LocalTeacher:
                 f"the tokenizer in {model_dir} has no chat template (a base model?); set "
                 "`chat_template: plain` (or a Jinja string or file) in the config"
             )
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype)
+        except Exception as error:  # noqa: BLE001 - a broken download, a partial copy, a new architecture
+            raise ValueError(
+                f"teacher.model: the weights in {model_dir} do not load ({type(error).__name__}: {error}); "
+                "copy or download the model again (save_pretrained writes a complete directory)"
+            ) from error
         self.model.to(self.device).eval()
         self.eos_token_ids = self._eos_token_ids()
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
