@@ -23,6 +23,12 @@ class _OneErrorParagraph(TyperGroup):
     command or inside a Prefect flow or task, ends as one `error: ...` paragraph on stderr
     and exit code 1, with the traceback in a log file (or on stderr with --verbose)."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # `distill build CONFIG --verbose` means `distill --verbose build CONFIG`.
+        if "--verbose" in args[1:] and "--" not in args:
+            args = ["--verbose", *(arg for arg in args if arg != "--verbose")]
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
         from distillflow.failures import command_log
         from distillflow.interrupt import received_signal

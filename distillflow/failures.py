@@ -11,8 +11,8 @@
 
 On a failure, `CommandLog.fail` appends the traceback to the file (and prints it with
 `verbose`), then prints `error: <message>` and the file's path as the last paragraph on
-stderr: the terminal takes no log record after it (Prefect's shutdown lines go to the
-file only). After a success the file is removed.
+stderr: the terminal takes no log record after it, up to the process's exit (Prefect logs
+the stop of its temporary server then). After a success the file is removed.
 """
 
 from __future__ import annotations
@@ -127,11 +127,14 @@ class CommandLog:
         logging.getLogger().addHandler(self.failed_runs)
         self.filtered = _console_handlers()
         for handler in self.filtered:
+            for stale in [item for item in handler.filters if isinstance(item, _QuietConsole)]:
+                handler.removeFilter(stale)  # left closed by an earlier failed command in this process
             handler.addFilter(self.console_filter)
 
     def close(self, keep: bool) -> None:
-        for handler in self.filtered:
-            handler.removeFilter(self.console_filter)
+        if not self.console_filter.closed:  # after the error paragraph the terminal stays closed:
+            for handler in self.filtered:  # Prefect logs its shutdown at exit, after the command
+                handler.removeFilter(self.console_filter)
         logging.getLogger().removeHandler(self.failed_runs)
         if self.file_handler is not None:
             logging.getLogger().removeHandler(self.file_handler)

@@ -80,13 +80,14 @@ def one_error_paragraph(stderr: str) -> str:
     return paragraph
 
 
-def test_a_base_model_teacher_fails_in_the_preflight_without_a_teacher_call(base_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", ["build", "run"])
+def test_a_base_model_teacher_fails_in_the_preflight_without_a_teacher_call(base_model, tmp_path, monkeypatch, command):
     import tasks.teacher_local
 
     loaded = []
     monkeypatch.setattr(tasks.teacher_local.LocalTeacher, "__init__", lambda *args: loaded.append(args))
     config = build_config(tmp_path, base_model)
-    result = runner.invoke(app, ["build", str(config)], env={"DISTILL_LOG_DIR": str(tmp_path / "logs")})
+    result = runner.invoke(app, [command, str(config)], env={"DISTILL_LOG_DIR": str(tmp_path / "logs")})
     assert result.exit_code == 1
     paragraph = one_error_paragraph(result.output)
     assert result.output.startswith("error: ")  # nothing ran before it: no flow, no progress lines
@@ -181,23 +182,15 @@ def test_verbose_prints_the_traceback(base_model, tmp_path, prefect_server):
     missing_column.write_text(yaml.safe_dump(config))
     env = {**os.environ, **prefect_server, "DISTILL_LOG_DIR": str(tmp_path / "logs")}
     result = subprocess.run(
-        [sys.executable, "-m", "distillflow.cli", "--verbose", "build", str(missing_column)],
+        [sys.executable, "-m", "distillflow.cli", "build", str(missing_column), "--verbose"],
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert result.returncode == 1
-    assert "Traceback (most recent call last)" in result.stderr
-    one_error_paragraph(result.stderr)
+    assert "Traceback (most recent call last)" in result.stderr and "storage/seeds.py" in result.stderr
+    assert "no column 'question'" in one_error_paragraph(result.stderr)
 
 
-@pytest.mark.slow
-@pytest.mark.deepspeed
-def test_a_base_model_with_the_plain_template_builds_captures_and_trains(base_model, tmp_path, prefect_harness):
-    from flows.build import build_command
-    from flows.capture_logits import capture_logits_command
-    from flows.train import train_command
-    from storage.parquet import read_table
-    from training.chat_template import PLAIN
-
+def plain_kd_config(tmp_path: Path, base_model: Path) -> Path:
     path = build_config(tmp_path, base_model, chat_template="plain")
     data = yaml.safe_load(path.read_text())
     data["capture"] = {"source": "local", "k": 4, "device": "cpu"}
@@ -207,13 +200,48 @@ def test_a_base_model_with_the_plain_template_builds_captures_and_trains(base_mo
         "micro_batch_size": 2, "master_port": free_port(),
     }
     path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def build_and_capture(path: Path) -> dict:
+    from flows.build import build_command
+    from flows.capture_logits import capture_logits_command
 
     manifest = build_command(path)
-    answered = manifest["counts"]["teacher_answered"]
-    assert answered == 6 and manifest["teacher_usage"]["paid_requests"] == 6
+    assert manifest["counts"]["teacher_answered"] == 6 and manifest["teacher_usage"]["paid_requests"] == 6
     capture = capture_logits_command(path)
     assert capture["rows"] == manifest["counts"]["accepted"] > 0
-    assert all(row["teacher_topk"] for row in read_table(tmp_path / "out" / "data").to_pylist())
+    return manifest
+
+
+def test_a_base_model_with_the_plain_template_builds_and_captures_aligned_logits(base_model, tmp_path, prefect_harness):
+    from storage.parquet import read_table
+    from storage.topk import decode_topk
+    from training.chat_template import PLAIN
+    from training.data import IGNORE_INDEX, encode_example
+    from training.model import load_tokenizer
+
+    build_and_capture(plain_kd_config(tmp_path, base_model))
+    rows = read_table(tmp_path / "out" / "data").to_pylist()
+    tokenizer = load_tokenizer(base_model)
+    assert tokenizer.chat_template is None  # the student tokenizer itself has none
+    for row in rows:
+        assert row["response"] and row["teacher_topk_model"]
+        # What training will supervise, tokenised with the shared template: one top-k row each.
+        labels = encode_example(tokenizer, row["prompt"], row["response"], max_length=64, chat_template=PLAIN)["labels"]
+        supervised = sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+        ids, _ = decode_topk(row["teacher_topk"])
+        assert ids.shape == (supervised, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_a_base_model_with_the_plain_template_builds_captures_and_trains(base_model, tmp_path, prefect_harness):
+    from flows.train import train_command
+    from training.chat_template import PLAIN
+
+    path = plain_kd_config(tmp_path, base_model)
+    build_and_capture(path)
     metrics = train_command(path)  # kd_topk reads the captured positions: they line up or it fails
     assert metrics["steps"] == 1 and metrics["objective"] == "kd_topk"
     from transformers import AutoTokenizer
