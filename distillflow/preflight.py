@@ -74,9 +74,11 @@ def load_model_dir(path: str | Path, key: str, source: str, tokenizer_only: bool
     return ModelDir(path, key, config, tokenizer)
 
 
-def require_chat_template(model: ModelDir, setting: str | None, setting_key: str, source: str) -> str:
+def require_chat_template(
+    model: ModelDir, setting: str | None, setting_key: str, source: str, for_training: bool = False
+) -> str:
     """The template `model` is used with (the setting's, else its own); a clear error when there
-    is none or it cannot work."""
+    is none or it cannot work (`for_training`: answers must be locatable in the tokens)."""
     template = effective_chat_template(model.tokenizer, setting)
     if template is None:
         raise PreflightError(
@@ -87,7 +89,7 @@ def require_chat_template(model: ModelDir, setting: str | None, setting_key: str
             "file (see docs/base_models.md)"
         )
     try:
-        check_renders(model.tokenizer, template)
+        check_renders(model.tokenizer, template, for_training)
     except ValueError as error:
         named = f"{setting_key} ({setting!r})" if setting else f"the chat template of {model.path}"
         raise PreflightError(f"{source}: {named} cannot be used with {model.key}: {error}") from None
@@ -150,7 +152,7 @@ def preflight_capture(config: DistillConfig, source: str) -> None:
         "training.student" if config.training is not None and config.training.student is not None else "capture.model"
     )
     positions = load_model_dir(settings.tokenizer, tokenizer_key, source, tokenizer_only=True)
-    require_chat_template(positions, settings.chat_template, "chat_template", source)
+    require_chat_template(positions, settings.chat_template, "chat_template", source, for_training=True)
     if settings.source != "local":
         return
     teacher = load_model_dir(settings.model, "capture.model" if config.capture.model else "teacher.model", source)  # type: ignore[union-attr]
@@ -167,12 +169,12 @@ def preflight_training(training: TrainingConfig, source: str) -> None:
     objectives compare the vocabularies; the student's context holds max_length."""
     teacher = None
     if training.teacher is not None:
-        teacher = load_model_dir(
-            training.teacher, "training.teacher", source, tokenizer_only=training.objective == "kd_topk"
-        )
+        # kd_topk needs only the teacher's tokenizer, unless the student is derived from its weights.
+        tokenizer_only = training.objective == "kd_topk" and training.derive_student is None
+        teacher = load_model_dir(training.teacher, "training.teacher", source, tokenizer_only=tokenizer_only)
     student = load_model_dir(training.student, "training.student", source) if training.student else teacher
     assert student is not None  # TrainingConfig requires student or derive_student (with teacher)
-    require_chat_template(student, training.chat_template, "training.chat_template", source)
+    require_chat_template(student, training.chat_template, "training.chat_template", source, for_training=True)
     if training.is_white_box and teacher is not None and student is not teacher:
         _same_vocabulary(teacher, student, source)
     check_context(

@@ -137,7 +137,7 @@ class LocalTeacher:
             self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype)
         except Exception as error:  # noqa: BLE001 - a broken download, a partial copy, a new architecture
             raise ValueError(
-                f"teacher.model: the weights in {model_dir} do not load ({type(error).__name__}: {error}); "
+                f"the weights in {model_dir} do not load ({type(error).__name__}: {error}); "
                 "copy or download the model again (save_pretrained writes a complete directory)"
             ) from error
         self.model.to(self.device).eval()

@@ -83,10 +83,11 @@ def effective_chat_template(tokenizer, setting: str | None) -> str | None:
     return getattr(tokenizer, "chat_template", None) or None
 
 
-def check_renders(tokenizer, template: str) -> None:
-    """Render a one-turn conversation; raise ValueError (saying why) when it cannot work for
-    training: a Jinja error, a missing eos token, or an answer that is not appended to the
-    generation prompt (then the answer's tokens cannot be located)."""
+def check_renders(tokenizer, template: str, for_training: bool = True) -> None:
+    """Render a one-turn conversation; raise ValueError (saying why) when it cannot work: a
+    Jinja error, a missing eos token, or (`for_training`: tokenising answers for training or
+    capture) an answer that is not appended to the generation prompt, so that the answer's
+    tokens cannot be located."""
     if "eos_token" in template and not getattr(tokenizer, "eos_token", None):
         raise ValueError("the template ends answers with eos_token, but the tokenizer has no eos token")
     messages = [{"role": "user", "content": "Hello?"}]
@@ -97,7 +98,7 @@ def check_renders(tokenizer, template: str) -> None:
         )
     except Exception as error:  # jinja2 raises several types; all mean the same to the user
         raise ValueError(f"the chat template does not render ({type(error).__name__}: {error})") from None
-    if not full.startswith(prompt):
+    if for_training and not full.startswith(prompt):
         raise ValueError(
             "the chat template does not render a conversation as <generation prompt> + <answer>, "
             "so the answer's tokens cannot be located; use a template whose add_generation_prompt "
