@@ -12,7 +12,7 @@
 On a failure, `CommandLog.fail` appends the traceback to the file (and prints it with
 `verbose`), then prints `error: <message>` and the file's path as the last paragraph on
 stderr: the terminal takes no log record after it, up to the process's exit (Prefect logs
-the stop of its temporary server then). After a success the file is removed.
+the stop of its temporary server then). Otherwise (success, Ctrl-C) the file is removed.
 """
 
 from __future__ import annotations
@@ -188,11 +188,11 @@ def error_message(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def command_log(command: str, verbose: bool) -> Iterator[CommandLog]:
+    """The log of one command; kept only when the command failed with an error paragraph
+    (whose path it prints), removed after a success or a Ctrl-C."""
     log = CommandLog(command, verbose)
     log.open()
-    failed = True
     try:
         yield log
-        failed = False
     finally:
-        log.close(keep=failed)
+        log.close(keep=log.console_filter.closed)

@@ -247,3 +247,14 @@ def test_a_base_model_with_the_plain_template_builds_captures_and_trains(base_mo
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(tmp_path / "run" / "final")).chat_template == PLAIN
+
+
+def test_a_successful_command_leaves_no_log_file(tmp_path):
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    logs = tmp_path / "logs"
+    result = runner.invoke(app, ["inspect", str(tmp_path / "ds")], env={"DISTILL_LOG_DIR": str(logs)})
+    assert result.exit_code == 0, result.output
+    assert not logs.exists() or list(logs.iterdir()) == []
+    result = runner.invoke(app, ["inspect", str(tmp_path / "missing")], env={"DISTILL_LOG_DIR": str(logs)})
+    assert result.exit_code == 1 and one_error_paragraph(result.output)
+    assert len(list(logs.iterdir())) == 1  # a failure keeps its log
