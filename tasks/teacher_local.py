@@ -1,9 +1,9 @@
 """The local teacher backend: a Hugging Face causal LM answering chat prompts in-process.
 
 `LocalTeacher` loads a model directory once (transformers), renders each request with the
-config's `chat_template` (training/chat_template.py), else the tokenizer's own, and generates in left-padded batches. It returns the same
-`TeacherAnswer` records as the OpenAI-compatible backend, so the rest of the pipeline
-cannot tell the two apart.
+config's `chat_template` (training/chat_template.py), else the tokenizer's own, and
+generates in left-padded batches. It returns the same `TeacherAnswer` records as the
+OpenAI-compatible backend, so the rest of the pipeline cannot tell the two apart.
 
 Decoding:
 - temperature == 0: greedy. A batch answers exactly what one-at-a-time calls answer.

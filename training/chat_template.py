@@ -5,7 +5,9 @@ A *base* model has none; the setting gives it one, as
 
 - a preset name: `plain` renders "User: {prompt}\nAssistant: {answer}<eos>" (a system
   message, if any, is a first paragraph; the tokenizer's bos token, if it has one, opens
-  the text), so a base model answers after "Assistant:" and learns to stop at its eos;
+  the text), so a base model answers after "Assistant:" and learns to stop at its eos. The
+  answer is trimmed: a base model's answer usually starts with the space after the colon,
+  which the template writes itself;
 - a Jinja template string (any text holding `{{` or `{%`), as in tokenizer_config.json;
 - the path of a file holding such a template (e.g. `templates/my_chat.jinja`).
 
@@ -29,7 +31,7 @@ PLAIN = (
     "{%- if loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'assistant' %}{{ '\\n' }}{% endif -%}"
     "{{ 'User: ' + message['content'] + '\\n' }}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{{ 'Assistant: ' + (message['content'] | trim) + eos_token }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt %}{{ 'Assistant:' }}{% endif -%}"
