@@ -258,3 +258,17 @@ def test_a_successful_command_leaves_no_log_file(tmp_path):
     result = runner.invoke(app, ["inspect", str(tmp_path / "missing")], env={"DISTILL_LOG_DIR": str(logs)})
     assert result.exit_code == 1 and one_error_paragraph(result.output)
     assert len(list(logs.iterdir())) == 1  # a failure keeps its log
+
+
+def test_eval_preflights_its_model_directories(base_model, tmp_path):
+    eval_set = tmp_path / "questions.jsonl"
+    eval_set.write_text(json.dumps({"prompt": "What is 2+2?", "reference": "4"}) + "\n")
+    config = tmp_path / "eval.yaml"
+    evaluation = {"output_dir": str(tmp_path / "eval"), "eval_sets": [{"path": str(eval_set)}],
+                  "models": [{"name": "base", "path": str(base_model)}], "speed": None}
+    config.write_text(yaml.safe_dump({"evaluation": evaluation}))
+    result = runner.invoke(app, ["eval", str(config)])
+    paragraph = one_error_paragraph(result.output)
+    assert result.exit_code == 1 and result.output.startswith("error: ")
+    assert "evaluation.models.0.path" in paragraph and "evaluation.models.0.chat_template" in paragraph
+    assert not (tmp_path / "eval").exists()  # no flow started
