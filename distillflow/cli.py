@@ -13,9 +13,46 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
+import click  # noqa: E402
 import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
+
+
+class _OneErrorParagraph(TyperGroup):
+    """Runs every command inside `distillflow.failures.command_log`: whatever fails, in the
+    command or inside a Prefect flow or task, ends as one `error: ...` paragraph on stderr
+    and exit code 1, with the traceback in a log file (or on stderr with --verbose)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # `distill build CONFIG --verbose` means `distill --verbose build CONFIG`.
+        if "--verbose" in args[1:] and "--" not in args:
+            args = ["--verbose", *(arg for arg in args if arg != "--verbose")]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
+        from distillflow.failures import command_log
+        from distillflow.interrupt import received_signal
+
+        rest = [*getattr(ctx, "_protected_args", []), *ctx.args]  # the command and its arguments
+        if not rest or any(arg in ("--help", "-h") for arg in rest):
+            return super().invoke(ctx)
+        with command_log(rest[0], verbose=bool(ctx.params.get("verbose"))) as log:
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+                raise
+            except SystemExit as error:
+                if error.code is None or isinstance(error.code, int) or received_signal() is not None:
+                    raise
+                raise typer.Exit(log.fail(error)) from None
+            except Exception as error:
+                if received_signal() is not None:  # Ctrl-C / SIGTERM: distillflow/interrupt.py exits 130/143
+                    raise
+                raise typer.Exit(log.fail(error)) from None
+
 
 app = typer.Typer(
+    cls=_OneErrorParagraph,
     help="distillflow: build teacher datasets, filter them, and distill a student.",
     no_args_is_help=True,
     add_completion=False,
@@ -24,17 +61,19 @@ app = typer.Typer(
 
 
 @app.callback()
-def _every_command(ctx: typer.Context) -> None:
+def _every_command(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="On failure, print the full traceback (and Prefect's failure logs)."
+    ),
+) -> None:
+    """On failure every command prints one `error: ...` paragraph and exits 1; the traceback
+    goes to a log file whose path is printed ($DISTILL_LOG_DIR, default
+    ~/.local/state/distillflow/logs), or to stderr with --verbose."""
     # SIGINT/SIGTERM stop any command within seconds, with exit code 130/143 (distillflow/interrupt.py).
     from distillflow.interrupt import exit_on_signals
 
     ctx.with_resource(exit_on_signals())
-
-
-def _fail(error: BaseException) -> None:
-    """Print a one-paragraph error and exit non-zero."""
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
 
 
 @app.command()
@@ -43,14 +82,9 @@ def build(
     prompt_column: Optional[str] = typer.Option(None, help="Override the prompt column of every seed file."),
 ) -> None:
     """Black-box dataset flow: prompts → teacher → filters → Parquet."""
-    from distillflow.config import ConfigError
     from flows.build import build_command
-    from tasks.teacher import TeacherFatalError
 
-    try:
-        build_command(config, prompt_column=prompt_column)
-    except (ConfigError, TeacherFatalError) as error:
-        _fail(error)
+    build_command(config, prompt_column=prompt_column)
 
 
 @app.command()
@@ -67,27 +101,19 @@ def dedup(
     workers: int = typer.Option(2, help="Worker processes of the local Dask cluster (engine dask, no address)."),
 ) -> None:
     """Run the filtering stage alone on an existing dataset."""
-    from distillflow.config import ConfigError
     from flows.dedup import dedup_command
 
     if engine not in ("prefect", "dask", "local"):
-        _fail(ValueError(f"--engine must be prefect, dask or local (got {engine!r})"))
-    try:
-        dedup_command(in_dir, out_dir, config, engine=engine, dask_address=dask_address, workers=workers)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        _fail(error)
+        raise typer.BadParameter(f"must be prefect, dask or local (got {engine!r})", param_hint="--engine")
+    dedup_command(in_dir, out_dir, config, engine=engine, dask_address=dask_address, workers=workers)
 
 
 @app.command("capture-logits")
 def capture_logits(config: Path = typer.Argument(..., help="YAML config.")) -> None:
     """Add teacher top-k logprobs to a dataset (white-box data)."""
-    from distillflow.config import ConfigError
     from flows.capture_logits import capture_logits_command
 
-    try:
-        capture_logits_command(config)
-    except (ConfigError, FileNotFoundError) as error:
-        _fail(error)
+    capture_logits_command(config)
 
 
 @app.command()
@@ -101,39 +127,25 @@ def train(config: Path = typer.Argument(..., help="YAML config with a `training:
 @app.command("eval")
 def eval_(config: Path = typer.Argument(..., help="YAML config with an `evaluation:` section.")) -> None:
     """Evaluate students and the teacher: accuracy, robustness, held-out agreement, speed, size."""
-    from distillflow.config import ConfigError
     from flows.evaluate import eval_command
-    from tasks.teacher import TeacherFatalError
 
-    try:
-        eval_command(config)
-    except (ConfigError, TeacherFatalError, FileNotFoundError) as error:
-        _fail(error)
+    eval_command(config)
 
 
 @app.command()
 def sweep(config: Path = typer.Argument(..., help="YAML config with `training:`, `evaluation:` and `sweep:` sections.")) -> None:
     """Train and evaluate every point of a grid of training settings; ranked table and chart."""
-    from distillflow.config import ConfigError
-    from flows.sweep import SweepFailed, sweep_command
+    from flows.sweep import sweep_command
 
-    try:
-        sweep_command(config)
-    except (ConfigError, SweepFailed, FileNotFoundError) as error:
-        _fail(error)
+    sweep_command(config)
 
 
 @app.command()
 def mine(config: Path = typer.Argument(..., help="YAML config with a `mining:` section.")) -> None:
     """Add the prompts the student gets most wrong (answered by the teacher); retrain and evaluate."""
-    from distillflow.config import ConfigError
     from flows.mine import mine_command
-    from tasks.teacher import TeacherFatalError
 
-    try:
-        mine_command(config)
-    except (ConfigError, TeacherFatalError, FileNotFoundError) as error:
-        _fail(error)
+    mine_command(config)
 
 
 @app.command()
@@ -145,10 +157,7 @@ def inspect(
     """Summary, counts per strategy / reject reason, length histograms, samples."""
     from storage.inspect import inspect_dataset
 
-    try:
-        typer.echo(inspect_dataset(directory, samples=samples, seed=seed))
-    except FileNotFoundError as error:
-        _fail(error)
+    typer.echo(inspect_dataset(directory, samples=samples, seed=seed))
 
 
 @app.command()
@@ -157,26 +166,17 @@ def demo(
     train: bool = typer.Option(True, "--train/--no-train", help="Also train a student."),
 ) -> None:
     """The whole pipeline on the embedded default (tiny local teacher), on CPU."""
-    from distillflow.config import ConfigError
     from flows.demo import demo_command
 
-    try:
-        demo_command(workdir, train_student=train)
-    except ConfigError as error:
-        _fail(error)
+    demo_command(workdir, train_student=train)
 
 
 @app.command()
 def run(config: Path = typer.Argument(..., help="YAML config (dataset, and training if present).")) -> None:
     """All stages the config asks for (build → capture-logits → train) as one parent flow."""
-    from distillflow.config import ConfigError
     from flows.pipeline import run_command
-    from tasks.teacher import TeacherFatalError
 
-    try:
-        run_command(config)
-    except (ConfigError, TeacherFatalError) as error:
-        _fail(error)
+    run_command(config)
 
 
 @app.command()
@@ -186,13 +186,9 @@ def serve(
     interval_s: Optional[float] = typer.Option(None, help="Run every N seconds."),
 ) -> None:
     """Register Prefect deployments (build-dataset, distill-pipeline) and serve them."""
-    from distillflow.config import ConfigError
     from flows.pipeline import serve_command
 
-    try:
-        serve_command(configs, cron=cron, interval_s=interval_s)
-    except ConfigError as error:
-        _fail(error)
+    serve_command(configs, cron=cron, interval_s=interval_s)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -18,7 +18,7 @@ from tasks.eval_config import EvalConfig
 from tasks.filter_config import FiltersConfig
 from tasks.mining_config import MiningConfig
 from tasks.sweep_config import SweepConfig
-from training.config import TrainingConfig
+from training.config import ChatTemplateSetting, TrainingConfig
 
 
 class ConfigError(ValueError):
@@ -93,6 +93,13 @@ class TeacherConfig(StrictModel):
         "transport, about 1.5x less CPU per request) or httpx (the SDK's default).",
     )
     system_prompt: str | None = None
+    chat_template: ChatTemplateSetting = Field(
+        None,
+        description="backend local: the chat template the model answers with (a preset: plain; a Jinja "
+        "string; or a file). Default: the top-level chat_template, else the tokenizer's own. A base "
+        "model has none and needs one (docs/base_models.md). backend openai: the server applies its "
+        "own (vLLM: --chat-template).",
+    )
     batch_size: int = Field(512, ge=1, description="Prompts per Prefect task (async I/O inside).")
     local_batch_size: int = Field(8, ge=1, description="Sequences per forward pass (local backend).")
     device: str = Field("auto", description="local backend: auto, cpu, cuda, cuda:N.")
@@ -116,7 +123,16 @@ class TeacherConfig(StrictModel):
     def _base_url_for_openai(self) -> TeacherConfig:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("teacher.base_url is required when teacher.backend is 'openai'")
+        if self.backend == "openai" and self.chat_template is not None:
+            raise ValueError(
+                "teacher.chat_template applies to backend: local; an OpenAI-compatible server applies "
+                "its own template (vLLM: --chat-template FILE), so remove it here"
+            )
         return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.backend == "local"
 
 
 class DistillConfig(StrictModel):
@@ -125,12 +141,35 @@ class DistillConfig(StrictModel):
     seeds: list[SeedSource] = Field(..., min_length=1)
     prompts: PromptsConfig = PromptsConfig()
     teacher: TeacherConfig
+    chat_template: ChatTemplateSetting = Field(
+        None,
+        description="The chat template of every model this run loads in-process (local teacher, logit "
+        "capture, training, evaluated model directories), unless its section sets its own: a preset "
+        "(plain), a Jinja string or a file. Default: each tokenizer's own. One setting, so that the "
+        "captured teacher logits line up with the tokens the student is trained on.",
+    )
     filters: FiltersConfig = FiltersConfig()
     training: TrainingConfig | None = None
     evaluation: EvalConfig | None = None
     capture: CaptureConfig | None = None
     sweep: SweepConfig | None = None
     mining: MiningConfig | None = None
+
+    @model_validator(mode="after")
+    def _chat_template_shared(self) -> DistillConfig:
+        """Sections without their own chat_template take the top-level one (capture then follows
+        training, in tasks.capture_logits.resolve_capture_settings)."""
+        shared = self.chat_template
+        if shared is None:
+            return self
+        if self.teacher.is_local and self.teacher.chat_template is None:
+            self.teacher.chat_template = shared
+        if self.training is not None and self.training.chat_template is None:
+            self.training.chat_template = shared
+        for model in self.evaluation.models if self.evaluation is not None else []:
+            if model.path is not None and model.chat_template is None:
+                model.chat_template = shared
+        return self
 
     @model_validator(mode="after")
     def _holdout_agrees(self) -> DistillConfig:

@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 import distillflow
-from distillflow.config import ConfigError, DistillConfig, load_config
+from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
 from distillflow.records import PromptRecord, Reject, TeacherAnswer
 from storage.dataset import count_by, dataset_card, write_dataset
@@ -421,12 +421,13 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
 
 def build_command(config_path: str | Path, prompt_column: str | None = None) -> dict[str, Any]:
     """`distill build CONFIG`: validate everything that can be checked before paying, then run."""
+    from distillflow.preflight import preflight_build
+
     config = load_config(config_path)
     if config.teacher.backend == "openai":
         resolve_api_key(config.teacher.api_key_env)  # fail before any teacher call
-    elif not Path(config.teacher.model).is_dir():
-        raise ConfigError(f"{config_path}: teacher.model: {config.teacher.model} is not a model directory")
-    load_seeds(config.seeds, prompt_column, config_path)  # bad files/columns fail here
+    seeds, _ = load_seeds(config.seeds, prompt_column, config_path)  # bad files/columns fail here
+    preflight_build(config, str(config_path), [seed.prompt for seed in seeds])  # a local teacher: its dir, template, context
     manifest = build_dataset(config, prompt_column)
     counts = manifest["counts"]
     print(

@@ -31,9 +31,12 @@ def capture_logits(settings: CaptureSettings) -> dict[str, Any]:
 
 def capture_logits_command(config_path: str | Path) -> dict[str, Any]:
     """Validate the config up front, then run the flow; returns the manifest's capture record."""
+    from distillflow.preflight import preflight_capture
+
     config = load_config(config_path, check_files=False)
     settings = resolve_capture_settings(config)
     check_capture_input(settings)  # a bad input directory fails before any flow starts
+    preflight_capture(config, str(config_path))  # models, template, vocabulary, context
     summary = capture_logits(settings)
     print(
         f"captured top-{summary['k']} logprobs of {summary['positions']} tokens in "

@@ -88,7 +88,9 @@ def evaluate(config_path: str) -> dict[str, Any]:
 
 def eval_command(config_path: str | Path) -> dict[str, Any]:
     """Validate the config, run the flow, print the comparison table; the report dict."""
-    load_eval_run(config_path)  # config errors before Prefect starts
+    from distillflow.preflight import preflight_eval
+
+    preflight_eval(load_eval_run(config_path))  # config and model errors before Prefect starts
     report = evaluate(str(config_path))
     print(format_table(report["table"]))
     print(f"report: {Path(report['output_dir']) / 'report.md'} (records, report.json, chart.png beside it)")

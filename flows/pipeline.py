@@ -44,9 +44,15 @@ def run_pipeline(config_path: str) -> dict[str, Any]:
 
 
 def run_command(config_path: str | Path) -> dict[str, Any]:
+    """Check every stage the config asks for (distillflow/preflight.py), then run the pipeline."""
+    from distillflow.preflight import preflight_run
+    from storage.seeds import load_seeds
+
     config = load_config(config_path)
     if config.teacher.backend == "openai":
         resolve_api_key(config.teacher.api_key_env)
+    seeds, _ = load_seeds(config.seeds, None, config_path)
+    preflight_run(config, str(config_path), [seed.prompt for seed in seeds])
     return run_pipeline(str(config_path))
 
 

@@ -7,8 +7,7 @@ from typing import Any
 
 from prefect import flow
 
-from distillflow.config import ConfigError
-from tasks.train_student import TrainingFailed, load_training_config, train_student
+from tasks.train_student import load_training_config, train_student
 
 
 @flow(name="train")
@@ -22,12 +21,12 @@ def train(
 
 
 def train_command(config_path: str | Path, num_processes: int | None = None) -> dict[str, Any]:
-    """Validate the config, run the flow, print the final metrics; one-paragraph error on failure."""
-    try:
-        config = load_training_config(config_path)
-        metrics = train(str(config_path), num_processes=num_processes)
-    except (ConfigError, TrainingFailed, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    """Validate the config (and preflight its models), run the flow, print the final metrics."""
+    from distillflow.preflight import preflight_training
+
+    config = load_training_config(config_path)
+    preflight_training(config, str(config_path))  # models, template, vocabulary, context
+    metrics = train(str(config_path), num_processes=num_processes)
     shown = ", ".join(f"{key}={value}" for key, value in metrics.items() if not isinstance(value, dict | list))
     print(f"trained → {config.output_dir}: {shown}")
     return metrics

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from training.config import ChatTemplateSetting
+
 
 class CaptureConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -44,6 +46,11 @@ class CaptureConfig(BaseModel):
     )
     system_prompt: str | None = Field(
         None, description="System message of every example. Default: training.system_prompt."
+    )
+    chat_template: ChatTemplateSetting = Field(
+        None,
+        description="Chat template of the tokenisation (must be training's). Default: training.chat_template, "
+        "then the top-level chat_template, then the tokenizer's own.",
     )
     max_length: int | None = Field(
         None, ge=8, description="Tokens per example (truncation). Default: training.max_length."

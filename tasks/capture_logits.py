@@ -49,6 +49,7 @@ from storage.topk import (
     encode_topk,
     topk_shape,
 )
+from training.chat_template import chat_template_text
 
 IGNORE_INDEX = -100
 TOPK_FIELDS = [
@@ -86,6 +87,7 @@ class CaptureSettings:
     max_concurrency: int
     timeout_s: float
     max_retries: int
+    chat_template: str | None = None  # the setting (preset, Jinja or file); None: the tokenizer's own
 
     @property
     def in_place(self) -> bool:
@@ -93,7 +95,7 @@ class CaptureSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """What makes a captured shard stale when it changes."""
-        return {
+        fingerprint = {
             "codec_version": VERSION,
             "source": self.source,
             "model": self.model,
@@ -102,6 +104,9 @@ class CaptureSettings:
             "system_prompt": self.system_prompt,
             "max_length": self.max_length,
         }
+        if self.chat_template is not None:  # the text, not the setting: an edited file makes shards stale
+            fingerprint["chat_template"] = chat_template_text(self.chat_template)
+        return fingerprint
 
 
 def resolve_capture_settings(config: DistillConfig) -> CaptureSettings:
@@ -133,6 +138,14 @@ def resolve_capture_settings(config: DistillConfig) -> CaptureSettings:
         system_prompt = training.system_prompt
     else:
         system_prompt = config.teacher.system_prompt
+    # Training's tokenisation decides the positions: its template (which defaults to the top-level one).
+    chat_template = capture.chat_template or (training.chat_template if training else None) or config.chat_template
+    if training is not None and chat_template != training.chat_template:
+        raise ConfigError(
+            f"capture.chat_template ({chat_template!r}) differs from training.chat_template "
+            f"({training.chat_template!r}); the captured positions would not line up with the "
+            "student's tokens, so use one setting (the top-level chat_template)"
+        )
     max_length = capture.max_length or (training.max_length if training else 2048)
     if training is not None and max_length != training.max_length:
         raise ConfigError(
@@ -147,6 +160,7 @@ def resolve_capture_settings(config: DistillConfig) -> CaptureSettings:
         input_dir=str(input_dir),
         output_dir=str(capture.output_dir or input_dir),
         system_prompt=system_prompt,
+        chat_template=chat_template,
         max_length=max_length,
         batch_size=capture.batch_size,
         rows_per_read=capture.rows_per_read,
@@ -189,10 +203,12 @@ def encode_rows(settings: CaptureSettings, prompts: Sequence[str], responses: Se
     from training.data import encode_example
 
     tokenizer = load_tokenizer(settings.tokenizer)
+    template = chat_template_text(settings.chat_template) if settings.chat_template else None
     encoded = []
     for prompt, response in zip(prompts, responses):
         example = encode_example(
-            tokenizer, prompt, response, system_prompt=settings.system_prompt, max_length=settings.max_length
+            tokenizer, prompt, response, system_prompt=settings.system_prompt, max_length=settings.max_length,
+            chat_template=template,
         )
         input_ids = [int(token) for token in example["input_ids"]]
         encoded.append((input_ids, supervised_targets(example["labels"])))

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from prompts.adversarial import ADVERSARIAL
 from prompts.edge_cases import EDGE_CASES
+from training.config import ChatTemplateSetting
 
 CheckName = Literal["exact", "contains", "numeric", "regex", "choice", "json"]
 
@@ -55,6 +56,11 @@ class EvalModel(_Strict):
     max_concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight to the endpoint.")
     system_prompt: str | None = Field(
         None, description="System message before every prompt (in-process and endpoint models)."
+    )
+    chat_template: ChatTemplateSetting = Field(
+        None,
+        description="`path` models: chat template (preset, Jinja string or file). Default: the top-level "
+        "chat_template, else the tokenizer's own (a trained student carries the one it was trained with).",
     )
 
     @field_validator("api_key_env")

@@ -96,7 +96,15 @@ class InProcessModel:
 
     kind = "in_process"
 
-    def __init__(self, path: str | Path, max_tokens: int, batch_size: int, device: str, system_prompt: str | None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        max_tokens: int,
+        batch_size: int,
+        device: str,
+        system_prompt: str | None,
+        chat_template: str | None = None,
+    ) -> None:
         from tasks.teacher_local import LocalTeacher
 
         self.path = Path(path)
@@ -111,6 +119,7 @@ class InProcessModel:
             local_batch_size=batch_size,
             device=device,
             system_prompt=system_prompt,
+            chat_template=chat_template,
             generation=GenerationConfig(temperature=0.0, max_tokens=max_tokens),
         )
         self.runner = LocalTeacher(config)

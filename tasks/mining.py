@@ -48,6 +48,7 @@ class MiningPlan:
     eval_output_dir: Path | None
     system_prompt: str | None
     max_length: int
+    chat_template: str | None = None  # the student's (training.chat_template); None: its tokenizer's own
 
 
 def plan_mining(config: DistillConfig, source: str = "<config>") -> MiningPlan:
@@ -90,7 +91,11 @@ def plan_mining(config: DistillConfig, source: str = "<config>") -> MiningPlan:
         eval_output_dir = Path(mining.eval_output_dir or f"{config.evaluation.output_dir}-mined")
     system_prompt = training.system_prompt if training is not None else config.teacher.system_prompt
     max_length = training.max_length if training is not None else 2048
-    return MiningPlan(mining, dataset_dir, output_dir, Path(student), teacher_dir, score, train_output_dir, eval_output_dir, system_prompt, max_length)
+    chat_template = training.chat_template if training is not None else config.chat_template
+    return MiningPlan(
+        mining, dataset_dir, output_dir, Path(student), teacher_dir, score, train_output_dir, eval_output_dir,
+        system_prompt, max_length, chat_template,
+    )
 
 
 # -- 1. candidates --------------------------------------------------------------------------
@@ -138,10 +143,15 @@ def generate_candidates(
 # -- 3. scores ------------------------------------------------------------------------------
 
 
-def _encode(tokenizer: Any, rows: list[dict[str, Any]], system_prompt: str | None, max_length: int) -> list[dict[str, Any]]:
+def _encode(
+    tokenizer: Any, rows: list[dict[str, Any]], system_prompt: str | None, max_length: int, chat_template: str | None = None
+) -> list[dict[str, Any]]:
     from training.data import encode_example
 
-    return [encode_example(tokenizer, row["prompt"], row["response"], system_prompt, max_length) for row in rows]
+    from training.chat_template import chat_template_text
+
+    template = chat_template_text(chat_template) if chat_template else None
+    return [encode_example(tokenizer, row["prompt"], row["response"], system_prompt, max_length, template) for row in rows]
 
 
 def _padded(chunk: list[dict[str, Any]], pad_id: int):
@@ -206,7 +216,7 @@ def score_candidates(plan: MiningPlan, rows: list[dict[str, Any]], log: Any = pr
         from tasks.eval_models import InProcessModel
 
         max_tokens = max(8, min(512, max(len(row["response"]) for row in rows)))
-        model = InProcessModel(plan.student, max_tokens, batch_size, "cpu", plan.system_prompt)
+        model = InProcessModel(plan.student, max_tokens, batch_size, "cpu", plan.system_prompt, plan.chat_template)
         try:
             answers = model.answer([row["prompt"] for row in rows])
         finally:
@@ -223,7 +233,7 @@ def score_candidates(plan: MiningPlan, rows: list[dict[str, Any]], log: Any = pr
             teacher_tokenizer, tokenizer, teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    encoded = _encode(tokenizer, rows, plan.system_prompt, plan.max_length)
+    encoded = _encode(tokenizer, rows, plan.system_prompt, plan.max_length, plan.chat_template)
     log(f"scoring {len(rows)} candidates ({plan.score}) with the student {plan.student}")
     return per_token_divergence(student, teacher, encoded, pad, batch_size)
 

@@ -1,9 +1,9 @@
 """The local teacher backend: a Hugging Face causal LM answering chat prompts in-process.
 
 `LocalTeacher` loads a model directory once (transformers), renders each request with the
-tokenizer's chat template, and generates in left-padded batches. It returns the same
-`TeacherAnswer` records as the OpenAI-compatible backend, so the rest of the pipeline
-cannot tell the two apart.
+config's `chat_template` (training/chat_template.py), else the tokenizer's own, and
+generates in left-padded batches. It returns the same `TeacherAnswer` records as the
+OpenAI-compatible backend, so the rest of the pipeline cannot tell the two apart.
 
 Decoding:
 - temperature == 0: greedy. A batch answers exactly what one-at-a-time calls answer.
@@ -32,6 +32,7 @@ import torch
 
 from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
+from training.chat_template import chat_template_text
 
 Messages = list[dict[str, str]]
 
@@ -125,12 +126,20 @@ class LocalTeacher:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if teacher_config.chat_template is not None:
+            self.tokenizer.chat_template = chat_template_text(teacher_config.chat_template)
         if not self.tokenizer.chat_template:
             raise ValueError(
-                f"the tokenizer in {model_dir} has no chat template; "
-                "save one with the tokenizer (tokenizer.chat_template = ...) and retry"
+                f"the tokenizer in {model_dir} has no chat template (a base model?); set "
+                "`chat_template: plain` (or a Jinja string or file) in the config"
             )
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype)
+        except Exception as error:  # noqa: BLE001 - a broken download, a partial copy, a new architecture
+            raise ValueError(
+                f"the weights in {model_dir} do not load ({type(error).__name__}: {error}); "
+                "copy or download the model again (save_pretrained writes a complete directory)"
+            ) from error
         self.model.to(self.device).eval()
         self.eos_token_ids = self._eos_token_ids()
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)

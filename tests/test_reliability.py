@@ -102,8 +102,9 @@ def test_closed_port_stops_the_cli_within_the_default_bound(tmp_path, prefect_se
     elapsed = time.monotonic() - started
     assert result.returncode == 1, result.stderr[-3000:]
     assert elapsed < 45, f"took {elapsed:.1f} s"  # first prompt's retries <= 20 s, plus start-up
-    error = result.stderr.strip().splitlines()[-1]
+    error = result.stderr[result.stderr.rindex("\nerror: ") + 1 :]  # the last paragraph: the error
     assert error.startswith("error: teacher at " + base_url), error
+    assert "Traceback" not in result.stderr
     assert "teacher_error:connection" in error and "start the teacher server" in error
     assert API_KEY not in result.stderr + result.stdout
     assert not (tmp_path / "out" / "manifest.json").exists()

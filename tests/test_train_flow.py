@@ -202,12 +202,15 @@ def test_train_flow_fails_on_a_non_zero_exit(prefect_harness, tmp_path):
 
 
 def test_train_command_reports_a_bad_config_in_one_paragraph(tmp_path):
-    from flows.train import train_command
+    from distillflow.cli import app
+    from typer.testing import CliRunner
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"dataset_dir": "d", "output_dir": "o"}))
-    with pytest.raises(SystemExit, match="set `student`"):
-        train_command(bad)
+    result = CliRunner().invoke(app, ["train", str(bad)], env={"DISTILL_LOG_DIR": str(tmp_path / "logs")})
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and "set `student`" in result.output
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.slow

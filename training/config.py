@@ -8,9 +8,14 @@ section of a full distillflow config, or from a YAML file that holds only this s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from training.chat_template import check_chat_template_setting
+
+# Every `chat_template` key of a config: a preset name, a Jinja string or a file (training/chat_template.py).
+ChatTemplateSetting = Annotated[str | None, AfterValidator(check_chat_template_setting)]
 
 Objective = Literal["sft", "kd_logits", "kd_topk", "hidden"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
@@ -68,6 +73,12 @@ class TrainingConfig(BaseModel):
     )
     system_prompt: str | None = Field(
         None, description="System message put before every prompt by the chat template."
+    )
+    chat_template: ChatTemplateSetting = Field(
+        None,
+        description="Chat template of the student's tokenisation: a preset (plain), a Jinja string or a "
+        "file; it is saved with the exported student. Default: the top-level chat_template, else the "
+        "student tokenizer's own (a base model has none: set one).",
     )
     max_length: int = Field(
         1024, ge=8, le=1_048_576, description="Tokens per example (prompt + response); longer "

@@ -46,8 +46,10 @@ def encode_example(
     response: str,
     system_prompt: str | None = None,
     max_length: int = 2048,
+    chat_template: str | None = None,
 ) -> dict[str, list[int]]:
-    """Tokenise one (prompt, response) pair with the tokenizer's chat template.
+    """Tokenise one (prompt, response) pair with `chat_template` (Jinja text), else the
+    tokenizer's own chat template.
 
     Returns {"input_ids": [...], "labels": [...]} of equal length ≤ max_length, where labels
     is -100 on every token that is not part of the assistant's answer. The answer's tokens are
@@ -57,15 +59,18 @@ def encode_example(
     Truncation: the prompt keeps at least min(its length, max_length // 2) tokens (cut from
     the left, keeping the generation prompt); the response is cut from the right.
     """
-    if tokenizer.chat_template is None:
+    template = chat_template or tokenizer.chat_template
+    if template is None:
         raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
-            "set `tokenizer.chat_template` (and save it) before training on chat data"
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template (a base "
+            "model?); set `chat_template: plain` (or a Jinja string or file) in the config"
         )
     messages = _messages(prompt, system_prompt)
-    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_text = tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
     full_text = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": response}], tokenize=False
+        messages + [{"role": "assistant", "content": response}], chat_template=template, tokenize=False
     )
     if not full_text.startswith(prompt_text):
         raise ValueError(

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import yaml
 
+from training.chat_template import chat_template_text
 from training.config import TrainingConfig
 from training.data import (
     attach_topk,
@@ -208,6 +209,9 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     else:
         student = derive_student(config.teacher, config.derive_student, config.seed).to(dtype)
         student_tokenizer = teacher_tokenizer
+    if config.chat_template is not None:
+        # Saved with the exported student, and part of the tokenised-cache key.
+        student_tokenizer.chat_template = chat_template_text(config.chat_template)
     student.config.use_cache = False
     student_rows = student.get_output_embeddings().weight.shape[0]
     vocab_size = None
