@@ -228,7 +228,7 @@ def chunk_loss_sums(
     Dense teacher: teacher_logits (n, V). Sparse teacher: topk_ids / topk_logprobs (n, k).
     Neither: cross-entropy only (the KD slot is 0 and alpha is ignored). Differentiable by
     autograd: the chunked loss uses it for the dense teacher, and it is the reference that
-    `sparse_chunk_sums` (sft and kd_topk, gradient in closed form) is tested against.
+    `sparse_chunk_sums_` (sft and kd_topk, gradient in closed form) is tested against.
     """
     if settings.vocab_size is not None:
         student_logits = student_logits[..., : settings.vocab_size]
@@ -250,7 +250,7 @@ def chunk_loss_sums(
     return torch.stack([settings.alpha * kd + (1 - settings.alpha) * ce, kd, ce])
 
 
-def sparse_chunk_sums(
+def sparse_chunk_sums_(
     student_logits: torch.Tensor,
     targets: torch.Tensor,
     topk_ids: torch.Tensor | None,
@@ -261,34 +261,35 @@ def sparse_chunk_sums(
     """The sums of `chunk_loss_sums` for sft and kd_topk, and d(total)/d(logits) in closed form.
 
     student_logits: (n, V), already trimmed to the vocabulary (settings.vocab_size is not
-    applied here); topk_ids / topk_logprobs: (n, k), or None for cross-entropy only. Returns
-    ((3,) sums, (n, V) float32 gradient of sums[0], or None when with_grad is False).
+    applied here). A float32 tensor is overwritten in place (it becomes the gradient): pass
+    one that nothing else reads. topk_ids / topk_logprobs: (n, k), or None for cross-entropy
+    only. Returns ((3,) sums, (n, V) float32 gradient of sums[0], or None when with_grad is
+    False).
 
     Both terms see the logits z only through log p(v) = z_v / T - logsumexp(z / T) at k + 1
     ids (the target, the teacher's top-k), and d log p(v) / dz = (onehot(v) - softmax(z / T)) / T.
     So the (n, V) gradient is softmax(z) and softmax(z / T), each scaled per row, plus k + 1
     sparse entries per row; autograd runs only over (n, k) tensors, which keeps any divergence
-    between the coarse (k + 1)-class distributions exact. At T = 1 the KD term reuses the
-    cross-entropy's softmax: one (n, V) softmax in all. Memory: at most three (n, V) float32
-    tensors at once (two at T = 1).
+    between the coarse (k + 1)-class distributions exact. The softmaxes are taken in place:
+    at T = 1 the KD term shares the cross-entropy's, and the logits' buffer is the only
+    (n, V) tensor; at T != 1 there is one more, softmax(z / T).
     """
     temperature = settings.temperature
     has_teacher = topk_ids is not None
     ce_weight = 1 - settings.alpha if has_teacher else 1.0  # alpha is ignored without a teacher
     logits = student_logits.float()  # (n, V)
-    del student_logits  # the caller may pass the only reference: free z as soon as possible
+    del student_logits
     picked_ids = targets[:, None] if not has_teacher else torch.cat([targets[:, None], topk_ids], dim=-1)
     picked = logits.gather(-1, picked_ids)  # (n, 1 + k) logits at the target and the top-k ids
-    row_max, argmax = logits.max(dim=-1, keepdim=True)  # (n, 1)
+    row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
     tempered_probs = None
     if has_teacher and temperature != 1.0:
-        # softmax(z / T) first, so that z / T is freed before softmax(z) exists (3 x (n, V) at most)
         tempered_probs = torch.softmax(logits / temperature, dim=-1)  # (n, V)
-    probs = torch.softmax(logits, dim=-1)  # (n, V)
+    probs = torch.softmax(logits, dim=-1, out=logits)  # (n, V), in place
     del logits
-    # logsumexp from the softmax at the argmax: that probability is >= 1/V, so its log is exact
-    # where a target's own probability could underflow.
-    log_normalizer = row_max - probs.gather(-1, argmax).log()  # (n, 1)
+    # logsumexp from the softmax's largest value, exp(max - logsumexp) >= 1/V: unlike a
+    # target's own probability, it cannot underflow.
+    log_normalizer = row_max - probs.amax(dim=-1, keepdim=True).log()  # (n, 1)
     ce = (log_normalizer[:, 0] - picked[:, 0]).sum()
     if not has_teacher:
         sums = torch.stack([ce, ce.new_zeros(()), ce])
@@ -296,7 +297,7 @@ def sparse_chunk_sums(
         if tempered_probs is None:  # T = 1: the KD term shares the cross-entropy's softmax
             tempered_probs, tempered_normalizer = probs, log_normalizer
         else:
-            tempered_normalizer = row_max / temperature - tempered_probs.gather(-1, argmax).log()  # (n, 1)
+            tempered_normalizer = row_max / temperature - tempered_probs.amax(dim=-1, keepdim=True).log()
         # (n, k) student log-probabilities at temperature T on the teacher's top-k ids
         student_top = (picked[:, 1:] / temperature - tempered_normalizer).requires_grad_(with_grad)
         with torch.enable_grad():
@@ -321,8 +322,6 @@ def sparse_chunk_sums(
             grad.mul_(ce_weight).addcmul_(tempered_probs, -kd_mass)
         del tempered_probs
         sparse_values = torch.cat([sparse_values, kd_grad], dim=-1)  # (n, 1 + k)
-    elif ce_weight != 1.0:
-        grad.mul_(ce_weight)
     grad.scatter_add_(-1, picked_ids, sparse_values)
     return sums, grad
 
@@ -333,7 +332,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     Forward runs each chunk's forward and backward at once and keeps only the gradients
     w.r.t. the hidden rows (N, H) and the head weight (V, H); every (n, V) tensor of a chunk
     is freed before the next. The (n, V) gradient of the logits comes in closed form for sft
-    and kd_topk (`sparse_chunk_sums`), by autograd for a dense teacher (`chunk_loss_sums`);
+    and kd_topk (`sparse_chunk_sums_`), by autograd for a dense teacher (`chunk_loss_sums`);
     it is multiplied into the two stored gradients in place. Backward scales them. The head
     weight enters the graph once, however many chunks there are, which keeps ZeRO-3's
     per-parameter gradient hooks in step across processes with different token counts.
@@ -355,8 +354,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             rows = slice(start, start + chunk)
             chunk_hidden = hidden[rows].detach()  # (n, H)
             if teacher_hidden is None:
-                # the logits are passed without a name here, so that they are freed inside
-                chunk_sums, grad_logits = sparse_chunk_sums(
+                # fresh logits, overwritten in place by their gradient
+                chunk_sums, grad_logits = sparse_chunk_sums_(
                     chunk_hidden @ used_weight.T,  # (n, V)
                     targets[rows],
                     None if topk_ids is None else topk_ids[rows],
