@@ -270,9 +270,9 @@ def sparse_chunk_sums_(
     ids (the target, the teacher's top-k), and d log p(v) / dz = (onehot(v) - softmax(z / T)) / T.
     So the (n, V) gradient is softmax(z) and softmax(z / T), each scaled per row, plus k + 1
     sparse entries per row; autograd runs only over (n, k) tensors, which keeps any divergence
-    between the coarse (k + 1)-class distributions exact. The softmaxes are taken in place:
-    at T = 1 the KD term shares the cross-entropy's, and the logits' buffer is the only
-    (n, V) tensor; at T != 1 there is one more, softmax(z / T).
+    between the coarse (k + 1)-class distributions exact. At T = 1 the KD term shares the
+    cross-entropy's softmax, taken in the logits' buffer on CPU (the only (n, V) tensor);
+    at T != 1 there is one more, softmax(z / T).
     """
     temperature = settings.temperature
     has_teacher = topk_ids is not None
@@ -285,7 +285,13 @@ def sparse_chunk_sums_(
     tempered_probs = None
     if has_teacher and temperature != 1.0:
         tempered_probs = torch.softmax(logits / temperature, dim=-1)  # (n, V)
-    probs = torch.softmax(logits, dim=-1, out=logits)  # (n, V), in place
+    # (n, V). In place on CPU, where a fresh buffer of this size costs page faults that take
+    # longer than the softmax itself; elsewhere into a new buffer (the caching allocator
+    # makes that free), which does not rely on the kernel tolerating aliased input and output.
+    if logits.device.type == "cpu":
+        probs = torch.softmax(logits, dim=-1, out=logits)
+    else:
+        probs = torch.softmax(logits, dim=-1)
     del logits
     # logsumexp from the softmax's largest value, exp(max - logsumexp) >= 1/V: unlike a
     # target's own probability, it cannot underflow.
