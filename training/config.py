@@ -167,8 +167,8 @@ class TrainingConfig(BaseModel):
         ge=1,
         description="The loss (logits, softmaxes, their gradients) runs over this many tokens "
         "at a time, so the full [tokens x vocab] tensors never all live at once: at 128 the KD "
-        "loss peaks at about 0.26x the memory of a plain full-vocabulary KL + cross-entropy "
-        "at 1k tokens (0.05x at 8k; bench/kd_memory.py). Larger chunks trade memory for fewer, "
+        "loss peaks at about 0.24x the memory of a plain full-vocabulary KL + cross-entropy "
+        "at 1k tokens (0.03x at 8k; bench/kd_memory.py). Larger chunks trade memory for fewer, "
         "larger matmuls (on a GPU with a large vocabulary, 256-1024 can be faster).",
     )
 

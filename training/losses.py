@@ -374,8 +374,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 with torch.enable_grad():
                     logits = (chunk_hidden @ used_weight.T).requires_grad_(with_grad)  # (n, V)
                     chunk_sums = chunk_loss_sums(logits, targets[rows], teacher_logits, None, None, settings)
-                    grad_logits = torch.autograd.grad(chunk_sums[0], logits)[0].float() if with_grad else None
-                del logits, teacher_logits
+                    grad_logits = torch.autograd.grad(chunk_sums[0], logits)[0] if with_grad else None
+                chunk_sums = chunk_sums.detach()
+                del logits, teacher_logits  # only the gradient of the logits lives on into the matmuls
             sums += chunk_sums.detach().float()
             if grad_logits is None:
                 continue
