@@ -324,3 +324,30 @@ def test_no_gradient_work_under_no_grad_and_one_backward_only():
     trained.total.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="differentiated twice"):
         trained.total.backward()
+
+
+@pytest.mark.parametrize("objective", ["sft", "kd_topk", "kd_logits"])
+def test_bfloat16_head_matches_float32(objective):
+    """A bf16 model (as under DeepSpeed bf16) gets the float32 loss and gradients, to bf16 precision."""
+    n, hidden, vocab = 12, 16, 40
+    generator = torch.Generator().manual_seed(25)
+    states = torch.randn(n, hidden, generator=generator)
+    head = torch.randn(vocab, hidden, generator=generator) * 0.5
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    top_ids, top_log = sparse_teacher(n, vocab, 6, seed=26)
+    kwargs = {"temperature": 2.0, "chunk_tokens": 5}
+    if objective == "kd_topk":
+        kwargs |= {"topk_ids": top_ids, "topk_logprobs": top_log}
+    if objective == "kd_logits":
+        kwargs |= {"teacher_hidden": states.flip(0), "teacher_head_weight": head}
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        rows, weight = states.to(dtype, copy=True).requires_grad_(), head.to(dtype, copy=True).requires_grad_()
+        if "teacher_hidden" in kwargs:
+            kwargs |= {"teacher_hidden": states.flip(0).to(dtype), "teacher_head_weight": head.to(dtype)}
+        sums = chunked_distillation_loss(rows, targets, weight, **kwargs)
+        sums.total.backward()
+        assert rows.grad.dtype == dtype and weight.grad.dtype == dtype
+        results.append((sums.total, rows.grad.float(), weight.grad.float()))
+    for full, half in zip(*results):
+        assert torch.allclose(full, half, rtol=0.05, atol=0.05 * full.abs().max().item())

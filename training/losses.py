@@ -339,7 +339,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     w.r.t. the hidden rows (N, H) and the head weight (V, H); every (n, V) tensor of a chunk
     is freed before the next. The (n, V) gradient of the logits comes in closed form for sft
     and kd_topk (`sparse_chunk_sums_`), by autograd for a dense teacher (`chunk_loss_sums`);
-    it is multiplied into the two stored gradients in place. Backward scales them. The head
+    two matmuls turn it into the chunk's share of the two stored gradients. Backward scales them. The head
     weight enters the graph once, however many chunks there are, which keeps ZeRO-3's
     per-parameter gradient hooks in step across processes with different token counts.
     """
