@@ -261,8 +261,8 @@ def sparse_chunk_sums_(
     """The sums of `chunk_loss_sums` for sft and kd_topk, and d(total)/d(logits) in closed form.
 
     student_logits: (n, V), already trimmed to the vocabulary (settings.vocab_size is not
-    applied here). A float32 tensor is overwritten in place (it becomes the gradient): pass
-    one that nothing else reads. topk_ids / topk_logprobs: (n, k), or None for cross-entropy
+    applied here). On CPU a float32 tensor is overwritten in place (it becomes the
+    gradient): pass one that nothing else reads. topk_ids / topk_logprobs: (n, k), or None for cross-entropy
     only. Returns ((3,) sums, (n, V) float32 gradient of sums[0], or None when with_grad is
     False).
 
