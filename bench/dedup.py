@@ -196,7 +196,6 @@ def estimator_error(texts: list[str], cluster: np.ndarray, args: dict, seed: int
     Returns the mean error (bias), its RMS, and the share of pairs with true Jaccard ≥ the
     threshold whose estimate also reaches it (what verification keeps)."""
     from datasketch import MinHash
-    from xxhash import xxh32_intdigest
 
     from tasks.filter_config import NearDedupConfig
     from tasks.minhash import near_dedup_normalize, signatures
@@ -222,7 +221,12 @@ def estimator_error(texts: list[str], cluster: np.ndarray, args: dict, seed: int
     position = {row: i for i, row in enumerate(rows)}
     signature = signatures([texts[row] for row in rows], NearDedupConfig(num_perm=args["num_perm"], seed=seed))
     ours = np.array([(signature[position[a]] == signature[position[b]]).mean() for a, b in pairs])
-    template = MinHash(num_perm=args["num_perm"], seed=seed, scheme="affine32", hashfunc=xxh32_intdigest)
+    try:  # the same shingle hash as `run_datasketch`
+        from xxhash import xxh32_intdigest as hashfunc
+    except ImportError:
+        hashfunc = None
+    template = MinHash(num_perm=args["num_perm"], seed=seed, scheme="affine32",
+                       **({"hashfunc": hashfunc} if hashfunc else {}))
     minhashes = {}
     for row in rows:
         minhashes[row] = template.copy()
