@@ -1,105 +1,131 @@
-"""Peak memory of the chunked KD loss vs a naive full-vocabulary implementation.
+"""Peak memory of the chunked KD loss vs a plain full-vocabulary KL + cross-entropy.
 
-Both compute the same loss (alpha * T^2 * forward KL + (1 - alpha) * CE, white-box teacher)
-and its gradients w.r.t. the student hidden states and lm_head weight, at vocab 32k and
-1,024 tokens. Each variant runs in a fresh subprocess; on CPU the figure is the growth of
-peak RSS during loss + backward (glibc is told to return every large block to the OS, so RSS
-follows live memory), on GPU torch.cuda.max_memory_allocated. Target: chunked ≤ 0.3x naive.
+Both compute the same loss, alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE with a
+white-box teacher (alpha 0.5, T 2), and its gradients w.r.t. the student hidden states and
+lm_head weight, from hidden states and head weights (vocab 32k, hidden 512, float32):
 
-    python bench/kd_memory.py [--tokens 1024] [--vocab 32000] [--hidden 512] [--chunk 128]
+- plain: full (N, V) logits, then F.kl_div(log_softmax(s / T), log_softmax(t / T),
+  log_target=True) and F.cross_entropy, as a PyTorch user would write it;
+- chunked: training.losses.chunked_distillation_loss at the config's default
+  loss_chunk_tokens (what `distill train` runs).
+
+The figure is the peak of live allocations during loss + backward, above what was live
+before (inputs, weights): on CPU from the allocation events of the PyTorch profiler (every
+allocation and free of torch's allocator, summed in order), on CUDA from
+torch.cuda.max_memory_allocated after a reset. Allocator caches, RSS and set-up are not in it.
+Variants alternate per token count in one process. Target: chunked ≤ 0.3x plain at 1k-8k tokens.
+
+    python bench/kd_memory.py [--tokens 1024 2048 4096 8192] [--vocab 32000] [--hidden 512] [--chunk N]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.config import TrainingConfig  # noqa: E402
+from training.losses import chunked_distillation_loss  # noqa: E402
+
+TEMPERATURE, ALPHA = 2.0, 0.5
+MIB = 2**20
 
 
-def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, device: str) -> dict:
-    import torch
+def plain_loss(student_hidden, head, teacher_hidden, teacher_head, targets, chunk):
+    student_logits = student_hidden @ head.T  # (N, V)
+    with torch.no_grad():
+        teacher_logits = teacher_hidden @ teacher_head.T  # (N, V)
+    kd = F.kl_div(
+        F.log_softmax(student_logits / TEMPERATURE, dim=-1),
+        F.log_softmax(teacher_logits / TEMPERATURE, dim=-1),
+        reduction="sum",
+        log_target=True,
+    )
+    ce = F.cross_entropy(student_logits, targets, reduction="sum")
+    return ALPHA * TEMPERATURE**2 * kd + (1 - ALPHA) * ce
 
-    sys.path.insert(0, str(ROOT))
-    from training.losses import KDSettings, chunk_loss_sums, chunked_distillation_loss
 
-    torch.manual_seed(0)
-    student_hidden = torch.randn(tokens, hidden, device=device, requires_grad=True)  # (N, H)
-    head = (torch.randn(vocab, hidden, device=device) * hidden**-0.5).requires_grad_()  # (V, H)
-    teacher_hidden = torch.randn(tokens, hidden, device=device)  # (N, H)
-    teacher_head = torch.randn(vocab, hidden, device=device) * hidden**-0.5  # (V, H)
-    targets = torch.randint(0, vocab, (tokens,), device=device)
-    settings = KDSettings("forward_kl", 0.5, 2.0, 0.5)
+def chunked_loss(student_hidden, head, teacher_hidden, teacher_head, targets, chunk):
+    return chunked_distillation_loss(
+        student_hidden, targets, head, teacher_hidden=teacher_hidden, teacher_head_weight=teacher_head,
+        divergence="forward_kl", temperature=TEMPERATURE, alpha=ALPHA, chunk_tokens=chunk,
+    ).total
 
+
+def live_peak(run, device: str) -> tuple[int, torch.Tensor]:
+    """Peak bytes of live tensor memory while `run()` executes, above what was live before."""
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    if variant == "naive":
-        student_logits = student_hidden @ head.T  # (N, V)
-        with torch.no_grad():
-            teacher_logits = teacher_hidden @ teacher_head.T  # (N, V)
-        loss = chunk_loss_sums(student_logits, targets, teacher_logits, None, None, settings)[0]
-    else:
-        loss = chunked_distillation_loss(
-            student_hidden, targets, head, teacher_hidden=teacher_hidden, teacher_head_weight=teacher_head,
-            divergence="forward_kl", temperature=2.0, alpha=0.5, chunk_tokens=chunk,
-        ).total
-    loss.backward()
-
-    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        result = run()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return {"variant": variant, "peak_bytes": peak, "loss": float(loss), "grad_norm": float(head.grad.norm())}
+        return torch.cuda.max_memory_allocated() - before, result
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = run()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:  # + allocation, - free
+        live += nbytes
+        peak = max(peak, live)
+    return peak, result
+
+
+def measure(loss_fn, tokens: int, vocab: int, hidden: int, chunk: int, device: str) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    student_hidden = torch.randn(tokens, hidden, generator=generator).to(device).requires_grad_()  # (N, H)
+    head = (torch.randn(vocab, hidden, generator=generator) * hidden**-0.5).to(device).requires_grad_()  # (V, H)
+    teacher_hidden = torch.randn(tokens, hidden, generator=generator).to(device)  # (N, H)
+    teacher_head = (torch.randn(vocab, hidden, generator=generator) * hidden**-0.5).to(device)  # (V, H)
+    targets = torch.randint(0, vocab, (tokens,), generator=generator).to(device)
+
+    def run():
+        loss = loss_fn(student_hidden, head, teacher_hidden, teacher_head, targets, chunk)
+        loss.backward()
+        return loss.detach()
+
+    peak, loss = live_peak(run, device)
+    return {"peak": peak, "loss": float(loss), "grad_hidden": student_hidden.grad, "grad_head": head.grad}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=None, help="loss_chunk_tokens (default: the config's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--variant", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device is None:
-        import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    chunk = args.chunk or TrainingConfig.model_fields["loss_chunk_tokens"].default
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    if args.variant:  # child process: one measurement, printed as JSON
-        print(json.dumps(measure(args.variant, args.tokens, args.vocab, args.hidden, args.chunk, args.device)))
-        return 0
-
-    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    results = {}
-    for variant in ("naive", "chunked"):
-        command = [sys.executable, __file__, "--variant", variant, "--tokens", str(args.tokens),
-                   "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
-                   "--device", args.device]
-        output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-        results[variant] = json.loads(output.strip().splitlines()[-1])
-    naive, chunked = results["naive"], results["chunked"]
-    mib = 2**20
-    one_logits = args.tokens * args.vocab * 4 / mib
-    print(f"KD loss + backward, {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, "
-          f"fp32, {args.device} (one [tokens x vocab] fp32 tensor = {one_logits:.0f} MiB)")
-    print(f"  naive full-vocabulary : peak +{naive['peak_bytes'] / mib:8.1f} MiB   loss sum {naive['loss']:.6f}")
-    print(f"  chunked ({args.chunk:>4} tokens) : peak +{chunked['peak_bytes'] / mib:8.1f} MiB   loss sum {chunked['loss']:.6f}")
-    ratio = chunked["peak_bytes"] / naive["peak_bytes"]
-    print(f"  ratio chunked / naive : {ratio:.3f}x  (target ≤ 0.30x) {'OK' if ratio <= 0.3 else 'ABOVE TARGET'}")
-    same = abs(naive["loss"] - chunked["loss"]) <= 1e-4 * abs(naive["loss"])
-    print(f"  same loss and gradient: {same and abs(naive['grad_norm'] - chunked['grad_norm']) <= 1e-3 * naive['grad_norm']}")
+    print(f"KD loss + backward (white-box teacher, forward KL, T {TEMPERATURE:g}, alpha {ALPHA:g}), "
+          f"vocab {args.vocab}, hidden {args.hidden}, fp32, {device}, loss_chunk_tokens {chunk}; "
+          f"peak live allocations above the inputs")
+    print(f"  {'tokens':>6}  {'one (N,V) fp32':>14}  {'plain KL+CE':>12}  {'chunked':>10}  {'ratio':>7}  same loss+grads")
+    for tokens in args.tokens:
+        plain = measure(plain_loss, tokens, args.vocab, args.hidden, chunk, device)
+        ours = measure(chunked_loss, tokens, args.vocab, args.hidden, chunk, device)
+        ratio = ours["peak"] / plain["peak"]
+        same = (
+            abs(plain["loss"] - ours["loss"]) <= 1e-4 * abs(plain["loss"])
+            and torch.allclose(plain["grad_hidden"], ours["grad_hidden"], rtol=1e-3, atol=1e-6)
+            and torch.allclose(plain["grad_head"], ours["grad_head"], rtol=1e-3, atol=1e-6)
+        )
+        print(f"  {tokens:>6}  {tokens * args.vocab * 4 / MIB:>10.0f} MiB  {plain['peak'] / MIB:>8.0f} MiB  "
+              f"{ours['peak'] / MIB:>6.0f} MiB  {ratio:>6.3f}x  {same}   "
+              f"(target ≤ 0.30x) {'OK' if ratio <= 0.3 else 'ABOVE TARGET'}")
+        del plain, ours
     return 0
 
 

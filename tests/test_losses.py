@@ -216,3 +216,138 @@ def test_padded_vocabulary_rows_are_trimmed():
     targets = torch.tensor([0, 1, 2, 3])
     trimmed = chunked_distillation_loss(padded, targets, torch.eye(12), vocab_size=9)
     assert torch.allclose(trimmed.total, F.cross_entropy(student, targets, reduction="sum"))
+
+
+def sparse_teacher(n: int, vocab: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, k) top-k ids and float32 logprobs of a random teacher, sorted like a capture; tail ~ 10-60%."""
+    teacher_log = F.log_softmax(logits(n=n, vocab=vocab, seed=seed, scale=1.5), -1).float()
+    top_log, top_ids = teacher_log.topk(k, dim=-1)
+    return top_ids, top_log
+
+
+def reference_topk_loss(
+    states: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, top_ids: torch.Tensor,
+    top_log: torch.Tensor, temperature: float, alpha: float, divergence: str,
+) -> torch.Tensor:
+    """alpha * T^2 * KD + (1 - alpha) * CE summed over rows, written out in float64 over the full vocabulary.
+
+    The teacher's tail mass r = 1 - sum(top-k) is spread evenly over the V - k other tokens;
+    tempering that full distribution (p^(1/T), renormalised) and grouping it back into
+    k + 1 classes gives the coarse teacher; the coarse student is its softmax at T on the
+    top-k ids plus the rest.
+    """
+    z = states.double() @ head.double().T  # (N, V)
+    n, vocab = z.shape
+    k = top_ids.shape[-1]
+    ce = F.cross_entropy(z, targets, reduction="sum")
+    top_p = top_log.double().exp()
+    tail = 1 - top_p.sum(-1, keepdim=True)  # (N, 1)
+    full_teacher = (tail / (vocab - k)).expand(n, vocab).clone().scatter(-1, top_ids, top_p)  # (N, V)
+    tempered = full_teacher ** (1 / temperature)
+    tempered = tempered / tempered.sum(-1, keepdim=True)
+    teacher_top = tempered.gather(-1, top_ids)
+    teacher = torch.cat([teacher_top, 1 - teacher_top.sum(-1, keepdim=True)], -1)  # (N, k + 1)
+    student_full = torch.softmax(z / temperature, -1)
+    student_top = student_full.gather(-1, top_ids)
+    student = torch.cat([student_top, 1 - student_top.sum(-1, keepdim=True)], -1)  # (N, k + 1)
+    if divergence == "forward_kl":
+        kd = (teacher * (teacher.log() - student.log())).sum()
+    else:
+        kd = (student * (student.log() - teacher.log())).sum()
+    return alpha * temperature**2 * kd + (1 - alpha) * ce
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 4.0])
+def test_topk_tail_at_temperature_matches_a_full_vocabulary_reference(divergence, temperature):
+    n, hidden, vocab, k = 9, 6, 40, 5
+    generator = torch.Generator().manual_seed(20)
+    states = torch.randn(n, hidden, generator=generator)
+    head = torch.randn(vocab, hidden, generator=generator)
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    top_ids, top_log = sparse_teacher(n, vocab, k, seed=21)
+    assert (1 - top_log.exp().sum(-1) > 0.05).all()  # a real tail: the T != 1 tempering matters
+
+    rows, weight = states.clone().requires_grad_(), head.clone().requires_grad_()
+    sums = chunked_distillation_loss(
+        rows, targets, weight, topk_ids=top_ids, topk_logprobs=top_log, divergence=divergence,
+        temperature=temperature, alpha=0.7, chunk_tokens=4,
+    )
+    sums.total.backward()
+    ref_rows, ref_weight = states.double().requires_grad_(), head.double().requires_grad_()
+    reference = reference_topk_loss(ref_rows, ref_weight, targets, top_ids, top_log, temperature, 0.7, divergence)
+    reference.backward()
+    assert torch.allclose(sums.total.double(), reference.detach(), rtol=1e-5)
+    assert torch.allclose(rows.grad.double(), ref_rows.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(weight.grad.double(), ref_weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_topk_shortcut_at_temperature_one_equals_the_general_path(divergence):
+    """At T = 1 the KD term reuses the cross-entropy's softmax; T = 1 + 1e-6 takes the general path."""
+    n, hidden, vocab, k = 11, 6, 30, 4
+    generator = torch.Generator().manual_seed(22)
+    states = torch.randn(n, hidden, generator=generator)
+    head = torch.randn(vocab, hidden, generator=generator)
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    top_ids, top_log = sparse_teacher(n, vocab, k, seed=23)
+    results = []
+    for temperature in (1.0, 1.0 + 1e-6):
+        rows, weight = states.clone().requires_grad_(), head.clone().requires_grad_()
+        sums = chunked_distillation_loss(
+            rows, targets, weight, topk_ids=top_ids, topk_logprobs=top_log, divergence=divergence,
+            temperature=temperature, alpha=0.6, chunk_tokens=5,
+        )
+        sums.total.backward()
+        results.append((sums.total, sums.kd, sums.ce, rows.grad, weight.grad))
+    # and both equal autograd through the full (N, V) log-softmax
+    rows, weight = states.clone().requires_grad_(), head.clone().requires_grad_()
+    plain = chunk_loss_sums(rows @ weight.T, targets, None, top_ids, top_log, KDSettings(divergence, 0.5, 1.0, 0.6))
+    plain[0].backward()
+    results.append((plain[0], plain[1], plain[2], rows.grad, weight.grad))
+    for shortcut, general, autograd in zip(*results):
+        assert torch.allclose(shortcut, general, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(shortcut, autograd, rtol=1e-5, atol=1e-6)
+
+
+def test_no_gradient_work_under_no_grad_and_one_backward_only():
+    n, hidden, vocab = 7, 5, 12
+    states = torch.randn(n, hidden).requires_grad_()
+    head = torch.randn(vocab, hidden).requires_grad_()
+    targets = torch.randint(0, vocab, (n,))
+    top_ids, top_log = sparse_teacher(n, vocab, 3, seed=24)
+    kwargs = {"topk_ids": top_ids, "topk_logprobs": top_log, "temperature": 2.0}
+    with torch.no_grad():
+        evaluated = chunked_distillation_loss(states, targets, head, **kwargs)
+    trained = chunked_distillation_loss(states, targets, head, **kwargs)
+    assert torch.equal(evaluated.total, trained.total.detach())
+    trained.total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        trained.total.backward()
+
+
+@pytest.mark.parametrize("objective", ["sft", "kd_topk", "kd_logits"])
+def test_bfloat16_head_matches_float32(objective):
+    """A bf16 model (as under DeepSpeed bf16) gets the float32 loss and gradients, to bf16 precision."""
+    n, hidden, vocab = 12, 16, 40
+    generator = torch.Generator().manual_seed(25)
+    states = torch.randn(n, hidden, generator=generator)
+    head = torch.randn(vocab, hidden, generator=generator) * 0.5
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    top_ids, top_log = sparse_teacher(n, vocab, 6, seed=26)
+    kwargs = {"temperature": 2.0, "chunk_tokens": 5}
+    if objective == "kd_topk":
+        kwargs |= {"topk_ids": top_ids, "topk_logprobs": top_log}
+    if objective == "kd_logits":
+        kwargs |= {"teacher_hidden": states.flip(0), "teacher_head_weight": head}
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        rows, weight = states.to(dtype, copy=True).requires_grad_(), head.to(dtype, copy=True).requires_grad_()
+        if "teacher_hidden" in kwargs:
+            kwargs |= {"teacher_hidden": states.flip(0).to(dtype), "teacher_head_weight": head.to(dtype)}
+        sums = chunked_distillation_loss(rows, targets, weight, **kwargs)
+        sums.total.backward()
+        assert rows.grad.dtype == dtype and weight.grad.dtype == dtype
+        results.append((sums.total, rows.grad.float(), weight.grad.float()))
+    for full, half in zip(*results):
+        assert torch.allclose(full, half, rtol=0.05, atol=0.05 * full.abs().max().item())

@@ -226,34 +226,110 @@ def chunk_loss_sums(
     """(n, V) logits of one chunk → (3,) sums [alpha*T^2*KD + (1-alpha)*CE, T^2*KD, CE].
 
     Dense teacher: teacher_logits (n, V). Sparse teacher: topk_ids / topk_logprobs (n, k).
-    Neither: cross-entropy only (the KD slot is 0 and alpha is ignored).
+    Neither: cross-entropy only (the KD slot is 0 and alpha is ignored). Differentiable by
+    autograd: the chunked loss uses it for the dense teacher, and it is the reference that
+    `sparse_chunk_sums_` (sft and kd_topk, gradient in closed form) is tested against.
     """
     if settings.vocab_size is not None:
         student_logits = student_logits[..., : settings.vocab_size]
         if teacher_logits is not None:
             teacher_logits = teacher_logits[..., : settings.vocab_size]
     temperature = settings.temperature
-    student_log = F.log_softmax(student_logits.float(), dim=-1)  # (n, V), shared by CE and KD
-    if topk_ids is not None and temperature == 1.0:
-        # One gather for the target and the top-k ids: one (n, V) pass less in backward.
-        picked = student_log.gather(-1, torch.cat([targets[:, None], topk_ids], dim=-1))  # (n, 1 + k)
-        ce = -picked[:, 0].sum()
-        student_log, teacher_log = topk_coarse_from_top(picked[:, 1:], topk_logprobs, student_log.shape[-1])
+    student_log = F.log_softmax(student_logits.float(), dim=-1)  # (n, V), shared by CE and KD at T = 1
+    ce = -student_log.gather(-1, targets[:, None]).sum()
+    if teacher_logits is None and topk_ids is None:
+        return torch.stack([ce, ce.new_zeros(()), ce])
+    if temperature != 1.0:
+        student_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if teacher_logits is not None:
+        teacher_log = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     else:
-        ce = -student_log.gather(-1, targets[:, None]).sum()
-        if teacher_logits is None and topk_ids is None:
-            return torch.stack([ce, ce.new_zeros(()), ce])
-        if temperature != 1.0:
-            student_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
-        if teacher_logits is not None:
-            teacher_log = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-        else:
-            student_log, teacher_log = topk_coarse_from_logprobs(
-                student_log, topk_ids, topk_logprobs, temperature
-            )
+        student_log, teacher_log = topk_coarse_from_logprobs(student_log, topk_ids, topk_logprobs, temperature)
     kd = divergence_from_logprobs(student_log, teacher_log, settings.divergence, settings.beta).sum()
     kd = kd * temperature**2
     return torch.stack([settings.alpha * kd + (1 - settings.alpha) * ce, kd, ce])
+
+
+def sparse_chunk_sums_(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    settings: KDSettings,
+    with_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sums of `chunk_loss_sums` for sft and kd_topk, and d(total)/d(logits) in closed form.
+
+    student_logits: (n, V), already trimmed to the vocabulary (settings.vocab_size is not
+    applied here). On CPU a float32 tensor is overwritten in place (it becomes the
+    gradient): pass one that nothing else reads. topk_ids / topk_logprobs: (n, k), or None for cross-entropy
+    only. Returns ((3,) sums, (n, V) float32 gradient of sums[0], or None when with_grad is
+    False).
+
+    Both terms see the logits z only through log p(v) = z_v / T - logsumexp(z / T) at k + 1
+    ids (the target, the teacher's top-k), and d log p(v) / dz = (onehot(v) - softmax(z / T)) / T.
+    So the (n, V) gradient is softmax(z) and softmax(z / T), each scaled per row, plus k + 1
+    sparse entries per row; autograd runs only over (n, k) tensors, which keeps any divergence
+    between the coarse (k + 1)-class distributions exact. At T = 1 the KD term shares the
+    cross-entropy's softmax, taken in the logits' buffer on CPU (the only (n, V) tensor);
+    at T != 1 there is one more, softmax(z / T).
+    """
+    temperature = settings.temperature
+    has_teacher = topk_ids is not None
+    ce_weight = 1 - settings.alpha if has_teacher else 1.0  # alpha is ignored without a teacher
+    logits = student_logits.float()  # (n, V)
+    del student_logits
+    picked_ids = targets[:, None] if not has_teacher else torch.cat([targets[:, None], topk_ids], dim=-1)
+    picked = logits.gather(-1, picked_ids)  # (n, 1 + k) logits at the target and the top-k ids
+    row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+    tempered_probs = None
+    if has_teacher and temperature != 1.0:
+        tempered_probs = torch.softmax(logits / temperature, dim=-1)  # (n, V)
+    # (n, V). In place on CPU, where a fresh buffer of this size costs page faults that take
+    # longer than the softmax itself; elsewhere into a new buffer (the caching allocator
+    # makes that free), which does not rely on the kernel tolerating aliased input and output.
+    if logits.device.type == "cpu":
+        probs = torch.softmax(logits, dim=-1, out=logits)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    del logits
+    # logsumexp from the softmax's largest value, exp(max - logsumexp) >= 1/V: unlike a
+    # target's own probability, it cannot underflow.
+    log_normalizer = row_max - probs.amax(dim=-1, keepdim=True).log()  # (n, 1)
+    ce = (log_normalizer[:, 0] - picked[:, 0]).sum()
+    if not has_teacher:
+        sums = torch.stack([ce, ce.new_zeros(()), ce])
+    else:
+        if tempered_probs is None:  # T = 1: the KD term shares the cross-entropy's softmax
+            tempered_probs, tempered_normalizer = probs, log_normalizer
+        else:
+            tempered_normalizer = row_max / temperature - tempered_probs.amax(dim=-1, keepdim=True).log()
+        # (n, k) student log-probabilities at temperature T on the teacher's top-k ids
+        student_top = (picked[:, 1:] / temperature - tempered_normalizer).requires_grad_(with_grad)
+        with torch.enable_grad():
+            student_log, teacher_log = topk_coarse_from_top(student_top, topk_logprobs, probs.shape[-1], temperature)
+            kd = divergence_from_logprobs(student_log, teacher_log, settings.divergence, settings.beta).sum()
+            kd = kd * temperature**2
+        sums = torch.stack([settings.alpha * kd + ce_weight * ce, kd, ce]).detach()
+    if not with_grad:
+        return sums, None
+
+    # d(total)/dz = ce_weight (softmax(z) - onehot(target))
+    #             + (alpha / T) sum_j g_j (onehot(id_j) - softmax(z / T)),   g = d(KD)/d(student_top)
+    grad = probs  # (n, V), overwritten in place
+    sparse_values = torch.full_like(picked[:, :1], -ce_weight)  # (n, 1) at the target
+    if has_teacher:
+        (kd_grad,) = torch.autograd.grad(kd, student_top)  # (n, k)
+        kd_grad = kd_grad * (settings.alpha / temperature)
+        kd_mass = kd_grad.sum(-1, keepdim=True)  # (n, 1)
+        if tempered_probs is probs:
+            grad.mul_(ce_weight - kd_mass)
+        else:
+            grad.mul_(ce_weight).addcmul_(tempered_probs, -kd_mass)
+        del tempered_probs
+        sparse_values = torch.cat([sparse_values, kd_grad], dim=-1)  # (n, 1 + k)
+    grad.scatter_add_(-1, picked_ids, sparse_values)
+    return sums, grad
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -261,55 +337,79 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     Forward runs each chunk's forward and backward at once and keeps only the gradients
     w.r.t. the hidden rows (N, H) and the head weight (V, H); every (n, V) tensor of a chunk
-    is freed before the next. Backward scales the stored gradients. The head weight enters
-    the graph once, however many chunks there are, which keeps ZeRO-3's per-parameter
-    gradient hooks in step across processes with different token counts.
+    is freed before the next. The (n, V) gradient of the logits comes in closed form for sft
+    and kd_topk (`sparse_chunk_sums_`), by autograd for a dense teacher (`chunk_loss_sums`);
+    two matmuls turn it into the chunk's share of the two stored gradients. Backward scales them. The head
+    weight enters the graph once, however many chunks there are, which keeps ZeRO-3's
+    per-parameter gradient hooks in step across processes with different token counts.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_weight, topk_ids, topk_logprobs, settings, chunk):
-        grad_hidden = torch.zeros_like(hidden)
+    def forward(
+        ctx, hidden, weight, targets, teacher_hidden, teacher_weight, topk_ids, topk_logprobs,
+        settings, chunk, hidden_grad, weight_grad,
+    ):
+        vocab = weight.shape[0] if settings.vocab_size is None else min(settings.vocab_size, weight.shape[0])
+        used_weight = weight.detach()[:vocab]  # (V, H): padded embedding rows get no logits
+        grad_hidden = torch.zeros_like(hidden) if hidden_grad else None
         # float32 accumulator: a bf16 weight would lose precision summing over many chunks
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
+        with_grad = hidden_grad or weight_grad
         sums = hidden.new_zeros(3, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            teacher_logits = None
-            if teacher_hidden is not None:
-                teacher_logits = teacher_hidden[rows] @ teacher_weight.T  # (n, V_t), no grad
-            with torch.enable_grad():
-                chunk_hidden = hidden[rows].detach().requires_grad_(hidden.requires_grad)
-                chunk_weight = weight.detach().requires_grad_(weight.requires_grad)
-                chunk_sums = chunk_loss_sums(
-                    chunk_hidden @ chunk_weight.T,  # (n, V)
+            chunk_hidden = hidden[rows].detach()  # (n, H)
+            if teacher_hidden is None:
+                # fresh logits, overwritten in place by their gradient
+                chunk_sums, grad_logits = sparse_chunk_sums_(
+                    chunk_hidden @ used_weight.T,  # (n, V)
                     targets[rows],
-                    teacher_logits,
                     None if topk_ids is None else topk_ids[rows],
                     None if topk_logprobs is None else topk_logprobs[rows],
                     settings,
+                    with_grad,
                 )
-                wanted = [t for t in (chunk_hidden, chunk_weight) if t.requires_grad]
-                grads = torch.autograd.grad(chunk_sums[0], wanted) if wanted else []
-            grads = list(grads)
-            if chunk_hidden.requires_grad:
-                grad_hidden[rows] = grads.pop(0)
-            if chunk_weight.requires_grad:
-                grad_weight += grads.pop(0)
+            else:
+                teacher_logits = teacher_hidden[rows] @ teacher_weight[:vocab].T  # (n, V), no grad
+                with torch.enable_grad():
+                    logits = (chunk_hidden @ used_weight.T).requires_grad_(with_grad)  # (n, V)
+                    chunk_sums = chunk_loss_sums(logits, targets[rows], teacher_logits, None, None, settings)
+                    grad_logits = torch.autograd.grad(chunk_sums[0], logits)[0] if with_grad else None
+                chunk_sums = chunk_sums.detach()
+                del logits, teacher_logits  # only the gradient of the logits lives on into the matmuls
             sums += chunk_sums.detach().float()
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else hidden.new_zeros(0))
-        ctx.has_weight_grad = grad_weight is not None
+            if grad_logits is None:
+                continue
+            grad_logits = grad_logits.to(weight.dtype)  # (n, V)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits @ used_weight
+            if grad_weight is not None:
+                if grad_logits.dtype == torch.float32:
+                    grad_weight[:vocab].addmm_(grad_logits.T, chunk_hidden)
+                else:
+                    grad_weight[:vocab] += grad_logits.T @ chunk_hidden
+            del grad_logits
+        # Kept on ctx (not save_for_backward) so that backward can hand them over in place.
+        ctx.grad_hidden = grad_hidden
+        ctx.grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        ctx.handed_over = False
         return sums
 
     @staticmethod
     def backward(ctx, grad_sums):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.handed_over:
+            raise RuntimeError(
+                "the chunked distillation loss was differentiated twice; it computes its gradients "
+                "once, in forward: compute the loss again instead of backward(retain_graph=True)"
+            )
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        ctx.grad_hidden = ctx.grad_weight = None  # handed over scaled in place: no copy stays behind
+        ctx.handed_over = True
         scale = grad_sums[0]  # only the total (slot 0) is differentiated
         return (
-            grad_hidden * scale,
-            grad_weight * scale if ctx.has_weight_grad else None,
-            None, None, None, None, None, None, None,
+            None if grad_hidden is None else grad_hidden.mul_(scale),
+            None if grad_weight is None else grad_weight.mul_(scale),
+            None, None, None, None, None, None, None, None, None,
         )
 
 
@@ -339,13 +439,17 @@ def chunked_distillation_loss(
     At most `chunk_tokens` rows of logits (and of their softmaxes and gradients) exist at a
     time, so peak memory grows with chunk_tokens x V, not N x V.
     """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; use one of {DIVERGENCES}")
     settings = KDSettings(divergence, beta, temperature, alpha, vocab_size)
     if teacher_hidden is not None:
         teacher_hidden = teacher_hidden.detach()
         teacher_head_weight = teacher_head_weight.detach()
+    grad_enabled = torch.is_grad_enabled()  # under no_grad (evaluation) no gradient is computed
     sums = _ChunkedHeadLoss.apply(
         student_hidden, head_weight, targets, teacher_hidden, teacher_head_weight,
         topk_ids, topk_logprobs, settings, max(1, chunk_tokens),
+        grad_enabled and student_hidden.requires_grad, grad_enabled and head_weight.requires_grad,
     )
     return LossSums(sums[0], sums[1].detach(), sums[2].detach())
 
