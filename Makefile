@@ -82,7 +82,7 @@ mining-bench: $(STAMP)
 # The demo's sweep (kd_topk temperature x alpha) after `make demo` (docs/sweep.md).
 sweep-demo: $(STAMP)
 	test -f runs/demo/demo.yaml || $(VENV)/bin/distill demo
-	$(VENV)/bin/distill sweep runs/demo/demo.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/distill sweep runs/demo/demo.yaml
 
 clean:
 	rm -rf runs .cache/demo .pytest_cache
