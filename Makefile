@@ -65,7 +65,11 @@ smollm2: smollm2-model
 test-smollm2: smollm2-model
 	OMP_NUM_THREADS=$(SMOLLM2_THREADS) $(PY) -m pytest -q -m smollm2 -o addopts="" tests/test_smollm2.py
 
-bench: $(STAMP)
+$(VENV)/.bench-deps: $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-deps
 	$(PY) bench/teacher_throughput.py
 	$(PY) bench/dedup.py
 	$(PY) bench/kd_memory.py
