@@ -421,7 +421,11 @@ def write_sweep_chart(summary: dict[str, Any], path: Path) -> None:
         x_key = numeric[0]
         others = [k for k in summary["keys"] if k != x_key]
         groups: dict[str, list[tuple[float, float]]] = {}
-        for result in done:
+
+        def other_values(result: dict[str, Any]) -> tuple:
+            return tuple((0, v) if isinstance(v, int | float) else (1, str(v)) for v in (result["settings"].get(k) for k in others))
+
+        for result in sorted(done, key=other_values):  # legend in the order of the values
             label = ", ".join(f"{k}={_value_label(k, result['settings'].get(k))}" for k in others) or metric
             groups.setdefault(label, []).append((float(result["settings"][x_key]), float(metric_value(result, metric))))
         for label, values in groups.items():
