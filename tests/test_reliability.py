@@ -59,14 +59,11 @@ def build_cli(config: Path, capsys) -> tuple[int, str]:
     which CliRunner would close under it): the exit code and the last `error:` line."""
     import typer
 
-    from distillflow.cli import build
+    from distillflow.cli import app
 
     capsys.readouterr()
-    try:
-        build(config, prompt_column=None)
-        code = 0
-    except typer.Exit as exit_:
-        code = exit_.exit_code
+    # Through the command group, which turns any failure into the one `error:` paragraph.
+    code = typer.main.get_command(app).main(["build", str(config)], standalone_mode=False) or 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     return code, lines[-1] if lines else ""
 
