@@ -204,8 +204,13 @@ def _key(name: str) -> str:
 
 def mine_command(config_path: str | Path) -> dict[str, Any]:
     """Validate the config (files, student, score) before Prefect starts, run, print the outcome."""
+    from distillflow.preflight import load_model_dir
+
     config = load_config(config_path, check_files=False)
-    plan_mining(config, str(config_path))
+    plan = plan_mining(config, str(config_path))
+    load_model_dir(plan.student, "mining.student", str(config_path))  # loads before any flow starts
+    if plan.teacher_dir is not None and plan.score == "kl":
+        load_model_dir(plan.teacher_dir, "teacher.model", str(config_path))
     if config.teacher.backend == "openai":
         resolve_api_key(config.teacher.api_key_env)
     result = mine(str(config_path))

@@ -167,8 +167,16 @@ class SweepFailed(RuntimeError):
 
 def sweep_command(config_path: str | Path) -> dict[str, Any]:
     """Validate every point before Prefect starts, run, print the ranked table."""
+    from distillflow.preflight import preflight_eval, preflight_training
+    from tasks.evaluate import eval_run_from_config
+    from training.config import TrainingConfig
+
     config = load_config(config_path, check_files=False)
-    plan_sweep(config, str(config_path))
+    plan = plan_sweep(config, str(config_path))
+    # Every point's models load and fit before the first flow starts (distillflow/preflight.py).
+    for point in plan.points:
+        preflight_training(TrainingConfig.model_validate(point.config["training"]), f"{config_path}: sweep point {point.name}")
+    preflight_eval(eval_run_from_config(config, str(config_path)), only_existing=True)
     summary = sweep(str(config_path))
     print(format_sweep_table(summary))
     root = Path(summary["output_dir"])

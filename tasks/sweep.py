@@ -109,7 +109,7 @@ def _value_label(key: str, value: Any) -> str:
         if key == "derive_student":
             return "-".join(f"{DERIVE_ABBREVIATIONS.get(k, k)}{_value_label(k, v)}" for k, v in value.items() if v is not None)
         return "-".join(f"{k}{_value_label(k, v)}" for k, v in value.items())
-    if key in ("student", "teacher"):
+    if key in ("student", "teacher", "deepspeed_config", "teacher_deepspeed_config"):  # a path: its name
         path = Path(str(value))
         return path.parent.name if path.name == "final" else path.name
     return str(value)

@@ -124,18 +124,18 @@ def test_sweep_ranks_points_reuses_them_and_resumes_a_crashed_one(tiny_demo, tmp
     config["sweep"] = {
         "output_dir": str(tmp_path / "sweep"),
         "grid": {"temperature": [1.0, 2.0]},
-        "points": [{"student": str(tmp_path / "no-such-student")}],  # fails: not a model directory
+        "points": [{"deepspeed_config": str(tmp_path / "broken.json")}],  # fails when DeepSpeed reads it
         "retries": 0,
     }
+    (tmp_path / "broken.json").write_text("{ not json")
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     result = CliRunner().invoke(app, ["sweep", "sweep.yaml"])
     assert result.exit_code == 1
-    assert "1 of 3 sweep points failed: student=no-such-student" in result.output
-    assert "no-such-student is not a Hugging Face model directory" in result.output
+    assert "1 of 3 sweep points failed: deepspeed_config=broken.json" in result.output
 
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     points = {p["name"]: p for p in summary["points"]}
-    assert set(points) == {"temperature=1", "temperature=2", "student=no-such-student"}
+    assert set(points) == {"temperature=1", "temperature=2", "deepspeed_config=broken.json"}
     assert [p["rank"] for p in summary["points"]] == [1, 2, None]  # failed last, unranked
     for name in ("temperature=1", "temperature=2"):
         assert points[name]["status"] == "done" and points[name]["train"]["steps"] == 3
@@ -148,6 +148,13 @@ def test_sweep_ranks_points_reuses_them_and_resumes_a_crashed_one(tiny_demo, tmp
         assert (tmp_path / "sweep" / name).stat().st_size > 0
     assert summary["reference"]["name"] == "teacher" and summary["reference"]["row"]["tok_s_at_1"] > 0
     assert "temperature=1" in result.output and "failed:" in result.output
+
+    # A point whose student is not a model directory is refused before anything runs.
+    config["sweep"]["points"] = [{"student": str(tmp_path / "no-such-student")}]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    refused = CliRunner().invoke(app, ["sweep", "bad.yaml"])
+    assert refused.exit_code == 1 and "sweep point student=no-such-student" in refused.output
+    assert not (tmp_path / "sweep" / "points" / "student=no-such-student").exists()
 
     # A rerun trains nothing that finished; the failing point is tried again.
     metrics = tmp_path / "sweep" / "points" / "temperature=1" / "train" / "metrics.json"
