@@ -164,7 +164,7 @@ class InProcessModel:
         tokenised exactly as training does (`training.data.encode_example`)."""
         import torch
 
-        from training.data import IGNORE_INDEX, encode_example
+        from training.data import IGNORE_INDEX, encode_example, right_padded
 
         limit = min(max_length, getattr(self.model.config, "max_position_embeddings", None) or max_length)
         encoded = [encode_example(self.tokenizer, p, r, self.system_prompt, limit) for p, r in pairs]
@@ -173,15 +173,7 @@ class InProcessModel:
         with torch.inference_mode():
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start : start + batch_size]
-                width = max(len(item["input_ids"]) for item in chunk)
-                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, item in enumerate(chunk):  # right padding, masked out
-                    size = len(item["input_ids"])
-                    input_ids[row, :size] = torch.tensor(item["input_ids"])
-                    labels[row, :size] = torch.tensor(item["labels"])
-                    mask[row, :size] = 1
+                input_ids, labels, mask = right_padded(chunk, pad)
                 logits = self.model(
                     input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
                 ).logits.float()  # (B, L, V)

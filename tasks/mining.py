@@ -154,23 +154,6 @@ def _encode(
     return [encode_example(tokenizer, row["prompt"], row["response"], system_prompt, max_length, template) for row in rows]
 
 
-def _padded(chunk: list[dict[str, Any]], pad_id: int):
-    import torch
-
-    from training.data import IGNORE_INDEX
-
-    width = max(len(item["input_ids"]) for item in chunk)
-    input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    for row, item in enumerate(chunk):  # right padding, masked out
-        size = len(item["input_ids"])
-        input_ids[row, :size] = torch.tensor(item["input_ids"])
-        labels[row, :size] = torch.tensor(item["labels"])
-        mask[row, :size] = 1
-    return input_ids, labels, mask
-
-
 def per_token_divergence(
     student: Any, teacher: Any | None, encoded: list[dict[str, Any]], pad_id: int, batch_size: int
 ) -> list[float]:
@@ -179,12 +162,12 @@ def per_token_divergence(
     import torch
     import torch.nn.functional as F
 
-    from training.data import IGNORE_INDEX
+    from training.data import IGNORE_INDEX, right_padded
 
     scores: list[float] = []
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
-            input_ids, labels, mask = _padded(encoded[start : start + batch_size], pad_id)
+            input_ids, labels, mask = right_padded(encoded[start : start + batch_size], pad_id)
             logits = student(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()  # (B, L-1, V)
             targets = labels[:, 1:]  # (B, L-1): the output at t-1 predicts labels[t]
             counted = targets != IGNORE_INDEX

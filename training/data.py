@@ -300,6 +300,21 @@ def supervised_count(example: dict[str, Any]) -> int:
     return int((example["labels"][1:] != IGNORE_INDEX).sum())
 
 
+def right_padded(encoded: list[dict[str, Any]], pad_token_id: int):
+    """(input_ids, labels, attention_mask), each (B, L): `encode_example` outputs right-padded
+    to the longest, padding masked out and its labels IGNORE_INDEX (for plain forward passes)."""
+    width = max(len(item["input_ids"]) for item in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, item in enumerate(encoded):
+        size = len(item["input_ids"])
+        input_ids[row, :size] = torch.tensor(item["input_ids"])
+        labels[row, :size] = torch.tensor(item["labels"])
+        mask[row, :size] = 1
+    return input_ids, labels, mask
+
+
 def collate(rows: list[dict[str, Any]], pad_token_id: int) -> Batch:
     """Right-pad rows to the longest one; padding is its own position-id segment."""
     width = max(len(row["input_ids"]) for row in rows)
