@@ -20,14 +20,22 @@ STAGING = ".staging"
 
 
 def swap_in_staged(output_dir: Path, staging: Path, parts: tuple[str, ...] = ("data", "rejects")) -> None:
-    """Move finished `staging/<part>` directories over `output_dir/<part>`, then drop staging."""
+    """Move finished `staging/<part>` directories (or files) over `output_dir/<part>`, then
+    drop staging."""
+
+    def remove(path: Path) -> None:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
     for part in parts:
         target, old = output_dir / part, output_dir / f".old-{part}"
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
         if target.exists():
             target.rename(old)
         (staging / part).rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
     shutil.rmtree(staging, ignore_errors=True)
 
 
