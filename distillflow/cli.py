@@ -160,6 +160,31 @@ def inspect(
     typer.echo(inspect_dataset(directory, samples=samples, seed=seed))
 
 
+@app.command("config")
+def config_(
+    config: Optional[Path] = typer.Argument(None, help="A YAML config to check (every key, before any teacher call)."),
+    docs: bool = typer.Option(False, "--docs", help="Print the configuration reference (Markdown)."),
+    write: bool = typer.Option(False, "--write", help="With --docs: rewrite docs/configuration.md instead."),
+) -> None:
+    """Check a config, or print the reference of every config key (generated from the models)."""
+    from distillflow.config import ConfigError, load_config
+
+    if docs:
+        from distillflow.config_reference import REFERENCE_PATH, render_reference
+
+        if write:
+            REFERENCE_PATH.write_text(render_reference(), encoding="utf-8")
+            typer.echo(f"wrote {REFERENCE_PATH}")
+        else:
+            typer.echo(render_reference(), nl=False)
+        return
+    if config is None:
+        raise ConfigError("distill config: give a YAML config to check, or --docs for the reference")
+    loaded = load_config(config)
+    sections = [name for name in ("training", "evaluation", "capture", "sweep", "mining") if getattr(loaded, name)]
+    typer.echo(f"{config}: valid ({', '.join(['dataset', *sections])})")
+
+
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="Where the demo dataset and student go."),

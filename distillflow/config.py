@@ -33,6 +33,8 @@ SEED_FORMATS = ("jsonl", "json", "parquet", "csv", "hf_disk")
 
 
 class SeedSource(StrictModel):
+    """One file of seed prompts (`seeds:` is a list of these, read in order)."""
+
     path: Path = Field(description="A .jsonl/.json/.parquet/.csv file or a datasets.save_to_disk directory.")
     prompt_column: str = Field("prompt", description="Column holding the prompt text.")
     format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf_disk"] = Field(
@@ -42,15 +44,21 @@ class SeedSource(StrictModel):
 
 
 class GenerationConfig(StrictModel):
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Sampling settings sent with every teacher request."""
+
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest token set with this much probability.")
     max_tokens: int = Field(512, ge=1, description="Completion token budget per answer.")
     top_logprobs: int = Field(0, ge=0, le=20, description="Capture top-k logprobs per token (0 = off).")
     seed: int | None = Field(None, description="Per-request sampling seed, if the server supports it.")
-    stop: list[str] | None = None
+    stop: list[str] | None = Field(None, description="Strings that end an answer (the server stops before them).")
 
 
 class TeacherConfig(StrictModel):
+    """The teacher that answers the prompts: an OpenAI-compatible server (vLLM, a
+    commercial API) or a model directory run in-process; how hard to drive it and when
+    to give up."""
+
     backend: Literal["openai", "local"] = Field(
         "openai", description="openai: any OpenAI-compatible URL; local: in-process transformers."
     )
@@ -60,11 +68,19 @@ class TeacherConfig(StrictModel):
         "OPENAI_API_KEY",
         description="NAME of the env var (or `prefect-secret:BLOCK`) holding the key — never the key.",
     )
-    max_concurrency: int = Field(32, ge=1, le=4096)
-    requests_per_minute: float | None = Field(None, gt=0)
-    tokens_per_minute: float | None = Field(None, gt=0)
-    max_retries: int = Field(6, ge=0, le=50)
-    timeout_s: float = Field(120.0, gt=0)
+    max_concurrency: int = Field(32, ge=1, le=4096, description="Requests in flight at once (over all client processes).")
+    requests_per_minute: float | None = Field(None, gt=0, description="Client-side request rate limit (null = none).")
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="Client-side limit on prompt + max_tokens per minute (null = none)."
+    )
+    max_retries: int = Field(
+        6,
+        ge=0,
+        le=50,
+        description="Retries per request after a timeout, connection error, 429 or 5xx "
+        "(exponential backoff; Retry-After is honoured).",
+    )
+    timeout_s: float = Field(120.0, gt=0, description="Seconds one request may take before it is retried.")
     first_contact_s: float = Field(
         20.0,
         gt=0,
@@ -92,7 +108,7 @@ class TeacherConfig(StrictModel):
         description="HTTP transport under the openai client: aiohttp (the SDK's high-concurrency "
         "transport, about 1.5x less CPU per request) or httpx (the SDK's default).",
     )
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(None, description="System message sent before every prompt (null = none).")
     chat_template: ChatTemplateSetting = Field(
         None,
         description="backend local: the chat template the model answers with (a preset: plain; a Jinja "
@@ -136,6 +152,10 @@ class TeacherConfig(StrictModel):
 
 
 class DistillConfig(StrictModel):
+    """One run: where the seeds are, how prompts are made, which teacher answers them, how
+    the answers are filtered, and (optionally) how a student is trained, evaluated, swept
+    and improved with mined prompts."""
+
     name: str = Field(..., min_length=1, description="Dataset / run name.")
     output_dir: Path = Field(..., description="Where the dataset (and the ledger) is written.")
     seeds: list[SeedSource] = Field(..., min_length=1)

@@ -67,6 +67,9 @@ def _no_repeats(values: list[str], key: str) -> list[str]:
 
 
 class EdgeCaseConfig(_Strict):
+    """Edge-case variants of seed prompts (empty input, very long input, unicode, format
+    demands, ...), each kept with the seed it came from."""
+
     kinds: list[EdgeCaseKind] = Field(
         default_factory=lambda: list(EDGE_CASE_KINDS),
         description="Rule-based edge-case generators to run, in this order (round-robin).",
@@ -91,6 +94,9 @@ class EdgeCaseConfig(_Strict):
 
 
 class AdversarialConfig(_Strict):
+    """Adversarial variants of seed prompts (typos, casing, distractors, injected
+    instructions, role play, false premises), with protected spans kept verbatim."""
+
     kinds: list[AdversarialKind] = Field(
         default_factory=lambda: list(ADVERSARIAL_KINDS),
         description="Rule-based perturbations to run, in this order (round-robin).",
@@ -116,6 +122,10 @@ class AdversarialConfig(_Strict):
 
 
 class EvolveConfig(_Strict):
+    """Evol-Instruct style rewrites of seed prompts by the teacher (deeper, broader,
+    more constrained); a too-long rewrite, or an in-breadth one too close to its parent, is
+    dropped."""
+
     operations: list[EvolveOperation] = Field(
         default_factory=lambda: list(EVOLVE_OPERATIONS),
         description="Teacher-driven rewrites to run: Evol-Instruct in-depth (add_constraints, "
@@ -147,6 +157,9 @@ class EvolveConfig(_Strict):
 
 
 class SelfInstructConfig(_Strict):
+    """New prompts written by the teacher from a few seed examples (self-instruct); near
+    copies of existing prompts are dropped."""
+
     num_examples: int = Field(
         3, ge=1, le=16, description="Seed prompts shown to the teacher as examples per request."
     )
@@ -163,6 +176,9 @@ class SelfInstructConfig(_Strict):
 
 
 class PromptsConfig(_Strict):
+    """How the prompt set is made from the seeds: the seeds themselves plus edge-case,
+    adversarial, evolved and self-instruct variants, mixed by weight."""
+
     num_prompts: int | None = Field(
         None,
         ge=1,

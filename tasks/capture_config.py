@@ -17,6 +17,9 @@ from training.config import ChatTemplateSetting
 
 
 class CaptureConfig(BaseModel):
+    """Capture the teacher's top-k logprobs for every answer token of a dataset (in
+    process with transformers, or from a vLLM server), for white-box training."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     source: Literal["local", "vllm"] = Field(

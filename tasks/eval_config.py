@@ -90,6 +90,9 @@ class EvalModel(_Strict):
 
 
 class EvalSet(_Strict):
+    """One file of evaluation questions with their expected answers and how an answer
+    is checked."""
+
     path: Path = Field(
         ...,
         description="A .jsonl or .parquet file with a `prompt` column and optional `reference`, `check` "
@@ -107,6 +110,9 @@ class EvalSet(_Strict):
 
 
 class HeldoutConfig(_Strict):
+    """Rows of the training dataset held out by a hash of their id: training skips
+    them, evaluation compares the student's answers with the teacher's."""
+
     dataset_dir: Path | None = Field(
         None, description="Dataset written by `distill build` (default: the config's output_dir)."
     )
@@ -121,6 +127,9 @@ class HeldoutConfig(_Strict):
 
 
 class RobustnessConfig(_Strict):
+    """The eval questions again, perturbed by the project's adversarial and edge-case
+    generators (the answer-bearing spans kept verbatim)."""
+
     perturbations: list[str] = Field(
         default_factory=lambda: ["typo", "whitespace", "casing", "distractor"],
         description=f"Perturbations applied to every eval-set prompt, by name: {', '.join(PERTURBATION_NAMES)}.",
@@ -141,6 +150,9 @@ class RobustnessConfig(_Strict):
 
 
 class JudgeConfig(_Strict):
+    """A pairwise judge (any OpenAI-compatible model) comparing each model's answer with
+    the reference model's, in both orders."""
+
     base_url: str = Field(..., description="OpenAI-compatible endpoint of the judge model.")
     model: str = Field(..., description="Served name of the judge model.")
     api_key_env: str | None = Field(
@@ -163,6 +175,8 @@ class JudgeConfig(_Strict):
 
 
 class SpeedConfig(_Strict):
+    """Inference speed: tokens per second and latency percentiles at each batch size."""
+
     batch_sizes: list[int] = Field(
         default_factory=lambda: [1, 32], min_length=1, description="Batch sizes at which generation is timed."
     )
@@ -181,6 +195,8 @@ class SpeedConfig(_Strict):
 
 
 class EvalGenerationConfig(_Strict):
+    """How evaluated model directories generate their answers (greedy)."""
+
     max_tokens: int = Field(64, ge=1, description="Answer token budget (greedy decoding).")
     batch_size: int = Field(16, ge=1, description="Prompts per generate call of an in-process model.")
     device: str = Field("auto", description="In-process models: auto, cpu, cuda, cuda:N.")
@@ -188,6 +204,9 @@ class EvalGenerationConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    """What `distill eval` measures: which models, on which questions (eval sets, the
+    held-out split), robustness to adversarial variants, a pairwise judge, and speed."""
+
     output_dir: Path = Field(..., description="Where records.jsonl, report.json, report.md and chart.png go.")
     models: list[EvalModel] = Field(..., min_length=1, description="The models to evaluate, in table order.")
     eval_sets: list[EvalSet] = Field(default_factory=list, description="Prompt files with references.")

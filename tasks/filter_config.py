@@ -23,6 +23,9 @@ REFUSAL_EXPECTED_DEFAULT = ("adversarial:injection", "adversarial:roleplay", "ad
 
 
 class NearDedupConfig(_Strict):
+    """Near-duplicate prompts by MinHash LSH over word or character n-grams; candidate
+    pairs are verified, and the first prompt in input order is kept."""
+
     enabled: bool = Field(True, description="Drop near-duplicate prompts (MinHash + LSH).")
     threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity threshold.")
     num_perm: int = Field(
@@ -53,6 +56,9 @@ class NearDedupConfig(_Strict):
 
 
 class SemanticDedupConfig(_Strict):
+    """Prompts whose sentence embeddings are closer than a cosine threshold (an HNSW
+    index over a local sentence-transformers model); the first in input order is kept."""
+
     enabled: bool = Field(False, description="Drop paraphrases by sentence-embedding cosine similarity.")
     threshold: float = Field(0.95, gt=0.0, le=1.0, description="Cosine similarity threshold.")
     model: str = Field(
@@ -70,6 +76,9 @@ class SemanticDedupConfig(_Strict):
 
 
 class DecontaminationConfig(_Strict):
+    """Drop prompts that share long n-grams with evaluation sets, so the student is
+    not trained on its own test questions."""
+
     eval_files: list[Path] = Field(
         default_factory=list,
         description="Evaluation sets (.jsonl/.json/.parquet/.csv/.txt, column `prompt`, `question` "
@@ -87,6 +96,9 @@ class DecontaminationConfig(_Strict):
 
 
 class DiversityConfig(_Strict):
+    """Keep a diverse subset of the prompts that passed every other filter: k-center or
+    facility-location selection over embeddings, with a minimum count per strategy."""
+
     keep: int | None = Field(
         None, ge=1, description="Keep this many prompts (null = off), chosen to cover the embedding space."
     )
@@ -115,6 +127,9 @@ class DiversityConfig(_Strict):
 
 
 class QualityConfig(_Strict):
+    """Checks on each answer: length, refusals, repetition, the prompt echoed back, and
+    the language."""
+
     max_response_chars: int | None = Field(
         None, ge=1, description="Drop responses longer than this many characters (null = no bound)."
     )
@@ -186,6 +201,10 @@ class QualityConfig(_Strict):
 
 
 class FiltersConfig(_Strict):
+    """What is dropped before and after the teacher answers: exact, near-duplicate and
+    semantic duplicates, eval-set overlap, low-quality answers, and the diversity cut.
+    Every dropped row is kept in rejects with its reason."""
+
     exact_dedup: bool = Field(True, description="Drop prompts equal after NFKC, case-fold, whitespace collapse.")
     keep_variants_of_parent: bool = Field(
         True,

@@ -16,6 +16,10 @@ CANDIDATE_FAMILIES = ("edge_case", "adversarial", "evolve", "self_instruct")
 
 
 class MiningConfig(BaseModel):
+    """Mine prompts the student gets wrong: generate candidates, let the teacher answer
+    them, score the student against the teacher, add the hardest to a new dataset
+    version, and retrain."""
+
     model_config = ConfigDict(extra="forbid")
 
     dataset_dir: Path | None = Field(

@@ -18,6 +18,9 @@ LOWER_IS_BETTER = frozenset({"gap"})
 
 
 class SweepConfig(BaseModel):
+    """Train and evaluate one student per point of a grid (or a list of points) over
+    `training:` keys, and rank them."""
+
     model_config = ConfigDict(extra="forbid")
 
     output_dir: Path = Field(

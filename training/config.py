@@ -60,6 +60,10 @@ class DeriveStudentConfig(BaseModel):
 
 
 class TrainingConfig(BaseModel):
+    """How the student is trained with DeepSpeed ZeRO: the data, the student (a model
+    directory or derived from the teacher), the objective (sft, kd_topk, kd_logits,
+    hidden-state matching) and its loss weights, the optimiser, and checkpoints."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- data --------------------------------------------------------------------------
