@@ -130,7 +130,7 @@ def check_deepspeed(workdir: Path, dtype: str) -> str:
         import deepspeed  # noqa: F401
 
         from training.launch import build_launch_command, launch_env
-        from training.testing import build_tiny_setup_once
+        from tests.fixtures import build_tiny_setup_once
     except ImportError as error:
         raise RuntimeError(f"training entry point not importable: {error}") from error
 
@@ -181,7 +181,7 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from distillflow.tiny import build_tiny_llama
+    from training.scratch import build_tiny_llama
 
     cuda = torch.cuda.is_available()
     print(f"[gpu_check] torch {torch.__version__}, CUDA build {torch.version.cuda}, available: {cuda}")

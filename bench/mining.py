@@ -42,7 +42,7 @@ ARMS = ("hardest", "random")
 
 def demo_dataset(workdir: Path, seed: int) -> dict:
     """The demo's config (its dataset built and captured in `workdir` when missing)."""
-    from distillflow.demo import ensure_demo_teacher
+    from tasks.demo_teacher import ensure_demo_teacher
     from flows.build import build_command
     from flows.capture_logits import capture_logits_command
     from flows.demo import DemoBudget, demo_config

@@ -421,7 +421,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
 
 def build_command(config_path: str | Path, prompt_column: str | None = None) -> dict[str, Any]:
     """`distill build CONFIG`: validate everything that can be checked before paying, then run."""
-    from distillflow.preflight import preflight_build
+    from tasks.preflight import preflight_build
 
     config = load_config(config_path)
     if config.teacher.backend == "openai":

@@ -135,7 +135,7 @@ def _say(message: str) -> None:
 def demo_command(
     workdir: str | Path = "runs/demo", train_student: bool = True, budget: DemoBudget | None = None
 ) -> dict[str, Any]:
-    from distillflow.demo import ensure_demo_teacher
+    from tasks.demo_teacher import ensure_demo_teacher
     from flows.build import build_command
     from flows.capture_logits import capture_logits_command
     from flows.evaluate import eval_command

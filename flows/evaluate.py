@@ -88,7 +88,7 @@ def evaluate(config_path: str) -> dict[str, Any]:
 
 def eval_command(config_path: str | Path) -> dict[str, Any]:
     """Validate the config, run the flow, print the comparison table; the report dict."""
-    from distillflow.preflight import preflight_eval
+    from tasks.preflight import preflight_eval
 
     preflight_eval(load_eval_run(config_path))  # config and model errors before Prefect starts
     report = evaluate(str(config_path))

@@ -204,7 +204,7 @@ def _key(name: str) -> str:
 
 def mine_command(config_path: str | Path) -> dict[str, Any]:
     """Validate the config (files, student, score) before Prefect starts, run, print the outcome."""
-    from distillflow.preflight import load_model_dir
+    from tasks.preflight import load_model_dir
 
     config = load_config(config_path, check_files=False)
     plan = plan_mining(config, str(config_path))

@@ -44,8 +44,8 @@ def run_pipeline(config_path: str) -> dict[str, Any]:
 
 
 def run_command(config_path: str | Path) -> dict[str, Any]:
-    """Check every stage the config asks for (distillflow/preflight.py), then run the pipeline."""
-    from distillflow.preflight import preflight_run
+    """Check every stage the config asks for (tasks/preflight.py), then run the pipeline."""
+    from tasks.preflight import preflight_run
     from storage.seeds import load_seeds
 
     config = load_config(config_path)

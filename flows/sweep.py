@@ -167,13 +167,13 @@ class SweepFailed(RuntimeError):
 
 def sweep_command(config_path: str | Path) -> dict[str, Any]:
     """Validate every point before Prefect starts, run, print the ranked table."""
-    from distillflow.preflight import preflight_eval, preflight_training
+    from tasks.preflight import preflight_eval, preflight_training
     from tasks.evaluate import eval_run_from_config
     from training.config import TrainingConfig
 
     config = load_config(config_path, check_files=False)
     plan = plan_sweep(config, str(config_path))
-    # Every point's models load and fit before the first flow starts (distillflow/preflight.py).
+    # Every point's models load and fit before the first flow starts (tasks/preflight.py).
     for point in plan.points:
         preflight_training(TrainingConfig.model_validate(point.config["training"]), f"{config_path}: sweep point {point.name}")
     preflight_eval(eval_run_from_config(config, str(config_path)), only_existing=True)

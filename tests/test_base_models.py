@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from distillflow.cli import app
 from distillflow.config import ConfigError, load_config
-from distillflow.tiny import build_tiny_llama
+from training.scratch import build_tiny_llama
 from tests.conftest import free_port
 from tests.test_build import GOOD, write_seeds
 

@@ -289,7 +289,7 @@ def test_mixed_strategies_are_traceable_to_their_seeds(prefect_harness, server, 
 
 
 def test_local_backend_builds_with_top_logprobs(prefect_harness, tmp_path):
-    from distillflow.tiny import build_tiny_llama
+    from training.scratch import build_tiny_llama
     from flows.build import build_command
 
     build_tiny_llama(tmp_path / "teacher", seed=3)

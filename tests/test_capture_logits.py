@@ -29,7 +29,7 @@ ROWS = [
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
-    from distillflow.tiny import build_tiny_llama
+    from training.scratch import build_tiny_llama
 
     path = tmp_path_factory.mktemp("tiny-teacher")
     build_tiny_llama(path, hidden_size=64, num_heads=2, num_layers=2, vocab_size=320, seed=1)

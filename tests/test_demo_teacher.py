@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from distillflow.demo import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, ensure_demo_teacher, version_key
+from tasks.demo_teacher import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, ensure_demo_teacher, version_key
 from prompts.adversarial import ADVERSARIAL, perturb_protected
 from prompts.config import AdversarialConfig
 from prompts.skills import ANSWERS, SKILLS, distinct, sample, split_of

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from distillflow.cli import app
 from distillflow.config import ConfigError, parse_config
 from distillflow.records import content_id
-from distillflow.tiny import build_tiny_llama
+from training.scratch import build_tiny_llama
 from storage.dataset import is_heldout
 from tasks.eval_config import RobustnessConfig
 from tasks.evaluate import (

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from distillflow.cli import app
 from distillflow.config import ConfigError, parse_config
-from distillflow.tiny import build_tiny_llama
+from training.scratch import build_tiny_llama
 from storage.parquet import read_table
 from tasks.dedup import normalize_text
 from tasks.mining import MiningPlan, score_candidates, select_candidates

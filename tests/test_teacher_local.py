@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distillflow.config import TeacherConfig
-from distillflow.tiny import build_tiny_llama
+from training.scratch import build_tiny_llama
 from tasks.teacher_local import LocalTeacher
 
 PROMPTS = [

@@ -218,7 +218,7 @@ def test_train_command_reports_a_bad_config_in_one_paragraph(tmp_path):
 def test_train_flow_runs_real_kd_topk_training_on_captured_logits(prefect_harness, tmp_path):
     """capture-logits → `distill train` on a tiny Llama: the kd_topk objective decodes the
     captured blobs, the flow streams the run and publishes its curve."""
-    from distillflow.tiny import build_tiny_llama
+    from training.scratch import build_tiny_llama
     from flows.train import train
     from tasks.capture_logits import capture_dataset
     from tests.test_capture_logits import settings_for, write_dataset

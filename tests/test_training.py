@@ -27,7 +27,7 @@ from training.model import (
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    from training.testing import build_tiny_setup_once
+    from tests.fixtures import build_tiny_setup_once
 
     return build_tiny_setup_once(tmp_path_factory.getbasetemp() / "tiny-distill", num_rows=16)
 
@@ -107,7 +107,7 @@ def test_packed_rows_keep_examples_apart(tiny, tokenizer, tmp_path):
 def test_vocabulary_preflight_trims_padding_and_names_mismatched_tokenizers(tiny, tokenizer, tmp_path):
     size = len(tokenizer)
     assert vocabulary_preflight(tokenizer, tokenizer, size + 64, size + 128) == size
-    from distillflow.tiny import train_tokenizer
+    from training.scratch import train_tokenizer
 
     other = train_tokenizer(tmp_path / "other-tok", corpus=["completely different text " * 5], vocab_size=300)
     other.name_or_path = "other-tok"

@@ -28,7 +28,7 @@ RUN_TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from training.testing import build_tiny_setup_once
+    from tests.fixtures import build_tiny_setup_once
 
     return build_tiny_setup_once(tmp_path_factory.getbasetemp() / "tiny-distill", num_rows=16)
 

@@ -57,7 +57,7 @@ def build_tiny_setup(
 ) -> dict[str, Path]:
     import pyarrow as pa
 
-    from distillflow.tiny import build_tiny_llama
+    from training.scratch import build_tiny_llama
     from storage.parquet import write_table_atomic
     from storage.topk import encode_topk
 
