@@ -10,14 +10,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prompts.adversarial import ADVERSARIAL
-from prompts.edge_cases import EDGE_CASES
+from prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS
 from training.config import ChatTemplateSetting
 
 CheckName = Literal["exact", "contains", "numeric", "regex", "choice", "json"]
 
 # Perturbations a robustness test can use: the project's own prompt generators.
-PERTURBATION_NAMES: tuple[str, ...] = (*ADVERSARIAL, *EDGE_CASES)
+PERTURBATION_NAMES: tuple[str, ...] = (*ADVERSARIAL_KINDS, *EDGE_CASE_KINDS)
 
 
 class _Strict(BaseModel):

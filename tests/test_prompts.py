@@ -513,7 +513,9 @@ def test_report_table_and_markdown_for_artifacts():
     assert set(report["diversity_per_family"]) == {"seed", "edge_case"}
 
 
-def test_a_new_domain_pack_is_one_dict_of_functions(monkeypatch):
+def test_a_new_domain_pack_is_one_dict_of_functions_and_its_name(monkeypatch):
+    import prompts.config
+
     date = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
 
     def leap_day(text, rng, config):
@@ -522,6 +524,7 @@ def test_a_new_domain_pack_is_one_dict_of_functions(monkeypatch):
         return date.sub(rng.choice(["2024-02-29", "2100-02-29"]), text, count=1)
 
     monkeypatch.setitem(DOMAIN_EDGE_CASES, "dates", {"leap_day": leap_day})
+    monkeypatch.setattr(prompts.config, "DOMAIN_PACKS", (*prompts.config.DOMAIN_PACKS, "dates"))
     seeds = [*SEEDS, PromptRecord.make("What weekday is 2023-03-01?", "seed")]
     config = only("edge_case", ["empty"], n=4, domains=["dates"])
     rows = rows_of(config, seeds)

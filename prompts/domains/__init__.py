@@ -4,7 +4,7 @@ Each module defines `EDGE_CASES`, a dict of `name -> (text, rng, config) -> str 
 (same signature as `prompts.edge_cases`; None = this seed does not fit the domain).
 Enabled packs (`prompts.domains: [arithmetic]`) join the edge_case family with strategy
 names `edge_case:<domain>.<name>`. To add a pack, write `prompts/domains/<domain>.py` and
-add one line to `DOMAIN_EDGE_CASES` below.
+add one line to `DOMAIN_EDGE_CASES` below and its name to `prompts.config.DOMAIN_PACKS`.
 """
 
 from __future__ import annotations

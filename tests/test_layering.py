@@ -1,0 +1,143 @@
+"""Imports go one way: entry points → flows → tasks → prompts, training → storage → core
+types and config. Nothing imports a layer above it, and no modules import each other in
+a cycle (lazy imports inside functions count: they are cycles all the same)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("distillflow", "flows", "tasks", "prompts", "training", "storage")
+
+# The lowest layer: core types, interrupt/failure handling, and every config model (a
+# config validates with these only, so loading a config imports no machinery).
+CORE = {"distillflow", "distillflow.records", "distillflow.interrupt", "distillflow.failures", "training.chat_template"}
+LEVELS = {"storage": 1, "prompts": 2, "training": 2, "tasks": 3, "flows": 4, "distillflow": 5}
+LAYER_NAMES = {0: "core/config", 1: "storage", 2: "prompts/training", 3: "tasks", 4: "flows", 5: "entry points"}
+
+
+def module_files() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            modules[name.removesuffix(".__init__")] = path
+    return modules
+
+
+def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return True
+    return False
+
+
+def import_edges(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """module → the project modules it imports (anywhere in the file, TYPE_CHECKING aside)."""
+    edges: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            if _type_checking_only(node, parents):
+                continue
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    edges[name].add(target)
+    return edges
+
+
+def level(module: str) -> int:
+    last = module.rsplit(".", 1)[-1]
+    if module in CORE or last == "config" or last.endswith("_config"):
+        return 0
+    return LEVELS[module.split(".")[0]]
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in edges[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+@pytest.fixture(scope="module")
+def edges() -> dict[str, set[str]]:
+    return import_edges(module_files())
+
+
+@pytest.mark.xfail(strict=True, reason="tasks.teacher <-> tasks.teacher_pool: the Teacher protocol removes it")
+def test_no_import_cycles(edges):
+    assert cycles(edges) == []
+
+
+def test_no_import_reaches_up_a_layer(edges):
+    upward = []
+    for source, targets in sorted(edges.items()):
+        for target in sorted(targets):
+            same_package = source.split(".")[0] == target.split(".")[0]
+            if level(target) > level(source) or (
+                level(target) == level(source) and level(source) > 0 and not same_package
+            ):
+                upward.append(
+                    f"{source} ({LAYER_NAMES[level(source)]}) imports {target} ({LAYER_NAMES[level(target)]})"
+                )
+    assert upward == []
+
+
+def test_the_walk_sees_lazy_imports_and_cycles():
+    """The checker itself: a lazy import inside a function is an edge, and a cycle is found."""
+    modules = module_files()
+    edges = import_edges(modules)
+    assert "tasks.train_student" in edges["flows.train"] or any(t.startswith("tasks.") for t in edges["flows.train"])
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_config_name_lists_match_the_generators():
+    """Configs validate generator names from plain tuples (no generator import); they must
+    list exactly the generators that exist."""
+    from prompts.adversarial import ADVERSARIAL
+    from prompts.config import ADVERSARIAL_KINDS, DOMAIN_PACKS, EDGE_CASE_KINDS
+    from prompts.domains import DOMAIN_EDGE_CASES
+    from prompts.edge_cases import EDGE_CASES
+
+    assert tuple(ADVERSARIAL) == ADVERSARIAL_KINDS
+    assert tuple(EDGE_CASES) == EDGE_CASE_KINDS
+    assert tuple(DOMAIN_EDGE_CASES) == DOMAIN_PACKS
