@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -20,6 +19,7 @@ from typing import Any
 import jinja2
 
 from distillflow.records import PromptRecord, Reject, TeacherAnswer, content_id
+from distillflow.text import REFUSAL_OPENING, is_refusal, normalize_text
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 
@@ -63,19 +63,6 @@ def request_id(messages: Messages) -> str:
 # ── parsing ──────────────────────────────────────────────────────────────────────────
 
 _PROMPT_BLOCK = re.compile(r"<prompt>(.*?)</prompt>", re.DOTALL)
-_REFUSAL = re.compile(
-    r"^\W*(?:(?:i'm|i am) sorry|sorry,? but|as an ai\b|i apologi[sz]e|"
-    r"(?:i|i'm|i am) (?:cannot|can't|won't|will not|unable to|not able to) "
-    r"(?:help|assist|comply|provide|create|write|do that|fulfil|generate|rewrite))",
-    re.IGNORECASE,
-)
-
-
-def is_refusal(text: str) -> bool:
-    """Whether `text` opens like a refusal ("I'm sorry, ...", "I can't help with ...")."""
-    return _REFUSAL.search(text.strip().replace("\u2019", "'")) is not None
-
-
 # Words that show the teacher echoed the instructions instead of writing a prompt.
 _TEMPLATE_LEAKS = (
     "<prompt>",
@@ -99,19 +86,13 @@ _STOPWORDS = frozenset(
 )
 
 
-def normalize(text: str) -> str:
-    """Case-, width- and punctuation-insensitive form used to detect copies."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(re.findall(r"\w+", text))
-
-
 def content_words(text: str) -> set[str]:
-    return {word for word in normalize(text).split() if word not in _STOPWORDS}
+    return {word for word in normalize_text(text, words_only=True).split() if word not in _STOPWORDS}
 
 
 def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F1 over normalized words: 2PR/(P+R) from the longest common subsequence."""
-    a, b = normalize(candidate).split(), normalize(reference).split()
+    a, b = normalize_text(candidate, words_only=True).split(), normalize_text(reference, words_only=True).split()
     if not a or not b:
         return 0.0
     previous = [0] * (len(b) + 1)  # LCS lengths of a[:i] with every prefix of b
@@ -158,7 +139,7 @@ def parse_generated_prompt(
         return Parsed(None, "empty", "the teacher returned no text")
     blocks = _PROMPT_BLOCK.findall(content)
     if not blocks:
-        if is_refusal(content):
+        if is_refusal(content, REFUSAL_OPENING):
             return Parsed(None, "refusal", content.strip()[:200])
         return Parsed(None, "unparseable", "no <prompt>...</prompt> block in the answer")
     if len(blocks) > 1:
@@ -166,7 +147,7 @@ def parse_generated_prompt(
     prompt = blocks[0].strip()
     if not prompt:
         return Parsed(None, "empty", "the <prompt> block is empty")
-    if is_refusal(prompt):
+    if is_refusal(prompt, REFUSAL_OPENING):
         return Parsed(prompt, "refusal", prompt[:200])
     lowered = prompt.lower()
     leaks = [marker for marker in _TEMPLATE_LEAKS if marker in lowered]
@@ -176,11 +157,11 @@ def parse_generated_prompt(
         return Parsed(
             prompt, "too_long", f"{len(prompt)} characters > max_prompt_chars={max_chars}"
         )
-    normalized = normalize(prompt)
+    normalized = normalize_text(prompt, words_only=True)
     if not normalized:
         return Parsed(prompt, "no_new_information", "only punctuation or symbols")
     for parent in parents:
-        if normalized == normalize(parent):
+        if normalized == normalize_text(parent, words_only=True):
             return Parsed(prompt, "copy_of_parent", "same words as the prompt it was made from")
     if require_new_words and parents and content_words(prompt) <= content_words(parents[0]):
         return Parsed(

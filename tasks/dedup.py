@@ -8,20 +8,14 @@ their order, never on how they were batched or how many workers computed the key
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Iterable
 
 import numpy as np
 import xxhash
 
+from distillflow.text import normalize_text
+
 KEEP = -1  # `duplicate_of` value of a row that is kept
-
-
-def normalize_text(text: str) -> str:
-    """Unicode NFKC, case-fold, collapse every run of whitespace to one space, strip."""
-    if text.isascii():  # NFKC is the identity on ASCII, and case-folding is lower()
-        return " ".join(text.lower().split())
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def exact_keys(texts: Iterable[str]) -> np.ndarray:

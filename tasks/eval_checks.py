@@ -26,6 +26,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from distillflow.text import normalize_text
+
 NUMERIC_REL_TOL = 1e-6
 NUMERIC_ABS_TOL = 1e-9
 
@@ -72,7 +74,7 @@ _CAPITAL_WORD = re.compile(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])")
 
 
 def _normalise(text: str) -> str:
-    return " ".join(text.casefold().strip().strip(".!").split())
+    return normalize_text(text).strip(".!").strip()
 
 
 def chosen_letter(answer: str) -> str | None:

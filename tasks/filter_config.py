@@ -7,6 +7,7 @@ truncated, length bounds, refusal, repetition, prompt echo, language).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,10 @@ class _Strict(BaseModel):
 
 # Adversarial prompts a good teacher refuses: an injected instruction, a jailbreak-style
 # role play, a false premise. Their refusals are the behaviour to distil.
+# Scripts the language check knows (tasks.quality.SCRIPT_RANGES has the letter ranges of each).
+LanguageScript = Literal["latin", "greek", "cyrillic", "hebrew", "arabic", "devanagari", "thai", "hangul", "cjk"]
+LANGUAGE_SCRIPTS: tuple[str, ...] = LanguageScript.__args__
+
 REFUSAL_EXPECTED_DEFAULT = ("adversarial:injection", "adversarial:roleplay", "adversarial:false_premise")
 
 
@@ -143,6 +148,19 @@ class QualityConfig(_Strict):
     extra_refusal_patterns: list[str] = Field(
         default_factory=list, description="More regular expressions matched (case-insensitive) at the start."
     )
+
+    @field_validator("extra_refusal_patterns")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        for index, pattern in enumerate(value):
+            try:
+                re.compile(pattern, re.IGNORECASE)
+            except re.error as error:
+                raise ValueError(
+                    f"extra_refusal_patterns[{index}] {pattern!r} is not a regular expression ({error}); "
+                    "fix it (escape literal characters such as ( ) [ ] . * + ? with a backslash)"
+                ) from None
+        return value
     keep_refusals_for: list[str] = Field(
         default_factory=lambda: list(REFUSAL_EXPECTED_DEFAULT),
         description="Strategies whose prompts ought to be refused: a refusal of one of these is the "
@@ -190,10 +208,8 @@ class QualityConfig(_Strict):
             )
         return value
 
-    language: str | None = Field(
-        None,
-        description="Expected script of responses: `latin`, `cyrillic`, `greek`, `arabic`, `hebrew`, "
-        "`cjk`, `hangul`, `devanagari`, `thai`; null = no check.",
+    language: LanguageScript | None = Field(
+        None, description="Expected script of responses; null = no check."
     )
     min_language_fraction: float = Field(
         0.5, gt=0.0, le=1.0, description="Minimum fraction of letters in the expected script."

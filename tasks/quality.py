@@ -6,27 +6,12 @@ reason, so every dropped answer has exactly one reason.
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
-from tasks.dedup import normalize_text
+from distillflow.text import compile_refusal_patterns, is_refusal, normalize_text
 from tasks.filter_config import FiltersConfig
 
-# Opening phrases of refusals. Matched case-insensitively on short responses only (see
-# `QualityConfig.refusal_max_chars`), after curly apostrophes are straightened.
-REFUSAL_PATTERNS = [
-    r"\bi(?: am|'m) (?:sorry|afraid)\b[^.!?\n]{0,60}\b(?:can ?not|can't|won't|will not|unable|not able)\b",
-    r"\b(?:sorry|apologi[sz]e)[,.!]? (?:but )?i (?:can ?not|can't|won't|will not|am unable|'m unable|am not able|'m not able)\b",
-    r"^\s*i (?:can ?not|can't|won't|will not|am unable to|'m unable to|am not able to|'m not able to|must decline to|must refuse to) "
-    r"(?:help|assist|provide|comply|do that|fulfil|fulfill|answer|create|generate|write|support|engage|share|give|respond|complete)",
-    r"\bi (?:can ?not|can't|won't|will not) (?:help|assist) (?:you )?with (?:that|this)\b",
-    r"\bas an ai(?: language model| assistant| model)?,? i (?:can ?not|can't|don't|do not|am not|'m not|am unable|must)\b",
-    r"\bi must (?:respectfully )?(?:decline|refuse)\b",
-    r"\bi(?: am|'m) not (?:able|going|allowed|permitted) to (?:help|assist|provide|comply|do that|answer)\b",
-    r"\bthis (?:request|question) (?:goes against|violates)\b",
-]
 
 # Letter ranges per script, for the optional language check (a cheap script test: it tells
 # Latin from Cyrillic or CJK, not English from French).
@@ -47,20 +32,6 @@ SCRIPT_RANGES: dict[str, list[tuple[int, int]]] = {
 class QualityVerdict:
     reason: str
     detail: str
-
-
-def compile_refusal_patterns(extra: list[str] | None = None) -> re.Pattern[str]:
-    return re.compile("|".join(f"(?:{p})" for p in [*REFUSAL_PATTERNS, *(extra or [])]), re.IGNORECASE)
-
-
-def _straighten(text: str) -> str:
-    return text.replace("\u2019", "'").replace("\u2018", "'").replace("\u02bc", "'")
-
-
-def is_refusal(response: str, pattern: re.Pattern[str]) -> str | None:
-    """The matched refusal phrase, or None."""
-    match = pattern.search(_straighten(unicodedata.normalize("NFKC", response)))
-    return match.group(0) if match else None
 
 
 def repeated_ngram_fraction(tokens: list[str], n: int) -> float:
@@ -107,11 +78,6 @@ class ResponseChecker:
         self.quality = config.quality
         self.refusal_pattern = compile_refusal_patterns(self.quality.extra_refusal_patterns)
         self.keep_refusals = frozenset(self.quality.keep_refusals_for)
-        if self.quality.language is not None and self.quality.language not in SCRIPT_RANGES:
-            raise ValueError(
-                f"filters.quality.language: unknown script {self.quality.language!r}; "
-                f"use one of {sorted(SCRIPT_RANGES)} or null"
-            )
 
     def refusal_expected(self, strategy: str) -> bool:
         """Whether `strategy`'s prompts ought to be refused (`quality.keep_refusals_for`)."""

@@ -14,7 +14,14 @@ PACKAGES = ("distillflow", "flows", "tasks", "prompts", "training", "storage")
 
 # The lowest layer: core types, interrupt/failure handling, and every config model (a
 # config validates with these only, so loading a config imports no machinery).
-CORE = {"distillflow", "distillflow.records", "distillflow.interrupt", "distillflow.failures", "training.chat_template"}
+CORE = {
+    "distillflow",
+    "distillflow.records",
+    "distillflow.text",
+    "distillflow.interrupt",
+    "distillflow.failures",
+    "training.chat_template",
+}
 LEVELS = {"storage": 1, "prompts": 2, "training": 2, "tasks": 3, "flows": 4, "distillflow": 5}
 LAYER_NAMES = {0: "core/config", 1: "storage", 2: "prompts/training", 3: "tasks", 4: "flows", 5: "entry points"}
 
@@ -141,3 +148,10 @@ def test_config_name_lists_match_the_generators():
     assert tuple(ADVERSARIAL) == ADVERSARIAL_KINDS
     assert tuple(EDGE_CASES) == EDGE_CASE_KINDS
     assert tuple(DOMAIN_EDGE_CASES) == DOMAIN_PACKS
+
+
+def test_language_scripts_match_the_script_ranges():
+    from tasks.filter_config import LANGUAGE_SCRIPTS
+    from tasks.quality import SCRIPT_RANGES
+
+    assert sorted(LANGUAGE_SCRIPTS) == sorted(SCRIPT_RANGES)

@@ -90,5 +90,18 @@ def test_extra_refusal_pattern_and_unknown_language():
     config = FiltersConfig(quality={"extra_refusal_patterns": [r"^no comment"]})
     _, rejects = filter_responses([row("No comment on that.")], config)
     assert [r.reason for r in rejects] == ["refusal"]
-    with pytest.raises(ValueError, match="unknown script"):
-        filter_responses([row(GOOD)], FiltersConfig(quality={"language": "klingon"}))
+
+def test_bad_language_and_bad_pattern_fail_when_the_config_loads(tmp_path):
+    """Both are refused by the config itself, before any teacher call is paid."""
+    from distillflow.config import ConfigError, parse_config
+
+    base = {
+        "name": "q",
+        "output_dir": str(tmp_path / "out"),
+        "seeds": [{"path": str(tmp_path / "seeds.jsonl")}],
+        "teacher": {"model": "m"},
+    }
+    with pytest.raises(ConfigError, match=r"filters\.quality\.language.*'latin'"):
+        parse_config({**base, "filters": {"quality": {"language": "klingon"}}})
+    with pytest.raises(ConfigError, match=r"extra_refusal_patterns\[0\] '\(unclosed' is not a regular expression"):
+        parse_config({**base, "filters": {"quality": {"extra_refusal_patterns": ["(unclosed"]}}})
