@@ -169,7 +169,7 @@ class CommandLog:
         return 1
 
 
-PROJECT_PACKAGES = {"distillflow", "flows", "tasks", "training", "storage", "prompts"}
+PROJECT_PACKAGES = {"distillflow"}
 
 
 def error_message(error: BaseException) -> str:

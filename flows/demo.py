@@ -24,8 +24,9 @@ from typing import Any
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+from distillflow.resources import packaged
+
+DEMO_CONFIG = packaged("configs/demo.yaml")
 STUDENTS = ("sft", "kd_topk", "reference")
 
 
@@ -41,7 +42,8 @@ class DemoBudget:
 
 
 def _resolve(path: str) -> str:
-    return str(path if Path(path).is_absolute() else ROOT / path)
+    """A path of configs/demo.yaml: absolute, or a file shipped with distillflow."""
+    return str(path if Path(path).is_absolute() else packaged(path))
 
 
 def demo_config(workdir: Path, teacher_dir: Path, budget: DemoBudget) -> dict[str, Any]:
@@ -102,9 +104,9 @@ def write_reference_dataset(dataset_dir: Path, seeds_path: Path, out_dir: Path) 
     the number of rows written.
     """
     import pyarrow as pa
+    from distillflow.storage.parquet import read_table, write_table_atomic
 
     from distillflow.records import content_id
-    from storage.parquet import read_table, write_table_atomic
 
     truth: dict[str, tuple[str, str]] = {}
     for line in seeds_path.read_text(encoding="utf-8").splitlines():
@@ -135,12 +137,12 @@ def _say(message: str) -> None:
 def demo_command(
     workdir: str | Path = "runs/demo", train_student: bool = True, budget: DemoBudget | None = None
 ) -> dict[str, Any]:
-    from tasks.demo_teacher import ensure_demo_teacher
-    from flows.build import build_command
-    from flows.capture_logits import capture_logits_command
-    from flows.evaluate import eval_command
-    from flows.train import train_command
-    from storage.inspect import inspect_dataset
+    from distillflow.flows.build import build_command
+    from distillflow.flows.capture_logits import capture_logits_command
+    from distillflow.flows.evaluate import eval_command
+    from distillflow.flows.train import train_command
+    from distillflow.storage.inspect import inspect_dataset
+    from distillflow.tasks.demo_teacher import ensure_demo_teacher
 
     budget = budget or DemoBudget()
     started = time.perf_counter()
@@ -151,7 +153,7 @@ def demo_command(
     torch.set_num_threads(1)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    teacher_dir = ensure_demo_teacher(ROOT / ".cache" / "demo")
+    teacher_dir = ensure_demo_teacher(workdir / "teacher-cache")  # used only when the shipped one is stale
     _say(f"teacher: {teacher_dir}")
     config = demo_config(workdir, teacher_dir, budget)
     config_path = workdir / "demo.yaml"

@@ -1,4 +1,4 @@
-"""Text normalisation and exact deduplication.
+"""Exact deduplication: 64-bit hashes of `distillflow.text.normalize_text`, first occurrence kept.
 
 Every dedup stage answers the same question for each row: "which earlier row is this a
 duplicate of?" as an int64 array `duplicate_of` (-1 = keep). The kept row of a cluster is

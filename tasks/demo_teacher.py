@@ -24,12 +24,13 @@ import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
+
+from distillflow.resources import packaged
 
 DEMO_TEACHER_DIRNAME = "demo-teacher"
 STAMP_FILE = "demo_teacher.json"
-SHIPPED_TEACHER = Path(str(resources.files("distillflow"))) / "assets" / DEMO_TEACHER_DIRNAME
+SHIPPED_TEACHER = packaged("distillflow/assets") / DEMO_TEACHER_DIRNAME
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,9 @@ TRAINING_NOISE = (
 
 def noisy_question(rng: random.Random, split: str, noisy_share: float) -> tuple[str, str]:
     """One (prompt, answer) of the task family, perturbed with probability `noisy_share`."""
-    from prompts.adversarial import ADVERSARIAL, perturb_protected
-    from prompts.config import AdversarialConfig
-    from prompts.skills import sample
+    from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected
+    from distillflow.prompts.config import AdversarialConfig
+    from distillflow.prompts.skills import sample
 
     item = sample(rng, split)
     prompt = item.prompt
@@ -126,8 +127,8 @@ def train_into(target: Path, settings: DemoTrainingSettings, log_every: int = 0)
 
 def train_demo_teacher(out_dir: Path, settings: DemoTrainingSettings, log_every: int = 0) -> dict:
     """Build the tokenizer + model in `out_dir`, train on the task family, save. Returns stats."""
-    from prompts.skills import distinct
-    from training.scratch import train_from_scratch
+    from distillflow.prompts.skills import distinct
+    from distillflow.training.scratch import train_from_scratch
 
     heldout = [(item.prompt, item.reference) for item in distinct(settings.eval_questions, seed=7, split="eval")]
     return train_from_scratch(

@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS
-from training.config import ChatTemplateSetting
+from distillflow.prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS
+from distillflow.training.config import ChatTemplateSetting
 
 CheckName = Literal["exact", "contains", "numeric", "regex", "choice", "json"]
 

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from distillflow.text import compile_refusal_patterns, is_refusal, normalize_text
-from tasks.filter_config import FiltersConfig
+from distillflow.tasks.filter_config import FiltersConfig
 
 
 # Letter ranges per script, for the optional language check (a cheap script test: it tells

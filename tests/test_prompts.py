@@ -14,8 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from distillflow.records import PromptRecord, TeacherAnswer
-from prompts import generate_prompts, prompt_diversity_summary, report_markdown, report_table
-from prompts.adversarial import (
+from distillflow.prompts import generate_prompts, prompt_diversity_summary, report_markdown, report_table
+from distillflow.prompts.adversarial import (
     ADVERSARIAL,
     DISTRACTORS,
     FALSE_PREMISES,
@@ -23,17 +23,17 @@ from prompts.adversarial import (
     NEGATION_FLIPS,
     max_edits,
 )
-from prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS, AdversarialConfig, PromptsConfig
-from prompts.diversity import distinct_n, distinct_orders, length_histogram, percentiles
-from prompts.domains import DOMAIN_EDGE_CASES, arithmetic, code
-from prompts.edge_cases import (
+from distillflow.prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS, AdversarialConfig, PromptsConfig
+from distillflow.prompts.diversity import distinct_n, distinct_orders, length_histogram, percentiles
+from distillflow.prompts.domains import DOMAIN_EDGE_CASES, arithmetic, code
+from distillflow.prompts.edge_cases import (
     BOUNDARY_NUMBERS,
     CONTRADICTIONS,
     EDGE_CASES,
     MIXED_LANGUAGE_PHRASES,
     SIDE_QUESTIONS,
 )
-from prompts.generate import allocate
+from distillflow.prompts.generate import allocate
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERAL_SEEDS = ROOT / "prompts" / "seeds" / "general.jsonl"
@@ -514,7 +514,7 @@ def test_report_table_and_markdown_for_artifacts():
 
 
 def test_a_new_domain_pack_is_one_dict_of_functions_and_its_name(monkeypatch):
-    import prompts.config
+    from distillflow.prompts import config as prompts_config
 
     date = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
 
@@ -524,7 +524,7 @@ def test_a_new_domain_pack_is_one_dict_of_functions_and_its_name(monkeypatch):
         return date.sub(rng.choice(["2024-02-29", "2100-02-29"]), text, count=1)
 
     monkeypatch.setitem(DOMAIN_EDGE_CASES, "dates", {"leap_day": leap_day})
-    monkeypatch.setattr(prompts.config, "DOMAIN_PACKS", (*prompts.config.DOMAIN_PACKS, "dates"))
+    monkeypatch.setattr(prompts_config, "DOMAIN_PACKS", (*prompts_config.DOMAIN_PACKS, "dates"))
     seeds = [*SEEDS, PromptRecord.make("What weekday is 2023-03-01?", "seed")]
     config = only("edge_case", ["empty"], n=4, domains=["dates"])
     rows = rows_of(config, seeds)

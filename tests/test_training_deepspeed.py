@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, free_port
-from training.launch import build_launch_command, launch_env
+from distillflow.training.launch import build_launch_command, launch_env
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 

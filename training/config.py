@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
+from distillflow.training.chat_template import check_chat_template_setting
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from training.chat_template import check_chat_template_setting
+from distillflow.resources import packaged
 
 # Every `chat_template` key of a config: a preset name, a Jinja string or a file (training/chat_template.py).
 ChatTemplateSetting = Annotated[str | None, AfterValidator(check_chat_template_setting)]
@@ -20,8 +21,8 @@ ChatTemplateSetting = Annotated[str | None, AfterValidator(check_chat_template_s
 Objective = Literal["sft", "kd_logits", "kd_topk", "hidden"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 
-# configs/deepspeed/ of this repository: the default ZeRO configs live there.
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+# configs/deepspeed/ (shipped with the package): the default ZeRO configs live there.
+DEEPSPEED_CONFIG_DIR = packaged("configs/deepspeed")
 
 
 class DeriveStudentConfig(BaseModel):
