@@ -4,7 +4,7 @@
 2. LocalTeacher on cuda in float32 and in bfloat16: answers, finish reasons, top-k logprobs
    re-scored by a CPU float32 forward pass (float32 must agree to 1e-3; bfloat16's gap is
    reported), batch vs one-at-a-time in greedy mode, tokens/s next to the CPU's.
-3. A short DeepSpeed ZeRO-2 student training run on cuda (`python -m training.train`, a few
+3. A short DeepSpeed ZeRO-2 student training run on cuda (`python -m distillflow.training.train`, a few
    steps of top-k KD in bfloat16 and float32 on a tiny teacher/student/dataset).
 
 Without a GPU the CUDA parts are skipped with a message and the script exits 0 after the

@@ -39,7 +39,7 @@ GRID = ((1.0, 0.5), (2.0, 0.5), (4.0, 0.5), (2.0, 1.0))
 
 
 def train_student(config: dict, workdir: Path, name: str, dataset_dir: Path, **training) -> Path:
-    """One student trained by `python -m training.train` (the process `distill train` runs)."""
+    """One student trained by `python -m distillflow.training.train` (the process `distill train` runs)."""
     from distillflow.flows.demo import student_config
 
     variant = student_config(config, workdir / "students", name, dataset_dir)

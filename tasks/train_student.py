@@ -1,7 +1,7 @@
 """Training hand-off: launch student training as a subprocess and report it to Prefect.
 
 `train_student` builds the command with `training.launch.build_launch_command` (torchrun or
-python running `python -m training.train --config CONFIG`), streams every output line into
+python running `python -m distillflow.training.train --config CONFIG`), streams every output line into
 the run's logger as it comes, raises on a non-zero exit with the last lines in the
 message, then publishes the loss curve (table) and the final metrics (markdown) as
 artifacts from `OUTPUT_DIR/metrics.jsonl` and `OUTPUT_DIR/metrics.json`.

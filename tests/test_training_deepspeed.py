@@ -1,4 +1,4 @@
-"""DeepSpeed on CPU, end to end through `python -m training.train` (subprocesses, gloo).
+"""DeepSpeed on CPU, end to end through `python -m distillflow.training.train` (subprocesses, gloo).
 
 One 1-process reference run (ZeRO-2, 4 steps, checkpoint every 2) is shared: 2-process
 ZeRO-2 and ZeRO-3 runs must reproduce its loss curve, a run resumed from its step-2

@@ -1,7 +1,7 @@
 """Config of student training (the `training:` section).
 
 One pydantic model, every field documented, ranges checked on construction (unknown keys
-are errors). `python -m training.train --config CONFIG.yaml` reads it from the `training:`
+are errors). `python -m distillflow.training.train --config CONFIG.yaml` reads it from the `training:`
 section of a full distillflow config, or from a YAML file that holds only this section.
 """
 

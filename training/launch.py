@@ -1,10 +1,10 @@
 """The command line that runs training as a subprocess (what `distill train` executes).
 
-One process: `python -m training.train --config CONFIG`. Several on this node:
-`python -m torch.distributed.run --nproc_per_node N --master_port P -m training.train ...`
+One process: `python -m distillflow.training.train --config CONFIG`. Several on this node:
+`python -m torch.distributed.run --nproc_per_node N --master_port P -m distillflow.training.train ...`
 (torchrun, from the same interpreter, so the same virtualenv). Several nodes: run the same
 torchrun line on every node with --nnodes / --node_rank / --master_addr, or use
-`deepspeed --hostfile HOSTS --module training.train --config CONFIG`.
+`deepspeed --hostfile HOSTS --module distillflow.training.train --config CONFIG`.
 """
 
 from __future__ import annotations

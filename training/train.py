@@ -1,4 +1,4 @@
-"""Student training with DeepSpeed ZeRO: `python -m training.train --config CONFIG.yaml`.
+"""Student training with DeepSpeed ZeRO: `python -m distillflow.training.train --config CONFIG.yaml`.
 
 Reads top to bottom: environment → models → data → DeepSpeed engine → resume → loop →
 export. Runs under plain python (one process), torchrun, or the `deepspeed` launcher.
@@ -100,7 +100,7 @@ def load_training_config(path: str | Path) -> TrainingConfig:
 
 
 def single_process_defaults() -> None:
-    """Plain `python -m training.train`: act as rank 0 of a world of one."""
+    """Plain `python -m distillflow.training.train`: act as rank 0 of a world of one."""
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
