@@ -266,3 +266,27 @@ def load_config(path: str | Path, check_files: bool = True) -> DistillConfig:
                     f"(relative paths resolve against {Path.cwd()}); fix the path"
                 )
     return config
+
+
+def load_training_config(path: str | Path) -> TrainingConfig:
+    """The `training:` section of a distillflow YAML, or a YAML that is only that section.
+
+    A full config (with `seeds:`) is validated as a whole, which fills in
+    training.holdout_fraction from evaluation.heldout, as every other command sees it.
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with a `training:` section")
+    if "training" in data and "seeds" in data:
+        training = parse_config(data, path).training
+        if training is None:
+            raise ConfigError(f"{path}: the `training:` section is empty; fill it in (see configs/ for examples)")
+        return training
+    section = data["training"] if "training" in data else data
+    if section is None:
+        raise ConfigError(f"{path}: the `training:` section is empty; fill it in (see configs/ for examples)")
+    try:
+        return TrainingConfig.model_validate(section)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(path, error, section="training")) from None

@@ -7,7 +7,8 @@ from typing import Any
 
 from prefect import flow
 
-from distillflow.tasks.train_student import load_training_config, train_student
+from distillflow.config import load_training_config
+from distillflow.tasks.train_student import train_student
 
 
 @flow(name="train")

@@ -50,6 +50,7 @@ from distillflow.storage.topk import (
     topk_shape,
 )
 from distillflow.training.chat_template import chat_template_text
+from distillflow.training.model import load_tokenizer
 
 IGNORE_INDEX = -100
 TOPK_FIELDS = [
@@ -191,18 +192,15 @@ def supervised_targets(labels: Sequence[int]) -> np.ndarray:
     return np.flatnonzero(labels[1:] != IGNORE_INDEX) + 1
 
 
-@functools.lru_cache(maxsize=2)
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+# The training tokenizer loader, cached: capture reads the same tokenizer for every batch.
+cached_tokenizer = functools.lru_cache(maxsize=2)(load_tokenizer)
 
 
 def encode_rows(settings: CaptureSettings, prompts: Sequence[str], responses: Sequence[str]):
     """(input_ids, targets) of each row, tokenised exactly as training tokenises it."""
     from distillflow.training.data import encode_example
 
-    tokenizer = load_tokenizer(settings.tokenizer)
+    tokenizer = cached_tokenizer(settings.tokenizer)
     template = chat_template_text(settings.chat_template) if settings.chat_template else None
     encoded = []
     for prompt, response in zip(prompts, responses):

@@ -45,7 +45,9 @@ class ModelDir:
 
 def load_model_dir(path: str | Path, key: str, source: str, tokenizer_only: bool = False) -> ModelDir:
     """Config and tokenizer of a model directory (no weights)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
+
+    from distillflow.training.model import load_tokenizer
 
     path = Path(path)
     if not path.is_dir():
@@ -65,7 +67,7 @@ def load_model_dir(path: str | Path, key: str, source: str, tokenizer_only: bool
                 "re-save the model with save_pretrained, or update transformers if the architecture is new"
             ) from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(path)
     except Exception as error:  # noqa: BLE001
         raise PreflightError(
             f"{source}: {key}: the tokenizer in {path} does not load ({type(error).__name__}: {error}); "

@@ -107,7 +107,9 @@ class LocalTeacher:
     """A local Hugging Face model as a teacher; load once, call `answer_batch` many times."""
 
     def __init__(self, teacher_config: TeacherConfig, dtype: torch.dtype | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from distillflow.training.model import load_tokenizer
 
         self.config = teacher_config
         self.generation = teacher_config.generation
@@ -122,7 +124,7 @@ class LocalTeacher:
         self.dtype = dtype or default_dtype(self.device)
         self.model_name = model_dir.name  # what `teacher_model` records for a local teacher
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer = load_tokenizer(model_dir)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

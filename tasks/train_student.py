@@ -25,13 +25,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import ValidationError
 
-from distillflow.config import ConfigError, format_validation_error, load_config
+from distillflow.config import load_training_config
 from distillflow.training.config import TrainingConfig
 
 TAIL_LINES = 30  # output lines quoted in the error of a failed run
@@ -45,25 +43,6 @@ class TrainingFailed(RuntimeError):
 
 
 # -- config ---------------------------------------------------------------------------------
-
-
-def load_training_config(config_path: str | Path) -> TrainingConfig:
-    """The `training:` section of a full config, or a YAML file holding only that section."""
-    path = Path(config_path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass the path of a YAML config")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if isinstance(data, dict) and "training" in data:
-        config = load_config(path, check_files=False)
-        if config.training is None:
-            raise ConfigError(f"{path}: the `training:` section is empty; see configs/ for an example")
-        return config.training
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with a `training:` section")
-    try:
-        return TrainingConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(path, error, section="training")) from None
 
 
 # -- subprocess -----------------------------------------------------------------------------

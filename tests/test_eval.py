@@ -209,7 +209,7 @@ def test_training_holds_out_what_evaluation_holds_out():
 
 
 def test_the_training_process_reads_the_same_holdout(tmp_path):
-    from distillflow.training.train import load_training_config
+    from distillflow.config import load_training_config
 
     training = {"dataset_dir": "data/t", "output_dir": "runs/t", "student": "s"}
     evaluation = {"output_dir": "e", "models": [{"name": "s", "path": "s"}], "heldout": {"fraction": 0.25}}

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
+from distillflow.config import load_training_config
 from distillflow.tasks.train_student import (
     TrainingFailed,
     artifact_key,
-    load_training_config,
     loss_curve_rows,
     read_metrics,
     run_streaming,

@@ -35,8 +35,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
-import yaml
 
+from distillflow.config import load_training_config
 from distillflow.training.chat_template import chat_template_text
 from distillflow.training.config import TrainingConfig
 from distillflow.training.data import (
@@ -64,39 +64,6 @@ class TrainingError(RuntimeError):
 # --------------------------------------------------------------------------------------
 # Config and environment
 # --------------------------------------------------------------------------------------
-
-
-def load_training_config(path: str | Path) -> TrainingConfig:
-    """The `training:` section of a distillflow YAML, or a YAML that is only that section."""
-    from pydantic import ValidationError
-
-    from distillflow.config import format_validation_error
-
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"{path}: config file not found; pass the path of a YAML config")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise TrainingError(f"{path}: expected a mapping with a `training:` section")
-    if "training" in data and "seeds" in data:
-        # A full distillflow config, validated as a whole: that fills training.holdout_fraction
-        # from evaluation.heldout, as the `distill train` flow saw it.
-        from distillflow.config import ConfigError, parse_config
-
-        try:
-            training = parse_config(data, path).training
-        except ConfigError as error:
-            raise TrainingError(str(error)) from None
-        if training is None:
-            raise TrainingError(f"{path}: the `training:` section is empty; fill it in (see the README)")
-        return training
-    section = data.get("training", data) if "training" in data else data
-    if section is None:
-        raise TrainingError(f"{path}: the `training:` section is empty; fill it in (see the README)")
-    try:
-        return TrainingConfig.model_validate(section)
-    except ValidationError as error:
-        raise TrainingError(format_validation_error(path, error, section="training")) from None
 
 
 def single_process_defaults() -> None:
