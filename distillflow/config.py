@@ -7,7 +7,7 @@ other path given on the command line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,9 @@ from distillflow.tasks.filter_config import FiltersConfig
 from distillflow.tasks.mining_config import MiningConfig
 from distillflow.tasks.sweep_config import SweepConfig
 from distillflow.training.config import ChatTemplateSetting, TrainingConfig
+
+
+SectionModel = TypeVar("SectionModel", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -268,25 +271,37 @@ def load_config(path: str | Path, check_files: bool = True) -> DistillConfig:
     return config
 
 
-def load_training_config(path: str | Path) -> TrainingConfig:
-    """The `training:` section of a distillflow YAML, or a YAML that is only that section.
+def load_section(path: str | Path, name: str, model: type[SectionModel]) -> SectionModel:
+    """One section (`training`, `filters`, ...) of a distillflow YAML, or a YAML that is only
+    that section's keys.
 
-    A full config (with `seeds:`) is validated as a whole, which fills in
-    training.holdout_fraction from evaluation.heldout, as every other command sees it.
+    A full config (with `seeds:`) is validated as a whole, so the section is what every
+    other command sees (e.g. training.holdout_fraction filled in from evaluation.heldout).
     """
     path = Path(path)
     data = read_yaml(path)
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with a `training:` section")
-    if "training" in data and "seeds" in data:
-        training = parse_config(data, path).training
-        if training is None:
-            raise ConfigError(f"{path}: the `training:` section is empty; fill it in (see configs/ for examples)")
-        return training
-    section = data["training"] if "training" in data else data
+        raise ConfigError(f"{path}: the top level must be a mapping with a `{name}:` section")
+    if "seeds" in data:
+        section = getattr(parse_config(data, path), name)
+    else:
+        section = data[name] if name in data else data
+        if section is not None:
+            try:
+                section = model.model_validate(section)
+            except ValidationError as error:
+                raise ConfigError(format_validation_error(path, error, section=name)) from None
     if section is None:
-        raise ConfigError(f"{path}: the `training:` section is empty; fill it in (see configs/ for examples)")
-    try:
-        return TrainingConfig.model_validate(section)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(path, error, section="training")) from None
+        raise ConfigError(f"{path}: the `{name}:` section is empty; fill it in (see configs/ for examples)")
+    return section
+
+
+def load_training_config(path: str | Path) -> TrainingConfig:
+    """The `training:` section of a distillflow YAML, or a YAML that is only that section."""
+    return load_section(path, "training", TrainingConfig)
+
+
+def load_filters_config(path: str | Path) -> FiltersConfig:
+    """The `filters:` section of a distillflow YAML, or a YAML that is only that section."""
+    return load_section(path, "filters", FiltersConfig)
