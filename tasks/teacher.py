@@ -639,7 +639,7 @@ class OpenAITeacher:
                     async with semaphore:
                         answer = await self._answer_one(client, limiter, params, messages_list[index], opened)
                     results[index] = answer
-                    self.stats.answered += 1
+                    self.stats.answered += answer.error != BUDGET_REASON
                     self.stats.prompt_tokens += answer.prompt_tokens
                     self.stats.completion_tokens += answer.completion_tokens
                     if on_answer is not None:
@@ -927,6 +927,8 @@ class FailureBudget:
         return sum(self.reasons.values())
 
     def count(self, answer: TeacherAnswer) -> None:
+        if answer.error == BUDGET_REASON:  # not sent: neither an answer nor a failure
+            return
         with self.lock:
             if not is_failure(answer):
                 self.answered += 1

@@ -113,6 +113,8 @@ class BatchRun:
                     self._deliver(key, TeacherAnswer(None, None, self.config.model, error=reason, error_detail=detail))
                 return
             self._log(f"{len(retry)} requests failed in their batch; sending them again in new batches")
+            self.teacher.stats.retries += len(retry)
+            self.teacher.stats.retry_reasons.update(reason for _, reason, _ in retry)
             active = self._submit([key for key, _, _ in retry])
 
     def _reserve(self, key: str, force: bool = False) -> Reservation | None:

@@ -203,18 +203,21 @@ def test_budget_stops_cleanly_and_a_rerun_with_more_pays_only_for_the_rest(prefe
     assert_no_secret(out, first_run.out, first_run.err, capfd.readouterr().err)
 
 
-def test_token_cap_counts_in_flight_requests(port, tmp_path):
+@pytest.mark.parametrize("client_processes", [1, 2])
+def test_token_cap_counts_in_flight_requests(port, tmp_path, client_processes):
     with ServerThread(FaultyOpenAIServer(api_key="k", latency_s=0.05), port) as server:
         config = TeacherConfig(base_url=server.base_url, model="test-teacher", api_key_env=None, max_concurrency=8,
-                               max_total_tokens=200, generation={"max_tokens": 16})
+                               max_total_tokens=200, generation={"max_tokens": 16}, client_processes=client_processes)
         teacher = OpenAITeacher(config, api_key="k")
         with Ledger(tmp_path / "ledger.sqlite") as ledger:
             answers = [a for a, _ in answer_requests(teacher, ledger, [build_messages(p, None) for p in PROMPTS])]
         teacher.close()
     sent = server.server.total_requests
     assert 0 < sent < len(PROMPTS)
-    # Eight workers at once, yet the reservations kept the total under the cap.
-    assert teacher.budget.spent_tokens <= 200
+    assert teacher.budget.exhausted
+    # Eight workers at once (in one process or two, each with half the cap), yet the
+    # reservations kept the total under the cap.
+    assert teacher.stats.prompt_tokens + teacher.stats.completion_tokens <= 200
     assert sum(a.ok for a in answers) == sent
     assert sum(a.error == "not_asked:budget" for a in answers) == len(PROMPTS) - sent
 
