@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.train_student import load_training_config, train_student
+from distillflow.tasks.train_student import load_training_config, train_student
 
 
 @flow(name="train")

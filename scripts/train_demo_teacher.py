@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 def exact_match(model_dir: Path, questions: list[tuple[str, str]], batch_size: int = 32) -> float:
     """Share of `(prompt, reference)` answered exactly (greedy, in-process teacher path)."""
     from distillflow.config import TeacherConfig
-    from tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher_local import LocalTeacher
 
     config = TeacherConfig(
         backend="local", model=str(model_dir), device="cpu", local_batch_size=batch_size,
@@ -43,7 +43,7 @@ def main() -> None:
     import torch
 
     from distillflow.demo import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, noisy_question, train_into
-    from prompts.skills import distinct
+    from distillflow.prompts.skills import distinct
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=SHIPPED_TEACHER)

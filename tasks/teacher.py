@@ -41,7 +41,7 @@ import openai
 
 from distillflow.config import ConfigError, TeacherConfig
 from distillflow.records import TeacherAnswer
-from storage.ledger import Ledger, request_key
+from distillflow.storage.ledger import Ledger, request_key
 
 Messages = list[dict[str, Any]]
 
@@ -523,7 +523,7 @@ class OpenAITeacher:
 
     def pool(self) -> Any:
         """The client processes (`client_processes > 1`), started on first use."""
-        from tasks.teacher_pool import ClientPool
+        from distillflow.tasks.teacher_pool import ClientPool
 
         with self._loop_lock:
             if self._pool is None:
@@ -541,7 +541,7 @@ class OpenAITeacher:
         it arrives (in the client process that received it, with `client_processes > 1`);
         then `on_recorded(index, answer, created_at)`."""
         if self.config.mode == "batch":
-            from tasks.teacher_batch import answer_by_batches
+            from distillflow.tasks.teacher_batch import answer_by_batches
 
             answer_by_batches(self, messages_list, keys, ledger, on_recorded)
             return

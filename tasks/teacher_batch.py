@@ -29,8 +29,8 @@ from typing import Any
 import openai
 
 from distillflow.records import TeacherAnswer
-from storage.ledger import Ledger
-from tasks.teacher import (
+from distillflow.storage.ledger import Ledger
+from distillflow.tasks.teacher import (
     PERMANENT_ERROR_PREFIXES,
     Reservation,
     TeacherFatalError,

@@ -28,7 +28,7 @@ from typing import Any
 
 from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
-from storage.ledger import Ledger
+from distillflow.storage.ledger import Ledger
 
 Messages = list[dict[str, Any]]
 
@@ -54,14 +54,14 @@ def worker_main(connection: Any, config_json: str, api_key: str, share: float = 
     """Entry point of a client process: answer jobs from `connection` until told to stop
     or until the parent goes away. `share`: this process's part of the run's budget and
     of the remaining requests/tokens the API's rate-limit headers report."""
-    from tasks.teacher import OpenAITeacher
+    from distillflow.tasks.teacher import OpenAITeacher
 
     teacher = OpenAITeacher(TeacherConfig.model_validate_json(config_json), api_key=api_key, share=share)
     asyncio.run(_serve(connection, teacher))
 
 
 async def _serve(connection: Any, teacher: Any) -> None:
-    from tasks.teacher import TeacherFatalError, record_answer
+    from distillflow.tasks.teacher import TeacherFatalError, record_answer
 
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple] = asyncio.Queue()
@@ -230,7 +230,7 @@ class ClientPool:
             job.done.set()
 
     def _receive(self, share: int) -> None:
-        from tasks.teacher import TeacherFatalError
+        from distillflow.tasks.teacher import TeacherFatalError
 
         connection = self.connections[share]
         while True:

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import tasks.teacher as teacher_module
+import distillflow.tasks.teacher as teacher_module
 from distillflow.config import ConfigError, PricingConfig, TeacherConfig, parse_config
-from storage.ledger import Ledger
-from storage.manifest import read_manifest
-from storage.parquet import read_table
-from tasks.teacher import OpenAITeacher, answer_requests, build_messages, parse_duration_s
+from distillflow.storage.ledger import Ledger
+from distillflow.storage.manifest import read_manifest
+from distillflow.storage.parquet import read_table
+from distillflow.tasks.teacher import OpenAITeacher, answer_requests, build_messages, parse_duration_s
 from tests.openai_server import FaultyOpenAIServer, ServerThread, expected_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_openai_reset_durations_parse():
 
 
 def test_dry_run_sends_nothing_writes_nothing_and_matches_the_build(prefect_harness, port, tmp_path, capfd):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY), port) as server:
         config = write_build(
@@ -142,7 +142,7 @@ def test_dry_run_sends_nothing_writes_nothing_and_matches_the_build(prefect_harn
 
 def test_dry_run_counts_with_the_teachers_tokenizer_and_estimates_teacher_driven_prompts(port, tmp_path, capsys):
     from distillflow.tiny import train_tokenizer
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
     from transformers import AutoTokenizer
 
     train_tokenizer(tmp_path / "tok")
@@ -171,7 +171,7 @@ def test_dry_run_counts_with_the_teachers_tokenizer_and_estimates_teacher_driven
 
 
 def test_budget_stops_cleanly_and_a_rerun_with_more_pays_only_for_the_rest(prefect_harness, port, tmp_path, capfd):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     # $1 a token: a request reserves its worst case (~19 prompt + 16 completion tokens,
     # ~$35) and costs its real usage (~7 + 10 tokens, ~$17).
@@ -223,7 +223,7 @@ def test_token_cap_counts_in_flight_requests(port, tmp_path, client_processes):
 
 
 def test_budget_too_small_for_one_request_is_a_clear_error(prefect_harness, port, tmp_path):
-    from flows.build import BudgetTooSmallError, build_command
+    from distillflow.flows.build import BudgetTooSmallError, build_command
 
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY), port) as server:
         config = write_build(tmp_path, server.base_url, pricing={"input_per_mtok": 1e6, "output_per_mtok": 1e6},
@@ -237,7 +237,7 @@ def test_budget_too_small_for_one_request_is_a_clear_error(prefect_harness, port
 
 
 def test_batch_mode_builds_with_chunks_retries_and_the_discount(prefect_harness, port, tmp_path, capfd):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     prompts = PROMPTS[:10] + ["Refused in the batch [[400]]", "A 500 inside the batch once [[500x1]]"]
     fake = FaultyOpenAIServer(api_key=API_KEY, batch_latency_s=0.2)
@@ -270,8 +270,8 @@ BATCH_CLIENT = """
 import sys
 from pathlib import Path
 from distillflow.config import TeacherConfig
-from storage.ledger import Ledger
-from tasks.teacher import OpenAITeacher, answer_requests, build_messages
+from distillflow.storage.ledger import Ledger
+from distillflow.tasks.teacher import OpenAITeacher, answer_requests, build_messages
 
 base_url, ledger_path, prompts = sys.argv[1], sys.argv[2], sys.argv[3:]
 config = TeacherConfig(base_url=base_url, model="test-teacher", api_key_env="DISTILL_TEST_KEY", mode="batch",
