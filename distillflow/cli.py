@@ -80,11 +80,14 @@ def _every_command(
 def build(
     config: Path = typer.Argument(..., help="YAML config (see configs/)."),
     prompt_column: Optional[str] = typer.Option(None, help="Override the prompt column of every seed file."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print prompt count, tokens and cost; send no request, write nothing."
+    ),
 ) -> None:
     """Black-box dataset flow: prompts → teacher → filters → Parquet."""
     from distillflow.flows.build import build_command
 
-    build_command(config, prompt_column=prompt_column)
+    build_command(config, prompt_column=prompt_column, dry_run=dry_run)
 
 
 @app.command()

