@@ -31,8 +31,8 @@ from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
 from distillflow.records import PromptRecord, Reject, TeacherAnswer
 from distillflow.storage.dataset import count_by, dataset_card, write_dataset
-from distillflow.storage.ledger import Ledger
-from distillflow.storage.seeds import load_seeds
+from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
+from distillflow.storage.seeds import load_seeds, split_repeated_seeds
 from distillflow.tasks.filters import filter_prompts, filter_responses
 from distillflow.tasks.teacher import (
     BUDGET_REASON,
@@ -47,7 +47,6 @@ from distillflow.tasks.teacher import (
     resolve_api_key,
 )
 
-LEDGER_PATH = Path(".ledger") / "teacher.sqlite"
 BATCHES_IN_FLIGHT = 3
 HEARTBEAT_S = 60.0  # a stage running longer than this says so, every HEARTBEAT_S
 
@@ -126,20 +125,6 @@ def stage(stage_seconds: dict[str, float], name: str, label: str, status: Any = 
     finally:
         done.set()
         stage_seconds[name] = round(time.perf_counter() - started, 3)
-
-
-def split_repeated_seeds(seeds: list[PromptRecord]) -> tuple[list[PromptRecord], list[Reject]]:
-    """A seed prompt that appears again (same text) is a reject pointing at its first copy."""
-    first: set[str] = set()
-    unique: list[PromptRecord] = []
-    repeated: list[Reject] = []
-    for seed in seeds:
-        if seed.id in first:
-            repeated.append(Reject.of(seed, "exact_duplicate", "seed repeated in the input", duplicate_of=seed.id))
-        else:
-            first.add(seed.id)
-            unique.append(seed)
-    return unique, repeated
 
 
 # -- tasks ----------------------------------------------------------------------------------
@@ -314,7 +299,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     logger = get_run_logger()
     started = time.time()
     api_key = resolve_api_key(config.teacher.api_key_env) if config.teacher.backend == "openai" else None
-    ledger = Ledger(config.output_dir / LEDGER_PATH)
+    ledger = Ledger(config.output_dir / TEACHER_LEDGER)
     teacher = make_teacher(config, api_key)
     in_flight: deque = deque()
     label = config.name

@@ -18,8 +18,8 @@ from prefect.utilities.annotations import quote
 
 from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
-from distillflow.flows.build import LEDGER_PATH, Progress, answer_batch_task, filter_responses_task, make_teacher
-from distillflow.storage.ledger import Ledger
+from distillflow.flows.build import Progress, answer_batch_task, filter_responses_task, make_teacher
+from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.tasks.mining import (
     MiningPlan,
     dataset_records,
@@ -86,7 +86,7 @@ def mine(config_path: str) -> dict[str, Any]:
     config = load_config(config_path, check_files=False)
     plan = plan_mining(config, config_path)
     api_key = resolve_api_key(config.teacher.api_key_env) if config.teacher.backend == "openai" else None
-    ledger = Ledger(config.output_dir / LEDGER_PATH)  # the build's ledger: answers are shared, paid once
+    ledger = Ledger(config.output_dir / TEACHER_LEDGER)  # the build's ledger: answers are shared, paid once
     teacher = make_teacher(config, api_key)
     try:
         with cancel_on_interrupt(lambda: teacher.abort(TeacherAborted("interrupted by a signal"))):

@@ -25,6 +25,11 @@ from typing import Any, Literal
 
 from distillflow.records import TeacherAnswer
 
+# Ledgers live in <output_dir>/.ledger/: the build's teacher answers (shared by every command
+# that asks the build's teacher), and eval's endpoints and judge beside it.
+LEDGER_DIR = Path(".ledger")
+TEACHER_LEDGER = LEDGER_DIR / "teacher.sqlite"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
     key         TEXT PRIMARY KEY,

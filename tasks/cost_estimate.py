@@ -23,7 +23,8 @@ from typing import Any
 
 from distillflow.config import ConfigError, DistillConfig
 from distillflow.records import PromptRecord, TeacherAnswer
-from distillflow.storage.ledger import Ledger, request_key
+from distillflow.storage.ledger import TEACHER_LEDGER, Ledger, request_key
+from distillflow.storage.seeds import split_repeated_seeds
 from distillflow.tasks.teacher import build_messages, estimate_tokens, teacher_params_for_key
 
 Messages = list[dict[str, Any]]
@@ -61,11 +62,10 @@ def token_counter(config: DistillConfig) -> tuple[Callable[[Messages], int], str
 def estimate_build(config: DistillConfig, seeds: list[PromptRecord]) -> dict[str, Any]:
     """Prompt count, tokens and cost of building `config` from `seeds`; sends nothing and
     writes nothing (the ledger, when there is one, is only read)."""
-    from distillflow.flows.build import LEDGER_PATH, split_repeated_seeds
     from distillflow.prompts.generate import generate_prompts
     from distillflow.tasks.filters import filter_prompts
 
-    ledger_path = config.output_dir / LEDGER_PATH
+    ledger_path = config.output_dir / TEACHER_LEDGER
     ledger = Ledger(ledger_path) if ledger_path.is_file() else None
     teacher = config.teacher
     params = teacher_params_for_key(teacher)
