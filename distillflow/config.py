@@ -135,6 +135,30 @@ class TeacherConfig(StrictModel):
         return self.backend == "local"
 
 
+class DatasetConfig(StrictModel):
+    shard_rows: int = Field(
+        50_000,
+        ge=1,
+        le=10_000_000,
+        description="Prompts per shard of a build: each shard goes through the teacher and the response "
+        "filters and is written (data/part-N.parquet, its rejects) as soon as it is done, so memory is "
+        "bounded by one shard; a crashed build resumes at the first unfinished shard (docs/scaling.md).",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Processes that answer shards in parallel, each with its own teacher client, "
+        "through Prefect's Dask task runner (a local cluster, or `dask_address`); 1 = in this "
+        "process (docs/scaling.md).",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="Scheduler address of an existing Dask cluster (tcp://host:8786) for `workers` > 1; "
+        "null = a local cluster of `workers` processes. Every worker must see output_dir.",
+    )
+
+
 class DistillConfig(StrictModel):
     name: str = Field(..., min_length=1, description="Dataset / run name.")
     output_dir: Path = Field(..., description="Where the dataset (and the ledger) is written.")
@@ -149,6 +173,7 @@ class DistillConfig(StrictModel):
         "captured teacher logits line up with the tokens the student is trained on.",
     )
     filters: FiltersConfig = FiltersConfig()
+    dataset: DatasetConfig = DatasetConfig()
     training: TrainingConfig | None = None
     evaluation: EvalConfig | None = None
     capture: CaptureConfig | None = None
