@@ -54,7 +54,17 @@ class TeacherConfig(StrictModel):
     backend: Literal["openai", "local"] = Field(
         "openai", description="openai: any OpenAI-compatible URL; local: in-process transformers."
     )
-    base_url: str | None = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL.")
+    base_url: str | None = Field(
+        "http://127.0.0.1:8000/v1",
+        description="OpenAI-compatible base URL. A list of URLs (replicas serving the same model) is "
+        "accepted: the first becomes base_url, the others `replicas`.",
+    )
+    replicas: list[str] = Field(
+        default_factory=list,
+        description="More base URLs serving the same model: a build spreads its requests over base_url "
+        "and these (max_concurrency each), takes a replica that keeps failing out of rotation with a "
+        "warning, and stops only when every replica is dead (docs/scaling.md).",
+    )
     model: str = Field(..., description="Served model name (openai) or a model directory (local).")
     api_key_env: str | None = Field(
         "OPENAI_API_KEY",
@@ -106,6 +116,17 @@ class TeacherConfig(StrictModel):
     price_per_million_prompt_tokens: float | None = Field(None, ge=0, description="For the cost estimate.")
     price_per_million_completion_tokens: float | None = Field(None, ge=0, description="For the cost estimate.")
     generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _base_url_list(cls, data: Any) -> Any:
+        """`base_url: [url, ...]`: the first is base_url, the rest are replicas."""
+        if isinstance(data, dict) and isinstance(data.get("base_url"), list):
+            urls = [str(url) for url in data["base_url"]]
+            if not urls:
+                raise ValueError("teacher.base_url: an empty list; give one URL or a list of replica URLs")
+            data = {**data, "base_url": urls[0], "replicas": urls[1:] + list(data.get("replicas") or [])}
+        return data
 
     @field_validator("api_key_env")
     @classmethod

@@ -56,6 +56,7 @@ from tasks.teacher import (
     build_messages,
     resolve_api_key,
 )
+from tasks.teacher_replicas import ReplicaTeacher
 
 LEDGER_PATH = Path(".ledger") / "teacher.sqlite"
 BATCHES_IN_FLIGHT = 3
@@ -80,9 +81,11 @@ class LocalTeacherClient:
         """Nothing to cancel: the model answers in this thread, which the signal interrupts."""
 
 
-def make_teacher(config: DistillConfig, api_key: str | None) -> OpenAITeacher | LocalTeacherClient:
+def make_teacher(config: DistillConfig, api_key: str | None) -> OpenAITeacher | ReplicaTeacher | LocalTeacherClient:
     if config.teacher.backend == "local":
         return LocalTeacherClient(config.teacher)
+    if config.teacher.replicas:
+        return ReplicaTeacher(config.teacher, api_key=api_key)
     return OpenAITeacher(config.teacher, api_key=api_key)
 
 
@@ -356,7 +359,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 stage_seconds["write_shards"] += time.perf_counter() - shard_started
 
             with stage(stage_seconds, "teacher", label, progress.status):
-                if isinstance(teacher, OpenAITeacher):
+                if not isinstance(teacher, LocalTeacherClient):
                     with client_bound_stage():
                         # A few batch tasks in flight at once, so the shared `max_concurrency` never
                         # drains at a batch or shard boundary; results are collected in order, and a
@@ -399,7 +402,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     finally:
         for _, _, future in in_flight:  # after a failure: let the other batches stop first
             future.wait(timeout=30)
-        if isinstance(teacher, OpenAITeacher):
+        if not isinstance(teacher, LocalTeacherClient):
             teacher.close()
         ledger.close()
 

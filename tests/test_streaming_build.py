@@ -222,3 +222,56 @@ def test_sigkill_mid_shard_and_between_shards_resumes_to_the_same_dataset(prefec
         assert (out / "data" / f"part-{index:05d}.parquet").stat().st_ino == number
     assert dataset_of(out) == dataset_of(tmp_path / "a")
     assert read_table(out / "data").num_rows == manifest["counts"]["accepted"] > 200  # near duplicates dropped
+
+
+# -- teacher replicas ------------------------------------------------------------------------------
+
+
+def replica_config(tmp_path: Path, seeds: Path, out: Path, urls: list[str]) -> Path:
+    path = sharded_config(tmp_path / f"{out.name}.yaml", seeds, out, urls[0], 10, first_contact_s=1, max_retries=2)
+    config = yaml.safe_load(path.read_text())
+    config["teacher"]["base_url"] = urls  # a list: the replicas
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_requests_are_spread_over_replicas_and_a_dead_one_is_taken_out(prefect_harness, tmp_path, capfd):
+    from flows.build import build_command
+    from tests.conftest import free_port
+
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, PROMPTS[:23])
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    with ServerThread(FaultyOpenAIServer(api_key=API_KEY), free_port()) as one, \
+            ServerThread(FaultyOpenAIServer(api_key=API_KEY), free_port()) as two:
+        single = build_command(sharded_config(tmp_path / "s.yaml", seeds, tmp_path / "single", one.base_url, 10))
+        one.server.total_requests = 0
+        both = build_command(replica_config(tmp_path, seeds, tmp_path / "both", [one.base_url, two.base_url]))
+        spread = (one.server.total_requests, two.server.total_requests)
+        one.server.total_requests = two.server.total_requests = 0
+        capfd.readouterr()
+        survived = build_command(replica_config(tmp_path, seeds, tmp_path / "survived", [dead, two.base_url]))
+        err = capfd.readouterr().err
+    assert min(spread) >= 8 and sum(spread) == 23, spread  # round-robin over the two
+    assert f"teacher replica {dead} taken out of rotation" in err and "1 of 2 replicas left" in err
+    assert two.server.total_requests == 23  # the live replica answered everything
+    for manifest in (both, survived):
+        assert manifest["counts"] == single["counts"] and manifest["teacher_failures"]["failed"] == 0
+    assert dataset_of(tmp_path / "both") == dataset_of(tmp_path / "single")
+    assert dataset_of(tmp_path / "survived") == dataset_of(tmp_path / "single")
+
+
+def test_all_replicas_dead_stops_the_run(prefect_harness, tmp_path):
+    from flows.build import build_command
+    from tasks.teacher import TeacherUnreachableError
+    from tests.conftest import free_port
+
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, PROMPTS[:5])
+    dead = [f"http://127.0.0.1:{free_port()}/v1" for _ in range(2)]
+    started = time.monotonic()
+    with pytest.raises(TeacherUnreachableError, match="all 2 teacher replicas .* are out of rotation") as raised:
+        build_command(replica_config(tmp_path, seeds, tmp_path / "out", dead))
+    assert time.monotonic() - started < 20
+    assert dead[0] in str(raised.value) and dead[1] in str(raised.value) and "teacher_error:connection" in str(raised.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()
