@@ -42,6 +42,8 @@ from tasks.shards import (
     answered_rows,
     finish_shard,
     plan_fingerprint,
+    answer_shard,
+    failure_summary,
     shard_ranges,
     write_prompt_rejects,
 )
@@ -206,6 +208,67 @@ def write_shard_task(
     )
 
 
+@task(name="answer-shard", cache_policy=NO_CACHE, task_run_name="answer-shard-{index}")
+def answer_shard_task(index: int, prompts: list[tuple], config: DistillConfig, reject_file: int) -> ShardResult:
+    """One whole shard in a fan-out worker, with its own teacher client (tasks/shards.py).
+    `prompts`: (id, prompt, strategy, parent_id) of each record (plain tuples travel to the
+    workers unchanged)."""
+    records = [PromptRecord(*fields) for fields in prompts]
+    return answer_shard(index, records, config, reject_file, config.output_dir / LEDGER_PATH)
+
+
+def fan_out_runner(config: DistillConfig) -> Any:
+    """Prefect's Dask task runner: the cluster at `dataset.dask_address`, or a local one of
+    `dataset.workers` processes (one thread each: each runs one shard's event loop)."""
+    from prefect_dask import DaskTaskRunner
+
+    if config.dataset.dask_address:
+        return DaskTaskRunner(address=config.dataset.dask_address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": config.dataset.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
+
+
+def answer_shards_on_workers(
+    config: DistillConfig,
+    kept: list[PromptRecord],
+    plan: list[tuple[int, int]],
+    state: BuildState,
+    first_reject_file: int,
+    progress: Progress,
+    stats: Any,
+) -> None:
+    """Fan-out: every unfinished shard is one task on the Dask workers (2 per worker in flight,
+    so a worker never waits for its next shard); each is recorded as finished the moment
+    it returns, so a crash resumes after it."""
+    from prefect.futures import as_completed
+
+    pending = [index for index in range(len(plan)) if index not in state.finished]
+    window = 2 * config.dataset.workers
+    with fan_out_runner(config) as runner:
+        in_flight: set[Any] = set()
+        while pending or in_flight:
+            while pending and len(in_flight) < window:
+                index = pending.pop(0)
+                start, stop = plan[index]
+                in_flight.add(runner.submit(answer_shard_task, {
+                    "index": index, "prompts": [(r.id, r.prompt, r.strategy, r.parent_id) for r in kept[start:stop]],
+                    "config": config,
+                    "reject_file": first_reject_file + index,
+                }))
+            future = next(as_completed(list(in_flight)))
+            in_flight.discard(future)
+            result = future.result()
+            state.record(result)
+            stats.add(result.usage)
+            progress(result.prompts)
+
+
 @task(name="finish-dataset", cache_policy=NO_CACHE)
 def finish_dataset_task(
     config: DistillConfig, shards: dict[str, list[dict[str, Any]]], manifest: dict[str, Any], secrets: list[str]
@@ -358,8 +421,11 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 shard_rejects.clear()
                 stage_seconds["write_shards"] += time.perf_counter() - shard_started
 
+            fan_out = config.dataset.workers > 1 and not isinstance(teacher, LocalTeacherClient)
             with stage(stage_seconds, "teacher", label, progress.status):
-                if not isinstance(teacher, LocalTeacherClient):
+                if fan_out:
+                    answer_shards_on_workers(config, kept, plan, state, first_reject_file, progress, teacher.stats)
+                elif not isinstance(teacher, LocalTeacherClient):
                     with client_bound_stage():
                         # A few batch tasks in flight at once, so the shared `max_concurrency` never
                         # drains at a batch or shard boundary; results are collected in order, and a
@@ -443,7 +509,9 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         "accepted_per_strategy": dict(sorted(totals.accepted_per_strategy.items())),
         "prompt_report": prompt_report,
         "teacher_usage": usage,
-        "teacher_failures": budget.summary(),
+        "teacher_failures": (
+            failure_summary(totals, len(kept), config.teacher.max_error_rate) if fan_out else budget.summary()
+        ),
         "build": {"shard_rows": config.dataset.shard_rows, "shards": len(plan), "resumed_shards": resumed},
         "invariant": {
             "entered": entered,

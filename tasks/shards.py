@@ -292,3 +292,57 @@ class ShardTotals:
                 totals.examples.setdefault(reason, detail)
             totals.accepted_per_strategy.update(result.accepted_per_strategy)
         return totals
+
+
+def answer_shard(
+    index: int,
+    prompts: Sequence[PromptRecord],
+    config: Any,  # noqa: ANN401 - DistillConfig
+    reject_file_index: int,
+    ledger_path: Path,
+) -> ShardResult:
+    """One shard end to end in the calling process (a fan-out worker): its own teacher
+    client (replicas included), its own connection to the run's ledger (SQLite WAL: several
+    processes may write it, on one filesystem), its own failure budget over the shard's
+    prompts; then the response filters and its files. The API key is read here, from this
+    process's environment, so it never travels as a parameter."""
+    from storage.ledger import Ledger
+    from tasks.teacher import FailureBudget, OpenAITeacher, answer_requests, build_messages, resolve_api_key
+    from tasks.teacher_replicas import ReplicaTeacher
+
+    teacher_config = config.teacher
+    api_key = resolve_api_key(teacher_config.api_key_env)
+    teacher = ReplicaTeacher(teacher_config, api_key) if teacher_config.replicas else OpenAITeacher(teacher_config, api_key)
+    ledger = Ledger(ledger_path)
+    budget = FailureBudget(len(prompts), teacher_config, on_exceeded=teacher.abort)
+    try:
+        messages_list = [build_messages(record.prompt, teacher_config.system_prompt) for record in prompts]
+        answers = answer_requests(teacher, ledger, messages_list, budget=budget)
+    finally:
+        teacher.close()
+        ledger.close()
+    with_top_logprobs = bool(teacher_config.generation.top_logprobs)
+    rows, rejects = answered_rows(prompts, answers, teacher_config.model, with_top_logprobs)
+    result = finish_shard(
+        index, len(prompts), rows, rejects, config.filters, Path(config.output_dir) / BUILDING, reject_file_index,
+        with_top_logprobs,
+    )
+    result.usage = teacher.stats.to_dict()
+    return result
+
+
+def failure_summary(totals: ShardTotals, prompts: int, max_error_rate: float) -> dict[str, Any]:
+    """The manifest's `teacher_failures` from the shards' teacher rejects (fan-out builds,
+    where each worker keeps its own `FailureBudget`)."""
+    reasons = Counter(
+        {reason: count for reason, count in totals.teacher_reasons.items()
+         if is_failure(TeacherAnswer(None, None, "", error=reason))}
+    )
+    failed = sum(reasons.values())
+    return {
+        "failed": failed,
+        "of": prompts,
+        "rate": round(failed / prompts, 6) if prompts else 0.0,
+        "max_error_rate": max_error_rate,
+        "reasons": dict(reasons.most_common()),
+    }

@@ -275,3 +275,31 @@ def test_all_replicas_dead_stops_the_run(prefect_harness, tmp_path):
     assert time.monotonic() - started < 20
     assert dead[0] in str(raised.value) and dead[1] in str(raised.value) and "teacher_error:connection" in str(raised.value)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# -- fan-out: shards on Dask workers ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_dask_workers_give_the_single_process_dataset(prefect_harness, port, tmp_path):
+    """A local Dask cluster of 2 worker processes, each answering whole shards with its own
+    teacher client and its own connection to the shared ledger."""
+    from flows.build import build_command
+
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, PROMPTS + RESUMABLE[:60])
+    with ServerThread(FaultyOpenAIServer(api_key=API_KEY), port) as server:
+        single = build_command(sharded_config(tmp_path / "one.yaml", seeds, tmp_path / "one", server.base_url, 10))
+        server.server.attempts.clear()
+        path = sharded_config(tmp_path / "two.yaml", seeds, tmp_path / "two", server.base_url, 10)
+        config = yaml.safe_load(path.read_text())
+        config["dataset"]["workers"] = 2
+        path.write_text(yaml.safe_dump(config))
+        fanned = build_command(path)
+        asked = server.server.attempts
+    assert fanned["build"]["shards"] == single["build"]["shards"] >= 4
+    assert dataset_of(tmp_path / "two") == dataset_of(tmp_path / "one")
+    assert fanned["counts"] == single["counts"] and fanned["reject_reasons"] == single["reject_reasons"]
+    assert fanned["teacher_failures"] == single["teacher_failures"]
+    assert fanned["teacher_usage"]["paid_requests"] == len(asked) == single["teacher_usage"]["paid_requests"]
+    assert max(asked.values()) == 1  # each prompt asked once, by one of the workers
