@@ -133,7 +133,7 @@ def build(config: Path, env: dict[str, str]) -> dict:
 
 
 def ids_of(out: Path) -> list[str]:
-    from storage.parquet import read_table
+    from distillflow.storage.parquet import read_table
 
     return read_table(out / "data", columns=["id"]).column("id").to_pylist()
 

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from distillflow.records import PromptRecord, Reject
-from tasks.dedup import KEEP, exact_keys, first_occurrence
-from tasks.filter_config import FiltersConfig
-from tasks.quality import ResponseChecker
+from distillflow.tasks.dedup import KEEP, exact_keys, first_occurrence
+from distillflow.tasks.filter_config import FiltersConfig
+from distillflow.tasks.quality import ResponseChecker
 
 PROMPT_REASONS = ("contaminated", "exact_duplicate", "near_duplicate", "semantic_duplicate", "diversity")
 RESPONSE_REASONS = ("empty", "truncated", "too_short", "too_long", "refusal", "repetition", "prompt_echo", "language")
@@ -100,7 +100,7 @@ def spilled_prompt_features(texts: Sequence[str], config: FiltersConfig, spill: 
     """`prompt_features` with the signatures written to `spill` and only their band keys kept."""
     features = prompt_features(texts, config)
     if features.signatures is not None:
-        from tasks.minhash import band_keys, banding
+        from distillflow.tasks.minhash import band_keys, banding
 
         bands, rows = banding(config.near_dedup)
         features.band_keys = band_keys(features.signatures, bands, rows)
@@ -115,11 +115,11 @@ def prompt_features(texts: Sequence[str], config: FiltersConfig) -> PromptFeatur
     if config.exact_dedup:
         features.exact_keys = exact_keys(texts)
     if config.near_dedup.enabled:
-        from tasks.minhash import signatures
+        from distillflow.tasks.minhash import signatures
 
         features.signatures = signatures(texts, config.near_dedup)
     if config.decontamination.eval_files:
-        from tasks.decontam import contaminated
+        from distillflow.tasks.decontam import contaminated
 
         features.overlap = contaminated(texts, config.decontamination)[1]
     return features
@@ -186,7 +186,7 @@ def resolve_prompt_filters(
         apply("exact_duplicate", dropped, duplicate_of, {int(i): "normalised text equal" for i in np.flatnonzero(dropped)})
 
     if features.signatures is not None:
-        from tasks.minhash import near_duplicate_details, near_duplicates_from_signatures
+        from distillflow.tasks.minhash import near_duplicate_details, near_duplicates_from_signatures
 
         keys = features.band_keys[:, alive] if features.band_keys is not None else None
         result = near_duplicates_from_signatures(features.signatures, config.near_dedup, index=alive, keys=keys)
@@ -199,11 +199,11 @@ def resolve_prompt_filters(
 
     embeddings = None
     if config.semantic_dedup.enabled or (config.diversity.keep is not None and config.diversity.embedding == "semantic"):
-        from tasks.semantic import embed_texts
+        from distillflow.tasks.semantic import embed_texts
 
         embed = embed or (lambda batch: embed_texts(batch, config.semantic_dedup))
     if config.semantic_dedup.enabled and len(alive) > 1:
-        from tasks.semantic import semantic_details, semantic_duplicates
+        from distillflow.tasks.semantic import semantic_details, semantic_duplicates
 
         embeddings = embed(texts_of(alive))
         result = semantic_duplicates(embeddings, config.semantic_dedup)
@@ -213,7 +213,7 @@ def resolve_prompt_filters(
 
     diversity = config.diversity
     if diversity.keep is not None and diversity.keep < len(alive):
-        from tasks.diversity import hashed_embeddings, nearest_kept_distance, select_diverse
+        from distillflow.tasks.diversity import hashed_embeddings, nearest_kept_distance, select_diverse
 
         if diversity.embedding == "hashed":
             embeddings = hashed_embeddings(texts_of(alive))
@@ -257,7 +257,7 @@ def filter_prompts(
     if spill is not None:
         features.signatures = spill.array()
         if features.band_keys is None:  # no rows
-            from tasks.minhash import banding
+            from distillflow.tasks.minhash import banding
 
             features.band_keys = np.empty((banding(config.near_dedup)[0], 0), dtype=np.uint64)
     decisions = resolve_prompt_filters(

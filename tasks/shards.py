@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from distillflow.records import PromptRecord, Reject, TeacherAnswer
-from storage.manifest import write_json_atomic
-from storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema, file_sha256
-from tasks.filters import filter_responses
-from tasks.teacher import is_failure
+from distillflow.storage.manifest import write_json_atomic
+from distillflow.storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema, file_sha256
+from distillflow.tasks.filters import filter_responses
+from distillflow.tasks.teacher import is_failure
 
 BUILDING = ".building"
 STATE_NAME = "state.json"
@@ -306,9 +306,9 @@ def answer_shard(
     processes may write it, on one filesystem), its own failure budget over the shard's
     prompts; then the response filters and its files. The API key is read here, from this
     process's environment, so it never travels as a parameter."""
-    from storage.ledger import Ledger
-    from tasks.teacher import FailureBudget, OpenAITeacher, answer_requests, build_messages, resolve_api_key
-    from tasks.teacher_replicas import ReplicaTeacher
+    from distillflow.storage.ledger import Ledger
+    from distillflow.tasks.teacher import FailureBudget, OpenAITeacher, answer_requests, build_messages, resolve_api_key
+    from distillflow.tasks.teacher_replicas import ReplicaTeacher
 
     teacher_config = config.teacher
     api_key = resolve_api_key(teacher_config.api_key_env)

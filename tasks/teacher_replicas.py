@@ -23,8 +23,8 @@ from typing import Any
 
 from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
-from storage.ledger import Ledger
-from tasks.teacher import (
+from distillflow.storage.ledger import Ledger
+from distillflow.tasks.teacher import (
     OpenAITeacher,
     TeacherAborted,
     TeacherFatalError,

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import tasks.teacher as teacher_module
+import distillflow.tasks.teacher as teacher_module
 from distillflow.records import PromptRecord, content_id
-from storage.manifest import read_manifest
-from storage.parquet import list_shards, read_table
-from tasks.filter_config import FiltersConfig
-from tasks.filters import filter_prompts
+from distillflow.storage.manifest import read_manifest
+from distillflow.storage.parquet import list_shards, read_table
+from distillflow.tasks.filter_config import FiltersConfig
+from distillflow.tasks.filters import filter_prompts
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 from tests.test_build import API_KEY, write_config, write_seeds
 from tests.test_resume import ledger_rows
@@ -66,8 +66,8 @@ def dataset_of(out: Path) -> tuple[list[dict], list[tuple]]:
 
 def generated_order(prompts: list[str]) -> list[str]:
     """The order the build answers seed prompts in (a hash of their ids, not file order)."""
-    from prompts.config import PromptsConfig
-    from prompts.generate import generate_prompts
+    from distillflow.prompts.config import PromptsConfig
+    from distillflow.prompts.generate import generate_prompts
 
     rows, _, _ = generate_prompts(
         [PromptRecord.make(p, "seed") for p in prompts], PromptsConfig(num_prompts=1000, strategies={"seed": 1.0})
@@ -76,7 +76,7 @@ def generated_order(prompts: list[str]) -> list[str]:
 
 
 def test_shard_size_does_not_change_the_dataset(prefect_harness, port, tmp_path):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, PROMPTS)
@@ -102,7 +102,7 @@ def test_shard_size_does_not_change_the_dataset(prefect_harness, port, tmp_path)
 def test_a_near_duplicate_in_a_later_shard_is_removed_and_never_asked(prefect_harness, port, tmp_path):
     """One prompt per shard, so the planted pairs are split over shards; the one first in
     input order (the build's prompt order) is kept, the other is dropped before the teacher."""
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, PROMPTS)
@@ -174,7 +174,7 @@ def test_sigkill_mid_shard_and_between_shards_resumes_to_the_same_dataset(prefec
     after shard 1 is written; the third run finishes. Same dataset as one uninterrupted
     build, finished shards are kept as they are, and no answer is paid for twice beyond
     the requests on the wire at each kill."""
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, RESUMABLE)
@@ -236,7 +236,7 @@ def replica_config(tmp_path: Path, seeds: Path, out: Path, urls: list[str]) -> P
 
 
 def test_requests_are_spread_over_replicas_and_a_dead_one_is_taken_out(prefect_harness, tmp_path, capfd):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
     from tests.conftest import free_port
 
     seeds = tmp_path / "seeds.jsonl"
@@ -262,8 +262,8 @@ def test_requests_are_spread_over_replicas_and_a_dead_one_is_taken_out(prefect_h
 
 
 def test_all_replicas_dead_stops_the_run(prefect_harness, tmp_path):
-    from flows.build import build_command
-    from tasks.teacher import TeacherUnreachableError
+    from distillflow.flows.build import build_command
+    from distillflow.tasks.teacher import TeacherUnreachableError
     from tests.conftest import free_port
 
     seeds = tmp_path / "seeds.jsonl"
@@ -284,7 +284,7 @@ def test_all_replicas_dead_stops_the_run(prefect_harness, tmp_path):
 def test_two_dask_workers_give_the_single_process_dataset(prefect_harness, port, tmp_path):
     """A local Dask cluster of 2 worker processes, each answering whole shards with its own
     teacher client and its own connection to the shared ledger."""
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, PROMPTS + RESUMABLE[:60])
