@@ -105,7 +105,17 @@ class TeacherConfig(StrictModel):
     backend: Literal["openai", "local"] = Field(
         "openai", description="openai: any OpenAI-compatible URL; local: in-process transformers."
     )
-    base_url: str | None = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL.")
+    base_url: str | None = Field(
+        "http://127.0.0.1:8000/v1",
+        description="OpenAI-compatible base URL. A list of URLs (replicas serving the same model) is "
+        "accepted: the first becomes base_url, the others `replicas`.",
+    )
+    replicas: list[str] = Field(
+        default_factory=list,
+        description="More base URLs serving the same model: a build spreads its requests over base_url "
+        "and these (max_concurrency each), takes a replica that keeps failing out of rotation with a "
+        "warning, and stops only when every replica is dead (docs/scaling.md).",
+    )
     model: str = Field(..., description="Served model name (openai) or a model directory (local).")
     api_key_env: str | None = Field(
         "OPENAI_API_KEY",
@@ -197,6 +207,17 @@ class TeacherConfig(StrictModel):
     )
     generation: GenerationConfig = GenerationConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _base_url_list(cls, data: Any) -> Any:
+        """`base_url: [url, ...]`: the first is base_url, the rest are replicas."""
+        if isinstance(data, dict) and isinstance(data.get("base_url"), list):
+            urls = [str(url) for url in data["base_url"]]
+            if not urls:
+                raise ValueError("teacher.base_url: an empty list; give one URL or a list of replica URLs")
+            data = {**data, "base_url": urls[0], "replicas": urls[1:] + list(data.get("replicas") or [])}
+        return data
+
     @field_validator("api_key_env")
     @classmethod
     def _looks_like_a_name(cls, value: str | None) -> str | None:
@@ -234,6 +255,32 @@ class TeacherConfig(StrictModel):
         return self.backend == "local"
 
 
+class DatasetConfig(StrictModel):
+    """How a build is cut into shards and spread over worker processes."""
+
+    shard_rows: int = Field(
+        50_000,
+        ge=1,
+        le=10_000_000,
+        description="Prompts per shard of a build: each shard goes through the teacher and the response "
+        "filters and is written (data/part-N.parquet, its rejects) as soon as it is done, so memory is "
+        "bounded by one shard; a crashed build resumes at the first unfinished shard (docs/scaling.md).",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Processes that answer shards in parallel, each with its own teacher client, "
+        "through Prefect's Dask task runner (a local cluster, or `dask_address`); 1 = in this "
+        "process (docs/scaling.md).",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="Scheduler address of an existing Dask cluster (tcp://host:8786) for `workers` > 1; "
+        "null = a local cluster of `workers` processes. Every worker must see output_dir.",
+    )
+
+
 class DistillConfig(StrictModel):
     """One run: where the seeds are, how prompts are made, which teacher answers them, how
     the answers are filtered, and (optionally) how a student is trained, evaluated, swept
@@ -252,11 +299,26 @@ class DistillConfig(StrictModel):
         "captured teacher logits line up with the tokens the student is trained on.",
     )
     filters: FiltersConfig = FiltersConfig()
+    dataset: DatasetConfig = DatasetConfig()
     training: TrainingConfig | None = None
     evaluation: EvalConfig | None = None
     capture: CaptureConfig | None = None
     sweep: SweepConfig | None = None
     mining: MiningConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> DistillConfig:
+        """A budget is kept by one process; shard workers would each spend the whole of it."""
+        teacher = self.teacher
+        limited = teacher.max_budget_usd is not None or teacher.max_total_tokens is not None
+        if self.dataset.workers > 1 and (limited or teacher.mode == "batch"):
+            what = "teacher.mode: batch" if teacher.mode == "batch" else "teacher.max_budget_usd / max_total_tokens"
+            raise ValueError(
+                f"dataset.workers={self.dataset.workers} cannot be combined with {what}: the budget and the "
+                "Batch API jobs are kept by one process. Use dataset.workers: 1 (teacher.client_processes "
+                "spreads requests over processes and shares the budget)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _chat_template_shared(self) -> DistillConfig:

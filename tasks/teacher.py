@@ -1059,7 +1059,7 @@ def answer_requests(
 
     if pending_keys:
         requests = [pending[key] for key in pending_keys]
-        if isinstance(teacher, OpenAITeacher):
+        if hasattr(teacher, "answer_and_record"):  # OpenAITeacher, or its replicas (tasks/teacher_replicas.py)
             teacher.answer_and_record(requests, pending_keys, ledger, recorded)
         else:
             for start in range(0, len(requests), teacher.batch_size):
