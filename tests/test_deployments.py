@@ -157,6 +157,12 @@ def test_a_process_worker_runs_a_deployed_build(tmp_path):
             run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
         run = wait_for_flow_run(url, run.id, 75, group)
         assert run.state.type.value == "COMPLETED", flow_run_logs(url, run.id) + group.log("worker")
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        with api(url) as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        summary = {artifact.key: artifact.data for artifact in artifacts}["from-the-pool-summary"]
+        assert summary.startswith("# from-the-pool: 6 accepted, 0 rejected") and "data:image/png;base64," in summary
 
     manifest = json.loads((workdir / "data" / "test-build" / "manifest.json").read_text())
     assert manifest["name"] == "from-the-pool"  # the edited parameter reached the flow
