@@ -108,7 +108,7 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, group: Proce
 
 def start_server(group: Processes, home: Path, port: int, ui: bool = False, database_url: str | None = None, timeout: float = 90) -> str:
     """`prefect server start` on loopback; returns its API URL once /api/health answers."""
-    extra = {"PREFECT_UI_ENABLED": "true" if ui else "false"}
+    extra = {"PREFECT_UI_ENABLED": "true" if ui else "false", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     if database_url:
         extra["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     env = base_env(home, **extra)
