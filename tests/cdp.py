@@ -101,10 +101,7 @@ class Browser:
         return path
 
     def close(self) -> None:
-        try:
-            self.socket.close()
-        except Exception:  # the process group is killed right after anyway
-            pass
+        self.socket.close()  # chromium's process group is killed right after
 
 
 def launch(group: Processes, profile_dir: Path) -> Browser:

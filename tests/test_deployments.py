@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,15 @@ from distillflow.config import ConfigError, load_config, parse_config
 from flows.deployments import config_file, runner_deployments
 from tests.conftest import free_port
 from tests.openai_server import FaultyOpenAIServer, ServerThread
-from tests.prefect_processes import base_env, processes, start_server, wait_for_deployment, wait_for_flow_run, flow_run_logs, api
+from tests.prefect_processes import (
+    api,
+    base_env,
+    flow_run_logs,
+    processes,
+    start_server,
+    wait_for_deployment,
+    wait_for_flow_run,
+)
 from tests.test_build import API_KEY, GOOD, write_config, write_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +150,7 @@ def test_a_process_worker_runs_a_deployed_build(tmp_path):
     workdir.mkdir()
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY), free_port()) as teacher, processes(tmp_path / "logs") as group:
         # A relative output_dir: it resolves in the deploy's working directory, as on the command line.
-        config = write_config(workdir / "c.yaml", seeds, Path("data/test-build"), teacher.base_url)
+        write_config(workdir / "c.yaml", seeds, Path("data/test-build"), teacher.base_url)
         url = start_server(group, tmp_path / "server-home", free_port())
         env = base_env(tmp_path / "client-home", PREFECT_API_URL=url)
         deploy = group.start("deploy", [sys.executable, "-m", "distillflow.cli", "deploy", "c.yaml", "--pool", "distillflow"], env, cwd=workdir, service=False)
@@ -167,3 +176,21 @@ def test_a_process_worker_runs_a_deployed_build(tmp_path):
     manifest = json.loads((workdir / "data" / "test-build" / "manifest.json").read_text())
     assert manifest["name"] == "from-the-pool"  # the edited parameter reached the flow
     assert manifest["counts"]["accepted"] == 6
+
+
+def test_a_stage_deployment_runs_the_stage_on_its_typed_config(prefect_harness, tmp_path, monkeypatch):
+    """What a stage deployment's run does: the config parameter (as edited in the form) is
+    written to a YAML file for the stage's command, and the stage runs as a subflow."""
+    from flows.deployments import run_deployment
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:4])
+    with ServerThread(FaultyOpenAIServer(api_key=API_KEY), free_port()) as teacher:
+        config = load_config(write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", teacher.base_url))
+        edited = config.model_copy(update={"name": "edited-in-the-form"})
+        result = run_deployment(edited)
+    assert result["dataset"]["accepted"] == 4
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["name"] == "edited-in-the-form"
+    assert not list(Path(tempfile.gettempdir()).glob("distill-deployment-*"))  # the temporary config is gone

@@ -18,7 +18,15 @@ import pytest
 
 from tests.conftest import free_port
 from tests.openai_server import FaultyOpenAIServer, ServerThread
-from tests.prefect_processes import api, base_env, flow_run_logs, processes, start_server, wait_for_deployment, wait_for_flow_run
+from tests.prefect_processes import (
+    api,
+    base_env,
+    flow_run_logs,
+    processes,
+    start_server,
+    wait_for_deployment,
+    wait_for_flow_run,
+)
 from tests.test_build import API_KEY, GOOD, write_config, write_seeds
 
 
@@ -51,7 +59,7 @@ def postgres_cluster(port: int) -> Iterator[str]:
     data, log = directory / "data", directory / "server.log"
 
     def run(*argv: str) -> None:
-        result = subprocess.run([*as_user, *argv], capture_output=True, text=True, timeout=60)
+        result = subprocess.run([*as_user, *argv], capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, f"{' '.join(argv)}:\n{result.stdout}\n{result.stderr}"
 
     try:
@@ -62,7 +70,7 @@ def postgres_cluster(port: int) -> Iterator[str]:
             run(str(binaries / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "prefect")
             yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
         finally:
-            subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True, timeout=30)
+            subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True, timeout=30, check=False)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -74,6 +82,7 @@ def psql(port: int, query: str) -> str:
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()

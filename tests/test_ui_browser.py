@@ -15,7 +15,15 @@ import pytest
 from tests.cdp import chromium_binary, launch
 from tests.conftest import free_port
 from tests.openai_server import FaultyOpenAIServer, ServerThread
-from tests.prefect_processes import api, base_env, flow_run_logs, processes, start_server, wait_for_deployment, wait_until
+from tests.prefect_processes import (
+    api,
+    base_env,
+    flow_run_logs,
+    processes,
+    start_server,
+    wait_for_deployment,
+    wait_until,
+)
 from tests.test_build import API_KEY, GOOD, write_config, write_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
