@@ -105,7 +105,7 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, group: Proce
         time.sleep(every)
 
 
-def start_server(group: Processes, home: Path, port: int, ui: bool = False, database_url: str | None = None, timeout: float = 90) -> str:
+def start_server(group: Processes, home: Path, port: int, ui: bool = False, database_url: str | None = None, timeout: float = 150) -> str:
     """`prefect server start` on loopback; returns its API URL once /api/health answers."""
     extra = {"PREFECT_UI_ENABLED": "true" if ui else "false", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     if database_url:

@@ -141,6 +141,7 @@ def test_deploy_without_a_server_says_how_to_point_at_one(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_process_worker_runs_a_deployed_build(tmp_path):
     """`distill deploy` to a process pool, `prefect worker start` picks the run up, the
     dataset is written (the way the compose worker runs flows)."""
@@ -164,7 +165,7 @@ def test_a_process_worker_runs_a_deployed_build(tmp_path):
         parameters = {"config": {**deployment.parameters["config"], "name": "from-the-pool"}}
         with api(url) as client:
             run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
-        run = wait_for_flow_run(url, run.id, 75, group)
+        run = wait_for_flow_run(url, run.id, 120, group)
         assert run.state.type.value == "COMPLETED", flow_run_logs(url, run.id) + group.log("worker")
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 

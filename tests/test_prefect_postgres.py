@@ -41,7 +41,7 @@ def postgres_bin() -> Path | None:
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.timeout(180),
+    pytest.mark.timeout(300),
     pytest.mark.skipif(postgres_bin() is None, reason="no PostgreSQL binaries: apt-get install -y postgresql (.ci/run does)"),
 ]
 
@@ -100,7 +100,7 @@ def test_a_build_deployment_completes_on_a_postgres_backed_server(tmp_path):
         deployment = wait_for_deployment(url, "build-dataset/test-build", 60, group)
         with api(url) as client:
             run = client.create_flow_run_from_deployment(deployment.id)
-        run = wait_for_flow_run(url, run.id, 60, group)
+        run = wait_for_flow_run(url, run.id, 120, group)
         assert run.state.is_completed(), flow_run_logs(url, run.id) + group.log("serve")
         # The server's state is in PostgreSQL, not in a SQLite file of its home.
         assert psql(port, f"SELECT state_type FROM flow_run WHERE id = '{run.id}'") == "COMPLETED"

@@ -31,7 +31,7 @@ SCREENSHOTS = ROOT / "tests" / "output" / "ui"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.timeout(150),
+    pytest.mark.timeout(300),
     pytest.mark.skipif(chromium_binary() is None, reason="no chromium on PATH: apt-get install -y chromium (.ci/run does)"),
 ]
 
@@ -109,7 +109,7 @@ def test_run_the_build_deployment_from_the_ui_and_read_its_counts(tmp_path):
                     run = client.read_flow_run(run_id)
                 return run if run.state.is_final() else None
 
-            run = wait_until(finished, 60, "the flow run to finish", group, every=1.0)
+            run = wait_until(finished, 120, "the flow run to finish", group, every=1.0)
             log(f"run {run.state.name}")
             assert run.state.is_completed(), flow_run_logs(url, run.id) + group.log("serve")
             assert run.parameters["config"]["prompts"]["num_prompts"] == 5
