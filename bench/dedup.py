@@ -136,8 +136,8 @@ def write_dataset(texts: list[str], directory: Path, rows_per_shard: int = 100_0
     import pyarrow as pa
 
     from distillflow.records import content_id
-    from storage.manifest import write_manifest
-    from storage.parquet import write_table_atomic
+    from distillflow.storage.manifest import write_manifest
+    from distillflow.storage.parquet import write_table_atomic
 
     for shard, start in enumerate(range(0, len(texts), rows_per_shard)):
         chunk = texts[start : start + rows_per_shard]
@@ -170,7 +170,7 @@ def score(duplicate_of: np.ndarray, cluster: np.ndarray) -> dict[str, float]:
 
 def attainable(texts: list[str], cluster: np.ndarray, threshold: float, ngram: int, limit: int = 20_000) -> float:
     """Share of planted (variant, first-of-cluster) pairs whose true shingle Jaccard ≥ threshold."""
-    from tasks.minhash import near_dedup_normalize
+    from distillflow.tasks.minhash import near_dedup_normalize
 
     def shingles(text: str) -> set[str]:
         norm = near_dedup_normalize(text)
@@ -197,8 +197,8 @@ def estimator_error(texts: list[str], cluster: np.ndarray, args: dict, seed: int
     threshold whose estimate also reaches it (what verification keeps)."""
     from datasketch import MinHash
 
-    from tasks.filter_config import NearDedupConfig
-    from tasks.minhash import near_dedup_normalize, signatures
+    from distillflow.tasks.filter_config import NearDedupConfig
+    from distillflow.tasks.minhash import near_dedup_normalize, signatures
 
     ngram, threshold = args["ngram"], args["threshold"]
     first: dict[int, int] = {}
@@ -253,8 +253,8 @@ def peak_rss_mb() -> float:
 
 
 def run_ours(texts_path: str, args: dict, out: mp.Queue) -> None:
-    from tasks.filter_config import NearDedupConfig
-    from tasks.minhash import banding, near_duplicates
+    from distillflow.tasks.filter_config import NearDedupConfig
+    from distillflow.tasks.minhash import banding, near_duplicates
 
     texts = json.loads(Path(texts_path).read_text())
     config = NearDedupConfig(threshold=args["threshold"], num_perm=args["num_perm"], unit="char", ngram=args["ngram"],
@@ -268,9 +268,9 @@ def run_ours(texts_path: str, args: dict, out: mp.Queue) -> None:
 
 
 def run_stream(in_dir: str, out_dir: str, args: dict, out: mp.Queue) -> None:
-    from tasks.dedup_dataset import filter_dataset
-    from tasks.filter_config import FiltersConfig
-    from tasks.minhash import signatures
+    from distillflow.tasks.dedup_dataset import filter_dataset
+    from distillflow.tasks.filter_config import FiltersConfig
+    from distillflow.tasks.minhash import signatures
 
     config = FiltersConfig(near_dedup={"threshold": args["threshold"], "num_perm": args["num_perm"], "ngram": args["ngram"]})
     signatures(["warm up the compiled kernel"], config.near_dedup)
@@ -283,8 +283,8 @@ def run_stream(in_dir: str, out_dir: str, args: dict, out: mp.Queue) -> None:
 def run_datasketch(texts_path: str, args: dict, out: mp.Queue) -> None:
     from datasketch import MinHash, MinHashLSH
 
-    from tasks.dedup import resolve_clusters
-    from tasks.minhash import near_dedup_normalize
+    from distillflow.tasks.dedup import resolve_clusters
+    from distillflow.tasks.minhash import near_dedup_normalize
 
     try:  # a fast shingle hash: datasketch's default is SHA-1 in Python
         from xxhash import xxh32_intdigest as hashfunc

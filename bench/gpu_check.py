@@ -63,7 +63,7 @@ def run_check(check: str, function, *args) -> None:
 
 def make_teacher(model_dir: Path, device: str, dtype: torch.dtype):
     from distillflow.config import TeacherConfig
-    from tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher_local import LocalTeacher
 
     config = TeacherConfig(
         backend="local",
@@ -129,8 +129,8 @@ def check_deepspeed(workdir: Path, dtype: str) -> str:
     try:
         import deepspeed  # noqa: F401
 
-        from training.launch import build_launch_command, launch_env
-        from training.testing import build_tiny_setup_once
+        from distillflow.training.launch import build_launch_command, launch_env
+        from tests.fixtures import build_tiny_setup_once
     except ImportError as error:
         raise RuntimeError(f"training entry point not importable: {error}") from error
 
@@ -181,7 +181,7 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from distillflow.tiny import build_tiny_llama
+    from distillflow.training.scratch import build_tiny_llama
 
     cuda = torch.cuda.is_available()
     print(f"[gpu_check] torch {torch.__version__}, CUDA build {torch.version.cuda}, available: {cuda}")

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.config import TrainingConfig  # noqa: E402
-from training.losses import chunked_distillation_loss  # noqa: E402
+from distillflow.training.config import TrainingConfig  # noqa: E402
+from distillflow.training.losses import chunked_distillation_loss  # noqa: E402
 
 TEMPERATURE, ALPHA = 2.0, 0.5
 MIB = 2**20

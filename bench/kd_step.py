@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.config import TrainingConfig  # noqa: E402
-from training.data import Batch  # noqa: E402
-from training.model import DistillationModel  # noqa: E402
+from distillflow.training.config import TrainingConfig  # noqa: E402
+from distillflow.training.data import Batch  # noqa: E402
+from distillflow.training.model import DistillationModel  # noqa: E402
 
 
 def make_student(vocab: int, hidden: int, layers: int):

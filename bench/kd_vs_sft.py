@@ -40,7 +40,7 @@ GRID = ((1.0, 0.5), (2.0, 0.5), (4.0, 0.5), (2.0, 1.0))
 
 def train_student(config: dict, workdir: Path, name: str, dataset_dir: Path, **training) -> Path:
     """One student trained by `python -m training.train` (the process `distill train` runs)."""
-    from flows.demo import student_config
+    from distillflow.flows.demo import student_config
 
     variant = student_config(config, workdir / "students", name, dataset_dir)
     variant["training"].update(training)
@@ -54,7 +54,7 @@ def train_student(config: dict, workdir: Path, name: str, dataset_dir: Path, **t
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "training.train", "--config", str(path)],
+        [sys.executable, "-m", "distillflow.training.train", "--config", str(path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     if result.returncode != 0:
@@ -65,7 +65,7 @@ def train_student(config: dict, workdir: Path, name: str, dataset_dir: Path, **t
 
 def evaluate(config: dict, workdir: Path, tag: str, models: dict[str, Path], eval_set: Path, robust: bool) -> dict:
     """`distill eval` of `models` on one eval set; returns report.json's per-model entries."""
-    from flows.evaluate import eval_command
+    from distillflow.flows.evaluate import eval_command
 
     evaluation = json.loads(json.dumps(config["evaluation"]))
     evaluation["output_dir"] = str(workdir / f"eval-{tag}")
@@ -90,7 +90,7 @@ def clean_and_robust(report: dict, name: str) -> tuple[float, float | None]:
 
 def validation_set(workdir: Path, count: int) -> Path:
     """Held-out-half questions drawn apart from the test file (another seed of `distinct`)."""
-    from prompts.skills import distinct
+    from distillflow.prompts.skills import distinct
 
     test_prompts = {json.loads(line)["prompt"] for line in (ROOT / "prompts/seeds/skills_eval.jsonl").open()}
     rows = [item.record() for item in distinct(count * 2, seed=2, split="eval") if item.prompt not in test_prompts]
@@ -100,8 +100,8 @@ def validation_set(workdir: Path, count: int) -> Path:
 
 
 def main() -> None:
-    from flows.capture_logits import capture_logits_command
-    from flows.demo import DemoBudget, demo_command, write_reference_dataset
+    from distillflow.flows.capture_logits import capture_logits_command
+    from distillflow.flows.demo import DemoBudget, demo_command, write_reference_dataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "kd-vs-sft")

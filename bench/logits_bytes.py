@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from storage.topk import MAX_LOGPROB_ERROR, decode_topk, encode_topk  # noqa: E402
+from distillflow.storage.topk import MAX_LOGPROB_ERROR, decode_topk, encode_topk  # noqa: E402
 
 VOCABS = (512, 32_000, 128_256, 152_064)
 # Scale of Gumbel-distributed logits: large = peaked (confident teacher), small = flat.

@@ -42,10 +42,10 @@ ARMS = ("hardest", "random")
 
 def demo_dataset(workdir: Path, seed: int) -> dict:
     """The demo's config (its dataset built and captured in `workdir` when missing)."""
-    from distillflow.demo import ensure_demo_teacher
-    from flows.build import build_command
-    from flows.capture_logits import capture_logits_command
-    from flows.demo import DemoBudget, demo_config
+    from distillflow.tasks.demo_teacher import ensure_demo_teacher
+    from distillflow.flows.build import build_command
+    from distillflow.flows.capture_logits import capture_logits_command
+    from distillflow.flows.demo import DemoBudget, demo_config
 
     teacher_dir = ensure_demo_teacher(ROOT / ".cache" / "demo")
     config = demo_config(workdir, teacher_dir, DemoBudget(seed=seed))
@@ -62,8 +62,8 @@ def demo_dataset(workdir: Path, seed: int) -> dict:
 
 
 def run_seed(config: dict, out: Path, seed: int, args: argparse.Namespace) -> dict:
-    from flows.mine import mine_command
-    from flows.train import train_command
+    from distillflow.flows.mine import mine_command
+    from distillflow.flows.train import train_command
 
     seed_dir = out / f"seed{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)

@@ -170,7 +170,7 @@ def write_build_config(workdir: Path, base_url: str, n: int, concurrency: int, c
 
 def run_build(args: argparse.Namespace) -> dict:
     from distillflow.config import load_config
-    from flows.build import build_dataset
+    from distillflow.flows.build import build_dataset
 
     config = load_config(args.config)
     started = time.perf_counter()

@@ -82,7 +82,7 @@ def build(
     prompt_column: Optional[str] = typer.Option(None, help="Override the prompt column of every seed file."),
 ) -> None:
     """Black-box dataset flow: prompts → teacher → filters → Parquet."""
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     build_command(config, prompt_column=prompt_column)
 
@@ -101,7 +101,7 @@ def dedup(
     workers: int = typer.Option(2, help="Worker processes of the local Dask cluster (engine dask, no address)."),
 ) -> None:
     """Run the filtering stage alone on an existing dataset."""
-    from flows.dedup import dedup_command
+    from distillflow.flows.dedup import dedup_command
 
     if engine not in ("prefect", "dask", "local"):
         raise typer.BadParameter(f"must be prefect, dask or local (got {engine!r})", param_hint="--engine")
@@ -111,7 +111,7 @@ def dedup(
 @app.command("capture-logits")
 def capture_logits(config: Path = typer.Argument(..., help="YAML config.")) -> None:
     """Add teacher top-k logprobs to a dataset (white-box data)."""
-    from flows.capture_logits import capture_logits_command
+    from distillflow.flows.capture_logits import capture_logits_command
 
     capture_logits_command(config)
 
@@ -119,7 +119,7 @@ def capture_logits(config: Path = typer.Argument(..., help="YAML config.")) -> N
 @app.command()
 def train(config: Path = typer.Argument(..., help="YAML config with a `training:` section.")) -> None:
     """Train a student from a dataset with DeepSpeed ZeRO."""
-    from flows.train import train_command
+    from distillflow.flows.train import train_command
 
     train_command(config)
 
@@ -127,7 +127,7 @@ def train(config: Path = typer.Argument(..., help="YAML config with a `training:
 @app.command("eval")
 def eval_(config: Path = typer.Argument(..., help="YAML config with an `evaluation:` section.")) -> None:
     """Evaluate students and the teacher: accuracy, robustness, held-out agreement, speed, size."""
-    from flows.evaluate import eval_command
+    from distillflow.flows.evaluate import eval_command
 
     eval_command(config)
 
@@ -135,7 +135,7 @@ def eval_(config: Path = typer.Argument(..., help="YAML config with an `evaluati
 @app.command()
 def sweep(config: Path = typer.Argument(..., help="YAML config with `training:`, `evaluation:` and `sweep:` sections.")) -> None:
     """Train and evaluate every point of a grid of training settings; ranked table and chart."""
-    from flows.sweep import sweep_command
+    from distillflow.flows.sweep import sweep_command
 
     sweep_command(config)
 
@@ -143,7 +143,7 @@ def sweep(config: Path = typer.Argument(..., help="YAML config with `training:`,
 @app.command()
 def mine(config: Path = typer.Argument(..., help="YAML config with a `mining:` section.")) -> None:
     """Add the prompts the student gets most wrong (answered by the teacher); retrain and evaluate."""
-    from flows.mine import mine_command
+    from distillflow.flows.mine import mine_command
 
     mine_command(config)
 
@@ -155,7 +155,7 @@ def inspect(
     seed: int = typer.Option(0, help="Seed of the sample."),
 ) -> None:
     """Summary, counts per strategy / reject reason, length histograms, samples."""
-    from storage.inspect import inspect_dataset
+    from distillflow.storage.inspect import inspect_dataset
 
     typer.echo(inspect_dataset(directory, samples=samples, seed=seed))
 
@@ -166,7 +166,7 @@ def demo(
     train: bool = typer.Option(True, "--train/--no-train", help="Also train a student."),
 ) -> None:
     """The whole pipeline on the embedded default (tiny local teacher), on CPU."""
-    from flows.demo import demo_command
+    from distillflow.flows.demo import demo_command
 
     demo_command(workdir, train_student=train)
 
@@ -174,7 +174,7 @@ def demo(
 @app.command()
 def run(config: Path = typer.Argument(..., help="YAML config (dataset, and training if present).")) -> None:
     """All stages the config asks for (build → capture-logits → train) as one parent flow."""
-    from flows.pipeline import run_command
+    from distillflow.flows.pipeline import run_command
 
     run_command(config)
 
@@ -183,7 +183,7 @@ def run(config: Path = typer.Argument(..., help="YAML config (dataset, and train
 def serve(configs: list[Path] = typer.Argument(..., help="One or more YAML configs to deploy.")) -> None:
     """Register a Prefect deployment of every flow of each config (with the config's `schedule:`)
     and run their flow runs on this machine until interrupted (docs/operations.md)."""
-    from flows.deployments import serve_command
+    from distillflow.flows.deployments import serve_command
 
     serve_command(configs)
 
@@ -198,7 +198,7 @@ def deploy(
 ) -> None:
     """Register a deployment of every flow of each config on a work pool, for
     `prefect worker start --pool POOL --type process` on any machine (docs/operations.md)."""
-    from flows.deployments import deploy_command
+    from distillflow.flows.deployments import deploy_command
 
     deploy_command(configs, pool=pool, working_dir=working_dir)
 

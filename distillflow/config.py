@@ -13,13 +13,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distillflow.schedule_config import ScheduleConfig
-from prompts.config import PromptsConfig
-from tasks.capture_config import CaptureConfig
-from tasks.eval_config import EvalConfig
-from tasks.filter_config import FiltersConfig
-from tasks.mining_config import MiningConfig
-from tasks.sweep_config import SweepConfig
-from training.config import ChatTemplateSetting, TrainingConfig
+from distillflow.prompts.config import PromptsConfig
+from distillflow.tasks.capture_config import CaptureConfig
+from distillflow.tasks.eval_config import EvalConfig
+from distillflow.tasks.filter_config import FiltersConfig
+from distillflow.tasks.mining_config import MiningConfig
+from distillflow.tasks.sweep_config import SweepConfig
+from distillflow.training.config import ChatTemplateSetting, TrainingConfig
 
 
 class ConfigError(ValueError):

@@ -58,9 +58,9 @@ TRAINING_NOISE = (
 
 def noisy_question(rng: random.Random, split: str, noisy_share: float) -> tuple[str, str]:
     """One (prompt, answer) of the task family, perturbed with probability `noisy_share`."""
-    from prompts.adversarial import ADVERSARIAL, perturb_protected
-    from prompts.config import AdversarialConfig
-    from prompts.skills import sample
+    from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected
+    from distillflow.prompts.config import AdversarialConfig
+    from distillflow.prompts.skills import sample
 
     item = sample(rng, split)
     prompt = item.prompt
@@ -128,8 +128,8 @@ def train_demo_teacher(out_dir: Path, settings: DemoTrainingSettings, log_every:
     """Build the tokenizer + model in `out_dir`, train on the task family, save. Returns stats."""
     import torch
 
-    from distillflow.tiny import build_tiny_llama
-    from prompts.skills import distinct
+    from distillflow.training.scratch import build_tiny_llama
+    from distillflow.prompts.skills import distinct
 
     started = time.perf_counter()
     # No merges: the 256 byte tokens + specials, one token per character of ASCII text.

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from distillflow.config import ConfigError, DistillConfig
-from training.chat_template import PRESETS, check_renders, effective_chat_template
-from training.config import TrainingConfig
+from distillflow.training.chat_template import PRESETS, check_renders, effective_chat_template
+from distillflow.training.config import TrainingConfig
 
 
 class PreflightError(ConfigError):
@@ -145,7 +145,7 @@ def preflight_build(config: DistillConfig, source: str, prompts: Sequence[str]) 
 def preflight_capture(config: DistillConfig, source: str) -> None:
     """Local capture: the teacher loads, the tokenizer that makes the positions has a template,
     its vocabulary is the teacher's, and the teacher's context holds max_length."""
-    from tasks.capture_logits import resolve_capture_settings
+    from distillflow.tasks.capture_logits import resolve_capture_settings
 
     settings = resolve_capture_settings(config)
     tokenizer_key = "capture.tokenizer" if config.capture and config.capture.tokenizer else (
@@ -206,13 +206,13 @@ def preflight_run(config: DistillConfig, source: str, prompts: Sequence[str]) ->
             preflight_capture(config, source)
         preflight_training(training, source)
     if config.evaluation is not None:
-        from tasks.evaluate import eval_run_from_config
+        from distillflow.tasks.evaluate import eval_run_from_config
 
         preflight_eval(eval_run_from_config(config, source), only_existing=True)
 
 
 def _same_vocabulary(teacher: ModelDir, student: ModelDir, source: str) -> None:
-    from training.model import VocabularyMismatch, vocabulary_preflight
+    from distillflow.training.model import VocabularyMismatch, vocabulary_preflight
 
     student_rows = student.output_rows or len(student.tokenizer)
     teacher_rows = teacher.output_rows or student_rows

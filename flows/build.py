@@ -30,11 +30,11 @@ import distillflow
 from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
 from distillflow.records import PromptRecord, Reject, TeacherAnswer
-from storage.dataset import count_by, dataset_card, write_dataset
-from storage.ledger import Ledger
-from storage.seeds import load_seeds
-from tasks.filters import filter_prompts, filter_responses
-from tasks.teacher import (
+from distillflow.storage.dataset import count_by, dataset_card, write_dataset
+from distillflow.storage.ledger import Ledger
+from distillflow.storage.seeds import load_seeds
+from distillflow.tasks.filters import filter_prompts, filter_responses
+from distillflow.tasks.teacher import (
     FailureBudget,
     NoUsableAnswersError,
     OpenAITeacher,
@@ -61,7 +61,7 @@ class LocalTeacherClient:
         self.batch_size = config.local_batch_size
 
     def answer_batch(self, messages_list: list[list[dict]]) -> list[TeacherAnswer]:
-        from tasks.teacher_local import get_local_teacher
+        from distillflow.tasks.teacher_local import get_local_teacher
 
         return get_local_teacher(self.config).answer_batch(messages_list)
 
@@ -151,7 +151,7 @@ def load_seeds_task(config: DistillConfig, prompt_column: str | None) -> tuple[l
 
 @task(name="generate-prompts", cache_policy=NO_CACHE)
 def generate_prompts_task(config: DistillConfig, seeds: list[PromptRecord], teacher: Any, ledger: Ledger):
-    from prompts.generate import generate_prompts
+    from distillflow.prompts.generate import generate_prompts
 
     def complete(messages_list: list[list[dict]]) -> list[TeacherAnswer]:
         return [answer for answer, _ in answer_requests(teacher, ledger, messages_list)]
@@ -408,14 +408,14 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         table=table,
         description=f"{config.name}: rows per stage and reject reason",
     )
-    from tasks.artifact_charts import build_summary_markdown
+    from distillflow.tasks.artifact_charts import build_summary_markdown
 
     create_markdown_artifact(
         key=f"{_artifact_key(config.name)}-summary",
         markdown=build_summary_markdown(manifest, accepted),
         description=f"{config.name}: counts per stage, reason and strategy, teacher usage and cost, lengths",
     )
-    from prompts.report import report_markdown
+    from distillflow.prompts.report import report_markdown
 
     create_markdown_artifact(
         key=f"{_artifact_key(config.name)}-prompts",
@@ -428,7 +428,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
 
 def build_command(config_path: str | Path, prompt_column: str | None = None) -> dict[str, Any]:
     """`distill build CONFIG`: validate everything that can be checked before paying, then run."""
-    from distillflow.preflight import preflight_build
+    from distillflow.tasks.preflight import preflight_build
 
     config = load_config(config_path)
     if config.teacher.backend == "openai":

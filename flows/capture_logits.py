@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow
 
 from distillflow.config import load_config
-from tasks.capture_logits import (
+from distillflow.tasks.capture_logits import (
     CaptureSettings,
     capture_shard_task,
     check_capture_input,
@@ -31,7 +31,7 @@ def capture_logits(settings: CaptureSettings) -> dict[str, Any]:
 
 def capture_logits_command(config_path: str | Path) -> dict[str, Any]:
     """Validate the config up front, then run the flow; returns the manifest's capture record."""
-    from distillflow.preflight import preflight_capture
+    from distillflow.tasks.preflight import preflight_capture
 
     config = load_config(config_path, check_files=False)
     settings = resolve_capture_settings(config)

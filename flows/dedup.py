@@ -19,7 +19,7 @@ import yaml
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from tasks.dedup_dataset import (
+from distillflow.tasks.dedup_dataset import (
     DatasetDecisions,
     ShardFeatures,
     filter_dataset,
@@ -28,7 +28,7 @@ from tasks.dedup_dataset import (
     shard_features,
     write_filtered_dataset,
 )
-from tasks.filter_config import FiltersConfig
+from distillflow.tasks.filter_config import FiltersConfig
 
 Engine = Literal["prefect", "dask", "local"]
 
@@ -53,7 +53,7 @@ def write_filtered_task(
 @flow(name="dedup-dataset")
 def dedup_flow(in_dir: str, out_dir: str, config: FiltersConfig) -> dict[str, Any]:
     """Filter the dataset in `in_dir` into `out_dir`; returns the new manifest."""
-    from flows.build import stage  # a stage running past a minute says so
+    from distillflow.flows.build import stage  # a stage running past a minute says so
 
     logger = get_run_logger()
     started = time.time()

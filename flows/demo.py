@@ -104,7 +104,7 @@ def write_reference_dataset(dataset_dir: Path, seeds_path: Path, out_dir: Path) 
     import pyarrow as pa
 
     from distillflow.records import content_id
-    from storage.parquet import read_table, write_table_atomic
+    from distillflow.storage.parquet import read_table, write_table_atomic
 
     truth: dict[str, tuple[str, str]] = {}
     for line in seeds_path.read_text(encoding="utf-8").splitlines():
@@ -135,12 +135,12 @@ def _say(message: str) -> None:
 def demo_command(
     workdir: str | Path = "runs/demo", train_student: bool = True, budget: DemoBudget | None = None
 ) -> dict[str, Any]:
-    from distillflow.demo import ensure_demo_teacher
-    from flows.build import build_command
-    from flows.capture_logits import capture_logits_command
-    from flows.evaluate import eval_command
-    from flows.train import train_command
-    from storage.inspect import inspect_dataset
+    from distillflow.tasks.demo_teacher import ensure_demo_teacher
+    from distillflow.flows.build import build_command
+    from distillflow.flows.capture_logits import capture_logits_command
+    from distillflow.flows.evaluate import eval_command
+    from distillflow.flows.train import train_command
+    from distillflow.storage.inspect import inspect_dataset
 
     budget = budget or DemoBudget()
     started = time.perf_counter()

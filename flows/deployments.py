@@ -25,7 +25,7 @@ import yaml
 from prefect import flow
 
 from distillflow.config import ConfigError, DistillConfig, load_config
-from flows.build import build_dataset
+from distillflow.flows.build import build_dataset
 
 DEFAULT_POOL = "distillflow"
 
@@ -43,7 +43,7 @@ def config_file(config: DistillConfig) -> Iterator[str]:
 @flow(name="distill-capture-logits")
 def capture_deployment(config: DistillConfig) -> dict[str, Any]:
     """`distill capture-logits`: add the teacher's top-k logprobs to the config's dataset."""
-    from flows.capture_logits import capture_logits_command
+    from distillflow.flows.capture_logits import capture_logits_command
 
     with config_file(config) as path:
         return capture_logits_command(path)
@@ -52,7 +52,7 @@ def capture_deployment(config: DistillConfig) -> dict[str, Any]:
 @flow(name="distill-train")
 def train_deployment(config: DistillConfig) -> dict[str, Any]:
     """`distill train`: train the student of the config's `training:` section."""
-    from flows.train import train_command
+    from distillflow.flows.train import train_command
 
     with config_file(config) as path:
         return train_command(path)
@@ -61,7 +61,7 @@ def train_deployment(config: DistillConfig) -> dict[str, Any]:
 @flow(name="distill-eval")
 def eval_deployment(config: DistillConfig) -> dict[str, Any]:
     """`distill eval`: evaluate the models of the config's `evaluation:` section."""
-    from flows.evaluate import eval_command
+    from distillflow.flows.evaluate import eval_command
 
     with config_file(config) as path:
         return eval_command(path)
@@ -70,7 +70,7 @@ def eval_deployment(config: DistillConfig) -> dict[str, Any]:
 @flow(name="distill-sweep")
 def sweep_deployment(config: DistillConfig) -> dict[str, Any]:
     """`distill sweep`: train and evaluate every point of the config's `sweep:` grid."""
-    from flows.sweep import sweep_command
+    from distillflow.flows.sweep import sweep_command
 
     with config_file(config) as path:
         return sweep_command(path)
@@ -79,7 +79,7 @@ def sweep_deployment(config: DistillConfig) -> dict[str, Any]:
 @flow(name="distill-mine")
 def mine_deployment(config: DistillConfig) -> dict[str, Any]:
     """`distill mine`: add the prompts the student gets most wrong; retrain and evaluate."""
-    from flows.mine import mine_command
+    from distillflow.flows.mine import mine_command
 
     with config_file(config) as path:
         return mine_command(path)
@@ -88,7 +88,7 @@ def mine_deployment(config: DistillConfig) -> dict[str, Any]:
 @flow(name="distill-run")
 def run_deployment(config: DistillConfig) -> dict[str, Any]:
     """`distill run`: every stage the config asks for, as one parent flow."""
-    from flows.pipeline import run_command
+    from distillflow.flows.pipeline import run_command
 
     with config_file(config) as path:
         return run_command(path)

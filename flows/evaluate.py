@@ -15,9 +15,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from tasks.eval_config import EvalModel
-from tasks.eval_report import TABLE_COLUMNS, format_table, report_markdown, table_cells, write_report_files
-from tasks.evaluate import (
+from distillflow.tasks.eval_config import EvalModel
+from distillflow.tasks.eval_report import TABLE_COLUMNS, format_table, report_markdown, table_cells, write_report_files
+from distillflow.tasks.evaluate import (
     EvalItem,
     EvalRun,
     PreparedItems,
@@ -64,7 +64,7 @@ def report_task(
     markdown = report_markdown(report)
     chart = Path(run.config.output_dir) / "chart.png"
     if chart.is_file():  # accuracy vs size and per-set accuracy, inline
-        from tasks.artifact_charts import png_data_uri
+        from distillflow.tasks.artifact_charts import png_data_uri
 
         markdown += f"\n\n![accuracy vs size]({png_data_uri(chart.read_bytes())})\n"
     create_markdown_artifact(key=f"{key}-eval-report", markdown=markdown, description="distill eval report")
@@ -94,7 +94,7 @@ def evaluate(config_path: str) -> dict[str, Any]:
 
 def eval_command(config_path: str | Path) -> dict[str, Any]:
     """Validate the config, run the flow, print the comparison table; the report dict."""
-    from distillflow.preflight import preflight_eval
+    from distillflow.tasks.preflight import preflight_eval
 
     preflight_eval(load_eval_run(config_path))  # config and model errors before Prefect starts
     report = evaluate(str(config_path))

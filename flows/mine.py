@@ -18,9 +18,9 @@ from prefect.utilities.annotations import quote
 
 from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
-from flows.build import LEDGER_PATH, Progress, answer_batch_task, filter_responses_task, make_teacher
-from storage.ledger import Ledger
-from tasks.mining import (
+from distillflow.flows.build import LEDGER_PATH, Progress, answer_batch_task, filter_responses_task, make_teacher
+from distillflow.storage.ledger import Ledger
+from distillflow.tasks.mining import (
     MiningPlan,
     dataset_records,
     generate_candidates,
@@ -29,7 +29,7 @@ from tasks.mining import (
     select_candidates,
     write_mined_dataset,
 )
-from tasks.teacher import FailureBudget, OpenAITeacher, TeacherAborted, answer_requests, resolve_api_key
+from distillflow.tasks.teacher import FailureBudget, OpenAITeacher, TeacherAborted, answer_requests, resolve_api_key
 
 
 @task(name="mine-candidates", cache_policy=NO_CACHE)
@@ -132,17 +132,17 @@ def mine(config_path: str) -> dict[str, Any]:
         retrain_path.write_text(yaml.safe_dump(retrain, sort_keys=False), encoding="utf-8")
         assert config.training is not None
         if config.training.objective == "kd_topk":
-            from flows.capture_logits import capture_logits
-            from tasks.capture_logits import resolve_capture_settings
+            from distillflow.flows.capture_logits import capture_logits
+            from distillflow.tasks.capture_logits import resolve_capture_settings
 
             settings = resolve_capture_settings(config)
             settings = dataclasses.replace(settings, input_dir=str(plan.output_dir), output_dir=str(plan.output_dir))
             result["capture"] = capture_logits(settings)
-        from flows.train import train
+        from distillflow.flows.train import train
 
         result["training"] = train(str(retrain_path))
         if plan.eval_output_dir is not None:
-            from flows.evaluate import evaluate
+            from distillflow.flows.evaluate import evaluate
 
             report = evaluate(str(retrain_path))
             result["evaluation"] = report["table"]
@@ -204,7 +204,7 @@ def _key(name: str) -> str:
 
 def mine_command(config_path: str | Path) -> dict[str, Any]:
     """Validate the config (files, student, score) before Prefect starts, run, print the outcome."""
-    from distillflow.preflight import load_model_dir
+    from distillflow.tasks.preflight import load_model_dir
 
     config = load_config(config_path, check_files=False)
     plan = plan_mining(config, str(config_path))
@@ -216,7 +216,7 @@ def mine_command(config_path: str | Path) -> dict[str, Any]:
     result = mine(str(config_path))
     print(mining_markdown(result), end="")
     if result.get("evaluation"):
-        from tasks.eval_report import format_table
+        from distillflow.tasks.eval_report import format_table
 
         print(format_table(result["evaluation"]))
     print(f"mined dataset: {result['dataset']} ({result['seconds']:.0f} s)", file=sys.stderr)

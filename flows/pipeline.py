@@ -9,8 +9,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from distillflow.config import load_config
-from flows.build import build_dataset
-from tasks.teacher import resolve_api_key
+from distillflow.flows.build import build_dataset
+from distillflow.tasks.teacher import resolve_api_key
 
 
 @flow(name="distill-pipeline")
@@ -24,18 +24,18 @@ def run_pipeline(config_path: str) -> dict[str, Any]:
         logger.info("no `training:` section: no student to train")
     else:
         if config.training.objective == "kd_topk" and getattr(config, "capture", None) is not None:
-            from flows.capture_logits import capture_logits_command
+            from distillflow.flows.capture_logits import capture_logits_command
 
             result["capture"] = capture_logits_command(config_path)
-        from flows.train import train
+        from distillflow.flows.train import train
 
         result["training"] = train(str(config_path))
     if config.evaluation is not None:
-        from flows.evaluate import evaluate
+        from distillflow.flows.evaluate import evaluate
 
         result["evaluation"] = evaluate(str(config_path))["table"]
     if config.mining is not None:
-        from flows.mine import mine
+        from distillflow.flows.mine import mine
 
         # The student just trained is the one mined against; the new dataset version trains
         # and evaluates a student again (mining.retrain).
@@ -45,8 +45,8 @@ def run_pipeline(config_path: str) -> dict[str, Any]:
 
 def run_command(config_path: str | Path) -> dict[str, Any]:
     """Check every stage the config asks for (distillflow/preflight.py), then run the pipeline."""
-    from distillflow.preflight import preflight_run
-    from storage.seeds import load_seeds
+    from distillflow.tasks.preflight import preflight_run
+    from distillflow.storage.seeds import load_seeds
 
     config = load_config(config_path)
     if config.teacher.backend == "openai":

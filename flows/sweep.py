@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from distillflow.config import load_config
-from tasks.sweep import (
+from distillflow.tasks.sweep import (
     SweepPlan,
     SweepPoint,
     eval_done,
@@ -33,7 +33,7 @@ from tasks.sweep import (
     write_state,
     write_sweep_files,
 )
-from tasks.train_student import train_student
+from distillflow.tasks.train_student import train_student
 
 
 def model_seconds(report: dict[str, Any]) -> float:
@@ -50,7 +50,7 @@ def _error_text(error: BaseException) -> str:
 def sweep_point(name: str, point: SweepPoint, retries: int) -> dict[str, Any]:
     """Train (unless a matching run finished before) and evaluate one point. A failed
     attempt is retried `retries` times; training resumes from its last checkpoint."""
-    from flows.evaluate import evaluate
+    from distillflow.flows.evaluate import evaluate
 
     logger = get_run_logger()
     state = prepare_point(point)
@@ -83,7 +83,7 @@ def sweep_point(name: str, point: SweepPoint, retries: int) -> dict[str, Any]:
 @flow(name="sweep-reference", flow_run_name="reference-{name}")
 def sweep_reference(name: str, point: SweepPoint) -> dict[str, Any]:
     """The reference model's eval (once per sweep; reused while its settings and data match)."""
-    from flows.evaluate import evaluate
+    from distillflow.flows.evaluate import evaluate
 
     state = read_state(point)
     if state.get("eval_key") == point.eval_key and state.get("row"):
@@ -167,9 +167,9 @@ class SweepFailed(RuntimeError):
 
 def sweep_command(config_path: str | Path) -> dict[str, Any]:
     """Validate every point before Prefect starts, run, print the ranked table."""
-    from distillflow.preflight import preflight_eval, preflight_training
-    from tasks.evaluate import eval_run_from_config
-    from training.config import TrainingConfig
+    from distillflow.tasks.preflight import preflight_eval, preflight_training
+    from distillflow.tasks.evaluate import eval_run_from_config
+    from distillflow.training.config import TrainingConfig
 
     config = load_config(config_path, check_files=False)
     plan = plan_sweep(config, str(config_path))

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.train_student import load_training_config, train_student
+from distillflow.tasks.train_student import load_training_config, train_student
 
 
 @flow(name="train")
@@ -22,7 +22,7 @@ def train(
 
 def train_command(config_path: str | Path, num_processes: int | None = None) -> dict[str, Any]:
     """Validate the config (and preflight its models), run the flow, print the final metrics."""
-    from distillflow.preflight import preflight_training
+    from distillflow.tasks.preflight import preflight_training
 
     config = load_training_config(config_path)
     preflight_training(config, str(config_path))  # models, template, vocabulary, context

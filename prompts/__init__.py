@@ -4,10 +4,10 @@
 plain script) can call it.
 """
 
-from prompts.diversity import prompt_diversity_summary
-from prompts.generate import generate_prompts
-from prompts.report import report_markdown, report_table
-from prompts.teacher_driven import CompleteFn
+from distillflow.prompts.diversity import prompt_diversity_summary
+from distillflow.prompts.generate import generate_prompts
+from distillflow.prompts.report import report_markdown, report_table
+from distillflow.prompts.teacher_driven import CompleteFn
 
 __all__ = [
     "CompleteFn",

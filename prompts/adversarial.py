@@ -11,7 +11,7 @@ import random
 import re
 from collections.abc import Callable
 
-from prompts.config import AdversarialConfig
+from distillflow.prompts.config import AdversarialConfig
 
 AdversarialFn = Callable[[str, random.Random, AdversarialConfig], "str | None"]
 

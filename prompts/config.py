@@ -206,7 +206,7 @@ class PromptsConfig(_Strict):
     @classmethod
     def _domains(cls, value: list[str]) -> list[str]:
         # Imported here: the domain modules import this module for EdgeCaseConfig.
-        from prompts.domains import DOMAIN_EDGE_CASES
+        from distillflow.prompts.domains import DOMAIN_EDGE_CASES
 
         unknown = [name for name in value if name not in DOMAIN_EDGE_CASES]
         if unknown:

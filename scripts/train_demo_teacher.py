@@ -1,6 +1,6 @@
 """Train the demo teacher and ship it: `python scripts/train_demo_teacher.py`.
 
-Trains `distillflow.demo.DemoTrainingSettings()` (about 10 minutes on 2 CPU cores, one thread), measures greedy exact match on held-out questions (arguments the teacher never
+Trains `distillflow.tasks.demo_teacher.DemoTrainingSettings()` (about 10 minutes on 2 CPU cores, one thread), measures greedy exact match on held-out questions (arguments the teacher never
 saw) clean and perturbed, and writes the model, its stamp and a card (README.md) to
 `distillflow/assets/demo-teacher` — the directory `distill demo` uses. Weights are saved
 in float16 to keep the package small; they load as float32.
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 def exact_match(model_dir: Path, questions: list[tuple[str, str]], batch_size: int = 32) -> float:
     """Share of `(prompt, reference)` answered exactly (greedy, in-process teacher path)."""
     from distillflow.config import TeacherConfig
-    from tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher_local import LocalTeacher
 
     config = TeacherConfig(
         backend="local", model=str(model_dir), device="cpu", local_batch_size=batch_size,
@@ -42,8 +42,8 @@ def exact_match(model_dir: Path, questions: list[tuple[str, str]], batch_size: i
 def main() -> None:
     import torch
 
-    from distillflow.demo import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, noisy_question, train_into
-    from prompts.skills import distinct
+    from distillflow.tasks.demo_teacher import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, noisy_question, train_into
+    from distillflow.prompts.skills import distinct
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=SHIPPED_TEACHER)

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.parquet import ShardInfo, file_sha256
+from distillflow.storage.parquet import ShardInfo, file_sha256
 
 # Schema metadata key under which a shard records how its added columns were made.
 PROVENANCE_KEY = b"distillflow.added_columns"

@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from storage.manifest import remove_manifest, write_manifest
-from storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema
+from distillflow.storage.manifest import remove_manifest, write_manifest
+from distillflow.storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema
 
 STAGING = ".staging"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from storage.manifest import MANIFEST_NAME, read_manifest
-from storage.parquet import list_shards, read_table
+from distillflow.storage.manifest import MANIFEST_NAME, read_manifest
+from distillflow.storage.parquet import list_shards, read_table
 
 BAR_WIDTH = 40
 

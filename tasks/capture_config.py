@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from training.config import ChatTemplateSetting
+from distillflow.training.config import ChatTemplateSetting
 
 
 class CaptureConfig(BaseModel):

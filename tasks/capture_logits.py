@@ -37,10 +37,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import ConfigError, DistillConfig
-from storage.add_columns import add_columns_atomic, column_compressed_bytes, read_provenance
-from storage.manifest import MANIFEST_NAME, read_manifest, remove_manifest, write_manifest
-from storage.parquet import ShardInfo, file_sha256, list_shards
-from storage.topk import (
+from distillflow.storage.add_columns import add_columns_atomic, column_compressed_bytes, read_provenance
+from distillflow.storage.manifest import MANIFEST_NAME, read_manifest, remove_manifest, write_manifest
+from distillflow.storage.parquet import ShardInfo, file_sha256, list_shards
+from distillflow.storage.topk import (
     GAP_SCALE,
     MAX_DELTA_NATS,
     MAX_LOGPROB_ERROR,
@@ -49,7 +49,7 @@ from storage.topk import (
     encode_topk,
     topk_shape,
 )
-from training.chat_template import chat_template_text
+from distillflow.training.chat_template import chat_template_text
 
 IGNORE_INDEX = -100
 TOPK_FIELDS = [
@@ -200,7 +200,7 @@ def load_tokenizer(path: str):
 
 def encode_rows(settings: CaptureSettings, prompts: Sequence[str], responses: Sequence[str]):
     """(input_ids, targets) of each row, tokenised exactly as training tokenises it."""
-    from training.data import encode_example
+    from distillflow.training.data import encode_example
 
     tokenizer = load_tokenizer(settings.tokenizer)
     template = chat_template_text(settings.chat_template) if settings.chat_template else None

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from tasks.filter_config import DecontaminationConfig
-from tasks.minhash import word_ngram_hashes
+from distillflow.tasks.filter_config import DecontaminationConfig
+from distillflow.tasks.minhash import word_ngram_hashes
 
 TEXT_COLUMNS = ("prompt", "question", "text", "input", "instruction", "problem")
 

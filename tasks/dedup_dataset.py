@@ -31,13 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.dataset import swap_in_staged
-from storage.manifest import read_manifest, remove_manifest, write_manifest
-from storage.parquet import REJECT_SCHEMA, ShardInfo, file_sha256, list_shards, write_table_atomic
-from tasks.dedup import KEEP
-from tasks.filter_config import FiltersConfig
-from tasks.filters import Embed, PromptFeatures, prompt_features, resolve_prompt_filters
-from tasks.quality import ResponseChecker
+from distillflow.storage.dataset import swap_in_staged
+from distillflow.storage.manifest import read_manifest, remove_manifest, write_manifest
+from distillflow.storage.parquet import REJECT_SCHEMA, ShardInfo, file_sha256, list_shards, write_table_atomic
+from distillflow.tasks.dedup import KEEP
+from distillflow.tasks.filter_config import FiltersConfig
+from distillflow.tasks.filters import Embed, PromptFeatures, prompt_features, resolve_prompt_filters
+from distillflow.tasks.quality import ResponseChecker
 
 STAGING = ".staging"
 
@@ -227,7 +227,7 @@ def write_filtered_dataset(
     elapsed_s: float,
 ) -> dict[str, Any]:
     """Pass 3: kept rows to data/, drops (and the input's rejects) to rejects/, manifest last."""
-    from storage.dataset import dataset_card
+    from distillflow.storage.dataset import dataset_card
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     started = time.time()

@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prompts.adversarial import ADVERSARIAL
-from prompts.edge_cases import EDGE_CASES
-from training.config import ChatTemplateSetting
+from distillflow.prompts.adversarial import ADVERSARIAL
+from distillflow.prompts.edge_cases import EDGE_CASES
+from distillflow.training.config import ChatTemplateSetting
 
 CheckName = Literal["exact", "contains", "numeric", "regex", "choice", "json"]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from distillflow.config import GenerationConfig, TeacherConfig
-from storage.ledger import Ledger
-from tasks.teacher import OpenAITeacher, answer_requests, build_messages
+from distillflow.storage.ledger import Ledger
+from distillflow.tasks.teacher import OpenAITeacher, answer_requests, build_messages
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -105,7 +105,7 @@ class InProcessModel:
         system_prompt: str | None,
         chat_template: str | None = None,
     ) -> None:
-        from tasks.teacher_local import LocalTeacher
+        from distillflow.tasks.teacher_local import LocalTeacher
 
         self.path = Path(path)
         self.system_prompt = system_prompt
@@ -164,7 +164,7 @@ class InProcessModel:
         tokenised exactly as training does (`training.data.encode_example`)."""
         import torch
 
-        from training.data import IGNORE_INDEX, encode_example, right_padded
+        from distillflow.training.data import IGNORE_INDEX, encode_example, right_padded
 
         limit = min(max_length, getattr(self.model.config, "max_position_embeddings", None) or max_length)
         encoded = [encode_example(self.tokenizer, p, r, self.system_prompt, limit) for p, r in pairs]

@@ -35,13 +35,13 @@ from distillflow.config import (
     read_yaml,
 )
 from distillflow.records import content_id
-from prompts.adversarial import ADVERSARIAL, perturb_protected
-from prompts.config import AdversarialConfig, EdgeCaseConfig
-from prompts.edge_cases import EDGE_CASES
-from storage.dataset import is_heldout
-from tasks.eval_checks import CHECKS, exact_match, is_correct, rouge_l, token_f1
-from tasks.eval_config import EvalConfig, EvalModel, RobustnessConfig
-from tasks.teacher import TeacherFatalError
+from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected
+from distillflow.prompts.config import AdversarialConfig, EdgeCaseConfig
+from distillflow.prompts.edge_cases import EDGE_CASES
+from distillflow.storage.dataset import is_heldout
+from distillflow.tasks.eval_checks import CHECKS, exact_match, is_correct, rouge_l, token_f1
+from distillflow.tasks.eval_config import EvalConfig, EvalModel, RobustnessConfig
+from distillflow.tasks.teacher import TeacherFatalError
 
 CLEAN = "clean"
 HELDOUT = "heldout"
@@ -243,7 +243,7 @@ def perturb_items(items: list[EvalItem], robustness: RobustnessConfig) -> tuple[
 
 def heldout_items(dataset_dir: Path, fraction: float, max_rows: int | None) -> list[EvalItem]:
     """Rows of the built dataset in the held-out split; the teacher's answer is the reference."""
-    from storage.parquet import read_table
+    from distillflow.storage.parquet import read_table
 
     table = read_table(Path(dataset_dir) / "data", columns=["id", "prompt", "response"])
     items = []
@@ -279,7 +279,7 @@ def prepare_items(run: EvalRun) -> PreparedItems:
 
 def open_model(run: EvalRun, model: EvalModel) -> Any:
     """The runner of one model entry (in-process or endpoint); load errors name the entry."""
-    from tasks.eval_models import EndpointModel, InProcessModel
+    from distillflow.tasks.eval_models import EndpointModel, InProcessModel
 
     generation = run.config.generation
     if model.kind == "path" or (model.kind == "teacher" and run.teacher.backend == "local"):  # type: ignore[union-attr]
@@ -424,8 +424,8 @@ def combine_verdicts(model_first: str, reference_first: str) -> str:
 
 def judge_models(run: EvalRun, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Pairwise verdicts of each model against the reference model, both orders, ledger-cached."""
-    from storage.ledger import Ledger
-    from tasks.teacher import OpenAITeacher, answer_requests, build_messages
+    from distillflow.storage.ledger import Ledger
+    from distillflow.tasks.teacher import OpenAITeacher, answer_requests, build_messages
 
     judge = run.config.judge
     reference_name = run.config.judge_reference

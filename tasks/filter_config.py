@@ -159,7 +159,7 @@ class QualityConfig(_Strict):
     @field_validator("keep_refusals_for")
     @classmethod
     def _known_strategies(cls, value: list[str]) -> list[str]:
-        from prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS, EVOLVE_OPERATIONS, FAMILIES
+        from distillflow.prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS, EVOLVE_OPERATIONS, FAMILIES
 
         known = {
             *FAMILIES,

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from distillflow.records import PromptRecord, Reject
-from tasks.dedup import KEEP, exact_keys, first_occurrence
-from tasks.filter_config import FiltersConfig
-from tasks.quality import ResponseChecker
+from distillflow.tasks.dedup import KEEP, exact_keys, first_occurrence
+from distillflow.tasks.filter_config import FiltersConfig
+from distillflow.tasks.quality import ResponseChecker
 
 PROMPT_REASONS = ("contaminated", "exact_duplicate", "near_duplicate", "semantic_duplicate", "diversity")
 RESPONSE_REASONS = ("empty", "truncated", "too_short", "too_long", "refusal", "repetition", "prompt_echo", "language")
@@ -70,11 +70,11 @@ def prompt_features(texts: Sequence[str], config: FiltersConfig) -> PromptFeatur
     if config.exact_dedup:
         features.exact_keys = exact_keys(texts)
     if config.near_dedup.enabled:
-        from tasks.minhash import signatures
+        from distillflow.tasks.minhash import signatures
 
         features.signatures = signatures(texts, config.near_dedup)
     if config.decontamination.eval_files:
-        from tasks.decontam import contaminated
+        from distillflow.tasks.decontam import contaminated
 
         features.overlap = contaminated(texts, config.decontamination)[1]
     return features
@@ -141,7 +141,7 @@ def resolve_prompt_filters(
         apply("exact_duplicate", dropped, duplicate_of, {int(i): "normalised text equal" for i in np.flatnonzero(dropped)})
 
     if features.signatures is not None:
-        from tasks.minhash import near_duplicate_details, near_duplicates_from_signatures
+        from distillflow.tasks.minhash import near_duplicate_details, near_duplicates_from_signatures
 
         result = near_duplicates_from_signatures(features.signatures, config.near_dedup, index=alive)
         apply(
@@ -153,11 +153,11 @@ def resolve_prompt_filters(
 
     embeddings = None
     if config.semantic_dedup.enabled or (config.diversity.keep is not None and config.diversity.embedding == "semantic"):
-        from tasks.semantic import embed_texts
+        from distillflow.tasks.semantic import embed_texts
 
         embed = embed or (lambda batch: embed_texts(batch, config.semantic_dedup))
     if config.semantic_dedup.enabled and len(alive) > 1:
-        from tasks.semantic import semantic_details, semantic_duplicates
+        from distillflow.tasks.semantic import semantic_details, semantic_duplicates
 
         embeddings = embed(texts_of(alive))
         result = semantic_duplicates(embeddings, config.semantic_dedup)
@@ -167,7 +167,7 @@ def resolve_prompt_filters(
 
     diversity = config.diversity
     if diversity.keep is not None and diversity.keep < len(alive):
-        from tasks.diversity import hashed_embeddings, nearest_kept_distance, select_diverse
+        from distillflow.tasks.diversity import hashed_embeddings, nearest_kept_distance, select_diverse
 
         if diversity.embedding == "hashed":
             embeddings = hashed_embeddings(texts_of(alive))

@@ -32,8 +32,8 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-from tasks.dedup import KEEP, duplicate_details, resolve_clusters
-from tasks.filter_config import NearDedupConfig
+from distillflow.tasks.dedup import KEEP, duplicate_details, resolve_clusters
+from distillflow.tasks.filter_config import NearDedupConfig
 
 _UNICODE_PUNCTUATION_TO_SPACE = str.maketrans({ch: " " for ch in "¡¿«»‹›“”„‘’‚…–—―·•、。，．：；！？「」『』（）【】"})
 

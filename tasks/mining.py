@@ -27,7 +27,7 @@ from typing import Any
 
 from distillflow.config import ConfigError, DistillConfig
 from distillflow.records import PromptRecord, Reject
-from tasks.mining_config import MiningConfig
+from distillflow.tasks.mining_config import MiningConfig
 
 MINED_SHARD = "part-mined-00000.parquet"
 CANDIDATES_FILE = "candidates.parquet"
@@ -103,7 +103,7 @@ def plan_mining(config: DistillConfig, source: str = "<config>") -> MiningPlan:
 
 def dataset_records(dataset_dir: Path) -> list[PromptRecord]:
     """The dataset's rows as prompt records (they seed the candidate generators)."""
-    from storage.parquet import read_table
+    from distillflow.storage.parquet import read_table
 
     table = read_table(dataset_dir / "data", columns=["id", "prompt", "strategy"])
     return [PromptRecord(id=str(i), prompt=p, strategy=s or "seed") for i, p, s in zip(*(table.column(c).to_pylist() for c in ("id", "prompt", "strategy")))]
@@ -113,8 +113,8 @@ def generate_candidates(
     config: DistillConfig, mining: MiningConfig, records: list[PromptRecord], complete: Any
 ) -> tuple[list[PromptRecord], dict[str, Any]]:
     """New prompts around `records`, none a duplicate of a dataset row; their counts."""
-    from prompts.generate import generate_prompts
-    from tasks.filters import filter_prompts
+    from distillflow.prompts.generate import generate_prompts
+    from distillflow.tasks.filters import filter_prompts
 
     prompts_config = config.prompts.model_copy(
         update={
@@ -146,9 +146,9 @@ def generate_candidates(
 def _encode(
     tokenizer: Any, rows: list[dict[str, Any]], system_prompt: str | None, max_length: int, chat_template: str | None = None
 ) -> list[dict[str, Any]]:
-    from training.data import encode_example
+    from distillflow.training.data import encode_example
 
-    from training.chat_template import chat_template_text
+    from distillflow.training.chat_template import chat_template_text
 
     template = chat_template_text(chat_template) if chat_template else None
     return [encode_example(tokenizer, row["prompt"], row["response"], system_prompt, max_length, template) for row in rows]
@@ -162,7 +162,7 @@ def per_token_divergence(
     import torch
     import torch.nn.functional as F
 
-    from training.data import IGNORE_INDEX, right_padded
+    from distillflow.training.data import IGNORE_INDEX, right_padded
 
     scores: list[float] = []
     with torch.inference_mode():
@@ -191,12 +191,12 @@ def score_candidates(plan: MiningPlan, rows: list[dict[str, Any]], log: Any = pr
     """How far the student is from the teacher on each answered candidate (higher = harder)."""
     if not rows:
         return []
-    from training.model import load_causal_lm, load_tokenizer, vocabulary_preflight
+    from distillflow.training.model import load_causal_lm, load_tokenizer, vocabulary_preflight
 
     batch_size = plan.mining.batch_size
     if plan.score == "disagreement":
-        from tasks.eval_checks import token_f1
-        from tasks.eval_models import InProcessModel
+        from distillflow.tasks.eval_checks import token_f1
+        from distillflow.tasks.eval_models import InProcessModel
 
         max_tokens = max(8, min(512, max(len(row["response"]) for row in rows)))
         model = InProcessModel(plan.student, max_tokens, batch_size, "cpu", plan.system_prompt, plan.chat_template)
@@ -272,10 +272,10 @@ def write_mined_dataset(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from storage.dataset import _secret_free, count_by, swap_in_staged
-    from storage.manifest import read_manifest, remove_manifest, write_manifest
-    from storage.parquet import REJECT_SCHEMA, ShardInfo, file_sha256, list_shards, write_table_atomic
-    from training.data import data_fingerprint
+    from distillflow.storage.dataset import _secret_free, count_by, swap_in_staged
+    from distillflow.storage.manifest import read_manifest, remove_manifest, write_manifest
+    from distillflow.storage.parquet import REJECT_SCHEMA, ShardInfo, file_sha256, list_shards, write_table_atomic
+    from distillflow.training.data import data_fingerprint
 
     parent = plan.dataset_dir
     out = plan.output_dir

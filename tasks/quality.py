@@ -11,8 +11,8 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
-from tasks.dedup import normalize_text
-from tasks.filter_config import FiltersConfig
+from distillflow.tasks.dedup import normalize_text
+from distillflow.tasks.filter_config import FiltersConfig
 
 # Opening phrases of refusals. Matched case-insensitively on short responses only (see
 # `QualityConfig.refusal_max_chars`), after curly apostrophes are straightened.

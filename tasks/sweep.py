@@ -24,9 +24,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from distillflow.config import ConfigError, DistillConfig, format_validation_error
-from storage.manifest import write_json_atomic
-from tasks.sweep_config import LOWER_IS_BETTER, SweepConfig
-from training.config import TrainingConfig
+from distillflow.storage.manifest import write_json_atomic
+from distillflow.tasks.sweep_config import LOWER_IS_BETTER, SweepConfig
+from distillflow.training.config import TrainingConfig
 
 # Training keys that change how a run is logged or launched, not what it learns.
 NOT_IN_TRAIN_KEY = frozenset(
@@ -151,7 +151,7 @@ def _evaluation_of(config: DistillConfig, models: list[dict[str, Any]], output_d
 
 def plan_sweep(config: DistillConfig, source: str = "<config>") -> SweepPlan:
     """Validate the sweep against the config and lay out every point; nothing runs."""
-    from training.data import data_fingerprint
+    from distillflow.training.data import data_fingerprint
 
     sweep = config.sweep
     if sweep is None:
@@ -254,7 +254,7 @@ def prepare_point(point: SweepPoint) -> dict[str, Any]:
         shutil.rmtree(point.eval_dir, ignore_errors=True)
         state = {}
     point.directory.mkdir(parents=True, exist_ok=True)
-    from tasks.eval_report import write_text_atomic
+    from distillflow.tasks.eval_report import write_text_atomic
 
     import yaml
 
@@ -306,7 +306,7 @@ SWEEP_COLUMNS = (
 
 
 def _cell(key: str, value: Any) -> str:
-    from tasks.eval_report import _format
+    from distillflow.tasks.eval_report import _format
 
     if value is None:
         return "–"
@@ -355,7 +355,7 @@ def format_sweep_table(summary: dict[str, Any]) -> str:
 
 
 def sweep_markdown(summary: dict[str, Any]) -> str:
-    from tasks.eval_report import markdown_table
+    from distillflow.tasks.eval_report import markdown_table
 
     header, cells = table_rows(summary)
     reference = summary.get("reference")
@@ -493,7 +493,7 @@ def write_sweep_files(plan: SweepPlan, summary: dict[str, Any]) -> None:
     """sweep.md, sweep.png and best.yaml, then sweep.json last (its presence = a complete set)."""
     import yaml
 
-    from tasks.eval_report import write_text_atomic
+    from distillflow.tasks.eval_report import write_text_atomic
 
     root = Path(plan.sweep.output_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ class SweepConfig(BaseModel):
 
     @model_validator(mode="after")
     def _keys(self) -> SweepConfig:
-        from training.config import TrainingConfig
+        from distillflow.training.config import TrainingConfig
 
         if not self.grid and not self.points:
             raise ValueError("nothing to sweep: give `grid` (key: [values]) and/or `points` (a list of mappings)")

@@ -39,7 +39,7 @@ import openai
 
 from distillflow.config import ConfigError, TeacherConfig
 from distillflow.records import TeacherAnswer
-from storage.ledger import Ledger, request_key
+from distillflow.storage.ledger import Ledger, request_key
 
 Messages = list[dict[str, Any]]
 
@@ -298,7 +298,7 @@ class OpenAITeacher:
 
     def pool(self) -> Any:
         """The client processes (`client_processes > 1`), started on first use."""
-        from tasks.teacher_pool import ClientPool
+        from distillflow.tasks.teacher_pool import ClientPool
 
         with self._loop_lock:
             if self._pool is None:

@@ -32,7 +32,7 @@ import torch
 
 from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
-from training.chat_template import chat_template_text
+from distillflow.training.chat_template import chat_template_text
 
 Messages = list[dict[str, str]]
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
-from storage.ledger import Ledger
+from distillflow.storage.ledger import Ledger
 
 Messages = list[dict[str, Any]]
 
@@ -53,14 +53,14 @@ def share_of(config: TeacherConfig, share: int, processes: int) -> TeacherConfig
 def worker_main(connection: Any, config_json: str, api_key: str) -> None:
     """Entry point of a client process: answer jobs from `connection` until told to stop
     or until the parent goes away."""
-    from tasks.teacher import OpenAITeacher
+    from distillflow.tasks.teacher import OpenAITeacher
 
     teacher = OpenAITeacher(TeacherConfig.model_validate_json(config_json), api_key=api_key)
     asyncio.run(_serve(connection, teacher))
 
 
 async def _serve(connection: Any, teacher: Any) -> None:
-    from tasks.teacher import TeacherFatalError, record_answer
+    from distillflow.tasks.teacher import TeacherFatalError, record_answer
 
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple] = asyncio.Queue()
@@ -229,7 +229,7 @@ class ClientPool:
             job.done.set()
 
     def _receive(self, share: int) -> None:
-        from tasks.teacher import TeacherFatalError
+        from distillflow.tasks.teacher import TeacherFatalError
 
         connection = self.connections[share]
         while True:

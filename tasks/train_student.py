@@ -32,7 +32,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import ValidationError
 
 from distillflow.config import ConfigError, format_validation_error, load_config
-from training.config import TrainingConfig
+from distillflow.training.config import TrainingConfig
 
 TAIL_LINES = 30  # output lines quoted in the error of a failed run
 MAX_CURVE_ROWS = 500  # rows of the loss-curve artifact (evenly thinned, last step kept)
@@ -202,7 +202,7 @@ def artifact_key(output_dir: str | Path, suffix: str) -> str:
 
 
 def build_command(config_path: str | Path, config: TrainingConfig, num_processes: int | None) -> list[str]:
-    from training.launch import build_launch_command
+    from distillflow.training.launch import build_launch_command
 
     return build_launch_command(
         config_path, num_processes or config.num_processes, master_port=config.master_port
@@ -226,7 +226,7 @@ def train_student(
     config = load_training_config(config_path)
     argv = command or build_command(config_path, config, num_processes)
     logger.info("launching training: %s", " ".join(argv))
-    from training.launch import launch_env
+    from distillflow.training.launch import launch_env
 
     run_streaming(argv, logger.info, env=launch_env() | (env or {}), timeout_s=timeout_s)
 
@@ -236,7 +236,7 @@ def train_student(
         key=artifact_key(config.output_dir, "loss-curve"),
         description=f"Training loss per optimizer step ({config.objective}), {config.output_dir}",
     )
-    from tasks.artifact_charts import loss_curve_markdown
+    from distillflow.tasks.artifact_charts import loss_curve_markdown
 
     create_markdown_artifact(
         markdown=loss_curve_markdown(f"Loss curve ({config.objective}): {config.output_dir}", steps),

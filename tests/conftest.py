@@ -110,7 +110,7 @@ def prefect_server(tmp_path_factory):
 def tiny_demo(tmp_path_factory, prefect_harness):
     """`distill demo` at tiny budgets, run once per session: the demo teacher, its dataset
     (with captured top-k logprobs), three trained students and their eval."""
-    from flows.demo import DemoBudget, demo_command
+    from distillflow.flows.demo import DemoBudget, demo_command
 
     workdir = tmp_path_factory.mktemp("tiny-demo")
     budget = DemoBudget(num_prompts=40, student_steps=3, eval_prompts=8, speed_prompts=2)

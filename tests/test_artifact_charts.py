@@ -6,7 +6,7 @@ import base64
 import io
 import re
 
-from tasks.artifact_charts import build_summary_markdown, loss_curve_markdown
+from distillflow.tasks.artifact_charts import build_summary_markdown, loss_curve_markdown
 
 
 def embedded_pngs(markdown: str) -> list[tuple[int, int]]:

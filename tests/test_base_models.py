@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from distillflow.cli import app
 from distillflow.config import ConfigError, load_config
-from distillflow.tiny import build_tiny_llama
+from distillflow.training.scratch import build_tiny_llama
 from tests.conftest import free_port
 from tests.test_build import GOOD, write_seeds
 
@@ -82,10 +82,9 @@ def one_error_paragraph(stderr: str) -> str:
 
 @pytest.mark.parametrize("command", ["build", "run"])
 def test_a_base_model_teacher_fails_in_the_preflight_without_a_teacher_call(base_model, tmp_path, monkeypatch, command):
-    import tasks.teacher_local
-
+    from distillflow.tasks import teacher_local
     loaded = []
-    monkeypatch.setattr(tasks.teacher_local.LocalTeacher, "__init__", lambda *args: loaded.append(args))
+    monkeypatch.setattr(teacher_local.LocalTeacher, "__init__", lambda *args: loaded.append(args))
     config = build_config(tmp_path, base_model)
     result = runner.invoke(app, [command, str(config)], env={"DISTILL_LOG_DIR": str(tmp_path / "logs")})
     assert result.exit_code == 1
@@ -109,7 +108,7 @@ def test_an_unknown_preset_names_the_key_and_the_presets(base_model, tmp_path):
 
 
 def test_the_shared_template_reaches_teacher_training_and_capture(base_model, tmp_path):
-    from tasks.capture_logits import resolve_capture_settings
+    from distillflow.tasks.capture_logits import resolve_capture_settings
 
     path = build_config(tmp_path, base_model, chat_template="plain")
     data = yaml.safe_load(path.read_text())
@@ -204,8 +203,8 @@ def plain_kd_config(tmp_path: Path, base_model: Path) -> Path:
 
 
 def build_and_capture(path: Path) -> dict:
-    from flows.build import build_command
-    from flows.capture_logits import capture_logits_command
+    from distillflow.flows.build import build_command
+    from distillflow.flows.capture_logits import capture_logits_command
 
     manifest = build_command(path)
     assert manifest["counts"]["teacher_answered"] == 6 and manifest["teacher_usage"]["paid_requests"] == 6
@@ -215,11 +214,11 @@ def build_and_capture(path: Path) -> dict:
 
 
 def test_a_base_model_with_the_plain_template_builds_and_captures_aligned_logits(base_model, tmp_path, prefect_harness):
-    from storage.parquet import read_table
-    from storage.topk import decode_topk
-    from training.chat_template import PLAIN
-    from training.data import IGNORE_INDEX, encode_example
-    from training.model import load_tokenizer
+    from distillflow.storage.parquet import read_table
+    from distillflow.storage.topk import decode_topk
+    from distillflow.training.chat_template import PLAIN
+    from distillflow.training.data import IGNORE_INDEX, encode_example
+    from distillflow.training.model import load_tokenizer
 
     build_and_capture(plain_kd_config(tmp_path, base_model))
     rows = read_table(tmp_path / "out" / "data").to_pylist()
@@ -237,8 +236,8 @@ def test_a_base_model_with_the_plain_template_builds_and_captures_aligned_logits
 @pytest.mark.slow
 @pytest.mark.deepspeed
 def test_a_base_model_with_the_plain_template_builds_captures_and_trains(base_model, tmp_path, prefect_harness):
-    from flows.train import train_command
-    from training.chat_template import PLAIN
+    from distillflow.flows.train import train_command
+    from distillflow.training.chat_template import PLAIN
 
     path = plain_kd_config(tmp_path, base_model)
     build_and_capture(path)

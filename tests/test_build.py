@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import tasks.teacher as teacher_module
+import distillflow.tasks.teacher as teacher_module
 from distillflow.config import ConfigError, load_config
 from distillflow.records import content_id
-from storage.manifest import read_manifest
-from storage.parquet import file_sha256, read_table
+from distillflow.storage.manifest import read_manifest
+from distillflow.storage.parquet import file_sha256, read_table
 from tests.openai_server import FaultyOpenAIServer, ServerThread, expected_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def env(monkeypatch):
 
 
 def test_build_writes_a_complete_dataset_and_loses_nothing(prefect_harness, server, tmp_path):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     bad_lines = [b'{"prompt": "broken json', b'{"prompt": "caf\xe9 latin-1"}', b'{"prompt": "   "}']
@@ -136,7 +136,7 @@ def test_build_writes_a_complete_dataset_and_loses_nothing(prefect_harness, serv
 
 
 def test_rebuild_pays_nothing_and_gives_the_same_rows(prefect_harness, server, tmp_path):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:10])
@@ -151,7 +151,7 @@ def test_rebuild_pays_nothing_and_gives_the_same_rows(prefect_harness, server, t
 
 
 def test_top_logprobs_are_stored_when_asked(prefect_harness, server, tmp_path):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:4])
@@ -178,7 +178,7 @@ def test_top_logprobs_are_stored_when_asked(prefect_harness, server, tmp_path):
     ],
 )
 def test_bad_config_fails_before_any_teacher_call(tmp_path, server, change, message):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:3])
@@ -194,7 +194,7 @@ def test_bad_config_fails_before_any_teacher_call(tmp_path, server, change, mess
 
 
 def test_seed_problems_name_the_file_and_the_fix(tmp_path, server, monkeypatch):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text(json.dumps({"question": "hi"}) + "\n")
@@ -216,7 +216,7 @@ def test_seed_formats_and_prompt_column(tmp_path, fmt):
     import datasets
 
     from distillflow.config import SeedSource
-    from storage.seeds import read_seed_source
+    from distillflow.storage.seeds import read_seed_source
 
     rows = [{"q": "first question"}, {"q": "second question"}, {"q": ""}]
     path = tmp_path / f"seeds.{fmt}"
@@ -259,7 +259,7 @@ def test_load_config_accepts_the_example_configs():
 
 
 def test_mixed_strategies_are_traceable_to_their_seeds(prefect_harness, server, tmp_path):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:20])
@@ -289,8 +289,8 @@ def test_mixed_strategies_are_traceable_to_their_seeds(prefect_harness, server, 
 
 
 def test_local_backend_builds_with_top_logprobs(prefect_harness, tmp_path):
-    from distillflow.tiny import build_tiny_llama
-    from flows.build import build_command
+    from distillflow.training.scratch import build_tiny_llama
+    from distillflow.flows.build import build_command
 
     build_tiny_llama(tmp_path / "teacher", seed=3)
     seeds = tmp_path / "seeds.jsonl"

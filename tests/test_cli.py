@@ -29,7 +29,7 @@ def test_missing_config_is_a_one_paragraph_error(tmp_path):
 
 
 def test_inspect_shows_counts_histograms_and_samples(prefect_harness, tmp_path, port, monkeypatch):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
     seeds = tmp_path / "seeds.jsonl"
@@ -64,7 +64,7 @@ def test_inspect_a_directory_without_manifest_warns(tmp_path):
 
 
 def test_build_deployment_exposes_the_config_as_a_form(tmp_path):
-    from flows.build import build_dataset
+    from distillflow.flows.build import build_dataset
 
     deployment = build_dataset.to_deployment(name="form-check")
     schema = deployment._parameter_openapi_schema.model_dump()

@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from tasks.dedup import KEEP, exact_duplicates, first_occurrence, normalize_text, resolve_clusters
-from tasks.filter_config import FiltersConfig, NearDedupConfig
-from tasks.minhash import (
+from distillflow.tasks.dedup import KEEP, exact_duplicates, first_occurrence, normalize_text, resolve_clusters
+from distillflow.tasks.filter_config import FiltersConfig, NearDedupConfig
+from distillflow.tasks.minhash import (
     near_dedup_normalize,
     near_duplicates,
     optimal_bands,

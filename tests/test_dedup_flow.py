@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from distillflow.records import content_id
-from storage.manifest import read_manifest, write_manifest
-from storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema, read_table
-from tasks.dedup_dataset import filter_dataset
-from tasks.filter_config import FiltersConfig
+from distillflow.storage.manifest import read_manifest, write_manifest
+from distillflow.storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema, read_table
+from distillflow.tasks.dedup_dataset import filter_dataset
+from distillflow.tasks.filter_config import FiltersConfig
 
 from .test_dedup import planted_corpus
 
@@ -95,7 +95,7 @@ def test_same_result_for_any_shard_layout_and_batch_size(tmp_path):
 
 def test_dedup_command_reads_the_filters_section_and_reports_bad_keys(tmp_path, prefect_harness):
     from distillflow.config import ConfigError
-    from flows.dedup import dedup_command
+    from distillflow.flows.dedup import dedup_command
 
     make_dataset(tmp_path / "in")
     config = tmp_path / "config.yaml"
@@ -117,7 +117,7 @@ def test_dedup_command_reads_the_filters_section_and_reports_bad_keys(tmp_path, 
 def test_dask_engine_gives_the_same_result(tmp_path, prefect_harness):
     """The distributed path: the per-shard map runs in Dask worker processes."""
     pytest.importorskip("prefect_dask")
-    from flows.dedup import dedup_command
+    from distillflow.flows.dedup import dedup_command
 
     make_dataset(tmp_path / "in")
     config = tmp_path / "config.yaml"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flows.demo import STUDENTS
+from distillflow.flows.demo import STUDENTS
 
 
 @pytest.mark.slow

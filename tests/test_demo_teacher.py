@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from distillflow.demo import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, ensure_demo_teacher, version_key
-from prompts.adversarial import ADVERSARIAL, perturb_protected
-from prompts.config import AdversarialConfig
-from prompts.skills import ANSWERS, SKILLS, distinct, sample, split_of
+from distillflow.tasks.demo_teacher import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, ensure_demo_teacher, version_key
+from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected
+from distillflow.prompts.config import AdversarialConfig
+from distillflow.prompts.skills import ANSWERS, SKILLS, distinct, sample, split_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_shipped_teacher_is_current_and_used_without_training(tmp_path):
 
 def test_shipped_teacher_answers_heldout_questions():
     from distillflow.config import TeacherConfig
-    from tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher_local import LocalTeacher
 
     questions = distinct(60, seed=11, split="eval")
     config = TeacherConfig(

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from distillflow.config import ConfigError, load_config, parse_config
-from flows.deployments import config_file, runner_deployments
+from distillflow.flows.deployments import config_file, runner_deployments
 from tests.conftest import free_port
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 from tests.prefect_processes import (
@@ -131,7 +131,7 @@ def test_the_key_is_never_a_parameter(tmp_path, monkeypatch):
 
 
 def test_deploy_without_a_server_says_how_to_point_at_one(tmp_path, monkeypatch):
-    from flows.deployments import deploy_command
+    from distillflow.flows.deployments import deploy_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:3])
@@ -182,7 +182,7 @@ def test_a_process_worker_runs_a_deployed_build(tmp_path):
 def test_a_stage_deployment_runs_the_stage_on_its_typed_config(prefect_harness, tmp_path, monkeypatch):
     """What a stage deployment's run does: the config parameter (as edited in the form) is
     written to a YAML file for the stage's command, and the stage runs as a subflow."""
-    from flows.deployments import run_deployment
+    from distillflow.flows.deployments import run_deployment
 
     monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
     seeds = tmp_path / "seeds.jsonl"

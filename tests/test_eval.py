@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from distillflow.cli import app
 from distillflow.config import ConfigError, parse_config
 from distillflow.records import content_id
-from distillflow.tiny import build_tiny_llama
-from storage.dataset import is_heldout
-from tasks.eval_config import RobustnessConfig
-from tasks.evaluate import (
+from distillflow.training.scratch import build_tiny_llama
+from distillflow.storage.dataset import is_heldout
+from distillflow.tasks.eval_config import RobustnessConfig
+from distillflow.tasks.evaluate import (
     EvalItem,
     build_report,
     combine_verdicts,
@@ -177,7 +177,7 @@ def test_heldout_split_is_stable_and_training_skips_it(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from training.data import tokenize_dataset
+    from distillflow.training.data import tokenize_dataset
 
     rows = write_dataset(tmp_path / "ds", count=60)
     model_dir = tmp_path / "tok"
@@ -209,7 +209,7 @@ def test_training_holds_out_what_evaluation_holds_out():
 
 
 def test_the_training_process_reads_the_same_holdout(tmp_path):
-    from training.train import load_training_config
+    from distillflow.training.train import load_training_config
 
     training = {"dataset_dir": "data/t", "output_dir": "runs/t", "student": "s"}
     evaluation = {"output_dir": "e", "models": [{"name": "s", "path": "s"}], "heldout": {"fraction": 0.25}}
@@ -369,7 +369,7 @@ def test_cli_errors_are_one_paragraph(tmp_path):
 
 
 def test_distill_run_ends_with_eval_and_pays_nothing_twice(prefect_harness, server, tmp_path, monkeypatch):
-    from flows.pipeline import run_command
+    from distillflow.flows.pipeline import run_command
     from tests.test_build import GOOD, write_config, write_seeds
 
     monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
@@ -402,7 +402,7 @@ def test_a_missing_endpoint_key_is_named_before_any_work(tmp_path, monkeypatch):
 
 
 def test_an_endpoint_that_never_answers_is_an_error_not_zero_accuracy(tmp_path, monkeypatch):
-    from tasks.teacher import TeacherFatalError
+    from distillflow.tasks.teacher import TeacherFatalError
 
     monkeypatch.setenv("EVAL_KEY", API_KEY)
     many = write_jsonl(tmp_path / "many.jsonl", skill_rows())

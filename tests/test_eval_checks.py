@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tasks.eval_checks import (
+from distillflow.tasks.eval_checks import (
     check_choice,
     check_contains,
     check_exact,

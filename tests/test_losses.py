@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import (
+from distillflow.training.losses import (
     KDSettings,
     chunk_loss_sums,
     chunked_distillation_loss,

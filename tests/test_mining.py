@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from distillflow.cli import app
 from distillflow.config import ConfigError, parse_config
-from distillflow.tiny import build_tiny_llama
-from storage.parquet import read_table
-from tasks.dedup import normalize_text
-from tasks.mining import MiningPlan, score_candidates, select_candidates
-from tasks.mining_config import MiningConfig
+from distillflow.training.scratch import build_tiny_llama
+from distillflow.storage.parquet import read_table
+from distillflow.tasks.dedup import normalize_text
+from distillflow.tasks.mining import MiningPlan, score_candidates, select_candidates
+from distillflow.tasks.mining_config import MiningConfig
 
 
 def greedy_answer(model, tokenizer, prompt: str, tokens: int = 6) -> str:

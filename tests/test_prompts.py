@@ -14,8 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from distillflow.records import PromptRecord, TeacherAnswer
-from prompts import generate_prompts, prompt_diversity_summary, report_markdown, report_table
-from prompts.adversarial import (
+from distillflow.prompts import generate_prompts, prompt_diversity_summary, report_markdown, report_table
+from distillflow.prompts.adversarial import (
     ADVERSARIAL,
     DISTRACTORS,
     FALSE_PREMISES,
@@ -23,17 +23,17 @@ from prompts.adversarial import (
     NEGATION_FLIPS,
     max_edits,
 )
-from prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS, AdversarialConfig, PromptsConfig
-from prompts.diversity import distinct_n, distinct_orders, length_histogram, percentiles
-from prompts.domains import DOMAIN_EDGE_CASES, arithmetic, code
-from prompts.edge_cases import (
+from distillflow.prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS, AdversarialConfig, PromptsConfig
+from distillflow.prompts.diversity import distinct_n, distinct_orders, length_histogram, percentiles
+from distillflow.prompts.domains import DOMAIN_EDGE_CASES, arithmetic, code
+from distillflow.prompts.edge_cases import (
     BOUNDARY_NUMBERS,
     CONTRADICTIONS,
     EDGE_CASES,
     MIXED_LANGUAGE_PHRASES,
     SIDE_QUESTIONS,
 )
-from prompts.generate import allocate
+from distillflow.prompts.generate import allocate
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERAL_SEEDS = ROOT / "prompts" / "seeds" / "general.jsonl"

@@ -10,14 +10,14 @@ import re
 
 import pytest
 
-import tasks.teacher as teacher_module
+import distillflow.tasks.teacher as teacher_module
 from distillflow.config import TeacherConfig
 from distillflow.records import PromptRecord, TeacherAnswer
-from prompts import generate_prompts
-from prompts.config import PromptsConfig
-from prompts.teacher_driven import parse_generated_prompt, rouge_l
-from storage.ledger import Ledger
-from tasks.teacher import OpenAITeacher, answer_requests
+from distillflow.prompts import generate_prompts
+from distillflow.prompts.config import PromptsConfig
+from distillflow.prompts.teacher_driven import parse_generated_prompt, rouge_l
+from distillflow.storage.ledger import Ledger
+from distillflow.tasks.teacher import OpenAITeacher, answer_requests
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 
 ORIGINAL = re.compile(r"<original>\n(.*)\n</original>", re.DOTALL)

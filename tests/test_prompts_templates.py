@@ -5,8 +5,8 @@ from __future__ import annotations
 import jinja2
 import pytest
 
-from prompts.config import EVOLVE_OPERATIONS
-from prompts.teacher_driven import (
+from distillflow.prompts.config import EVOLVE_OPERATIONS
+from distillflow.prompts.teacher_driven import (
     TEMPLATES_DIR,
     evolve_messages,
     render_template,

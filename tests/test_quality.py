@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.filter_config import FiltersConfig
-from tasks.filters import filter_responses
+from distillflow.tasks.filter_config import FiltersConfig
+from distillflow.tasks.filters import filter_responses
 
 
 def row(response, prompt="Explain how photosynthesis works.", finish_reason="stop", id="r1"):  # noqa: A002

@@ -17,15 +17,15 @@ import yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-import tasks.teacher as teacher_module
+import distillflow.tasks.teacher as teacher_module
 from distillflow.cli import app
 from distillflow.config import TeacherConfig
 from distillflow.records import PromptRecord
-from storage.manifest import read_manifest
-from storage.parquet import list_shards, read_table
-from tasks.filter_config import FiltersConfig
-from tasks.filters import filter_responses
-from tasks.teacher import (
+from distillflow.storage.manifest import read_manifest
+from distillflow.storage.parquet import list_shards, read_table
+from distillflow.tasks.filter_config import FiltersConfig
+from distillflow.tasks.filters import filter_responses
+from distillflow.tasks.teacher import (
     NoUsableAnswersError,
     OpenAITeacher,
     TeacherAborted,
@@ -148,7 +148,7 @@ def test_every_prompt_refused_by_the_api_exits_non_zero(prefect_harness, tmp_pat
 
 
 def test_every_answer_filtered_out_exits_non_zero(prefect_harness, tmp_path, port, fast_backoff):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, [f"[[say:{REFUSAL}]] {prompt}" for prompt in GOOD[:4]])
@@ -166,7 +166,7 @@ def failing_seeds(path: Path, failing: int) -> None:
 
 
 def test_failures_within_max_error_rate_finish_and_are_reported(prefect_harness, tmp_path, port, fast_backoff):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     failing_seeds(seeds, 3)  # 3 of 30 = max_error_rate 0.1
@@ -182,7 +182,7 @@ def test_failures_within_max_error_rate_finish_and_are_reported(prefect_harness,
 
 
 def test_failures_past_max_error_rate_stop_the_run_early(prefect_harness, tmp_path, port, fast_backoff):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     failing_seeds(seeds, 8)
@@ -249,8 +249,8 @@ SEEDS = [PromptRecord.make(f"Seed question number {i}: why is the sky blue at no
 
 
 def test_num_prompts_below_the_seed_count_counts_the_unused_seeds():
-    from prompts.config import PromptsConfig
-    from prompts.generate import generate_prompts
+    from distillflow.prompts.config import PromptsConfig
+    from distillflow.prompts.generate import generate_prompts
 
     rows, _, report = generate_prompts(SEEDS, PromptsConfig(num_prompts=4, strategies={"seed": 1.0}))
     assert len(rows) == 4 and report["seeds_unused"] == 6
@@ -258,8 +258,8 @@ def test_num_prompts_below_the_seed_count_counts_the_unused_seeds():
 
 
 def test_num_prompts_above_the_seed_count_uses_every_seed():
-    from prompts.config import PromptsConfig
-    from prompts.generate import generate_prompts
+    from distillflow.prompts.config import PromptsConfig
+    from distillflow.prompts.generate import generate_prompts
 
     rows, _, report = generate_prompts(SEEDS, PromptsConfig(num_prompts=25, strategies={"seed": 1.0}))
     assert len(rows) == 10 and report["seeds_unused"] == 0 and report["shortfall"] == 15
@@ -267,8 +267,8 @@ def test_num_prompts_above_the_seed_count_uses_every_seed():
 
 
 def test_default_num_prompts_uses_every_seed_once_and_sizes_the_rest_from_it():
-    from prompts.config import PromptsConfig
-    from prompts.generate import generate_prompts
+    from distillflow.prompts.config import PromptsConfig
+    from distillflow.prompts.generate import generate_prompts
 
     rows, _, report = generate_prompts(SEEDS, PromptsConfig())  # seed 1.0, edge_case 0.3, adversarial 0.3
     assert report["allocation"] == {"seed": 10, "edge_case": 3, "adversarial": 3}
@@ -280,15 +280,15 @@ def test_default_num_prompts_uses_every_seed_once_and_sizes_the_rest_from_it():
 
 
 def test_many_variants_per_seed_are_a_warning():
-    from prompts.config import PromptsConfig
-    from prompts.generate import generate_prompts
+    from distillflow.prompts.config import PromptsConfig
+    from distillflow.prompts.generate import generate_prompts
 
     _, _, report = generate_prompts(SEEDS[:2], PromptsConfig(num_prompts=1000))
     assert any("variants from 2 seed prompts" in warning for warning in report["warnings"])
 
 
 def test_unused_seeds_reach_the_manifest_and_inspect(prefect_harness, tmp_path, port, fast_backoff):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:6])
@@ -332,10 +332,10 @@ def test_refusal_kinds_are_configurable():
 
 
 def test_a_stage_running_past_the_heartbeat_logs_its_progress(prefect_harness, tmp_path, port, monkeypatch, capfd):
-    import flows.build
-    from flows.build import build_command
+    from distillflow.flows import build
+    from distillflow.flows.build import build_command
 
-    monkeypatch.setattr(flows.build, "HEARTBEAT_S", 0.3)
+    monkeypatch.setattr(build, "HEARTBEAT_S", 0.3)
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:8])
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY, latency_s=0.4), port) as server:
@@ -355,7 +355,7 @@ RESUMABLE = [f"Interrupted prompt {i}: describe the number {i * 11}." for i in r
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, prefect_harness):
     """The dataset an uninterrupted build gives (answers are a function of the prompt)."""
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     root = tmp_path_factory.mktemp("uninterrupted")
     write_seeds(root / "seeds.jsonl", RESUMABLE)

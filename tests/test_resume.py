@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.parquet import read_table
+from distillflow.storage.parquet import read_table
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 from tests.test_build import API_KEY, write_config, write_seeds
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-import tasks.teacher as teacher_module
+import distillflow.tasks.teacher as teacher_module
 from distillflow.config import TeacherConfig
-from storage.ledger import Ledger
-from tasks.teacher import OpenAITeacher, TeacherFatalError, answer_requests, build_messages
+from distillflow.storage.ledger import Ledger
+from distillflow.tasks.teacher import OpenAITeacher, TeacherFatalError, answer_requests, build_messages
 from tests.openai_server import FaultyOpenAIServer, ServerThread, expected_answer
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from distillflow.config import TeacherConfig
-from distillflow.tiny import build_tiny_llama
-from tasks.teacher_local import LocalTeacher
+from distillflow.training.scratch import build_tiny_llama
+from distillflow.tasks.teacher_local import LocalTeacher
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage.topk import (
+from distillflow.storage.topk import (
     HEADER,
     MAX_DELTA_NATS,
     MAX_LOGPROB_ERROR,

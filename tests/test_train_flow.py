@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
-from tasks.train_student import (
+from distillflow.tasks.train_student import (
     TrainingFailed,
     artifact_key,
     load_training_config,
@@ -165,7 +165,7 @@ def run_logs_at_info():
 
 
 def test_train_flow_streams_logs_and_publishes_artifacts(prefect_harness, run_logs_at_info, tmp_path):
-    from flows.train import train
+    from distillflow.flows.train import train
 
     out = tmp_path / "tiny-run"
     state = train(
@@ -189,7 +189,7 @@ def test_train_flow_streams_logs_and_publishes_artifacts(prefect_harness, run_lo
 
 
 def test_train_flow_fails_on_a_non_zero_exit(prefect_harness, tmp_path):
-    from flows.train import train
+    from distillflow.flows.train import train
 
     argv = script(tmp_path, """
         import sys
@@ -220,9 +220,9 @@ def test_train_command_reports_a_bad_config_in_one_paragraph(tmp_path):
 def test_train_flow_runs_real_kd_topk_training_on_captured_logits(prefect_harness, tmp_path):
     """capture-logits → `distill train` on a tiny Llama: the kd_topk objective decodes the
     captured blobs, the flow streams the run and publishes its curve."""
-    from distillflow.tiny import build_tiny_llama
-    from flows.train import train
-    from tasks.capture_logits import capture_dataset
+    from distillflow.training.scratch import build_tiny_llama
+    from distillflow.flows.train import train
+    from distillflow.tasks.capture_logits import capture_dataset
     from tests.test_capture_logits import settings_for, write_dataset
 
     teacher = tmp_path / "teacher"

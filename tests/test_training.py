@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from training.config import DeriveStudentConfig, TrainingConfig
-from training.data import IGNORE_INDEX, collate, encode_example, pack_examples, tokenize_dataset
-from training.launch import build_launch_command
-from training.losses import select_supervised
-from training.model import (
+from distillflow.training.config import DeriveStudentConfig, TrainingConfig
+from distillflow.training.data import IGNORE_INDEX, collate, encode_example, pack_examples, tokenize_dataset
+from distillflow.training.launch import build_launch_command
+from distillflow.training.losses import select_supervised
+from distillflow.training.model import (
     DistillationModel,
     VocabularyMismatch,
     chosen_layers,
@@ -27,7 +27,7 @@ from training.model import (
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    from training.testing import build_tiny_setup_once
+    from tests.fixtures import build_tiny_setup_once
 
     return build_tiny_setup_once(tmp_path_factory.getbasetemp() / "tiny-distill", num_rows=16)
 
@@ -107,7 +107,7 @@ def test_packed_rows_keep_examples_apart(tiny, tokenizer, tmp_path):
 def test_vocabulary_preflight_trims_padding_and_names_mismatched_tokenizers(tiny, tokenizer, tmp_path):
     size = len(tokenizer)
     assert vocabulary_preflight(tokenizer, tokenizer, size + 64, size + 128) == size
-    from distillflow.tiny import train_tokenizer
+    from distillflow.training.scratch import train_tokenizer
 
     other = train_tokenizer(tmp_path / "other-tok", corpus=["completely different text " * 5], vocab_size=300)
     other.name_or_path = "other-tok"
@@ -145,13 +145,13 @@ def test_config_checks_ranges_and_says_what_is_missing(tiny, tmp_path):
 
 def test_launch_command_uses_this_interpreter_and_torchrun_for_several_processes(tmp_path):
     assert build_launch_command(tmp_path / "c.yaml", 1) == [
-        sys.executable, "-m", "training.train", "--config", str(tmp_path / "c.yaml")
+        sys.executable, "-m", "distillflow.training.train", "--config", str(tmp_path / "c.yaml")
     ]
     command = build_launch_command("c.yaml", 2, master_port=29999)
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert command[command.index("--nproc_per_node") + 1] == "2"
     assert command[command.index("--master_port") + 1] == "29999"
-    assert command[-4:] == ["-m", "training.train", "--config", "c.yaml"]
+    assert command[-4:] == ["-m", "distillflow.training.train", "--config", "c.yaml"]
 
 
 # --- every objective learns --------------------------------------------------------------
@@ -171,7 +171,7 @@ def test_launch_command_uses_this_interpreter_and_torchrun_for_several_processes
     ids=lambda o: "-".join(str(v) for k, v in o.items() if k in ("objective", "divergence", "hidden_loss")),
 )
 def test_each_objective_lowers_its_loss(tiny, tokenizer, tmp_path, overrides):
-    from training.data import attach_topk
+    from distillflow.training.data import attach_topk
 
     config = config_for(tiny, tmp_path, loss_chunk_tokens=16, **overrides)
     teacher = load_teacher(tiny["teacher"]) if config.objective in ("kd_logits", "hidden") else None
@@ -198,7 +198,7 @@ def test_each_objective_lowers_its_loss(tiny, tokenizer, tmp_path, overrides):
 
 
 def test_entry_point_exits_non_zero_with_a_clear_message(tiny, tmp_path, capsys, monkeypatch):
-    from training.train import main
+    from distillflow.training.train import main
 
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": "29999"}.items():

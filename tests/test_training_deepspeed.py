@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, free_port
-from training.launch import build_launch_command, launch_env
+from distillflow.training.launch import build_launch_command, launch_env
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 
@@ -28,7 +28,7 @@ RUN_TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from training.testing import build_tiny_setup_once
+    from tests.fixtures import build_tiny_setup_once
 
     return build_tiny_setup_once(tmp_path_factory.getbasetemp() / "tiny-distill", num_rows=16)
 

@@ -28,7 +28,7 @@ PROMPTS = ["What is the capital of France?", "How many legs does a spider have?"
 
 @pytest.fixture(scope="module")
 def teacher_dir() -> Path:
-    from distillflow.demo import ensure_demo_teacher
+    from distillflow.tasks.demo_teacher import ensure_demo_teacher
 
     return ensure_demo_teacher(ROOT / ".cache" / "demo")
 
@@ -44,7 +44,7 @@ def test_chat_completions_with_top_logprobs_match_transformers(server, teacher_d
     import openai
 
     from distillflow.config import TeacherConfig
-    from tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher_local import LocalTeacher
 
     client = openai.OpenAI(base_url=server.base_url, api_key="unused")
     local = LocalTeacher(
@@ -78,7 +78,7 @@ def test_chat_completions_with_top_logprobs_match_transformers(server, teacher_d
 
 
 def test_build_dataset_with_top_logprobs_through_vllm(server, prefect_harness, tmp_path):
-    from flows.build import build_command
+    from distillflow.flows.build import build_command
 
     config = {
         "name": "vllm-smoke",

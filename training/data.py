@@ -97,7 +97,7 @@ def encode_example(
 
 
 def dataset_shards(dataset_dir: str | Path) -> list[Path]:
-    from storage.parquet import list_shards
+    from distillflow.storage.parquet import list_shards
 
     shards = list_shards(Path(dataset_dir) / "data")
     if not shards:
@@ -117,7 +117,7 @@ def data_fingerprint(dataset_dir: str | Path) -> str:
         for shard in json.loads(manifest.read_text(encoding="utf-8")).get("shards", []):
             if isinstance(shard, dict) and "path" in shard and "sha256" in shard:
                 known[shard["path"]] = shard["sha256"]
-    from storage.parquet import file_sha256
+    from distillflow.storage.parquet import file_sha256
 
     for path in dataset_shards(dataset_dir):
         relative = f"data/{path.name}"
@@ -139,7 +139,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def read_columns(dataset_dir: str | Path, columns: list[str]):
     """The given columns of every accepted row, in shard order (a pyarrow Table)."""
-    from storage.parquet import read_table
+    from distillflow.storage.parquet import read_table
 
     dataset_shards(dataset_dir)  # clear error when there is no shard
     table = read_table(Path(dataset_dir) / "data")
@@ -158,7 +158,7 @@ def training_row_mask(dataset_dir: str | Path, holdout_fraction: float) -> list[
     """Which rows training may use: all (None) or those outside the held-out split by `id`."""
     if not holdout_fraction:
         return None
-    from storage.dataset import is_heldout
+    from distillflow.storage.dataset import is_heldout
 
     ids = read_columns(dataset_dir, ["id"]).column("id").to_pylist()
     return [not is_heldout(str(row_id), holdout_fraction) for row_id in ids]
@@ -181,7 +181,7 @@ def tokenize_dataset(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from storage.parquet import write_table_atomic
+    from distillflow.storage.parquet import write_table_atomic
 
     key = hashlib.sha256(
         json.dumps(
@@ -223,7 +223,7 @@ def attach_topk(
     S is the example's number of supervised tokens; a teacher blob longer than S (the response
     was truncated) is cut to the first S rows, a shorter one is an error.
     """
-    from storage.topk import decode_topk
+    from distillflow.storage.topk import decode_topk
 
     blobs = read_columns(dataset_dir, [column]).column(column).to_pylist()
     keep = training_row_mask(dataset_dir, holdout_fraction)

@@ -26,7 +26,7 @@ def build_launch_command(
     """argv that trains with the YAML at `config` on `num_processes` processes per node."""
     if num_processes < 1 or nnodes < 1:
         raise ValueError(f"num_processes ({num_processes}) and nnodes ({nnodes}) must be ≥ 1")
-    entry = ["-m", "training.train", "--config", str(config)]
+    entry = ["-m", "distillflow.training.train", "--config", str(config)]
     if num_processes == 1 and nnodes == 1:
         return [sys.executable, *entry]
     command = [

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.config import DeriveStudentConfig, TrainingConfig
-from training.data import Batch
-from training.losses import chunked_distillation_loss, hidden_state_distance, select_supervised
+from distillflow.training.config import DeriveStudentConfig, TrainingConfig
+from distillflow.training.data import Batch
+from distillflow.training.losses import chunked_distillation_loss, hidden_state_distance, select_supervised
 
 
 class VocabularyMismatch(ValueError):

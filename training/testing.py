@@ -38,7 +38,7 @@ ANSWERS = [
 
 def teacher_topk_rows(teacher, tokenizer, prompt: str, response: str, k: int, max_length: int = 2048):
     """(ids (S, k), logprobs (S, k)) of the teacher at the supervised positions of one example."""
-    from training.data import encode_example
+    from distillflow.training.data import encode_example
 
     example = encode_example(tokenizer, prompt, response, max_length=max_length)
     ids = torch.tensor([example["input_ids"]])
@@ -57,9 +57,9 @@ def build_tiny_setup(
 ) -> dict[str, Path]:
     import pyarrow as pa
 
-    from distillflow.tiny import build_tiny_llama
-    from storage.parquet import write_table_atomic
-    from storage.topk import encode_topk
+    from distillflow.training.scratch import build_tiny_llama
+    from distillflow.storage.parquet import write_table_atomic
+    from distillflow.storage.topk import encode_topk
 
     root = Path(root)
     teacher, tokenizer = build_tiny_llama(

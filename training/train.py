@@ -37,16 +37,16 @@ import numpy as np
 import torch
 import yaml
 
-from training.chat_template import chat_template_text
-from training.config import TrainingConfig
-from training.data import (
+from distillflow.training.chat_template import chat_template_text
+from distillflow.training.config import TrainingConfig
+from distillflow.training.data import (
     attach_topk,
     collate,
     pack_examples,
     supervised_count,
     tokenize_dataset,
 )
-from training.model import (
+from distillflow.training.model import (
     DistillationModel,
     derive_student,
     load_causal_lm,

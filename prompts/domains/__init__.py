@@ -9,7 +9,7 @@ add one line to `DOMAIN_EDGE_CASES` below.
 
 from __future__ import annotations
 
-from prompts.domains import arithmetic, code
+from distillflow.prompts.domains import arithmetic, code
 
 DOMAIN_EDGE_CASES = {
     "arithmetic": arithmetic.EDGE_CASES,

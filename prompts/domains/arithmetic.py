@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 
-from prompts.config import EdgeCaseConfig
+from distillflow.prompts.config import EdgeCaseConfig
 
 # Integers and decimals that are not part of a word (so "GPT4" or "v2" stay untouched).
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w])")

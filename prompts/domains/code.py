@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 
-from prompts.config import EdgeCaseConfig
+from distillflow.prompts.config import EdgeCaseConfig
 
 CODE_WORDS = re.compile(
     r"\b(code|function|program|script|python|javascript|java|rust|sql|regex|algorithm|"
