@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distillflow.schedule_config import ScheduleConfig
 from distillflow.prompts.config import PromptsConfig
 from distillflow.tasks.capture_config import CaptureConfig
 from distillflow.tasks.eval_config import EvalConfig
@@ -305,6 +306,36 @@ class DistillConfig(StrictModel):
     capture: CaptureConfig | None = None
     sweep: SweepConfig | None = None
     mining: MiningConfig | None = None
+    schedule: ScheduleConfig | None = Field(
+        None,
+        description="When each Prefect deployment of this config runs by itself (`distill serve` / "
+        "`distill deploy`): per deployment a cron or interval, a time zone and an active flag.",
+    )
+
+    def deployment_names(self) -> list[str]:
+        """The deployments `distill serve` / `distill deploy` register for this config: build and
+        run always, each other stage when its section is present."""
+        present = {
+            "capture": self.capture is not None,
+            "train": self.training is not None,
+            "eval": self.evaluation is not None,
+            "sweep": self.sweep is not None,
+            "mine": self.mining is not None,
+        }
+        return [name for name in ("build", "capture", "train", "eval", "sweep", "mine", "run") if present.get(name, True)]
+
+    @model_validator(mode="after")
+    def _schedules_have_a_deployment(self) -> DistillConfig:
+        if self.schedule is None:
+            return self
+        sections = {"capture": "capture", "train": "training", "eval": "evaluation", "sweep": "sweep", "mine": "mining"}
+        for name in self.schedule.entries():
+            if name not in self.deployment_names():
+                raise ValueError(
+                    f"schedule.{name}: this config has no `{sections[name]}:` section, so there is no "
+                    f"{name} deployment to schedule; add the section or remove schedule.{name}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _one_budget(self) -> DistillConfig:

@@ -566,6 +566,13 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         table=table,
         description=f"{config.name}: rows per stage and reject reason",
     )
+    from distillflow.tasks.artifact_charts import build_summary_markdown, dataset_lengths
+
+    create_markdown_artifact(
+        key=f"{_artifact_key(config.name)}-summary",
+        markdown=build_summary_markdown(manifest, dataset_lengths(config.output_dir)),
+        description=f"{config.name}: counts per stage, reason and strategy, teacher usage and cost, lengths",
+    )
     from distillflow.prompts.report import report_markdown
 
     create_markdown_artifact(

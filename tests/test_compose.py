@@ -72,7 +72,7 @@ def test_services_and_their_wiring(compose_command, tmp_path):
     result = run_compose(compose_command, "config", "--format", "json", env=REQUIRED_ENV, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
-    assert set(services) == {"postgres", "prefect-server", "worker", "teacher", "trainer"}
+    assert set(services) == {"postgres", "prefect-server", "deploy", "worker", "teacher", "trainer"}
 
     server_env = services["prefect-server"]["environment"]
     assert server_env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
@@ -135,3 +135,42 @@ def test_secrets_come_from_the_environment(compose_command, tmp_path):
         key, _, value = line.strip().partition(":")
         if key.endswith(("PASSWORD", "API_KEY")) and value.strip():
             assert value.strip().startswith("${"), line
+
+
+def _services(compose_command, tmp_path, **env):
+    result = run_compose(compose_command, "config", "--format", "json", env={**REQUIRED_ENV, **env}, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["services"]
+
+
+def test_the_worker_starts_after_its_pool_has_deployments(compose_command, tmp_path):
+    """Without the deploy service the worker would poll an empty pool and sit idle."""
+    services = _services(compose_command, tmp_path)
+    worker, deploy = services["worker"], services["deploy"]
+    assert worker["depends_on"]["deploy"]["condition"] == "service_completed_successfully"
+    assert deploy["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    script = deploy["command"][-1]
+    assert script == "distill deploy configs/compose.yaml --pool distillflow"
+    pool = worker["command"][worker["command"].index("--pool") + 1]
+    assert pool == "distillflow"
+    assert deploy["environment"]["PREFECT_API_URL"] == worker["environment"]["PREFECT_API_URL"]
+
+    # One setting moves both: the deploy and the worker agree on the pool and the configs.
+    services = _services(compose_command, tmp_path, PREFECT_WORK_POOL="gpu", DEPLOY_CONFIGS="configs/a.yaml configs/b.yaml")
+    assert services["deploy"]["command"][-1] == "distill deploy configs/a.yaml configs/b.yaml --pool gpu"
+    assert services["worker"]["command"][services["worker"]["command"].index("--pool") + 1] == "gpu"
+
+
+def test_the_default_configs_exist_and_validate(compose_command, tmp_path, monkeypatch):
+    """The configs the deploy and trainer services use by default are in the repository
+    (mounted at /app/configs) and describe a dataset, and a student to train."""
+    from distillflow.config import load_config
+
+    services = _services(compose_command, tmp_path)
+    monkeypatch.chdir(ROOT)  # /app in the image
+    deploy_configs = services["deploy"]["command"][-1].split(" --pool")[0].split()[2:]
+    trainer_config = services["trainer"]["command"][2]
+    for path in [*deploy_configs, trainer_config]:
+        config = load_config(ROOT / path)  # seed files included
+        assert config.teacher.base_url == "http://teacher:8000/v1", path
+    assert load_config(ROOT / trainer_config).training is not None
