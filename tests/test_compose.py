@@ -100,8 +100,8 @@ def test_an_api_teacher_needs_no_gpu_service(compose_command, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
-    assert set(services) == {"postgres", "prefect-server", "worker"}
-    assert not any("deploy" in service for service in services.values())
+    assert set(services) == {"postgres", "prefect-server", "deploy", "worker"}
+    assert not any("deploy" in service for service in services.values())  # no GPU reservation (`deploy:` key)
     assert services["worker"]["depends_on"]["teacher"]["required"] is False
     # With the profile the worker waits for the healthy teacher.
     result = run_compose(compose_command, "config", "--format", "json", env={**REQUIRED_ENV, **KEYS},
