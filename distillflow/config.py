@@ -342,6 +342,12 @@ class DistillConfig(StrictModel):
         """A budget is kept by one process; shard workers would each spend the whole of it."""
         teacher = self.teacher
         limited = teacher.max_budget_usd is not None or teacher.max_total_tokens is not None
+        if limited and teacher.replicas and teacher.client_processes > 1:
+            raise ValueError(
+                "teacher.max_budget_usd / max_total_tokens with teacher.replicas and client_processes > 1: "
+                "each replica's client processes would hold a share of the whole budget. Use "
+                "client_processes: 1 with replicas (the replicas share one budget)"
+            )
         if self.dataset.workers > 1 and (limited or teacher.mode == "batch"):
             what = "teacher.mode: batch" if teacher.mode == "batch" else "teacher.max_budget_usd / max_total_tokens"
             raise ValueError(

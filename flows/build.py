@@ -39,11 +39,11 @@ from distillflow.tasks.shards import (
     BuildState,
     ShardResult,
     ShardTotals,
+    answer_shard,
     answered_rows,
+    failure_summary,
     finish_shard,
     plan_fingerprint,
-    answer_shard,
-    failure_summary,
     shard_ranges,
     write_prompt_rejects,
 )
@@ -51,44 +51,16 @@ from distillflow.tasks.teacher import (
     BUDGET_REASON,
     FailureBudget,
     NoUsableAnswersError,
-    OpenAITeacher,
     TeacherAborted,
     TeacherFatalError,
-    TeacherStats,
     answer_requests,
     build_messages,
     resolve_api_key,
 )
-from distillflow.tasks.teacher_replicas import ReplicaTeacher
+from distillflow.tasks.teachers import make_teacher
 
 BATCHES_IN_FLIGHT = 3
 HEARTBEAT_S = 60.0  # a stage running longer than this says so, every HEARTBEAT_S
-
-
-class LocalTeacherClient:
-    """The in-process Hugging Face teacher behind the interface `answer_requests` expects."""
-
-    def __init__(self, config) -> None:  # noqa: ANN001 - TeacherConfig
-        self.config = config
-        self.model = config.model
-        self.stats = TeacherStats()
-        self.batch_size = config.local_batch_size
-
-    def answer_batch(self, messages_list: list[list[dict]]) -> list[TeacherAnswer]:
-        from distillflow.tasks.teacher_local import get_local_teacher
-
-        return get_local_teacher(self.config).answer_batch(messages_list)
-
-    def abort(self, error: TeacherFatalError) -> None:
-        """Nothing to cancel: the model answers in this thread, which the signal interrupts."""
-
-
-def make_teacher(config: DistillConfig, api_key: str | None) -> OpenAITeacher | ReplicaTeacher | LocalTeacherClient:
-    if config.teacher.backend == "local":
-        return LocalTeacherClient(config.teacher)
-    if config.teacher.replicas:
-        return ReplicaTeacher(config.teacher, api_key=api_key)
-    return OpenAITeacher(config.teacher, api_key=api_key)
 
 
 class Progress:
@@ -366,7 +338,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     started = time.time()
     api_key = resolve_api_key(config.teacher.api_key_env) if config.teacher.backend == "openai" else None
     ledger = Ledger(config.output_dir / TEACHER_LEDGER)
-    teacher = make_teacher(config, api_key)
+    teacher = make_teacher(config.teacher, api_key)
     in_flight: deque = deque()  # (shard, last batch of its shard, future)
     label = config.name
     stage_seconds: dict[str, float] = {"write_shards": 0.0}
@@ -441,11 +413,11 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 shard_rejects.clear()
                 stage_seconds["write_shards"] += time.perf_counter() - shard_started
 
-            fan_out = config.dataset.workers > 1 and not isinstance(teacher, LocalTeacherClient)
+            fan_out = config.dataset.workers > 1 and teacher.concurrent
             with stage(stage_seconds, "teacher", label, progress.status):
                 if fan_out:
                     answer_shards_on_workers(config, kept, plan, state, first_reject_file, progress, teacher.stats)
-                elif not isinstance(teacher, LocalTeacherClient):
+                elif teacher.concurrent:
                     with client_bound_stage():
                         # A few batch tasks in flight at once, so the shared `max_concurrency` never
                         # drains at a batch or shard boundary; results are collected in order, and a
@@ -500,8 +472,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     finally:
         for _, _, future in in_flight:  # after a failure: let the other batches stop first
             future.wait(timeout=30)
-        if not isinstance(teacher, LocalTeacherClient):
-            teacher.close()
+        teacher.close()
         ledger.close()
 
     reject_reasons = prompt_stage["reasons"] + totals.reject_reasons

@@ -104,9 +104,9 @@ def write_reference_dataset(dataset_dir: Path, seeds_path: Path, out_dir: Path) 
     the number of rows written.
     """
     import pyarrow as pa
-    from distillflow.storage.parquet import read_table, write_table_atomic
 
     from distillflow.records import content_id
+    from distillflow.storage.parquet import read_table, write_table_atomic
 
     truth: dict[str, tuple[str, str]] = {}
     for line in seeds_path.read_text(encoding="utf-8").splitlines():

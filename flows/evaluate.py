@@ -16,7 +16,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from distillflow.tasks.eval_config import EvalModel
-from distillflow.tasks.eval_report import TABLE_COLUMNS, format_table, report_markdown, table_cells, write_report_files
+from distillflow.tasks.eval_report import (
+    TABLE_COLUMNS,
+    format_table,
+    report_markdown,
+    table_cells,
+    write_report_files,
+)
 from distillflow.tasks.evaluate import (
     EvalItem,
     EvalRun,

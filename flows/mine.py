@@ -17,8 +17,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from distillflow.config import DistillConfig, load_config
+from distillflow.flows.build import Progress, answer_batch_task, filter_responses_task
 from distillflow.interrupt import cancel_on_interrupt
-from distillflow.flows.build import Progress, answer_batch_task, filter_responses_task, make_teacher
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.tasks.mining import (
     MiningPlan,
@@ -29,7 +29,13 @@ from distillflow.tasks.mining import (
     select_candidates,
     write_mined_dataset,
 )
-from distillflow.tasks.teacher import FailureBudget, OpenAITeacher, TeacherAborted, answer_requests, resolve_api_key
+from distillflow.tasks.teacher import (
+    FailureBudget,
+    TeacherAborted,
+    answer_requests,
+    resolve_api_key,
+)
+from distillflow.tasks.teachers import make_teacher
 
 
 @task(name="mine-candidates", cache_policy=NO_CACHE)
@@ -87,7 +93,7 @@ def mine(config_path: str) -> dict[str, Any]:
     plan = plan_mining(config, config_path)
     api_key = resolve_api_key(config.teacher.api_key_env) if config.teacher.backend == "openai" else None
     ledger = Ledger(config.output_dir / TEACHER_LEDGER)  # the build's ledger: answers are shared, paid once
-    teacher = make_teacher(config, api_key)
+    teacher = make_teacher(config.teacher, api_key)
     try:
         with cancel_on_interrupt(lambda: teacher.abort(TeacherAborted("interrupted by a signal"))):
             candidates, summary = candidates_task(config, plan, teacher, ledger)
@@ -104,8 +110,7 @@ def mine(config_path: str) -> dict[str, Any]:
                 answered += rows
                 rejects += errors
     finally:
-        if isinstance(teacher, OpenAITeacher):
-            teacher.close()
+        teacher.close()
         ledger.close()
     accepted, response_rejects = filter_responses_task(quote(answered), config)
     rejects += response_rejects

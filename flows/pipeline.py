@@ -45,8 +45,8 @@ def run_pipeline(config_path: str) -> dict[str, Any]:
 
 def run_command(config_path: str | Path) -> dict[str, Any]:
     """Check every stage the config asks for (tasks/preflight.py), then run the pipeline."""
-    from distillflow.tasks.preflight import preflight_run
     from distillflow.storage.seeds import load_seeds
+    from distillflow.tasks.preflight import preflight_run
 
     config = load_config(config_path)
     if config.teacher.backend == "openai":

@@ -167,8 +167,8 @@ class SweepFailed(RuntimeError):
 
 def sweep_command(config_path: str | Path) -> dict[str, Any]:
     """Validate every point before Prefect starts, run, print the ranked table."""
-    from distillflow.tasks.preflight import preflight_eval, preflight_training
     from distillflow.tasks.evaluate import eval_run_from_config
+    from distillflow.tasks.preflight import preflight_eval, preflight_training
     from distillflow.training.config import TrainingConfig
 
     config = load_config(config_path, check_files=False)

@@ -37,8 +37,17 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import ConfigError, DistillConfig
-from distillflow.storage.add_columns import add_columns_atomic, column_compressed_bytes, read_provenance
-from distillflow.storage.manifest import MANIFEST_NAME, read_manifest, remove_manifest, write_manifest
+from distillflow.storage.add_columns import (
+    add_columns_atomic,
+    column_compressed_bytes,
+    read_provenance,
+)
+from distillflow.storage.manifest import (
+    MANIFEST_NAME,
+    read_manifest,
+    remove_manifest,
+    write_manifest,
+)
 from distillflow.storage.parquet import ShardInfo, file_sha256, list_shards
 from distillflow.storage.topk import (
     GAP_SCALE,

@@ -34,7 +34,13 @@ import pyarrow.parquet as pq
 from distillflow.config import load_filters_config
 from distillflow.storage.dataset import swap_in_staged
 from distillflow.storage.manifest import read_manifest, remove_manifest, write_manifest
-from distillflow.storage.parquet import REJECT_SCHEMA, ShardInfo, file_sha256, list_shards, write_table_atomic
+from distillflow.storage.parquet import (
+    REJECT_SCHEMA,
+    ShardInfo,
+    file_sha256,
+    list_shards,
+    write_table_atomic,
+)
 from distillflow.tasks.dedup import KEEP
 from distillflow.tasks.filter_config import FiltersConfig
 from distillflow.tasks.filters import Embed, PromptFeatures, prompt_features, resolve_prompt_filters

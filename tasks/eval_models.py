@@ -5,7 +5,7 @@ score a teacher's answers (per-token cross-entropy) and time generation at fixed
 
 - `InProcessModel` loads a model directory once (through `LocalTeacher`, so chat template,
   left padding and greedy decoding are the build's) and frees it on `close`.
-- `EndpointModel` sends requests through `OpenAITeacher` with a `Ledger` in front, so an
+- `EndpointModel` sends requests through the build's teacher client (`make_teacher`) with a `Ledger` in front, so an
   answer already received (by a build or an earlier eval) is not paid for again.
 """
 
@@ -21,7 +21,8 @@ from typing import Any
 
 from distillflow.config import GenerationConfig, TeacherConfig
 from distillflow.storage.ledger import Ledger
-from distillflow.tasks.teacher import OpenAITeacher, answer_requests, build_messages
+from distillflow.tasks.teacher import answer_requests, build_messages
+from distillflow.tasks.teachers import make_teacher
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -248,7 +249,7 @@ class EndpointModel:
     def __init__(self, teacher_config: TeacherConfig, ledger_path: str | Path, system_prompt: str | None) -> None:
         self.config = teacher_config
         self.system_prompt = system_prompt
-        self.client = OpenAITeacher(teacher_config)
+        self.client = make_teacher(teacher_config)
         self.ledger = Ledger(ledger_path)
         self.fresh_seconds: list[float] = []
         self.fresh_tokens = 0

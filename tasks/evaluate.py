@@ -34,10 +34,10 @@ from distillflow.config import (
     parse_config,
     read_yaml,
 )
-from distillflow.records import content_id
 from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected
 from distillflow.prompts.config import AdversarialConfig, EdgeCaseConfig
 from distillflow.prompts.edge_cases import EDGE_CASES
+from distillflow.records import content_id
 from distillflow.storage.dataset import is_heldout
 from distillflow.storage.ledger import LEDGER_DIR, TEACHER_LEDGER, Ledger
 from distillflow.tasks.eval_checks import CHECKS, exact_match, is_correct, rouge_l, token_f1
@@ -423,7 +423,8 @@ def combine_verdicts(model_first: str, reference_first: str) -> str:
 
 def judge_models(run: EvalRun, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Pairwise verdicts of each model against the reference model, both orders, ledger-cached."""
-    from distillflow.tasks.teacher import OpenAITeacher, answer_requests, build_messages
+    from distillflow.tasks.teacher import answer_requests, build_messages
+    from distillflow.tasks.teachers import make_teacher
 
     judge = run.config.judge
     reference_name = run.config.judge_reference
@@ -454,7 +455,7 @@ def judge_models(run: EvalRun, records: list[dict[str, Any]]) -> dict[str, Any]:
         max_concurrency=judge.max_concurrency,
         generation=GenerationConfig(temperature=0.0, max_tokens=judge.max_tokens),
     )
-    client = OpenAITeacher(config)
+    client = make_teacher(config)
     ledger = Ledger(run.config.output_dir / LEDGER_DIR / "judge.sqlite")
     try:
         answers = answer_requests(client, ledger, messages) if messages else []

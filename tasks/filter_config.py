@@ -192,7 +192,12 @@ class QualityConfig(_Strict):
     @field_validator("keep_refusals_for")
     @classmethod
     def _known_strategies(cls, value: list[str]) -> list[str]:
-        from distillflow.prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS, EVOLVE_OPERATIONS, FAMILIES
+        from distillflow.prompts.config import (
+            ADVERSARIAL_KINDS,
+            EDGE_CASE_KINDS,
+            EVOLVE_OPERATIONS,
+            FAMILIES,
+        )
 
         known = {
             *FAMILIES,

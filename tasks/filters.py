@@ -186,7 +186,10 @@ def resolve_prompt_filters(
         apply("exact_duplicate", dropped, duplicate_of, {int(i): "normalised text equal" for i in np.flatnonzero(dropped)})
 
     if features.signatures is not None:
-        from distillflow.tasks.minhash import near_duplicate_details, near_duplicates_from_signatures
+        from distillflow.tasks.minhash import (
+            near_duplicate_details,
+            near_duplicates_from_signatures,
+        )
 
         keys = features.band_keys[:, alive] if features.band_keys is not None else None
         result = near_duplicates_from_signatures(features.signatures, config.near_dedup, index=alive, keys=keys)
@@ -213,7 +216,11 @@ def resolve_prompt_filters(
 
     diversity = config.diversity
     if diversity.keep is not None and diversity.keep < len(alive):
-        from distillflow.tasks.diversity import hashed_embeddings, nearest_kept_distance, select_diverse
+        from distillflow.tasks.diversity import (
+            hashed_embeddings,
+            nearest_kept_distance,
+            select_diverse,
+        )
 
         if diversity.embedding == "hashed":
             embeddings = hashed_embeddings(texts_of(alive))

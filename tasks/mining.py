@@ -146,9 +146,8 @@ def generate_candidates(
 def _encode(
     tokenizer: Any, rows: list[dict[str, Any]], system_prompt: str | None, max_length: int, chat_template: str | None = None
 ) -> list[dict[str, Any]]:
-    from distillflow.training.data import encode_example
-
     from distillflow.training.chat_template import chat_template_text
+    from distillflow.training.data import encode_example
 
     template = chat_template_text(chat_template) if chat_template else None
     return [encode_example(tokenizer, row["prompt"], row["response"], system_prompt, max_length, template) for row in rows]
@@ -274,7 +273,13 @@ def write_mined_dataset(
 
     from distillflow.storage.dataset import _secret_free, count_by, swap_in_staged
     from distillflow.storage.manifest import read_manifest, remove_manifest, write_manifest
-    from distillflow.storage.parquet import REJECT_SCHEMA, ShardInfo, file_sha256, list_shards, write_table_atomic
+    from distillflow.storage.parquet import (
+        REJECT_SCHEMA,
+        ShardInfo,
+        file_sha256,
+        list_shards,
+        write_table_atomic,
+    )
     from distillflow.training.data import data_fingerprint
 
     parent = plan.dataset_dir

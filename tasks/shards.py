@@ -307,12 +307,17 @@ def answer_shard(
     prompts; then the response filters and its files. The API key is read here, from this
     process's environment, so it never travels as a parameter."""
     from distillflow.storage.ledger import Ledger
-    from distillflow.tasks.teacher import FailureBudget, OpenAITeacher, answer_requests, build_messages, resolve_api_key
-    from distillflow.tasks.teacher_replicas import ReplicaTeacher
+    from distillflow.tasks.teacher import (
+        FailureBudget,
+        answer_requests,
+        build_messages,
+        resolve_api_key,
+    )
+    from distillflow.tasks.teachers import make_teacher
 
     teacher_config = config.teacher
     api_key = resolve_api_key(teacher_config.api_key_env)
-    teacher = ReplicaTeacher(teacher_config, api_key) if teacher_config.replicas else OpenAITeacher(teacher_config, api_key)
+    teacher = make_teacher(teacher_config, api_key)
     ledger = Ledger(ledger_path)
     budget = FailureBudget(len(prompts), teacher_config, on_exceeded=teacher.abort)
     try:

@@ -254,9 +254,9 @@ def prepare_point(point: SweepPoint) -> dict[str, Any]:
         shutil.rmtree(point.eval_dir, ignore_errors=True)
         state = {}
     point.directory.mkdir(parents=True, exist_ok=True)
-    from distillflow.tasks.eval_report import write_text_atomic
-
     import yaml
+
+    from distillflow.tasks.eval_report import write_text_atomic
 
     write_text_atomic(point.config_path, yaml.safe_dump(point.config, sort_keys=False))
     state.update(name=point.name, settings=point.settings, train_key=point.train_key)

@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx2
 import openai
@@ -238,6 +238,42 @@ class SpendingBudget:
         )
 
 
+class Teacher(Protocol):
+    """What every teacher implements, and all the pipeline asks of one:
+
+    - `OpenAITeacher` (this module): an OpenAI-compatible server from this process;
+    - `tasks.teacher_pool.PooledTeacher`: the same from `client_processes` processes;
+    - `tasks.teacher_replicas.ReplicaTeacher`: several servers of one model;
+    - `tasks.teacher_local.LocalTeacherClient`: a Hugging Face model in this process.
+
+    `tasks.teachers.make_teacher` picks the one a config asks for.
+    """
+
+    config: TeacherConfig
+    stats: TeacherStats
+    budget: SpendingBudget | None  # the run's spending budget, when the teacher is paid per token
+    concurrent: bool  # True: several batches may be asked at once (they share the client's limits)
+
+    @property
+    def model(self) -> str: ...
+
+    def answer_and_record(
+        self,
+        messages_list: Sequence[Messages],
+        keys: Sequence[str],
+        ledger: Ledger,
+        on_recorded: Callable[[int, TeacherAnswer, float], None],
+    ) -> None:
+        """Answer every request; record each recordable answer in `ledger` under its key the
+        moment it arrives, then call `on_recorded(index, answer, created_at)`."""
+
+    def abort(self, error: TeacherFatalError) -> None:
+        """Stop every request of this run, from any thread; later calls raise `error`."""
+
+    def close(self) -> None:
+        """Release connections, threads and processes; counts end up in `stats`."""
+
+
 def parse_duration_s(value: str | None) -> float | None:
     """OpenAI's reset durations (`1s`, `6m0s`, `20ms`, `1h2m3.5s`) or plain seconds, in seconds."""
     if not value:
@@ -427,21 +463,30 @@ def _retry_after_seconds(error: openai.APIStatusError) -> float | None:
 class OpenAITeacher:
     """Chat completions against an OpenAI-compatible endpoint."""
 
-    def __init__(self, config: TeacherConfig, api_key: str | None = None, share: float = 1.0) -> None:
+    concurrent = True
+
+    def __init__(
+        self,
+        config: TeacherConfig,
+        api_key: str | None = None,
+        share: float = 1.0,
+        budget: SpendingBudget | None = None,
+    ) -> None:
+        """`share`: this client's part of the run's limits (1/P in each of P client processes);
+        `budget`: a spending budget shared with other clients of the run (replicas)."""
         self.config = config
         self._api_key = api_key if api_key is not None else resolve_api_key(config.api_key_env)
         self.stats = TeacherStats()
         self.endpoint = (str(config.base_url), config.model)
         # This client's part of the run's limits (1/P in each of P client processes).
         self.share = share
-        self.budget = SpendingBudget(config, share)
+        self.budget = budget if budget is not None else SpendingBudget(config, share)
         # Shared by every batch of a run (see `answer_sync`): one event loop in a thread,
         # one client and connection pool, one concurrency limit, one rate limiter.
         self._loop: BackgroundLoop | None = None
         self._shared: tuple[openai.AsyncOpenAI, asyncio.Semaphore, RateLimiter] | None = None
         self._fatal: TeacherFatalError | None = None
         self._loop_lock = threading.Lock()
-        self._pool: Any = None  # tasks.teacher_pool.ClientPool when client_processes > 1
         # First contact: (reason, detail, attempts, seconds) of each prompt that failed
         # before the endpoint answered once.
         self._first_failures: list[tuple[str, str, int, float]] = []
@@ -451,6 +496,11 @@ class OpenAITeacher:
     @property
     def model(self) -> str:
         return self.config.model
+
+    @property
+    def stopped(self) -> TeacherFatalError | None:
+        """The error this run was aborted with, if it was."""
+        return self._fatal
 
     def request_params(self) -> dict[str, Any]:
         """Generation parameters sent with every request (and hashed into ledger keys)."""
@@ -501,34 +551,10 @@ class OpenAITeacher:
         client, `max_concurrency` and the rate limits. `on_answer` runs on the loop thread
         (or, with `client_processes > 1`, on the thread receiving that process's answers).
         """
-        if self.config.client_processes > 1:
-
-            def callback(index: int, answer: TeacherAnswer, _created_at: float) -> None:
-                self._note_budget(answer)
-                if on_answer is not None:
-                    on_answer(index, answer)
-
-            return self.pool().answer(messages_list, callback)
         with self._loop_lock:
             if self._loop is None:
                 self._loop = BackgroundLoop()
-        return self._loop.run(self._answer_all_shared(messages_list, on_answer))
-
-    def _note_budget(self, answer: TeacherAnswer) -> None:
-        """With client processes, each holds its share of the budget: the run's budget is
-        spent when one of them refused a request (its spending is in `stats`)."""
-        if answer.error == BUDGET_REASON:
-            self.budget.exhausted = True
-            self.budget.refused += 1
-
-    def pool(self) -> Any:
-        """The client processes (`client_processes > 1`), started on first use."""
-        from distillflow.tasks.teacher_pool import ClientPool
-
-        with self._loop_lock:
-            if self._pool is None:
-                self._pool = ClientPool(self.config, self._api_key, self.config.client_processes)
-        return self._pool
+        return self._loop.run(self.answer_shared(messages_list, on_answer))
 
     def answer_and_record(
         self,
@@ -538,28 +564,19 @@ class OpenAITeacher:
         on_recorded: Callable[[int, TeacherAnswer, float], None],
     ) -> None:
         """Answer every request and record each recordable answer under its key the moment
-        it arrives (in the client process that received it, with `client_processes > 1`);
-        then `on_recorded(index, answer, created_at)`."""
-        if self.config.mode == "batch":
-            from distillflow.tasks.teacher_batch import answer_by_batches
-
-            answer_by_batches(self, messages_list, keys, ledger, on_recorded)
-            return
-        if self.config.client_processes > 1:
-
-            def noted(index: int, answer: TeacherAnswer, created_at: float) -> None:
-                self._note_budget(answer)
-                on_recorded(index, answer, created_at)
-
-            self.pool().answer(messages_list, noted, ledger_path=str(ledger.path), keys=list(keys))
-            return
-
+        it arrives; then `on_recorded(index, answer, created_at)`."""
         def record(index: int, answer: TeacherAnswer) -> None:
             on_recorded(index, answer, record_answer(ledger, keys[index], answer))
 
         self.answer_sync(messages_list, on_answer=record)
 
-    async def _answer_all_shared(self, messages_list, on_answer):  # noqa: ANN001, ANN202
+    async def answer_shared(
+        self,
+        messages_list: Sequence[Messages],
+        on_answer: Callable[[int, TeacherAnswer], None] | None = None,
+    ) -> list[TeacherAnswer]:
+        """`answer_all` with the client, concurrency limit and rate limiter every call of
+        this teacher shares; on the caller's event loop (a client process runs its own)."""
         if self._shared is None:
             self._shared = (
                 self._client(),
@@ -569,6 +586,12 @@ class OpenAITeacher:
         client, semaphore, limiter = self._shared
         return await self.answer_all(messages_list, on_answer, client=client, semaphore=semaphore, limiter=limiter)
 
+    async def aclose(self) -> None:
+        """Close the shared client (on the loop it was used on)."""
+        if self._shared is not None:
+            client, self._shared = self._shared[0], None
+            await client.close()
+
     def abort(self, error: TeacherFatalError) -> None:
         """Stop every request of this run, from any thread: requests in flight are cancelled
         and every `answer_*` call raises `error`. Answers received so far are in the ledger
@@ -577,25 +600,15 @@ class OpenAITeacher:
             self._fatal = error
         with self._loop_lock:
             running = list(self._running.items())
-            pool = self._pool
         for task, loop in running:
             with contextlib.suppress(RuntimeError):  # that loop has closed: nothing runs there
                 loop.call_soon_threadsafe(task.cancel)
-        if pool is not None:
-            pool.abort(self._fatal)
 
     def close(self) -> None:
-        """Close the shared client and stop the loop thread or the client processes (after
-        `answer_sync`); the processes' request counts are added to `stats`."""
-        if self._pool is not None:
-            for worker_stats in self._pool.close():
-                self.stats.add(worker_stats)
-            self._pool = None
+        """Close the shared client and stop the loop thread (after `answer_sync`)."""
         if self._loop is None:
             return
-        if self._shared is not None:
-            self._loop.run(self._shared[0].close())
-            self._shared = None
+        self._loop.run(self.aclose())
         self._loop.close()
         self._loop = None
 
@@ -728,7 +741,7 @@ class OpenAITeacher:
                 limiter.observe(response.headers)
                 body = response.content
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
-                self._fatal = TeacherFatalError(self._fatal_message(error))
+                self._fatal = TeacherFatalError(self.fatal_message(error))
                 raise self._fatal from None
             except openai.RateLimitError as error:
                 self._mark_open(opened)  # alive, only busy
@@ -798,7 +811,7 @@ class OpenAITeacher:
         # Exponential backoff with full jitter.
         return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
 
-    def _fatal_message(self, error: openai.APIStatusError) -> str:
+    def fatal_message(self, error: openai.APIStatusError) -> str:
         status = error.status_code
         fixes = {
             401: f"the API key in ${self.config.api_key_env} was refused; export the right key",
@@ -1019,7 +1032,7 @@ def teacher_params_for_key(config: TeacherConfig) -> dict[str, Any]:
 
 
 def answer_requests(
-    teacher: Any,
+    teacher: Teacher,
     ledger: Ledger,
     messages_list: Sequence[Messages],
     progress: Callable[[int], None] | None = None,
@@ -1027,8 +1040,6 @@ def answer_requests(
 ) -> list[tuple[TeacherAnswer, float]]:
     """Answer every request, paying only for those the ledger does not hold.
 
-    `teacher` is an `OpenAITeacher` (async, concurrent) or any object with
-    `answer_batch(messages_list) -> list[TeacherAnswer]` and `batch_size` (local models).
     Returns (answer, created_at) in input order; identical requests are sent once.
     `budget` counts failed answers as they arrive and stops the run past its limit.
     """
@@ -1054,20 +1065,7 @@ def answer_requests(
         if budget is not None:
             budget.count(answer)
 
-    def record(index: int, answer: TeacherAnswer) -> None:
-        recorded(index, answer, record_answer(ledger, pending_keys[index], answer))
-
     if pending_keys:
         requests = [pending[key] for key in pending_keys]
-        if hasattr(teacher, "answer_and_record"):  # OpenAITeacher, or its replicas (tasks/teacher_replicas.py)
-            teacher.answer_and_record(requests, pending_keys, ledger, recorded)
-        else:
-            for start in range(0, len(requests), teacher.batch_size):
-                chunk = requests[start : start + teacher.batch_size]
-                for offset, answer in enumerate(teacher.answer_batch(chunk)):
-                    stats.requests_sent += 1
-                    stats.answered += 1
-                    stats.prompt_tokens += answer.prompt_tokens
-                    stats.completion_tokens += answer.completion_tokens
-                    record(start + offset, answer)
+        teacher.answer_and_record(requests, pending_keys, ledger, recorded)
     return [found[key] if key in found else fresh[key] for key in keys]

@@ -28,10 +28,12 @@ from typing import Any
 
 import openai
 
+from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
 from distillflow.storage.ledger import Ledger
 from distillflow.tasks.teacher import (
     PERMANENT_ERROR_PREFIXES,
+    OpenAITeacher,
     Reservation,
     TeacherFatalError,
     estimate_tokens,
@@ -47,7 +49,7 @@ class TeacherBatchTimeout(TeacherFatalError):
 
 
 def answer_by_batches(
-    teacher: Any,
+    teacher: BatchTeacher,
     messages_list: Sequence[Messages],
     keys: Sequence[str],
     ledger: Ledger,
@@ -60,6 +62,53 @@ def answer_by_batches(
         run.answer()
     finally:
         run.client.close()
+
+
+class BatchTeacher:
+    """The `Teacher` of `teacher.mode: batch`: every `answer_and_record` call is one batch
+    run (see the module docstring); prices, parsing, budget and counts are those of the
+    online client it wraps."""
+
+    concurrent = True
+
+    def __init__(self, config: TeacherConfig, api_key: str) -> None:
+        self.config = config
+        self.api_key = api_key
+        self.online = OpenAITeacher(config, api_key=api_key)
+        self.stats = self.online.stats
+        self.budget = self.online.budget
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    @property
+    def stopped(self) -> TeacherFatalError | None:
+        return self.online.stopped
+
+    def request_params(self) -> dict[str, Any]:
+        return self.online.request_params()
+
+    def parse_completion(self, data: Any) -> TeacherAnswer | None:  # noqa: ANN401 - a JSON body
+        return self.online.parse_completion(data)
+
+    def fatal_message(self, error: openai.APIStatusError) -> str:
+        return self.online.fatal_message(error)
+
+    def answer_and_record(
+        self,
+        messages_list: Sequence[Messages],
+        keys: Sequence[str],
+        ledger: Ledger,
+        on_recorded: Callable[[int, TeacherAnswer, float], None],
+    ) -> None:
+        answer_by_batches(self, messages_list, keys, ledger, on_recorded)
+
+    def abort(self, error: TeacherFatalError) -> None:
+        self.online.abort(error)
+
+    def close(self) -> None:
+        self.online.close()
 
 
 class BatchRun:
@@ -85,7 +134,7 @@ class BatchRun:
         # Only idempotent calls are retried by the SDK; batches.create is retried by us,
         # after checking that the failed call did not create the batch after all.
         self.client = openai.OpenAI(
-            base_url=self.config.base_url, api_key=teacher._api_key, max_retries=3, timeout=self.config.timeout_s
+            base_url=self.config.base_url, api_key=teacher.api_key, max_retries=3, timeout=self.config.timeout_s
         )
         self.deadline = time.monotonic() + self.settings.max_wait_s
 
@@ -193,7 +242,7 @@ class BatchRun:
                     input_file_id=input_file_id, endpoint="/v1/chat/completions", completion_window="24h"
                 )
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
-                raise TeacherFatalError(self.teacher._fatal_message(error)) from None
+                raise TeacherFatalError(self.teacher.fatal_message(error)) from None
             except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as error:
                 last_error = error
                 continue
@@ -227,7 +276,7 @@ class BatchRun:
                 try:
                     batch = self.client.batches.retrieve(batch_id)
                 except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
-                    raise TeacherFatalError(self.teacher._fatal_message(error)) from None
+                    raise TeacherFatalError(self.teacher.fatal_message(error)) from None
                 except (openai.APIConnectionError, openai.APIStatusError) as error:
                     self._log(f"batch {batch_id}: status check failed ({type(error).__name__}); trying again")
                     continue
@@ -246,8 +295,8 @@ class BatchRun:
         """Sleep `poll_interval_s`, waking for `abort` (Ctrl-C) every 0.2 s."""
         until = time.monotonic() + self.settings.poll_interval_s
         while time.monotonic() < until:
-            if self.teacher._fatal is not None:
-                raise self.teacher._fatal
+            if self.teacher.stopped is not None:
+                raise self.teacher.stopped
             if time.monotonic() > self.deadline:
                 raise TeacherBatchTimeout(
                     f"batches {', '.join(active.values())} at {self.config.base_url} are not done after "
@@ -320,7 +369,7 @@ class BatchRun:
         try:
             return function()
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
-            raise TeacherFatalError(self.teacher._fatal_message(error)) from None
+            raise TeacherFatalError(self.teacher.fatal_message(error)) from None
 
     def _log(self, message: str) -> None:
         print(f"[teacher batch] {message}", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,9 @@ import torch
 
 from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
+from distillflow.storage.ledger import Ledger
+from distillflow.tasks.teacher import Messages, TeacherFatalError, TeacherStats, record_answer
 from distillflow.training.chat_template import chat_template_text
-
-Messages = list[dict[str, str]]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -313,3 +313,42 @@ def get_local_teacher(teacher_config: TeacherConfig) -> LocalTeacher:
     """The process-wide `LocalTeacher` for this config: loaded on first use, then reused
     (each Prefect task of a build calls this instead of loading the model again)."""
     return _cached_teacher(teacher_config.model_dump_json())
+
+
+class LocalTeacherClient:
+    """The `Teacher` of `teacher.backend: local`: the process-wide `LocalTeacher` answers
+    `teacher.local_batch_size` requests per forward pass, one batch at a time."""
+
+    concurrent = False  # one model in this process: batches take turns
+    budget = None  # nothing is paid per token
+
+    def __init__(self, config: TeacherConfig) -> None:
+        self.config = config
+        self.stats = TeacherStats()
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    def answer_and_record(
+        self,
+        messages_list: Sequence[Messages],
+        keys: Sequence[str],
+        ledger: Ledger,
+        on_recorded: Callable[[int, TeacherAnswer, float], None],
+    ) -> None:
+        size = self.config.local_batch_size
+        for start in range(0, len(messages_list), size):
+            answers = get_local_teacher(self.config).answer_batch(list(messages_list[start : start + size]))
+            for offset, answer in enumerate(answers):
+                self.stats.requests_sent += 1
+                self.stats.answered += 1
+                self.stats.prompt_tokens += answer.prompt_tokens
+                self.stats.completion_tokens += answer.completion_tokens
+                on_recorded(start + offset, answer, record_answer(ledger, keys[start + offset], answer))
+
+    def abort(self, error: TeacherFatalError) -> None:
+        """Nothing to cancel: the model answers in the calling thread, which the signal interrupts."""
+
+    def close(self) -> None:
+        """The model stays loaded for the next call in this process."""

@@ -29,6 +29,14 @@ from typing import Any
 from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
 from distillflow.storage.ledger import Ledger
+from distillflow.tasks.teacher import (
+    BUDGET_REASON,
+    OpenAITeacher,
+    SpendingBudget,
+    TeacherFatalError,
+    TeacherStats,
+    record_answer,
+)
 
 Messages = list[dict[str, Any]]
 
@@ -54,15 +62,11 @@ def worker_main(connection: Any, config_json: str, api_key: str, share: float = 
     """Entry point of a client process: answer jobs from `connection` until told to stop
     or until the parent goes away. `share`: this process's part of the run's budget and
     of the remaining requests/tokens the API's rate-limit headers report."""
-    from distillflow.tasks.teacher import OpenAITeacher
-
     teacher = OpenAITeacher(TeacherConfig.model_validate_json(config_json), api_key=api_key, share=share)
     asyncio.run(_serve(connection, teacher))
 
 
-async def _serve(connection: Any, teacher: Any) -> None:
-    from distillflow.tasks.teacher import TeacherFatalError, record_answer
-
+async def _serve(connection: Any, teacher: OpenAITeacher) -> None:
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple] = asyncio.Queue()
 
@@ -103,7 +107,7 @@ async def _serve(connection: Any, teacher: Any) -> None:
 
         try:
             # One client, concurrency limit and rate limiter for all of this process's jobs.
-            await teacher._answer_all_shared(messages_list, on_answer)
+            await teacher.answer_shared(messages_list, on_answer)
         except TeacherFatalError as error:
             send(("fatal", job_id, str(error)))
         except Exception as error:  # noqa: BLE001 - reported to the parent, which fails the batch
@@ -125,8 +129,7 @@ async def _serve(connection: Any, teacher: Any) -> None:
         for job in jobs:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
-        if teacher._shared is not None:
-            await teacher._shared[0].close()
+        await teacher.aclose()
         for ledger in ledgers.values():
             ledger.close()
 
@@ -320,3 +323,76 @@ class ClientPool:
         for connection in self.connections:
             connection.close()
         return stats
+
+
+class PooledTeacher:
+    """The `Teacher` of `teacher.client_processes: P > 1`: requests go out from P client
+    processes (each an `OpenAITeacher` with 1/P of the limits and of the budget), which
+    record every answer in the ledger themselves the moment it arrives."""
+
+    concurrent = True
+
+    def __init__(self, config: TeacherConfig, api_key: str) -> None:
+        self.config = config
+        self.stats = TeacherStats()
+        # The run's budget as the parent sees it: spent once a process refused a request
+        # (each process holds its own share and reports its spending in `stats`).
+        self.budget = SpendingBudget(config)
+        self._api_key = api_key
+        self._pool: ClientPool | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    def pool(self) -> ClientPool:
+        """The client processes, started on first use."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ClientPool(self.config, self._api_key, self.config.client_processes)
+            return self._pool
+
+    def _note(self, answer: TeacherAnswer) -> None:
+        if answer.error == BUDGET_REASON:
+            self.budget.exhausted = True
+            self.budget.refused += 1
+
+    def answer_sync(
+        self, messages_list: Sequence[Messages], on_answer: Callable[[int, TeacherAnswer], None] | None = None
+    ) -> list[TeacherAnswer]:
+        """Answers in input order, without the ledger."""
+
+        def callback(index: int, answer: TeacherAnswer, _created_at: float) -> None:
+            self._note(answer)
+            if on_answer is not None:
+                on_answer(index, answer)
+
+        return self.pool().answer(messages_list, callback)
+
+    def answer_and_record(
+        self,
+        messages_list: Sequence[Messages],
+        keys: Sequence[str],
+        ledger: Ledger,
+        on_recorded: Callable[[int, TeacherAnswer, float], None],
+    ) -> None:
+        def noted(index: int, answer: TeacherAnswer, created_at: float) -> None:
+            self._note(answer)
+            on_recorded(index, answer, created_at)
+
+        self.pool().answer(messages_list, noted, ledger_path=str(ledger.path), keys=list(keys))
+
+    def abort(self, error: TeacherFatalError) -> None:
+        with self._lock:
+            pool = self._pool
+        if pool is not None:
+            pool.abort(error)
+
+    def close(self) -> None:
+        """Stop the processes; their request and token counts are added to `stats`."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            for worker_stats in pool.close():
+                self.stats.add(worker_stats)

@@ -26,6 +26,8 @@ from distillflow.records import TeacherAnswer
 from distillflow.storage.ledger import Ledger
 from distillflow.tasks.teacher import (
     OpenAITeacher,
+    SpendingBudget,
+    Teacher,
     TeacherAborted,
     TeacherFatalError,
     TeacherStats,
@@ -43,16 +45,27 @@ class ReplicaDead(TeacherAborted):
 
 
 class ReplicaTeacher:
-    """`OpenAITeacher`'s interface (`answer_and_record`, `answer_sync`, `abort`, `close`,
-    `stats`) over the replicas of `config` (base_url first, then `replicas`)."""
+    """The `Teacher` over the replicas of `config` (base_url first, then `replicas`)."""
 
-    def __init__(self, config: TeacherConfig, api_key: str | None = None) -> None:
+    concurrent = True
+
+    def __init__(
+        self,
+        config: TeacherConfig,
+        api_key: str | None = None,
+        one: Callable[[TeacherConfig], Teacher] | None = None,
+    ) -> None:
+        """`one(config)`: the client of one replica (default: an `OpenAITeacher` in this
+        process, all of them spending one shared budget)."""
         self.config = config
         self.urls = [str(config.base_url), *config.replicas]
-        self.replicas = [
-            OpenAITeacher(config.model_copy(update={"base_url": url, "replicas": []}), api_key=api_key)
-            for url in self.urls
-        ]
+        self.budget = SpendingBudget(config)
+        if one is None:
+
+            def one(replica_config: TeacherConfig) -> Teacher:
+                return OpenAITeacher(replica_config, api_key=api_key, budget=self.budget)
+
+        self.replicas = [one(config.model_copy(update={"base_url": url, "replicas": []})) for url in self.urls]
         self.stats = TeacherStats()  # ledger hits counted by `answer_requests`; replicas' counts added at close
         self.dead: dict[int, str] = {}  # replica -> why it left the rotation
         self.lock = threading.Lock()

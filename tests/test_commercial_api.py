@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -22,6 +21,7 @@ from distillflow.storage.ledger import Ledger
 from distillflow.storage.manifest import read_manifest
 from distillflow.storage.parquet import read_table
 from distillflow.tasks.teacher import OpenAITeacher, answer_requests, build_messages, parse_duration_s
+from distillflow.tasks.teachers import make_teacher as teacher_for
 from tests.openai_server import FaultyOpenAIServer, ServerThread, expected_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +208,7 @@ def test_token_cap_counts_in_flight_requests(port, tmp_path, client_processes):
     with ServerThread(FaultyOpenAIServer(api_key="k", latency_s=0.05), port) as server:
         config = TeacherConfig(base_url=server.base_url, model="test-teacher", api_key_env=None, max_concurrency=8,
                                max_total_tokens=200, generation={"max_tokens": 16}, client_processes=client_processes)
-        teacher = OpenAITeacher(config, api_key="k")
+        teacher = teacher_for(config, api_key="k")
         with Ledger(tmp_path / "ledger.sqlite") as ledger:
             answers = [a for a, _ in answer_requests(teacher, ledger, [build_messages(p, None) for p in PROMPTS])]
         teacher.close()
@@ -271,12 +271,13 @@ import sys
 from pathlib import Path
 from distillflow.config import TeacherConfig
 from distillflow.storage.ledger import Ledger
-from distillflow.tasks.teacher import OpenAITeacher, answer_requests, build_messages
+from distillflow.tasks.teacher import answer_requests, build_messages
+from distillflow.tasks.teachers import make_teacher
 
 base_url, ledger_path, prompts = sys.argv[1], sys.argv[2], sys.argv[3:]
 config = TeacherConfig(base_url=base_url, model="test-teacher", api_key_env="DISTILL_TEST_KEY", mode="batch",
                        batch={"poll_interval_s": 0.1})
-teacher = OpenAITeacher(config)
+teacher = make_teacher(config)
 answer_requests(teacher, Ledger(ledger_path), [build_messages(p, None) for p in prompts])
 print("finished")
 """
@@ -311,7 +312,7 @@ def test_a_killed_batch_run_resumes_the_same_batch_and_pays_nothing_twice(port, 
         assert len(on_disk) == 1 and len(on_disk[0].read_bytes().splitlines()) == len(prompts)
         assert_no_secret(on_disk[0], errors.decode())
 
-        teacher = OpenAITeacher(TeacherConfig(base_url=server.base_url, model="test-teacher",
+        teacher = teacher_for(TeacherConfig(base_url=server.base_url, model="test-teacher",
                                               api_key_env="DISTILL_TEST_KEY", mode="batch",
                                               batch={"poll_interval_s": 0.1}))
         with Ledger(ledger_path) as ledger:
@@ -335,7 +336,7 @@ def test_an_upload_whose_batch_id_was_not_recorded_is_found_again(port, tmp_path
     with ServerThread(fake, port) as server:
         config = TeacherConfig(base_url=server.base_url, model="test-teacher", api_key_env="DISTILL_TEST_KEY",
                                mode="batch", batch={"poll_interval_s": 0.05})
-        teacher = OpenAITeacher(config)
+        teacher = teacher_for(config)
         messages = [build_messages(p, None) for p in prompts]
         keys = [teacher_module.request_key(m, "test-teacher", teacher_module.teacher_params_for_key(config))
                 for m in messages]

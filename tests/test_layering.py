@@ -121,7 +121,6 @@ def edges() -> dict[str, set[str]]:
     return import_edges(module_files())
 
 
-@pytest.mark.xfail(strict=True, reason="distillflow.tasks.teacher <-> distillflow.tasks.teacher_pool: the Teacher protocol removes it")
 def test_no_import_cycles(edges):
     assert cycles(edges) == []
 

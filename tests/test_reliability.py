@@ -27,11 +27,11 @@ from distillflow.tasks.filter_config import FiltersConfig
 from distillflow.tasks.filters import filter_responses
 from distillflow.tasks.teacher import (
     NoUsableAnswersError,
-    OpenAITeacher,
     TeacherAborted,
     TeacherFailureRateError,
     build_messages,
 )
+from distillflow.tasks.teachers import make_teacher as teacher_for
 from tests.conftest import free_port
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 from tests.test_build import API_KEY, write_config, write_seeds
@@ -214,7 +214,7 @@ def test_failures_past_max_error_rate_stop_the_run_early(prefect_harness, tmp_pa
 def test_abort_cancels_requests_in_flight_at_once(port, client_processes):
     fake = FaultyOpenAIServer(api_key="k", hang_s=30)
     with ServerThread(fake, port) as server:
-        teacher = OpenAITeacher(
+        teacher = teacher_for(
             TeacherConfig(base_url=server.base_url, model="test-teacher", api_key_env=None,
                           max_concurrency=8, timeout_s=60, client_processes=client_processes),
             api_key="k",

@@ -10,7 +10,8 @@ import pytest
 import distillflow.tasks.teacher as teacher_module
 from distillflow.config import TeacherConfig
 from distillflow.storage.ledger import Ledger
-from distillflow.tasks.teacher import OpenAITeacher, TeacherFatalError, answer_requests, build_messages
+from distillflow.tasks.teacher import Teacher, TeacherFatalError, answer_requests, build_messages
+from distillflow.tasks.teachers import make_teacher as teacher_for
 from tests.openai_server import FaultyOpenAIServer, ServerThread, expected_answer
 
 
@@ -27,15 +28,15 @@ def server(port):
         yield running
 
 
-def make_teacher(server: ServerThread, key: str = "right-key", **overrides) -> OpenAITeacher:
+def make_teacher(server: ServerThread, key: str = "right-key", **overrides) -> Teacher:
     settings = dict(
         base_url=server.base_url, model="test-teacher", api_key_env=None, max_concurrency=16, timeout_s=1.0, max_retries=4
     )
     settings.update(overrides)
-    return OpenAITeacher(TeacherConfig(**settings), api_key=key)
+    return teacher_for(TeacherConfig(**settings), api_key=key)
 
 
-def ask(teacher: OpenAITeacher, prompts: list[str]):
+def ask(teacher: Teacher, prompts: list[str]):
     return asyncio.run(teacher.answer_all([build_messages(p, None) for p in prompts]))
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from distillflow.training.chat_template import check_chat_template_setting
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from distillflow.resources import packaged
+from distillflow.training.chat_template import check_chat_template_setting
 
 # Every `chat_template` key of a config: a preset name, a Jinja string or a file (training/chat_template.py).
 ChatTemplateSetting = Annotated[str | None, AfterValidator(check_chat_template_setting)]
