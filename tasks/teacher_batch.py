@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +191,8 @@ class BatchRun:
         for chunk_keys, lines in self._chunks(sendable):
             path = self._write_chunk(lines)
             with open(path, "rb") as handle:
-                uploaded = self._call(lambda: self.client.files.create(file=(path.name, handle), purpose="batch"))
+                upload = (path.name, handle)
+                uploaded = self._call(lambda upload=upload: self.client.files.create(file=upload, purpose="batch"))
             self.ledger.record_upload(uploaded.id, chunk_keys)
             path = path.rename(self.workdir / f"{uploaded.id}.jsonl")  # kept until its batch is collected
             created[uploaded.id] = self._create_batch(uploaded.id)
@@ -199,7 +200,8 @@ class BatchRun:
             self._log(f"created batch {created[uploaded.id]} ({len(chunk_keys)} requests, {path.stat().st_size} bytes)")
         return created
 
-    def _chunks(self, keys: list[str]):  # noqa: ANN202 - yields (keys, JSONL lines)
+    def _chunks(self, keys: list[str]) -> Iterator[tuple[list[str], list[bytes]]]:
+        """(keys, JSONL lines) of each file: within the request count and size limits."""
         limit_bytes = int(self.settings.max_file_mb * 1_000_000)
         chunk_keys: list[str] = []
         lines: list[bytes] = []
@@ -312,7 +314,7 @@ class BatchRun:
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
-            content = self._call(lambda: self.client.files.content(file_id)).content
+            content = self._call(lambda file_id=file_id: self.client.files.content(file_id)).content
             for line in content.splitlines():
                 if line.strip():
                     item = json.loads(line)

@@ -141,9 +141,10 @@ def test_dry_run_sends_nothing_writes_nothing_and_matches_the_build(prefect_harn
 
 
 def test_dry_run_counts_with_the_teachers_tokenizer_and_estimates_teacher_driven_prompts(port, tmp_path, capsys):
-    from distillflow.training.scratch import train_tokenizer
-    from distillflow.flows.build import build_command
     from transformers import AutoTokenizer
+
+    from distillflow.flows.build import build_command
+    from distillflow.training.scratch import train_tokenizer
 
     train_tokenizer(tmp_path / "tok")
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY), port) as server:
