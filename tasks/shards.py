@@ -53,7 +53,7 @@ def shard_ranges(count: int, shard_rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_rows, count)) for start in range(0, count, shard_rows)] or [(0, 0)]
 
 
-def plan_fingerprint(kept: Sequence[PromptRecord], config: Any, prompt_rejects: int) -> str:  # noqa: ANN401 - DistillConfig
+def plan_fingerprint(kept: Sequence[PromptRecord], config: Any, prompt_rejects: int) -> str:  # DistillConfig
     """sha256 over everything that decides what a shard holds: the kept prompts in order,
     the shard size, the number of rejects before the teacher (they number the reject files),
     the teacher's request (model, backend, generation, system prompt) and the filters."""
@@ -140,7 +140,7 @@ def finish_shard(
     prompts: int,
     rows: list[dict[str, Any]],
     teacher_rejects: list[Reject],
-    filters: Any,  # noqa: ANN401 - FiltersConfig
+    filters: Any,  # FiltersConfig
     staging: Path,
     reject_file_index: int,
     with_top_logprobs: bool,
@@ -297,7 +297,7 @@ class ShardTotals:
 def answer_shard(
     index: int,
     prompts: Sequence[PromptRecord],
-    config: Any,  # noqa: ANN401 - DistillConfig
+    config: Any,  # DistillConfig
     reject_file_index: int,
     ledger_path: Path,
 ) -> ShardResult:

@@ -114,7 +114,10 @@ class ReplicaTeacher:
             guard = threading.Lock()
             errors: list[BaseException] = []
 
-            def run(replica: int, part: list[int]) -> None:
+            def run(
+                replica: int, part: list[int], guard: threading.Lock, unanswered: set[int],
+                held_back: list[int], errors: list[BaseException],
+            ) -> None:
                 def recorded(position: int, answer: TeacherAnswer, created_at: float) -> None:
                     index = part[position]
                     with guard:
@@ -149,7 +152,12 @@ class ReplicaTeacher:
 
             parts = {replica: pending[share :: len(live)] for share, replica in enumerate(live)}
             threads = [
-                threading.Thread(target=run, args=(replica, part), name=f"teacher-replica-{replica}", daemon=True)
+                threading.Thread(
+                    target=run,
+                    args=(replica, part, guard, unanswered, held_back, errors),
+                    name=f"teacher-replica-{replica}",
+                    daemon=True,
+                )
                 for replica, part in parts.items()
                 if part
             ]
