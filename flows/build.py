@@ -29,6 +29,7 @@ from prefect.utilities.annotations import quote
 import distillflow
 from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
+from distillflow.progress import ProgressBar, progress
 from distillflow.records import PromptRecord, Reject, TeacherAnswer
 from distillflow.storage.dataset import count_by, dataset_card, write_dataset
 from distillflow.storage.ledger import Ledger
@@ -73,33 +74,6 @@ def make_teacher(config: DistillConfig, api_key: str | None) -> OpenAITeacher | 
     if config.teacher.backend == "local":
         return LocalTeacherClient(config.teacher)
     return OpenAITeacher(config.teacher, api_key=api_key)
-
-
-class Progress:
-    """Counts answers across concurrent batches; logs `answered N/M` every `every_s` seconds."""
-
-    def __init__(self, label: str, total: int, every_s: float = 5.0) -> None:
-        self.label, self.total, self.every_s = label, total, every_s
-        self.done = 0
-        self.started = self.last = self.last_answer = time.monotonic()
-        self.lock = threading.Lock()
-
-    def __call__(self, count: int) -> None:
-        with self.lock:
-            self.done += count
-            now = time.monotonic()
-            if count:
-                self.last_answer = now
-            if now - self.last < self.every_s and self.done != self.total:
-                return
-            self.last = now
-            rate = self.done / max(now - self.started, 1e-9)
-        print(f"[{self.label}] {self.done}/{self.total} answered ({rate:.0f}/s)", file=sys.stderr, flush=True)
-
-    def status(self) -> str:
-        """For the heartbeat of a stage that seems stuck."""
-        with self.lock:
-            return f"{self.done}/{self.total} answered, the last {time.monotonic() - self.last_answer:.0f} s ago"
 
 
 @contextmanager
@@ -153,10 +127,12 @@ def load_seeds_task(config: DistillConfig, prompt_column: str | None) -> tuple[l
 def generate_prompts_task(config: DistillConfig, seeds: list[PromptRecord], teacher: Any, ledger: Ledger):
     from distillflow.prompts.generate import generate_prompts
 
-    def complete(messages_list: list[list[dict]]) -> list[TeacherAnswer]:
-        return [answer for answer, _ in answer_requests(teacher, ledger, messages_list)]
+    with progress(f"{config.name} generate", unit="teacher answers") as bar:
 
-    return generate_prompts(seeds, config.prompts, complete)
+        def complete(messages_list: list[list[dict]]) -> list[TeacherAnswer]:
+            return [answer for answer, _ in answer_requests(teacher, ledger, messages_list, progress=bar)]
+
+        return generate_prompts(seeds, config.prompts, complete)
 
 
 @task(name="filter-prompts", cache_policy=NO_CACHE)
@@ -171,7 +147,7 @@ def answer_batch_task(
     config: DistillConfig,
     teacher: Any,
     ledger: Ledger,
-    progress: Progress,
+    progress: ProgressBar,
     budget: FailureBudget,
 ) -> tuple[list[dict[str, Any]], list[Reject]]:
     """Ask the teacher for one batch (ledger first); answered rows and teacher-error rejects."""
@@ -303,11 +279,13 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             logger.info("%d seeds, %d prompts generated, %d after prompt filters", len(seeds), len(prompts), len(kept))
 
             batch_results: list[tuple[list[dict[str, Any]], list[Reject]]] = []
-            progress = Progress(label, len(kept))
             budget = FailureBudget(len(kept), config.teacher, on_exceeded=teacher.abort)
             batch_size = config.teacher.batch_size
             batches = [kept[start : start + batch_size] for start in range(0, len(kept), batch_size)]
-            with stage(stage_seconds, "teacher", label, progress.status):
+            with (
+                progress(f"{label} teacher", total=len(kept), unit="answered") as answered_bar,
+                stage(stage_seconds, "teacher", label, answered_bar.status),
+            ):
                 if isinstance(teacher, OpenAITeacher):
                     with client_bound_stage():
                         # A few batch tasks in flight at once, so the shared `max_concurrency` never
@@ -315,7 +293,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                         for batch_index, batch in enumerate(batches):
                             in_flight.append(
                                 answer_batch_task.submit(
-                                    batch_index, quote(batch), config, teacher, ledger, progress, budget
+                                    batch_index, quote(batch), config, teacher, ledger, answered_bar, budget
                                 )
                             )
                             if len(in_flight) >= BATCHES_IN_FLIGHT:
@@ -324,7 +302,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                             batch_results.append(in_flight.popleft().result())
                 else:  # an in-process model answers one batch at a time
                     batch_results = [
-                        answer_batch_task(batch_index, quote(batch), config, teacher, ledger, progress, budget)
+                        answer_batch_task(batch_index, quote(batch), config, teacher, ledger, answered_bar, budget)
                         for batch_index, batch in enumerate(batches)
                     ]
             answered = [row for rows, _ in batch_results for row in rows]

@@ -18,7 +18,8 @@ from prefect.utilities.annotations import quote
 
 from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
-from distillflow.flows.build import LEDGER_PATH, Progress, answer_batch_task, filter_responses_task, make_teacher
+from distillflow.progress import progress
+from distillflow.flows.build import LEDGER_PATH, answer_batch_task, filter_responses_task, make_teacher
 from distillflow.storage.ledger import Ledger
 from distillflow.tasks.mining import (
     MiningPlan,
@@ -92,17 +93,17 @@ def mine(config_path: str) -> dict[str, Any]:
         with cancel_on_interrupt(lambda: teacher.abort(TeacherAborted("interrupted by a signal"))):
             candidates, summary = candidates_task(config, plan, teacher, ledger)
             logger.info("%d candidates after dedup against %s", len(candidates), plan.dataset_dir)
-            progress = Progress(f"{config.name}-mine", len(candidates))
             budget = FailureBudget(len(candidates), config.teacher, on_exceeded=teacher.abort)
             size = config.teacher.batch_size
             answered: list[dict[str, Any]] = []
             rejects = []
-            for index, start in enumerate(range(0, len(candidates), size)):
-                rows, errors = answer_batch_task(
-                    index, quote(candidates[start : start + size]), config, teacher, ledger, progress, budget
-                )
-                answered += rows
-                rejects += errors
+            with progress(f"{config.name}-mine teacher", total=len(candidates), unit="answered") as answered_bar:
+                for index, start in enumerate(range(0, len(candidates), size)):
+                    rows, errors = answer_batch_task(
+                        index, quote(candidates[start : start + size]), config, teacher, ledger, answered_bar, budget
+                    )
+                    answered += rows
+                    rejects += errors
     finally:
         if isinstance(teacher, OpenAITeacher):
             teacher.close()

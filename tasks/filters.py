@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from distillflow.progress import progress
 from distillflow.records import PromptRecord, Reject
 from distillflow.tasks.dedup import KEEP, exact_keys, first_occurrence
 from distillflow.tasks.filter_config import FiltersConfig
@@ -195,10 +196,12 @@ def filter_prompts(
     """Prompt-side filters. Returns (kept records in input order, one Reject per dropped record)."""
     texts = [record.prompt for record in records]
     step = config.batch_size
-    features = PromptFeatures.concat(
-        [prompt_features(texts[start : start + step], config) for start in range(0, len(texts), step)]
-        or [prompt_features([], config)]
-    )
+    parts = []
+    with progress("prompt filters", total=len(texts), unit="prompts") as bar:
+        for start in range(0, len(texts), step):
+            parts.append(prompt_features(texts[start : start + step], config))
+            bar.advance(parts[-1].num_rows)
+    features = PromptFeatures.concat(parts or [prompt_features([], config)])
     decisions = resolve_prompt_filters(
         features, lambda rows: [texts[i] for i in rows], [r.strategy for r in records], config, embed=embed
     )
@@ -246,10 +249,12 @@ def filter_responses(rows: list[dict[str, Any]], config: FiltersConfig) -> tuple
     check = ResponseChecker(config)
     kept: list[dict[str, Any]] = []
     rejects: list[Reject] = []
-    for row in rows:
-        verdict = check(row.get("prompt") or "", row.get("response"), row.get("finish_reason"), row.get("strategy") or "")
-        if verdict is None:
-            kept.append(row)
-        else:
-            rejects.append(response_reject(row, verdict.reason, verdict.detail))
+    with progress("response filters", total=len(rows), unit="responses") as bar:
+        for row in rows:
+            verdict = check(row.get("prompt") or "", row.get("response"), row.get("finish_reason"), row.get("strategy") or "")
+            if verdict is None:
+                kept.append(row)
+            else:
+                rejects.append(response_reject(row, verdict.reason, verdict.detail))
+            bar.advance()
     return kept, rejects
