@@ -3,6 +3,7 @@ way of the summary or the error paragraph."""
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import select
@@ -58,7 +59,7 @@ def test_a_stage_that_fails_says_where_it_stopped(monkeypatch, capfd):
 
 def test_mode_follows_the_terminal(monkeypatch):
     monkeypatch.delenv("DISTILL_PROGRESS", raising=False)
-    monkeypatch.setattr(sys, "stderr", open(os.devnull, "w"))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
     assert progress_mode() == "log"
     monkeypatch.setenv("DISTILL_PROGRESS", "off")
     assert progress_mode() == "off"
