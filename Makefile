@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test test-fast test-vllm demo bench kd-vs-sft mining-bench sweep-demo clean smollm2 smollm2-model test-smollm2
+.PHONY: install test test-fast test-vllm demo bench stream-bench kd-vs-sft mining-bench sweep-demo clean smollm2 smollm2-model test-smollm2
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,9 @@ kd-vs-sft: $(STAMP)
 	$(PY) bench/kd_vs_sft.py
 
 # Hard-prompt mining vs random extra prompts on the demo task, 3 seeds (docs/mining.md).
+stream-bench: $(VENV)/.bench-deps
+	$(PY) bench/streaming_build.py
+
 mining-bench: $(STAMP)
 	$(PY) bench/mining.py
 

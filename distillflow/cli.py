@@ -80,11 +80,14 @@ def _every_command(
 def build(
     config: Path = typer.Argument(..., help="YAML config (see configs/)."),
     prompt_column: Optional[str] = typer.Option(None, help="Override the prompt column of every seed file."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print prompt count, tokens and cost; send no request, write nothing."
+    ),
 ) -> None:
     """Black-box dataset flow: prompts → teacher → filters → Parquet."""
     from distillflow.flows.build import build_command
 
-    build_command(config, prompt_column=prompt_column)
+    build_command(config, prompt_column=prompt_column, dry_run=dry_run)
 
 
 @app.command()
@@ -230,15 +233,27 @@ def run(config: Path = typer.Argument(..., help="YAML config (dataset, and train
 
 
 @app.command()
-def serve(
-    configs: list[Path] = typer.Argument(..., help="One or more YAML configs to deploy."),
-    cron: Optional[str] = typer.Option(None, help="Cron schedule, e.g. '0 3 * * *'."),
-    interval_s: Optional[float] = typer.Option(None, help="Run every N seconds."),
-) -> None:
-    """Register Prefect deployments (build-dataset, distill-pipeline) and serve them."""
-    from distillflow.flows.pipeline import serve_command
+def serve(configs: list[Path] = typer.Argument(..., help="One or more YAML configs to deploy.")) -> None:
+    """Register a Prefect deployment of every flow of each config (with the config's `schedule:`)
+    and run their flow runs on this machine until interrupted (docs/operations.md)."""
+    from distillflow.flows.deployments import serve_command
 
-    serve_command(configs, cron=cron, interval_s=interval_s)
+    serve_command(configs)
+
+
+@app.command()
+def deploy(
+    configs: list[Path] = typer.Argument(..., help="One or more YAML configs to deploy."),
+    pool: str = typer.Option("distillflow", help="The process work pool whose workers run the flows (created if missing)."),
+    working_dir: Optional[Path] = typer.Option(
+        None, help="Where the worker runs the flows, i.e. where the configs' relative paths resolve (default: here)."
+    ),
+) -> None:
+    """Register a deployment of every flow of each config on a work pool, for
+    `prefect worker start --pool POOL --type process` on any machine (docs/operations.md)."""
+    from distillflow.flows.deployments import deploy_command
+
+    deploy_command(configs, pool=pool, working_dir=working_dir)
 
 
 def main() -> None:  # pragma: no cover - console entry point

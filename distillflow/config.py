@@ -7,11 +7,12 @@ other path given on the command line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distillflow.schedule_config import ScheduleConfig
 from distillflow.prompts.config import PromptsConfig
 from distillflow.tasks.capture_config import CaptureConfig
 from distillflow.tasks.eval_config import EvalConfig
@@ -19,6 +20,9 @@ from distillflow.tasks.filter_config import FiltersConfig
 from distillflow.tasks.mining_config import MiningConfig
 from distillflow.tasks.sweep_config import SweepConfig
 from distillflow.training.config import ChatTemplateSetting, TrainingConfig
+
+
+SectionModel = TypeVar("SectionModel", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -54,6 +58,46 @@ class GenerationConfig(StrictModel):
     stop: list[str] | None = Field(None, description="Strings that end an answer (the server stops before them).")
 
 
+class PricingConfig(StrictModel):
+    """The teacher's price table, for the cost in the manifest, the dry run and the budget."""
+
+    input_per_mtok: float = Field(..., ge=0, description="USD per million input (prompt) tokens.")
+    output_per_mtok: float = Field(..., ge=0, description="USD per million output (completion) tokens.")
+    batch_discount: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction taken off both prices for requests sent through the Batch API "
+        "(teacher.mode: batch); OpenAI's is 0.5.",
+    )
+
+    def cost_usd(self, input_tokens: float, output_tokens: float, batch: bool = False) -> float:
+        """What `input_tokens` in and `output_tokens` out cost, in USD."""
+        full = (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+        return full * (1.0 - self.batch_discount) if batch else full
+
+
+class BatchModeConfig(StrictModel):
+    """teacher.mode: batch — the OpenAI Batch API (files + batches, results within 24 h)."""
+
+    max_requests_per_file: int = Field(
+        50_000, ge=1, le=50_000, description="Requests per uploaded JSONL file (the API allows 50,000)."
+    )
+    max_file_mb: float = Field(
+        190.0, gt=0, le=200.0, description="Size cap of one uploaded JSONL file in MB (the API allows 200)."
+    )
+    poll_interval_s: float = Field(30.0, gt=0, description="Seconds between two status checks of a batch.")
+    max_wait_s: float = Field(
+        26 * 3600.0,
+        gt=0,
+        description="Stop waiting for batches after this long (the run fails naming them; a rerun resumes "
+        "polling the same batches, recorded in the ledger).",
+    )
+    max_resubmits: int = Field(
+        2, ge=0, le=20, description="Rounds of new batches for requests that failed (5xx, expired) in a batch."
+    )
+
+
 class TeacherConfig(StrictModel):
     """The teacher that answers the prompts: an OpenAI-compatible server (vLLM, a
     commercial API) or a model directory run in-process; how hard to drive it and when
@@ -62,7 +106,17 @@ class TeacherConfig(StrictModel):
     backend: Literal["openai", "local"] = Field(
         "openai", description="openai: any OpenAI-compatible URL; local: in-process transformers."
     )
-    base_url: str | None = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL.")
+    base_url: str | None = Field(
+        "http://127.0.0.1:8000/v1",
+        description="OpenAI-compatible base URL. A list of URLs (replicas serving the same model) is "
+        "accepted: the first becomes base_url, the others `replicas`.",
+    )
+    replicas: list[str] = Field(
+        default_factory=list,
+        description="More base URLs serving the same model: a build spreads its requests over base_url "
+        "and these (max_concurrency each), takes a replica that keeps failing out of rotation with a "
+        "warning, and stops only when every replica is dead (docs/scaling.md).",
+    )
     model: str = Field(..., description="Served model name (openai) or a model directory (local).")
     api_key_env: str | None = Field(
         "OPENAI_API_KEY",
@@ -119,9 +173,51 @@ class TeacherConfig(StrictModel):
     batch_size: int = Field(512, ge=1, description="Prompts per Prefect task (async I/O inside).")
     local_batch_size: int = Field(8, ge=1, description="Sequences per forward pass (local backend).")
     device: str = Field("auto", description="local backend: auto, cpu, cuda, cuda:N.")
-    price_per_million_prompt_tokens: float | None = Field(None, ge=0, description="For the cost estimate.")
-    price_per_million_completion_tokens: float | None = Field(None, ge=0, description="For the cost estimate.")
+    pricing: PricingConfig | None = Field(
+        None,
+        description="Price table (input_per_mtok, output_per_mtok, batch_discount): the manifest's cost, "
+        "`distill build --dry-run`'s estimate and max_budget_usd use it.",
+    )
+    max_budget_usd: float | None = Field(
+        None,
+        gt=0,
+        description="Most this run may pay the teacher (needs pricing). Before each request its worst case "
+        "(prompt + max_tokens) is reserved; a request that would pass the budget is not sent and the run "
+        "stops cleanly (manifest: stopped_by: budget). Answers from the ledger cost nothing.",
+    )
+    max_total_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most input + output tokens this run may use, checked like max_budget_usd.",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="A tokenizer directory (or a name in the local Hugging Face cache) for the dry run's "
+        "token counts; default: the model directory of a local teacher, else about 4 characters a token.",
+    )
+    mode: Literal["online", "batch"] = Field(
+        "online",
+        description="online: one chat request per prompt; batch: the OpenAI Batch API (cheaper, results "
+        "within 24 h; settings under teacher.batch).",
+    )
+    batch: BatchModeConfig = Field(BatchModeConfig(), description="Settings of mode: batch.")
+    adaptive_rate_limit: bool = Field(
+        True,
+        description="Read the x-ratelimit-remaining/-reset and Retry-After headers of every answer and slow "
+        "every worker down before the API refuses (docs/teachers.md).",
+    )
     generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _base_url_list(cls, data: Any) -> Any:
+        """`base_url: [url, ...]`: the first is base_url, the rest are replicas."""
+        if isinstance(data, dict) and isinstance(data.get("base_url"), list):
+            urls = [str(url) for url in data["base_url"]]
+            if not urls:
+                raise ValueError("teacher.base_url: an empty list; give one URL or a list of replica URLs")
+            data = {**data, "base_url": urls[0], "replicas": urls[1:] + list(data.get("replicas") or [])}
+        return data
 
     @field_validator("api_key_env")
     @classmethod
@@ -139,6 +235,15 @@ class TeacherConfig(StrictModel):
     def _base_url_for_openai(self) -> TeacherConfig:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("teacher.base_url is required when teacher.backend is 'openai'")
+        if self.max_budget_usd is not None and self.pricing is None:
+            raise ValueError(
+                "teacher.max_budget_usd needs teacher.pricing (input_per_mtok, output_per_mtok) to know what "
+                "a request costs; add the price table, or use teacher.max_total_tokens"
+            )
+        if self.mode == "batch" and (self.backend != "openai" or self.client_processes > 1):
+            raise ValueError(
+                "teacher.mode: batch needs backend: openai and client_processes: 1 (a batch is one upload)"
+            )
         if self.backend == "openai" and self.chat_template is not None:
             raise ValueError(
                 "teacher.chat_template applies to backend: local; an OpenAI-compatible server applies "
@@ -149,6 +254,32 @@ class TeacherConfig(StrictModel):
     @property
     def is_local(self) -> bool:
         return self.backend == "local"
+
+
+class DatasetConfig(StrictModel):
+    """How a build is cut into shards and spread over worker processes."""
+
+    shard_rows: int = Field(
+        50_000,
+        ge=1,
+        le=10_000_000,
+        description="Prompts per shard of a build: each shard goes through the teacher and the response "
+        "filters and is written (data/part-N.parquet, its rejects) as soon as it is done, so memory is "
+        "bounded by one shard; a crashed build resumes at the first unfinished shard (docs/scaling.md).",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Processes that answer shards in parallel, each with its own teacher client, "
+        "through Prefect's Dask task runner (a local cluster, or `dask_address`); 1 = in this "
+        "process (docs/scaling.md).",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="Scheduler address of an existing Dask cluster (tcp://host:8786) for `workers` > 1; "
+        "null = a local cluster of `workers` processes. Every worker must see output_dir.",
+    )
 
 
 class DistillConfig(StrictModel):
@@ -174,11 +305,56 @@ class DistillConfig(StrictModel):
         "captured teacher logits line up with the tokens the student is trained on.",
     )
     filters: FiltersConfig = FiltersConfig()
+    dataset: DatasetConfig = DatasetConfig()
     training: TrainingConfig | None = None
     evaluation: EvalConfig | None = None
     capture: CaptureConfig | None = None
     sweep: SweepConfig | None = None
     mining: MiningConfig | None = None
+    schedule: ScheduleConfig | None = Field(
+        None,
+        description="When each Prefect deployment of this config runs by itself (`distill serve` / "
+        "`distill deploy`): per deployment a cron or interval, a time zone and an active flag.",
+    )
+
+    def deployment_names(self) -> list[str]:
+        """The deployments `distill serve` / `distill deploy` register for this config: build and
+        run always, each other stage when its section is present."""
+        present = {
+            "capture": self.capture is not None,
+            "train": self.training is not None,
+            "eval": self.evaluation is not None,
+            "sweep": self.sweep is not None,
+            "mine": self.mining is not None,
+        }
+        return [name for name in ("build", "capture", "train", "eval", "sweep", "mine", "run") if present.get(name, True)]
+
+    @model_validator(mode="after")
+    def _schedules_have_a_deployment(self) -> DistillConfig:
+        if self.schedule is None:
+            return self
+        sections = {"capture": "capture", "train": "training", "eval": "evaluation", "sweep": "sweep", "mine": "mining"}
+        for name in self.schedule.entries():
+            if name not in self.deployment_names():
+                raise ValueError(
+                    f"schedule.{name}: this config has no `{sections[name]}:` section, so there is no "
+                    f"{name} deployment to schedule; add the section or remove schedule.{name}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> DistillConfig:
+        """A budget is kept by one process; shard workers would each spend the whole of it."""
+        teacher = self.teacher
+        limited = teacher.max_budget_usd is not None or teacher.max_total_tokens is not None
+        if self.dataset.workers > 1 and (limited or teacher.mode == "batch"):
+            what = "teacher.mode: batch" if teacher.mode == "batch" else "teacher.max_budget_usd / max_total_tokens"
+            raise ValueError(
+                f"dataset.workers={self.dataset.workers} cannot be combined with {what}: the budget and the "
+                "Batch API jobs are kept by one process. Use dataset.workers: 1 (teacher.client_processes "
+                "spreads requests over processes and shares the budget)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _chat_template_shared(self) -> DistillConfig:
@@ -273,25 +449,37 @@ def load_config(path: str | Path, check_files: bool = True) -> DistillConfig:
     return config
 
 
-def load_training_config(path: str | Path) -> TrainingConfig:
-    """The `training:` section of a distillflow YAML, or a YAML that is only that section.
+def load_section(path: str | Path, name: str, model: type[SectionModel]) -> SectionModel:
+    """One section (`training`, `filters`, ...) of a distillflow YAML, or a YAML that is only
+    that section's keys.
 
-    A full config (with `seeds:`) is validated as a whole, which fills in
-    training.holdout_fraction from evaluation.heldout, as every other command sees it.
+    A full config (with `seeds:`) is validated as a whole, so the section is what every
+    other command sees (e.g. training.holdout_fraction filled in from evaluation.heldout).
     """
     path = Path(path)
     data = read_yaml(path)
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with a `training:` section")
-    if "training" in data and "seeds" in data:
-        training = parse_config(data, path).training
-        if training is None:
-            raise ConfigError(f"{path}: the `training:` section is empty; fill it in (see configs/ for examples)")
-        return training
-    section = data["training"] if "training" in data else data
+        raise ConfigError(f"{path}: the top level must be a mapping with a `{name}:` section")
+    if "seeds" in data:
+        section = getattr(parse_config(data, path), name)
+    else:
+        section = data[name] if name in data else data
+        if section is not None:
+            try:
+                section = model.model_validate(section)
+            except ValidationError as error:
+                raise ConfigError(format_validation_error(path, error, section=name)) from None
     if section is None:
-        raise ConfigError(f"{path}: the `training:` section is empty; fill it in (see configs/ for examples)")
-    try:
-        return TrainingConfig.model_validate(section)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(path, error, section="training")) from None
+        raise ConfigError(f"{path}: the `{name}:` section is empty; fill it in (see configs/ for examples)")
+    return section
+
+
+def load_training_config(path: str | Path) -> TrainingConfig:
+    """The `training:` section of a distillflow YAML, or a YAML that is only that section."""
+    return load_section(path, "training", TrainingConfig)
+
+
+def load_filters_config(path: str | Path) -> FiltersConfig:
+    """The `filters:` section of a distillflow YAML, or a YAML that is only that section."""
+    return load_section(path, "filters", FiltersConfig)

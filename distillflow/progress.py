@@ -170,7 +170,7 @@ class ProgressBar:
     def _start(self) -> None:
         if self.mode == "bar":
             self._rich = _DISPLAY.open()
-            self._task_id = self._rich.add_task(self.label, total=self.total, unit=self.unit)
+            self._task_id = self._rich.add_task(self.label, total=self.total, completed=self.done, unit=self.unit)
 
     def _finish(self, failed: bool) -> None:
         if self.mode == "bar" and self._rich is not None:
@@ -184,14 +184,21 @@ class ProgressBar:
             print(line + (" stopped" if failed else " done"), file=sys.stderr, flush=True)
 
 
+    @contextmanager
+    def shown(self) -> Iterator[ProgressBar]:
+        """Display the bar (or its final log line) while the block runs. Counting may start
+        before (e.g. work a resumed run already has), and is shown from the first frame."""
+        self._start()
+        try:
+            yield self
+        except BaseException:
+            self._finish(failed=True)
+            raise
+        self._finish(failed=False)
+
+
 @contextmanager
 def progress(label: str, total: int | None = None, unit: str = "rows") -> Iterator[ProgressBar]:
     """Report the progress of one stage (see the module doc); `total=None` when unknown."""
-    bar = ProgressBar(label, total, unit)
-    bar._start()
-    try:
+    with ProgressBar(label, total, unit).shown() as bar:
         yield bar
-    except BaseException:
-        bar._finish(failed=True)
-        raise
-    bar._finish(failed=False)

@@ -29,13 +29,27 @@ from prefect.utilities.annotations import quote
 import distillflow
 from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
-from distillflow.progress import ProgressBar, progress
+from distillflow.progress import ProgressBar, progress as report_progress
 from distillflow.records import PromptRecord, Reject, TeacherAnswer
-from distillflow.storage.dataset import count_by, dataset_card, write_dataset
-from distillflow.storage.ledger import Ledger
-from distillflow.storage.seeds import load_seeds
-from distillflow.tasks.filters import filter_prompts, filter_responses
+from distillflow.storage.dataset import dataset_card, finish_dataset
+from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
+from distillflow.storage.seeds import load_seeds, split_repeated_seeds
+from distillflow.tasks.filters import filter_prompts
+from distillflow.tasks.shards import (
+    BUILDING,
+    BuildState,
+    ShardResult,
+    ShardTotals,
+    answered_rows,
+    finish_shard,
+    plan_fingerprint,
+    answer_shard,
+    failure_summary,
+    shard_ranges,
+    write_prompt_rejects,
+)
 from distillflow.tasks.teacher import (
+    BUDGET_REASON,
     FailureBudget,
     NoUsableAnswersError,
     OpenAITeacher,
@@ -46,8 +60,8 @@ from distillflow.tasks.teacher import (
     build_messages,
     resolve_api_key,
 )
+from distillflow.tasks.teacher_replicas import ReplicaTeacher
 
-LEDGER_PATH = Path(".ledger") / "teacher.sqlite"
 BATCHES_IN_FLIGHT = 3
 HEARTBEAT_S = 60.0  # a stage running longer than this says so, every HEARTBEAT_S
 
@@ -70,9 +84,11 @@ class LocalTeacherClient:
         """Nothing to cancel: the model answers in this thread, which the signal interrupts."""
 
 
-def make_teacher(config: DistillConfig, api_key: str | None) -> OpenAITeacher | LocalTeacherClient:
+def make_teacher(config: DistillConfig, api_key: str | None) -> OpenAITeacher | ReplicaTeacher | LocalTeacherClient:
     if config.teacher.backend == "local":
         return LocalTeacherClient(config.teacher)
+    if config.teacher.replicas:
+        return ReplicaTeacher(config.teacher, api_key=api_key)
     return OpenAITeacher(config.teacher, api_key=api_key)
 
 
@@ -101,20 +117,6 @@ def stage(stage_seconds: dict[str, float], name: str, label: str, status: Any = 
         stage_seconds[name] = round(time.perf_counter() - started, 3)
 
 
-def split_repeated_seeds(seeds: list[PromptRecord]) -> tuple[list[PromptRecord], list[Reject]]:
-    """A seed prompt that appears again (same text) is a reject pointing at its first copy."""
-    first: set[str] = set()
-    unique: list[PromptRecord] = []
-    repeated: list[Reject] = []
-    for seed in seeds:
-        if seed.id in first:
-            repeated.append(Reject.of(seed, "exact_duplicate", "seed repeated in the input", duplicate_of=seed.id))
-        else:
-            first.add(seed.id)
-            unique.append(seed)
-    return unique, repeated
-
-
 # -- tasks ----------------------------------------------------------------------------------
 
 
@@ -127,7 +129,7 @@ def load_seeds_task(config: DistillConfig, prompt_column: str | None) -> tuple[l
 def generate_prompts_task(config: DistillConfig, seeds: list[PromptRecord], teacher: Any, ledger: Ledger):
     from distillflow.prompts.generate import generate_prompts
 
-    with progress(f"{config.name} generate", unit="teacher answers") as bar:
+    with report_progress(f"{config.name} generate", unit="teacher answers") as bar:
 
         def complete(messages_list: list[list[dict]]) -> list[TeacherAnswer]:
             return [answer for answer, _ in answer_requests(teacher, ledger, messages_list, progress=bar)]
@@ -137,7 +139,8 @@ def generate_prompts_task(config: DistillConfig, seeds: list[PromptRecord], teac
 
 @task(name="filter-prompts", cache_policy=NO_CACHE)
 def filter_prompts_task(prompts: list[PromptRecord], config: DistillConfig):
-    return filter_prompts(prompts, config.filters)
+    # MinHash signatures go to disk during the pass; only band and exact keys stay in memory.
+    return filter_prompts(prompts, config.filters, spill_dir=config.output_dir / BUILDING / "spill")
 
 
 @task(name="answer-batch", cache_policy=NO_CACHE, task_run_name="answer-batch-{batch_index}")
@@ -153,49 +156,92 @@ def answer_batch_task(
     """Ask the teacher for one batch (ledger first); answered rows and teacher-error rejects."""
     messages_list = [build_messages(p.prompt, config.teacher.system_prompt) for p in prompts]
     answers = answer_requests(teacher, ledger, messages_list, progress=progress, budget=budget)
-    teacher_name = Path(config.teacher.model).name if config.teacher.backend == "local" else config.teacher.model
-    rows: list[dict[str, Any]] = []
-    rejects: list[Reject] = []
-    for record, (answer, created_at) in zip(prompts, answers):
-        if not answer.ok:
-            rejects.append(Reject.of(record, answer.error or "teacher_error:unknown", answer.error_detail or ""))
-            continue
-        row = {
-            "id": record.id,
-            "prompt": record.prompt,
-            "response": answer.content or "",
-            "strategy": record.strategy,
-            "parent_id": record.parent_id,
-            "teacher_model": answer.model or teacher_name,
-            "finish_reason": answer.finish_reason,
-            "prompt_tokens": answer.prompt_tokens,
-            "completion_tokens": answer.completion_tokens,
-            "created_at": datetime.fromtimestamp(created_at, tz=timezone.utc),
-        }
-        if config.teacher.generation.top_logprobs:
-            row["top_logprobs"] = answer.top_logprobs
-        rows.append(row)
-    return rows, rejects
+    return answered_rows(prompts, answers, teacher_name(config), bool(config.teacher.generation.top_logprobs))
 
 
-@task(name="filter-responses", cache_policy=NO_CACHE)
-def filter_responses_task(rows: list[dict[str, Any]], config: DistillConfig):
-    return filter_responses(rows, config.filters)
-
-
-@task(name="write-dataset", cache_policy=NO_CACHE)
-def write_dataset_task(
-    config: DistillConfig, rows: list[dict[str, Any]], rejects: list[Reject], manifest: dict[str, Any], secrets: list[str]
-) -> dict[str, Any]:
-    return write_dataset(
-        config.output_dir,
-        rows,
-        [r.to_row() for r in rejects],
-        manifest,
-        dataset_card(manifest),
-        with_top_logprobs=bool(config.teacher.generation.top_logprobs),
-        secrets=secrets,
+@task(name="write-shard", cache_policy=NO_CACHE, task_run_name="write-shard-{index}")
+def write_shard_task(
+    index: int, prompts: int, rows: list[dict[str, Any]], rejects: list[Reject], config: DistillConfig, reject_file: int
+) -> ShardResult:
+    """Response filters over one shard, then its data and rejects files (atomically)."""
+    return finish_shard(
+        index, prompts, rows, rejects, config.filters, config.output_dir / BUILDING, reject_file,
+        bool(config.teacher.generation.top_logprobs),
     )
+
+
+@task(name="answer-shard", cache_policy=NO_CACHE, task_run_name="answer-shard-{index}")
+def answer_shard_task(index: int, prompts: list[tuple], config: DistillConfig, reject_file: int) -> ShardResult:
+    """One whole shard in a fan-out worker, with its own teacher client (tasks/shards.py).
+    `prompts`: (id, prompt, strategy, parent_id) of each record (plain tuples travel to the
+    workers unchanged)."""
+    records = [PromptRecord(*fields) for fields in prompts]
+    return answer_shard(index, records, config, reject_file, config.output_dir / TEACHER_LEDGER)
+
+
+def fan_out_runner(config: DistillConfig) -> Any:
+    """Prefect's Dask task runner: the cluster at `dataset.dask_address`, or a local one of
+    `dataset.workers` processes (one thread each: each runs one shard's event loop)."""
+    from prefect_dask import DaskTaskRunner
+
+    if config.dataset.dask_address:
+        return DaskTaskRunner(address=config.dataset.dask_address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": config.dataset.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
+
+
+def answer_shards_on_workers(
+    config: DistillConfig,
+    kept: list[PromptRecord],
+    plan: list[tuple[int, int]],
+    state: BuildState,
+    first_reject_file: int,
+    progress: ProgressBar,
+    stats: Any,
+) -> None:
+    """Fan-out: every unfinished shard is one task on the Dask workers (2 per worker in flight,
+    so a worker never waits for its next shard); each is recorded as finished the moment
+    it returns, so a crash resumes after it."""
+    from prefect.futures import as_completed
+
+    pending = [index for index in range(len(plan)) if index not in state.finished]
+    window = 2 * config.dataset.workers
+    with fan_out_runner(config) as runner:
+        in_flight: set[Any] = set()
+        while pending or in_flight:
+            while pending and len(in_flight) < window:
+                index = pending.pop(0)
+                start, stop = plan[index]
+                in_flight.add(runner.submit(answer_shard_task, {
+                    "index": index, "prompts": [(r.id, r.prompt, r.strategy, r.parent_id) for r in kept[start:stop]],
+                    "config": config,
+                    "reject_file": first_reject_file + index,
+                }))
+            future = next(as_completed(list(in_flight)))
+            in_flight.discard(future)
+            result = future.result()
+            state.record(result)
+            stats.add(result.usage)
+            progress(result.prompts)
+
+
+@task(name="finish-dataset", cache_policy=NO_CACHE)
+def finish_dataset_task(
+    config: DistillConfig, shards: dict[str, list[dict[str, Any]]], manifest: dict[str, Any], secrets: list[str]
+) -> dict[str, Any]:
+    return finish_dataset(
+        config.output_dir, config.output_dir / BUILDING, shards, manifest, dataset_card(manifest), secrets=secrets
+    )
+
+
+def teacher_name(config: DistillConfig) -> str:
+    return Path(config.teacher.model).name if config.teacher.backend == "local" else config.teacher.model
 
 
 # -- flow -----------------------------------------------------------------------------------
@@ -222,12 +268,14 @@ def client_bound_stage() -> Iterator[None]:
         sys.setswitchinterval(switch_interval)
 
 
-def no_usable_answers_message(config: DistillConfig, asked: int, rejects: list[Reject], stage_name: str) -> str:
-    """Why a run that asked the teacher `asked` prompts has no row to keep, and what to do."""
-    reasons = Counter(reject.reason for reject in rejects)
+def no_usable_answers_message(
+    config: DistillConfig, asked: int, reasons: Counter, examples: dict[str, str], stage_name: str
+) -> str:
+    """Why a run that asked the teacher `asked` prompts has no row to keep, and what to do.
+    `reasons`: reject reason -> count; `examples`: reason -> one reject's detail."""
     listed = ", ".join(f"{reason} x{count}" for reason, count in reasons.most_common(5))
-    example = next((r for r in rejects if r.reason == reasons.most_common(1)[0][0]), None) if rejects else None
-    detail = f"; e.g. {example.detail[:300]}" if example is not None and example.detail else ""
+    example = examples.get(reasons.most_common(1)[0][0], "") if reasons else ""
+    detail = f"; e.g. {example[:300]}" if example else ""
     teacher = config.teacher
     where = teacher.base_url if teacher.backend == "openai" else teacher.model
     if stage_name == "teacher":
@@ -245,21 +293,60 @@ def no_usable_answers_message(config: DistillConfig, asked: int, rejects: list[R
     return f"{what} ({listed}{detail}). Likely fix: {fix}. Nothing was written; answers received are in the ledger."
 
 
+class BudgetTooSmallError(TeacherFatalError):
+    """The budget does not cover even the first request."""
+
+
+def budget_stop_message(config: DistillConfig, not_asked: int) -> str:
+    """What the budget stopped, and how to continue."""
+    teacher = config.teacher
+    limits = " / ".join(
+        f"{name}={value:g}"
+        for name, value in (("teacher.max_budget_usd", teacher.max_budget_usd), ("teacher.max_total_tokens", teacher.max_total_tokens))
+        if value is not None
+    )
+    return (
+        f"stopped by the budget ({limits}): {not_asked} prompts were not sent, since their worst case "
+        "(prompt + max_tokens) would have passed it. Every answer received is in the ledger and in the "
+        f"dataset; rerun with a larger limit to ask only the {not_asked} others."
+    )
+
+
+def budget_summary(config: DistillConfig, usage: dict[str, Any], not_asked: int) -> dict[str, Any] | None:
+    """For the manifest: the limits, what this run spent, and the prompts not sent."""
+    teacher = config.teacher
+    if teacher.max_budget_usd is None and teacher.max_total_tokens is None:
+        return None
+    return {
+        "max_budget_usd": teacher.max_budget_usd,
+        "max_total_tokens": teacher.max_total_tokens,
+        "spent_usd": usage.get("estimated_cost_usd"),
+        "spent_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+        "not_asked": not_asked,
+    }
+
+
 def _artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:60] or "dataset"
 
 
 @flow(name="build-dataset")
 def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> dict[str, Any]:
-    """Build a dataset of teacher answers from `config`; returns the manifest."""
+    """Build a dataset of teacher answers from `config`, one shard at a time; returns the manifest.
+
+    Prompt filters decide once over the whole prompt set; the kept prompts are answered in
+    shards of `dataset.shard_rows`, each written as soon as it is complete (tasks/shards.py),
+    and the dataset is swapped in, with the manifest last, when every shard is done.
+    """
     logger = get_run_logger()
     started = time.time()
     api_key = resolve_api_key(config.teacher.api_key_env) if config.teacher.backend == "openai" else None
-    ledger = Ledger(config.output_dir / LEDGER_PATH)
+    ledger = Ledger(config.output_dir / TEACHER_LEDGER)
     teacher = make_teacher(config, api_key)
-    in_flight: deque = deque()
+    in_flight: deque = deque()  # (shard, last batch of its shard, future)
     label = config.name
-    stage_seconds: dict[str, float] = {}
+    stage_seconds: dict[str, float] = {"write_shards": 0.0}
+    staging = config.output_dir / BUILDING
 
     def stop_teacher() -> None:  # on SIGINT/SIGTERM, from the signal watcher's thread
         teacher.abort(TeacherAborted("interrupted by a signal"))
@@ -277,43 +364,106 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             with stage(stage_seconds, "filter_prompts", label):
                 kept, prompt_rejects = filter_prompts_task(quote(prompts), config)
             logger.info("%d seeds, %d prompts generated, %d after prompt filters", len(seeds), len(prompts), len(kept))
+            num_seeds, num_prompts = len(seeds), len(prompts)
+            before_teacher = seed_rejects + generation_rejects + prompt_rejects
+            prompt_stage = {
+                "bad_seed_rows": len(seed_rejects),
+                "generation_rejects": len(generation_rejects),
+                "reasons": Counter(reject.reason for reject in before_teacher),
+            }
+            del seeds, prompts, seed_rejects, generation_rejects, prompt_rejects  # only `kept` goes on
 
-            batch_results: list[tuple[list[dict[str, Any]], list[Reject]]] = []
+            plan = shard_ranges(len(kept), config.dataset.shard_rows)
+            state, resumed = BuildState.open(config.output_dir, plan_fingerprint(kept, config, len(before_teacher)))
+            state.set_prompt_rejects(write_prompt_rejects(staging, before_teacher, config.dataset.shard_rows))
+            first_reject_file = len(state.prompt_reject_files)
+            rejected_before_teacher = len(before_teacher)
+            del before_teacher
+            if resumed:
+                logger.info("resuming: %d of %d shards were already written", resumed, len(plan))
+
+            progress = ProgressBar(f"{label} teacher", len(kept), "answered")
+            if resumed:
+                progress(sum(plan[index][1] - plan[index][0] for index in state.finished))
             budget = FailureBudget(len(kept), config.teacher, on_exceeded=teacher.abort)
-            batch_size = config.teacher.batch_size
-            batches = [kept[start : start + batch_size] for start in range(0, len(kept), batch_size)]
-            with (
-                progress(f"{label} teacher", total=len(kept), unit="answered") as answered_bar,
-                stage(stage_seconds, "teacher", label, answered_bar.status),
-            ):
-                if isinstance(teacher, OpenAITeacher):
+            # In batch mode a shard is one Batch API job (the API takes up to 50,000 requests a file).
+            batch_size = config.teacher.batch_size if config.teacher.mode == "online" else config.dataset.shard_rows
+            shard_rows: list[dict[str, Any]] = []  # the answered rows of the shard being collected
+            shard_rejects: list[Reject] = []
+
+            def batches() -> Iterator[tuple[int, bool, list[PromptRecord]]]:
+                """(shard, whether it is the shard's last batch, prompts) of every unfinished shard."""
+                for index, (start, stop) in enumerate(plan):
+                    if index in state.finished:
+                        continue
+                    if start == stop:
+                        yield index, True, []
+                    for first in range(start, stop, batch_size):
+                        yield index, first + batch_size >= stop, kept[first : min(first + batch_size, stop)]
+
+            def collect(index: int, last: bool, result: tuple[list[dict[str, Any]], list[Reject]]) -> None:
+                shard_rows.extend(result[0])
+                shard_rejects.extend(result[1])
+                if not last:
+                    return
+                shard_started = time.perf_counter()
+                start, stop = plan[index]
+                state.record(
+                    write_shard_task(
+                        index, stop - start, quote(shard_rows), quote(shard_rejects), config, first_reject_file + index
+                    )
+                )
+                shard_rows.clear()
+                shard_rejects.clear()
+                stage_seconds["write_shards"] += time.perf_counter() - shard_started
+
+            fan_out = config.dataset.workers > 1 and not isinstance(teacher, LocalTeacherClient)
+            with progress.shown(), stage(stage_seconds, "teacher", label, progress.status):
+                if fan_out:
+                    answer_shards_on_workers(config, kept, plan, state, first_reject_file, progress, teacher.stats)
+                elif not isinstance(teacher, LocalTeacherClient):
                     with client_bound_stage():
                         # A few batch tasks in flight at once, so the shared `max_concurrency` never
-                        # drains at a batch boundary; results are collected in batch order.
-                        for batch_index, batch in enumerate(batches):
-                            in_flight.append(
-                                answer_batch_task.submit(
-                                    batch_index, quote(batch), config, teacher, ledger, answered_bar, budget
-                                )
-                            )
+                        # drains at a batch or shard boundary; results are collected in order, and a
+                        # shard is written when its last batch is in.
+                        for batch_index, (index, last, batch) in enumerate(batches()):
+                            in_flight.append((index, last, answer_batch_task.submit(
+                                batch_index, quote(batch), config, teacher, ledger, progress, budget
+                            )))
                             if len(in_flight) >= BATCHES_IN_FLIGHT:
-                                batch_results.append(in_flight.popleft().result())
+                                done_index, done_last, future = in_flight.popleft()
+                                collect(done_index, done_last, future.result())
                         while in_flight:
-                            batch_results.append(in_flight.popleft().result())
+                            done_index, done_last, future = in_flight.popleft()
+                            collect(done_index, done_last, future.result())
                 else:  # an in-process model answers one batch at a time
-                    batch_results = [
-                        answer_batch_task(batch_index, quote(batch), config, teacher, ledger, answered_bar, budget)
-                        for batch_index, batch in enumerate(batches)
-                    ]
-            answered = [row for rows, _ in batch_results for row in rows]
-            teacher_rejects = [reject for _, rejects in batch_results for reject in rejects]
-            if kept and not answered:
-                raise NoUsableAnswersError(no_usable_answers_message(config, len(kept), teacher_rejects, "teacher"))
-            with stage(stage_seconds, "filter_responses", label):
-                accepted, response_rejects = filter_responses_task(quote(answered), config)
-            if answered and not accepted:
+                    for batch_index, (index, last, batch) in enumerate(batches()):
+                        collect(index, last, answer_batch_task(
+                            batch_index, quote(batch), config, teacher, ledger, progress, budget
+                        ))
+            stage_seconds["write_shards"] = round(stage_seconds["write_shards"], 3)
+            totals = ShardTotals.of(list(state.finished.values()))
+            not_asked = totals.reject_reasons.get(BUDGET_REASON, 0)
+            spending = getattr(teacher, "budget", None)
+            stopped_by = "budget" if not_asked or (spending is not None and spending.exhausted) else None
+            if stopped_by:
+                logger.warning("%s", budget_stop_message(config, not_asked))
+            if kept and not totals.answered and stopped_by:
+                raise BudgetTooSmallError(
+                    f"the budget (teacher.max_budget_usd={config.teacher.max_budget_usd}, teacher.max_total_tokens="
+                    f"{config.teacher.max_total_tokens}) does not cover even the first request's worst case (prompt + "
+                    f"generation.max_tokens={config.teacher.generation.max_tokens}): nothing was answered or written. "
+                    "Raise the limit (`distill build --dry-run` shows what the run costs) or lower max_tokens."
+                )
+            if kept and not totals.answered:
                 raise NoUsableAnswersError(
-                    no_usable_answers_message(config, len(answered), response_rejects, "filter_responses")
+                    no_usable_answers_message(config, len(kept), totals.teacher_reasons, totals.examples, "teacher")
+                )
+            if totals.answered and not totals.accepted:
+                raise NoUsableAnswersError(
+                    no_usable_answers_message(
+                        config, totals.answered, totals.response_reasons, totals.examples, "filter_responses"
+                    )
                 )
     except BaseException as error:
         # Stop the other batches now (requests in flight are cancelled; every answer
@@ -324,36 +474,37 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             logger.error("%s", error)
         raise
     finally:
-        for future in in_flight:  # after a failure: let the other batches stop first
+        for _, _, future in in_flight:  # after a failure: let the other batches stop first
             future.wait(timeout=30)
-        if isinstance(teacher, OpenAITeacher):
+        if not isinstance(teacher, LocalTeacherClient):
             teacher.close()
         ledger.close()
 
-    all_rejects = seed_rejects + generation_rejects + prompt_rejects + teacher_rejects + response_rejects
-    entered = len(seed_rejects) + len(prompts) + len(generation_rejects)
+    reject_reasons = prompt_stage["reasons"] + totals.reject_reasons
+    rejected = rejected_before_teacher + sum(totals.reject_reasons.values())
+    entered = prompt_stage["bad_seed_rows"] + num_prompts + prompt_stage["generation_rejects"]
     counts = {
-        "seeds": len(seeds),
+        "seeds": num_seeds,
         "seeds_unused": prompt_report.get("seeds_unused", 0),
-        "bad_seed_rows": len(seed_rejects),
-        "prompts_generated": len(prompts),
-        "generation_rejects": len(generation_rejects),
+        "bad_seed_rows": prompt_stage["bad_seed_rows"],
+        "prompts_generated": num_prompts,
+        "generation_rejects": prompt_stage["generation_rejects"],
         "after_prompt_filters": len(kept),
-        "teacher_answered": len(answered),
-        "teacher_errors": len(teacher_rejects),
-        "accepted": len(accepted),
-        "rejected": len(all_rejects),
+        "teacher_answered": totals.answered,
+        "teacher_errors": totals.teacher_errors,
+        "accepted": totals.accepted,
+        "rejected": rejected,
     }
-    reject_reasons = dict(sorted(Counter(r.reason for r in all_rejects).items()))
+    reject_reasons = dict(sorted(reject_reasons.items()))
     stats = teacher.stats
     usage = stats.to_dict()
     usage["paid_requests"] = stats.requests_sent
-    pricing = config.teacher
-    if pricing.price_per_million_prompt_tokens is not None or pricing.price_per_million_completion_tokens is not None:
+    usage["mode"] = config.teacher.mode
+    pricing = config.teacher.pricing
+    if pricing is not None:
+        # What this run paid (answers from the ledger are free), at the price table's rates.
         usage["estimated_cost_usd"] = round(
-            stats.prompt_tokens * (pricing.price_per_million_prompt_tokens or 0) / 1e6
-            + stats.completion_tokens * (pricing.price_per_million_completion_tokens or 0) / 1e6,
-            6,
+            pricing.cost_usd(stats.prompt_tokens, stats.completion_tokens, batch=config.teacher.mode == "batch"), 6
         )
     manifest = {
         "format_version": 1,
@@ -363,21 +514,26 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         "config": config.redacted(),
         "counts": counts,
         "reject_reasons": reject_reasons,
-        "accepted_per_strategy": count_by(accepted, "strategy"),
+        "accepted_per_strategy": dict(sorted(totals.accepted_per_strategy.items())),
         "prompt_report": prompt_report,
         "teacher_usage": usage,
-        "teacher_failures": budget.summary(),
+        "teacher_failures": (
+            failure_summary(totals, len(kept), config.teacher.max_error_rate) if fan_out else budget.summary()
+        ),
+        "build": {"shard_rows": config.dataset.shard_rows, "shards": len(plan), "resumed_shards": resumed},
+        "stopped_by": stopped_by,
+        "budget": budget_summary(config, usage, not_asked),
         "invariant": {
             "entered": entered,
-            "accepted_plus_rejected": len(accepted) + len(all_rejects),
-            "holds": entered == len(accepted) + len(all_rejects),
+            "accepted_plus_rejected": totals.accepted + rejected,
+            "holds": entered == totals.accepted + rejected,
         },
         "elapsed_s": round(time.time() - started, 3),
         "stage_seconds": stage_seconds,
     }
     if not manifest["invariant"]["holds"]:
-        raise RuntimeError(f"internal error: {entered} prompts entered but {len(accepted) + len(all_rejects)} rows out")
-    manifest = write_dataset_task(config, quote(accepted), quote(all_rejects), manifest, [api_key] if api_key else [])
+        raise RuntimeError(f"internal error: {entered} prompts entered but {totals.accepted + rejected} rows out")
+    manifest = finish_dataset_task(config, state.shards(), manifest, [api_key] if api_key else [])
 
     table = [{"stage": stage, "reason": "", "count": value} for stage, value in counts.items()]
     table += [{"stage": "rejected", "reason": reason, "count": value} for reason, value in reject_reasons.items()]
@@ -386,6 +542,13 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         table=table,
         description=f"{config.name}: rows per stage and reject reason",
     )
+    from distillflow.tasks.artifact_charts import build_summary_markdown, dataset_lengths
+
+    create_markdown_artifact(
+        key=f"{_artifact_key(config.name)}-summary",
+        markdown=build_summary_markdown(manifest, dataset_lengths(config.output_dir)),
+        description=f"{config.name}: counts per stage, reason and strategy, teacher usage and cost, lengths",
+    )
     from distillflow.prompts.report import report_markdown
 
     create_markdown_artifact(
@@ -393,14 +556,27 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         markdown=report_markdown(prompt_report),
         description=f"{config.name}: prompts per strategy and their diversity",
     )
-    logger.info("wrote %d rows (%d rejects) to %s", len(accepted), len(all_rejects), config.output_dir)
+    logger.info("wrote %d rows (%d rejects) to %s", totals.accepted, rejected, config.output_dir)
     return manifest
 
 
-def build_command(config_path: str | Path, prompt_column: str | None = None) -> dict[str, Any]:
+def dry_run_command(config_path: str | Path, prompt_column: str | None = None) -> dict[str, Any]:
+    """`distill build CONFIG --dry-run`: prompt count, tokens and cost; no request, no dataset."""
+    from distillflow.tasks.cost_estimate import estimate_build, format_estimate
+
+    config = load_config(config_path)
+    seeds, _ = load_seeds(config.seeds, prompt_column, config_path)
+    estimate = estimate_build(config, seeds)
+    print(format_estimate(config, estimate, config_path))
+    return estimate
+
+
+def build_command(config_path: str | Path, prompt_column: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     """`distill build CONFIG`: validate everything that can be checked before paying, then run."""
     from distillflow.tasks.preflight import preflight_build
 
+    if dry_run:
+        return dry_run_command(config_path, prompt_column)
     config = load_config(config_path)
     if config.teacher.backend == "openai":
         resolve_api_key(config.teacher.api_key_env)  # fail before any teacher call
@@ -408,8 +584,9 @@ def build_command(config_path: str | Path, prompt_column: str | None = None) -> 
     preflight_build(config, str(config_path), [seed.prompt for seed in seeds])  # a local teacher: its dir, template, context
     manifest = build_dataset(config, prompt_column)
     counts = manifest["counts"]
+    stopped = " (stopped by the budget: rerun with a larger limit to continue)" if manifest.get("stopped_by") else ""
     print(
-        f"{config.name}: {counts['accepted']} accepted, {counts['rejected']} rejected → {config.output_dir}",
+        f"{config.name}: {counts['accepted']} accepted, {counts['rejected']} rejected → {config.output_dir}{stopped}",
         file=sys.stderr,
     )
     return manifest

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
@@ -23,6 +22,7 @@ from distillflow.tasks.dedup_dataset import (
     DatasetDecisions,
     ShardFeatures,
     filter_dataset,
+    filters_config_for,
     input_shards,
     resolve_dataset,
     shard_features,
@@ -72,37 +72,6 @@ def dedup_flow(in_dir: str, out_dir: str, config: FiltersConfig) -> dict[str, An
     return manifest
 
 
-def load_filters_config(config_path: str | Path | None, in_dir: str | Path) -> FiltersConfig:
-    """The `filters:` section of a YAML config (a full distill config or just the section's
-    keys); without a config, the filters recorded in IN_DIR's manifest, else the defaults."""
-    from distillflow.config import ConfigError, format_validation_error
-    from pydantic import ValidationError
-
-    if config_path is None:
-        manifest_path = Path(in_dir) / "manifest.json"
-        if manifest_path.is_file():
-            import json
-
-            filters = json.loads(manifest_path.read_text(encoding="utf-8")).get("config", {}).get("filters")
-            if filters:
-                return FiltersConfig.model_validate(filters)
-        return FiltersConfig()
-    path = Path(config_path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass the path of a YAML config with a `filters:` section")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (with a `filters:` section)")
-    section = data.get("filters", data if "name" not in data else {})
-    try:
-        return FiltersConfig.model_validate(section)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(path, error, section="filters")) from None
-
-
 def dedup_command(
     in_dir: str | Path,
     out_dir: str | Path,
@@ -119,7 +88,7 @@ def dedup_command(
     from distillflow.config import ConfigError
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    config = load_filters_config(config_path, in_dir)
+    config = filters_config_for(in_dir, config_path)
     if not (in_dir / "data").is_dir():
         raise ConfigError(f"{in_dir}: not a dataset directory (no data/ inside); pass the output_dir of a build")
     if out_dir.resolve() == in_dir.resolve():

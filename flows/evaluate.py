@@ -61,7 +61,13 @@ def report_task(
         table=[dict(zip(header, row)) for row in table_cells(report["table"])],
         description="distill eval: one row per model",
     )
-    create_markdown_artifact(key=f"{key}-eval-report", markdown=report_markdown(report), description="distill eval report")
+    markdown = report_markdown(report)
+    chart = Path(run.config.output_dir) / "chart.png"
+    if chart.is_file():  # accuracy vs size and per-set accuracy, inline
+        from distillflow.tasks.artifact_charts import png_data_uri
+
+        markdown += f"\n\n![accuracy vs size]({png_data_uri(chart.read_bytes())})\n"
+    create_markdown_artifact(key=f"{key}-eval-report", markdown=markdown, description="distill eval report")
     return report
 
 

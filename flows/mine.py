@@ -18,9 +18,9 @@ from prefect.utilities.annotations import quote
 
 from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
-from distillflow.progress import progress
-from distillflow.flows.build import LEDGER_PATH, answer_batch_task, filter_responses_task, make_teacher
-from distillflow.storage.ledger import Ledger
+from distillflow.progress import ProgressBar
+from distillflow.flows.build import answer_batch_task, filter_responses_task, make_teacher
+from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.tasks.mining import (
     MiningPlan,
     dataset_records,
@@ -87,20 +87,21 @@ def mine(config_path: str) -> dict[str, Any]:
     config = load_config(config_path, check_files=False)
     plan = plan_mining(config, config_path)
     api_key = resolve_api_key(config.teacher.api_key_env) if config.teacher.backend == "openai" else None
-    ledger = Ledger(config.output_dir / LEDGER_PATH)  # the build's ledger: answers are shared, paid once
+    ledger = Ledger(config.output_dir / TEACHER_LEDGER)  # the build's ledger: answers are shared, paid once
     teacher = make_teacher(config, api_key)
     try:
         with cancel_on_interrupt(lambda: teacher.abort(TeacherAborted("interrupted by a signal"))):
             candidates, summary = candidates_task(config, plan, teacher, ledger)
             logger.info("%d candidates after dedup against %s", len(candidates), plan.dataset_dir)
+            progress = ProgressBar(f"{config.name}-mine teacher", len(candidates), "answered")
             budget = FailureBudget(len(candidates), config.teacher, on_exceeded=teacher.abort)
             size = config.teacher.batch_size
             answered: list[dict[str, Any]] = []
             rejects = []
-            with progress(f"{config.name}-mine teacher", total=len(candidates), unit="answered") as answered_bar:
+            with progress.shown():
                 for index, start in enumerate(range(0, len(candidates), size)):
                     rows, errors = answer_batch_task(
-                        index, quote(candidates[start : start + size]), config, teacher, ledger, answered_bar, budget
+                        index, quote(candidates[start : start + size]), config, teacher, ledger, progress, budget
                     )
                     answered += rows
                     rejects += errors

@@ -1,5 +1,5 @@
-"""`distill run CONFIG`: build → (capture logits for kd_topk) → train → eval, as one parent flow,
-and `distill serve`: the flows as Prefect deployments, with optional schedules."""
+"""`distill run CONFIG`: build → (capture logits for kd_topk) → train → eval, as one parent flow
+(its deployment, with those of every other flow, is in flows/deployments.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from distillflow.config import ConfigError, load_config
+from distillflow.config import load_config
 from distillflow.flows.build import build_dataset
 from distillflow.tasks.teacher import resolve_api_key
 
@@ -54,32 +54,3 @@ def run_command(config_path: str | Path) -> dict[str, Any]:
     seeds, _ = load_seeds(config.seeds, None, config_path)
     preflight_run(config, str(config_path), [seed.prompt for seed in seeds])
     return run_pipeline(str(config_path))
-
-
-def serve_command(config_paths: list[Path], cron: str | None = None, interval_s: float | None = None) -> None:
-    """Register one `build-dataset` and one `distill-pipeline` deployment per config and serve
-    them until interrupted. The build deployment's parameter is the whole typed config, so the
-    UI's "Run" page shows it as a form (and the server rejects invalid values)."""
-    from prefect import serve
-
-    deployments = []
-    for path in config_paths:
-        # Only the NAME of the key's env var (or Secret block) is in the parameters; the
-        # process that serves the deployment needs the key in its environment.
-        config = load_config(path)
-        schedule: dict[str, Any] = {}
-        if cron:
-            schedule["cron"] = cron
-        elif interval_s:
-            schedule["interval"] = interval_s
-        deployments.append(
-            build_dataset.to_deployment(
-                name=config.name, parameters={"config": config.model_dump(mode="json")}, **schedule
-            )
-        )
-        deployments.append(
-            run_pipeline.to_deployment(name=config.name, parameters={"config_path": str(Path(path).resolve())}, **schedule)
-        )
-    if not deployments:
-        raise ConfigError("distill serve: give at least one config")
-    serve(*deployments)

@@ -78,9 +78,23 @@ def write_dataset(
     reject_writer = ShardWriter(staging / "rejects", REJECT_SCHEMA, rows_per_shard, root=staging)
     reject_writer.write(reject_rows)
     shards = {"data": [s.to_dict() for s in data_writer.close()], "rejects": [s.to_dict() for s in reject_writer.close()]}
+    return finish_dataset(output_dir, staging, shards, manifest, card, secrets)
 
-    swap_in_staged(output_dir, staging)
 
+def finish_dataset(
+    output_dir: str | Path,
+    staging: str | Path,
+    shards: dict[str, list[dict[str, Any]]],
+    manifest: dict[str, Any],
+    card: str,
+    secrets: list[str] | None = None,
+) -> dict[str, Any]:
+    """Make the shards written under `staging` (`data/`, `rejects/`) the dataset: mark
+    `output_dir` incomplete, swap them in, write the card, then the manifest (last).
+    Returns the manifest as written."""
+    output_dir = Path(output_dir)
+    remove_manifest(output_dir)
+    swap_in_staged(output_dir, Path(staging))
     manifest = dict(manifest)
     manifest["shards"] = shards
     manifest = _secret_free(manifest, secrets or [])

@@ -25,12 +25,34 @@ from typing import Any, Literal
 
 from distillflow.records import TeacherAnswer
 
+# Ledgers live in <output_dir>/.ledger/: the build's teacher answers (shared by every command
+# that asks the build's teacher), and eval's endpoints and judge beside it.
+LEDGER_DIR = Path(".ledger")
+TEACHER_LEDGER = LEDGER_DIR / "teacher.sqlite"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
     key         TEXT PRIMARY KEY,
     created_at  REAL NOT NULL,
     answer      TEXT NOT NULL
 );
+-- Batch API mode: every uploaded input file, recorded before its batch is created, and
+-- its batch id, recorded before the first poll, so a crashed run resumes polling the
+-- same batches (and pays for nothing twice). state: uploaded | submitted | done.
+CREATE TABLE IF NOT EXISTS batches (
+    input_file_id TEXT PRIMARY KEY,
+    batch_id      TEXT,
+    state         TEXT NOT NULL,
+    status        TEXT,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_requests (
+    key           TEXT NOT NULL,
+    input_file_id TEXT NOT NULL,
+    PRIMARY KEY (key, input_file_id)
+);
+CREATE INDEX IF NOT EXISTS batch_requests_by_key ON batch_requests (key);
 """
 
 
@@ -97,6 +119,73 @@ class Ledger:
                 (key, created_at, payload),
             )
         return created_at
+
+    # -- Batch API bookkeeping -------------------------------------------------------------
+
+    def record_upload(self, input_file_id: str, keys: list[str]) -> None:
+        """An input file of the requests `keys` was uploaded (its batch not yet created)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO batches VALUES (?, NULL, 'uploaded', NULL, ?, ?)", (input_file_id, now, now)
+                )
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO batch_requests VALUES (?, ?)", [(key, input_file_id) for key in keys]
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def record_batch(self, input_file_id: str, batch_id: str | None, state: str, status: str | None = None) -> None:
+        """The batch of an input file: its id (once created), our state, the API's status."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE batches SET batch_id = COALESCE(?, batch_id), state = ?, status = COALESCE(?, status), "
+                "updated_at = ? WHERE input_file_id = ?",
+                (batch_id, state, status, time.time(), input_file_id),
+            )
+
+    def open_batches(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Batches not yet collected that hold any of `keys`: input_file_id → {batch_id,
+        state, status, keys (all of the batch's)}."""
+        keys = list(keys)
+        files: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            placeholders = ",".join("?" * len(chunk))
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT DISTINCT r.input_file_id FROM batch_requests r JOIN batches b USING (input_file_id) "
+                    f"WHERE b.state != 'done' AND r.key IN ({placeholders})",
+                    chunk,
+                ).fetchall()
+            files.update(row[0] for row in rows)
+        found: dict[str, dict[str, Any]] = {}
+        for input_file_id in sorted(files):
+            with self._lock:
+                batch_id, state, status = self._db.execute(
+                    "SELECT batch_id, state, status FROM batches WHERE input_file_id = ?", (input_file_id,)
+                ).fetchone()
+            batch_keys = self.batch_keys(input_file_id)
+            found[input_file_id] = {"batch_id": batch_id, "state": state, "status": status, "keys": batch_keys}
+        return found
+
+    def batch_keys(self, input_file_id: str) -> list[str]:
+        """The request keys of one uploaded batch input file."""
+        with self._lock:
+            rows = self._db.execute("SELECT key FROM batch_requests WHERE input_file_id = ?", (input_file_id,)).fetchall()
+        return [row[0] for row in rows]
+
+    def batches(self) -> list[dict[str, Any]]:
+        """Every batch recorded, oldest first (for inspection and tests)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT input_file_id, batch_id, state, status FROM batches ORDER BY created_at"
+            ).fetchall()
+        return [dict(zip(("input_file_id", "batch_id", "state", "status"), row)) for row in rows]
 
     def __len__(self) -> int:
         with self._lock:

@@ -87,7 +87,8 @@ def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd") -
 class ShardWriter:
     """Buffers rows and writes `prefix-00000.parquet`, `prefix-00001.parquet`, ... into `directory`.
 
-    `root` is the dataset root that shard paths in `shards` are relative to.
+    `root` is the dataset root that shard paths in `shards` are relative to; `first_index`
+    numbers the first file (a streaming build writes shard k of a run as `part-0000k`).
     """
 
     def __init__(
@@ -97,12 +98,14 @@ class ShardWriter:
         rows_per_shard: int = 100_000,
         prefix: str = "part",
         root: str | Path | None = None,
+        first_index: int = 0,
     ) -> None:
         self.directory = Path(directory)
         self.schema = schema
         self.rows_per_shard = rows_per_shard
         self.prefix = prefix
         self.root = Path(root) if root is not None else self.directory.parent
+        self.first_index = first_index
         self.shards: list[ShardInfo] = []
         self._buffer: list[dict[str, Any]] = []
         self.rows_written = 0
@@ -117,7 +120,7 @@ class ShardWriter:
         if not self._buffer:
             return
         table = pa.Table.from_pylist(self._buffer, schema=self.schema)
-        path = self.directory / f"{self.prefix}-{len(self.shards):05d}.parquet"
+        path = self._path(len(self.shards))
         write_table_atomic(table, path)
         self.shards.append(
             ShardInfo(
@@ -135,7 +138,7 @@ class ShardWriter:
         so that readers (`datasets`, pyarrow) find a schema."""
         if self._buffer or not self.shards:
             if not self._buffer:
-                path = self.directory / f"{self.prefix}-00000.parquet"
+                path = self._path(0)
                 write_table_atomic(self.schema.empty_table(), path)
                 self.shards.append(
                     ShardInfo(str(path.relative_to(self.root)), 0, path.stat().st_size, file_sha256(path))
@@ -143,6 +146,9 @@ class ShardWriter:
             else:
                 self._flush()
         return self.shards
+
+    def _path(self, number: int) -> Path:
+        return self.directory / f"{self.prefix}-{self.first_index + number:05d}.parquet"
 
     def __enter__(self) -> ShardWriter:
         return self

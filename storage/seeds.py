@@ -161,3 +161,17 @@ def load_seeds(
             f"({len(rejects)} bad row(s)); add prompts or fix prompt_column"
         )
     return prompts, rejects
+
+
+def split_repeated_seeds(seeds: list[PromptRecord]) -> tuple[list[PromptRecord], list[Reject]]:
+    """A seed prompt that appears again (same text) is a reject pointing at its first copy."""
+    first: set[str] = set()
+    unique: list[PromptRecord] = []
+    repeated: list[Reject] = []
+    for seed in seeds:
+        if seed.id in first:
+            repeated.append(Reject.of(seed, "exact_duplicate", "seed repeated in the input", duplicate_of=seed.id))
+        else:
+            first.add(seed.id)
+            unique.append(seed)
+    return unique, repeated

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distillflow.config import load_filters_config
 from distillflow.progress import progress
 from distillflow.storage.dataset import swap_in_staged
 from distillflow.storage.manifest import read_manifest, remove_manifest, write_manifest
@@ -302,6 +303,18 @@ def write_filtered_dataset(
     write_card(out_dir, dataset_card(manifest), manifest)
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def filters_config_for(in_dir: str | Path, config_path: str | Path | None) -> FiltersConfig:
+    """The filters of `distill dedup`: the config's `filters:` section; without a config, the
+    filters recorded in IN_DIR's manifest, else the defaults."""
+    if config_path is not None:
+        return load_filters_config(config_path)
+    try:
+        filters = read_manifest(in_dir).get("config", {}).get("filters")
+    except FileNotFoundError:
+        filters = None
+    return FiltersConfig.model_validate(filters) if filters else FiltersConfig()
 
 
 def input_shards(in_dir: str | Path) -> list[Path]:

@@ -40,14 +40,13 @@ from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected
 from distillflow.prompts.config import AdversarialConfig, EdgeCaseConfig
 from distillflow.prompts.edge_cases import EDGE_CASES
 from distillflow.storage.dataset import is_heldout
+from distillflow.storage.ledger import LEDGER_DIR, TEACHER_LEDGER, Ledger
 from distillflow.tasks.eval_checks import CHECKS, exact_match, is_correct, rouge_l, token_f1
 from distillflow.tasks.eval_config import EvalConfig, EvalModel, RobustnessConfig
 from distillflow.tasks.teacher import TeacherFatalError
 
 CLEAN = "clean"
 HELDOUT = "heldout"
-LEDGER_DIR = ".ledger"
-TEACHER_LEDGER = Path(LEDGER_DIR) / "teacher.sqlite"  # the build's ledger (flows/build.py)
 
 
 # -- config -----------------------------------------------------------------------------
@@ -426,7 +425,6 @@ def combine_verdicts(model_first: str, reference_first: str) -> str:
 
 def judge_models(run: EvalRun, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Pairwise verdicts of each model against the reference model, both orders, ledger-cached."""
-    from distillflow.storage.ledger import Ledger
     from distillflow.tasks.teacher import OpenAITeacher, answer_requests, build_messages
 
     judge = run.config.judge

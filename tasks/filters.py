@@ -15,12 +15,18 @@ is split in two so it scales past one batch:
 - reduce, `resolve_prompt_filters`: one pass over the concatenated features of the whole
   dataset decides every drop; the kept row of a duplicate cluster is the first in input
   order. Hence the result never depends on batch size or worker count.
+
+For a large build (`filter_prompts(..., spill_dir=DIR)`), the MinHash signatures (4·K bytes
+per row) go to a file in DIR as each batch is computed and only the LSH band keys (8 bytes
+per band and row) and exact keys (8 bytes per row) stay in memory; the reduce step reads
+back only the signatures of candidate pairs. The decisions are the same as in memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,14 +48,16 @@ Embed = Callable[[list[str]], np.ndarray]  # texts -> (n, D) float32, L2-normali
 class PromptFeatures:
     """Per-row values of the prompt-side filters (None where a filter is off).
 
-    exact_keys (N,) uint64; signatures (N, num_perm) uint32; overlap (N,) float32 =
-    fraction of the prompt's word n-grams found in the eval set.
+    exact_keys (N,) uint64; signatures (N, num_perm) uint32 (in memory or a `np.memmap`);
+    overlap (N,) float32 = fraction of the prompt's word n-grams found in the eval set;
+    band_keys (bands, N) uint64, the LSH keys of the signatures when computed per batch.
     """
 
     num_rows: int
     exact_keys: np.ndarray | None = None
     signatures: np.ndarray | None = None
     overlap: np.ndarray | None = None
+    band_keys: np.ndarray | None = None
 
     @staticmethod
     def concat(parts: Sequence[PromptFeatures]) -> PromptFeatures:
@@ -57,12 +65,49 @@ class PromptFeatures:
             arrays = [getattr(part, name) for part in parts]
             return None if not arrays or arrays[0] is None else np.concatenate(arrays)
 
+        band_keys = [part.band_keys for part in parts]
         return PromptFeatures(
             num_rows=sum(part.num_rows for part in parts),
             exact_keys=join("exact_keys"),
             signatures=join("signatures"),
             overlap=join("overlap"),
+            band_keys=None if not band_keys or band_keys[0] is None else np.concatenate(band_keys, axis=1),
         )
+
+
+class SignatureSpill:
+    """MinHash signatures appended batch by batch to `path` ((N, num_perm) uint32, row-major),
+    read back as a `np.memmap`: only the pages of rows that are read come into memory."""
+
+    def __init__(self, path: str | Path, num_perm: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.num_perm = num_perm
+        self.num_rows = 0
+        self._handle = open(self.path, "wb")  # noqa: SIM115 - closed in `array`
+
+    def append(self, signature: np.ndarray) -> None:
+        self._handle.write(np.ascontiguousarray(signature, dtype=np.uint32).tobytes())
+        self.num_rows += signature.shape[0]
+
+    def array(self) -> np.ndarray:
+        self._handle.close()
+        if self.num_rows == 0:
+            return np.empty((0, self.num_perm), dtype=np.uint32)
+        return np.memmap(self.path, dtype=np.uint32, mode="r", shape=(self.num_rows, self.num_perm))
+
+
+def spilled_prompt_features(texts: Sequence[str], config: FiltersConfig, spill: SignatureSpill) -> PromptFeatures:
+    """`prompt_features` with the signatures written to `spill` and only their band keys kept."""
+    features = prompt_features(texts, config)
+    if features.signatures is not None:
+        from distillflow.tasks.minhash import band_keys, banding
+
+        bands, rows = banding(config.near_dedup)
+        features.band_keys = band_keys(features.signatures, bands, rows)
+        spill.append(features.signatures)
+        features.signatures = None
+    return features
 
 
 def prompt_features(texts: Sequence[str], config: FiltersConfig) -> PromptFeatures:
@@ -144,7 +189,8 @@ def resolve_prompt_filters(
     if features.signatures is not None:
         from distillflow.tasks.minhash import near_duplicate_details, near_duplicates_from_signatures
 
-        result = near_duplicates_from_signatures(features.signatures, config.near_dedup, index=alive)
+        keys = features.band_keys[:, alive] if features.band_keys is not None else None
+        result = near_duplicates_from_signatures(features.signatures, config.near_dedup, index=alive, keys=keys)
         apply(
             "near_duplicate",
             result.duplicate_of != KEEP,
@@ -191,20 +237,36 @@ def resolve_prompt_filters(
 
 
 def filter_prompts(
-    records: list[PromptRecord], config: FiltersConfig, embed: Embed | None = None
+    records: list[PromptRecord], config: FiltersConfig, embed: Embed | None = None, spill_dir: str | Path | None = None
 ) -> tuple[list[PromptRecord], list[Reject]]:
-    """Prompt-side filters. Returns (kept records in input order, one Reject per dropped record)."""
+    """Prompt-side filters. Returns (kept records in input order, one Reject per dropped record).
+
+    spill_dir: keep the MinHash signatures in a file there instead of in memory (same result).
+    """
     texts = [record.prompt for record in records]
     step = config.batch_size
+    spill = None
+    if spill_dir is not None and config.near_dedup.enabled:
+        spill = SignatureSpill(Path(spill_dir) / "signatures.u32", config.near_dedup.num_perm)
     parts = []
     with progress("prompt filters", total=len(texts), unit="prompts") as bar:
         for start in range(0, len(texts), step):
-            parts.append(prompt_features(texts[start : start + step], config))
-            bar.advance(parts[-1].num_rows)
+            batch = texts[start : start + step]
+            parts.append(prompt_features(batch, config) if spill is None else spilled_prompt_features(batch, config, spill))
+            bar.advance(len(batch))
     features = PromptFeatures.concat(parts or [prompt_features([], config)])
+    if spill is not None:
+        features.signatures = spill.array()
+        if features.band_keys is None:  # no rows
+            from distillflow.tasks.minhash import banding
+
+            features.band_keys = np.empty((banding(config.near_dedup)[0], 0), dtype=np.uint64)
     decisions = resolve_prompt_filters(
         features, lambda rows: [texts[i] for i in rows], [r.strategy for r in records], config, embed=embed
     )
+    if spill is not None:
+        features.signatures = None
+        spill.path.unlink(missing_ok=True)
     keep = list(decisions.keep)
     rejects = []
     for drop in decisions.drops:

@@ -349,16 +349,18 @@ class NearDuplicates:
 
 
 def near_duplicates_from_signatures(
-    signature: np.ndarray, config: NearDedupConfig, index: np.ndarray | None = None
+    signature: np.ndarray, config: NearDedupConfig, index: np.ndarray | None = None, keys: np.ndarray | None = None
 ) -> NearDuplicates:
     """Steps 3-6 above over the signatures (N, K) uint32 of a dataset, in input order.
 
     index: optional increasing row indices to dedup among (e.g. the rows earlier stages
-    kept), read in place; the result is then indexed like `index`.
+    kept), read in place; the result is then indexed like `index`. keys: the band keys
+    (bands, len(index)) of those rows when already computed (`band_keys`); then only the
+    candidate pairs' rows of `signature` are read, so it may be a `np.memmap` on disk.
     """
     index = np.arange(signature.shape[0], dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
     bands, rows = banding(config)
-    left, right = candidate_pairs(band_keys(signature, bands, rows, index))
+    left, right = candidate_pairs(band_keys(signature, bands, rows, index) if keys is None else keys)
     similarity = estimated_jaccard(signature, index[left], index[right])
     verified = similarity >= config.threshold
     duplicate_of = resolve_clusters(len(index), left[verified], right[verified])

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx2
 import openai
 
 from distillflow.config import ConfigError, TeacherConfig
@@ -50,6 +52,10 @@ PERMANENT_ERROR_PREFIXES = ("teacher_error:400", "teacher_error:413", "teacher_e
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 MAX_RETRY_AFTER_S = 120.0
+
+# The reject reason of a prompt not sent because the run's budget would have been passed;
+# never recorded in the ledger, so a rerun with a larger budget asks it.
+BUDGET_REASON = "not_asked:budget"
 
 
 class TeacherFatalError(RuntimeError):
@@ -140,6 +146,118 @@ class TeacherStats:
         }
 
 
+def estimate_tokens(messages: Messages) -> int:
+    """Prompt tokens of a chat request, about 4 characters a token plus a few per message."""
+    return sum(len(m.get("content") or "") for m in messages) // 4 + 4 * len(messages) + 3
+
+
+@dataclass
+class Reservation:
+    tokens: int
+    cost_usd: float
+
+
+class SpendingBudget:
+    """`teacher.max_budget_usd` and `teacher.max_total_tokens` of one run, consulted before
+    every request (shared by the workers, batches and threads of one teacher client).
+
+    Before a request goes out, its worst case (prompt + `max_tokens`) is reserved; when
+    spent + reserved + that would pass a limit, the request is not sent and the budget is
+    `exhausted` for good: every later request is refused too, so the run stops cleanly
+    while the requests in flight finish and are recorded. An answer settles its
+    reservation at its real usage. With `client_processes: P`, each process holds 1/P."""
+
+    def __init__(self, config: TeacherConfig, share: float = 1.0) -> None:
+        self.pricing = config.pricing
+        self.batch = config.mode == "batch"
+        self.limit_usd = config.max_budget_usd * share if config.max_budget_usd else None
+        self.limit_tokens = int(config.max_total_tokens * share) if config.max_total_tokens else None
+        self.spent_usd = 0.0
+        self.spent_tokens = 0
+        self.reserved_usd = 0.0
+        self.reserved_tokens = 0
+        self.refused = 0  # requests not sent
+        self.exhausted = False
+        self.lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self.limit_usd is not None or self.limit_tokens is not None
+
+    def cost(self, input_tokens: float, output_tokens: float) -> float:
+        return self.pricing.cost_usd(input_tokens, output_tokens, self.batch) if self.pricing else 0.0
+
+    def reserve(self, input_tokens: int, max_output_tokens: int, force: bool = False) -> Reservation | None:
+        """Room for one request, or None (and `exhausted`) when it would pass a limit.
+        `force`: a request already sent (a batch resumed after a crash) is counted anyway."""
+        tokens = input_tokens + max_output_tokens
+        cost = self.cost(input_tokens, max_output_tokens)
+        with self.lock:
+            if not self.exhausted and not force:
+                over_usd = self.limit_usd is not None and self.spent_usd + self.reserved_usd + cost > self.limit_usd
+                over_tokens = (
+                    self.limit_tokens is not None and self.spent_tokens + self.reserved_tokens + tokens > self.limit_tokens
+                )
+                self.exhausted = over_usd or over_tokens
+            if self.exhausted and not force:
+                self.refused += 1
+                return None
+            self.reserved_usd += cost
+            self.reserved_tokens += tokens
+        return Reservation(tokens, cost)
+
+    def settle(self, reservation: Reservation | None, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Replace a reservation by what the request really used (0, 0: it was not paid)."""
+        with self.lock:
+            if reservation is not None:
+                self.reserved_usd -= reservation.cost_usd
+                self.reserved_tokens -= reservation.tokens
+            self.spent_usd += self.cost(input_tokens, output_tokens)
+            self.spent_tokens += input_tokens + output_tokens
+
+    def summary(self) -> dict[str, Any]:
+        """For the manifest."""
+        return {
+            "max_budget_usd": self.limit_usd,
+            "max_total_tokens": self.limit_tokens,
+            "spent_usd": round(self.spent_usd, 6),
+            "spent_tokens": self.spent_tokens,
+            "exhausted": self.exhausted,
+            "not_asked": self.refused,
+        }
+
+    def refusal(self, model: str) -> TeacherAnswer:
+        limits = []
+        if self.limit_usd is not None:
+            limits.append(f"teacher.max_budget_usd={self.limit_usd:g} (spent {self.spent_usd:.4f})")
+        if self.limit_tokens is not None:
+            limits.append(f"teacher.max_total_tokens={self.limit_tokens} (used {self.spent_tokens})")
+        return TeacherAnswer(
+            None, None, model, error=BUDGET_REASON,
+            error_detail=f"not sent: it could pass {' and '.join(limits)}; rerun with a larger limit to ask it",
+        )
+
+
+def parse_duration_s(value: str | None) -> float | None:
+    """OpenAI's reset durations (`1s`, `6m0s`, `20ms`, `1h2m3.5s`) or plain seconds, in seconds."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    total, matched = 0.0, 0
+    for number, unit in _DURATION.findall(value):
+        total += float(number) * _DURATION_UNITS[unit]
+        matched += len(number) + len(unit)
+    return total if matched == len(value) and matched else None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
 class BackgroundLoop:
     """An asyncio event loop running in a daemon thread; `run` submits a coroutine to it."""
 
@@ -158,10 +276,24 @@ class BackgroundLoop:
 
 
 class RateLimiter:
-    """Token buckets for requests and tokens per minute, shared by the workers of a loop."""
+    """Token buckets for requests and tokens per minute, shared by the workers of a loop.
+
+    `adaptive`: also a mirror of the API's own buckets, synced from the rate-limit headers
+    of every response (`observe`): x-ratelimit-remaining-{requests,tokens} less the
+    requests in flight is what may still be sent, refilled at the rate implied by
+    x-ratelimit-limit-* and x-ratelimit-reset-*. A worker whose request would empty a
+    mirrored bucket waits for it to refill, so every worker slows down before the API
+    starts refusing; a 429's Retry-After (`hold`) pauses every worker. With
+    `client_processes: P` each process mirrors the same headers but counts `share` = 1/P
+    of what remains as its own."""
 
     def __init__(
-        self, requests_per_minute: float | None, tokens_per_minute: float | None, burst_s: float = 1.0
+        self,
+        requests_per_minute: float | None,
+        tokens_per_minute: float | None,
+        burst_s: float = 1.0,
+        adaptive: bool = False,
+        share: float = 1.0,
     ) -> None:
         # Per-second refill rates; a bucket holds `burst_s` seconds of budget (at least one
         # request), so the limit is smooth rather than a minute-sized burst.
@@ -172,16 +304,24 @@ class RateLimiter:
         self.levels = dict(self.capacity)
         self.updated = time.monotonic()
         self.lock = asyncio.Lock()
+        self.adaptive = adaptive
+        self.share = share
+        self.in_flight = {"requests": 0.0, "tokens": 0.0}  # acquired, not yet answered
+        # name -> (level at `at`, refill per second or None, `at`, seconds until full at `at`)
+        self.mirror: dict[str, tuple[float, float | None, float, float]] = {}
+        self.hold_until = 0.0
+        self.waits = 0  # times a worker waited for the mirrored API limits or a Retry-After
 
     @property
     def active(self) -> bool:
-        return any(self.limits.values())
+        return self.adaptive or any(self.limits.values())
 
     async def acquire(self, tokens: int) -> None:
         if not self.active:
             return
         need = {"requests": 1.0, "tokens": float(tokens)}
         async with self.lock:
+            waited = False
             while True:
                 now = time.monotonic()
                 elapsed, self.updated = now - self.updated, now
@@ -195,12 +335,74 @@ class RateLimiter:
                     want = min(need[name], capacity)
                     if self.levels[name] < want:
                         wait = max(wait, (want - self.levels[name]) * 60.0 / limit)
+                api_wait = self._api_wait(need, now)
+                if api_wait > 0 and not waited:
+                    self.waits += 1
+                    waited = True
+                wait = max(wait, api_wait)
                 if wait <= 0:
                     for name, limit in self.limits.items():
                         if limit:
                             self.levels[name] -= min(need[name], self.capacity[name])
+                    for name, (level, rate, at, full_in) in self.mirror.items():
+                        self.mirror[name] = (level - need[name], rate, at, full_in)
+                    self.in_flight["requests"] += 1
+                    self.in_flight["tokens"] += need["tokens"]
                     return
-                await asyncio.sleep(wait)
+                await asyncio.sleep(min(wait, MAX_RETRY_AFTER_S))
+
+    def _api_wait(self, need: dict[str, float], now: float) -> float:
+        """Seconds until the mirrored API buckets (and any Retry-After) allow `need`."""
+        wait = max(0.0, self.hold_until - now)
+        for name, (level, rate, at, full_in) in self.mirror.items():
+            if rate:
+                level = level + (now - at) * rate
+                if level < need[name]:
+                    wait = max(wait, (need[name] - level) / rate)
+            elif level < need[name]:  # refill rate unknown: wait until the API says it is full
+                wait = max(wait, at + full_in - now)
+        return wait
+
+    def release(self, tokens: int) -> None:
+        """A request of `tokens` acquired here has its answer (or failed)."""
+        if self.active:
+            self.in_flight["requests"] = max(0.0, self.in_flight["requests"] - 1)
+            self.in_flight["tokens"] = max(0.0, self.in_flight["tokens"] - tokens)
+
+    def observe(self, headers: Any) -> None:
+        """Sync the mirrored buckets with a response's x-ratelimit-* headers."""
+        if not self.adaptive:
+            return
+        now = time.monotonic()
+        for name in ("requests", "tokens"):
+            remaining = _header_float(headers, f"x-ratelimit-remaining-{name}")
+            if remaining is None:
+                continue
+            limit = _header_float(headers, f"x-ratelimit-limit-{name}")
+            full_in = parse_duration_s(headers.get(f"x-ratelimit-reset-{name}")) or 0.0
+            previous_rate = self.mirror[name][1] if name in self.mirror else None
+            rate = previous_rate
+            if limit is not None and full_in > 0 and limit > remaining:
+                rate = (limit - remaining) / full_in * self.share
+            # What this process may still send: its share of what remains, less the
+            # requests (or their tokens) already on their way (conservatively, as if none
+            # had been counted by the API yet).
+            self.mirror[name] = (remaining * self.share - self.in_flight[name], rate, now, full_in)
+
+    def hold(self, seconds: float) -> None:
+        """The API said Retry-After: every worker pauses that long."""
+        if self.adaptive:
+            self.hold_until = max(self.hold_until, time.monotonic() + min(seconds, MAX_RETRY_AFTER_S))
+
+
+def _header_float(headers: Any, name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 # Endpoints (base_url, model) that have answered at least once without an auth error in
@@ -225,11 +427,14 @@ def _retry_after_seconds(error: openai.APIStatusError) -> float | None:
 class OpenAITeacher:
     """Chat completions against an OpenAI-compatible endpoint."""
 
-    def __init__(self, config: TeacherConfig, api_key: str | None = None) -> None:
+    def __init__(self, config: TeacherConfig, api_key: str | None = None, share: float = 1.0) -> None:
         self.config = config
         self._api_key = api_key if api_key is not None else resolve_api_key(config.api_key_env)
         self.stats = TeacherStats()
         self.endpoint = (str(config.base_url), config.model)
+        # This client's part of the run's limits (1/P in each of P client processes).
+        self.share = share
+        self.budget = SpendingBudget(config, share)
         # Shared by every batch of a run (see `answer_sync`): one event loop in a thread,
         # one client and connection pool, one concurrency limit, one rate limiter.
         self._loop: BackgroundLoop | None = None
@@ -264,6 +469,14 @@ class OpenAITeacher:
             params["top_logprobs"] = generation.top_logprobs
         return params
 
+    def _limiter(self) -> RateLimiter:
+        return RateLimiter(
+            self.config.requests_per_minute,
+            self.config.tokens_per_minute,
+            adaptive=self.config.adaptive_rate_limit,
+            share=self.share,
+        )
+
     def _client(self) -> openai.AsyncOpenAI:
         # aiohttp under the SDK (`openai[aiohttp]`) costs about a third less CPU per
         # request than its default httpx transport; it matters when one process drives
@@ -289,12 +502,24 @@ class OpenAITeacher:
         (or, with `client_processes > 1`, on the thread receiving that process's answers).
         """
         if self.config.client_processes > 1:
-            callback = None if on_answer is None else (lambda index, answer, _created_at: on_answer(index, answer))
+
+            def callback(index: int, answer: TeacherAnswer, _created_at: float) -> None:
+                self._note_budget(answer)
+                if on_answer is not None:
+                    on_answer(index, answer)
+
             return self.pool().answer(messages_list, callback)
         with self._loop_lock:
             if self._loop is None:
                 self._loop = BackgroundLoop()
         return self._loop.run(self._answer_all_shared(messages_list, on_answer))
+
+    def _note_budget(self, answer: TeacherAnswer) -> None:
+        """With client processes, each holds its share of the budget: the run's budget is
+        spent when one of them refused a request (its spending is in `stats`)."""
+        if answer.error == BUDGET_REASON:
+            self.budget.exhausted = True
+            self.budget.refused += 1
 
     def pool(self) -> Any:
         """The client processes (`client_processes > 1`), started on first use."""
@@ -315,8 +540,18 @@ class OpenAITeacher:
         """Answer every request and record each recordable answer under its key the moment
         it arrives (in the client process that received it, with `client_processes > 1`);
         then `on_recorded(index, answer, created_at)`."""
+        if self.config.mode == "batch":
+            from distillflow.tasks.teacher_batch import answer_by_batches
+
+            answer_by_batches(self, messages_list, keys, ledger, on_recorded)
+            return
         if self.config.client_processes > 1:
-            self.pool().answer(messages_list, on_recorded, ledger_path=str(ledger.path), keys=list(keys))
+
+            def noted(index: int, answer: TeacherAnswer, created_at: float) -> None:
+                self._note_budget(answer)
+                on_recorded(index, answer, created_at)
+
+            self.pool().answer(messages_list, noted, ledger_path=str(ledger.path), keys=list(keys))
             return
 
         def record(index: int, answer: TeacherAnswer) -> None:
@@ -329,7 +564,7 @@ class OpenAITeacher:
             self._shared = (
                 self._client(),
                 asyncio.Semaphore(self.config.max_concurrency),
-                RateLimiter(self.config.requests_per_minute, self.config.tokens_per_minute),
+                self._limiter(),
             )
         client, semaphore, limiter = self._shared
         return await self.answer_all(messages_list, on_answer, client=client, semaphore=semaphore, limiter=limiter)
@@ -381,7 +616,7 @@ class OpenAITeacher:
         queue: asyncio.Queue[int] = asyncio.Queue()
         for index in range(len(messages_list)):
             queue.put_nowait(index)
-        limiter = limiter or RateLimiter(self.config.requests_per_minute, self.config.tokens_per_minute)
+        limiter = limiter or self._limiter()
         semaphore = semaphore or asyncio.Semaphore(self.config.max_concurrency)
         params = self.request_params()
         opened = asyncio.Event()
@@ -404,7 +639,7 @@ class OpenAITeacher:
                     async with semaphore:
                         answer = await self._answer_one(client, limiter, params, messages_list[index], opened)
                     results[index] = answer
-                    self.stats.answered += 1
+                    self.stats.answered += answer.error != BUDGET_REASON
                     self.stats.prompt_tokens += answer.prompt_tokens
                     self.stats.completion_tokens += answer.completion_tokens
                     if on_answer is not None:
@@ -457,7 +692,8 @@ class OpenAITeacher:
         messages: Messages,
         opened: asyncio.Event,
     ) -> TeacherAnswer:
-        estimated_tokens = sum(len(m.get("content") or "") for m in messages) // 4 + params["max_tokens"]
+        prompt_estimate = estimate_tokens(messages)
+        estimated_tokens = prompt_estimate + params["max_tokens"]
         reason, detail = "teacher_error:unknown", ""
         # A prompt asked after another failed on first contact gets one try: it decides.
         attempts_allowed = 1 if self._first_failures and not opened.is_set() else self.config.max_retries + 1
@@ -466,6 +702,11 @@ class OpenAITeacher:
         for attempt in range(attempts_allowed):
             if self._fatal is not None:  # another batch of this run hit an auth error, or `abort`
                 raise self._fatal
+            reservation = None
+            if self.budget.active:
+                reservation = self.budget.reserve(prompt_estimate, params["max_tokens"])
+                if reservation is None:  # would pass the budget: not sent (nor anything after it)
+                    return self.budget.refusal(self.model)
             if attempt:
                 self.stats.retries += 1
                 self.stats.retry_reasons[reason] += 1
@@ -473,16 +714,19 @@ class OpenAITeacher:
             self.stats.requests_sent += 1
             attempts += 1
             retry_after: float | None = None
+            used = (0, 0)  # (input, output) tokens paid for by this attempt
             try:
                 # The SDK's own request path (auth, headers, timeouts, typed status errors)
-                # with the body taken as bytes: the answer is read straight from the JSON,
-                # skipping the SDK's params transform and response model, about a third
-                # of its CPU per request.
-                body = await client.post(
+                # with the raw response: the answer is read straight from the JSON bytes,
+                # skipping the SDK's params transform and response model (about a third of
+                # its CPU per request), and the rate-limit headers are at hand.
+                response = await client.post(
                     "/chat/completions",
                     body={"model": self.config.model, "messages": messages, **params},
-                    cast_to=bytes,
+                    cast_to=httpx2.Response,
                 )
+                limiter.observe(response.headers)
+                body = response.content
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as error:
                 self._fatal = TeacherFatalError(self._fatal_message(error))
                 raise self._fatal from None
@@ -490,6 +734,9 @@ class OpenAITeacher:
                 self._mark_open(opened)  # alive, only busy
                 reason, detail = "teacher_error:429", _short(error)
                 retry_after = _retry_after_seconds(error)
+                limiter.observe(error.response.headers)
+                if retry_after is not None:
+                    limiter.hold(retry_after)
             except openai.APIStatusError as error:
                 status = error.status_code
                 reason, detail = f"teacher_error:{status}", _short(error)
@@ -507,8 +754,17 @@ class OpenAITeacher:
                 answer = self._parse(body)
                 if answer is not None:
                     self._mark_open(opened)
+                    # A server that reports no usage is charged at the estimate.
+                    used = (
+                        answer.prompt_tokens or prompt_estimate,
+                        answer.completion_tokens or len(answer.content or "") // 4,
+                    )
                     return answer
                 reason, detail = "teacher_error:malformed", f"unexpected response body: {body[:200]!r}"
+            finally:
+                limiter.release(estimated_tokens)
+                if reservation is not None:
+                    self.budget.settle(reservation, *used)
             if attempt + 1 >= attempts_allowed:
                 break
             wait = self._backoff(attempt, retry_after)
@@ -556,6 +812,13 @@ class OpenAITeacher:
         """A chat completion body → `TeacherAnswer`; None when it is not one (malformed)."""
         try:
             data = json.loads(body)
+        except ValueError:
+            return None
+        return self.parse_completion(data)
+
+    def parse_completion(self, data: Any) -> TeacherAnswer | None:
+        """A chat completion (parsed JSON) → `TeacherAnswer`; None when it is not one."""
+        try:
             choice = data["choices"][0]
             content = choice["message"].get("content")
             if content is not None and not isinstance(content, str):
@@ -637,7 +900,7 @@ def unreachable_message(config: TeacherConfig, failures: Sequence[tuple[str, str
 def is_failure(answer: TeacherAnswer) -> bool:
     """An answer the teacher failed to give (transport, timeout, 429, 5xx, malformed), as
     opposed to an answer or a refusal of this one prompt by the API (400/413/422)."""
-    return not answer.ok and not is_recordable(answer)
+    return not answer.ok and not is_recordable(answer) and answer.error != BUDGET_REASON
 
 
 class FailureBudget:
@@ -664,6 +927,8 @@ class FailureBudget:
         return sum(self.reasons.values())
 
     def count(self, answer: TeacherAnswer) -> None:
+        if answer.error == BUDGET_REASON:  # not sent: neither an answer nor a failure
+            return
         with self.lock:
             if not is_failure(answer):
                 self.answered += 1
@@ -794,7 +1059,7 @@ def answer_requests(
 
     if pending_keys:
         requests = [pending[key] for key in pending_keys]
-        if isinstance(teacher, OpenAITeacher):
+        if hasattr(teacher, "answer_and_record"):  # OpenAITeacher, or its replicas (tasks/teacher_replicas.py)
             teacher.answer_and_record(requests, pending_keys, ledger, recorded)
         else:
             for start in range(0, len(requests), teacher.batch_size):

@@ -50,12 +50,13 @@ def share_of(config: TeacherConfig, share: int, processes: int) -> TeacherConfig
 # -- worker process -----------------------------------------------------------------------------
 
 
-def worker_main(connection: Any, config_json: str, api_key: str) -> None:
+def worker_main(connection: Any, config_json: str, api_key: str, share: float = 1.0) -> None:
     """Entry point of a client process: answer jobs from `connection` until told to stop
-    or until the parent goes away."""
+    or until the parent goes away. `share`: this process's part of the run's budget and
+    of the remaining requests/tokens the API's rate-limit headers report."""
     from distillflow.tasks.teacher import OpenAITeacher
 
-    teacher = OpenAITeacher(TeacherConfig.model_validate_json(config_json), api_key=api_key)
+    teacher = OpenAITeacher(TeacherConfig.model_validate_json(config_json), api_key=api_key, share=share)
     asyncio.run(_serve(connection, teacher))
 
 
@@ -163,7 +164,7 @@ class ClientPool:
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=worker_main,
-                args=(child_end, share_of(config, share, processes).model_dump_json(), api_key),
+                args=(child_end, share_of(config, share, processes).model_dump_json(), api_key, 1.0 / processes),
                 name=f"teacher-client-{share}",
                 daemon=True,
             )

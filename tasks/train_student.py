@@ -238,6 +238,13 @@ def train_student(
         key=artifact_key(config.output_dir, "loss-curve"),
         description=f"Training loss per optimizer step ({config.objective}), {config.output_dir}",
     )
+    from distillflow.tasks.artifact_charts import loss_curve_markdown
+
+    create_markdown_artifact(
+        markdown=loss_curve_markdown(f"Loss curve ({config.objective}): {config.output_dir}", steps),
+        key=artifact_key(config.output_dir, "loss-chart"),
+        description="Training loss per optimizer step, as a chart",
+    )
     create_markdown_artifact(
         markdown=summary_markdown(f"Student training: {config.output_dir}", steps, final),
         key=artifact_key(config.output_dir, "final-metrics"),

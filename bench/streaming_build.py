@@ -1,0 +1,223 @@
+"""Streaming build: peak memory against dataset size, fan-out against one process, per-stage rates.
+
+A local OpenAI-compatible server (tests/openai_server.py, fixed latency, unlimited
+capacity) answers; a real `prefect server start` records the runs. Every build is the
+`distill build` CLI in its own process; its RSS is sampled (with its children: client
+processes, Dask workers) every 0.1 s.
+
+  (1) memory: `distill build` at --small and --large prompts (20k and 200k), same shard
+      size (--shard-rows), same run. Target: peak RSS(large) <= 1.2 x peak RSS(small).
+  (2) fan-out: --fanout-prompts (40k) with `dataset.workers: 2` (a local Dask cluster of 2
+      processes) against one process: same rows and ids; throughput ratio (target within
+      10%: on a 2-core machine the teacher client's CPU is the limit either way).
+  (3) per-stage prompts/s of the large build (from its manifest's stage_seconds) and its
+      bytes on disk per accepted row, for the sizing table in docs/scaling.md.
+
+    python bench/streaming_build.py [--small 20000] [--large 200000] [--fanout-prompts 40000]
+                                    [--shard-rows 10000] [--concurrency 64] [--latency-ms 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+API_KEY = "bench-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def prompts_for(n: int) -> list[str]:
+    """n distinct prompts of 14 random words (seeded), far apart in Jaccard similarity."""
+    rng = random.Random(1234)
+    vocabulary = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "po", "ru", "si", "ta", "vu", "ze")
+                  for b in ("bar", "cen", "dol", "fim", "gor", "hup", "jex", "kal", "mon", "nix",
+                            "pes", "quo", "rad", "sul", "tiv", "urb", "vek", "wol", "yan", "zop")]
+    return [f"Prompt {i}: " + " ".join(rng.choice(vocabulary) for _ in range(14)) + "?" for i in range(n)]
+
+
+def write_config(workdir: Path, base_url: str, n: int, args: argparse.Namespace, workers: int = 1) -> Path:
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    seeds = workdir / "seeds.jsonl"
+    with open(seeds, "w") as handle:
+        for prompt in prompts_for(n):
+            handle.write(json.dumps({"prompt": prompt}) + "\n")
+    config = {
+        "name": "bench-streaming",
+        "output_dir": str(workdir / "out"),
+        "seeds": [{"path": str(seeds)}],
+        "prompts": {"num_prompts": n, "strategies": {"seed": 1.0, "edge_case": 0.0, "adversarial": 0.0, "evolve": 0.0}},
+        "teacher": {
+            "backend": "openai",
+            "base_url": base_url,
+            "model": "test-teacher",
+            "api_key_env": "BENCH_API_KEY",
+            "max_concurrency": args.concurrency,
+            "generation": {"temperature": 0.7, "max_tokens": 512},
+        },
+        "dataset": {"shard_rows": args.shard_rows, "workers": workers},
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and all its descendants, MB."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        members = [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for member in members:
+        try:
+            total += member.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def build(config: Path, env: dict[str, str]) -> dict:
+    """`distill build CONFIG` in its own process: wall time, peak RSS of its process tree, manifest."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "distillflow.cli", "build", str(config)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0.0
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(process.stderr), daemon=True)
+    reader.start()
+    while process.poll() is None:
+        peak = max(peak, tree_rss_mb(process.pid))
+        time.sleep(0.1)
+    elapsed = time.perf_counter() - started
+    reader.join(5)
+    if process.returncode != 0:
+        raise RuntimeError(f"build failed ({process.returncode}):\n{''.join(stderr)[-4000:]}")
+    import yaml
+
+    out = Path(yaml.safe_load(config.read_text())["output_dir"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"elapsed_s": elapsed, "peak_rss_mb": peak, "manifest": manifest, "out": out}
+
+
+def ids_of(out: Path) -> list[str]:
+    from distillflow.storage.parquet import read_table
+
+    return read_table(out / "data", columns=["id"]).column("id").to_pylist()
+
+
+def disk_bytes(out: Path) -> int:
+    return sum(path.stat().st_size for part in ("data", "rejects") for path in (out / part).glob("*.parquet"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=20_000)
+    parser.add_argument("--large", type=int, default=200_000)
+    parser.add_argument("--fanout-prompts", type=int, default=40_000)
+    parser.add_argument("--shard-rows", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="distill-stream-bench-"))
+    env = {**os.environ, "BENCH_API_KEY": API_KEY, "PREFECT_HOME": str(workdir / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("PREFECT_API_URL", None)
+    server_port, prefect_port = free_port(), free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "openai_server.py"), "--port", str(server_port),
+             "--api-key", API_KEY, "--latency-ms", str(args.latency_ms), "--no-record"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+            env={**env, "PREFECT_UI_ENABLED": "false"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+    ]
+    try:
+        base_url = f"http://127.0.0.1:{server_port}/v1"
+        wait_http(f"http://127.0.0.1:{server_port}/health")
+        wait_http(f"http://127.0.0.1:{prefect_port}/api/health")
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
+        print(f"shard_rows {args.shard_rows}, concurrency {args.concurrency}, server latency {args.latency_ms:.0f} ms",
+              flush=True)
+
+        runs = {}
+        for label, n in (("small", args.small), ("large", args.large)):
+            runs[label] = build(write_config(workdir / label, base_url, n, args), env)
+            run = runs[label]
+            print(f"  {label}: {n} prompts, {run['elapsed_s']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB, "
+                  f"stages {run['manifest']['stage_seconds']}", flush=True)
+        ratio = runs["large"]["peak_rss_mb"] / runs["small"]["peak_rss_mb"]
+
+        fan = {}
+        for workers in (1, 2):
+            fan[workers] = build(write_config(workdir / f"fanout-{workers}", base_url, args.fanout_prompts, args, workers), env)
+            print(f"  fan-out {workers} worker(s): {args.fanout_prompts} prompts, {fan[workers]['elapsed_s']:.1f} s, "
+                  f"peak RSS (tree) {fan[workers]['peak_rss_mb']:.0f} MB, teacher stage "
+                  f"{fan[workers]['manifest']['stage_seconds']['teacher']:.1f} s", flush=True)
+        same = ids_of(fan[1]["out"]) == ids_of(fan[2]["out"])
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
+
+    print(f"(1) peak RSS: {args.large} prompts {runs['large']['peak_rss_mb']:.0f} MB vs {args.small} prompts "
+          f"{runs['small']['peak_rss_mb']:.0f} MB: ratio {ratio:.3f} (target <= 1.2) "
+          f"{'OK' if ratio <= 1.2 else 'ABOVE TARGET'}; "
+          f"{1024 * (runs['large']['peak_rss_mb'] - runs['small']['peak_rss_mb']) / (args.large - args.small):.2f} KB per "
+          "prompt at the margin")
+    throughput = {w: args.fanout_prompts / fan[w]["elapsed_s"] for w in fan}
+    stage = {w: args.fanout_prompts / fan[w]["manifest"]["stage_seconds"]["teacher"] for w in fan}
+    print(f"(2) fan-out: same ids {same}; whole build 2 workers/1 process {throughput[2] / throughput[1]:.3f} "
+          f"({throughput[2]:.0f} vs {throughput[1]:.0f} prompts/s); teacher stage {stage[2] / stage[1]:.3f} "
+          f"({stage[2]:.0f} vs {stage[1]:.0f} prompts/s) (target >= 0.9) "
+          f"{'OK' if throughput[2] / throughput[1] >= 0.9 else 'BELOW TARGET'}")
+    large = runs["large"]
+    print(f"(3) per stage, {args.large} prompts (prompts/s):")
+    for name, seconds in large["manifest"]["stage_seconds"].items():
+        print(f"     {name:18s} {seconds:8.2f} s  {args.large / max(seconds, 1e-9):12.0f} /s")
+    accepted = large["manifest"]["counts"]["accepted"]
+    print(f"     on disk: {disk_bytes(large['out']) / accepted:.0f} bytes per accepted row (data + rejects, zstd); "
+          f"ledger {(large['out'] / '.ledger' / 'teacher.sqlite').stat().st_size / accepted:.0f} bytes per answer")
+    print(f"     whole build: {args.large / large['elapsed_s']:.0f} prompts/s ({large['elapsed_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Prefect deployments of every flow, for the UI: `distill serve` (this machine runs them)
+and `distill deploy` (a work pool's workers run them).
+
+Each deployment's one parameter is the whole typed config (`DistillConfig`), so the UI's
+"Run" page shows it as a form and the server rejects invalid values before a run starts.
+Only the NAME of the teacher key's env var is in it: the process that runs the flow (the
+`serve` process or the worker) needs the key in its environment.
+
+The build deployment runs the `build-dataset` flow itself. The other stages' flows take a
+config file (training launches DeepSpeed processes that read it), so their deployments run
+a small flow that writes the config to a temporary YAML file and runs the stage's command
+on it, preflight included — the stage's own flow appears inside it as a subflow.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow
+
+from distillflow.config import ConfigError, DistillConfig, load_config
+from distillflow.flows.build import build_dataset
+
+DEFAULT_POOL = "distillflow"
+
+
+@contextmanager
+def config_file(config: DistillConfig) -> Iterator[str]:
+    """The config as a YAML file for the duration of a run (relative paths in it still resolve
+    against the working directory, as on the command line)."""
+    with tempfile.TemporaryDirectory(prefix="distill-deployment-") as directory:
+        path = Path(directory) / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', config.name)}.yaml"
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        yield str(path)
+
+
+@flow(name="distill-capture-logits")
+def capture_deployment(config: DistillConfig) -> dict[str, Any]:
+    """`distill capture-logits`: add the teacher's top-k logprobs to the config's dataset."""
+    from distillflow.flows.capture_logits import capture_logits_command
+
+    with config_file(config) as path:
+        return capture_logits_command(path)
+
+
+@flow(name="distill-train")
+def train_deployment(config: DistillConfig) -> dict[str, Any]:
+    """`distill train`: train the student of the config's `training:` section."""
+    from distillflow.flows.train import train_command
+
+    with config_file(config) as path:
+        return train_command(path)
+
+
+@flow(name="distill-eval")
+def eval_deployment(config: DistillConfig) -> dict[str, Any]:
+    """`distill eval`: evaluate the models of the config's `evaluation:` section."""
+    from distillflow.flows.evaluate import eval_command
+
+    with config_file(config) as path:
+        return eval_command(path)
+
+
+@flow(name="distill-sweep")
+def sweep_deployment(config: DistillConfig) -> dict[str, Any]:
+    """`distill sweep`: train and evaluate every point of the config's `sweep:` grid."""
+    from distillflow.flows.sweep import sweep_command
+
+    with config_file(config) as path:
+        return sweep_command(path)
+
+
+@flow(name="distill-mine")
+def mine_deployment(config: DistillConfig) -> dict[str, Any]:
+    """`distill mine`: add the prompts the student gets most wrong; retrain and evaluate."""
+    from distillflow.flows.mine import mine_command
+
+    with config_file(config) as path:
+        return mine_command(path)
+
+
+@flow(name="distill-run")
+def run_deployment(config: DistillConfig) -> dict[str, Any]:
+    """`distill run`: every stage the config asks for, as one parent flow."""
+    from distillflow.flows.pipeline import run_command
+
+    with config_file(config) as path:
+        return run_command(path)
+
+
+# Deployment name (the keys of the config's `schedule:` section) → the flow it runs.
+DEPLOYMENT_FLOWS = {
+    "build": build_dataset,
+    "capture": capture_deployment,
+    "train": train_deployment,
+    "eval": eval_deployment,
+    "sweep": sweep_deployment,
+    "mine": mine_deployment,
+    "run": run_deployment,
+}
+
+
+def runner_deployments(config_paths: list[Path], **options: Any) -> list[Any]:
+    """One RunnerDeployment per stage of each config (`DistillConfig.deployment_names`), named
+    after the config, with the config's schedules; `options` go to `Flow.to_deployment`."""
+    if not config_paths:
+        raise ConfigError("give at least one config")
+    deployments = []
+    names: dict[str, Path] = {}
+    for path in config_paths:
+        config = load_config(path)
+        if config.name in names:
+            raise ConfigError(
+                f"{path}: name {config.name!r} is also the name of {names[config.name]}; deployments are "
+                "named after their config, so give each config its own `name:`"
+            )
+        names[config.name] = Path(path)
+        entries = config.schedule.entries() if config.schedule is not None else {}
+        for stage in config.deployment_names():
+            entry = entries.get(stage)
+            deployments.append(
+                DEPLOYMENT_FLOWS[stage].to_deployment(
+                    name=config.name,
+                    parameters={"config": config.model_dump(mode="json")},
+                    schedules=[entry.to_prefect()] if entry is not None else None,
+                    tags=["distillflow", stage],
+                    **options,
+                )
+            )
+    return deployments
+
+
+def serve_command(config_paths: list[Path]) -> None:
+    """Register every deployment of the configs and run their flow runs in this process's
+    machine until interrupted (Ctrl-C pauses their schedules)."""
+    from prefect import serve
+
+    serve(*runner_deployments(config_paths))
+
+
+def ensure_process_pool(pool: str) -> None:
+    """Create the process work pool `pool` when it does not exist yet (a worker started with
+    `--type process` creates it too; whichever comes first)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            except ObjectAlreadyExists:
+                pass
+
+
+def deploy_command(config_paths: list[Path], pool: str = DEFAULT_POOL, working_dir: Path | None = None) -> list[str]:
+    """Register every deployment of the configs on the work pool `pool`; a worker
+    (`prefect worker start --pool POOL --type process`) with distillflow installed runs them.
+
+    The flows are referenced by module (`flows.build.build_dataset`, ...), so nothing is
+    uploaded: the worker imports the installed package. Runs start in `working_dir` (default:
+    the current directory), where the configs' relative paths resolve as on the command line.
+    Returns the deployments' "flow/deployment" names."""
+    from prefect.deployments.runner import EntrypointType, deploy
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise ConfigError(
+            "distill deploy registers deployments on a running Prefect server, and none is configured: "
+            "set PREFECT_API_URL to its API (e.g. http://127.0.0.1:4200/api; `prefect server start` runs one)"
+        )
+    working_dir = (working_dir or Path.cwd()).resolve()
+    deployments = runner_deployments(
+        config_paths,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        job_variables={"working_dir": str(working_dir)},
+    )
+    ensure_process_pool(pool)
+    deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False, ignore_warnings=True)
+    names = [f"{deployment.flow_name}/{deployment.name}" for deployment in deployments]
+    for name in names:
+        print(f"deployed {name} → work pool {pool!r}")
+    return names

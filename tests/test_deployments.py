@@ -1,0 +1,197 @@
+"""Prefect deployments of every flow: typed parameters, schedules from config, and the
+work-pool path (`distill deploy` + `prefect worker start`) against a real server."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distillflow.config import ConfigError, load_config, parse_config
+from distillflow.flows.deployments import config_file, runner_deployments
+from tests.conftest import free_port
+from tests.openai_server import FaultyOpenAIServer, ServerThread
+from tests.prefect_processes import (
+    api,
+    base_env,
+    flow_run_logs,
+    processes,
+    start_server,
+    wait_for_deployment,
+    wait_for_flow_run,
+)
+from tests.test_build import API_KEY, GOOD, write_config, write_seeds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_config(tmp_path: Path, schedule: dict | None = None) -> Path:
+    data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    if schedule is not None:
+        data["schedule"] = schedule
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_every_stage_of_a_config_is_a_deployment_with_a_typed_config_form(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the demo config's relative seed path
+    deployments = runner_deployments([demo_config(tmp_path)])
+    names = [f"{d.flow_name}/{d.name}" for d in deployments]
+    assert names == [
+        "build-dataset/demo",
+        "distill-capture-logits/demo",
+        "distill-train/demo",
+        "distill-eval/demo",
+        "distill-sweep/demo",
+        "distill-mine/demo",
+        "distill-run/demo",
+    ]
+    for deployment in deployments:
+        schema = deployment._parameter_openapi_schema.model_dump()
+        assert schema["required"] == ["config"], deployment.flow_name
+        # The form: the config's sections as typed fields, with their descriptions.
+        config_schema = schema["definitions"]["DistillConfig"]
+        assert {"name", "output_dir", "seeds", "teacher", "prompts", "schedule"} <= set(config_schema["properties"])
+        assert config_schema["additionalProperties"] is False
+        num_prompts = schema["definitions"]["PromptsConfig"]["properties"]["num_prompts"]
+        assert {"type": "integer", "minimum": 1} in num_prompts["anyOf"] and num_prompts["description"]
+        assert deployment.parameters["config"]["name"] == "demo"
+        assert deployment.schedules == [] or deployment.schedules is None
+
+
+def test_a_config_with_only_a_dataset_has_build_and_run(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:3])
+    deployments = runner_deployments([write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", "http://127.0.0.1:9/v1")])
+    assert [d.flow_name for d in deployments] == ["build-dataset", "distill-run"]
+
+
+def test_schedules_come_from_the_config_per_deployment(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    schedule = {
+        "build": {"cron": "0 3 * * *", "timezone": "Europe/Berlin"},
+        "train": {"interval_s": 3600, "active": False},
+    }
+    deployments = {d.flow_name: d for d in runner_deployments([demo_config(tmp_path, schedule)])}
+    (build,) = deployments["build-dataset"].schedules
+    assert build.schedule.cron == "0 3 * * *" and build.schedule.timezone == "Europe/Berlin" and build.active
+    (train,) = deployments["distill-train"].schedules
+    assert train.schedule.interval.total_seconds() == 3600 and not train.active
+    assert not deployments["distill-eval"].schedules
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        ({"build": {"cron": "61 * * * *"}}, "schedule.build.cron: Value error, '61 * * * *' is not a cron expression"),
+        ({"build": {"cron": "0 3 * * *", "timezone": "Berlin"}}, "did you mean Europe/Berlin"),
+        ({"build": {"timezone": "UTC"}}, "schedule.build: Value error, give exactly one of `cron` or `interval_s`"),
+        ({"build": {"cron": "0 3 * * *", "interval_s": 60}}, "give exactly one of `cron` or `interval_s`"),
+        ({"biuld": {"interval_s": 60}}, "schedule.biuld: unknown key"),
+        ({"build": {"interval_s": 0}}, "schedule.build.interval_s"),
+    ],
+)
+def test_a_bad_schedule_names_the_key_and_the_fix(tmp_path, schedule, message):
+    data = yaml.safe_load((ROOT / "configs" / "openai_api.yaml").read_text())
+    data["schedule"] = schedule
+    with pytest.raises(ConfigError) as error:
+        parse_config(data, "c.yaml")
+    assert message in str(error.value)
+
+
+def test_a_schedule_for_a_missing_stage_is_refused(tmp_path):
+    data = yaml.safe_load((ROOT / "configs" / "openai_api.yaml").read_text())
+    data["schedule"] = {"train": {"cron": "0 3 * * *"}}
+    with pytest.raises(ConfigError, match="schedule.train: this config has no `training:` section"):
+        parse_config(data, "c.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in (ROOT / "configs").glob("*.yaml")))
+def test_the_config_a_deployment_writes_reads_back_the_same(name, monkeypatch):
+    """The stage deployments hand their config parameter to the stage as a YAML file."""
+    monkeypatch.chdir(ROOT)
+    config = load_config(ROOT / "configs" / name, check_files=False)
+    with config_file(config) as path:
+        assert load_config(path, check_files=False) == config
+
+
+def test_the_key_is_never_a_parameter(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:3])
+    deployments = runner_deployments([write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", "http://127.0.0.1:9/v1")])
+    for deployment in deployments:
+        text = json.dumps(deployment.parameters)
+        assert API_KEY not in text and '"api_key_env": "DISTILL_TEST_KEY"' in text
+
+
+def test_deploy_without_a_server_says_how_to_point_at_one(tmp_path, monkeypatch):
+    from distillflow.flows.deployments import deploy_command
+
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:3])
+    config = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", "http://127.0.0.1:9/v1")
+    with pytest.raises(ConfigError, match="set PREFECT_API_URL"):
+        deploy_command([config])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_process_worker_runs_a_deployed_build(tmp_path):
+    """`distill deploy` to a process pool, `prefect worker start` picks the run up, the
+    dataset is written (the way the compose worker runs flows)."""
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:6])
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    with ServerThread(FaultyOpenAIServer(api_key=API_KEY), free_port()) as teacher, processes(tmp_path / "logs") as group:
+        # A relative output_dir: it resolves in the deploy's working directory, as on the command line.
+        write_config(workdir / "c.yaml", seeds, Path("data/test-build"), teacher.base_url)
+        url = start_server(group, tmp_path / "server-home", free_port())
+        env = base_env(tmp_path / "client-home", PREFECT_API_URL=url)
+        deploy = group.start("deploy", [sys.executable, "-m", "distillflow.cli", "deploy", "c.yaml", "--pool", "distillflow"], env, cwd=workdir, service=False)
+        assert deploy.wait(60) == 0, group.log("deploy")
+        assert "deployed build-dataset/test-build → work pool 'distillflow'" in group.log("deploy")
+        worker_env = {**env, "DISTILL_TEST_KEY": API_KEY, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        group.start("worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", "distillflow", "--type", "process"], worker_env, cwd=tmp_path)
+
+        deployment = wait_for_deployment(url, "build-dataset/test-build", 10, group)
+        assert deployment.work_pool_name == "distillflow"
+        parameters = {"config": {**deployment.parameters["config"], "name": "from-the-pool"}}
+        with api(url) as client:
+            run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+        run = wait_for_flow_run(url, run.id, 120, group)
+        assert run.state.type.value == "COMPLETED", flow_run_logs(url, run.id) + group.log("worker")
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        with api(url) as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        summary = {artifact.key: artifact.data for artifact in artifacts}["from-the-pool-summary"]
+        assert summary.startswith("# from-the-pool: 6 accepted, 0 rejected") and "data:image/png;base64," in summary
+
+    manifest = json.loads((workdir / "data" / "test-build" / "manifest.json").read_text())
+    assert manifest["name"] == "from-the-pool"  # the edited parameter reached the flow
+    assert manifest["counts"]["accepted"] == 6
+
+
+def test_a_stage_deployment_runs_the_stage_on_its_typed_config(prefect_harness, tmp_path, monkeypatch):
+    """What a stage deployment's run does: the config parameter (as edited in the form) is
+    written to a YAML file for the stage's command, and the stage runs as a subflow."""
+    from distillflow.flows.deployments import run_deployment
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:4])
+    with ServerThread(FaultyOpenAIServer(api_key=API_KEY), free_port()) as teacher:
+        config = load_config(write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", teacher.base_url))
+        edited = config.model_copy(update={"name": "edited-in-the-form"})
+        result = run_deployment(edited)
+    assert result["dataset"]["accepted"] == 4
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["name"] == "edited-in-the-form"
+    assert not list(Path(tempfile.gettempdir()).glob("distill-deployment-*"))  # the temporary config is gone

@@ -1,0 +1,147 @@
+"""The Prefect UI as a person uses it, in a real headless chromium: open the build
+deployment served by `distill serve`, edit its Run form, submit, wait for the run, and read
+the counts on its artifact page. Screenshots of every step are kept in tests/output/ui/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cdp import chromium_binary, launch
+from tests.conftest import free_port
+from tests.openai_server import FaultyOpenAIServer, ServerThread
+from tests.prefect_processes import (
+    api,
+    base_env,
+    flow_run_logs,
+    processes,
+    start_server,
+    wait_for_deployment,
+    wait_until,
+)
+from tests.test_build import API_KEY, GOOD, write_config, write_seeds
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "tests" / "output" / "ui"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(chromium_binary() is None, reason="no chromium on PATH: apt-get install -y chromium (.ci/run does)"),
+]
+
+# The form field of a schema property, found by its label and description as shown on the page.
+FIELD_JS = """((tag, label) => Array.from(document.querySelectorAll(tag)).find(element => {
+    const field = element.closest('.p-label');
+    return field && field.innerText.trim().startsWith(label);
+}))"""
+
+
+# Validation messages and toasts on the page, for a failure message.
+ERRORS_JS = """Array.from(document.querySelectorAll('.p-message, .p-toast, [class*=error], [class*=invalid]'))
+    .map(e => e.innerText.trim()).filter(Boolean).slice(0, 20).join(' | ')"""
+
+
+def deepest_with_text(text: str, exact: bool = False) -> str:
+    """JS for the innermost element showing `text` (a click on it reaches its tab, link or card)."""
+    test = f"e.innerText.trim() === {json.dumps(text)}" if exact else f"e.innerText.includes({json.dumps(text)})"
+    return f"Array.from(document.body.querySelectorAll('*')).filter(e => e.innerText && {test}).pop()"
+
+
+def button(text: str) -> str:
+    return f"Array.from(document.querySelectorAll('button')).find(b => b.innerText.trim() === {json.dumps(text)})"
+
+
+def test_run_the_build_deployment_from_the_ui_and_read_its_counts(tmp_path):
+    shutil.rmtree(SCREENSHOTS, ignore_errors=True)
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:8])
+    started = time.monotonic()
+
+    def log(message: str) -> None:  # where the time goes (pytest -s)
+        print(f"[{time.monotonic() - started:5.1f} s] {message}", flush=True)
+
+    with ServerThread(FaultyOpenAIServer(api_key=API_KEY), free_port()) as teacher, processes(tmp_path / "logs") as group:
+        config = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", teacher.base_url)
+        port = free_port()
+        url = start_server(group, tmp_path / "server-home", port, ui=True)
+        log("server up")
+        # `distill serve` runs the flow runs; the key is in its environment only.
+        env = base_env(tmp_path / "client-home", PREFECT_API_URL=url, DISTILL_TEST_KEY=API_KEY, PREFECT_RUNNER_POLL_FREQUENCY="2")
+        group.start("serve", [sys.executable, "-m", "distillflow.cli", "serve", str(config)], env, cwd=tmp_path)
+        browser = launch(group, tmp_path / "chromium-profile")
+        try:
+            deployment = wait_for_deployment(url, "build-dataset/test-build", 60, group)
+            log("deployment registered")
+            ui = f"http://127.0.0.1:{port}"
+
+            # The deployment page, then its Run form (custom run).
+            browser.goto(f"{ui}/deployments/deployment/{deployment.id}")
+            browser.wait_for("document.body.innerText.includes('test-build')", "the deployment page")
+            browser.screenshot(SCREENSHOTS / "1-deployment.png")
+            browser.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
+            num_prompts = f"{FIELD_JS}('input', 'Num Prompts (Optional)\\nTarget prompt count')"
+            name = f"{FIELD_JS}('textarea', 'Name\\nDataset / run name.')"
+            browser.wait_for(f"{num_prompts} && {num_prompts}.value === '1000'", "the Run form with the config's num_prompts")
+            assert browser.evaluate(f"{name}.value") == "test-build"
+
+            # Edit two parameters as a user would: type over the old values.
+            browser.type_into(num_prompts, "5")
+            browser.type_into(name, "from-the-ui")
+            assert browser.evaluate(f"{num_prompts}.value") == "5"
+            browser.screenshot(SCREENSHOTS / "2-run-form-edited.png")
+            browser.evaluate(f"{button('Submit')}.click()")
+
+            # Submitting goes back to the deployment page, the new run listed on it: open it.
+            run_link = "Array.from(document.querySelectorAll('a')).find(a => /flow-run\\/[0-9a-f-]{36}/.test(a.href))"
+            browser.wait_for(f"!!{run_link}", "the new run on the deployment page", 45)
+            run_id = browser.evaluate(f"{run_link}.href.match(/flow-run\\/([0-9a-f-]{{36}})/)[1]")
+            browser.evaluate(f"{run_link}.click()")
+            log(f"submitted run {run_id}")
+
+            def finished():
+                with api(url) as client:
+                    run = client.read_flow_run(run_id)
+                return run if run.state.is_final() else None
+
+            run = wait_until(finished, 120, "the flow run to finish", group, every=1.0)
+            log(f"run {run.state.name}")
+            assert run.state.is_completed(), flow_run_logs(url, run.id) + group.log("serve")
+            assert run.parameters["config"]["prompts"]["num_prompts"] == 5
+            browser.wait_for("document.body.innerText.includes('Completed')", "the run page to show Completed")
+            browser.screenshot(SCREENSHOTS / "3-flow-run-completed.png")
+
+            # The run's Artifacts tab lists the summary; its page shows the counts and the chart.
+            browser.evaluate(f"{deepest_with_text('Artifacts', exact=True)}.click()")
+            card = deepest_with_text("from-the-ui-summary")
+            browser.wait_for(f"!!{card}", "the summary artifact in the run's Artifacts tab")
+            browser.screenshot(SCREENSHOTS / "4-run-artifacts.png")
+            browser.evaluate(f"{card}.click()")
+            browser.wait_for("document.body.innerText.includes('5 accepted, 0 rejected')", "the counts on the artifact page")
+            text = browser.evaluate("document.body.innerText")
+            assert "Rows per stage" in text and "Accepted rows per strategy" in text and "Teacher usage" in text
+            image_width = browser.wait_for(
+                "Array.from(document.images).filter(i => i.src.startsWith('data:image/png') && i.complete)"
+                ".map(i => i.naturalWidth)[0]",
+                "the length histograms image to render",
+            )
+            assert image_width > 300
+            browser.evaluate("window.scrollTo(0, 0)")
+            browser.screenshot(SCREENSHOTS / "5-artifact-summary.png")
+            browser.evaluate("Array.from(document.images).find(i => i.src.startsWith('data:image/png')).scrollIntoView()")
+            browser.screenshot(SCREENSHOTS / "6-artifact-length-histograms.png")
+            log("artifact page checked")
+        except BaseException:
+            browser.screenshot(SCREENSHOTS / "failed.png")
+            print(browser.evaluate(ERRORS_JS))
+            print(browser.evaluate("location.href + '\\n' + document.body.innerText.slice(0, 3000)"))
+            raise
+        finally:
+            browser.close()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["name"] == "from-the-ui" and manifest["counts"]["accepted"] == 5
