@@ -154,13 +154,38 @@ def mine(config: Path = typer.Argument(..., help="YAML config with a `mining:` s
 @app.command()
 def inspect(
     directory: Path = typer.Argument(..., help="A dataset directory written by `distill build`."),
-    samples: int = typer.Option(3, help="Sample rows to show from data/ and rejects/."),
+    samples: int = typer.Option(3, help="Sample rows to show from data/ and rejects/ (per strategy with --html)."),
     seed: int = typer.Option(0, help="Seed of the sample."),
+    html: Optional[Path] = typer.Option(
+        None, "--html", help="Write the view, with charts, duplicate clusters and samples, as one self-contained HTML page."
+    ),
+    sql: Optional[str] = typer.Option(
+        None, "--sql", help="Run a read-only DuckDB query over the tables data, rejects (and candidates) instead."
+    ),
+    output_format: str = typer.Option("table", "--format", help="Result format of --sql: table, csv or json (lines)."),
 ) -> None:
-    """Summary, counts per strategy / reject reason, length histograms, samples."""
+    """Summary, counts per strategy / reject reason, length histograms, samples; or an HTML
+    report (--html), or SQL over the dataset's Parquet (--sql)."""
+    from distillflow.storage.manifest import MANIFEST_NAME, read_manifest
+    from distillflow.storage.report import scrub_secrets
+
+    if output_format not in ("table", "csv", "json"):
+        raise typer.BadParameter(f"must be table, csv or json (got {output_format!r})", param_hint="--format")
+    manifest = read_manifest(directory) if (directory / MANIFEST_NAME).is_file() else None
+    if sql is not None:
+        from distillflow.storage.query import format_result, run_query
+
+        typer.echo(scrub_secrets(format_result(run_query(directory, sql), output_format), manifest))
+        return
+    if html is not None:
+        from distillflow.storage.report import write_report
+
+        path = write_report(directory, html, samples=samples, seed=seed)
+        typer.echo(f"report: {path}")
+        return
     from distillflow.storage.inspect import inspect_dataset
 
-    typer.echo(inspect_dataset(directory, samples=samples, seed=seed))
+    typer.echo(scrub_secrets(inspect_dataset(directory, samples=samples, seed=seed), manifest))
 
 
 @app.command("config")

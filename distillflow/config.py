@@ -289,6 +289,11 @@ class DistillConfig(StrictModel):
 
     name: str = Field(..., min_length=1, description="Dataset / run name.")
     output_dir: Path = Field(..., description="Where the dataset (and the ledger) is written.")
+    license: str | None = Field(
+        None,
+        description="License of the dataset, as a Hugging Face Hub license id (e.g. apache-2.0, cc-by-4.0, "
+        "other); written into the dataset card's YAML header.",
+    )
     seeds: list[SeedSource] = Field(..., min_length=1)
     prompts: PromptsConfig = PromptsConfig()
     teacher: TeacherConfig

@@ -29,6 +29,8 @@ from prefect.utilities.annotations import quote
 import distillflow
 from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
+from distillflow.progress import ProgressBar
+from distillflow.progress import progress as report_progress
 from distillflow.records import PromptRecord, Reject, TeacherAnswer
 from distillflow.storage.dataset import dataset_card, finish_dataset
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
@@ -63,31 +65,6 @@ BATCHES_IN_FLIGHT = 3
 HEARTBEAT_S = 60.0  # a stage running longer than this says so, every HEARTBEAT_S
 
 
-class Progress:
-    """Counts answers across concurrent batches; logs `answered N/M` every `every_s` seconds."""
-
-    def __init__(self, label: str, total: int, every_s: float = 5.0) -> None:
-        self.label, self.total, self.every_s = label, total, every_s
-        self.done = 0
-        self.started = self.last = self.last_answer = time.monotonic()
-        self.lock = threading.Lock()
-
-    def __call__(self, count: int) -> None:
-        with self.lock:
-            self.done += count
-            now = time.monotonic()
-            if count:
-                self.last_answer = now
-            if now - self.last < self.every_s and self.done != self.total:
-                return
-            self.last = now
-            rate = self.done / max(now - self.started, 1e-9)
-        print(f"[{self.label}] {self.done}/{self.total} answered ({rate:.0f}/s)", file=sys.stderr, flush=True)
-
-    def status(self) -> str:
-        """For the heartbeat of a stage that seems stuck."""
-        with self.lock:
-            return f"{self.done}/{self.total} answered, the last {time.monotonic() - self.last_answer:.0f} s ago"
 
 
 @contextmanager
@@ -127,10 +104,12 @@ def load_seeds_task(config: DistillConfig, prompt_column: str | None) -> tuple[l
 def generate_prompts_task(config: DistillConfig, seeds: list[PromptRecord], teacher: Any, ledger: Ledger):
     from distillflow.prompts.generate import generate_prompts
 
-    def complete(messages_list: list[list[dict]]) -> list[TeacherAnswer]:
-        return [answer for answer, _ in answer_requests(teacher, ledger, messages_list)]
+    with report_progress(f"{config.name} generate", unit="teacher answers") as bar:
 
-    return generate_prompts(seeds, config.prompts, complete)
+        def complete(messages_list: list[list[dict]]) -> list[TeacherAnswer]:
+            return [answer for answer, _ in answer_requests(teacher, ledger, messages_list, progress=bar)]
+
+        return generate_prompts(seeds, config.prompts, complete)
 
 
 @task(name="filter-prompts", cache_policy=NO_CACHE)
@@ -146,7 +125,7 @@ def answer_batch_task(
     config: DistillConfig,
     teacher: Any,
     ledger: Ledger,
-    progress: Progress,
+    progress: ProgressBar,
     budget: FailureBudget,
 ) -> tuple[list[dict[str, Any]], list[Reject]]:
     """Ask the teacher for one batch (ledger first); answered rows and teacher-error rejects."""
@@ -198,7 +177,7 @@ def answer_shards_on_workers(
     plan: list[tuple[int, int]],
     state: BuildState,
     first_reject_file: int,
-    progress: Progress,
+    progress: ProgressBar,
     stats: Any,
 ) -> None:
     """Fan-out: every unfinished shard is one task on the Dask workers (2 per worker in flight,
@@ -378,7 +357,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             if resumed:
                 logger.info("resuming: %d of %d shards were already written", resumed, len(plan))
 
-            progress = Progress(label, len(kept))
+            progress = ProgressBar(f"{label} teacher", len(kept), "answered")
             if resumed:
                 progress(sum(plan[index][1] - plan[index][0] for index in state.finished))
             budget = FailureBudget(len(kept), config.teacher, on_exceeded=teacher.abort)
@@ -414,7 +393,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 stage_seconds["write_shards"] += time.perf_counter() - shard_started
 
             fan_out = config.dataset.workers > 1 and teacher.concurrent
-            with stage(stage_seconds, "teacher", label, progress.status):
+            with progress.shown(), stage(stage_seconds, "teacher", label, progress.status):
                 if fan_out:
                     answer_shards_on_workers(config, kept, plan, state, first_reject_file, progress, teacher.stats)
                 elif teacher.concurrent:

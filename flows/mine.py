@@ -17,8 +17,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from distillflow.config import DistillConfig, load_config
-from distillflow.flows.build import Progress, answer_batch_task, filter_responses_task
+from distillflow.flows.build import answer_batch_task, filter_responses_task
 from distillflow.interrupt import cancel_on_interrupt
+from distillflow.progress import ProgressBar
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.tasks.mining import (
     MiningPlan,
@@ -98,17 +99,18 @@ def mine(config_path: str) -> dict[str, Any]:
         with cancel_on_interrupt(lambda: teacher.abort(TeacherAborted("interrupted by a signal"))):
             candidates, summary = candidates_task(config, plan, teacher, ledger)
             logger.info("%d candidates after dedup against %s", len(candidates), plan.dataset_dir)
-            progress = Progress(f"{config.name}-mine", len(candidates))
+            progress = ProgressBar(f"{config.name}-mine teacher", len(candidates), "answered")
             budget = FailureBudget(len(candidates), config.teacher, on_exceeded=teacher.abort)
             size = config.teacher.batch_size
             answered: list[dict[str, Any]] = []
             rejects = []
-            for index, start in enumerate(range(0, len(candidates), size)):
-                rows, errors = answer_batch_task(
-                    index, quote(candidates[start : start + size]), config, teacher, ledger, progress, budget
-                )
-                answered += rows
-                rejects += errors
+            with progress.shown():
+                for index, start in enumerate(range(0, len(candidates), size)):
+                    rows, errors = answer_batch_task(
+                        index, quote(candidates[start : start + size]), config, teacher, ledger, progress, budget
+                    )
+                    answered += rows
+                    rejects += errors
     finally:
         teacher.close()
         ledger.close()

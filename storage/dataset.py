@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from distillflow.storage.card import write_card
 from distillflow.storage.manifest import remove_manifest, write_manifest
 from distillflow.storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema
 
@@ -97,7 +98,7 @@ def finish_dataset(
     manifest = dict(manifest)
     manifest["shards"] = shards
     manifest = _secret_free(manifest, secrets or [])
-    (output_dir / "README.md").write_text(_secret_free(card, secrets or []), encoding="utf-8")
+    write_card(output_dir, _secret_free(card, secrets or []), manifest)
     write_manifest(output_dir, manifest)
     return manifest
 
@@ -141,8 +142,10 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         "",
         "```python",
         "import datasets",
-        'ds = datasets.load_dataset("parquet", data_dir="<this directory>/data", split="train")',
+        'ds = datasets.load_dataset("<this directory>", split="train")  # the accepted rows (data/)',
         "```",
+        "",
+        "Rejected prompts, with their reason, are in `rejects/` (not loaded as data).",
         "",
     ]
     return "\n".join(lines)

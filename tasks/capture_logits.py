@@ -37,11 +37,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import ConfigError, DistillConfig
+from distillflow.progress import progress
 from distillflow.storage.add_columns import (
     add_columns_atomic,
     column_compressed_bytes,
     read_provenance,
 )
+from distillflow.storage.card import refresh_card
 from distillflow.storage.manifest import (
     MANIFEST_NAME,
     read_manifest,
@@ -427,6 +429,7 @@ def capture_shard(in_path: Path, settings: CaptureSettings) -> ShardCapture:
 
     scorer = make_scorer(settings)
     totals = {"rows": 0, "positions": 0, "blob_bytes": 0}
+    rows_in_shard = pq.ParquetFile(in_path).metadata.num_rows
 
     def topk_columns(batch: pa.RecordBatch) -> list[pa.Array]:
         prompts = batch.column("prompt").to_pylist()
@@ -439,6 +442,7 @@ def capture_shard(in_path: Path, settings: CaptureSettings) -> ShardCapture:
         totals["rows"] += batch.num_rows
         totals["positions"] += sum(len(target) for target in targets)
         totals["blob_bytes"] += sum(len(blob) for blob in blobs)
+        bar.advance(batch.num_rows)
         return [
             pa.array(blobs, type=pa.binary()),
             pa.array([settings.k] * batch.num_rows, type=pa.int16()),
@@ -446,9 +450,10 @@ def capture_shard(in_path: Path, settings: CaptureSettings) -> ShardCapture:
         ]
 
     provenance = {"capture": settings.fingerprint(), "source_sha256": file_sha256(in_path)}
-    info = add_columns_atomic(
-        in_path, out_path, TOPK_FIELDS, topk_columns, provenance, out_root, settings.rows_per_read
-    )
+    with progress(f"capture {in_path.name}", total=rows_in_shard, unit="rows") as bar:
+        info = add_columns_atomic(
+            in_path, out_path, TOPK_FIELDS, topk_columns, provenance, out_root, settings.rows_per_read
+        )
     stored = column_compressed_bytes(out_path, "teacher_topk")
     return ShardCapture(info.to_dict(), skipped=False, stored_bytes=stored, **totals)
 
@@ -551,6 +556,7 @@ def finish_capture(settings: CaptureSettings, results: Sequence[ShardCapture]) -
     summary = capture_summary(settings, results)
     manifest["capture"] = summary
     output_dir = Path(settings.output_dir)
+    refresh_card(output_dir, manifest)  # the shards have new columns: the header's features follow
     write_manifest(output_dir, manifest)
     (Path(settings.input_dir) / PRE_CAPTURE_MANIFEST).unlink(missing_ok=True)
     return summary

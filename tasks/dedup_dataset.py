@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillflow.config import load_filters_config
+from distillflow.progress import progress
 from distillflow.storage.dataset import swap_in_staged
 from distillflow.storage.manifest import read_manifest, remove_manifest, write_manifest
 from distillflow.storage.parquet import (
@@ -75,21 +76,23 @@ def shard_features(path: str | Path, config: FiltersConfig) -> ShardFeatures:
     ids, prompts, strategies = [], [], []
     response_drops: dict[int, tuple[str, str]] = {}
     offset = 0
-    for batch in parquet_file.iter_batches(batch_size=config.batch_size, columns=columns):
-        texts = batch.column("prompt").to_pylist()
-        parts.append(prompt_features(texts, config))
-        ids.append(batch.column("id"))
-        prompts.append(batch.column("prompt"))
-        strategies += batch.column("strategy").to_pylist() if "strategy" in names else [""] * len(texts)
-        if check is not None:
-            responses = batch.column("response").to_pylist()
-            reasons = batch.column("finish_reason").to_pylist() if "finish_reason" in names else [None] * len(texts)
-            row_strategies = strategies[offset : offset + len(texts)]
-            for i, (prompt, response, finish) in enumerate(zip(texts, responses, reasons)):
-                verdict = check(prompt or "", response, finish, row_strategies[i] or "")
-                if verdict is not None:
-                    response_drops[offset + i] = (verdict.reason, verdict.detail)
-        offset += len(texts)
+    with progress(f"dedup {Path(path).name}", total=parquet_file.metadata.num_rows, unit="rows") as bar:
+        for batch in parquet_file.iter_batches(batch_size=config.batch_size, columns=columns):
+            texts = batch.column("prompt").to_pylist()
+            parts.append(prompt_features(texts, config))
+            ids.append(batch.column("id"))
+            prompts.append(batch.column("prompt"))
+            strategies += batch.column("strategy").to_pylist() if "strategy" in names else [""] * len(texts)
+            if check is not None:
+                responses = batch.column("response").to_pylist()
+                reasons = batch.column("finish_reason").to_pylist() if "finish_reason" in names else [None] * len(texts)
+                row_strategies = strategies[offset : offset + len(texts)]
+                for i, (prompt, response, finish) in enumerate(zip(texts, responses, reasons)):
+                    verdict = check(prompt or "", response, finish, row_strategies[i] or "")
+                    if verdict is not None:
+                        response_drops[offset + i] = (verdict.reason, verdict.detail)
+            offset += len(texts)
+            bar.advance(len(texts))
     empty = pa.array([], type=pa.string())
     return ShardFeatures(
         path=str(path),
@@ -234,6 +237,7 @@ def write_filtered_dataset(
     elapsed_s: float,
 ) -> dict[str, Any]:
     """Pass 3: kept rows to data/, drops (and the input's rejects) to rejects/, manifest last."""
+    from distillflow.storage.card import write_card
     from distillflow.storage.dataset import dataset_card
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -253,17 +257,19 @@ def write_filtered_dataset(
     keep_all = np.array([r is None for r in decisions.reason], dtype=bool)
     accepted_per_strategy: Counter[str] = Counter()
     offset = 0
-    for path in shard_paths:
-        parquet_file = pq.ParquetFile(path)
-        data_writer.schema = data_writer.schema or parquet_file.schema_arrow
-        for batch in parquet_file.iter_batches(batch_size=config.batch_size):
-            table = pa.Table.from_batches([batch])
-            kept = table.filter(pa.array(keep_all[offset : offset + table.num_rows]))
-            data_writer.write(kept)
-            if "strategy" in kept.column_names:
-                accepted_per_strategy.update(kept.column("strategy").to_pylist())
-            reject_writer.write(_reject_table(table, offset, decisions))
-            offset += table.num_rows
+    with progress("dedup write", total=len(decisions.reason), unit="rows") as bar:
+        for path in shard_paths:
+            parquet_file = pq.ParquetFile(path)
+            data_writer.schema = data_writer.schema or parquet_file.schema_arrow
+            for batch in parquet_file.iter_batches(batch_size=config.batch_size):
+                table = pa.Table.from_batches([batch])
+                kept = table.filter(pa.array(keep_all[offset : offset + table.num_rows]))
+                data_writer.write(kept)
+                if "strategy" in kept.column_names:
+                    accepted_per_strategy.update(kept.column("strategy").to_pylist())
+                reject_writer.write(_reject_table(table, offset, decisions))
+                offset += table.num_rows
+                bar.advance(table.num_rows)
     data_shards = data_writer.close()
     reject_shards = reject_writer.close()
 
@@ -300,7 +306,7 @@ def write_filtered_dataset(
         "elapsed_s": round(elapsed_s + time.time() - started, 3),
         "shards": {"data": [s.to_dict() for s in data_shards], "rejects": [s.to_dict() for s in reject_shards]},
     }
-    (out_dir / "README.md").write_text(dataset_card(manifest), encoding="utf-8")
+    write_card(out_dir, dataset_card(manifest), manifest)
     write_manifest(out_dir, manifest)
     return manifest
 

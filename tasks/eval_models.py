@@ -15,6 +15,7 @@ import gc
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,9 @@ class InProcessModel:
     def size_bytes(self) -> int:
         return weights_size_bytes(self.path)
 
-    def answer(self, prompts: list[str]) -> list[Answer]:
-        """Greedy answers, `batch_size` prompts per generate call, each timed."""
+    def answer(self, prompts: list[str], progress: Callable[[int], None] | None = None) -> list[Answer]:
+        """Greedy answers, `batch_size` prompts per generate call, each timed; `progress(n)`
+        after each call."""
         answers: list[Answer] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = [[{"role": "user", "content": prompt}] for prompt in prompts[start : start + self.batch_size]]
@@ -152,6 +154,8 @@ class InProcessModel:
             answers.extend(
                 Answer(r.content, seconds, r.completion_tokens, r.finish_reason, r.error) for r in results
             )
+            if progress is not None:
+                progress(len(results))
         return answers
 
     def _synchronize(self) -> None:
@@ -255,10 +259,10 @@ class EndpointModel:
         self.fresh_tokens = 0
         self.wall_s = 0.0
 
-    def answer(self, prompts: list[str]) -> list[Answer]:
+    def answer(self, prompts: list[str], progress: Callable[[int], None] | None = None) -> list[Answer]:
         messages = [build_messages(prompt, self.system_prompt) for prompt in prompts]
         began_wall, began = time.time(), time.perf_counter()
-        results = answer_requests(self.client, self.ledger, messages)
+        results = answer_requests(self.client, self.ledger, messages, progress=progress)
         self.wall_s += time.perf_counter() - began
         answers = []
         for result, created_at in results:

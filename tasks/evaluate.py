@@ -34,6 +34,7 @@ from distillflow.config import (
     parse_config,
     read_yaml,
 )
+from distillflow.progress import progress
 from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected
 from distillflow.prompts.config import AdversarialConfig, EdgeCaseConfig
 from distillflow.prompts.edge_cases import EDGE_CASES
@@ -348,7 +349,8 @@ def evaluate_model(run: EvalRun, model: EvalModel, items: list[EvalItem], log: A
     began = time.perf_counter()
     runner = open_model(run, model)
     try:
-        answers = runner.answer([item.prompt for item in items])
+        with progress(f"eval {model.name}", total=len(items), unit="answers") as bar:
+            answers = runner.answer([item.prompt for item in items], progress=bar)
         records = [{"model": model.name, **score_item(item, answer)} for item, answer in zip(items, answers)]
         if records and all(record["error"] for record in records):
             # Nothing came back: a 0 % row would blame the model for a dead endpoint.

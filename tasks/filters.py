@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from distillflow.progress import progress
 from distillflow.records import PromptRecord, Reject
 from distillflow.tasks.dedup import KEEP, exact_keys, first_occurrence
 from distillflow.tasks.filter_config import FiltersConfig
@@ -254,13 +255,13 @@ def filter_prompts(
     spill = None
     if spill_dir is not None and config.near_dedup.enabled:
         spill = SignatureSpill(Path(spill_dir) / "signatures.u32", config.near_dedup.num_perm)
-    features = PromptFeatures.concat(
-        [
-            prompt_features(batch, config) if spill is None else spilled_prompt_features(batch, config, spill)
-            for batch in (texts[start : start + step] for start in range(0, len(texts), step))
-        ]
-        or [prompt_features([], config)]
-    )
+    parts = []
+    with progress("prompt filters", total=len(texts), unit="prompts") as bar:
+        for start in range(0, len(texts), step):
+            batch = texts[start : start + step]
+            parts.append(prompt_features(batch, config) if spill is None else spilled_prompt_features(batch, config, spill))
+            bar.advance(len(batch))
+    features = PromptFeatures.concat(parts or [prompt_features([], config)])
     if spill is not None:
         features.signatures = spill.array()
         if features.band_keys is None:  # no rows
@@ -317,10 +318,12 @@ def filter_responses(rows: list[dict[str, Any]], config: FiltersConfig) -> tuple
     check = ResponseChecker(config)
     kept: list[dict[str, Any]] = []
     rejects: list[Reject] = []
-    for row in rows:
-        verdict = check(row.get("prompt") or "", row.get("response"), row.get("finish_reason"), row.get("strategy") or "")
-        if verdict is None:
-            kept.append(row)
-        else:
-            rejects.append(response_reject(row, verdict.reason, verdict.detail))
+    with progress("response filters", total=len(rows), unit="responses") as bar:
+        for row in rows:
+            verdict = check(row.get("prompt") or "", row.get("response"), row.get("finish_reason"), row.get("strategy") or "")
+            if verdict is None:
+                kept.append(row)
+            else:
+                rejects.append(response_reject(row, verdict.reason, verdict.detail))
+            bar.advance()
     return kept, rejects

@@ -271,6 +271,7 @@ def write_mined_dataset(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from distillflow.storage.card import write_card
     from distillflow.storage.dataset import _secret_free, count_by, swap_in_staged
     from distillflow.storage.manifest import read_manifest, remove_manifest, write_manifest
     from distillflow.storage.parquet import (
@@ -351,6 +352,6 @@ def write_mined_dataset(
         f"(`strategy: mined:<kind>`, score `{plan.score}`, selection `{plan.mining.selection}`) added to its "
         f"{parent_rows} rows. Every scored candidate, kept or not, is in `{CANDIDATES_FILE}`.\n"
     )
-    (out / "README.md").write_text(_secret_free(card, secrets), encoding="utf-8")
+    write_card(out, _secret_free(card, secrets), manifest)
     write_manifest(out, manifest)
     return manifest

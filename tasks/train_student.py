@@ -30,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import load_training_config
+from distillflow.progress import progress
 from distillflow.training.config import TrainingConfig
 
 TAIL_LINES = 30  # output lines quoted in the error of a failed run
@@ -46,6 +47,27 @@ class TrainingFailed(RuntimeError):
 
 
 # -- subprocess -----------------------------------------------------------------------------
+
+STEP_LINE = re.compile(r"\[train\] step (\d+)/(\d+)\b")
+STEP_LINES_LOGGED = 20  # step lines passed on to the run's log, at most (about) this many
+
+
+def training_line_handler(log: Callable[[str], None], bar: Callable[..., Any]) -> Callable[[str], None]:
+    """Route the training subprocess's output: `[train] step S/N ...` lines move the progress
+    bar and about `STEP_LINES_LOGGED` of them (evenly spaced, and the last) reach `log`, so a
+    long run does not flood the run's log; every other line goes to `log` as printed."""
+
+    def on_line(line: str) -> None:
+        match = STEP_LINE.search(line)
+        if match is None:
+            log(line)
+            return
+        step, total = int(match.group(1)), int(match.group(2))
+        bar.update(completed=step, total=total)
+        if step == total or step % max(1, total // STEP_LINES_LOGGED) == 0:
+            log(line)
+
+    return on_line
 
 
 def run_streaming(
@@ -207,7 +229,8 @@ def train_student(
     logger.info("launching training: %s", " ".join(argv))
     from distillflow.training.launch import launch_env
 
-    run_streaming(argv, logger.info, env=launch_env() | (env or {}), timeout_s=timeout_s)
+    with progress(f"train {Path(config.output_dir).name}", total=config.max_steps, unit="steps") as bar:
+        run_streaming(argv, training_line_handler(logger.info, bar), env=launch_env() | (env or {}), timeout_s=timeout_s)
 
     steps, final = read_metrics(config.output_dir)
     create_table_artifact(

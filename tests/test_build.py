@@ -118,7 +118,8 @@ def test_build_writes_a_complete_dataset_and_loses_nothing(prefect_harness, serv
         assert file_sha256(out / shard["path"]) == shard["sha256"]
         assert pq.read_metadata(out / shard["path"]).num_rows == shard["rows"]
         assert pq.read_metadata(out / shard["path"]).row_group(0).column(0).compression == "ZSTD"
-    assert (out / "README.md").read_text().startswith("# test-build")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "\n---\n\n# test-build\n" in card  # Hugging Face header, then the card
 
     # The key never reaches the dataset, its manifest, card or ledger.
     for path in out.rglob("*"):

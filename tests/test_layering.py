@@ -21,6 +21,7 @@ CORE = {
     "distillflow.resources",
     "distillflow.interrupt",
     "distillflow.failures",
+    "distillflow.progress",
     "distillflow.training.chat_template",
 }
 LEVELS = {"storage": 1, "prompts": 2, "training": 2, "tasks": 3, "flows": 4}

@@ -1,0 +1,204 @@
+"""Progress of long stages: a bar on a terminal, periodic log lines elsewhere.
+
+    with progress("teacher", total=len(prompts), unit="answered") as bar:
+        bar.advance(len(batch))
+
+On a terminal (stderr is a TTY) the stage is a `rich` progress bar; when stderr is not a
+terminal (CI, Prefect workers, a pipe to a file) it is one plain line every
+`DISTILL_PROGRESS_INTERVAL_S` seconds (default 10) and a final line, with no carriage
+returns or escape codes. `DISTILL_PROGRESS=bar|log|off` overrides the choice.
+
+Several stages may run at once (threads, nested stages): on a terminal they share one live
+display, one bar each. A reporter is thread-safe; `advance` is cheap enough to call per row.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+MODES = ("bar", "log", "off")
+DEFAULT_INTERVAL_S = 10.0
+
+
+def progress_mode() -> str:
+    """`bar` on a terminal, `log` otherwise; `DISTILL_PROGRESS` overrides."""
+    forced = os.environ.get("DISTILL_PROGRESS", "").strip().lower()
+    if forced in MODES:
+        return forced
+    stream = sys.stderr
+    is_tty = bool(getattr(stream, "isatty", None)) and stream.isatty()
+    return "bar" if is_tty and os.environ.get("TERM") != "dumb" else "log"
+
+
+def log_interval_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("DISTILL_PROGRESS_INTERVAL_S", DEFAULT_INTERVAL_S)))
+    except ValueError:
+        return DEFAULT_INTERVAL_S
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class _SharedDisplay:
+    """One rich live display for every bar open at the moment (rich allows one at a time)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.progress: Any = None
+
+    def open(self) -> Any:
+        with self.lock:
+            if self.progress is None:
+                from rich.console import Console
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
+
+                self.progress = Progress(
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[unit]}"),
+                    TimeElapsedColumn(),
+                    TextColumn("eta"),
+                    TimeRemainingColumn(),
+                    console=Console(file=sys.stderr),
+                    redirect_stdout=False,
+                    redirect_stderr=False,
+                )
+                self.progress.start()
+            self.users += 1
+            return self.progress
+
+    def close(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0 and self.progress is not None:
+                self.progress.stop()
+                self.progress = None
+
+
+_DISPLAY = _SharedDisplay()
+
+
+class ProgressBar:
+    """Counts work done in one stage; shown as a bar or as periodic log lines (see module doc).
+
+    Calling the reporter (`bar(n)`) is the same as `bar.advance(n)`, so it can be handed to
+    code that expects a `progress(count)` callback.
+    """
+
+    def __init__(self, label: str, total: int | None, unit: str = "rows", mode: str | None = None) -> None:
+        self.label, self.total, self.unit = label, total, unit
+        self.mode = mode or progress_mode()
+        self.every_s = log_interval_s()
+        self.done = 0
+        self.started = self.last_line = self.last_advance = time.monotonic()
+        self._lock = threading.Lock()
+        self._task_id = None
+        self._rich = None
+        self._final_logged = False
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def advance(self, count: int = 1) -> None:
+        self.update(completed=None, advance=count)
+
+    __call__ = advance
+
+    def update(self, completed: int | None = None, total: int | None = None, advance: int = 0) -> None:
+        """Set the count (`completed`), the `total`, or add `advance`."""
+        with self._lock:
+            if total is not None:
+                self.total = total
+            if completed is not None:
+                self.done = completed
+            self.done += advance
+            now = time.monotonic()
+            if advance or completed is not None:
+                self.last_advance = now
+            line = None
+            if self.mode == "log":
+                finished = self.total is not None and self.done >= self.total
+                if (now - self.last_line >= self.every_s and self.every_s > 0) or self.every_s == 0 or (
+                    finished and not self._final_logged
+                ):
+                    self.last_line = now
+                    self._final_logged = finished
+                    line = self._line(now)
+        if self.mode == "bar" and self._rich is not None:
+            self._rich.update(self._task_id, completed=self.done, total=self.total)
+        if line is not None:
+            print(line, file=sys.stderr, flush=True)
+
+    def _line(self, now: float) -> str:
+        elapsed = now - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        of = f"/{self.total}" if self.total is not None else ""
+        text = f"[{self.label}] {self.done}{of} {self.unit} ({rate:.1f}/s, {_duration(elapsed)}"
+        if self.total is not None and 0 < self.done < self.total and rate > 0:
+            text += f", eta {_duration((self.total - self.done) / rate)}"
+        return text + ")"
+
+    def status(self) -> str:
+        """One phrase for a heartbeat of a stage that seems stuck."""
+        with self._lock:
+            of = f"/{self.total}" if self.total is not None else ""
+            return f"{self.done}{of} {self.unit}, the last {time.monotonic() - self.last_advance:.0f} s ago"
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self.mode == "bar":
+            self._rich = _DISPLAY.open()
+            self._task_id = self._rich.add_task(self.label, total=self.total, completed=self.done, unit=self.unit)
+
+    def _finish(self, failed: bool) -> None:
+        if self.mode == "bar" and self._rich is not None:
+            self._rich.update(self._task_id, completed=self.done, total=self.total)
+            self._rich = None
+            _DISPLAY.close()
+        elif self.mode == "log" and (failed or not self._final_logged) and (self.done or self.total is not None):
+            with self._lock:
+                self._final_logged = True
+                line = self._line(time.monotonic())
+            print(line + (" stopped" if failed else " done"), file=sys.stderr, flush=True)
+
+
+    @contextmanager
+    def shown(self) -> Iterator[ProgressBar]:
+        """Display the bar (or its final log line) while the block runs. Counting may start
+        before (e.g. work a resumed run already has), and is shown from the first frame."""
+        self._start()
+        try:
+            yield self
+        except BaseException:
+            self._finish(failed=True)
+            raise
+        self._finish(failed=False)
+
+
+@contextmanager
+def progress(label: str, total: int | None = None, unit: str = "rows") -> Iterator[ProgressBar]:
+    """Report the progress of one stage (see the module doc); `total=None` when unknown."""
+    with ProgressBar(label, total, unit).shown() as bar:
+        yield bar
