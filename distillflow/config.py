@@ -12,15 +12,14 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distillflow.schedule_config import ScheduleConfig
 from distillflow.prompts.config import PromptsConfig
+from distillflow.schedule_config import ScheduleConfig
 from distillflow.tasks.capture_config import CaptureConfig
 from distillflow.tasks.eval_config import EvalConfig
 from distillflow.tasks.filter_config import FiltersConfig
 from distillflow.tasks.mining_config import MiningConfig
 from distillflow.tasks.sweep_config import SweepConfig
 from distillflow.training.config import ChatTemplateSetting, TrainingConfig
-
 
 SectionModel = TypeVar("SectionModel", bound=BaseModel)
 

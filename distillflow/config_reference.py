@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from distillflow.config import DistillConfig
+from distillflow.resources import packaged
 
 # The committed reference, in the source tree (a developer command: an installed package has no docs/).
 REFERENCE_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -93,12 +94,23 @@ def default_text(field: FieldInfo) -> str:
     if isinstance(default, enum.Enum):
         default = default.value
     if isinstance(default, Path):
-        default = str(default)
+        default = shipped_name(default)
     try:
         text = json.dumps(default, default=str)
     except TypeError:
         text = str(default)
     return "null" if text == "null" else f"`{text}`"
+
+
+def shipped_name(path: Path) -> str:
+    """A default path inside the installed package, named as in the source tree
+    (configs/deepspeed/zero2.json), so the reference reads the same on every machine."""
+    for top in ("configs", "prompts", "distillflow"):
+        try:
+            return str(Path(top) / path.relative_to(packaged(top)))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def describe(model: type[BaseModel]) -> str:

@@ -9,42 +9,46 @@ the work, and the durable cache of teacher answers is the ledger. Large lists ar
 
 from __future__ import annotations
 
-import gc
 import re
 import sys
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 import distillflow
 from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
 from distillflow.progress import ProgressBar
-from distillflow.progress import progress as report_progress
-from distillflow.records import PromptRecord, Reject, TeacherAnswer
-from distillflow.storage.dataset import dataset_card, finish_dataset
+from distillflow.records import PromptRecord, Reject
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.seeds import load_seeds, split_repeated_seeds
-from distillflow.tasks.filters import filter_prompts
+from distillflow.tasks.build_steps import (
+    BudgetTooSmallError,
+    answer_batch_task,
+    answer_shards_on_workers,
+    budget_stop_message,
+    budget_summary,
+    client_bound_stage,
+    filter_prompts_task,
+    finish_dataset_task,
+    generate_prompts_task,
+    load_seeds_task,
+    no_usable_answers_message,
+    stage,
+    write_shard_task,
+)
 from distillflow.tasks.shards import (
     BUILDING,
     BuildState,
-    ShardResult,
     ShardTotals,
-    answer_shard,
-    answered_rows,
     failure_summary,
-    finish_shard,
     plan_fingerprint,
     shard_ranges,
     write_prompt_rejects,
@@ -55,250 +59,17 @@ from distillflow.tasks.teacher import (
     NoUsableAnswersError,
     TeacherAborted,
     TeacherFatalError,
-    answer_requests,
-    build_messages,
     resolve_api_key,
 )
 from distillflow.tasks.teachers import make_teacher
 
 BATCHES_IN_FLIGHT = 3
-HEARTBEAT_S = 60.0  # a stage running longer than this says so, every HEARTBEAT_S
-
-
-
-
-@contextmanager
-def stage(stage_seconds: dict[str, float], name: str, label: str, status: Any = None) -> Iterator[None]:
-    """Time a stage into `stage_seconds[name]`; while it runs longer than `HEARTBEAT_S`, log
-    every `HEARTBEAT_S` that it still runs (with `status()`, when given), so a stuck stage
-    is visible."""
-    started = time.perf_counter()
-    done = threading.Event()
-
-    def heartbeat() -> None:
-        while not done.wait(HEARTBEAT_S):
-            extra = f": {status()}" if status is not None else ""
-            print(
-                f"[{label}] {name} still running after {time.perf_counter() - started:.0f} s{extra}",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    threading.Thread(target=heartbeat, name=f"heartbeat-{name}", daemon=True).start()
-    try:
-        yield
-    finally:
-        done.set()
-        stage_seconds[name] = round(time.perf_counter() - started, 3)
 
 
 # -- tasks ----------------------------------------------------------------------------------
 
 
-@task(name="load-seeds", cache_policy=NO_CACHE)
-def load_seeds_task(config: DistillConfig, prompt_column: str | None) -> tuple[list[PromptRecord], list[Reject]]:
-    return load_seeds(config.seeds, prompt_column)
-
-
-@task(name="generate-prompts", cache_policy=NO_CACHE)
-def generate_prompts_task(config: DistillConfig, seeds: list[PromptRecord], teacher: Any, ledger: Ledger):
-    from distillflow.prompts.generate import generate_prompts
-
-    with report_progress(f"{config.name} generate", unit="teacher answers") as bar:
-
-        def complete(messages_list: list[list[dict]]) -> list[TeacherAnswer]:
-            return [answer for answer, _ in answer_requests(teacher, ledger, messages_list, progress=bar)]
-
-        return generate_prompts(seeds, config.prompts, complete)
-
-
-@task(name="filter-prompts", cache_policy=NO_CACHE)
-def filter_prompts_task(prompts: list[PromptRecord], config: DistillConfig):
-    # MinHash signatures go to disk during the pass; only band and exact keys stay in memory.
-    return filter_prompts(prompts, config.filters, spill_dir=config.output_dir / BUILDING / "spill")
-
-
-@task(name="answer-batch", cache_policy=NO_CACHE, task_run_name="answer-batch-{batch_index}")
-def answer_batch_task(
-    batch_index: int,
-    prompts: list[PromptRecord],
-    config: DistillConfig,
-    teacher: Any,
-    ledger: Ledger,
-    progress: ProgressBar,
-    budget: FailureBudget,
-) -> tuple[list[dict[str, Any]], list[Reject]]:
-    """Ask the teacher for one batch (ledger first); answered rows and teacher-error rejects."""
-    messages_list = [build_messages(p.prompt, config.teacher.system_prompt) for p in prompts]
-    answers = answer_requests(teacher, ledger, messages_list, progress=progress, budget=budget)
-    return answered_rows(prompts, answers, teacher_name(config), bool(config.teacher.generation.top_logprobs))
-
-
-@task(name="write-shard", cache_policy=NO_CACHE, task_run_name="write-shard-{index}")
-def write_shard_task(
-    index: int, prompts: int, rows: list[dict[str, Any]], rejects: list[Reject], config: DistillConfig, reject_file: int
-) -> ShardResult:
-    """Response filters over one shard, then its data and rejects files (atomically)."""
-    return finish_shard(
-        index, prompts, rows, rejects, config.filters, config.output_dir / BUILDING, reject_file,
-        bool(config.teacher.generation.top_logprobs),
-    )
-
-
-@task(name="answer-shard", cache_policy=NO_CACHE, task_run_name="answer-shard-{index}")
-def answer_shard_task(index: int, prompts: list[tuple], config: DistillConfig, reject_file: int) -> ShardResult:
-    """One whole shard in a fan-out worker, with its own teacher client (tasks/shards.py).
-    `prompts`: (id, prompt, strategy, parent_id) of each record (plain tuples travel to the
-    workers unchanged)."""
-    records = [PromptRecord(*fields) for fields in prompts]
-    return answer_shard(index, records, config, reject_file, config.output_dir / TEACHER_LEDGER)
-
-
-def fan_out_runner(config: DistillConfig) -> Any:
-    """Prefect's Dask task runner: the cluster at `dataset.dask_address`, or a local one of
-    `dataset.workers` processes (one thread each: each runs one shard's event loop)."""
-    from prefect_dask import DaskTaskRunner
-
-    if config.dataset.dask_address:
-        return DaskTaskRunner(address=config.dataset.dask_address)
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": config.dataset.workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-        }
-    )
-
-
-def answer_shards_on_workers(
-    config: DistillConfig,
-    kept: list[PromptRecord],
-    plan: list[tuple[int, int]],
-    state: BuildState,
-    first_reject_file: int,
-    progress: ProgressBar,
-    stats: Any,
-) -> None:
-    """Fan-out: every unfinished shard is one task on the Dask workers (2 per worker in flight,
-    so a worker never waits for its next shard); each is recorded as finished the moment
-    it returns, so a crash resumes after it."""
-    from prefect.futures import as_completed
-
-    pending = [index for index in range(len(plan)) if index not in state.finished]
-    window = 2 * config.dataset.workers
-    with fan_out_runner(config) as runner:
-        in_flight: set[Any] = set()
-        while pending or in_flight:
-            while pending and len(in_flight) < window:
-                index = pending.pop(0)
-                start, stop = plan[index]
-                in_flight.add(runner.submit(answer_shard_task, {
-                    "index": index, "prompts": [(r.id, r.prompt, r.strategy, r.parent_id) for r in kept[start:stop]],
-                    "config": config,
-                    "reject_file": first_reject_file + index,
-                }))
-            future = next(as_completed(list(in_flight)))
-            in_flight.discard(future)
-            result = future.result()
-            state.record(result)
-            stats.add(result.usage)
-            progress(result.prompts)
-
-
-@task(name="finish-dataset", cache_policy=NO_CACHE)
-def finish_dataset_task(
-    config: DistillConfig, shards: dict[str, list[dict[str, Any]]], manifest: dict[str, Any], secrets: list[str]
-) -> dict[str, Any]:
-    return finish_dataset(
-        config.output_dir, config.output_dir / BUILDING, shards, manifest, dataset_card(manifest), secrets=secrets
-    )
-
-
-def teacher_name(config: DistillConfig) -> str:
-    return Path(config.teacher.model).name if config.teacher.backend == "local" else config.teacher.model
-
-
 # -- flow -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def client_bound_stage() -> Iterator[None]:
-    """Interpreter settings for the teacher stage, where one event-loop thread issues every
-    request and its CPU is the limit (restored afterwards):
-
-    - a 50 ms GIL switch interval, so Prefect's bookkeeping threads do not preempt the loop
-      every 5 ms (~10% throughput);
-    - the objects alive so far (prompts, configs, Prefect state) are frozen out of the
-      cyclic GC, which otherwise walks them on every full collection that the client's
-      per-request garbage triggers (~10% throughput at 20k prompts).
-    """
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(max(switch_interval, 0.05))
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        sys.setswitchinterval(switch_interval)
-
-
-def no_usable_answers_message(
-    config: DistillConfig, asked: int, reasons: Counter, examples: dict[str, str], stage_name: str
-) -> str:
-    """Why a run that asked the teacher `asked` prompts has no row to keep, and what to do.
-    `reasons`: reject reason -> count; `examples`: reason -> one reject's detail."""
-    listed = ", ".join(f"{reason} x{count}" for reason, count in reasons.most_common(5))
-    example = examples.get(reasons.most_common(1)[0][0], "") if reasons else ""
-    detail = f"; e.g. {example[:300]}" if example else ""
-    teacher = config.teacher
-    where = teacher.base_url if teacher.backend == "openai" else teacher.model
-    if stage_name == "teacher":
-        fix = (
-            "the teacher rejected or failed every request: check teacher.model, teacher.generation (e.g. "
-            "top_logprobs or max_tokens the server does not support) and the server's log"
-        )
-        what = f"the teacher at {where} answered none of the {asked} prompts"
-    else:
-        fix = (
-            "look at the answers (the detail above); if they are right, turn off or relax the filter "
-            "that drops them under `filters:`"
-        )
-        what = f"the teacher at {where} answered {asked} prompts, but the response filters rejected every answer"
-    return f"{what} ({listed}{detail}). Likely fix: {fix}. Nothing was written; answers received are in the ledger."
-
-
-class BudgetTooSmallError(TeacherFatalError):
-    """The budget does not cover even the first request."""
-
-
-def budget_stop_message(config: DistillConfig, not_asked: int) -> str:
-    """What the budget stopped, and how to continue."""
-    teacher = config.teacher
-    limits = " / ".join(
-        f"{name}={value:g}"
-        for name, value in (("teacher.max_budget_usd", teacher.max_budget_usd), ("teacher.max_total_tokens", teacher.max_total_tokens))
-        if value is not None
-    )
-    return (
-        f"stopped by the budget ({limits}): {not_asked} prompts were not sent, since their worst case "
-        "(prompt + max_tokens) would have passed it. Every answer received is in the ledger and in the "
-        f"dataset; rerun with a larger limit to ask only the {not_asked} others."
-    )
-
-
-def budget_summary(config: DistillConfig, usage: dict[str, Any], not_asked: int) -> dict[str, Any] | None:
-    """For the manifest: the limits, what this run spent, and the prompts not sent."""
-    teacher = config.teacher
-    if teacher.max_budget_usd is None and teacher.max_total_tokens is None:
-        return None
-    return {
-        "max_budget_usd": teacher.max_budget_usd,
-        "max_total_tokens": teacher.max_total_tokens,
-        "spent_usd": usage.get("estimated_cost_usd"),
-        "spent_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
-        "not_asked": not_asked,
-    }
 
 
 def _artifact_key(name: str) -> str:

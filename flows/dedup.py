@@ -53,7 +53,7 @@ def write_filtered_task(
 @flow(name="dedup-dataset")
 def dedup_flow(in_dir: str, out_dir: str, config: FiltersConfig) -> dict[str, Any]:
     """Filter the dataset in `in_dir` into `out_dir`; returns the new manifest."""
-    from distillflow.flows.build import stage  # a stage running past a minute says so
+    from distillflow.tasks.build_steps import stage  # a stage running past a minute says so
 
     logger = get_run_logger()
     started = time.time()

@@ -17,10 +17,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from distillflow.config import DistillConfig, load_config
-from distillflow.flows.build import answer_batch_task, filter_responses_task
 from distillflow.interrupt import cancel_on_interrupt
 from distillflow.progress import ProgressBar
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
+from distillflow.tasks.build_steps import answer_batch_task, filter_responses_task
 from distillflow.tasks.mining import (
     MiningPlan,
     dataset_records,

@@ -27,6 +27,8 @@ def test_reference_lists_nested_keys_with_defaults_and_types():
     assert "## `teacher.generation`" in text
     assert "| `max_tokens` | int | `512` |" in text
     assert "## `training`" in text and "| `objective` |" in text
+    # Default paths shipped with the package read as in the source tree, the same on every machine.
+    assert str(ROOT) not in text and '`"configs/deepspeed/zero2.json"`' in text
     # Literal types are spelled out, so a reader sees every accepted value.
     assert '"openai" \\| "local"' in text
 

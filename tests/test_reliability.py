@@ -332,10 +332,10 @@ def test_refusal_kinds_are_configurable():
 
 
 def test_a_stage_running_past_the_heartbeat_logs_its_progress(prefect_harness, tmp_path, port, monkeypatch, capfd):
-    from distillflow.flows import build
     from distillflow.flows.build import build_command
+    from distillflow.tasks import build_steps
 
-    monkeypatch.setattr(build, "HEARTBEAT_S", 0.3)
+    monkeypatch.setattr(build_steps, "HEARTBEAT_S", 0.3)
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:8])
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY, latency_s=0.4), port) as server:
