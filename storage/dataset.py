@@ -88,13 +88,14 @@ def finish_dataset(
     manifest: dict[str, Any],
     card: str,
     secrets: list[str] | None = None,
+    parts: tuple[str, ...] = ("data", "rejects"),
 ) -> dict[str, Any]:
-    """Make the shards written under `staging` (`data/`, `rejects/`) the dataset: mark
-    `output_dir` incomplete, swap them in, write the card, then the manifest (last).
-    Returns the manifest as written."""
+    """The one dataset finisher: make what was written under `staging` (`parts`: `data/`,
+    `rejects/`, ...) the dataset: mark `output_dir` incomplete, swap them in, write the
+    card, then the manifest (last), both free of `secrets`. Returns the manifest as written."""
     output_dir = Path(output_dir)
     remove_manifest(output_dir)
-    swap_in_staged(output_dir, Path(staging))
+    swap_in_staged(output_dir, Path(staging), parts=parts)
     manifest = dict(manifest)
     manifest["shards"] = shards
     manifest = _secret_free(manifest, secrets or [])

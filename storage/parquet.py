@@ -85,7 +85,7 @@ def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd") -
 
 
 class ShardWriter:
-    """Buffers rows and writes `prefix-00000.parquet`, `prefix-00001.parquet`, ... into `directory`.
+    """The one shard writer: buffers rows (dicts, or Arrow tables) and writes `prefix-00000.parquet`, `prefix-00001.parquet`, ... into `directory`.
 
     `root` is the dataset root that shard paths in `shards` are relative to; `first_index`
     numbers the first file (a streaming build writes shard k of a run as `part-0000k`).
@@ -94,7 +94,7 @@ class ShardWriter:
     def __init__(
         self,
         directory: str | Path,
-        schema: pa.Schema,
+        schema: pa.Schema | None,
         rows_per_shard: int = 100_000,
         prefix: str = "part",
         root: str | Path | None = None,
@@ -108,18 +108,39 @@ class ShardWriter:
         self.first_index = first_index
         self.shards: list[ShardInfo] = []
         self._buffer: list[dict[str, Any]] = []
+        self._tables: list[pa.Table] = []  # Arrow rows waiting, ahead of `_buffer`
+        self._table_rows = 0
         self.rows_written = 0
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
             self._buffer.append(row)
-            if len(self._buffer) >= self.rows_per_shard:
+            if len(self._buffer) + self._table_rows >= self.rows_per_shard:
                 self._flush()
 
+    def write_table(self, table: pa.Table) -> None:
+        """Append Arrow rows (not split: a shard may hold a little more than rows_per_shard).
+        A writer made with `schema=None` takes the first table's schema."""
+        if self.schema is None:
+            self.schema = table.schema
+        if table.num_rows:
+            if self._buffer:  # keep the order of rows and tables
+                self._tables.append(pa.Table.from_pylist(self._buffer, schema=self.schema))
+                self._table_rows += len(self._buffer)
+                self._buffer = []
+            self._tables.append(table)
+            self._table_rows += table.num_rows
+        if self._table_rows >= self.rows_per_shard:
+            self._flush()
+
     def _flush(self) -> None:
-        if not self._buffer:
+        if not self._buffer and not self._tables:
             return
-        table = pa.Table.from_pylist(self._buffer, schema=self.schema)
+        parts = [*self._tables]
+        if self._buffer:
+            parts.append(pa.Table.from_pylist(self._buffer, schema=self.schema))
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        self._tables, self._table_rows = [], 0
         path = self._path(len(self.shards))
         write_table_atomic(table, path)
         self.shards.append(
@@ -136,8 +157,8 @@ class ShardWriter:
     def close(self) -> list[ShardInfo]:
         """Flush what is buffered; a writer that saw no row still writes one empty shard,
         so that readers (`datasets`, pyarrow) find a schema."""
-        if self._buffer or not self.shards:
-            if not self._buffer:
+        if self._buffer or self._tables or not self.shards:
+            if not self._buffer and not self._tables:
                 path = self._path(0)
                 write_table_atomic(self.schema.empty_table(), path)
                 self.shards.append(

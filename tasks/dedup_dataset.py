@@ -33,14 +33,11 @@ import pyarrow.parquet as pq
 
 from distillflow.config import load_filters_config
 from distillflow.progress import progress
-from distillflow.storage.dataset import swap_in_staged
-from distillflow.storage.manifest import read_manifest, remove_manifest, write_manifest
+from distillflow.storage.manifest import read_manifest, remove_manifest
 from distillflow.storage.parquet import (
     REJECT_SCHEMA,
-    ShardInfo,
-    file_sha256,
+    ShardWriter,
     list_shards,
-    write_table_atomic,
 )
 from distillflow.tasks.dedup import KEEP
 from distillflow.tasks.filter_config import FiltersConfig
@@ -197,37 +194,6 @@ def _carried_rejects(in_dir: Path) -> pa.Table | None:
     return pa.concat_tables(tables)
 
 
-class _TableShardWriter:
-    """Buffers Arrow tables and writes `part-00000.parquet`, ... of about `rows_per_shard` rows
-    (never an empty shard unless there is no row at all, so readers always find a schema)."""
-
-    def __init__(self, directory: Path, root: Path, rows_per_shard: int = 100_000) -> None:
-        self.directory, self.root, self.rows_per_shard = directory, root, rows_per_shard
-        self.schema: pa.Schema | None = None
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.shards: list[ShardInfo] = []
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.buffer.append(table)
-            self.buffered += table.num_rows
-        if self.buffered >= self.rows_per_shard:
-            self._flush()
-
-    def _flush(self) -> None:
-        table = pa.concat_tables(self.buffer) if self.buffer else self.schema.empty_table()
-        path = self.directory / f"part-{len(self.shards):05d}.parquet"
-        write_table_atomic(table, path)
-        self.shards.append(ShardInfo(str(path.relative_to(self.root)), table.num_rows, path.stat().st_size, file_sha256(path)))
-        self.buffer, self.buffered = [], 0
-
-    def close(self) -> list[ShardInfo]:
-        if self.buffered or not self.shards:
-            self._flush()
-        return self.shards
-
-
 def write_filtered_dataset(
     in_dir: str | Path,
     out_dir: str | Path,
@@ -237,8 +203,7 @@ def write_filtered_dataset(
     elapsed_s: float,
 ) -> dict[str, Any]:
     """Pass 3: kept rows to data/, drops (and the input's rejects) to rejects/, manifest last."""
-    from distillflow.storage.card import write_card
-    from distillflow.storage.dataset import dataset_card
+    from distillflow.storage.dataset import dataset_card, finish_dataset
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     started = time.time()
@@ -246,14 +211,13 @@ def write_filtered_dataset(
     remove_manifest(out_dir)
     staging = out_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)
-    data_writer = _TableShardWriter(staging / "data", staging)
-    reject_writer = _TableShardWriter(staging / "rejects", staging)
-    reject_writer.schema = REJECT_SCHEMA
+    data_writer = ShardWriter(staging / "data", None, root=staging)
+    reject_writer = ShardWriter(staging / "rejects", REJECT_SCHEMA, root=staging)
     carried = _carried_rejects(in_dir)
     carried_reasons: Counter[str] = Counter()
     if carried is not None:
         carried_reasons.update(carried.column("reason").to_pylist())
-        reject_writer.write(carried)
+        reject_writer.write_table(carried)
     keep_all = np.array([r is None for r in decisions.reason], dtype=bool)
     accepted_per_strategy: Counter[str] = Counter()
     offset = 0
@@ -264,16 +228,14 @@ def write_filtered_dataset(
             for batch in parquet_file.iter_batches(batch_size=config.batch_size):
                 table = pa.Table.from_batches([batch])
                 kept = table.filter(pa.array(keep_all[offset : offset + table.num_rows]))
-                data_writer.write(kept)
+                data_writer.write_table(kept)
                 if "strategy" in kept.column_names:
                     accepted_per_strategy.update(kept.column("strategy").to_pylist())
-                reject_writer.write(_reject_table(table, offset, decisions))
+                reject_writer.write_table(_reject_table(table, offset, decisions))
                 offset += table.num_rows
                 bar.advance(table.num_rows)
     data_shards = data_writer.close()
     reject_shards = reject_writer.close()
-
-    swap_in_staged(out_dir, staging)
 
     try:
         source = read_manifest(in_dir)
@@ -304,11 +266,9 @@ def write_filtered_dataset(
         "invariant": {"input_rows": input_rows, "accepted_plus_rejected_here": accepted + sum(new_reasons.values()),
                       "holds": input_rows == accepted + sum(new_reasons.values())},
         "elapsed_s": round(elapsed_s + time.time() - started, 3),
-        "shards": {"data": [s.to_dict() for s in data_shards], "rejects": [s.to_dict() for s in reject_shards]},
     }
-    write_card(out_dir, dataset_card(manifest), manifest)
-    write_manifest(out_dir, manifest)
-    return manifest
+    shards = {"data": [s.to_dict() for s in data_shards], "rejects": [s.to_dict() for s in reject_shards]}
+    return finish_dataset(out_dir, staging, shards, manifest, dataset_card(manifest))
 
 
 def filters_config_for(in_dir: str | Path, config_path: str | Path | None) -> FiltersConfig:

@@ -271,9 +271,8 @@ def write_mined_dataset(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from distillflow.storage.card import write_card
-    from distillflow.storage.dataset import _secret_free, count_by, swap_in_staged
-    from distillflow.storage.manifest import read_manifest, remove_manifest, write_manifest
+    from distillflow.storage.dataset import count_by, finish_dataset
+    from distillflow.storage.manifest import read_manifest, remove_manifest
     from distillflow.storage.parquet import (
         REJECT_SCHEMA,
         ShardInfo,
@@ -319,10 +318,12 @@ def write_mined_dataset(
     write_table_atomic(candidate_table, staging / CANDIDATES_FILE)
     reject_rows = [r.to_row() for r in rejects]
     write_table_atomic(pa.Table.from_pylist(reject_rows, schema=REJECT_SCHEMA), staging / "rejects" / "part-00000.parquet")
-    swap_in_staged(out, staging, parts=("data", "rejects", CANDIDATES_FILE))
 
     parent_manifest = read_manifest(parent)
-    shards = [ShardInfo(f"data/{p.name}", pq.read_metadata(p).num_rows, p.stat().st_size, file_sha256(p)).to_dict() for p in list_shards(out / "data")]
+    shards = [
+        ShardInfo(f"data/{p.name}", pq.read_metadata(p).num_rows, p.stat().st_size, file_sha256(p)).to_dict()
+        for p in list_shards(staging / "data")
+    ]
     parent_rows = sum(pq.read_metadata(p).num_rows for p in parent_shards)
     selected_scores = [scores[i] for i in chosen]
     manifest = {
@@ -344,14 +345,11 @@ def write_mined_dataset(
             "candidates_file": CANDIDATES_FILE,
             "rejects": dict(sorted(Counter(r.reason for r in rejects).items())),
         },
-        "shards": {"data": shards, "rejects": [{"path": "rejects/part-00000.parquet", "rows": len(reject_rows)}]},
     }
-    manifest = _secret_free(manifest, secrets)
     card = (
         f"# {manifest['name']}\n\nA version of `{parent}` with {len(chosen_rows)} mined rows "
         f"(`strategy: mined:<kind>`, score `{plan.score}`, selection `{plan.mining.selection}`) added to its "
         f"{parent_rows} rows. Every scored candidate, kept or not, is in `{CANDIDATES_FILE}`.\n"
     )
-    write_card(out, _secret_free(card, secrets), manifest)
-    write_manifest(out, manifest)
-    return manifest
+    shards = {"data": shards, "rejects": [{"path": "rejects/part-00000.parquet", "rows": len(reject_rows)}]}
+    return finish_dataset(out, staging, shards, manifest, card, secrets, parts=("data", "rejects", CANDIDATES_FILE))
