@@ -22,45 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-API_KEY = "bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{url} did not come up")
-
-
-def prompts_for(n: int) -> list[str]:
-    """n distinct prompts of 14 random words (seeded), far apart in Jaccard similarity."""
-    rng = random.Random(1234)
-    vocabulary = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "po", "ru", "si", "ta", "vu", "ze")
-                  for b in ("bar", "cen", "dol", "fim", "gor", "hup", "jex", "kal", "mon", "nix",
-                            "pes", "quo", "rad", "sul", "tiv", "urb", "vek", "wol", "yan", "zop")]
-    return [f"Prompt {i}: " + " ".join(rng.choice(vocabulary) for _ in range(14)) + "?" for i in range(n)]
+# The fake teacher's helpers are bench/teacher_throughput.py's (same server, key and prompts).
+from bench.teacher_throughput import API_KEY, free_port, prompts_for, wait_http  # noqa: E402
 
 
 def write_config(workdir: Path, base_url: str, n: int, args: argparse.Namespace, workers: int = 1) -> Path:
