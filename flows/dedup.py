@@ -15,39 +15,19 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task, unmapped
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger, unmapped
 
 from distillflow.tasks.dedup_dataset import (
-    DatasetDecisions,
-    ShardFeatures,
     filter_dataset,
     filters_config_for,
     input_shards,
-    resolve_dataset,
-    shard_features,
-    write_filtered_dataset,
+    resolve_filters_task,
+    shard_features_task,
+    write_filtered_task,
 )
 from distillflow.tasks.filter_config import FiltersConfig
 
 Engine = Literal["prefect", "dask", "local"]
-
-
-@task(name="shard-features", cache_policy=NO_CACHE, task_run_name="shard-features-{path}")
-def shard_features_task(path: str, config: FiltersConfig) -> ShardFeatures:
-    return shard_features(path, config)
-
-
-@task(name="resolve-filters", cache_policy=NO_CACHE)
-def resolve_filters_task(shards: list[ShardFeatures], config: FiltersConfig) -> DatasetDecisions:
-    return resolve_dataset(shards, config)
-
-
-@task(name="write-filtered", cache_policy=NO_CACHE)
-def write_filtered_task(
-    in_dir: str, out_dir: str, paths: list[str], decisions: DatasetDecisions, config: FiltersConfig, elapsed_s: float
-) -> dict[str, Any]:
-    return write_filtered_dataset(in_dir, out_dir, [Path(p) for p in paths], decisions, config, elapsed_s)
 
 
 @flow(name="dedup-dataset")

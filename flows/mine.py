@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from distillflow.config import DistillConfig, load_config
@@ -23,40 +22,18 @@ from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.tasks.build_steps import answer_batch_task, filter_responses_task
 from distillflow.tasks.mining import (
     MiningPlan,
-    dataset_records,
-    generate_candidates,
+    candidates_task,
     plan_mining,
-    score_candidates,
+    score_task,
     select_candidates,
-    write_mined_dataset,
+    write_task,
 )
 from distillflow.tasks.teacher import (
     FailureBudget,
     TeacherAborted,
-    answer_requests,
     resolve_api_key,
 )
 from distillflow.tasks.teachers import make_teacher
-
-
-@task(name="mine-candidates", cache_policy=NO_CACHE)
-def candidates_task(config: DistillConfig, plan: MiningPlan, teacher: Any, ledger: Ledger):
-    records = dataset_records(plan.dataset_dir)
-
-    def complete(messages_list: list[list[dict]]):
-        return [answer for answer, _ in answer_requests(teacher, ledger, messages_list)]
-
-    return generate_candidates(config, plan.mining, records, complete)
-
-
-@task(name="mine-score", cache_policy=NO_CACHE)
-def score_task(plan: MiningPlan, rows: list[dict[str, Any]]) -> list[float]:
-    return score_candidates(plan, rows, log=get_run_logger().info)
-
-
-@task(name="mine-write", cache_policy=NO_CACHE)
-def write_task(plan: MiningPlan, rows, scores, chosen, rejects, summary, secrets) -> dict[str, Any]:
-    return write_mined_dataset(plan, rows, scores, chosen, rejects, summary, secrets)
 
 
 def retrain_config(config: DistillConfig, plan: MiningPlan) -> dict[str, Any]:

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import load_filters_config
 from distillflow.progress import progress
@@ -301,3 +303,23 @@ def filter_dataset(in_dir: str | Path, out_dir: str | Path, config: FiltersConfi
     decisions = resolve_dataset(shards, config, embed=embed)
     del shards
     return write_filtered_dataset(in_dir, out_dir, paths, decisions, config, time.time() - started)
+
+
+# -- Prefect tasks (wired by flows/) --------------------------------------------------------
+
+
+@task(name="shard-features", cache_policy=NO_CACHE, task_run_name="shard-features-{path}")
+def shard_features_task(path: str, config: FiltersConfig) -> ShardFeatures:
+    return shard_features(path, config)
+
+
+@task(name="resolve-filters", cache_policy=NO_CACHE)
+def resolve_filters_task(shards: list[ShardFeatures], config: FiltersConfig) -> DatasetDecisions:
+    return resolve_dataset(shards, config)
+
+
+@task(name="write-filtered", cache_policy=NO_CACHE)
+def write_filtered_task(
+    in_dir: str, out_dir: str, paths: list[str], decisions: DatasetDecisions, config: FiltersConfig, elapsed_s: float
+) -> dict[str, Any]:
+    return write_filtered_dataset(in_dir, out_dir, [Path(p) for p in paths], decisions, config, elapsed_s)

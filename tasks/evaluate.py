@@ -17,12 +17,16 @@ import json
 import math
 import os
 import random
+import re
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distillflow.config import (
@@ -43,6 +47,12 @@ from distillflow.storage.dataset import is_heldout
 from distillflow.storage.ledger import LEDGER_DIR, TEACHER_LEDGER, Ledger
 from distillflow.tasks.eval_checks import CHECKS, exact_match, is_correct, rouge_l, token_f1
 from distillflow.tasks.eval_config import EvalConfig, EvalModel, RobustnessConfig
+from distillflow.tasks.eval_report import (
+    TABLE_COLUMNS,
+    report_markdown,
+    table_cells,
+    write_report_files,
+)
 from distillflow.tasks.teacher import TeacherFatalError
 
 CLEAN = "clean"
@@ -677,3 +687,51 @@ def records_to_jsonl(records: list[dict[str, Any]]) -> str:
 
 def item_dicts(items: list[EvalItem]) -> list[dict[str, Any]]:
     return [asdict(item) for item in items]
+
+
+# -- Prefect tasks (wired by flows/) --------------------------------------------------------
+
+
+@task(name="eval-prepare", cache_policy=NO_CACHE)
+def prepare_task(run: EvalRun) -> PreparedItems:
+    return prepare_items(run)
+
+
+@task(name="eval-model", cache_policy=NO_CACHE, task_run_name="eval-{model.name}")
+def evaluate_model_task(run: EvalRun, model: EvalModel, items: list[EvalItem]) -> dict[str, Any]:
+    logger = get_run_logger()
+    logger.info("%s: answering %d prompts", model.name, len(items))
+    return evaluate_model(run, model, items, log=logger.info)
+
+
+@task(name="eval-judge", cache_policy=NO_CACHE)
+def judge_task(run: EvalRun, records: list[dict[str, Any]]) -> dict[str, Any]:
+    return judge_models(run, records)
+
+
+@task(name="eval-report", cache_policy=NO_CACHE)
+def report_task(
+    run: EvalRun, records: list[dict[str, Any]], infos: list[dict[str, Any]], judge: dict[str, Any] | None, skipped: dict[str, int]
+) -> dict[str, Any]:
+    report = build_report(run, records, infos, judge, skipped)
+    judge_jsonl = records_to_jsonl(judge["records"]) if judge else None
+    write_report_files(Path(run.config.output_dir), report, records_to_jsonl(records), judge_jsonl)
+    key = _artifact_key(Path(run.config.output_dir).name)
+    header = [title for _, title in TABLE_COLUMNS]
+    create_table_artifact(
+        key=f"{key}-eval-table",
+        table=[dict(zip(header, row)) for row in table_cells(report["table"])],
+        description="distill eval: one row per model",
+    )
+    markdown = report_markdown(report)
+    chart = Path(run.config.output_dir) / "chart.png"
+    if chart.is_file():  # accuracy vs size and per-set accuracy, inline
+        from distillflow.tasks.artifact_charts import png_data_uri
+
+        markdown += f"\n\n![accuracy vs size]({png_data_uri(chart.read_bytes())})\n"
+    create_markdown_artifact(key=f"{key}-eval-report", markdown=markdown, description="distill eval report")
+    return report
+
+
+def _artifact_key(name: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:40] or "eval"

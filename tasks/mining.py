@@ -25,9 +25,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
 from distillflow.config import ConfigError, DistillConfig
 from distillflow.records import PromptRecord, Reject
+from distillflow.storage.ledger import Ledger
 from distillflow.tasks.mining_config import MiningConfig
+from distillflow.tasks.teacher import (
+    answer_requests,
+)
 
 MINED_SHARD = "part-mined-00000.parquet"
 CANDIDATES_FILE = "candidates.parquet"
@@ -353,3 +360,26 @@ def write_mined_dataset(
     )
     shards = {"data": shards, "rejects": [{"path": "rejects/part-00000.parquet", "rows": len(reject_rows)}]}
     return finish_dataset(out, staging, shards, manifest, card, secrets, parts=("data", "rejects", CANDIDATES_FILE))
+
+
+# -- Prefect tasks (wired by flows/) --------------------------------------------------------
+
+
+@task(name="mine-candidates", cache_policy=NO_CACHE)
+def candidates_task(config: DistillConfig, plan: MiningPlan, teacher: Any, ledger: Ledger):
+    records = dataset_records(plan.dataset_dir)
+
+    def complete(messages_list: list[list[dict]]):
+        return [answer for answer, _ in answer_requests(teacher, ledger, messages_list)]
+
+    return generate_candidates(config, plan.mining, records, complete)
+
+
+@task(name="mine-score", cache_policy=NO_CACHE)
+def score_task(plan: MiningPlan, rows: list[dict[str, Any]]) -> list[float]:
+    return score_candidates(plan, rows, log=get_run_logger().info)
+
+
+@task(name="mine-write", cache_policy=NO_CACHE)
+def write_task(plan: MiningPlan, rows, scores, chosen, rejects, summary, secrets) -> dict[str, Any]:
+    return write_mined_dataset(plan, rows, scores, chosen, rejects, summary, secrets)

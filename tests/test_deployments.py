@@ -131,12 +131,16 @@ def test_the_key_is_never_a_parameter(tmp_path, monkeypatch):
 
 
 def test_deploy_without_a_server_says_how_to_point_at_one(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from distillflow.flows.deployments import deploy_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:3])
     config = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", "http://127.0.0.1:9/v1")
-    with pytest.raises(ConfigError, match="set PREFECT_API_URL"):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    # No server configured, even when another test of this session started a temporary one.
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(ConfigError, match="set PREFECT_API_URL"):
         deploy_command([config])
 
 
