@@ -445,10 +445,15 @@ def load_config(path: str | Path, check_files: bool = True) -> DistillConfig:
         raise ConfigError(f"{path}: the top level must be a mapping of keys (name, output_dir, seeds, ...)")
     config = parse_config(data, path)
     if check_files:
-        for index, seed in enumerate(config.seeds):
-            if not seed.path.exists():
+        files = [(f"seeds.{index}.path", seed.path) for index, seed in enumerate(config.seeds)]
+        files += [
+            (f"filters.decontamination.eval_files.{index}", Path(eval_file))
+            for index, eval_file in enumerate(config.filters.decontamination.eval_files)
+        ]
+        for key, file in files:  # before anything runs: a missing file must not cost teacher calls
+            if not file.exists():
                 raise ConfigError(
-                    f"{path}: seeds.{index}.path: {seed.path} does not exist "
+                    f"{path}: {key}: {file} does not exist "
                     f"(relative paths resolve against {Path.cwd()}); fix the path"
                 )
     return config

@@ -105,3 +105,19 @@ def test_bad_language_and_bad_pattern_fail_when_the_config_loads(tmp_path):
         parse_config({**base, "filters": {"quality": {"language": "klingon"}}})
     with pytest.raises(ConfigError, match=r"extra_refusal_patterns\[0\] '\(unclosed' is not a regular expression"):
         parse_config({**base, "filters": {"quality": {"extra_refusal_patterns": ["(unclosed"]}}})
+
+
+def test_a_missing_decontamination_file_fails_when_the_config_loads(tmp_path):
+    """Checked with the seed files, before prompt generation can pay the teacher."""
+    from distillflow.config import ConfigError, load_config
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"prompt": "hi"}\n', encoding="utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"name: q\noutput_dir: {tmp_path / 'out'}\nseeds: [{{path: {seeds}}}]\nteacher: {{model: m}}\n"
+        f"filters: {{decontamination: {{eval_files: [{tmp_path / 'missing.jsonl'}]}}}}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"filters\.decontamination\.eval_files\.0: .*missing\.jsonl does not exist"):
+        load_config(config)
