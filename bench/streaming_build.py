@@ -32,35 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # The fake teacher's helpers are bench/teacher_throughput.py's (same server, key and prompts).
-from bench.teacher_throughput import API_KEY, free_port, prompts_for, wait_http  # noqa: E402
+from bench.teacher_throughput import API_KEY, free_port, wait_http, write_build_config  # noqa: E402
 
 
 def write_config(workdir: Path, base_url: str, n: int, args: argparse.Namespace, workers: int = 1) -> Path:
-    import yaml
-
     workdir.mkdir(parents=True, exist_ok=True)
-    seeds = workdir / "seeds.jsonl"
-    with open(seeds, "w") as handle:
-        for prompt in prompts_for(n):
-            handle.write(json.dumps({"prompt": prompt}) + "\n")
-    config = {
-        "name": "bench-streaming",
-        "output_dir": str(workdir / "out"),
-        "seeds": [{"path": str(seeds)}],
-        "prompts": {"num_prompts": n, "strategies": {"seed": 1.0, "edge_case": 0.0, "adversarial": 0.0, "evolve": 0.0}},
-        "teacher": {
-            "backend": "openai",
-            "base_url": base_url,
-            "model": "test-teacher",
-            "api_key_env": "BENCH_API_KEY",
-            "max_concurrency": args.concurrency,
-            "generation": {"temperature": 0.7, "max_tokens": 512},
-        },
-        "dataset": {"shard_rows": args.shard_rows, "workers": workers},
-    }
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    dataset = {"shard_rows": args.shard_rows, "workers": workers}
+    return write_build_config(workdir, base_url, n, args.concurrency, name="bench-streaming", dataset=dataset)
 
 
 def tree_rss_mb(pid: int) -> float:

@@ -141,7 +141,17 @@ def run_bare(args: argparse.Namespace) -> dict:
 # -- (b) distill build --------------------------------------------------------------------------
 
 
-def write_build_config(workdir: Path, base_url: str, n: int, concurrency: int, client_processes: int = 1) -> Path:
+def write_build_config(
+    workdir: Path,
+    base_url: str,
+    n: int,
+    concurrency: int,
+    client_processes: int = 1,
+    name: str = "bench-throughput",
+    dataset: dict | None = None,
+) -> Path:
+    """Seeds of `n` prompts and a build config against the fake teacher at `base_url`
+    (`dataset`: the config's `dataset:` section, when given)."""
     import yaml
 
     seeds = workdir / "seeds.jsonl"
@@ -149,7 +159,7 @@ def write_build_config(workdir: Path, base_url: str, n: int, concurrency: int, c
         for prompt in prompts_for(n):
             handle.write(json.dumps({"prompt": prompt}) + "\n")
     config = {
-        "name": "bench-throughput",
+        "name": name,
         "output_dir": str(workdir / "out"),
         "seeds": [{"path": str(seeds)}],
         "prompts": {"num_prompts": n, "strategies": {"seed": 1.0, "edge_case": 0.0, "adversarial": 0.0, "evolve": 0.0}},
@@ -163,6 +173,8 @@ def write_build_config(workdir: Path, base_url: str, n: int, concurrency: int, c
             "generation": {"temperature": 0.7, "max_tokens": 512},
         },
     }
+    if dataset is not None:
+        config["dataset"] = dataset
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
