@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 from prefect import flow
 
@@ -183,7 +184,13 @@ def deploy_command(config_paths: list[Path], pool: str = DEFAULT_POOL, working_d
         entrypoint_type=EntrypointType.MODULE_PATH,
         job_variables={"working_dir": str(working_dir)},
     )
-    ensure_process_pool(pool)
+    try:
+        ensure_process_pool(pool)
+    except httpx.ConnectError as error:  # the first call to the server
+        raise ConfigError(
+            f"distill deploy: the Prefect server at PREFECT_API_URL={PREFECT_API_URL.value()} does not answer "
+            f"({error}); start it (`prefect server start`) or point PREFECT_API_URL at a running one"
+        ) from None
     deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False, ignore_warnings=True)
     names = [f"{deployment.flow_name}/{deployment.name}" for deployment in deployments]
     for name in names:

@@ -144,6 +144,20 @@ def test_deploy_without_a_server_says_how_to_point_at_one(tmp_path, monkeypatch)
         deploy_command([config])
 
 
+def test_deploy_to_a_server_that_does_not_answer_names_it(tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from distillflow.flows.deployments import deploy_command
+
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:3])
+    config = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", "http://127.0.0.1:9/v1")
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: dead}), pytest.raises(ConfigError, match="does not answer") as error:
+        deploy_command([config])
+    assert dead in str(error.value)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_process_worker_runs_a_deployed_build(tmp_path):
