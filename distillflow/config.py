@@ -259,7 +259,7 @@ class DatasetConfig(StrictModel):
     """How a build is cut into shards and spread over worker processes."""
 
     shard_rows: int = Field(
-        50_000,
+        10_000,
         ge=1,
         le=10_000_000,
         description="Prompts per shard of a build: each shard goes through the teacher and the response "
@@ -279,6 +279,33 @@ class DatasetConfig(StrictModel):
         description="Scheduler address of an existing Dask cluster (tcp://host:8786) for `workers` > 1; "
         "null = a local cluster of `workers` processes. Every worker must see output_dir.",
     )
+    work_pool: str | None = Field(
+        None,
+        min_length=1,
+        description="A Prefect work pool whose workers answer the shards: each shard is one `build-shard` "
+        "flow run, `workers` of them in flight (start workers with `prefect worker start --pool NAME --type "
+        "process`). Needs a Prefect server (PREFECT_API_URL); every worker must see output_dir at the same path "
+        "and have the teacher key's env var. null = this process, or Dask when `workers` > 1.",
+    )
+    worker_wait_s: float = Field(
+        600.0,
+        gt=0,
+        description="How long a shard run may wait on `work_pool` for a worker to pick it up before the build "
+        "fails, naming the pool and how to start a worker.",
+    )
+
+    @model_validator(mode="after")
+    def _one_fan_out(self) -> DatasetConfig:
+        if self.work_pool is not None and self.dask_address is not None:
+            raise ValueError(
+                "dataset.work_pool and dataset.dask_address both say where shards run; set one of them"
+            )
+        return self
+
+    @property
+    def fans_out(self) -> bool:
+        """Whether shards are answered by other processes (Dask workers or a work pool)."""
+        return self.workers > 1 or self.work_pool is not None
 
 
 class DistillConfig(StrictModel):
@@ -352,12 +379,21 @@ class DistillConfig(StrictModel):
                 "each replica's client processes would hold a share of the whole budget. Use "
                 "client_processes: 1 with replicas (the replicas share one budget)"
             )
-        if self.dataset.workers > 1 and (limited or teacher.mode == "batch"):
+        if self.dataset.fans_out and (limited or teacher.mode == "batch"):
             what = "teacher.mode: batch" if teacher.mode == "batch" else "teacher.max_budget_usd / max_total_tokens"
+            where = (
+                f"dataset.work_pool={self.dataset.work_pool!r}" if self.dataset.work_pool is not None
+                else f"dataset.workers={self.dataset.workers}"
+            )
             raise ValueError(
-                f"dataset.workers={self.dataset.workers} cannot be combined with {what}: the budget and the "
-                "Batch API jobs are kept by one process. Use dataset.workers: 1 (teacher.client_processes "
-                "spreads requests over processes and shares the budget)"
+                f"{where} cannot be combined with {what}: the budget and the Batch API jobs are kept by one "
+                "process. Use dataset.workers: 1 and no work_pool (teacher.client_processes spreads requests "
+                "over processes and shares the budget)"
+            )
+        if self.dataset.work_pool is not None and teacher.is_local:
+            raise ValueError(
+                "dataset.work_pool with teacher.backend: local: an in-process model answers one batch at a time "
+                "in this process; serve it (vLLM) and use backend: openai to spread shards over workers"
             )
         return self
 

@@ -24,6 +24,7 @@ from prefect.utilities.annotations import quote
 
 import distillflow
 from distillflow.config import DistillConfig, load_config
+from distillflow.flows.shard_runs import answer_shards_on_pool
 from distillflow.interrupt import cancel_on_interrupt
 from distillflow.progress import ProgressBar
 from distillflow.records import PromptRecord, Reject
@@ -50,8 +51,10 @@ from distillflow.tasks.shards import (
     ShardTotals,
     failure_summary,
     plan_fingerprint,
+    read_shard_prompts,
     shard_ranges,
     write_prompt_rejects,
+    write_shard_prompts,
 )
 from distillflow.tasks.teacher import (
     BUDGET_REASON,
@@ -124,14 +127,17 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             state.set_prompt_rejects(write_prompt_rejects(staging, before_teacher, config.dataset.shard_rows))
             first_reject_file = len(state.prompt_reject_files)
             rejected_before_teacher = len(before_teacher)
-            del before_teacher
+            # From here on a shard's prompts are read from disk when it is answered.
+            write_shard_prompts(staging, kept, plan, skip=state.finished)
+            num_kept = len(kept)
+            del before_teacher, kept
             if resumed:
                 logger.info("resuming: %d of %d shards were already written", resumed, len(plan))
 
-            progress = ProgressBar(f"{label} teacher", len(kept), "answered")
+            progress = ProgressBar(f"{label} teacher", num_kept, "answered")
             if resumed:
                 progress(sum(plan[index][1] - plan[index][0] for index in state.finished))
-            budget = FailureBudget(len(kept), config.teacher, on_exceeded=teacher.abort)
+            budget = FailureBudget(num_kept, config.teacher, on_exceeded=teacher.abort)
             # In batch mode a shard is one Batch API job (the API takes up to 50,000 requests a file).
             batch_size = config.teacher.batch_size if config.teacher.mode == "online" else config.dataset.shard_rows
             shard_rows: list[dict[str, Any]] = []  # the answered rows of the shard being collected
@@ -144,8 +150,10 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                         continue
                     if start == stop:
                         yield index, True, []
-                    for first in range(start, stop, batch_size):
-                        yield index, first + batch_size >= stop, kept[first : min(first + batch_size, stop)]
+                        continue
+                    records = read_shard_prompts(staging, index)
+                    for first in range(0, stop - start, batch_size):
+                        yield index, first + batch_size >= stop - start, records[first : first + batch_size]
 
             def collect(index: int, last: bool, result: tuple[list[dict[str, Any]], list[Reject]]) -> None:
                 shard_rows.extend(result[0])
@@ -163,10 +171,12 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 shard_rejects.clear()
                 stage_seconds["write_shards"] += time.perf_counter() - shard_started
 
-            fan_out = config.dataset.workers > 1 and teacher.concurrent
+            fan_out = config.dataset.fans_out and teacher.concurrent
             with progress.shown(), stage(stage_seconds, "teacher", label, progress.status):
-                if fan_out:
-                    answer_shards_on_workers(config, kept, plan, state, first_reject_file, progress, teacher.stats)
+                if fan_out and config.dataset.work_pool is not None:
+                    answer_shards_on_pool(config, plan, state, first_reject_file, progress, teacher.stats)
+                elif fan_out:
+                    answer_shards_on_workers(config, plan, state, first_reject_file, progress, teacher.stats)
                 elif teacher.concurrent:
                     with client_bound_stage():
                         # A few batch tasks in flight at once, so the shared `max_concurrency` never
@@ -194,16 +204,16 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             stopped_by = "budget" if not_asked or (spending is not None and spending.exhausted) else None
             if stopped_by:
                 logger.warning("%s", budget_stop_message(config, not_asked))
-            if kept and not totals.answered and stopped_by:
+            if num_kept and not totals.answered and stopped_by:
                 raise BudgetTooSmallError(
                     f"the budget (teacher.max_budget_usd={config.teacher.max_budget_usd}, teacher.max_total_tokens="
                     f"{config.teacher.max_total_tokens}) does not cover even the first request's worst case (prompt + "
                     f"generation.max_tokens={config.teacher.generation.max_tokens}): nothing was answered or written. "
                     "Raise the limit (`distill build --dry-run` shows what the run costs) or lower max_tokens."
                 )
-            if kept and not totals.answered:
+            if num_kept and not totals.answered:
                 raise NoUsableAnswersError(
-                    no_usable_answers_message(config, len(kept), totals.teacher_reasons, totals.examples, "teacher")
+                    no_usable_answers_message(config, num_kept, totals.teacher_reasons, totals.examples, "teacher")
                 )
             if totals.answered and not totals.accepted:
                 raise NoUsableAnswersError(
@@ -234,7 +244,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         "bad_seed_rows": prompt_stage["bad_seed_rows"],
         "prompts_generated": num_prompts,
         "generation_rejects": prompt_stage["generation_rejects"],
-        "after_prompt_filters": len(kept),
+        "after_prompt_filters": num_kept,
         "teacher_answered": totals.answered,
         "teacher_errors": totals.teacher_errors,
         "accepted": totals.accepted,
@@ -263,7 +273,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         "prompt_report": prompt_report,
         "teacher_usage": usage,
         "teacher_failures": (
-            failure_summary(totals, len(kept), config.teacher.max_error_rate) if fan_out else budget.summary()
+            failure_summary(totals, num_kept, config.teacher.max_error_rate) if fan_out else budget.summary()
         ),
         "build": {"shard_rows": config.dataset.shard_rows, "shards": len(plan), "resumed_shards": resumed},
         "stopped_by": stopped_by,

@@ -27,6 +27,7 @@ from prefect import flow
 
 from distillflow.config import ConfigError, DistillConfig, load_config
 from distillflow.flows.build import build_dataset
+from distillflow.flows.shard_runs import ensure_process_pool
 
 DEFAULT_POOL = "distillflow"
 
@@ -143,23 +144,6 @@ def serve_command(config_paths: list[Path]) -> None:
     from prefect import serve
 
     serve(*runner_deployments(config_paths))
-
-
-def ensure_process_pool(pool: str) -> None:
-    """Create the process work pool `pool` when it does not exist yet (a worker started with
-    `--type process` creates it too; whichever comes first)."""
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_work_pool(pool)
-        except ObjectNotFound:
-            try:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            except ObjectAlreadyExists:
-                pass
 
 
 def deploy_command(config_paths: list[Path], pool: str = DEFAULT_POOL, working_dir: Path | None = None) -> list[str]:

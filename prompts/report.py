@@ -7,13 +7,21 @@ artifacts or a CLI summary.
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from distillflow.records import PromptRecord, Reject
+import numpy as np
+
 from distillflow.prompts.config import FAMILIES, PromptsConfig
-from distillflow.prompts.diversity import distinct_orders, per_strategy_counts, prompt_diversity_summary, words
+from distillflow.prompts.diversity import (
+    distinct_of,
+    per_strategy_counts,
+    prompt_diversity_summary,
+    word_counts,
+)
+from distillflow.records import PromptRecord, Reject
 
 
 def family_of(strategy: str) -> str:
@@ -41,22 +49,22 @@ def generation_report(
     """
     target = config.num_prompts if target is None else target
     families = Counter(family_of(row.strategy) for row in rows)
-    token_lists = [words(row.prompt) for row in rows]
-    by_family: dict[str, list[list[str]]] = defaultdict(list)
-    for row, tokens in zip(rows, token_lists):
-        by_family[family_of(row.strategy)].append(tokens)
-    diversity = prompt_diversity_summary(rows, token_lists)
+    word_lengths = word_counts(row.prompt for row in rows)
+    diversity = prompt_diversity_summary(rows, word_lengths)
+    members: dict[str, array] = defaultdict(lambda: array("q"))
+    for index, row in enumerate(rows):
+        members[family_of(row.strategy)].append(index)
     family_diversity = {}
     for family in FAMILIES:
-        if family in by_family:
-            family_tokens = by_family[family]
-            lengths = sorted(len(tokens) for tokens in family_tokens)
+        if family in members:
+            indices = np.frombuffer(members[family], dtype=np.int64)
+            lengths = np.sort(word_lengths[indices])
             distinct_2 = (
                 diversity["distinct_2"]  # one family: the whole set
-                if len(family_tokens) == len(token_lists)
-                else round(distinct_orders(family_tokens, (2,))[2], 6)
+                if len(indices) == len(rows)
+                else round(distinct_of([rows[i].prompt for i in indices.tolist()], (2,))[2], 6)
             )
-            family_diversity[family] = {"distinct_2": distinct_2, "median_words": lengths[(len(lengths) - 1) // 2]}
+            family_diversity[family] = {"distinct_2": distinct_2, "median_words": int(lengths[(len(lengths) - 1) // 2])}
     produced = len(rows) + len(rejects)
     return {
         "target": target,

@@ -131,12 +131,10 @@ def write_shard_task(
 
 
 @task(name="answer-shard", cache_policy=NO_CACHE, task_run_name="answer-shard-{index}")
-def answer_shard_task(index: int, prompts: list[tuple], config: DistillConfig, reject_file: int) -> ShardResult:
-    """One whole shard in a fan-out worker, with its own teacher client (tasks/shards.py).
-    `prompts`: (id, prompt, strategy, parent_id) of each record (plain tuples travel to the
-    workers unchanged)."""
-    records = [PromptRecord(*fields) for fields in prompts]
-    return answer_shard(index, records, config, reject_file, config.output_dir / TEACHER_LEDGER)
+def answer_shard_task(index: int, config: DistillConfig, reject_file: int) -> ShardResult:
+    """One whole shard in a fan-out worker, with its own teacher client (tasks/shards.py);
+    the worker reads the shard's prompts from the build's staging area."""
+    return answer_shard(index, config, reject_file, config.output_dir / TEACHER_LEDGER)
 
 
 def fan_out_runner(config: DistillConfig) -> Any:
@@ -158,7 +156,6 @@ def fan_out_runner(config: DistillConfig) -> Any:
 
 def answer_shards_on_workers(
     config: DistillConfig,
-    kept: list[PromptRecord],
     plan: list[tuple[int, int]],
     state: BuildState,
     first_reject_file: int,
@@ -177,9 +174,8 @@ def answer_shards_on_workers(
         while pending or in_flight:
             while pending and len(in_flight) < window:
                 index = pending.pop(0)
-                start, stop = plan[index]
                 in_flight.add(runner.submit(answer_shard_task, {
-                    "index": index, "prompts": [(r.id, r.prompt, r.strategy, r.parent_id) for r in kept[start:stop]],
+                    "index": index,
                     "config": config,
                     "reject_file": first_reject_file + index,
                 }))

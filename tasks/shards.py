@@ -10,7 +10,12 @@ response filters, and is written under `output_dir/.building/`:
     .building/data/part-0000k.parquet      accepted rows of shard k
     .building/rejects/part-0000P.parquet   rejects before the teacher (P files, P ≥ 1)
     .building/rejects/part-000(P+k).parquet teacher and response-filter rejects of shard k
+    .building/prompts/shard-0000k.parquet  the kept prompts of shard k (id, prompt, strategy, parent_id)
     .building/state.json                   the plan's fingerprint and every finished shard
+
+Once the prompt side has decided, the kept prompts are written out shard by shard and
+dropped from memory: the teacher stage, in this process or on a fan-out worker, reads
+one shard's prompts at a time, so its memory does not grow with the dataset.
 
 A shard's files are written atomically (temp name + rename) and the state after them, so
 a shard listed in the state is complete. When every shard is done, `.building/data` and
@@ -31,26 +36,67 @@ import hashlib
 import json
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from distillflow.records import PromptRecord, Reject, TeacherAnswer
 from distillflow.storage.manifest import write_json_atomic
-from distillflow.storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema, file_sha256
+from distillflow.storage.parquet import (
+    REJECT_SCHEMA,
+    ShardWriter,
+    accepted_schema,
+    file_sha256,
+    write_table_atomic,
+)
 from distillflow.tasks.filters import filter_responses
 from distillflow.tasks.teacher import is_failure
 
 BUILDING = ".building"
 STATE_NAME = "state.json"
 STATE_VERSION = 1
+PROMPTS = "prompts"
+PROMPT_FIELDS = ("id", "prompt", "strategy", "parent_id")
+PROMPT_SCHEMA = pa.schema([(name, pa.string()) for name in PROMPT_FIELDS])
 
 
 def shard_ranges(count: int, shard_rows: int) -> list[tuple[int, int]]:
     """[start, stop) of each shard over `count` prompts; one (empty) shard when there are none."""
     return [(start, min(start + shard_rows, count)) for start in range(0, count, shard_rows)] or [(0, 0)]
+
+
+def shard_prompts_path(staging: Path, index: int) -> Path:
+    return Path(staging) / PROMPTS / f"shard-{index:05d}.parquet"
+
+
+def write_shard_prompts(staging: Path, kept: Sequence[PromptRecord], plan: Sequence[tuple[int, int]],
+                        skip: Collection[int] = ()) -> None:
+    """The kept prompts of every shard not in `skip` as `.building/prompts/shard-k.parquet`
+    (each written atomically)."""
+    for index, (start, stop) in enumerate(plan):
+        if index in skip:
+            continue
+        records = kept[start:stop]
+        columns = {name: [getattr(record, name) for record in records] for name in PROMPT_FIELDS}
+        write_table_atomic(pa.Table.from_pydict(columns, schema=PROMPT_SCHEMA), shard_prompts_path(staging, index))
+
+
+def read_shard_prompts(staging: Path, index: int) -> list[PromptRecord]:
+    """The prompts of shard `index`, as `write_shard_prompts` wrote them."""
+    path = shard_prompts_path(staging, index)
+    try:
+        table = pq.read_table(path, schema=PROMPT_SCHEMA)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: the prompts of shard {index} are missing; every shard worker must see the build's "
+            "output_dir (a shared filesystem), and the build must not be cleaned up while it runs"
+        ) from None
+    return [PromptRecord(*values) for values in zip(*(table.column(name).to_pylist() for name in PROMPT_FIELDS))]
 
 
 def plan_fingerprint(kept: Sequence[PromptRecord], config: Any, prompt_rejects: int) -> str:  # DistillConfig
@@ -296,12 +342,12 @@ class ShardTotals:
 
 def answer_shard(
     index: int,
-    prompts: Sequence[PromptRecord],
     config: Any,  # DistillConfig
     reject_file_index: int,
     ledger_path: Path,
 ) -> ShardResult:
-    """One shard end to end in the calling process (a fan-out worker): its own teacher
+    """One shard end to end in the calling process (a fan-out worker): its prompts from
+    `.building/prompts/`, its own teacher
     client (replicas included), its own connection to the run's ledger (SQLite WAL: several
     processes may write it, on one filesystem), its own failure budget over the shard's
     prompts; then the response filters and its files. The API key is read here, from this
@@ -316,6 +362,8 @@ def answer_shard(
     from distillflow.tasks.teachers import make_teacher
 
     teacher_config = config.teacher
+    staging = Path(config.output_dir) / BUILDING
+    prompts = read_shard_prompts(staging, index)
     api_key = resolve_api_key(teacher_config.api_key_env)
     teacher = make_teacher(teacher_config, api_key)
     ledger = Ledger(ledger_path)
@@ -329,8 +377,7 @@ def answer_shard(
     with_top_logprobs = bool(teacher_config.generation.top_logprobs)
     rows, rejects = answered_rows(prompts, answers, teacher_config.model, with_top_logprobs)
     result = finish_shard(
-        index, len(prompts), rows, rejects, config.filters, Path(config.output_dir) / BUILDING, reject_file_index,
-        with_top_logprobs,
+        index, len(prompts), rows, rejects, config.filters, staging, reject_file_index, with_top_logprobs
     )
     result.usage = teacher.stats.to_dict()
     return result

@@ -303,3 +303,75 @@ def test_two_dask_workers_give_the_single_process_dataset(prefect_harness, port,
     assert fanned["teacher_failures"] == single["teacher_failures"]
     assert fanned["teacher_usage"]["paid_requests"] == len(asked) == single["teacher_usage"]["paid_requests"]
     assert max(asked.values()) == 1  # each prompt asked once, by one of the workers
+
+
+# -- fan-out: shards as flow runs on a Prefect work pool --------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_work_pool_workers_give_the_single_process_dataset(prefect_harness, prefect_server, port, tmp_path):
+    """A real Prefect server, two `prefect worker start --type process` workers on one pool, and
+    `distill build` with `dataset.work_pool`: every shard is a `build-shard` flow run that one
+    of the workers picks up. Same rows, ids and rejects as one process; each prompt asked once."""
+    from distillflow.flows.build import build_command
+    from tests.prefect_processes import TERMINAL_STATES, api, processes
+
+    pool = "shards"
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, PROMPTS + RESUMABLE[:60])
+    env = {**os.environ, **prefect_server, "DISTILL_TEST_KEY": API_KEY, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    with ServerThread(FaultyOpenAIServer(api_key=API_KEY), port) as server, processes(tmp_path / "logs") as group:
+        single = build_command(sharded_config(tmp_path / "one.yaml", seeds, tmp_path / "one", server.base_url, 10))
+        server.server.attempts.clear()
+        for worker in range(2):
+            group.start(f"worker{worker}", [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
+                                            "--type", "process", "--name", f"w{worker}"], env, cwd=ROOT)
+        path = sharded_config(tmp_path / "pool.yaml", seeds, tmp_path / "pool", server.base_url, 10)
+        config = yaml.safe_load(path.read_text())
+        config["dataset"].update(work_pool=pool, workers=2, worker_wait_s=120)
+        path.write_text(yaml.safe_dump(config))
+        run = subprocess.run([sys.executable, "-m", "distillflow.cli", "build", str(path)], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=400)
+        assert run.returncode == 0, run.stderr[-3000:] + group.log("worker0")[-2000:]
+        asked = dict(server.server.attempts)
+        with api(prefect_server["PREFECT_API_URL"]) as client:
+            from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+            runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-shard"])))
+    fanned = read_manifest(tmp_path / "pool")
+    assert fanned["build"]["shards"] == single["build"]["shards"] >= 4
+    assert len(runs) == fanned["build"]["shards"]
+    assert {r.state.type.value for r in runs} == {"COMPLETED"} <= TERMINAL_STATES
+    assert len({r.work_pool_name for r in runs}) == 1
+    assert dataset_of(tmp_path / "pool") == dataset_of(tmp_path / "one")
+    assert fanned["counts"] == single["counts"] and fanned["reject_reasons"] == single["reject_reasons"]
+    assert fanned["teacher_usage"]["paid_requests"] == len(asked) == single["teacher_usage"]["paid_requests"]
+    assert max(asked.values()) == 1  # each prompt asked once, by one of the workers
+
+
+def test_a_work_pool_without_a_server_or_with_a_budget_is_refused_before_any_call(prefect_harness, tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from distillflow.config import ConfigError, load_config
+    from distillflow.flows.shard_runs import register_shard_deployment
+
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, PROMPTS)
+    path = sharded_config(tmp_path / "pool.yaml", seeds, tmp_path / "pool", "http://127.0.0.1:9/v1", 10)
+    config = yaml.safe_load(path.read_text())
+    config["dataset"]["work_pool"] = "shards"
+    config["teacher"]["max_total_tokens"] = 10_000
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"dataset.work_pool='shards' cannot be combined with teacher.max_budget_usd"):
+        load_config(path)
+    del config["teacher"]["max_total_tokens"]
+    config["dataset"]["dask_address"] = "tcp://127.0.0.1:8786"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="set one of them"):
+        load_config(path)
+    del config["dataset"]["dask_address"]
+    path.write_text(yaml.safe_dump(config))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(ConfigError, match="PREFECT_API_URL"):
+            register_shard_deployment(load_config(path))

@@ -1,0 +1,169 @@
+"""Fan-out over a Prefect work pool: each shard of a build is one `build-shard` flow run that a
+worker (`prefect worker start --pool POOL --type process`, on any machine) picks up.
+
+The parent build (flows/build.py) writes every shard's prompts under `output_dir/.building/`
+first; a shard run reads its prompts from there, answers them with its own teacher client
+and its own connection to the run's ledger, runs the response filters, writes the shard's
+files and, last, `.building/results/shard-k.json`. The parent keeps `dataset.workers` runs
+in flight, records each shard as finished when its run completes, and fails with the run's
+name and message when one fails, or when no worker picks a run up within
+`dataset.worker_wait_s`. Ctrl-C (or any failure) cancels the runs still in flight.
+
+Every worker must see `output_dir` at the same path (a shared filesystem) and have the
+teacher key's environment variable; only the variable's name travels in the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prefect import flow
+
+from distillflow.config import ConfigError, DistillConfig
+from distillflow.progress import ProgressBar
+from distillflow.storage.ledger import TEACHER_LEDGER
+from distillflow.storage.manifest import write_json_atomic
+from distillflow.tasks.shards import BUILDING, BuildState, ShardResult, answer_shard
+
+SHARD_FLOW = "build-shard"
+POLL_S = 1.0
+WAITING = {"SCHEDULED", "PENDING"}
+ENDED_BADLY = {"FAILED", "CRASHED", "CANCELLED", "CANCELLING"}
+
+
+def result_path(output_dir: Path, index: int) -> Path:
+    return Path(output_dir) / BUILDING / "results" / f"shard-{index:05d}.json"
+
+
+@flow(name=SHARD_FLOW, flow_run_name="shard-{index}")
+def build_shard(config: DistillConfig, index: int, reject_file: int) -> dict[str, Any]:
+    """One shard of a build on a work-pool worker: its prompts from `.building/prompts/`,
+    the teacher (ledger first), the response filters, its files, then its result file."""
+    result = answer_shard(index, config, reject_file, Path(config.output_dir) / TEACHER_LEDGER)
+    write_json_atomic(result_path(config.output_dir, index), asdict(result))
+    return {"index": index, "prompts": result.prompts, "accepted": result.accepted}
+
+
+def ensure_process_pool(pool: str) -> None:
+    """Create the process work pool `pool` when it does not exist yet (a worker started with
+    `--type process` creates it too; whichever comes first)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            except ObjectAlreadyExists:
+                pass
+
+
+def register_shard_deployment(config: DistillConfig) -> str:
+    """The `build-shard/NAME` deployment on `dataset.work_pool` (created or updated), run by
+    module path so nothing is uploaded: the workers import the installed package. Returns
+    its "flow/deployment" name."""
+    import httpx
+    from prefect.deployments.runner import EntrypointType, deploy
+    from prefect.settings import PREFECT_API_URL
+
+    pool = config.dataset.work_pool
+    if not PREFECT_API_URL.value():
+        raise ConfigError(
+            f"dataset.work_pool={pool!r} sends shards to a Prefect server's work pool, and no server is "
+            "configured: set PREFECT_API_URL to its API (e.g. http://127.0.0.1:4200/api; `prefect server start` "
+            "runs one), or remove dataset.work_pool to answer the shards in this process"
+        )
+    try:
+        ensure_process_pool(pool)
+    except httpx.ConnectError as error:
+        raise ConfigError(
+            f"dataset.work_pool={pool!r}: the Prefect server at PREFECT_API_URL={PREFECT_API_URL.value()} does "
+            f"not answer ({error}); start it (`prefect server start`) or point PREFECT_API_URL at a running one"
+        ) from None
+    deployment = build_shard.to_deployment(
+        name=config.name,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        job_variables={"working_dir": os.getcwd()},
+        tags=["distillflow", "build-shard"],
+    )
+    deploy(deployment, work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
+           ignore_warnings=True)
+    return f"{SHARD_FLOW}/{config.name}"
+
+
+def answer_shards_on_pool(
+    config: DistillConfig,
+    plan: list[tuple[int, int]],
+    state: BuildState,
+    first_reject_file: int,
+    progress: ProgressBar,
+    stats: Any,
+) -> None:
+    """Every unfinished shard as one `build-shard` run on `dataset.work_pool`, `dataset.workers`
+    in flight; each shard is recorded as finished the moment its run completes."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    output_dir = Path(config.output_dir).resolve()
+    shard_config = config.model_copy(update={"output_dir": output_dir})
+    parameters = shard_config.model_dump(mode="json")
+    deployment = register_shard_deployment(config)
+    pending = [index for index in range(len(plan)) if index not in state.finished]
+    in_flight: dict[UUID, tuple[int, float]] = {}  # flow run id -> (shard, submitted at)
+    pool = config.dataset.work_pool
+    try:
+        with get_client(sync_client=True) as client:
+            while pending or in_flight:
+                while pending and len(in_flight) < config.dataset.workers:
+                    index = pending.pop(0)
+                    result_path(output_dir, index).unlink(missing_ok=True)
+                    run = run_deployment(
+                        deployment,
+                        parameters={"config": parameters, "index": index, "reject_file": first_reject_file + index},
+                        timeout=0,
+                        as_subflow=True,
+                    )
+                    in_flight[run.id] = (index, time.monotonic())
+                time.sleep(POLL_S)
+                for run_id, (index, submitted) in list(in_flight.items()):
+                    run = client.read_flow_run(run_id)
+                    kind = run.state.type.value if run.state else "SCHEDULED"
+                    if kind == "COMPLETED":
+                        del in_flight[run_id]
+                        result = ShardResult(**json.loads(result_path(output_dir, index).read_text(encoding="utf-8")))
+                        state.record(result)
+                        stats.add(result.usage)
+                        progress(result.prompts)
+                    elif kind in ENDED_BADLY:
+                        del in_flight[run_id]
+                        message = run.state.message if run.state else ""
+                        raise RuntimeError(
+                            f"shard {index} failed on work pool {pool!r}: flow run {run.name!r} ended "
+                            f"{run.state.name if run.state else kind}: {message}. Its log is in the Prefect UI "
+                            "(flow run page); rerun the build to resume from the shards already written"
+                        )
+                    elif kind in WAITING and time.monotonic() - submitted > config.dataset.worker_wait_s:
+                        raise TimeoutError(
+                            f"no worker of work pool {pool!r} picked up shard {index} (flow run {run.name!r}) within "
+                            f"dataset.worker_wait_s={config.dataset.worker_wait_s:g} s: start one with `prefect worker "
+                            f"start --pool {pool} --type process` where distillflow is installed and output_dir "
+                            f"({output_dir}) is reachable"
+                        )
+    except BaseException:
+        with get_client(sync_client=True) as client:
+            for run_id in in_flight:
+                try:
+                    client.set_flow_run_state(run_id, Cancelling(message="the parent build stopped"), force=True)
+                except Exception:  # noqa: BLE001 - best effort: the build's own error is the one to report
+                    pass
+        raise
