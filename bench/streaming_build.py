@@ -7,9 +7,11 @@ processes, Dask workers) every 0.1 s.
 
   (1) memory: `distill build` at --small and --large prompts (20k and 200k), same shard
       size (--shard-rows), same run. Target: peak RSS(large) <= 1.2 x peak RSS(small).
-  (2) fan-out: --fanout-prompts (40k) with `dataset.workers: 2` (a local Dask cluster of 2
-      processes) against one process: same rows and ids; throughput ratio (target within
-      10%: on a 2-core machine the teacher client's CPU is the limit either way).
+  (2) fan-out: --fanout-prompts (40k) on 2 workers against one process: `dataset.work_pool`
+      (2 `prefect worker start --type process` workers on one pool, a flow run per shard) and
+      `dataset.workers: 2` (a local Dask cluster of 2 processes). Same rows and ids;
+      throughput ratio (target within 10%: on a 2-core machine the teacher client's CPU is
+      the limit either way).
   (3) per-stage prompts/s of the large build (from its manifest's stage_seconds) and its
       bytes on disk per accepted row, for the sizing table in docs/scaling.md.
 
@@ -33,11 +35,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # The fake teacher's helpers are bench/teacher_throughput.py's (same server, key and prompts).
 from bench.teacher_throughput import API_KEY, free_port, wait_http, write_build_config  # noqa: E402
+from distillflow.config import DatasetConfig  # noqa: E402
 
 
-def write_config(workdir: Path, base_url: str, n: int, args: argparse.Namespace, workers: int = 1) -> Path:
+POOL = "bench-shards"
+
+
+def write_config(
+    workdir: Path, base_url: str, n: int, args: argparse.Namespace, workers: int = 1, pool: str | None = None
+) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     dataset = {"shard_rows": args.shard_rows, "workers": workers}
+    if pool is not None:
+        dataset["work_pool"] = pool
     return write_build_config(workdir, base_url, n, args.concurrency, name="bench-streaming", dataset=dataset)
 
 
@@ -97,7 +107,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=20_000)
     parser.add_argument("--large", type=int, default=200_000)
     parser.add_argument("--fanout-prompts", type=int, default=40_000)
-    parser.add_argument("--shard-rows", type=int, default=10_000)
+    parser.add_argument("--shard-rows", type=int, default=DatasetConfig.model_fields["shard_rows"].default)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     args = parser.parse_args()
@@ -135,13 +145,21 @@ def main() -> None:
                   f"stages {run['manifest']['stage_seconds']}", flush=True)
         ratio = runs["large"]["peak_rss_mb"] / runs["small"]["peak_rss_mb"]
 
+        for worker in range(2):  # the work pool's workers (they wait for runs from the start)
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
+                 "--name", f"bench-{worker}"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
         fan = {}
-        for workers in (1, 2):
-            fan[workers] = build(write_config(workdir / f"fanout-{workers}", base_url, args.fanout_prompts, args, workers), env)
-            print(f"  fan-out {workers} worker(s): {args.fanout_prompts} prompts, {fan[workers]['elapsed_s']:.1f} s, "
-                  f"peak RSS (tree) {fan[workers]['peak_rss_mb']:.0f} MB, teacher stage "
-                  f"{fan[workers]['manifest']['stage_seconds']['teacher']:.1f} s", flush=True)
-        same = ids_of(fan[1]["out"]) == ids_of(fan[2]["out"])
+        for label, workers, pool in (("1 process", 1, None), ("work pool", 2, POOL), ("dask", 2, None)):
+            config = write_config(workdir / f"fanout-{label.replace(' ', '-')}", base_url, args.fanout_prompts, args,
+                                  workers, pool)
+            fan[label] = build(config, env)
+            print(f"  fan-out, {label} ({workers}): {args.fanout_prompts} prompts, {fan[label]['elapsed_s']:.1f} s, "
+                  f"peak RSS (parent tree) {fan[label]['peak_rss_mb']:.0f} MB, teacher stage "
+                  f"{fan[label]['manifest']['stage_seconds']['teacher']:.1f} s", flush=True)
+        same = {label: ids_of(fan[label]["out"]) == ids_of(fan["1 process"]["out"]) for label in ("work pool", "dask")}
     finally:
         for process in processes:
             process.terminate()
@@ -153,12 +171,15 @@ def main() -> None:
           f"{'OK' if ratio <= 1.2 else 'ABOVE TARGET'}; "
           f"{1024 * (runs['large']['peak_rss_mb'] - runs['small']['peak_rss_mb']) / (args.large - args.small):.2f} KB per "
           "prompt at the margin")
-    throughput = {w: args.fanout_prompts / fan[w]["elapsed_s"] for w in fan}
-    stage = {w: args.fanout_prompts / fan[w]["manifest"]["stage_seconds"]["teacher"] for w in fan}
-    print(f"(2) fan-out: same ids {same}; whole build 2 workers/1 process {throughput[2] / throughput[1]:.3f} "
-          f"({throughput[2]:.0f} vs {throughput[1]:.0f} prompts/s); teacher stage {stage[2] / stage[1]:.3f} "
-          f"({stage[2]:.0f} vs {stage[1]:.0f} prompts/s) (target >= 0.9) "
-          f"{'OK' if throughput[2] / throughput[1] >= 0.9 else 'BELOW TARGET'}")
+    throughput = {label: args.fanout_prompts / fan[label]["elapsed_s"] for label in fan}
+    stage = {label: args.fanout_prompts / fan[label]["manifest"]["stage_seconds"]["teacher"] for label in fan}
+    one = "1 process"
+    for label in ("work pool", "dask"):
+        ratio_fan = throughput[label] / throughput[one]
+        print(f"(2) fan-out over {label}, 2 workers: same ids {same[label]}; whole build {ratio_fan:.3f} of one process "
+              f"({throughput[label]:.0f} vs {throughput[one]:.0f} prompts/s); teacher stage "
+              f"{stage[label] / stage[one]:.3f} ({stage[label]:.0f} vs {stage[one]:.0f} prompts/s) (target >= 0.9) "
+              f"{'OK' if ratio_fan >= 0.9 else 'BELOW TARGET'}")
     large = runs["large"]
     print(f"(3) per stage, {args.large} prompts (prompts/s):")
     for name, seconds in large["manifest"]["stage_seconds"].items():

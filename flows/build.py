@@ -26,6 +26,7 @@ import distillflow
 from distillflow.config import DistillConfig, load_config
 from distillflow.flows.shard_runs import answer_shards_on_pool
 from distillflow.interrupt import cancel_on_interrupt
+from distillflow.memory import release_freed_memory
 from distillflow.progress import ProgressBar
 from distillflow.records import PromptRecord, Reject
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
@@ -108,19 +109,20 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 seed_rejects = seed_rejects + repeated_seeds
             with stage(stage_seconds, "generate_prompts", label):
                 prompts, generation_rejects, prompt_report = generate_prompts_task(config, quote(seeds), teacher, ledger)
+            num_seeds, num_prompts = len(seeds), len(prompts)
+            del seeds  # the prompts hold what they need of them
             for warning in prompt_report.get("warnings", []):
                 logger.warning("%s", warning)
             with stage(stage_seconds, "filter_prompts", label):
                 kept, prompt_rejects = filter_prompts_task(quote(prompts), config)
-            logger.info("%d seeds, %d prompts generated, %d after prompt filters", len(seeds), len(prompts), len(kept))
-            num_seeds, num_prompts = len(seeds), len(prompts)
+            logger.info("%d seeds, %d prompts generated, %d after prompt filters", num_seeds, num_prompts, len(kept))
             before_teacher = seed_rejects + generation_rejects + prompt_rejects
             prompt_stage = {
                 "bad_seed_rows": len(seed_rejects),
                 "generation_rejects": len(generation_rejects),
                 "reasons": Counter(reject.reason for reject in before_teacher),
             }
-            del seeds, prompts, seed_rejects, generation_rejects, prompt_rejects  # only `kept` goes on
+            del prompts, seed_rejects, generation_rejects, prompt_rejects  # only `kept` goes on
 
             plan = shard_ranges(len(kept), config.dataset.shard_rows)
             state, resumed = BuildState.open(config.output_dir, plan_fingerprint(kept, config, len(before_teacher)))
@@ -131,6 +133,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             write_shard_prompts(staging, kept, plan, skip=state.finished)
             num_kept = len(kept)
             del before_teacher, kept
+            release_freed_memory()
             if resumed:
                 logger.info("resuming: %d of %d shards were already written", resumed, len(plan))
 

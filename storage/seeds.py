@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,7 @@ def read_seed_source(source: SeedSource, prompt_column: str | None = None) -> tu
     name = str(source.path)
     match fmt:
         case "jsonl":
-            data = source.path.read_bytes()
-            for number, line in enumerate(data.splitlines(), start=1):
+            for number, line in enumerate(_lines(source.path), start=1):
                 where = f"{name}:{number}"
                 if not line.strip():
                     continue  # blank separator lines are not rows
@@ -141,6 +141,14 @@ def read_seed_source(source: SeedSource, prompt_column: str | None = None) -> tu
     prompts = [r for r in records if isinstance(r, PromptRecord)]
     rejects = [r for r in records if isinstance(r, Reject)]
     return prompts, rejects
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of a file as `bytes.splitlines` would split it, read one physical line at a
+    time (a seed file is never held in memory whole)."""
+    with open(path, "rb") as handle:
+        for physical in handle:
+            yield from physical.splitlines()
 
 
 def load_seeds(

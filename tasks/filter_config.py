@@ -240,5 +240,8 @@ class FiltersConfig(_Strict):
     min_response_chars: int = Field(1, ge=0, description="Drop responses shorter than this (after strip).")
     quality: QualityConfig = QualityConfig()
     batch_size: int = Field(
-        65_536, ge=1, description="Rows per batch when streaming shards (bounds memory; results do not depend on it)."
+        8_192,
+        ge=1,
+        description="Rows per batch of the prompt filters and `distill dedup` (bounds their memory: about 0.6 KB "
+        "a row at the default num_perm; results do not depend on it).",
     )

@@ -192,7 +192,9 @@ def resolve_prompt_filters(
             near_duplicates_from_signatures,
         )
 
-        keys = features.band_keys[:, alive] if features.band_keys is not None else None
+        keys = features.band_keys
+        if keys is not None and len(alive) < features.num_rows:  # (all rows alive: no copy)
+            keys = keys[:, alive]
         result = near_duplicates_from_signatures(features.signatures, config.near_dedup, index=alive, keys=keys)
         apply(
             "near_duplicate",
@@ -256,18 +258,27 @@ def filter_prompts(
     if spill_dir is not None and config.near_dedup.enabled:
         spill = SignatureSpill(Path(spill_dir) / "signatures.u32", config.near_dedup.num_perm)
     parts = []
+    band_keys = None
+    if spill is not None:  # filled batch by batch: no list of parts to concatenate
+        from distillflow.tasks.minhash import banding
+
+        band_keys = np.empty((banding(config.near_dedup)[0], len(texts)), dtype=np.uint64)
     with progress("prompt filters", total=len(texts), unit="prompts") as bar:
         for start in range(0, len(texts), step):
             batch = texts[start : start + step]
-            parts.append(prompt_features(batch, config) if spill is None else spilled_prompt_features(batch, config, spill))
+            if spill is None:
+                parts.append(prompt_features(batch, config))
+            else:
+                part = spilled_prompt_features(batch, config, spill)
+                band_keys[:, start : start + len(batch)] = part.band_keys
+                part.band_keys = None
+                parts.append(part)
             bar.advance(len(batch))
     features = PromptFeatures.concat(parts or [prompt_features([], config)])
+    del parts
     if spill is not None:
         features.signatures = spill.array()
-        if features.band_keys is None:  # no rows
-            from distillflow.tasks.minhash import banding
-
-            features.band_keys = np.empty((banding(config.near_dedup)[0], 0), dtype=np.uint64)
+        features.band_keys = band_keys
     decisions = resolve_prompt_filters(
         features, lambda rows: [texts[i] for i in rows], [r.strategy for r in records], config, embed=embed
     )

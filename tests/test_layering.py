@@ -20,6 +20,7 @@ CORE = {
     "distillflow.text",
     "distillflow.resources",
     "distillflow.interrupt",
+    "distillflow.memory",
     "distillflow.failures",
     "distillflow.progress",
     "distillflow.training.chat_template",
