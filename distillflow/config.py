@@ -169,7 +169,13 @@ class TeacherConfig(StrictModel):
         "model has none and needs one (docs/base_models.md). backend openai: the server applies its "
         "own (vLLM: --chat-template).",
     )
-    batch_size: int = Field(512, ge=1, description="Prompts per Prefect task (async I/O inside).")
+    batch_size: int = Field(
+        2000,
+        ge=1,
+        description="Prompts per Prefect task (async I/O inside; a few tasks are in flight, so concurrency "
+        "never drains between them). Each task run is bookkeeping on the Prefect server: larger batches "
+        "leave more CPU to the requests.",
+    )
     local_batch_size: int = Field(8, ge=1, description="Sequences per forward pass (local backend).")
     device: str = Field("auto", description="local backend: auto, cpu, cuda, cuda:N.")
     pricing: PricingConfig | None = Field(

@@ -407,7 +407,7 @@ class RateLimiter:
 
     def observe(self, headers: Any) -> None:
         """Sync the mirrored buckets with a response's x-ratelimit-* headers."""
-        if not self.adaptive:
+        if not self.adaptive or not _has_rate_limit_headers(headers):
             return
         now = time.monotonic()
         for name in ("requests", "tokens"):
@@ -429,6 +429,14 @@ class RateLimiter:
         """The API said Retry-After: every worker pauses that long."""
         if self.adaptive:
             self.hold_until = max(self.hold_until, time.monotonic() + min(seconds, MAX_RETRY_AFTER_S))
+
+
+def _has_rate_limit_headers(headers: Any) -> bool:
+    """One pass over the raw headers (an httpx lookup by name scans them all each time)."""
+    raw = getattr(headers, "raw", None)
+    if raw is None:
+        return True  # a plain mapping: let the lookups decide
+    return any(key[:12].lower() == b"x-ratelimit-" for key, _ in raw)
 
 
 def _header_float(headers: Any, name: str) -> float | None:
