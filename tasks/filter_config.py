@@ -50,6 +50,12 @@ class NearDedupConfig(_Strict):
         "false-positive + false-negative probability mass). rows per band = num_perm // bands.",
     )
     seed: int = Field(1, ge=0, description="Seed of the MinHash permutations.")
+    verify: Literal["exact", "estimate"] = Field(
+        "exact",
+        description="How a candidate pair from LSH is checked against `threshold`: `exact` = the true Jaccard "
+        "similarity of the two prompts' shingle sets (computed for candidate rows only), `estimate` = the "
+        "fraction of equal MinHash values (no text needed; off by about ±0.035 at 0.8 with 128 permutations).",
+    )
 
     @field_validator("bands")
     @classmethod

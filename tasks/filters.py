@@ -158,7 +158,7 @@ def resolve_prompt_filters(
 
     alive: row indices still in play (default: all), in input order; rows outside it are
     neither kept nor reported (another stage already dropped them). texts_of: fetches prompt
-    texts for row indices (semantic dedup and diversity only). embed: replaces the
+    texts for row indices (exact near-duplicate verification, semantic dedup, diversity). embed: replaces the
     configured sentence-embedding model (e.g. one already loaded).
     """
     alive = np.arange(features.num_rows) if alive is None else np.asarray(alive, dtype=np.int64)
@@ -195,7 +195,9 @@ def resolve_prompt_filters(
         keys = features.band_keys
         if keys is not None and len(alive) < features.num_rows:  # (all rows alive: no copy)
             keys = keys[:, alive]
-        result = near_duplicates_from_signatures(features.signatures, config.near_dedup, index=alive, keys=keys)
+        result = near_duplicates_from_signatures(
+            features.signatures, config.near_dedup, index=alive, keys=keys, texts_of=texts_of
+        )
         apply(
             "near_duplicate",
             result.duplicate_of != KEEP,

@@ -10,6 +10,7 @@ import pytest
 from distillflow.tasks.dedup import KEEP, exact_duplicates, first_occurrence, normalize_text, resolve_clusters
 from distillflow.tasks.filter_config import FiltersConfig, NearDedupConfig
 from distillflow.tasks.minhash import (
+    exact_jaccard,
     near_dedup_normalize,
     near_duplicates,
     optimal_bands,
@@ -121,6 +122,53 @@ def test_near_duplicates_identical_across_batch_sizes(batch_size):
     reference = near_duplicates(texts, config, batch_size=len(texts))
     result = near_duplicates(texts, config, batch_size=batch_size)
     assert np.array_equal(result.duplicate_of, reference.duplicate_of)
+
+
+def true_jaccard(a: str, b: str, unit: str, n: int) -> float:
+    """The reference: n-grams of the normalised text (UTF-8 bytes, or words) as Python sets."""
+    def shingles(text: str) -> set:
+        norm = near_dedup_normalize(text)
+        units = norm.encode("utf-8") if unit == "char" else norm.split(" ") if norm else []
+        return {bytes(units[i : i + n]) if unit == "char" else tuple(units[i : i + n])
+                for i in range(max(1, len(units) - n + 1))}
+    first, second = shingles(a), shingles(b)
+    return len(first & second) / len(first | second)
+
+
+@pytest.mark.parametrize(("unit", "n"), [("char", 5), ("char", 3), ("word", 2), ("word", 3)])
+def test_exact_jaccard_is_the_jaccard_of_the_shingle_sets(unit, n):
+    rng = random.Random(n)
+    base = [random_prompt(rng, rng.randint(1, 12)) for _ in range(40)]
+    texts = base + [text.replace("0", "7", 1).upper() + " extra, words!" for text in base] + ["", "a", "Ünïcödé  text"]
+    left = np.array([rng.randrange(len(texts)) for _ in range(400)])
+    right = np.array([rng.randrange(len(texts)) for _ in range(400)])
+    got = exact_jaccard(texts, left, right, NearDedupConfig(unit=unit, ngram=n))
+    expected = [true_jaccard(texts[a], texts[b], unit, n) for a, b in zip(left, right)]
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_exact_verification_decides_by_the_true_similarity_where_the_estimate_errs():
+    """A pair just below the threshold, and a MinHash seed whose estimate puts it above:
+    `verify: estimate` drops the second prompt, `verify: exact` (the default) keeps both."""
+    rng = random.Random(3)
+    first = random_prompt(rng, 30)
+    words = first.split()
+    for position in range(0, 30, 6):  # a few words changed: true Jaccard a little under 0.8
+        words[position] = "changed" + str(position)
+    second = " ".join(words)
+    similarity = true_jaccard(first, second, "char", 5)
+    assert 0.6 < similarity < 0.8
+    for seed in range(1, 2000):
+        config = NearDedupConfig(threshold=similarity + 0.01, seed=seed, verify="estimate")
+        estimated = near_duplicates([first, second], config)
+        if estimated.duplicate_of[1] == 0:
+            break
+    else:
+        pytest.fail("no MinHash seed put the pair above the threshold")
+    assert estimated.similarity[1] >= config.threshold > similarity
+    exact = near_duplicates([first, second], config.model_copy(update={"verify": "exact"}))
+    assert exact.duplicate_of.tolist() == [KEEP, KEEP]
+    assert NearDedupConfig().verify == "exact"
 
 
 def test_filters_config_rejects_bad_values():
