@@ -188,13 +188,14 @@ def _signatures_kernel(data, offsets, byte_class, word_unit, n, a, b, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _exact_jaccard_kernel(data, offsets, byte_class, word_unit, n, left, right, out):
-    """out[p] = |A ∩ B| / |A ∪ B| of the shingle-hash sets of rows left[p] and right[p]."""
+def _shingle_sets_kernel(data, offsets, byte_class, word_unit, n):
+    """Each row's sorted, distinct shingle hashes: (flat, first), row r's set being
+    flat[first[r]:first[r + 1]]."""
     rows = offsets.shape[0] - 1
     total = 0
     for row in range(rows):
         total += offsets[row + 1] - offsets[row] + 1
-    flat = np.empty(total, dtype=np.uint64)  # each row's sorted, distinct shingle hashes
+    flat = np.empty(total, dtype=np.uint64)
     first = np.zeros(rows + 1, dtype=np.int64)
     window = np.zeros(n, dtype=np.uint64)
     clean = np.empty(0, dtype=np.uint8)
@@ -213,6 +214,13 @@ def _exact_jaccard_kernel(data, offsets, byte_class, word_unit, n, left, right, 
         first[row] = position
         position += distinct
         first[row + 1] = position
+    return flat[:position], first
+
+
+@numba.njit(cache=True, nogil=True)
+def _pair_jaccard_kernel(flat, first, left, right, out):
+    """out[p] = |A ∩ B| / |A ∪ B| of the sets of rows left[p] and right[p] (a merge of two
+    sorted runs)."""
     for p in range(left.shape[0]):
         i, i_end = first[left[p]], first[left[p] + 1]
         j, j_end = first[right[p]], first[right[p] + 1]
@@ -230,19 +238,31 @@ def _exact_jaccard_kernel(data, offsets, byte_class, word_unit, n, left, right, 
         out[p] = shared / (size - shared) if size > shared else 1.0
 
 
+class ShingleSets:
+    """The shingle sets (the shingles the signatures hash) of a list of texts, for exact
+    Jaccard similarities between them."""
+
+    def __init__(self, texts: Sequence[str], config: NearDedupConfig) -> None:
+        data, offsets = pack_texts(texts)
+        self.flat, self.first = _shingle_sets_kernel(data, offsets, _BYTE_CLASS, config.unit == "word", config.ngram)
+
+    def jaccard(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        """The true Jaccard similarity of rows left[p] and right[p], (E,) float32."""
+        out = np.empty(len(left), dtype=np.float32)
+        _pair_jaccard_kernel(
+            self.flat, self.first, np.asarray(left, dtype=np.int64), np.asarray(right, dtype=np.int64), out
+        )
+        return out
+
+
 def exact_jaccard(
     texts: Sequence[str], left: np.ndarray, right: np.ndarray, config: NearDedupConfig
 ) -> np.ndarray:
-    """The true Jaccard similarity of the shingle sets (the shingles the signatures hash) of
-    texts[left[p]] and texts[right[p]], (E,) float32."""
-    out = np.empty(len(left), dtype=np.float32)
-    if len(left):
-        data, offsets = pack_texts(texts)
-        _exact_jaccard_kernel(
-            data, offsets, _BYTE_CLASS, config.unit == "word", config.ngram,
-            np.asarray(left, dtype=np.int64), np.asarray(right, dtype=np.int64), out,
-        )
-    return out
+    """The true Jaccard similarity of the shingle sets of texts[left[p]] and
+    texts[right[p]], (E,) float32."""
+    if not len(left):
+        return np.empty(0, dtype=np.float32)
+    return ShingleSets(texts, config).jaccard(left, right)
 
 
 def signatures(texts: Sequence[str], config: NearDedupConfig) -> np.ndarray:
@@ -365,14 +385,18 @@ def band_keys(signature: np.ndarray, bands: int, rows: int, index: np.ndarray | 
     return out
 
 
+SMALL_BUCKET = 8
+
+
 def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Candidate pairs (left < right) from equal band keys, (E,) int64 each, without repeats.
 
     keys: (bands, N) uint64. Within each bucket (rows sharing a key in one band), ordered
-    by row, every member is paired with the bucket's first row and with its predecessor:
-    2 pairs per member instead of all pairs, enough to connect the bucket. Only rows in
-    buckets of two or more are re-sorted by (key, row), so the cost is one unstable sort
-    of N keys per band.
+    by row, every member of a bucket of up to `SMALL_BUCKET` rows is paired with every
+    earlier member (as a query against an LSH index would be); in a larger bucket, with
+    the bucket's first row and its predecessor only (2 pairs per member instead of all
+    pairs, enough to connect the bucket). Only rows in buckets of two or more are
+    re-sorted by (key, row), so the cost is one unstable sort of N keys per band.
     """
     num_rows = keys.shape[1]
     lefts, rights = [], []
@@ -393,10 +417,18 @@ def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         same_as_previous = np.zeros(len(members), dtype=bool)
         same_as_previous[1:] = member_keys[1:] == member_keys[:-1]
         positions = np.flatnonzero(same_as_previous)
-        bucket_start = np.where(same_as_previous, 0, np.arange(len(members)))
+        member_index = np.arange(len(members))
+        bucket_start = np.where(same_as_previous, 0, member_index)
         np.maximum.accumulate(bucket_start, out=bucket_start)
-        lefts += [members[bucket_start[positions]], members[positions - 1]]
-        rights += [members[positions], members[positions]]
+        sizes = np.diff(np.append(np.flatnonzero(~same_as_previous), len(members)))
+        small = np.repeat(sizes, sizes) <= SMALL_BUCKET
+        for back in range(1, SMALL_BUCKET):  # small buckets: every earlier member
+            later = np.flatnonzero(small & (member_index - back >= bucket_start))
+            lefts.append(members[later - back])
+            rights.append(members[later])
+        large = positions[~small[positions]]  # large buckets: the first and the predecessor
+        lefts += [members[bucket_start[large]], members[large - 1]]
+        rights += [members[large], members[large]]
     if not lefts:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty
@@ -446,17 +478,18 @@ def near_duplicates_from_signatures(
     index = np.arange(signature.shape[0], dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
     bands, rows = banding(config)
     left, right = candidate_pairs(band_keys(signature, bands, rows, index) if keys is None else keys)
-    exact = texts_of is not None and config.verify == "exact"
+    if texts_of is not None and config.verify == "exact" and len(left):
+        # Every dropped row and the row it is kept as a duplicate of are candidate rows, so
+        # one set of shingle sets serves both the verification and the reported similarity.
+        involved = np.unique(np.concatenate([left, right]))
+        sets = ShingleSets(texts_of(index[involved]), config)
 
-    def similarity_of(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-        """first, second: positions in `index`."""
-        if not exact:
+        def similarity_of(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+            return sets.jaccard(np.searchsorted(involved, first), np.searchsorted(involved, second))
+    else:
+
+        def similarity_of(first: np.ndarray, second: np.ndarray) -> np.ndarray:
             return estimated_jaccard(signature, index[first], index[second])
-        involved = np.unique(np.concatenate([first, second]))
-        texts = texts_of(index[involved])
-        return exact_jaccard(
-            texts, np.searchsorted(involved, first), np.searchsorted(involved, second), config
-        )
 
     similarity = similarity_of(left, right)
     verified = similarity >= config.threshold
