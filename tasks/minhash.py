@@ -386,6 +386,7 @@ def band_keys(signature: np.ndarray, bands: int, rows: int, index: np.ndarray | 
 
 
 SMALL_BUCKET = 8
+EXACT_PAIRS_PER_CHUNK = 4096  # candidate pairs verified exactly at a time (bounds their texts in memory)
 
 
 def candidate_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -478,14 +479,21 @@ def near_duplicates_from_signatures(
     index = np.arange(signature.shape[0], dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
     bands, rows = banding(config)
     left, right = candidate_pairs(band_keys(signature, bands, rows, index) if keys is None else keys)
-    if texts_of is not None and config.verify == "exact" and len(left):
-        # Every dropped row and the row it is kept as a duplicate of are candidate rows, so
-        # one set of shingle sets serves both the verification and the reported similarity.
-        involved = np.unique(np.concatenate([left, right]))
-        sets = ShingleSets(texts_of(index[involved]), config)
+    if texts_of is not None and config.verify == "exact":
 
         def similarity_of(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-            return sets.jaccard(np.searchsorted(involved, first), np.searchsorted(involved, second))
+            """True Jaccard of positions first[p], second[p] in `index`, a few thousand pairs
+            at a time (ordered by the first row), so only their rows' texts and shingle sets
+            are in memory at once."""
+            out = np.empty(len(first), dtype=np.float32)
+            order = np.argsort(first, kind="stable")
+            for start in range(0, len(order), EXACT_PAIRS_PER_CHUNK):
+                part = order[start : start + EXACT_PAIRS_PER_CHUNK]
+                a, b = first[part], second[part]
+                involved = np.unique(np.concatenate([a, b]))
+                sets = ShingleSets(texts_of(index[involved]), config)
+                out[part] = sets.jaccard(np.searchsorted(involved, a), np.searchsorted(involved, b))
+            return out
     else:
 
         def similarity_of(first: np.ndarray, second: np.ndarray) -> np.ndarray:
