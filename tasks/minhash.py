@@ -277,35 +277,20 @@ def signatures(texts: Sequence[str], config: NearDedupConfig) -> np.ndarray:
 @numba.njit(cache=True, nogil=True)
 def _word_ngram_kernel(data, offsets, byte_class, n, hashes, row_of):
     """Hash of every word n-gram of every row (rows with fewer than n words: one hash of all
-    their words), the same hash `_signatures_kernel` uses. Returns how many were written."""
+    their words): `_row_shingles`' word shingles, mixed as `_update` mixes them before the
+    permutations. Returns how many were written."""
     window = np.zeros(n, dtype=np.uint64)
+    clean = np.empty(0, dtype=np.uint8)
     count = 0
     for row in range(offsets.shape[0] - 1):
         start, end = offsets[row], offsets[row + 1]
-        words = 0
-        h = _FNV_OFFSET
-        in_word = False
-        for j in range(start, end + 1):
-            c = byte_class[data[j]] if j < end else np.uint8(0)
-            if c == 0:
-                if in_word:
-                    window[words % n] = _mix64(h)
-                    words += 1
-                    if words >= n:
-                        shingle = _window_hash(window, words - n, words, n)
-                        hashes[count] = _mix64(shingle)
-                        row_of[count] = row
-                        count += 1
-                in_word = False
-                h = _FNV_OFFSET
-            else:
-                in_word = True
-                h = (h ^ np.uint64(c)) * _FNV_PRIME
-        if words < n:
-            shingle = _window_hash(window, 0, words, n)
-            hashes[count] = _mix64(shingle)
-            row_of[count] = row
-            count += 1
+        if clean.shape[0] < end - start:
+            clean = np.empty(2 * (end - start), dtype=np.uint8)
+        written = _row_shingles(data, start, end, byte_class, True, n, clean, window, hashes[count:])
+        for i in range(count, count + written):
+            hashes[i] = _mix64(hashes[i])
+            row_of[i] = row
+        count += written
     return count
 
 
