@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # The fake teacher's helpers are bench/teacher_throughput.py's (same server, key and prompts).
-from bench.teacher_throughput import API_KEY, free_port, wait_http, write_build_config  # noqa: E402
+from bench.teacher_throughput import start_servers, write_build_config  # noqa: E402
 from distillflow.config import DatasetConfig  # noqa: E402
 
 
@@ -113,27 +113,10 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="distill-stream-bench-"))
-    env = {**os.environ, "BENCH_API_KEY": API_KEY, "PREFECT_HOME": str(workdir / "prefect"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("PREFECT_API_URL", None)
-    server_port, prefect_port = free_port(), free_port()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "openai_server.py"), "--port", str(server_port),
-             "--api-key", API_KEY, "--latency-ms", str(args.latency_ms), "--no-record"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-            env={**env, "PREFECT_UI_ENABLED": "false"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ),
-    ]
+    env, base_url, processes = start_servers(
+        workdir, args.latency_ms, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     try:
-        base_url = f"http://127.0.0.1:{server_port}/v1"
-        wait_http(f"http://127.0.0.1:{server_port}/health")
-        wait_http(f"http://127.0.0.1:{prefect_port}/api/health")
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
         print(f"shard_rows {args.shard_rows}, concurrency {args.concurrency}, server latency {args.latency_ms:.0f} ms",
               flush=True)
 

@@ -180,6 +180,40 @@ def write_build_config(
     return path
 
 
+def start_servers(
+    workdir: Path, latency_ms: float, **extra_env: str
+) -> tuple[dict[str, str], str, list[subprocess.Popen]]:
+    """The fake teacher (tests/openai_server.py, `latency_ms` per answer, unlimited capacity)
+    and a `prefect server`, each in its own process, both answering their health checks.
+    Returns (the environment for the bench's children, PREFECT_API_URL set; the teacher's
+    base URL; the two processes, which the caller terminates)."""
+    env = {**os.environ, "BENCH_API_KEY": API_KEY, "PREFECT_HOME": str(workdir / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
+           **extra_env}
+    env.pop("PREFECT_API_URL", None)
+    server_port, prefect_port = free_port(), free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "openai_server.py"), "--port", str(server_port),
+             "--api-key", API_KEY, "--latency-ms", str(latency_ms), "--no-record"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+            env={**env, "PREFECT_UI_ENABLED": "false"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+    ]
+    try:
+        wait_http(f"http://127.0.0.1:{server_port}/health")
+        wait_http(f"http://127.0.0.1:{prefect_port}/api/health")
+    except BaseException:
+        for process in processes:
+            process.terminate()
+        raise
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
+    return env, f"http://127.0.0.1:{server_port}/v1", processes
+
+
 def run_build(args: argparse.Namespace) -> dict:
     from distillflow.config import load_config
     from distillflow.flows.build import build_dataset
@@ -237,27 +271,9 @@ def main() -> None:
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="distill-bench-"))
-    env = {**os.environ, "BENCH_API_KEY": API_KEY, "PREFECT_HOME": str(workdir / "prefect"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_API_URL", None)
-    server_port, prefect_port = free_port(), free_port()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "openai_server.py"), "--port", str(server_port),
-             "--api-key", API_KEY, "--latency-ms", str(args.latency_ms), "--no-record"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-            env={**env, "PREFECT_UI_ENABLED": "false"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ),
-    ]
+    env, base_url, processes = start_servers(workdir, args.latency_ms)
     servers = {"teacher server": processes[0].pid, "Prefect server": processes[1].pid}
     try:
-        base_url = f"http://127.0.0.1:{server_port}/v1"
-        wait_http(f"http://127.0.0.1:{server_port}/health")
-        wait_http(f"http://127.0.0.1:{prefect_port}/api/health")
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
         print(f"{args.prompts} prompts, concurrency {args.concurrency}, server latency {args.latency_ms:.0f} ms, "
               f"{args.repeats} interleaved repeat(s) of each side (best run reported)")
         bare_args = ["--concurrency", str(args.concurrency), "--base-url", base_url]
