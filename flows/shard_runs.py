@@ -130,6 +130,7 @@ def answer_shards_on_pool(
                     run = run_deployment(
                         deployment,
                         parameters={"config": parameters, "index": index, "reject_file": first_reject_file + index},
+                        flow_run_name=f"shard-{index}",
                         timeout=0,
                         as_subflow=True,
                     )
