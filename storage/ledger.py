@@ -19,7 +19,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +67,25 @@ def request_key(messages: list[dict[str, Any]], model: str, params: dict[str, An
     return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+_INSERT_ANSWER = "INSERT OR IGNORE INTO answers (key, created_at, answer) VALUES (?, ?, ?)"
+
+
+def _payload(answer: TeacherAnswer) -> str:
+    return json.dumps(
+        {
+            "content": answer.content,
+            "finish_reason": answer.finish_reason,
+            "model": answer.model,
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "top_logprobs": answer.top_logprobs,
+            "error": answer.error,
+            "error_detail": answer.error_detail,
+        },
+        ensure_ascii=False,
+    )
+
+
 class Ledger:
     """Append-only store of teacher answers keyed by `request_key`. Single-writer."""
 
@@ -100,25 +119,22 @@ class Ledger:
     def put(self, key: str, answer: TeacherAnswer, created_at: float | None = None) -> float:
         """Record one answer now (its own transaction). Returns its created_at."""
         created_at = time.time() if created_at is None else created_at
-        payload = json.dumps(
-            {
-                "content": answer.content,
-                "finish_reason": answer.finish_reason,
-                "model": answer.model,
-                "prompt_tokens": answer.prompt_tokens,
-                "completion_tokens": answer.completion_tokens,
-                "top_logprobs": answer.top_logprobs,
-                "error": answer.error,
-                "error_detail": answer.error_detail,
-            },
-            ensure_ascii=False,
-        )
         with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO answers (key, created_at, answer) VALUES (?, ?, ?)",
-                (key, created_at, payload),
-            )
+            self._db.execute(_INSERT_ANSWER, (key, created_at, _payload(answer)))
         return created_at
+
+    def put_many(self, entries: Sequence[tuple[str, TeacherAnswer, float]]) -> None:
+        """Record (key, answer, created_at) entries now, in one transaction: a commit costs
+        about five times an insert, so answers that arrive together are committed together."""
+        rows = [(key, created_at, _payload(answer)) for key, answer, created_at in entries]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(_INSERT_ANSWER, rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     # -- Batch API bookkeeping -------------------------------------------------------------
 

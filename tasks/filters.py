@@ -332,11 +332,13 @@ def filter_responses(rows: list[dict[str, Any]], config: FiltersConfig) -> tuple
     kept: list[dict[str, Any]] = []
     rejects: list[Reject] = []
     with progress("response filters", total=len(rows), unit="responses") as bar:
-        for row in rows:
+        for number, row in enumerate(rows, 1):
             verdict = check(row.get("prompt") or "", row.get("response"), row.get("finish_reason"), row.get("strategy") or "")
             if verdict is None:
                 kept.append(row)
             else:
                 rejects.append(response_reject(row, verdict.reason, verdict.detail))
-            bar.advance()
+            if not number % 256:
+                bar.advance(256)
+        bar.advance(len(rows) % 256)
     return kept, rejects

@@ -38,25 +38,39 @@ def repeated_ngram_fraction(tokens: list[str], n: int) -> float:
     count = len(tokens) - n + 1
     if count <= 1:
         return 0.0
-    distinct = len({tuple(tokens[i : i + n]) for i in range(count)})
+    distinct = len(set(_ngrams(tokens, n)))
     return (count - distinct) / count
 
 
+def _ngrams(tokens: list[str], n: int) -> zip:
+    """The n-grams of `tokens` as tuples, in order (zip of shifted slices: no Python loop)."""
+    return zip(*[tokens[i:] for i in range(n)])
+
+
 def max_line_repeats(text: str) -> int:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return max(Counter(lines).values()) if lines else 0
+    lines = text.splitlines()
+    if len(lines) <= 1:  # most answers are one paragraph
+        return 1 if text.strip() else 0
+    stripped = [line.strip() for line in lines]
+    counts = Counter(line for line in stripped if line)
+    return max(counts.values()) if counts else 0
 
 
-def echo_fraction(prompt: str, response: str, n: int = 3) -> float:
-    """Fraction of the response's word n-grams that also occur in the prompt (1.0 if equal)."""
-    prompt_words, response_words = normalize_text(prompt).split(), normalize_text(response).split()
+def echo_fraction(prompt: str, response: str, n: int = 3, response_words: list[str] | None = None) -> float:
+    """Fraction of the response's word n-grams that also occur in the prompt (1.0 if equal).
+    `response_words`: `normalize_text(response).split()`, when the caller has it already."""
+    prompt_words = normalize_text(prompt).split()
+    if response_words is None:
+        response_words = normalize_text(response).split()
     if response_words == prompt_words:
         return 1.0
     if len(response_words) < n:
         return 0.0
-    prompt_grams = {tuple(prompt_words[i : i + n]) for i in range(len(prompt_words) - n + 1)}
-    response_grams = [tuple(response_words[i : i + n]) for i in range(len(response_words) - n + 1)]
-    return sum(gram in prompt_grams for gram in response_grams) / len(response_grams)
+    prompt_grams = set(_ngrams(prompt_words, n))
+    if not prompt_grams:
+        return 0.0
+    copied = sum(map(prompt_grams.__contains__, _ngrams(response_words, n)))
+    return copied / (len(response_words) - n + 1)
 
 
 def script_fraction(text: str, script: str) -> float:
@@ -99,12 +113,13 @@ class ResponseChecker:
             phrase = is_refusal(text, self.refusal_pattern)
             if phrase is not None:
                 return QualityVerdict("refusal", f"matched {phrase.strip()[:80]!r}")
+        words = normalize_text(text).split() if quality.repetition or quality.prompt_echo else None
         if quality.repetition:
-            verdict = self._repetition(text)
+            verdict = self._repetition(text, words)
             if verdict is not None:
                 return verdict
         if quality.prompt_echo:
-            fraction = echo_fraction(prompt, text)
+            fraction = echo_fraction(prompt, text, response_words=words)
             if fraction >= quality.echo_threshold:
                 return QualityVerdict("prompt_echo", f"{fraction:.2f} of response 3-grams copied from the prompt")
         if quality.language is not None:
@@ -115,9 +130,9 @@ class ResponseChecker:
                 )
         return None
 
-    def _repetition(self, text: str) -> QualityVerdict | None:
+    def _repetition(self, text: str, words: list[str]) -> QualityVerdict | None:
+        """`words`: `normalize_text(text).split()`."""
         quality = self.quality
-        words = normalize_text(text).split()
         if len(words) >= quality.repetition_min_words:
             fraction = repeated_ngram_fraction(words, quality.repetition_ngram)
             if fraction > quality.max_repeated_ngram_fraction:

@@ -32,7 +32,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -355,6 +355,12 @@ class RateLimiter:
     async def acquire(self, tokens: int) -> None:
         if not self.active:
             return
+        if not self.mirror and not self.hold_until and not any(self.limits.values()):
+            # Adaptive, and the API has sent no rate-limit header nor Retry-After yet:
+            # nothing to wait for, only the requests in flight to count.
+            self.in_flight["requests"] += 1
+            self.in_flight["tokens"] += tokens
+            return
         need = {"requests": 1.0, "tokens": float(tokens)}
         async with self.lock:
             waited = False
@@ -571,12 +577,43 @@ class OpenAITeacher:
         ledger: Ledger,
         on_recorded: Callable[[int, TeacherAnswer, float], None],
     ) -> None:
-        """Answer every request and record each recordable answer under its key the moment
-        it arrives; then `on_recorded(index, answer, created_at)`."""
-        def record(index: int, answer: TeacherAnswer) -> None:
-            on_recorded(index, answer, record_answer(ledger, keys[index], answer))
+        """Answer every request and record each recordable answer under its key as it
+        arrives; then `on_recorded(index, answer, created_at)`.
 
-        self.answer_sync(messages_list, on_answer=record)
+        Answers that arrive in the same turn of the event loop are committed in one
+        transaction at the end of that turn, and the workers that received them wait for
+        that commit before they send anything else: what a crash can lose is still at most
+        the requests on the wire, at a fifth of the ledger's cost per answer."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = BackgroundLoop()
+        self._loop.run(self._answer_and_record(messages_list, keys, ledger, on_recorded))
+
+    async def _answer_and_record(
+        self,
+        messages_list: Sequence[Messages],
+        keys: Sequence[str],
+        ledger: Ledger,
+        on_recorded: Callable[[int, TeacherAnswer, float], None],
+    ) -> None:
+        commits = GroupCommit(ledger, asyncio.get_running_loop())
+
+        def record(index: int, answer: TeacherAnswer) -> Awaitable[None] | None:
+            if not is_recordable(answer):
+                on_recorded(index, answer, time.time())
+                return None
+            created_at, committed = commits.add(keys[index], answer)
+
+            async def then() -> None:
+                await committed
+                on_recorded(index, answer, created_at)
+
+            return then()
+
+        try:
+            await self.answer_shared(messages_list, on_answer=record)
+        finally:
+            commits.flush()  # answers of workers cancelled while waiting for their commit
 
     async def answer_shared(
         self,
@@ -623,12 +660,13 @@ class OpenAITeacher:
     async def answer_all(
         self,
         messages_list: Sequence[Messages],
-        on_answer: Callable[[int, TeacherAnswer], None] | None = None,
+        on_answer: Callable[[int, TeacherAnswer], Awaitable[None] | None] | None = None,
         client: openai.AsyncOpenAI | None = None,
         semaphore: asyncio.Semaphore | None = None,
         limiter: RateLimiter | None = None,
     ) -> list[TeacherAnswer]:
-        """Answers in input order. Raises `TeacherFatalError` (after cancelling in-flight
+        """Answers in input order; `on_answer(index, answer)` runs as each arrives, and
+        when it returns an awaitable the worker awaits it before its next request. Raises `TeacherFatalError` (after cancelling in-flight
         requests) when the endpoint rejects the credentials, the model or the URL, when it
         answers none of the first prompts (`TeacherUnreachableError`), or after `abort`.
 
@@ -664,7 +702,9 @@ class OpenAITeacher:
                     self.stats.prompt_tokens += answer.prompt_tokens
                     self.stats.completion_tokens += answer.completion_tokens
                     if on_answer is not None:
-                        on_answer(index, answer)
+                        waiting = on_answer(index, answer)
+                        if waiting is not None:  # e.g. the ledger commit of this answer
+                            await waiting
 
             async def follower(first: asyncio.Task) -> None:
                 # Until the endpoint has answered once, only the first worker asks; the
@@ -1026,6 +1066,39 @@ def _short(error: BaseException, cause: bool = False) -> str:
 def is_recordable(answer: TeacherAnswer) -> bool:
     """Answers worth keeping in the ledger: real answers and permanent per-prompt errors."""
     return answer.ok or (answer.error or "").startswith(PERMANENT_ERROR_PREFIXES)
+
+
+class GroupCommit:
+    """Ledger writes of one event loop, grouped: `add` queues an answer and returns
+    (its created_at, a future done once it is committed); the queue is committed in one
+    transaction by a callback at the end of the current turn of the loop."""
+
+    def __init__(self, ledger: Ledger, loop: asyncio.AbstractEventLoop) -> None:
+        self.ledger, self.loop = ledger, loop
+        self.pending: list[tuple[str, TeacherAnswer, float]] = []
+        self.committed: asyncio.Future | None = None
+
+    def add(self, key: str, answer: TeacherAnswer) -> tuple[float, asyncio.Future]:
+        if self.committed is None:
+            self.committed = self.loop.create_future()
+            self.loop.call_soon(self.flush)
+        created_at = time.time()
+        self.pending.append((key, answer, created_at))
+        return created_at, self.committed
+
+    def flush(self) -> None:
+        """Commit what is queued now (on the loop's thread)."""
+        pending, committed = self.pending, self.committed
+        self.pending, self.committed = [], None
+        if committed is None:
+            return
+        try:
+            self.ledger.put_many(pending)
+        except BaseException as error:
+            committed.set_exception(error)
+            committed.exception()  # a caller that was cancelled meanwhile will not read it
+            raise
+        committed.set_result(None)
 
 
 def record_answer(ledger: Ledger, key: str, answer: TeacherAnswer) -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from distillflow.config import TeacherConfig
 from distillflow.tasks.teacher import OpenAITeacher, Teacher, resolve_api_key
 from distillflow.tasks.teacher_batch import BatchTeacher
-from distillflow.tasks.teacher_local import LocalTeacherClient
 from distillflow.tasks.teacher_pool import PooledTeacher
 from distillflow.tasks.teacher_replicas import ReplicaTeacher
 
@@ -23,6 +22,9 @@ from distillflow.tasks.teacher_replicas import ReplicaTeacher
 def make_teacher(config: TeacherConfig, api_key: str | None = None) -> Teacher:
     """The teacher of `config`; an HTTP teacher's key from `api_key` or its `api_key_env`."""
     if config.backend == "local":
+        # Imported here: torch and transformers cost an HTTP teacher's build ~1.5 s of start-up.
+        from distillflow.tasks.teacher_local import LocalTeacherClient
+
         return LocalTeacherClient(config)
     key = api_key if api_key is not None else resolve_api_key(config.api_key_env)
     if config.mode == "batch":

@@ -167,3 +167,22 @@ def test_language_scripts_match_the_script_ranges():
     from distillflow.tasks.quality import SCRIPT_RANGES
 
     assert sorted(LANGUAGE_SCRIPTS) == sorted(SCRIPT_RANGES)
+
+
+def test_building_with_an_http_teacher_does_not_import_torch():
+    """torch and transformers cost ~1.5 s of start-up; only a local teacher needs them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import distillflow.cli, distillflow.flows.build\n"
+        "from distillflow.config import TeacherConfig\n"
+        "from distillflow.tasks.teachers import make_teacher\n"
+        "make_teacher(TeacherConfig(base_url='http://127.0.0.1:9/v1', model='m', api_key_env=None), api_key='k')\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "DO_NOT_TRACK": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

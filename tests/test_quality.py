@@ -121,3 +121,83 @@ def test_a_missing_decontamination_file_fails_when_the_config_loads(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"filters\.decontamination\.eval_files\.0: .*missing\.jsonl does not exist"):
         load_config(config)
+
+
+# -- the fast paths agree with plain reference computations ----------------------------------
+
+
+def test_refusal_lookahead_admits_every_letter_the_patterns_start_with():
+    """The look-ahead before the built-in patterns must not skip a position where one of
+    them could start, under the same case folding (e.g. 'İ', 'ı', 'ſ' and the Kelvin sign)."""
+    import re
+
+    lookahead = re.compile("[iast]", re.IGNORECASE)
+    for letter in "iast":
+        literal = re.compile(letter, re.IGNORECASE)
+        skipped = [hex(code) for code in range(0x110000) if literal.match(chr(code)) and not lookahead.match(chr(code))]
+        assert skipped == [], letter
+
+
+def test_refusal_pattern_matches_what_the_plain_alternation_matches():
+    import random
+    import re
+
+    from distillflow.text import REFUSAL_PATTERNS, compile_refusal_patterns
+
+    fragments = [
+        "I'm sorry", "I am afraid", "i can't", "I cannot help", "won't", "sorry, but i can't", "Apologize.",
+        "as an AI language model, I can't", "I must decline", "I'm not able to help", "this request violates",
+        "İ", "ı", "ſorry", "\u212a", "  ", "\n", ".", "but", "help", "with that", "assist you with this",
+        "I will not", "not going to answer", "This question goes against", "fine", "  i won't do that", "nope",
+        "ich kann pas",
+    ]
+    rng = random.Random(0)
+    for extra in (None, [r"\bnope\b", r"(?:ich kann|je ne peux) pas"]):
+        fast = compile_refusal_patterns(extra)
+        plain = re.compile("|".join(f"(?:{p})" for p in [*REFUSAL_PATTERNS, *(extra or [])]), re.IGNORECASE)
+        matched = 0
+        for _ in range(20000):
+            text = " ".join(rng.choice(fragments) for _ in range(rng.randint(1, 8)))
+            if rng.random() < 0.5:
+                text = text.strip()
+            got, want = fast.search(text), plain.search(text)
+            assert (got and (got.span(), got.group(0))) == (want and (want.span(), want.group(0))), text
+            matched += want is not None
+        assert 5000 < matched < 19000  # both kinds of text were tried
+
+
+def test_repetition_echo_and_line_checks_agree_with_reference_loops():
+    import random
+    from collections import Counter
+
+    from distillflow.tasks.quality import echo_fraction, max_line_repeats, repeated_ngram_fraction
+    from distillflow.text import normalize_text
+
+    def repeated_reference(tokens, n):
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        return 0.0 if len(grams) <= 1 else (len(grams) - len(set(grams))) / len(grams)
+
+    def echo_reference(prompt, response, n=3):
+        p, r = normalize_text(prompt).split(), normalize_text(response).split()
+        if p == r:
+            return 1.0
+        if len(r) < n:
+            return 0.0
+        prompt_grams = {tuple(p[i : i + n]) for i in range(len(p) - n + 1)}
+        grams = [tuple(r[i : i + n]) for i in range(len(r) - n + 1)]
+        return sum(g in prompt_grams for g in grams) / len(grams)
+
+    def lines_reference(text):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return max(Counter(lines).values()) if lines else 0
+
+    words = ["the", "cat", "sat", "on", "mat", "Mat", "\n", "\r\n", "\x1c", " ", "ok", "İ", "日本", "same line\n"]
+    rng = random.Random(3)
+    for _ in range(5000):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
+        response = prompt if rng.random() < 0.2 else " ".join(rng.choice(words) for _ in range(rng.randint(0, 40)))
+        tokens = response.split()
+        for n in (1, 2, 3, 4):
+            assert repeated_ngram_fraction(tokens, n) == repeated_reference(tokens, n)
+        assert echo_fraction(prompt, response) == echo_reference(prompt, response)
+        assert max_line_repeats(response) == lines_reference(response)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -203,3 +204,71 @@ def test_response_bodies_that_are_not_chat_completions_are_malformed(server):
         assert teacher._parse(body) is None, body
     answer = teacher._parse(b'{"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "usage": null}')
     assert (answer.content, answer.finish_reason, answer.prompt_tokens, answer.model) == ("hi", "stop", 0, "test-teacher")
+
+
+class LedgerWatchingServer(FaultyOpenAIServer):
+    """Notes, as each request arrives, how many requests it has received (this one
+    included) whose answers the client's ledger does not hold yet: being answered, on the
+    wire back, or waiting for their commit."""
+
+    def __init__(self, ledger_path, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.ledger_path = ledger_path
+        self.uncommitted: list[int] = []
+
+    async def chat(self, request):
+        import sqlite3
+
+        if self.ledger_path.exists():
+            with contextlib.closing(sqlite3.connect(self.ledger_path)) as db:
+                rows = db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+            self.uncommitted.append(self.total_requests + 1 - rows)
+        return await super().chat(request)
+
+
+class CountingLedger(Ledger):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.commits: list[int] = []
+
+    def put_many(self, entries) -> None:
+        self.commits.append(len(entries))
+        time.sleep(0.01)  # a slow disk: the server handles whatever was sent meanwhile
+        super().put_many(entries)
+
+
+def test_answers_that_arrive_together_are_committed_together_before_their_workers_ask_again(port, tmp_path):
+    """Grouped ledger commits: fewer transactions than answers, every answer committed
+    before `on_recorded` sees it, and a worker never sends its next request while its last
+    answer is uncommitted, so a crash still loses at most `max_concurrency` answers."""
+    path = tmp_path / "ledger.sqlite"
+    fake = LedgerWatchingServer(path, api_key="right-key", latency_s=0.02)
+    prompts = [f"grouped commit prompt {i}" for i in range(400)]
+    messages = [build_messages(p, None) for p in prompts]
+    with ServerThread(fake, port) as server, CountingLedger(path) as ledger:
+        teacher = make_teacher(server, max_concurrency=16)
+        answers = answer_requests(teacher, ledger, messages)
+        teacher.close()
+        assert [a.content for a, _ in answers] == [expected_answer(p) for p in prompts]
+        assert len(ledger) == 400 and sum(ledger.commits) == 400
+        assert len(ledger.commits) < 400 and max(ledger.commits) > 1  # grouped
+    # Each of the 16 workers has one request out or one answer waiting for its commit.
+    assert fake.uncommitted and max(fake.uncommitted) <= 16, max(fake.uncommitted)
+
+
+def test_on_recorded_runs_after_the_answer_is_in_the_ledger(server, tmp_path):
+    prompts = [f"recorded first {i}" for i in range(64)]
+    messages = [build_messages(p, None) for p in prompts]
+    keys = [f"key-{i}" for i in range(64)]
+    missing: list[int] = []
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        teacher = make_teacher(server, max_concurrency=16)
+
+        def on_recorded(index, answer, created_at):
+            if keys[index] not in ledger.get_many([keys[index]]):
+                missing.append(index)
+
+        teacher.answer_and_record(messages, keys, ledger, on_recorded)
+        teacher.close()
+        assert len(ledger) == 64
+    assert missing == []
