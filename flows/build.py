@@ -46,6 +46,7 @@ from distillflow.tasks.build_steps import (
     stage,
     write_shard_task,
 )
+from distillflow.tasks.filters import filter_responses
 from distillflow.tasks.shards import (
     BUILDING,
     BuildState,
@@ -143,8 +144,13 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             budget = FailureBudget(num_kept, config.teacher, on_exceeded=teacher.abort)
             # In batch mode a shard is one Batch API job (the API takes up to 50,000 requests a file).
             batch_size = config.teacher.batch_size if config.teacher.mode == "online" else config.dataset.shard_rows
-            shard_rows: list[dict[str, Any]] = []  # the answered rows of the shard being collected
+            # The shard being collected: its answered count, the rows that passed the response
+            # filters (run on each batch as it comes in, so the last shard's files follow the
+            # last answer at once), its teacher rejects and its response rejects.
+            shard_answered = [0]
+            shard_rows: list[dict[str, Any]] = []
             shard_rejects: list[Reject] = []
+            shard_response_rejects: list[Reject] = []
 
             def batches() -> Iterator[tuple[int, bool, list[PromptRecord]]]:
                 """(shard, whether it is the shard's last batch, prompts) of every unfinished shard."""
@@ -159,19 +165,25 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                         yield index, first + batch_size >= stop - start, records[first : first + batch_size]
 
             def collect(index: int, last: bool, result: tuple[list[dict[str, Any]], list[Reject]]) -> None:
-                shard_rows.extend(result[0])
-                shard_rejects.extend(result[1])
-                if not last:
-                    return
                 shard_started = time.perf_counter()
-                start, stop = plan[index]
-                state.record(
-                    write_shard_task(
-                        index, stop - start, quote(shard_rows), quote(shard_rejects), config, first_reject_file + index
+                rows, teacher_rejects = result
+                accepted, response_rejects = filter_responses(rows, config.filters, shown=False)
+                shard_answered[0] += len(rows)
+                shard_rows.extend(accepted)
+                shard_rejects.extend(teacher_rejects)
+                shard_response_rejects.extend(response_rejects)
+                if last:
+                    start, stop = plan[index]
+                    state.record(
+                        write_shard_task(
+                            index, stop - start, shard_answered[0], quote(shard_rows), quote(shard_rejects),
+                            quote(shard_response_rejects), config, first_reject_file + index,
+                        )
                     )
-                )
-                shard_rows.clear()
-                shard_rejects.clear()
+                    shard_answered[0] = 0
+                    shard_rows.clear()
+                    shard_rejects.clear()
+                    shard_response_rejects.clear()
                 stage_seconds["write_shards"] += time.perf_counter() - shard_started
 
             fan_out = config.dataset.fans_out and teacher.concurrent

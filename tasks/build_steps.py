@@ -37,7 +37,7 @@ from distillflow.tasks.shards import (
     ShardResult,
     answer_shard,
     answered_rows,
-    finish_shard,
+    write_shard,
 )
 from distillflow.tasks.teacher import (
     FailureBudget,
@@ -121,12 +121,20 @@ def filter_responses_task(rows: list[dict[str, Any]], config: DistillConfig) -> 
 
 @task(name="write-shard", cache_policy=NO_CACHE, task_run_name="write-shard-{index}")
 def write_shard_task(
-    index: int, prompts: int, rows: list[dict[str, Any]], rejects: list[Reject], config: DistillConfig, reject_file: int
+    index: int,
+    prompts: int,
+    answered: int,
+    accepted: list[dict[str, Any]],
+    teacher_rejects: list[Reject],
+    response_rejects: list[Reject],
+    config: DistillConfig,
+    reject_file: int,
 ) -> ShardResult:
-    """Response filters over one shard, then its data and rejects files (atomically)."""
-    return finish_shard(
-        index, prompts, rows, rejects, config.filters, config.output_dir / BUILDING, reject_file,
-        bool(config.teacher.generation.top_logprobs),
+    """One shard's data and rejects files (atomically); its rows went through the response
+    filters batch by batch as they were answered."""
+    return write_shard(
+        index, prompts, answered, accepted, teacher_rejects, response_rejects, config.output_dir / BUILDING,
+        reject_file, bool(config.teacher.generation.top_logprobs),
     )
 
 

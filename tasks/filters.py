@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from distillflow.progress import progress
+from distillflow.progress import ProgressBar, progress
 from distillflow.records import PromptRecord, Reject
 from distillflow.tasks.dedup import KEEP, exact_keys, first_occurrence
 from distillflow.tasks.filter_config import FiltersConfig
@@ -326,12 +326,18 @@ def response_reject(row: dict[str, Any], reason: str, detail: str) -> Reject:
     )
 
 
-def filter_responses(rows: list[dict[str, Any]], config: FiltersConfig) -> tuple[list[dict[str, Any]], list[Reject]]:
-    """Response-side filters. Returns (kept rows in input order, one Reject per dropped row)."""
+def filter_responses(
+    rows: list[dict[str, Any]], config: FiltersConfig, shown: bool = True
+) -> tuple[list[dict[str, Any]], list[Reject]]:
+    """Response-side filters. Returns (kept rows in input order, one Reject per dropped row).
+    `shown=False`: no progress of its own (a caller filtering batch by batch reports its own)."""
     check = ResponseChecker(config)
     kept: list[dict[str, Any]] = []
     rejects: list[Reject] = []
-    with progress("response filters", total=len(rows), unit="responses") as bar:
+    shown_bar = (
+        progress("response filters", total=len(rows), unit="responses") if shown else ProgressBar("", None, mode="off").shown()
+    )
+    with shown_bar as bar:
         for number, row in enumerate(rows, 1):
             verdict = check(row.get("prompt") or "", row.get("response"), row.get("finish_reason"), row.get("strategy") or "")
             if verdict is None:

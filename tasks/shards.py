@@ -194,6 +194,26 @@ def finish_shard(
     """Response filters over one shard's answered rows, then its data file and its rejects
     file (each written atomically). Returns what the state and the manifest need."""
     accepted, response_rejects = filter_responses(rows, filters)
+    return write_shard(
+        index, prompts, len(rows), accepted, teacher_rejects, response_rejects, staging, reject_file_index,
+        with_top_logprobs,
+    )
+
+
+def write_shard(
+    index: int,
+    prompts: int,
+    answered: int,
+    accepted: list[dict[str, Any]],
+    teacher_rejects: list[Reject],
+    response_rejects: list[Reject],
+    staging: Path,
+    reject_file_index: int,
+    with_top_logprobs: bool,
+) -> ShardResult:
+    """One shard's data file (`accepted`: its answered rows that passed the response
+    filters) and rejects file (its teacher rejects, then its response rejects), each
+    written atomically."""
     rejects = teacher_rejects + response_rejects
     data_writer = ShardWriter(
         staging / "data", accepted_schema(with_top_logprobs), max(len(accepted), 1), root=staging, first_index=index
@@ -207,7 +227,7 @@ def finish_shard(
     return ShardResult(
         index=index,
         prompts=prompts,
-        answered=len(rows),
+        answered=answered,
         teacher_errors=len(teacher_rejects),
         teacher_failures=sum(1 for r in teacher_rejects if is_failure(TeacherAnswer(None, None, "", error=r.reason))),
         accepted=len(accepted),
