@@ -9,6 +9,7 @@ the work, and the durable cache of teacher answers is the ledger. Large lists ar
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import time
@@ -47,6 +48,7 @@ from distillflow.tasks.build_steps import (
     write_shard_task,
 )
 from distillflow.tasks.filters import filter_responses
+from distillflow.tasks.shard_writer import ShardWriterProcess
 from distillflow.tasks.shards import (
     BUILDING,
     BuildState,
@@ -69,6 +71,9 @@ from distillflow.tasks.teacher import (
 from distillflow.tasks.teachers import make_teacher
 
 BATCHES_IN_FLIGHT = 3
+# From this many prompts on, the build filters and writes its shards in a child process
+# (its start-up, ~1 s of the other core, pays off); smaller builds do it in this process.
+SHARD_WRITER_MIN_PROMPTS = 4096
 
 
 # -- tasks ----------------------------------------------------------------------------------
@@ -164,20 +169,26 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                     for first in range(0, stop - start, batch_size):
                         yield index, first + batch_size >= stop - start, records[first : first + batch_size]
 
-            def collect(index: int, last: bool, result: tuple[list[dict[str, Any]], list[Reject]]) -> None:
+            def collect(
+                index: int, last: bool, result: tuple[list[dict[str, Any]], list[Reject]],
+                writer: ShardWriterProcess | None = None,
+            ) -> None:
                 shard_started = time.perf_counter()
                 rows, teacher_rejects = result
-                accepted, response_rejects = filter_responses(rows, config.filters, shown=False)
+                if writer is not None:
+                    writer.add(index, rows)
+                else:
+                    accepted, response_rejects = filter_responses(rows, config.filters, shown=False)
+                    shard_rows.extend(accepted)
+                    shard_response_rejects.extend(response_rejects)
                 shard_answered[0] += len(rows)
-                shard_rows.extend(accepted)
                 shard_rejects.extend(teacher_rejects)
-                shard_response_rejects.extend(response_rejects)
                 if last:
                     start, stop = plan[index]
                     state.record(
                         write_shard_task(
                             index, stop - start, shard_answered[0], quote(shard_rows), quote(shard_rejects),
-                            quote(shard_response_rejects), config, first_reject_file + index,
+                            quote(shard_response_rejects), config, first_reject_file + index, writer,
                         )
                     )
                     shard_answered[0] = 0
@@ -193,7 +204,14 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 elif fan_out:
                     answer_shards_on_workers(config, plan, state, first_reject_file, progress, teacher.stats)
                 elif teacher.concurrent:
-                    with client_bound_stage():
+                    with client_bound_stage(), contextlib.ExitStack() as stack:
+                        # A large build filters and writes its shards in a process of its own
+                        # (tasks/shard_writer.py), off the request loop's interpreter lock.
+                        writer = None
+                        if num_kept >= SHARD_WRITER_MIN_PROMPTS:
+                            writer = stack.enter_context(ShardWriterProcess(
+                                config.filters, staging, bool(config.teacher.generation.top_logprobs)
+                            ))
                         # A few batch tasks in flight at once, so the shared `max_concurrency` never
                         # drains at a batch or shard boundary; results are collected in order, and a
                         # shard is written when its last batch is in.
@@ -203,10 +221,10 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                             )))
                             if len(in_flight) >= BATCHES_IN_FLIGHT:
                                 done_index, done_last, future = in_flight.popleft()
-                                collect(done_index, done_last, future.result())
+                                collect(done_index, done_last, future.result(), writer)
                         while in_flight:
                             done_index, done_last, future = in_flight.popleft()
-                            collect(done_index, done_last, future.result())
+                            collect(done_index, done_last, future.result(), writer)
                 else:  # an in-process model answers one batch at a time
                     for batch_index, (index, last, batch) in enumerate(batches()):
                         collect(index, last, answer_batch_task(

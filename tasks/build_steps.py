@@ -31,6 +31,7 @@ from distillflow.storage.dataset import dataset_card, finish_dataset
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.seeds import load_seeds
 from distillflow.tasks.filters import filter_prompts, filter_responses
+from distillflow.tasks.shard_writer import ShardWriterProcess
 from distillflow.tasks.shards import (
     BUILDING,
     BuildState,
@@ -129,9 +130,13 @@ def write_shard_task(
     response_rejects: list[Reject],
     config: DistillConfig,
     reject_file: int,
+    writer: ShardWriterProcess | None = None,
 ) -> ShardResult:
     """One shard's data and rejects files (atomically); its rows went through the response
-    filters batch by batch as they were answered."""
+    filters batch by batch as they were answered. With `writer`, that process filtered
+    them and writes the files (`accepted` and `response_rejects` are then empty here)."""
+    if writer is not None:
+        return writer.write(index, prompts, teacher_rejects, reject_file)
     return write_shard(
         index, prompts, answered, accepted, teacher_rejects, response_rejects, config.output_dir / BUILDING,
         reject_file, bool(config.teacher.generation.top_logprobs),

@@ -375,3 +375,55 @@ def test_a_work_pool_without_a_server_or_with_a_budget_is_refused_before_any_cal
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         with pytest.raises(ConfigError, match="PREFECT_API_URL"):
             register_shard_deployment(load_config(path))
+
+
+# -- the shard writer process ------------------------------------------------------------------
+
+
+def test_the_shard_writer_process_writes_what_the_build_writes_in_process(prefect_harness, port, tmp_path, monkeypatch):
+    """Response filters and shard files in the child process (large builds) or in the build's
+    own process (small ones): the same rows, rejects and counts, shard by shard."""
+    import distillflow.flows.build as build_module
+    from distillflow.flows.build import build_command
+
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, [*PROMPTS, "[[say:I'm sorry, but I can't help with that.]] Say no", "Echo [[say:Echo]]"])
+    results = {}
+    with ServerThread(FaultyOpenAIServer(api_key=API_KEY), port) as server:
+        for name, minimum in (("in-process", 10**9), ("writer", 0)):
+            monkeypatch.setattr(build_module, "SHARD_WRITER_MIN_PROMPTS", minimum)
+            out = tmp_path / name
+            config = sharded_config(tmp_path / f"{name}.yaml", seeds, out, server.base_url, 10, batch_size=4)
+            manifest = build_command(config)
+            assert manifest["build"]["shards"] == 3 and manifest["invariant"]["holds"]
+            results[name] = (dataset_of(out), manifest)
+    (data, rejects), manifest = results["writer"]
+    assert (data, rejects) == results["in-process"][0]
+    assert manifest["counts"] == results["in-process"][1]["counts"]
+    assert manifest["reject_reasons"] == results["in-process"][1]["reject_reasons"]
+    reasons = {reason for _, reason, _, _ in rejects}
+    assert {"teacher_error:400", "truncated", "empty", "refusal"} <= reasons, reasons
+
+
+def test_a_failing_or_dead_shard_writer_is_reported_not_waited_for(tmp_path):
+    from datetime import datetime, timezone
+
+    from distillflow.tasks.shard_writer import ShardWriterError, ShardWriterProcess
+
+    row = {"id": "a", "prompt": "p", "response": "An answer long enough to keep.", "strategy": "seed", "parent_id": None,
+           "teacher_model": "m", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 6,
+           "created_at": datetime.now(timezone.utc)}
+    with ShardWriterProcess(FiltersConfig(), tmp_path / "staging", False) as writer:
+        writer.add(0, [row])
+        result = writer.write(0, 1, [], 0)
+        assert (result.answered, result.accepted) == (1, 1)
+        assert (tmp_path / "staging" / "data" / "part-00000.parquet").exists()
+        writer.add(1, [{**row, "response": 12345}])  # not text: the filters fail in the child
+        with pytest.raises(ShardWriterError, match="failed on shard 1: AttributeError"):
+            writer.write(1, 1, [], 1)
+        writer._process.kill()
+        started = time.monotonic()
+        with pytest.raises(ShardWriterError, match=r"died while .*\(exit code -9"):
+            writer.add(2, [row] * 20000)
+            writer.write(2, 20000, [], 2)
+        assert time.monotonic() - started < 10

@@ -1,0 +1,152 @@
+"""The build's shard writer: response filters and shard files in a process of their own.
+
+During the teacher stage one event-loop thread issues every request, and it needs the
+interpreter lock for nearly all of its time. Filtering the answered rows and writing the
+Parquet files in the same process takes that lock from it (~25 µs a row, about 3 % of the
+stage at the default settings), so a large build hands them to `ShardWriterProcess`: a
+spawned child that filters each batch of rows as it is answered (`add`) and writes a
+shard's files when its last batch is in (`write`), returning the same `ShardResult` as
+`tasks.shards.finish_shard`. The rows, rejects and files are exactly those of the
+in-process path (tests/test_streaming_build.py compares them).
+
+The child ignores SIGINT (the build decides when to stop, and `close` ends the child at
+once), exits when the build's end of the pipe closes (the build died), and every wait for
+it is bounded: a child that dies is reported with its exit code, and one that does not
+answer within `timeout_s` is killed and reported.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import traceback
+from pathlib import Path
+from typing import Any
+
+from distillflow.records import Reject
+from distillflow.tasks.filter_config import FiltersConfig
+
+WRITE_TIMEOUT_S = 600.0  # the longest a shard's write may take (a 50,000-row shard takes ~3 s)
+
+
+class ShardWriterError(RuntimeError):
+    """The shard writer process failed, died or stopped answering."""
+
+
+class ShardWriterProcess:
+    """A child process that filters answered rows and writes shard files (see module doc)."""
+
+    def __init__(
+        self, filters: FiltersConfig, staging: Path, with_top_logprobs: bool, timeout_s: float = WRITE_TIMEOUT_S
+    ) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a process with running threads
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(
+            target=_serve,
+            args=(child_conn, filters.model_dump(mode="json"), str(staging), with_top_logprobs),
+            name="distill-shard-writer",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()
+        self.timeout_s = timeout_s
+
+    def add(self, index: int, rows: list[dict[str, Any]]) -> None:
+        """Filter `rows` (answered rows of shard `index`, in order) into that shard."""
+        self._send(("add", index, rows))
+
+    def write(self, index: int, prompts: int, teacher_rejects: list[Reject], reject_file_index: int) -> Any:
+        """Write shard `index` (its `prompts` prompts; `teacher_rejects`: its prompts the
+        teacher did not answer) from the rows added to it; its `ShardResult`."""
+        self._send(("write", index, prompts, teacher_rejects, reject_file_index))
+        if not self._conn.poll(self.timeout_s):
+            self.close()
+            raise ShardWriterError(
+                f"the shard writer process did not finish shard {index} within {self.timeout_s:.0f} s; it was "
+                "stopped. Rerun the same command: finished shards are kept."
+            )
+        try:
+            status, payload = self._conn.recv()
+        except (EOFError, OSError):
+            raise self._died(f"writing shard {index}") from None
+        if status != "ok":
+            error = payload.strip().splitlines()[-1] if payload.strip() else "unknown error"
+            raise ShardWriterError(f"the shard writer process failed on shard {index}: {error}\n{payload}")
+        return payload
+
+    def close(self) -> None:
+        """Stop the child now (whatever it was doing: a shard file appears only once complete)."""
+        if self._process.is_alive():
+            try:
+                self._conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
+            self._process.join(2)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        self._conn.close()
+
+    def __enter__(self) -> ShardWriterProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError):
+            raise self._died(f"receiving {message[0]!r}") from None
+
+    def _died(self, doing: str) -> ShardWriterError:
+        self._process.join(5)
+        return ShardWriterError(
+            f"the shard writer process died while {doing} (exit code {self._process.exitcode}; -9 is usually the "
+            "kernel's out-of-memory killer). Rerun the same command: finished shards are kept."
+        )
+
+
+def _serve(conn: Any, filters_json: dict[str, Any], staging: str, with_top_logprobs: bool) -> None:
+    """The child: `add`, `write` and `stop` messages until `stop` or until the build's end closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from distillflow.tasks.filters import filter_responses
+    from distillflow.tasks.shards import write_shard
+
+    filters = FiltersConfig.model_validate(filters_json)
+    shards: dict[int, tuple[list[int], list[dict[str, Any]], list[Reject]]] = {}
+    failed: dict[int, str] = {}  # shard -> the error of an `add` (reported by its `write`)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        kind = message[0]
+        if kind == "stop":
+            return
+        if kind == "add":
+            _, index, rows = message
+            answered, accepted, response_rejects = shards.setdefault(index, ([0], [], []))
+            try:
+                kept, rejected = filter_responses(rows, filters, shown=False)
+            except Exception:  # noqa: BLE001 - sent back with the shard's `write`
+                failed.setdefault(index, traceback.format_exc(limit=8))
+                continue
+            answered[0] += len(rows)
+            accepted.extend(kept)
+            response_rejects.extend(rejected)
+        elif kind == "write":
+            _, index, prompts, teacher_rejects, reject_file_index = message
+            answered, accepted, response_rejects = shards.pop(index, ([0], [], []))
+            if index in failed:
+                conn.send(("error", failed.pop(index)))
+                continue
+            try:
+                result = write_shard(
+                    index, prompts, answered[0], accepted, teacher_rejects, response_rejects, Path(staging),
+                    reject_file_index, with_top_logprobs,
+                )
+            except Exception:  # noqa: BLE001 - the build raises it, with this traceback
+                conn.send(("error", traceback.format_exc(limit=8)))
+                continue
+            conn.send(("ok", result))
