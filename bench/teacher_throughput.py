@@ -17,9 +17,10 @@ spend during each run is printed too (on a 2-core machine every side is CPU-boun
              process (interpreter start, imports, flow). Target: CLI/a >= 1.5
   (b2) build with `teacher.client_processes: 2` (requests issued from two processes)
 
-Every side runs once per repeat, the two sides of each target next to each other (a', b,
-a, CLI, b2); each target is the median over the repeats of that repeat's own ratio, since
-the speed of a shared VM drifts by ±15 % from one minute to the next.
+Each repeat runs a', b, a, CLI, CLI, a, b, a' (the two sides of each target next to each
+other, A B B A, so a steady drift cancels); each target is the median over the repeats of
+that repeat's own ratio, since the speed of a shared VM drifts by ±15 % from one minute to
+the next. (b2) runs once, after the repeats.
 
     python bench/teacher_throughput.py [--prompts 20000] [--concurrency 64] [--latency-ms 50] [--repeats 3]
 """
@@ -262,7 +263,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--repeats", type=int, default=3,
-                        help="repeats of every side back to back; each target is the median of the repeats' own ratios")
+                        help="repeats of a' b a CLI CLI a b a'; each target is the median of the repeats' own ratios")
     parser.add_argument("--child", choices=["bare", "build"], help=argparse.SUPPRESS)
     parser.add_argument("--path", choices=["default", "lean"], default="default", help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
@@ -281,45 +282,60 @@ def main() -> None:
     servers = {"teacher server": processes[0].pid, "Prefect server": processes[1].pid}
     try:
         print(f"{args.prompts} prompts, concurrency {args.concurrency}, server latency {args.latency_ms:.0f} ms, "
-              f"{args.repeats} repeat(s) of every side back to back (targets: median of each repeat's ratio)")
+              f"{args.repeats} repeat(s) of a' b a CLI CLI a b a' (targets: median of each repeat's ratio)")
         bare_args = ["--concurrency", str(args.concurrency), "--base-url", base_url]
         # Warm both paths once (imports, connection set-up) on a small run.
         for path in ("default", "lean"):
             child("bare", ["--prompts", "500", "--path", path, *bare_args], env, servers)
         runs: dict[str, list[dict]] = {"default": [], "lean": [], "build": [], "build-2p": []}
         cli_runs: list[float] = []  # wall time of the whole `distill build` process
+        fresh = iter(range(10**6))  # a fresh output dir (and ledger) for every build
+
+        def bare(path: str) -> None:
+            runs[path].append(child("bare", ["--prompts", str(args.prompts), "--path", path, *bare_args], env, servers))
+
+        def build(side: str, client_processes: int = 1) -> None:
+            workdir_of = workdir / f"{side}-{next(fresh)}"
+            workdir_of.mkdir()
+            config = write_build_config(workdir_of, base_url, args.prompts, args.concurrency, client_processes)
+            runs[side].append(child("build", ["--config", str(config)], env, servers))
+
+        def cli() -> None:
+            # The whole CLI process (interpreter start, imports, flow).
+            workdir_of = workdir / f"cli-{next(fresh)}"
+            workdir_of.mkdir()
+            config = write_build_config(workdir_of, base_url, args.prompts, args.concurrency)
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "distillflow.cli", "build", str(config)], env=env, check=True,
+                           capture_output=True, timeout=1800)
+            cli_runs.append(time.perf_counter() - started)
+
+        stage_ratios: list[float] = []
+        whole_ratios: list[float] = []
         for repeat in range(args.repeats):
-            # Each repeat runs every side back to back, so a ratio within one repeat compares
-            # runs made under the same machine conditions (they drift by ±15 % on a shared VM).
-            def bare(path: str, repeat: int = repeat) -> None:
-                runs[path].append(child("bare", ["--prompts", str(args.prompts), "--path", path, *bare_args], env, servers))
-
-            def build(side: str, client_processes: int, repeat: int = repeat) -> None:
-                (workdir / f"{side}-{repeat}").mkdir()  # a fresh ledger each time
-                config = write_build_config(workdir / f"{side}-{repeat}", base_url, args.prompts, args.concurrency, client_processes)
-                runs[side].append(child("build", ["--config", str(config)], env, servers))
-
-            def cli(repeat: int = repeat) -> None:
-                # The whole CLI process (interpreter start, imports, flow), on a fresh output dir.
-                (workdir / f"cli-{repeat}").mkdir()
-                config = write_build_config(workdir / f"cli-{repeat}", base_url, args.prompts, args.concurrency)
-                started = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "distillflow.cli", "build", str(config)], env=env, check=True,
-                               capture_output=True, timeout=1800)
-                cli_runs.append(time.perf_counter() - started)
-
-            # The two sides of each target run next to each other.
+            # The two sides of each target run next to each other, in the order A B B A, so a
+            # steady drift of the machine's speed cancels out of each repeat's ratio.
             bare("lean")
-            build("build", 1)
+            build("build")
             bare("default")
             cli()
-            build("build-2p", 2)
-            assert all(side_runs[-1]["answered"] == args.prompts for side_runs in runs.values())
-            print(f"  repeat {repeat}: " + ", ".join(
-                f"{side} {args.prompts / side_runs[-1]['elapsed_s']:.1f}/s" for side, side_runs in runs.items())
-                + f", CLI {args.prompts / cli_runs[-1]:.1f}/s; teacher stage/a' "
-                f"{runs['lean'][-1]['elapsed_s'] / runs['build'][-1]['stage_seconds']['teacher']:.3f}, "
-                f"CLI/a {runs['default'][-1]['elapsed_s'] / cli_runs[-1]:.3f}", flush=True)
+            cli()
+            bare("default")
+            build("build")
+            bare("lean")
+            lean, built = runs["lean"][-2:], runs["build"][-2:]
+            stage_ratios.append(sum(run["elapsed_s"] for run in lean) / sum(run["stage_seconds"]["teacher"] for run in built))
+            whole_ratios.append(sum(run["elapsed_s"] for run in runs["default"][-2:]) / sum(cli_runs[-2:]))
+            assert all(side_runs[-1]["answered"] == args.prompts for side_runs in runs.values() if side_runs)
+            def per_s(seconds: list[float]) -> str:
+                return ", ".join(f"{args.prompts / value:.1f}" for value in seconds) + "/s"
+
+            print(f"  repeat {repeat}: lean {per_s([run['elapsed_s'] for run in lean])}, teacher stage "
+                  f"{per_s([run['stage_seconds']['teacher'] for run in built])} -> stage/a' {stage_ratios[-1]:.3f}; "
+                  f"SDK default {per_s([run['elapsed_s'] for run in runs['default'][-2:]])}, CLI {per_s(cli_runs[-2:])} "
+                  f"-> CLI/a {whole_ratios[-1]:.3f}", flush=True)
+        build("build-2p", 2)  # for reference: requests from two client processes
+        assert runs["build-2p"][-1]["answered"] == args.prompts
     finally:
         for process in processes:
             process.terminate()
@@ -336,13 +352,12 @@ def main() -> None:
     print(f"     stages (s): {best['build-2p']['stage_seconds']}")
     print(f"     distill build (CLI process): {args.prompts / min(cli_runs):8.1f} prompts/s  "
           f"({min(cli_runs):.1f} s incl. interpreter start and imports)")
-    # Targets: the median over repeats of each repeat's own ratio (sides run back to back).
-    # The teacher stage of the flow (answers from the endpoint, each recorded in the ledger
-    # as it arrives, batches as Prefect tasks, response filters, shard files) against the
-    # bare loop on the same request path; the whole CLI process against the SDK-default loop.
-    stage_ratios = [lean["elapsed_s"] / build["stage_seconds"]["teacher"] for lean, build in zip(runs["lean"], runs["build"])]
-    whole_ratios = [default["elapsed_s"] / cli for default, cli in zip(runs["default"], cli_runs)]
+    # Targets: the median over the repeats of each repeat's ratio. The teacher stage of the
+    # flow (answers from the endpoint, each recorded in the ledger as it arrives, batches as
+    # Prefect tasks, response filters, shard files) against the bare loop on the same
+    # request path; the whole CLI process against the SDK-default loop.
     stage_ratio, whole = statistics.median(stage_ratios), statistics.median(whole_ratios)
+
     def listed(ratios: list[float]) -> str:
         return ", ".join(f"{ratio:.3f}" for ratio in ratios)
 
