@@ -284,9 +284,13 @@ def main() -> None:
         print(f"{args.prompts} prompts, concurrency {args.concurrency}, server latency {args.latency_ms:.0f} ms, "
               f"{args.repeats} repeat(s) of a' b a CLI CLI a b a' (targets: median of each repeat's ratio)")
         bare_args = ["--concurrency", str(args.concurrency), "--base-url", base_url]
-        # Warm both paths once (imports, connection set-up) on a small run.
+        # Warm both bare paths and the build once on a small run (imports, connection set-up,
+        # the Prefect server's first flow and task runs).
         for path in ("default", "lean"):
             child("bare", ["--prompts", "500", "--path", path, *bare_args], env, servers)
+        (workdir / "warm-up").mkdir()
+        child("build", ["--config", str(write_build_config(workdir / "warm-up", base_url, 500, args.concurrency))],
+              env, servers)
         runs: dict[str, list[dict]] = {"default": [], "lean": [], "build": [], "build-2p": []}
         cli_runs: list[float] = []  # wall time of the whole `distill build` process
         fresh = iter(range(10**6))  # a fresh output dir (and ledger) for every build
