@@ -4,9 +4,9 @@ During the teacher stage one event-loop thread issues every request, and it need
 interpreter lock for nearly all of its time. Filtering the answered rows and writing the
 Parquet files in the same process takes that lock from it (~25 µs a row, about 3 % of the
 stage at the default settings), so a large build hands them to `ShardWriterProcess`: a
-spawned child that filters each batch of rows as it is answered (`add`) and writes a
-shard's files when its last batch is in (`write`), returning the same `ShardResult` as
-`tasks.shards.finish_shard`. The rows, rejects and files are exactly those of the
+child process (`python -m distillflow.tasks.shard_writer`, a fresh interpreter) that
+filters each batch of rows as it is answered (`add`) and writes a shard's files when its
+last batch is in (`write`), returning the same `ShardResult` as `tasks.shards.finish_shard`. The rows, rejects and files are exactly those of the
 in-process path (tests/test_streaming_build.py compares them).
 
 The child ignores SIGINT (the build decides when to stop, and `close` ends the child at
@@ -17,9 +17,13 @@ answer within `timeout_s` is killed and reported.
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
+import os
 import signal
+import subprocess
+import sys
 import traceback
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +43,16 @@ class ShardWriterProcess:
     def __init__(
         self, filters: FiltersConfig, staging: Path, with_top_logprobs: bool, timeout_s: float = WRITE_TIMEOUT_S
     ) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork of a process with running threads
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(
-            target=_serve,
-            args=(child_conn, filters.model_dump(mode="json"), str(staging), with_top_logprobs),
-            name="distill-shard-writer",
-            daemon=True,
+        # A fresh interpreter running this module (not multiprocessing's spawn, which would
+        # re-run the caller's own script in the child when it has no `__main__` guard; no
+        # fork of a process with running threads). Messages go over its stdin and stdout.
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=False
         )
-        self._process.start()
-        child_conn.close()
+        self._to_child = Connection(self._process.stdin.fileno(), readable=False)
+        self._from_child = Connection(self._process.stdout.fileno(), writable=False)
         self.timeout_s = timeout_s
+        self._send(("start", filters.model_dump(mode="json"), str(staging), with_top_logprobs))
 
     def add(self, index: int, rows: list[dict[str, Any]]) -> None:
         """Filter `rows` (answered rows of shard `index`, in order) into that shard."""
@@ -59,16 +62,18 @@ class ShardWriterProcess:
         """Write shard `index` (its `prompts` prompts; `teacher_rejects`: its prompts the
         teacher did not answer) from the rows added to it; its `ShardResult`."""
         self._send(("write", index, prompts, teacher_rejects, reject_file_index))
-        if not self._conn.poll(self.timeout_s):
+        try:
+            answered = self._from_child.poll(self.timeout_s)
+            if answered:
+                status, payload = self._from_child.recv()
+        except (EOFError, OSError):
+            raise self._died(f"writing shard {index}") from None
+        if not answered:
             self.close()
             raise ShardWriterError(
                 f"the shard writer process did not finish shard {index} within {self.timeout_s:.0f} s; it was "
                 "stopped. Rerun the same command: finished shards are kept."
             )
-        try:
-            status, payload = self._conn.recv()
-        except (EOFError, OSError):
-            raise self._died(f"writing shard {index}") from None
         if status != "ok":
             error = payload.strip().splitlines()[-1] if payload.strip() else "unknown error"
             raise ShardWriterError(f"the shard writer process failed on shard {index}: {error}\n{payload}")
@@ -76,18 +81,22 @@ class ShardWriterProcess:
 
     def close(self) -> None:
         """Stop the child now (whatever it was doing: a shard file appears only once complete)."""
-        if self._process.is_alive():
-            try:
-                self._conn.send(("stop",))
-            except (OSError, ValueError):
-                pass
-            self._process.join(2)
-        if self._process.is_alive():
+        if self._process.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self._to_child.send(("stop",))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(2)
+        if self._process.poll() is None:
             self._process.kill()
-            self._process.join(5)
-        self._conn.close()
+            self._process.wait(5)
+        for connection in (self._to_child, self._from_child):
+            with contextlib.suppress(OSError):
+                connection.close()
+        for stream in (self._process.stdin, self._process.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
 
-    def __enter__(self) -> ShardWriterProcess:
+    def __enter__(self) -> ShardWriterProcess:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -95,30 +104,36 @@ class ShardWriterProcess:
 
     def _send(self, message: tuple) -> None:
         try:
-            self._conn.send(message)
+            self._to_child.send(message)
         except (OSError, ValueError):
             raise self._died(f"receiving {message[0]!r}") from None
 
     def _died(self, doing: str) -> ShardWriterError:
-        self._process.join(5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(5)
         return ShardWriterError(
-            f"the shard writer process died while {doing} (exit code {self._process.exitcode}; -9 is usually the "
+            f"the shard writer process died while {doing} (exit code {self._process.returncode}; -9 is usually the "
             "kernel's out-of-memory killer). Rerun the same command: finished shards are kept."
         )
 
 
-def _serve(conn: Any, filters_json: dict[str, Any], staging: str, with_top_logprobs: bool) -> None:
-    """The child: `add`, `write` and `stop` messages until `stop` or until the build's end closes."""
+def _serve(receive: Connection, reply: Connection) -> None:
+    """The child: a `start` message, then `add`, `write` and `stop` messages until `stop` or
+    until the build's end closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from distillflow.tasks.filters import filter_responses
     from distillflow.tasks.shards import write_shard
 
+    try:
+        _, filters_json, staging, with_top_logprobs = receive.recv()
+    except (EOFError, OSError):
+        return
     filters = FiltersConfig.model_validate(filters_json)
     shards: dict[int, tuple[list[int], list[dict[str, Any]], list[Reject]]] = {}
     failed: dict[int, str] = {}  # shard -> the error of an `add` (reported by its `write`)
     while True:
         try:
-            message = conn.recv()
+            message = receive.recv()
         except (EOFError, OSError):
             return
         kind = message[0]
@@ -139,7 +154,7 @@ def _serve(conn: Any, filters_json: dict[str, Any], staging: str, with_top_logpr
             _, index, prompts, teacher_rejects, reject_file_index = message
             answered, accepted, response_rejects = shards.pop(index, ([0], [], []))
             if index in failed:
-                conn.send(("error", failed.pop(index)))
+                reply.send(("error", failed.pop(index)))
                 continue
             try:
                 result = write_shard(
@@ -147,6 +162,18 @@ def _serve(conn: Any, filters_json: dict[str, Any], staging: str, with_top_logpr
                     reject_file_index, with_top_logprobs,
                 )
             except Exception:  # noqa: BLE001 - the build raises it, with this traceback
-                conn.send(("error", traceback.format_exc(limit=8)))
+                reply.send(("error", traceback.format_exc(limit=8)))
                 continue
-            conn.send(("ok", result))
+            reply.send(("ok", result))
+
+
+def main() -> None:
+    """`python -m distillflow.tasks.shard_writer`: messages on stdin, replies on stdout. Stdout
+    is taken for the replies, so anything else printed goes to stderr."""
+    reply = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)
+    _serve(Connection(0, writable=False), reply)
+
+
+if __name__ == "__main__":
+    main()

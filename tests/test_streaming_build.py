@@ -422,8 +422,26 @@ def test_a_failing_or_dead_shard_writer_is_reported_not_waited_for(tmp_path):
         with pytest.raises(ShardWriterError, match="failed on shard 1: AttributeError"):
             writer.write(1, 1, [], 1)
         writer._process.kill()
+        writer._process.wait()
         started = time.monotonic()
         with pytest.raises(ShardWriterError, match=r"died while .*\(exit code -9"):
             writer.add(2, [row] * 20000)
             writer.write(2, 20000, [], 2)
         assert time.monotonic() - started < 10
+
+
+def test_the_shard_writer_does_not_rerun_the_callers_script(tmp_path):
+    """A user's script that builds without an `if __name__ == "__main__":` guard runs once:
+    the writer is a fresh interpreter on its own module, not a re-import of the script."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from distillflow.tasks.filter_config import FiltersConfig\n"
+        "from distillflow.tasks.shard_writer import ShardWriterProcess\n"
+        "print('script ran', flush=True)\n"
+        f"with ShardWriterProcess(FiltersConfig(), Path({str(tmp_path / 'staging')!r}), False) as writer:\n"
+        "    print('accepted', writer.write(0, 0, [], 0).accepted, flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["script ran", "accepted 0"]
