@@ -183,6 +183,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                     shard_response_rejects.extend(response_rejects)
                 shard_answered[0] += len(rows)
                 shard_rejects.extend(teacher_rejects)
+                filtered(len(rows))
                 if last:
                     start, stop = plan[index]
                     state.record(
@@ -198,7 +199,14 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 stage_seconds["write_shards"] += time.perf_counter() - shard_started
 
             fan_out = config.dataset.fans_out and teacher.concurrent
-            with progress.shown(), stage(stage_seconds, "teacher", label, progress.status):
+            # Answered rows through the response filters (here or in the shard writer); a
+            # fan-out worker reports its own.
+            filtered = ProgressBar("response filters", num_kept, "responses")
+            with (
+                progress.shown(),
+                filtered.shown() if not fan_out else contextlib.nullcontext(),
+                stage(stage_seconds, "teacher", label, progress.status),
+            ):
                 if fan_out and config.dataset.work_pool is not None:
                     answer_shards_on_pool(config, plan, state, first_reject_file, progress, teacher.stats)
                 elif fan_out:
