@@ -1092,13 +1092,17 @@ class GroupCommit:
         self.pending, self.committed = [], None
         if committed is None:
             return
+        # A worker cancelled while it waited (Ctrl-C, `abort`) cancels this shared future with
+        # it; the answers are committed all the same.
         try:
             self.ledger.put_many(pending)
         except BaseException as error:
-            committed.set_exception(error)
-            committed.exception()  # a caller that was cancelled meanwhile will not read it
+            if not committed.done():
+                committed.set_exception(error)
+                committed.exception()  # a caller that was cancelled meanwhile will not read it
             raise
-        committed.set_result(None)
+        if not committed.done():
+            committed.set_result(None)
 
 
 def record_answer(ledger: Ledger, key: str, answer: TeacherAnswer) -> float:

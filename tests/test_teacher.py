@@ -272,3 +272,21 @@ def test_on_recorded_runs_after_the_answer_is_in_the_ledger(server, tmp_path):
         teacher.close()
         assert len(ledger) == 64
     assert missing == []
+
+
+def test_a_commit_whose_waiting_worker_was_cancelled_still_commits(tmp_path):
+    """Ctrl-C cancels the workers waiting for a commit, and with them the future they share:
+    the queued answers are committed all the same, without an error from the loop."""
+    from distillflow.records import TeacherAnswer
+    from distillflow.tasks.teacher import GroupCommit
+
+    async def run(ledger: Ledger) -> None:
+        commits = GroupCommit(ledger, asyncio.get_running_loop())
+        _, committed = commits.add("key-a", TeacherAnswer("an answer", "stop", "m"))
+        commits.add("key-b", TeacherAnswer("another", "stop", "m"))
+        committed.cancel()
+        commits.flush()
+
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        asyncio.run(run(ledger))
+        assert set(ledger.get_many(["key-a", "key-b"])) == {"key-a", "key-b"}
