@@ -57,6 +57,26 @@ class TeacherAnswer:
         return self.error is None
 
 
+# Reasons that will not change on a retry with the same request: recorded in the ledger
+# so that a rerun does not pay for them again.
+PERMANENT_ERROR_PREFIXES = ("teacher_error:400", "teacher_error:413", "teacher_error:422")
+
+# The reject reason of a prompt not sent because the run's budget would have been passed;
+# never recorded in the ledger, so a rerun with a larger budget asks it.
+BUDGET_REASON = "not_asked:budget"
+
+
+def is_recordable(answer: TeacherAnswer) -> bool:
+    """Answers worth keeping in the ledger: real answers and permanent per-prompt errors."""
+    return answer.ok or (answer.error or "").startswith(PERMANENT_ERROR_PREFIXES)
+
+
+def is_failure(answer: TeacherAnswer) -> bool:
+    """An answer the teacher failed to give (transport, timeout, 429, 5xx, malformed), as
+    opposed to an answer or a refusal of this one prompt by the API (400/413/422)."""
+    return not answer.ok and not is_recordable(answer) and answer.error != BUDGET_REASON
+
+
 @dataclass(slots=True)
 class Reject:
     """A prompt that did not make it into `data/`, with a machine-readable reason code.

@@ -64,6 +64,7 @@ from distillflow.tasks.teacher import (
     BUDGET_REASON,
     FailureBudget,
     NoUsableAnswersError,
+    Teacher,
     TeacherAborted,
     TeacherFatalError,
     resolve_api_key,
@@ -74,6 +75,27 @@ BATCHES_IN_FLIGHT = 3
 # From this many prompts on, the build filters and writes its shards in a child process
 # (its start-up, ~1 s of the other core, pays off); smaller builds do it in this process.
 SHARD_WRITER_MIN_PROMPTS = 4096
+# From this many expected prompts on, an online HTTP teacher's requests go out from a
+# client process of its own (tasks/teacher_pool.py), started while the prompt side runs.
+CLIENT_PROCESS_MIN_PROMPTS = 4096
+
+
+def start_shard_writer(config: DistillConfig) -> ShardWriterProcess:
+    return ShardWriterProcess(config.filters, config.output_dir / BUILDING, bool(config.teacher.generation.top_logprobs))
+
+
+def requests_from_own_process(config: DistillConfig, expected_prompts: int) -> bool:
+    """Whether the build's teacher issues its requests from a process of its own: an online
+    HTTP teacher with one client process and no replicas, not fanned out to workers, for a
+    build of at least `CLIENT_PROCESS_MIN_PROMPTS` prompts (`prompts.num_prompts`, else one
+    per seed).
+    In the flow's process, Prefect's task threads and the flow's bookkeeping take the request
+    loop's interpreter lock from it; the child's start-up (~1 s) overlaps the prompt side."""
+    teacher = config.teacher
+    return (
+        teacher.backend == "openai" and teacher.mode == "online" and teacher.client_processes == 1
+        and not teacher.replicas and not config.dataset.fans_out and expected_prompts >= CLIENT_PROCESS_MIN_PROMPTS
+    )
 
 
 # -- tasks ----------------------------------------------------------------------------------
@@ -98,14 +120,16 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     started = time.time()
     api_key = resolve_api_key(config.teacher.api_key_env) if config.teacher.backend == "openai" else None
     ledger = Ledger(config.output_dir / TEACHER_LEDGER)
-    teacher = make_teacher(config.teacher, api_key)
+    teacher: Teacher | None = None  # made once the seeds tell how large the build is
+    writer: ShardWriterProcess | None = None
     in_flight: deque = deque()  # (shard, last batch of its shard, future)
     label = config.name
     stage_seconds: dict[str, float] = {"write_shards": 0.0}
     staging = config.output_dir / BUILDING
 
     def stop_teacher() -> None:  # on SIGINT/SIGTERM, from the signal watcher's thread
-        teacher.abort(TeacherAborted("interrupted by a signal"))
+        if teacher is not None:
+            teacher.abort(TeacherAborted("interrupted by a signal"))
 
     try:
         with cancel_on_interrupt(stop_teacher):
@@ -113,6 +137,10 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 seeds, seed_rejects = load_seeds_task(config, prompt_column)
                 seeds, repeated_seeds = split_repeated_seeds(seeds)
                 seed_rejects = seed_rejects + repeated_seeds
+            expected_prompts = config.prompts.num_prompts or len(seeds)
+            teacher = make_teacher(config.teacher, api_key, own_process=requests_from_own_process(config, expected_prompts))
+            if expected_prompts >= SHARD_WRITER_MIN_PROMPTS and teacher.concurrent and not config.dataset.fans_out:
+                writer = start_shard_writer(config)  # its start-up overlaps the prompt side
             with stage(stage_seconds, "generate_prompts", label):
                 prompts, generation_rejects, prompt_report = generate_prompts_task(config, quote(seeds), teacher, ledger)
             num_seeds, num_prompts = len(seeds), len(prompts)
@@ -212,14 +240,11 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 elif fan_out:
                     answer_shards_on_workers(config, plan, state, first_reject_file, progress, teacher.stats)
                 elif teacher.concurrent:
-                    with client_bound_stage(), contextlib.ExitStack() as stack:
+                    with client_bound_stage():
                         # A large build filters and writes its shards in a process of its own
                         # (tasks/shard_writer.py), off the request loop's interpreter lock.
-                        writer = None
-                        if num_kept >= SHARD_WRITER_MIN_PROMPTS:
-                            writer = stack.enter_context(ShardWriterProcess(
-                                config.filters, staging, bool(config.teacher.generation.top_logprobs)
-                            ))
+                        if writer is None and num_kept >= SHARD_WRITER_MIN_PROMPTS:
+                            writer = start_shard_writer(config)
                         # A few batch tasks in flight at once, so the shared `max_concurrency` never
                         # drains at a batch or shard boundary; results are collected in order, and a
                         # shard is written when its last batch is in.
@@ -266,14 +291,18 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         # Stop the other batches now (requests in flight are cancelled; every answer
         # received is already in the ledger), whatever stopped this one: a failed batch,
         # the failure budget, SIGINT (KeyboardInterrupt) or SIGTERM (Prefect's TerminationSignal).
-        teacher.abort(error if isinstance(error, TeacherFatalError) else TeacherAborted(f"stopped: {error!r}"))
+        if teacher is not None:
+            teacher.abort(error if isinstance(error, TeacherFatalError) else TeacherAborted(f"stopped: {error!r}"))
         if isinstance(error, TeacherFatalError):
             logger.error("%s", error)
         raise
     finally:
         for _, _, future in in_flight:  # after a failure: let the other batches stop first
             future.wait(timeout=30)
-        teacher.close()
+        if writer is not None:
+            writer.close()
+        if teacher is not None:
+            teacher.close()
         ledger.close()
 
     reject_reasons = prompt_stage["reasons"] + totals.reject_reasons

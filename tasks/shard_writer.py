@@ -18,16 +18,14 @@ answer within `timeout_s` is killed and reported.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
-import sys
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from distillflow.records import Reject
+from distillflow.tasks.child import child_connections, start_child
 from distillflow.tasks.filter_config import FiltersConfig
 
 WRITE_TIMEOUT_S = 600.0  # the longest a shard's write may take (a 50,000-row shard takes ~3 s)
@@ -43,14 +41,7 @@ class ShardWriterProcess:
     def __init__(
         self, filters: FiltersConfig, staging: Path, with_top_logprobs: bool, timeout_s: float = WRITE_TIMEOUT_S
     ) -> None:
-        # A fresh interpreter running this module (not multiprocessing's spawn, which would
-        # re-run the caller's own script in the child when it has no `__main__` guard; no
-        # fork of a process with running threads). Messages go over its stdin and stdout.
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=False
-        )
-        self._to_child = Connection(self._process.stdin.fileno(), readable=False)
-        self._from_child = Connection(self._process.stdout.fileno(), writable=False)
+        self._process, self._to_child, self._from_child = start_child(__name__)  # tasks/child.py
         self.timeout_s = timeout_s
         self._send(("start", filters.model_dump(mode="json"), str(staging), with_top_logprobs))
 
@@ -120,9 +111,14 @@ class ShardWriterProcess:
 def _serve(receive: Connection, reply: Connection) -> None:
     """The child: a `start` message, then `add`, `write` and `stop` messages until `stop` or
     until the build's end closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import pyarrow as pa
+
     from distillflow.tasks.filters import filter_responses
     from distillflow.tasks.shards import write_shard
+
+    # pyarrow imports pandas (when installed) on its first table: done now, while the build
+    # is still on its prompt side, rather than when the first shard is due.
+    pa.Table.from_pylist([{"warm": 1}])
 
     try:
         _, filters_json, staging, with_top_logprobs = receive.recv()
@@ -168,11 +164,8 @@ def _serve(receive: Connection, reply: Connection) -> None:
 
 
 def main() -> None:
-    """`python -m distillflow.tasks.shard_writer`: messages on stdin, replies on stdout. Stdout
-    is taken for the replies, so anything else printed goes to stderr."""
-    reply = Connection(os.dup(1), readable=False)
-    os.dup2(2, 1)
-    _serve(Connection(0, writable=False), reply)
+    """`python -m distillflow.tasks.shard_writer`: messages on stdin, replies on stdout."""
+    _serve(*child_connections())
 
 
 if __name__ == "__main__":

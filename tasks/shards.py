@@ -45,7 +45,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distillflow.records import PromptRecord, Reject, TeacherAnswer
+from distillflow.records import PromptRecord, Reject, TeacherAnswer, is_failure
 from distillflow.storage.manifest import write_json_atomic
 from distillflow.storage.parquet import (
     REJECT_SCHEMA,
@@ -55,7 +55,6 @@ from distillflow.storage.parquet import (
     write_table_atomic,
 )
 from distillflow.tasks.filters import filter_responses
-from distillflow.tasks.teacher import is_failure
 
 BUILDING = ".building"
 STATE_NAME = "state.json"

@@ -40,22 +40,21 @@ import httpx2
 import openai
 
 from distillflow.config import ConfigError, TeacherConfig
-from distillflow.records import TeacherAnswer
+from distillflow.records import (  # noqa: F401 - BUDGET_REASON and is_failure: re-exported
+    BUDGET_REASON,
+    PERMANENT_ERROR_PREFIXES,
+    TeacherAnswer,
+    is_failure,
+    is_recordable,
+)
 from distillflow.storage.ledger import Ledger, request_key
 
 Messages = list[dict[str, Any]]
-
-# Reasons that will not change on a retry with the same request: recorded in the ledger
-# so that a rerun does not pay for them again.
-PERMANENT_ERROR_PREFIXES = ("teacher_error:400", "teacher_error:413", "teacher_error:422")
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 MAX_RETRY_AFTER_S = 120.0
 
-# The reject reason of a prompt not sent because the run's budget would have been passed;
-# never recorded in the ledger, so a rerun with a larger budget asks it.
-BUDGET_REASON = "not_asked:budget"
 
 
 class TeacherFatalError(RuntimeError):
@@ -587,15 +586,16 @@ class OpenAITeacher:
         with self._loop_lock:
             if self._loop is None:
                 self._loop = BackgroundLoop()
-        self._loop.run(self._answer_and_record(messages_list, keys, ledger, on_recorded))
+        self._loop.run(self.answer_and_record_async(messages_list, keys, ledger, on_recorded))
 
-    async def _answer_and_record(
+    async def answer_and_record_async(
         self,
         messages_list: Sequence[Messages],
         keys: Sequence[str],
         ledger: Ledger,
         on_recorded: Callable[[int, TeacherAnswer, float], None],
     ) -> None:
+        """`answer_and_record` on the caller's event loop (a client process runs its own)."""
         commits = GroupCommit(ledger, asyncio.get_running_loop())
 
         def record(index: int, answer: TeacherAnswer) -> Awaitable[None] | None:
@@ -958,12 +958,6 @@ def unreachable_message(config: TeacherConfig, failures: Sequence[tuple[str, str
     )
 
 
-def is_failure(answer: TeacherAnswer) -> bool:
-    """An answer the teacher failed to give (transport, timeout, 429, 5xx, malformed), as
-    opposed to an answer or a refusal of this one prompt by the API (400/413/422)."""
-    return not answer.ok and not is_recordable(answer) and answer.error != BUDGET_REASON
-
-
 class FailureBudget:
     """Stops a run as soon as more than `max_error_rate` of its `total` prompts have failed
     (`is_failure`): from then on the rate can only end above it. `on_exceeded(error)` runs
@@ -1061,11 +1055,6 @@ def _short(error: BaseException, cause: bool = False) -> str:
         root = root.__cause__ or root.__context__
     shown = root if str(root) else error
     return f"{type(shown).__name__}: {shown}"[:300]
-
-
-def is_recordable(answer: TeacherAnswer) -> bool:
-    """Answers worth keeping in the ledger: real answers and permanent per-prompt errors."""
-    return answer.ok or (answer.error or "").startswith(PERMANENT_ERROR_PREFIXES)
 
 
 class GroupCommit:

@@ -1,25 +1,31 @@
-"""Teacher requests from several client processes, for teachers faster than one core can ask.
+"""Teacher requests from client processes of their own.
 
-One Python process issues about 500-600 chat requests a second through the openai client
-on one core (aiohttp transport, a 2-core VM); a local vLLM serving short answers takes
-more. With `teacher.client_processes: P > 1` the run starts P worker processes (spawn),
-each with its own event loop, `AsyncOpenAI` client and connection pool, its share of
-`max_concurrency` and 1/P of the rate limits.
+One Python process issues about 1,000 chat requests a second through the openai client on
+one core (aiohttp transport, a 2-core VM); a local vLLM serving short answers takes more.
+With `teacher.client_processes: P > 1` the run starts P client processes, each with its own
+event loop, `AsyncOpenAI` client and connection pool, its share of `max_concurrency` and
+1/P of the rate limits. A large build (flows/build.py `requests_from_own_process`) runs its
+one client process this way too, so that the request loop does not share an interpreter
+lock with Prefect's task threads and the flow's bookkeeping.
 
-Each worker records every answer in the run's ledger (SQLite WAL takes writers from
-several processes) the moment it arrives, then sends it to the parent, so "nothing lost,
-nothing paid twice" is the same as with one process: a SIGKILL of the parent loses at most
-the requests in flight (the workers see their pipe close, cancel them and exit). Each worker has its own fail-fast gate, so a wrong key costs at most one
-call per process. A worker that dies fails the batches waiting on it; their answers so
-far are in the ledger.
+Each client process is a fresh interpreter on this module (tasks/child.py: never a re-run
+of the caller's script, never a fork of a threaded process), and receives its settings and
+the API key over its pipe, never on its command line. It records every answer in the run's
+ledger (SQLite WAL takes writers from several processes) in one transaction per turn of
+its event loop, then sends that turn's answers to the parent in one message, so "nothing
+lost, nothing paid twice" is the same as with one process: a SIGKILL of the parent loses at
+most the requests in flight (the workers see their pipe close, cancel them and exit). Each
+worker has its own fail-fast gate, so a wrong key costs at most one call per process. A
+worker that dies fails the batches waiting on it; their answers so far are in the ledger.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-import multiprocessing
 import queue
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,13 +35,13 @@ from typing import Any
 from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
 from distillflow.storage.ledger import Ledger
+from distillflow.tasks.child import child_connections, start_child
 from distillflow.tasks.teacher import (
     BUDGET_REASON,
     OpenAITeacher,
     SpendingBudget,
     TeacherFatalError,
     TeacherStats,
-    record_answer,
 )
 
 Messages = list[dict[str, Any]]
@@ -58,22 +64,28 @@ def share_of(config: TeacherConfig, share: int, processes: int) -> TeacherConfig
 # -- worker process -----------------------------------------------------------------------------
 
 
-def worker_main(connection: Any, config_json: str, api_key: str, share: float = 1.0) -> None:
-    """Entry point of a client process: answer jobs from `connection` until told to stop
-    or until the parent goes away. `share`: this process's part of the run's budget and
-    of the remaining requests/tokens the API's rate-limit headers report."""
+def main() -> None:
+    """`python -m distillflow.tasks.teacher_pool` (tasks/child.py): a ("start", config JSON,
+    API key, share) message, then jobs until told to stop or until the parent goes away.
+    `share`: this process's part of the run's budget and of the remaining requests/tokens
+    the API's rate-limit headers report. The key comes over the pipe, never on a command line."""
+    receive, reply = child_connections()
+    try:
+        _, config_json, api_key, share = receive.recv()
+    except (EOFError, OSError):
+        return
     teacher = OpenAITeacher(TeacherConfig.model_validate_json(config_json), api_key=api_key, share=share)
-    asyncio.run(_serve(connection, teacher))
+    asyncio.run(_serve(receive, reply, teacher))
 
 
-async def _serve(connection: Any, teacher: OpenAITeacher) -> None:
+async def _serve(receive: Any, reply: Any, teacher: OpenAITeacher) -> None:
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple] = asyncio.Queue()
 
     def read() -> None:
         while True:
             try:
-                message = connection.recv()
+                message = receive.recv()
             except (EOFError, OSError):  # the parent is gone
                 message = ("stop",)
             loop.call_soon_threadsafe(inbox.put_nowait, message)
@@ -81,9 +93,10 @@ async def _serve(connection: Any, teacher: OpenAITeacher) -> None:
                 return
 
     threading.Thread(target=read, name="teacher-client-inbox", daemon=True).start()
+
     def send(message: tuple) -> None:
         try:
-            connection.send(message)
+            reply.send(message)
         except (BrokenPipeError, EOFError, OSError):
             pass  # the parent is gone; the reader thread stops the loop
 
@@ -92,26 +105,37 @@ async def _serve(connection: Any, teacher: OpenAITeacher) -> None:
     async def run_job(
         job_id: int, indices: list[int], messages_list: list[Messages], ledger_path: str | None, keys: list[str] | None
     ) -> None:
-        ledger = None
-        if ledger_path is not None:
-            ledger = ledgers.get(ledger_path)
-            if ledger is None:  # (not `or`: an empty Ledger is falsy)
-                ledger = ledgers[ledger_path] = Ledger(ledger_path)
+        # Answers go to the parent in one message per turn of the loop, each after the
+        # ledger commit that holds it (the worker's group commit, tasks/teacher.py).
+        outbox: list[tuple[int, TeacherAnswer, float]] = []
 
-        def on_answer(position: int, answer: TeacherAnswer) -> None:
-            if ledger is not None and keys is not None:
-                created_at = record_answer(ledger, keys[position], answer)  # durable before anything else
-            else:
-                created_at = time.time()
-            send(("answer", job_id, indices[position], answer, created_at))
+        def flush() -> None:
+            if outbox:
+                send(("answers", job_id, outbox[:]))
+                outbox.clear()
+
+        def out(position: int, answer: TeacherAnswer, created_at: float) -> None:
+            if not outbox:
+                loop.call_soon(flush)
+            outbox.append((indices[position], answer, created_at))
 
         try:
             # One client, concurrency limit and rate limiter for all of this process's jobs.
-            await teacher.answer_shared(messages_list, on_answer)
+            if ledger_path is not None and keys is not None:
+                ledger = ledgers.get(ledger_path)
+                if ledger is None:  # (not `or`: an empty Ledger is falsy)
+                    ledger = ledgers[ledger_path] = Ledger(ledger_path)
+                await teacher.answer_and_record_async(messages_list, keys, ledger, out)
+            else:
+                await teacher.answer_shared(messages_list, lambda position, answer: out(position, answer, time.time()))
         except TeacherFatalError as error:
+            flush()
             send(("fatal", job_id, str(error)))
         except Exception as error:  # noqa: BLE001 - reported to the parent, which fails the batch
+            flush()
             send(("error", job_id, f"{type(error).__name__}: {error}"))
+        else:
+            flush()
 
     jobs: set[asyncio.Task] = set()
     try:
@@ -151,9 +175,9 @@ class ClientPool:
     threads (concurrent batch tasks) may make at once."""
 
     def __init__(self, config: TeacherConfig, api_key: str, processes: int) -> None:
-        context = multiprocessing.get_context("spawn")  # never fork a process with threads
-        self.processes: list[Any] = []
-        self.connections: list[Any] = []
+        self.processes: list[subprocess.Popen] = []
+        self.connections: list[Any] = []  # to each process
+        self.replies: list[Any] = []  # from each process
         self.send_locks: list[threading.Lock] = []
         self.jobs: dict[int, _Job] = {}
         self.lock = threading.Lock()
@@ -164,18 +188,15 @@ class ClientPool:
         self.broken: BaseException | None = None  # a worker died: every later batch fails at once
         self.stats_replies: queue.Queue[dict[str, Any]] = queue.Queue()
         for share in range(processes):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(
-                target=worker_main,
-                args=(child_end, share_of(config, share, processes).model_dump_json(), api_key, 1.0 / processes),
-                name=f"teacher-client-{share}",
-                daemon=True,
-            )
-            process.start()
-            child_end.close()
+            process, to_child, from_child = start_child(__name__)  # tasks/child.py
             self.processes.append(process)
-            self.connections.append(parent_end)
+            self.connections.append(to_child)
+            self.replies.append(from_child)
             self.send_locks.append(threading.Lock())
+            try:  # the child reads it once its imports are done; the pipe holds it meanwhile
+                to_child.send(("start", share_of(config, share, processes).model_dump_json(), api_key, 1.0 / processes))
+            except OSError:
+                pass  # it died at once: its receiver reports the exit code
         for share in range(processes):
             threading.Thread(target=self._receive, args=(share,), name=f"teacher-client-{share}-answers", daemon=True).start()
 
@@ -235,14 +256,15 @@ class ClientPool:
     def _receive(self, share: int) -> None:
         from distillflow.tasks.teacher import TeacherFatalError
 
-        connection = self.connections[share]
+        connection = self.replies[share]
         while True:
             try:
                 message = connection.recv()
             except (EOFError, OSError):
                 if not self.closing:
-                    self.processes[share].join(1.0)
-                    code = self.processes[share].exitcode
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.processes[share].wait(1.0)
+                    code = self.processes[share].returncode
                     with self.lock:
                         self.broken = self.broken or RuntimeError(
                             f"teacher client process {share} exited unexpectedly (exit code {code}); "
@@ -251,21 +273,22 @@ class ClientPool:
                     self._fail(self.broken)
                 return
             kind = message[0]
-            if kind == "answer":
-                _, job_id, index, answer, created_at = message
+            if kind == "answers":
+                _, job_id, answers = message
                 with self.lock:
                     job = self.jobs.get(job_id)
                 if job is None:
                     continue
-                job.results[index] = answer
                 try:
-                    if job.on_answer is not None:  # recorded even after another worker failed
-                        job.on_answer(index, answer, created_at)
-                except BaseException as error:  # noqa: BLE001 - e.g. the ledger's disk is full
+                    for index, answer, created_at in answers:
+                        job.results[index] = answer
+                        if job.on_answer is not None:  # recorded even after another worker failed
+                            job.on_answer(index, answer, created_at)
+                except BaseException as error:  # noqa: BLE001 - e.g. the caller's callback failed
                     self._fail(error, job_id)
                     continue
                 with self.lock:
-                    job.remaining -= 1
+                    job.remaining -= len(answers)
                     finished = job.remaining == 0
                 if finished:
                     job.done.set()
@@ -300,7 +323,7 @@ class ClientPool:
         stats: list[dict[str, Any]] = []
         asked = 0
         for process, connection, send_lock in zip(self.processes, self.connections, self.send_locks):
-            if self.aborted or not process.is_alive():  # a dead worker's counts are lost with it
+            if self.aborted or process.poll() is not None:  # a dead worker's counts are lost with it
                 continue
             try:
                 with send_lock:
@@ -316,12 +339,18 @@ class ClientPool:
         self.closing = True
         self._send_stop()
         for process in self.processes:
-            process.join(timeout_s)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout_s)
-        for connection in self.connections:
-            connection.close()
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout_s)
+        for connection in [*self.connections, *self.replies]:
+            with contextlib.suppress(OSError):
+                connection.close()
+        for process in self.processes:
+            for stream in (process.stdin, process.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close()
         return stats
 
 
@@ -332,7 +361,9 @@ class PooledTeacher:
 
     concurrent = True
 
-    def __init__(self, config: TeacherConfig, api_key: str) -> None:
+    def __init__(self, config: TeacherConfig, api_key: str, start: bool = False) -> None:
+        """`start`: start the processes now, so that their start-up (about a second of
+        imports) overlaps the caller's work until the first request, rather than delaying it."""
         self.config = config
         self.stats = TeacherStats()
         # The run's budget as the parent sees it: spent once a process refused a request
@@ -341,6 +372,8 @@ class PooledTeacher:
         self._api_key = api_key
         self._pool: ClientPool | None = None
         self._lock = threading.Lock()
+        if start:
+            self.pool()
 
     @property
     def model(self) -> str:
@@ -350,7 +383,7 @@ class PooledTeacher:
         """The client processes, started on first use."""
         with self._lock:
             if self._pool is None:
-                self._pool = ClientPool(self.config, self._api_key, self.config.client_processes)
+                self._pool = ClientPool(self.config, self._api_key, max(1, self.config.client_processes))
             return self._pool
 
     def _note(self, answer: TeacherAnswer) -> None:
@@ -396,3 +429,7 @@ class PooledTeacher:
         if pool is not None:
             for worker_stats in pool.close():
                 self.stats.add(worker_stats)
+
+
+if __name__ == "__main__":
+    main()

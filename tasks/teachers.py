@@ -4,7 +4,8 @@
 - `mode: batch` → `BatchTeacher` (the OpenAI Batch API);
 - `base_url` with `replicas` → `ReplicaTeacher` over one client per server;
 - `client_processes > 1` → `PooledTeacher` (requests from several processes);
-- otherwise → `OpenAITeacher`.
+- `own_process` (a large build) → `PooledTeacher` with one process, started at once;
+- otherwise → `OpenAITeacher` (requests from the caller's process).
 
 Every caller (the build, its shard workers, mining, evaluation's `teacher: true` model and
 the judge) gets its teacher here and uses it only through the protocol.
@@ -19,8 +20,14 @@ from distillflow.tasks.teacher_pool import PooledTeacher
 from distillflow.tasks.teacher_replicas import ReplicaTeacher
 
 
-def make_teacher(config: TeacherConfig, api_key: str | None = None) -> Teacher:
-    """The teacher of `config`; an HTTP teacher's key from `api_key` or its `api_key_env`."""
+def make_teacher(config: TeacherConfig, api_key: str | None = None, own_process: bool = False) -> Teacher:
+    """The teacher of `config`; an HTTP teacher's key from `api_key` or its `api_key_env`.
+
+    `own_process`: an online HTTP teacher with `client_processes: 1` and no replicas issues its requests
+    from a process of its own rather than the caller's, whose other threads (Prefect's
+    task runs, the flow's bookkeeping) would otherwise take the request loop's interpreter
+    lock. The process starts now; it costs about a second of start-up, so only a caller
+    with many requests to come asks for it."""
     if config.backend == "local":
         # Imported here: torch and transformers cost an HTTP teacher's build ~1.5 s of start-up.
         from distillflow.tasks.teacher_local import LocalTeacherClient
@@ -33,6 +40,6 @@ def make_teacher(config: TeacherConfig, api_key: str | None = None) -> Teacher:
         if config.client_processes > 1:
             return ReplicaTeacher(config, key, one=lambda replica: PooledTeacher(replica, key))
         return ReplicaTeacher(config, key)
-    if config.client_processes > 1:
-        return PooledTeacher(config, key)
+    if config.client_processes > 1 or own_process:
+        return PooledTeacher(config, key, start=own_process)
     return OpenAITeacher(config, api_key=key)

@@ -382,25 +382,44 @@ def test_a_work_pool_without_a_server_or_with_a_budget_is_refused_before_any_cal
 
 def test_the_shard_writer_process_writes_what_the_build_writes_in_process(prefect_harness, port, tmp_path, monkeypatch):
     """Response filters and shard files in the child process (large builds) or in the build's
-    own process (small ones): the same rows, rejects and counts, shard by shard."""
+    own process (small ones), requests from the build's process or from a client process of
+    their own (large builds): the same rows, rejects and counts, shard by shard, and every
+    prompt asked once."""
     import distillflow.flows.build as build_module
     from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, [*PROMPTS, "[[say:I'm sorry, but I can't help with that.]] Say no", "Echo [[say:Echo]]"])
     results = {}
+    teachers: dict[str, str] = {}
+    make_teacher = build_module.make_teacher
+
+    def recording_make_teacher(*args, **kwargs):
+        teacher = make_teacher(*args, **kwargs)
+        teachers[name] = type(teacher).__name__
+        return teacher
+
+    monkeypatch.setattr(build_module, "make_teacher", recording_make_teacher)
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY), port) as server:
-        for name, minimum in (("in-process", 10**9), ("writer", 0)):
-            monkeypatch.setattr(build_module, "SHARD_WRITER_MIN_PROMPTS", minimum)
+        for name, writer_minimum, client_minimum in (
+            ("in-process", 10**9, 10**9), ("writer", 0, 10**9), ("client process", 0, 0),
+        ):
+            monkeypatch.setattr(build_module, "SHARD_WRITER_MIN_PROMPTS", writer_minimum)
+            monkeypatch.setattr(build_module, "CLIENT_PROCESS_MIN_PROMPTS", client_minimum)
             out = tmp_path / name
             config = sharded_config(tmp_path / f"{name}.yaml", seeds, out, server.base_url, 10, batch_size=4)
+            asked = server.server.total_requests
             manifest = build_command(config)
             assert manifest["build"]["shards"] == 3 and manifest["invariant"]["holds"]
-            results[name] = (dataset_of(out), manifest)
-    (data, rejects), manifest = results["writer"]
-    assert (data, rejects) == results["in-process"][0]
-    assert manifest["counts"] == results["in-process"][1]["counts"]
-    assert manifest["reject_reasons"] == results["in-process"][1]["reject_reasons"]
+            results[name] = (dataset_of(out), manifest, server.server.total_requests - asked)
+    assert teachers == {"in-process": "OpenAITeacher", "writer": "OpenAITeacher", "client process": "PooledTeacher"}
+    for name in ("writer", "client process"):
+        (data, rejects), manifest, asked = results[name]
+        assert (data, rejects) == results["in-process"][0], name
+        assert manifest["counts"] == results["in-process"][1]["counts"], name
+        assert manifest["reject_reasons"] == results["in-process"][1]["reject_reasons"], name
+        assert manifest["teacher_usage"]["paid_requests"] == results["in-process"][1]["teacher_usage"]["paid_requests"]
+        assert manifest["teacher_usage"]["paid_requests"] == asked == results["in-process"][2], name
     reasons = {reason for _, reason, _, _ in rejects}
     assert {"teacher_error:400", "truncated", "empty", "refusal"} <= reasons, reasons
 

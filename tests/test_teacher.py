@@ -182,6 +182,42 @@ def test_client_processes_stop_on_a_wrong_key_after_one_call_each(server):
     assert server.server.total_requests <= 2
 
 
+def test_client_processes_do_not_rerun_the_callers_script(tmp_path):
+    """A user's script without an `if __name__ == "__main__":` guard runs once: each client
+    process is a fresh interpreter on its own module, not a re-import of the script, and
+    the API key reaches it over its pipe, not on its command line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        f"import sys; sys.path.insert(0, {str(root)!r})\n"
+        "from distillflow.config import TeacherConfig\n"
+        "from distillflow.tasks.teacher import build_messages\n"
+        "from distillflow.tasks.teachers import make_teacher\n"
+        "from tests.openai_server import FaultyOpenAIServer, ServerThread\n"
+        "import socket\n"
+        "print('script ran', flush=True)\n"
+        "with socket.socket() as probe:\n"
+        "    probe.bind(('127.0.0.1', 0)); port = probe.getsockname()[1]\n"
+        "with ServerThread(FaultyOpenAIServer(api_key='secret-key'), port) as server:\n"
+        "    teacher = make_teacher(TeacherConfig(base_url=server.base_url, model='test-teacher', api_key_env=None,\n"
+        "                                         client_processes=2), api_key='secret-key')\n"
+        "    import psutil\n"
+        "    answers = teacher.answer_sync([build_messages(f'q{i}', None) for i in range(6)])\n"
+        "    children = psutil.Process().children()\n"
+        "    print('children', len(children), 'key on a command line', any('secret-key' in ' '.join(c.cmdline()) for c in children))\n"
+        "    teacher.close()\n"
+        "    print('answered', sum(a.ok for a in answers), flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["script ran", "children 2 key on a command line False", "answered 6"]
+
+
 def test_a_dead_client_process_fails_the_batch_instead_of_hanging(server):
     teacher = make_teacher(server, client_processes=2)
     try:
