@@ -622,14 +622,19 @@ class OpenAITeacher:
     ) -> list[TeacherAnswer]:
         """`answer_all` with the client, concurrency limit and rate limiter every call of
         this teacher shares; on the caller's event loop (a client process runs its own)."""
+        client, semaphore, limiter = self.shared_parts()
+        return await self.answer_all(messages_list, on_answer, client=client, semaphore=semaphore, limiter=limiter)
+
+    def shared_parts(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore, RateLimiter]:
+        """The client (its TLS context takes ~0.1 s to make), concurrency limit and rate
+        limiter of `answer_shared`, made on first use, on the running event loop."""
         if self._shared is None:
             self._shared = (
                 self._client(),
                 asyncio.Semaphore(self.config.max_concurrency),
                 self._limiter(),
             )
-        client, semaphore, limiter = self._shared
-        return await self.answer_all(messages_list, on_answer, client=client, semaphore=semaphore, limiter=limiter)
+        return self._shared
 
     async def aclose(self) -> None:
         """Close the shared client (on the loop it was used on)."""

@@ -80,6 +80,7 @@ def main() -> None:
 
 async def _serve(receive: Any, reply: Any, teacher: OpenAITeacher) -> None:
     loop = asyncio.get_running_loop()
+    teacher.shared_parts()  # the client, before the first job (the parent is still busy then)
     inbox: asyncio.Queue[tuple] = asyncio.Queue()
 
     def read() -> None:
