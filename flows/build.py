@@ -47,11 +47,11 @@ from distillflow.tasks.build_steps import (
     stage,
     write_shard_task,
 )
-from distillflow.tasks.filters import filter_responses
 from distillflow.tasks.shard_writer import ShardWriterProcess
 from distillflow.tasks.shards import (
     BUILDING,
     BuildState,
+    ShardCollector,
     ShardTotals,
     failure_summary,
     plan_fingerprint,
@@ -177,13 +177,14 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             budget = FailureBudget(num_kept, config.teacher, on_exceeded=teacher.abort)
             # In batch mode a shard is one Batch API job (the API takes up to 50,000 requests a file).
             batch_size = config.teacher.batch_size if config.teacher.mode == "online" else config.dataset.shard_rows
-            # The shard being collected: its answered count, the rows that passed the response
-            # filters (run on each batch as it comes in, so the last shard's files follow the
-            # last answer at once), its teacher rejects and its response rejects.
-            shard_answered = [0]
-            shard_rows: list[dict[str, Any]] = []
-            shard_rejects: list[Reject] = []
-            shard_response_rejects: list[Reject] = []
+            fan_out = config.dataset.fans_out and teacher.concurrent
+            # A large build filters and writes its shards in a process of its own
+            # (tasks/shard_writer.py), off the request loop's interpreter lock; a small one here.
+            if writer is None and teacher.concurrent and not fan_out and num_kept >= SHARD_WRITER_MIN_PROMPTS:
+                writer = start_shard_writer(config)
+            shards = writer if writer is not None else ShardCollector(
+                config.filters, staging, bool(config.teacher.generation.top_logprobs)
+            )
 
             def batches() -> Iterator[tuple[int, bool, list[PromptRecord]]]:
                 """(shard, whether it is the shard's last batch, prompts) of every unfinished shard."""
@@ -197,36 +198,19 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                     for first in range(0, stop - start, batch_size):
                         yield index, first + batch_size >= stop - start, records[first : first + batch_size]
 
-            def collect(
-                index: int, last: bool, result: tuple[list[dict[str, Any]], list[Reject]],
-                writer: ShardWriterProcess | None = None,
-            ) -> None:
+            def collect(index: int, last: bool, result: tuple[list[dict[str, Any]], list[Reject]]) -> None:
+                """A batch's answered rows and teacher rejects into its shard; the shard's files
+                once its last batch is in (the response filters run on each batch as it comes
+                in, so the last shard's files follow the last answer at once)."""
                 shard_started = time.perf_counter()
                 rows, teacher_rejects = result
-                if writer is not None:
-                    writer.add(index, rows)
-                else:
-                    accepted, response_rejects = filter_responses(rows, config.filters, shown=False)
-                    shard_rows.extend(accepted)
-                    shard_response_rejects.extend(response_rejects)
-                shard_answered[0] += len(rows)
-                shard_rejects.extend(teacher_rejects)
+                shards.add(index, rows, teacher_rejects)
                 filtered(len(rows))
                 if last:
                     start, stop = plan[index]
-                    state.record(
-                        write_shard_task(
-                            index, stop - start, shard_answered[0], quote(shard_rows), quote(shard_rejects),
-                            quote(shard_response_rejects), config, first_reject_file + index, writer,
-                        )
-                    )
-                    shard_answered[0] = 0
-                    shard_rows.clear()
-                    shard_rejects.clear()
-                    shard_response_rejects.clear()
+                    state.record(write_shard_task(index, stop - start, first_reject_file + index, quote(shards)))
                 stage_seconds["write_shards"] += time.perf_counter() - shard_started
 
-            fan_out = config.dataset.fans_out and teacher.concurrent
             # Answered rows through the response filters (here or in the shard writer); a
             # fan-out worker reports its own.
             filtered = ProgressBar("response filters", num_kept, "responses")
@@ -241,10 +225,6 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                     answer_shards_on_workers(config, plan, state, first_reject_file, progress, teacher.stats)
                 elif teacher.concurrent:
                     with client_bound_stage():
-                        # A large build filters and writes its shards in a process of its own
-                        # (tasks/shard_writer.py), off the request loop's interpreter lock.
-                        if writer is None and num_kept >= SHARD_WRITER_MIN_PROMPTS:
-                            writer = start_shard_writer(config)
                         # A few batch tasks in flight at once, so the shared `max_concurrency` never
                         # drains at a batch or shard boundary; results are collected in order, and a
                         # shard is written when its last batch is in.
@@ -254,10 +234,10 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                             )))
                             if len(in_flight) >= BATCHES_IN_FLIGHT:
                                 done_index, done_last, future = in_flight.popleft()
-                                collect(done_index, done_last, future.result(), writer)
+                                collect(done_index, done_last, future.result())
                         while in_flight:
                             done_index, done_last, future = in_flight.popleft()
-                            collect(done_index, done_last, future.result(), writer)
+                            collect(done_index, done_last, future.result())
                 else:  # an in-process model answers one batch at a time
                     for batch_index, (index, last, batch) in enumerate(batches()):
                         collect(index, last, answer_batch_task(

@@ -31,14 +31,12 @@ from distillflow.storage.dataset import dataset_card, finish_dataset
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.seeds import load_seeds
 from distillflow.tasks.filters import filter_prompts, filter_responses
-from distillflow.tasks.shard_writer import ShardWriterProcess
 from distillflow.tasks.shards import (
     BUILDING,
     BuildState,
     ShardResult,
     answer_shard,
     answered_rows,
-    write_shard,
 )
 from distillflow.tasks.teacher import (
     FailureBudget,
@@ -121,26 +119,11 @@ def filter_responses_task(rows: list[dict[str, Any]], config: DistillConfig) -> 
 
 
 @task(name="write-shard", cache_policy=NO_CACHE, task_run_name="write-shard-{index}")
-def write_shard_task(
-    index: int,
-    prompts: int,
-    answered: int,
-    accepted: list[dict[str, Any]],
-    teacher_rejects: list[Reject],
-    response_rejects: list[Reject],
-    config: DistillConfig,
-    reject_file: int,
-    writer: ShardWriterProcess | None = None,
-) -> ShardResult:
-    """One shard's data and rejects files (atomically); its rows went through the response
-    filters batch by batch as they were answered. With `writer`, that process filtered
-    them and writes the files (`accepted` and `response_rejects` are then empty here)."""
-    if writer is not None:
-        return writer.write(index, prompts, teacher_rejects, reject_file)
-    return write_shard(
-        index, prompts, answered, accepted, teacher_rejects, response_rejects, config.output_dir / BUILDING,
-        reject_file, bool(config.teacher.generation.top_logprobs),
-    )
+def write_shard_task(index: int, prompts: int, reject_file: int, shards: Any) -> ShardResult:
+    """One shard's data and rejects files (atomically), from what `shards` (a
+    `ShardCollector`, or the shard writer process running one) collected of it batch by
+    batch, through the response filters as it was answered."""
+    return shards.write(index, prompts, reject_file)
 
 
 @task(name="answer-shard", cache_policy=NO_CACHE, task_run_name="answer-shard-{index}")

@@ -5,9 +5,9 @@ interpreter lock for nearly all of its time. Filtering the answered rows and wri
 Parquet files in the same process takes that lock from it (~25 µs a row, about 3 % of the
 stage at the default settings), so a large build hands them to `ShardWriterProcess`: a
 child process (`python -m distillflow.tasks.shard_writer`, a fresh interpreter) that
-filters each batch of rows as it is answered (`add`) and writes a shard's files when its
-last batch is in (`write`), returning the same `ShardResult` as `tasks.shards.finish_shard`. The rows, rejects and files are exactly those of the
-in-process path (tests/test_streaming_build.py compares them).
+runs a `tasks.shards.ShardCollector`: it filters each batch of rows as it is answered
+(`add`) and writes a shard's files when its last batch is in (`write`), exactly as the
+build's own `ShardCollector` would (tests/test_streaming_build.py compares the two).
 
 The child ignores SIGINT (the build decides when to stop, and `close` ends the child at
 once), exits when the build's end of the pipe closes (the build died), and every wait for
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import traceback
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,13 @@ class ShardWriterProcess:
         self.timeout_s = timeout_s
         self._send(("start", filters.model_dump(mode="json"), str(staging), with_top_logprobs))
 
-    def add(self, index: int, rows: list[dict[str, Any]]) -> None:
-        """Filter `rows` (answered rows of shard `index`, in order) into that shard."""
-        self._send(("add", index, rows))
+    def add(self, index: int, rows: list[dict[str, Any]], teacher_rejects: Sequence[Reject] = ()) -> None:
+        """`ShardCollector.add` in the child: filter `rows` into shard `index`."""
+        self._send(("add", index, rows, list(teacher_rejects)))
 
-    def write(self, index: int, prompts: int, teacher_rejects: list[Reject], reject_file_index: int) -> Any:
-        """Write shard `index` (its `prompts` prompts; `teacher_rejects`: its prompts the
-        teacher did not answer) from the rows added to it; its `ShardResult`."""
-        self._send(("write", index, prompts, teacher_rejects, reject_file_index))
+    def write(self, index: int, prompts: int, reject_file_index: int) -> Any:
+        """`ShardCollector.write` in the child: shard `index`'s files; its `ShardResult`."""
+        self._send(("write", index, prompts, reject_file_index))
         try:
             answered = self._from_child.poll(self.timeout_s)
             if answered:
@@ -113,54 +113,39 @@ def _serve(receive: Connection, reply: Connection) -> None:
     until the build's end closes."""
     import pyarrow as pa
 
-    from distillflow.tasks.filters import filter_responses
-    from distillflow.tasks.shards import write_shard
+    from distillflow.tasks.shards import ShardCollector
 
     # pyarrow imports pandas (when installed) on its first table: done now, while the build
     # is still on its prompt side, rather than when the first shard is due.
     pa.Table.from_pylist([{"warm": 1}])
-
     try:
         _, filters_json, staging, with_top_logprobs = receive.recv()
     except (EOFError, OSError):
         return
-    filters = FiltersConfig.model_validate(filters_json)
-    shards: dict[int, tuple[list[int], list[dict[str, Any]], list[Reject]]] = {}
+    shards = ShardCollector(FiltersConfig.model_validate(filters_json), Path(staging), with_top_logprobs)
     failed: dict[int, str] = {}  # shard -> the error of an `add` (reported by its `write`)
     while True:
         try:
             message = receive.recv()
         except (EOFError, OSError):
             return
-        kind = message[0]
+        kind, index = message[0], message[1] if len(message) > 1 else None
         if kind == "stop":
             return
-        if kind == "add":
-            _, index, rows = message
-            answered, accepted, response_rejects = shards.setdefault(index, ([0], [], []))
-            try:
-                kept, rejected = filter_responses(rows, filters, shown=False)
-            except Exception:  # noqa: BLE001 - sent back with the shard's `write`
-                failed.setdefault(index, traceback.format_exc(limit=8))
-                continue
-            answered[0] += len(rows)
-            accepted.extend(kept)
-            response_rejects.extend(rejected)
-        elif kind == "write":
-            _, index, prompts, teacher_rejects, reject_file_index = message
-            answered, accepted, response_rejects = shards.pop(index, ([0], [], []))
-            if index in failed:
+        try:
+            if kind == "add":
+                if index not in failed:
+                    shards.add(index, *message[2:])
+            elif index in failed:  # write
+                shards.forget(index)
                 reply.send(("error", failed.pop(index)))
-                continue
-            try:
-                result = write_shard(
-                    index, prompts, answered[0], accepted, teacher_rejects, response_rejects, Path(staging),
-                    reject_file_index, with_top_logprobs,
-                )
-            except Exception:  # noqa: BLE001 - the build raises it, with this traceback
+            else:
+                reply.send(("ok", shards.write(index, *message[2:])))
+        except Exception:  # noqa: BLE001 - sent back with (or as) the shard's `write`
+            if kind == "add":
+                failed[index] = traceback.format_exc(limit=8)
+            else:
                 reply.send(("error", traceback.format_exc(limit=8)))
-                continue
-            reply.send(("ok", result))
 
 
 def main() -> None:

@@ -199,6 +199,50 @@ def finish_shard(
     )
 
 
+@dataclass
+class _Collected:
+    answered: int = 0
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    teacher_rejects: list[Reject] = field(default_factory=list)
+    response_rejects: list[Reject] = field(default_factory=list)
+
+
+class ShardCollector:
+    """The shards being answered, in the process that runs it: each batch of answered rows
+    goes through the response filters as it comes in (`add`), so a shard's files follow
+    its last answer at once (`write`). The build uses it directly, or through the shard
+    writer process (tasks/shard_writer.py), which runs one with the same two calls."""
+
+    def __init__(self, filters: Any, staging: Path, with_top_logprobs: bool) -> None:  # filters: FiltersConfig
+        self.filters, self.staging, self.with_top_logprobs = filters, staging, with_top_logprobs
+        self._shards: dict[int, _Collected] = {}
+
+    def add(self, index: int, rows: list[dict[str, Any]], teacher_rejects: Sequence[Reject] = ()) -> None:
+        """Filter `rows` (answered rows of shard `index`, in order) into that shard, with the
+        shard's prompts the teacher did not answer in this batch."""
+        shard = self._shards.setdefault(index, _Collected())
+        accepted, response_rejects = filter_responses(rows, self.filters, shown=False)
+        shard.answered += len(rows)
+        shard.accepted.extend(accepted)
+        shard.response_rejects.extend(response_rejects)
+        shard.teacher_rejects.extend(teacher_rejects)
+
+    def write(self, index: int, prompts: int, reject_file_index: int) -> ShardResult:
+        """Write shard `index` (its `prompts` prompts) from what was added to it."""
+        shard = self._shards.pop(index, None) or _Collected()
+        return write_shard(
+            index, prompts, shard.answered, shard.accepted, shard.teacher_rejects, shard.response_rejects,
+            self.staging, reject_file_index, self.with_top_logprobs,
+        )
+
+    def forget(self, index: int) -> None:
+        """Drop what was added to shard `index` (its write will not come)."""
+        self._shards.pop(index, None)
+
+    def close(self) -> None:
+        self._shards.clear()
+
+
 def write_shard(
     index: int,
     prompts: int,

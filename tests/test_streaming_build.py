@@ -433,19 +433,19 @@ def test_a_failing_or_dead_shard_writer_is_reported_not_waited_for(tmp_path):
            "teacher_model": "m", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 6,
            "created_at": datetime.now(timezone.utc)}
     with ShardWriterProcess(FiltersConfig(), tmp_path / "staging", False) as writer:
-        writer.add(0, [row])
-        result = writer.write(0, 1, [], 0)
+        writer.add(0, [row], [])
+        result = writer.write(0, 1, 0)
         assert (result.answered, result.accepted) == (1, 1)
         assert (tmp_path / "staging" / "data" / "part-00000.parquet").exists()
         writer.add(1, [{**row, "response": 12345}])  # not text: the filters fail in the child
         with pytest.raises(ShardWriterError, match="failed on shard 1: AttributeError"):
-            writer.write(1, 1, [], 1)
+            writer.write(1, 1, 1)
         writer._process.kill()
         writer._process.wait()
         started = time.monotonic()
         with pytest.raises(ShardWriterError, match=r"died while .*\(exit code -9"):
             writer.add(2, [row] * 20000)
-            writer.write(2, 20000, [], 2)
+            writer.write(2, 20000, 2)
         assert time.monotonic() - started < 10
 
 
@@ -459,7 +459,7 @@ def test_the_shard_writer_does_not_rerun_the_callers_script(tmp_path):
         "from distillflow.tasks.shard_writer import ShardWriterProcess\n"
         "print('script ran', flush=True)\n"
         f"with ShardWriterProcess(FiltersConfig(), Path({str(tmp_path / 'staging')!r}), False) as writer:\n"
-        "    print('accepted', writer.write(0, 0, [], 0).accepted, flush=True)\n"
+        "    print('accepted', writer.write(0, 0, 0).accepted, flush=True)\n"
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
