@@ -80,6 +80,13 @@ SHARD_WRITER_MIN_PROMPTS = 4096
 CLIENT_PROCESS_MIN_PROMPTS = 4096
 
 
+def shard_writer_wanted(config: DistillConfig, teacher: Teacher, prompts: int) -> bool:
+    """Whether the build filters and writes its shards in the shard writer process: a
+    teacher answering concurrent batches in this process (not fanned out to workers, not a
+    local model answering one batch at a time), for at least `SHARD_WRITER_MIN_PROMPTS`."""
+    return teacher.concurrent and not config.dataset.fans_out and prompts >= SHARD_WRITER_MIN_PROMPTS
+
+
 def start_shard_writer(config: DistillConfig) -> ShardWriterProcess:
     return ShardWriterProcess(config.filters, config.output_dir / BUILDING, bool(config.teacher.generation.top_logprobs))
 
@@ -139,7 +146,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 seed_rejects = seed_rejects + repeated_seeds
             expected_prompts = config.prompts.num_prompts or len(seeds)
             teacher = make_teacher(config.teacher, api_key, own_process=requests_from_own_process(config, expected_prompts))
-            if expected_prompts >= SHARD_WRITER_MIN_PROMPTS and teacher.concurrent and not config.dataset.fans_out:
+            if shard_writer_wanted(config, teacher, expected_prompts):
                 writer = start_shard_writer(config)  # its start-up overlaps the prompt side
             with stage(stage_seconds, "generate_prompts", label):
                 prompts, generation_rejects, prompt_report = generate_prompts_task(config, quote(seeds), teacher, ledger)
@@ -180,7 +187,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             fan_out = config.dataset.fans_out and teacher.concurrent
             # A large build filters and writes its shards in a process of its own
             # (tasks/shard_writer.py), off the request loop's interpreter lock; a small one here.
-            if writer is None and teacher.concurrent and not fan_out and num_kept >= SHARD_WRITER_MIN_PROMPTS:
+            if writer is None and shard_writer_wanted(config, teacher, num_kept):  # more prompts than expected
                 writer = start_shard_writer(config)
             shards = writer if writer is not None else ShardCollector(
                 config.filters, staging, bool(config.teacher.generation.top_logprobs)

@@ -239,9 +239,6 @@ class ShardCollector:
         """Drop what was added to shard `index` (its write will not come)."""
         self._shards.pop(index, None)
 
-    def close(self) -> None:
-        self._shards.clear()
-
 
 def write_shard(
     index: int,
