@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 
 import pytest
@@ -308,6 +309,39 @@ def test_on_recorded_runs_after_the_answer_is_in_the_ledger(server, tmp_path):
         teacher.close()
         assert len(ledger) == 64
     assert missing == []
+
+
+class FailingLedger(Ledger):
+    """A disk that fails from the third commit on."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.commits = 0
+
+    def put_many(self, entries) -> None:
+        self.commits += 1
+        if self.commits >= 3:
+            raise sqlite3.OperationalError("disk I/O error")
+        super().put_many(entries)
+
+
+def test_a_failed_ledger_commit_stops_the_run_with_its_error(server, tmp_path):
+    """A commit that fails (a full or broken disk) stops the run with its error: no hang,
+    and no answer reported as recorded that is not in the ledger."""
+    prompts = [f"failing commit {i}" for i in range(200)]
+    messages = [build_messages(p, None) for p in prompts]
+    keys = [f"key-{i}" for i in range(200)]
+    recorded: list[int] = []
+    with FailingLedger(tmp_path / "ledger.sqlite") as ledger:
+        teacher = make_teacher(server, max_concurrency=16)
+        started = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+            teacher.answer_and_record(messages, keys, ledger, lambda index, answer, created_at: recorded.append(index))
+        assert time.monotonic() - started < 10
+        teacher.close()
+        stored = ledger.get_many(keys)
+    assert recorded and len(recorded) < 200
+    assert {keys[index] for index in recorded} <= set(stored)
 
 
 def test_a_commit_whose_waiting_worker_was_cancelled_still_commits(tmp_path):
