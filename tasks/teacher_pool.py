@@ -39,6 +39,7 @@ from distillflow.storage.ledger import Ledger
 from distillflow.tasks.child import child_connections, start_child
 from distillflow.tasks.teacher import (
     BUDGET_REASON,
+    YOUNG_COLLECTION_ALLOCATIONS,
     OpenAITeacher,
     SpendingBudget,
     TeacherFatalError,
@@ -46,11 +47,6 @@ from distillflow.tasks.teacher import (
 )
 
 Messages = list[dict[str, Any]]
-
-# Young-object collections in a client process: every this many allocations (Python's
-# default is 700). A request allocates a few hundred container objects that reference
-# counting frees within the turn, so collecting them 30 times a second is wasted work.
-YOUNG_COLLECTION_ALLOCATIONS = 10_000
 
 
 def tune_gc_for_request_loop() -> None:

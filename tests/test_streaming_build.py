@@ -75,7 +75,8 @@ def generated_order(prompts: list[str]) -> list[str]:
     return [row.prompt for row in rows]
 
 
-def test_shard_size_does_not_change_the_dataset(prefect_harness, port, tmp_path):
+def test_shard_size_does_not_change_the_dataset(prefect_harness, port, tmp_path, monkeypatch):
+    import distillflow.flows.build as build_module
     from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
@@ -84,7 +85,11 @@ def test_shard_size_does_not_change_the_dataset(prefect_harness, port, tmp_path)
         results = {}
         for shard_rows, shards in ((1000, 1), (10, 3), (4, 7)):
             out = tmp_path / f"out-{shards}"
-            manifest = build_command(sharded_config(tmp_path / f"{shards}.yaml", seeds, out, server.base_url, shard_rows))
+            # 3 shards: a first batch of 2 prompts, then batches of 3 (a shard ends mid-batch).
+            teacher = {"batch_size": 3, "max_concurrency": 2} if shards == 3 else {}
+            monkeypatch.setattr(build_module, "FIRST_BATCH", 2 if shards == 3 else 256)
+            config = sharded_config(tmp_path / f"{shards}.yaml", seeds, out, server.base_url, shard_rows, **teacher)
+            manifest = build_command(config)
             assert manifest["build"]["shards"] == shards and manifest["invariant"]["holds"]
             assert len(list_shards(out / "data")) == shards  # one data file per shard
             assert not (out / ".building").exists()  # the staging area is gone once the dataset is in place
@@ -464,3 +469,19 @@ def test_the_shard_writer_does_not_rerun_the_callers_script(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == ["script ran", "accepted 0"]
+
+
+def test_a_shards_prompts_come_back_in_the_batches_asked_for(tmp_path):
+    from distillflow.tasks.shards import (
+        read_shard_prompt_batches,
+        read_shard_prompts,
+        write_shard_prompts,
+    )
+
+    records = [PromptRecord(f"id-{i}", f"prompt {i}", "seed", None if i % 2 else f"id-{i - 1}") for i in range(23)]
+    write_shard_prompts(tmp_path, records, [(0, 13), (13, 23)])
+    batches = list(read_shard_prompt_batches(tmp_path, 0, [2, 5, 5, 5]))
+    assert [len(batch) for batch in batches] == [2, 5, 5, 1]  # the last holds what is left
+    assert [record for batch in batches for record in batch] == records[:13]
+    assert [len(batch) for batch in read_shard_prompt_batches(tmp_path, 1, [4, None])] == [4, 6]
+    assert read_shard_prompts(tmp_path, 1) == records[13:]
