@@ -8,19 +8,19 @@ spend during each run is printed too (on a 2-core machine every side is CPU-boun
   (a)  bare:  `openai.AsyncOpenAI` as it comes + an asyncio.Semaphore(concurrency), answers
              kept in a list (`import openai` happens before its timer)
   (a') bare, lean: the same loop on the request path distillflow uses (the SDK's aiohttp
-             transport, response body read as bytes)
-  (a'') bare, lean, tuned: (a') with the garbage-collector settings of distillflow's client
-             process (tasks/teacher_pool.py `tune_gc_for_request_loop`): the strongest bare
-             baseline, so stage/a'' is the pipeline's own overhead. Target: the flow's teacher
-             stage (its stage_seconds in the manifest) >= 0.95x this loop's prompts/s
+             transport, response body read as bytes) and with the garbage-collector settings
+             of distillflow's client process (tasks/teacher_pool.py `tune_gc_for_request_loop`):
+             the strongest bare baseline, so stage/a' is the pipeline's own overhead. Target:
+             the flow's teacher stage (its stage_seconds in the manifest) >= 0.95x this loop's
+             prompts/s
   (b)  build: the `build_dataset` flow end to end (seeds → prompts → filters → teacher with
              ledger → response filters → Parquet + manifest) against a running Prefect
              server, default settings; also the wall time of the whole `distill build` CLI
              process (interpreter start, imports, flow). Target: CLI/a >= 1.5
   (b2) build with `teacher.client_processes: 2` (requests issued from two processes)
 
-Each repeat runs a'', a', b, a, CLI, CLI, a, b, a', a'' (the two sides of each ratio around
-the middle, A B B A, so a steady drift cancels); each target is the median over the repeats of
+Each repeat runs a', b, a, CLI, CLI, a, b, a' (the two sides of each target next to each
+other, A B B A, so a steady drift cancels); each target is the median over the repeats of
 that repeat's own ratio, since the speed of a shared VM drifts by ±15 % from one minute to
 the next. (b2) runs once, after the repeats.
 
@@ -108,7 +108,8 @@ def prompts_for(n: int) -> list[str]:
 
 async def bare_loop(base_url: str, prompts: list[str], concurrency: int, path: str = "default") -> int:
     """path "default": the SDK as it comes (`chat.completions.create`, httpx transport);
-    "lean": the request path distillflow uses (aiohttp transport, body read as bytes)."""
+    "lean": the request path distillflow uses (aiohttp transport, body read as bytes); the
+    caller sets the client process's GC settings."""
     import openai
 
     semaphore = asyncio.Semaphore(concurrency)
@@ -140,13 +141,12 @@ def run_bare(args: argparse.Namespace) -> dict:
     import openai  # noqa: F401  (imported before the timer: the build side's imports are not timed either)
 
     prompts = prompts_for(args.prompts)
-    if args.path == "tuned":
+    if args.path == "lean":  # the GC settings of distillflow's client process, as in it, before the loop
         from distillflow.tasks.teacher_pool import tune_gc_for_request_loop
 
         tune_gc_for_request_loop()
     started = time.perf_counter()
-    path = "lean" if args.path == "tuned" else args.path
-    answered = asyncio.run(bare_loop(args.base_url, prompts, args.concurrency, path))
+    answered = asyncio.run(bare_loop(args.base_url, prompts, args.concurrency, args.path))
     elapsed = time.perf_counter() - started
     return {"answered": answered, "elapsed_s": elapsed, "peak_rss_mb": peak_rss_mb(), "cpu_s": cpu_seconds()}
 
@@ -270,9 +270,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--repeats", type=int, default=3,
-                        help="repeats of a'' a' b a CLI CLI a b a' a''; each target is the median of the repeats' own ratios")
+                        help="repeats of a' b a CLI CLI a b a'; each target is the median of the repeats' own ratios")
     parser.add_argument("--child", choices=["bare", "build"], help=argparse.SUPPRESS)
-    parser.add_argument("--path", choices=["default", "lean", "tuned"], default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--path", choices=["default", "lean"], default="default", help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -289,16 +289,16 @@ def main() -> None:
     servers = {"teacher server": processes[0].pid, "Prefect server": processes[1].pid}
     try:
         print(f"{args.prompts} prompts, concurrency {args.concurrency}, server latency {args.latency_ms:.0f} ms, "
-              f"{args.repeats} repeat(s) of a'' a' b a CLI CLI a b a' a'' (targets: median of each repeat's ratio)")
+              f"{args.repeats} repeat(s) of a' b a CLI CLI a b a' (targets: median of each repeat's ratio)")
         bare_args = ["--concurrency", str(args.concurrency), "--base-url", base_url]
         # Warm both bare paths and the build once on a small run (imports, connection set-up,
         # the Prefect server's first flow and task runs).
-        for path in ("default", "lean", "tuned"):
+        for path in ("default", "lean"):
             child("bare", ["--prompts", "500", "--path", path, *bare_args], env, servers)
         (workdir / "warm-up").mkdir()
         child("build", ["--config", str(write_build_config(workdir / "warm-up", base_url, 500, args.concurrency))],
               env, servers)
-        runs: dict[str, list[dict]] = {"default": [], "lean": [], "tuned": [], "build": [], "build-2p": []}
+        runs: dict[str, list[dict]] = {"default": [], "lean": [], "build": [], "build-2p": []}
         cli_runs: list[float] = []  # wall time of the whole `distill build` process
         fresh = iter(range(10**6))  # a fresh output dir (and ledger) for every build
 
@@ -321,13 +321,11 @@ def main() -> None:
                            capture_output=True, timeout=1800)
             cli_runs.append(time.perf_counter() - started)
 
-        stage_ratios: list[float] = []  # against a'' (the target)
-        lean_ratios: list[float] = []  # against a'
+        stage_ratios: list[float] = []
         whole_ratios: list[float] = []
         for repeat in range(args.repeats):
-            # The two sides of each ratio run symmetrically around the middle of the repeat
-            # (A B B A), so a steady drift of the machine's speed cancels out of its ratio.
-            bare("tuned")
+            # The two sides of each target run next to each other, in the order A B B A, so a
+            # steady drift of the machine's speed cancels out of each repeat's ratio.
             bare("lean")
             build("build")
             bare("default")
@@ -336,20 +334,15 @@ def main() -> None:
             bare("default")
             build("build")
             bare("lean")
-            bare("tuned")
-            tuned, lean, built = runs["tuned"][-2:], runs["lean"][-2:], runs["build"][-2:]
-            stage_time = sum(run["stage_seconds"]["teacher"] for run in built)
-            stage_ratios.append(sum(run["elapsed_s"] for run in tuned) / stage_time)
-            lean_ratios.append(sum(run["elapsed_s"] for run in lean) / stage_time)
+            lean, built = runs["lean"][-2:], runs["build"][-2:]
+            stage_ratios.append(sum(run["elapsed_s"] for run in lean) / sum(run["stage_seconds"]["teacher"] for run in built))
             whole_ratios.append(sum(run["elapsed_s"] for run in runs["default"][-2:]) / sum(cli_runs[-2:]))
             assert all(side_runs[-1]["answered"] == args.prompts for side_runs in runs.values() if side_runs)
             def per_s(seconds: list[float]) -> str:
                 return ", ".join(f"{args.prompts / value:.1f}" for value in seconds) + "/s"
 
-            print(f"  repeat {repeat}: tuned {per_s([run['elapsed_s'] for run in tuned])}, lean "
-                  f"{per_s([run['elapsed_s'] for run in lean])}, teacher stage "
-                  f"{per_s([run['stage_seconds']['teacher'] for run in built])} -> stage/a'' {stage_ratios[-1]:.3f}, "
-                  f"stage/a' {lean_ratios[-1]:.3f}; "
+            print(f"  repeat {repeat}: lean {per_s([run['elapsed_s'] for run in lean])}, teacher stage "
+                  f"{per_s([run['stage_seconds']['teacher'] for run in built])} -> stage/a' {stage_ratios[-1]:.3f}; "
                   f"SDK default {per_s([run['elapsed_s'] for run in runs['default'][-2:]])}, CLI {per_s(cli_runs[-2:])} "
                   f"-> CLI/a {whole_ratios[-1]:.3f}", flush=True)
         build("build-2p", 2)  # for reference: requests from two client processes
@@ -364,7 +357,6 @@ def main() -> None:
     rate = {side: args.prompts / run["elapsed_s"] for side, run in best.items()}
     print(describe("(a)  bare AsyncOpenAI loop, SDK defaults       ", best["default"], args.prompts))
     print(describe("(a') bare loop on distillflow's request path  ", best["lean"], args.prompts))
-    print(describe("(a'') a' with the client process's GC settings ", best["tuned"], args.prompts))
     print(describe("(b)  distill build (flow, Prefect server)     ", best["build"], args.prompts))
     print(f"     stages (s): {best['build']['stage_seconds']}")
     print(describe("(b2) distill build, teacher.client_processes: 2", best["build-2p"], args.prompts))
@@ -380,11 +372,9 @@ def main() -> None:
     def listed(ratios: list[float]) -> str:
         return ", ".join(f"{ratio:.3f}" for ratio in ratios)
 
-    print(f"ratio stage/a'' (teacher stage of the flow vs bare loop, same request path and GC settings), "
+    print(f"ratio stage/a' (teacher stage of the flow vs bare loop, same request path and GC settings), "
           f"median of [{listed(stage_ratios)}]: {stage_ratio:.3f}  (target >= 0.95) "
           f"{'OK' if stage_ratio >= 0.95 else 'BELOW TARGET'}")
-    print(f"ratio stage/a'  (teacher stage vs bare loop, same request path, Python's default GC), "
-          f"median of [{listed(lean_ratios)}]: {statistics.median(lean_ratios):.3f}")
     print(f"ratio CLI/a (whole `distill build` process vs bare SDK-default loop), median of [{listed(whole_ratios)}]: "
           f"{whole:.3f}  (target >= 1.5) {'OK' if whole >= 1.5 else 'BELOW TARGET'}")
     print(f"ratio b/a'  (whole flow vs bare loop, same request path, best runs)  : {rate['build'] / rate['lean']:.3f}")

@@ -176,7 +176,8 @@ class TeacherConfig(StrictModel):
         ge=1,
         description="Prompts per Prefect task (async I/O inside; a few tasks are in flight, so concurrency "
         "never drains between them). Each task run is bookkeeping on the Prefect server: larger batches "
-        "leave more CPU to the requests.",
+        "leave more CPU to the requests. The online build's first batch is smaller (256 prompts, at least "
+        "max_concurrency), so the first requests go out at once.",
     )
     local_batch_size: int = Field(8, ge=1, description="Sequences per forward pass (local backend).")
     device: str = Field("auto", description="local backend: auto, cpu, cuda, cuda:N.")
