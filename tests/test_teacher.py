@@ -293,10 +293,13 @@ def test_answers_that_arrive_together_are_committed_together_before_their_worker
     assert fake.uncommitted and max(fake.uncommitted) <= 16, max(fake.uncommitted)
 
 
+def keyed_requests(label: str, count: int) -> tuple[list, list[str]]:
+    """`count` distinct requests and a ledger key for each."""
+    return [build_messages(f"{label} {i}", None) for i in range(count)], [f"key-{i}" for i in range(count)]
+
+
 def test_on_recorded_runs_after_the_answer_is_in_the_ledger(server, tmp_path):
-    prompts = [f"recorded first {i}" for i in range(64)]
-    messages = [build_messages(p, None) for p in prompts]
-    keys = [f"key-{i}" for i in range(64)]
+    messages, keys = keyed_requests("recorded first", 64)
     missing: list[int] = []
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
         teacher = make_teacher(server, max_concurrency=16)
@@ -328,9 +331,7 @@ class FailingLedger(Ledger):
 def test_a_failed_ledger_commit_stops_the_run_with_its_error(server, tmp_path):
     """A commit that fails (a full or broken disk) stops the run with its error: no hang,
     and no answer reported as recorded that is not in the ledger."""
-    prompts = [f"failing commit {i}" for i in range(200)]
-    messages = [build_messages(p, None) for p in prompts]
-    keys = [f"key-{i}" for i in range(200)]
+    messages, keys = keyed_requests("failing commit", 200)
     recorded: list[int] = []
     with FailingLedger(tmp_path / "ledger.sqlite") as ledger:
         teacher = make_teacher(server, max_concurrency=16)
