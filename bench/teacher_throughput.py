@@ -9,7 +9,7 @@ spend during each run is printed too (on a 2-core machine every side is CPU-boun
              kept in a list (`import openai` happens before its timer)
   (a') bare, lean: the same loop on the request path distillflow uses (the SDK's aiohttp
              transport, response body read as bytes) and with the garbage-collector settings
-             of distillflow's client process (tasks/teacher_pool.py `tune_gc_for_request_loop`):
+             of distillflow's client process (tasks/teacher.py `request_loop_gc`):
              the strongest bare baseline, so stage/a' is the pipeline's own overhead. Target:
              the flow's teacher stage (its stage_seconds in the manifest) >= 0.95x this loop's
              prompts/s
@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import resource
@@ -141,13 +143,16 @@ def run_bare(args: argparse.Namespace) -> dict:
     import openai  # noqa: F401  (imported before the timer: the build side's imports are not timed either)
 
     prompts = prompts_for(args.prompts)
+    gc_settings: contextlib.AbstractContextManager = contextlib.nullcontext()
     if args.path == "lean":  # the GC settings of distillflow's client process, as in it, before the loop
-        from distillflow.tasks.teacher_pool import tune_gc_for_request_loop
+        from distillflow.tasks.teacher import request_loop_gc
 
-        tune_gc_for_request_loop()
-    started = time.perf_counter()
-    answered = asyncio.run(bare_loop(args.base_url, prompts, args.concurrency, args.path))
-    elapsed = time.perf_counter() - started
+        gc.collect()
+        gc_settings = request_loop_gc()
+    with gc_settings:
+        started = time.perf_counter()
+        answered = asyncio.run(bare_loop(args.base_url, prompts, args.concurrency, args.path))
+        elapsed = time.perf_counter() - started
     return {"answered": answered, "elapsed_s": elapsed, "peak_rss_mb": peak_rss_mb(), "cpu_s": cpu_seconds()}
 
 

@@ -10,7 +10,6 @@ work, and the durable cache of teacher answers is the ledger.
 
 from __future__ import annotations
 
-import gc
 import sys
 import threading
 import time
@@ -39,11 +38,11 @@ from distillflow.tasks.shards import (
     answered_rows,
 )
 from distillflow.tasks.teacher import (
-    YOUNG_COLLECTION_ALLOCATIONS,
     FailureBudget,
     TeacherFatalError,
     answer_requests,
     build_messages,
+    request_loop_gc,
 )
 
 HEARTBEAT_S = 60.0  # a stage running longer than this says so, every HEARTBEAT_S
@@ -204,22 +203,16 @@ def client_bound_stage() -> Iterator[None]:
 
     - a 50 ms GIL switch interval, so Prefect's bookkeeping threads do not preempt the loop
       every 5 ms (~10% throughput);
-    - the objects alive so far (prompts, configs, Prefect state) are frozen out of the
-      cyclic GC, which otherwise walks them on every full collection that the client's
-      per-request garbage triggers (~10% throughput at 20k prompts), and young objects are
-      collected every `YOUNG_COLLECTION_ALLOCATIONS` allocations, as in a client process
-      (tasks/teacher_pool.py).
+    - the garbage collector of a request loop (tasks/teacher.py `request_loop_gc`, as in a
+      client process): the objects alive so far (prompts, configs, Prefect state) frozen out
+      of it (~10% throughput at 20k prompts), young objects collected less often.
     """
     switch_interval = sys.getswitchinterval()
-    thresholds = gc.get_threshold()
     sys.setswitchinterval(max(switch_interval, 0.05))
-    gc.freeze()
-    gc.set_threshold(max(thresholds[0], YOUNG_COLLECTION_ALLOCATIONS), *thresholds[1:])
     try:
-        yield
+        with request_loop_gc():
+            yield
     finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
         sys.setswitchinterval(switch_interval)
 
 
