@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-REQUIRED_ENV = {"POSTGRES_PASSWORD": "test-password"}
+AUTH_STRING = "admin:test-auth-string"
+REQUIRED_ENV = {"POSTGRES_PASSWORD": "test-password", "PREFECT_SERVER_API_AUTH_STRING": AUTH_STRING}
 KEYS = {"VLLM_API_KEY": "local-vllm-key", "OPENAI_API_KEY": "commercial-key"}
 
 
@@ -50,7 +51,9 @@ def run_compose(
     env_file = tmp_path / "empty.env"
     env_file.write_text("")
     clean_env = {
-        k: v for k, v in os.environ.items() if k not in REQUIRED_ENV and k not in KEYS and not k.startswith("COMPOSE_")
+        k: v
+        for k, v in os.environ.items()
+        if k not in REQUIRED_ENV and k not in KEYS and not k.startswith(("COMPOSE_", "PREFECT_"))
     }
     profile_args = [arg for profile in profiles for arg in ("--profile", profile)]
     return subprocess.run(
@@ -127,13 +130,15 @@ def test_the_vllm_key_and_the_commercial_key_are_separate(compose_command, tmp_p
 
 def test_secrets_come_from_the_environment(compose_command, tmp_path):
     # Nothing secret is written in the file: it refuses to render without the variables...
-    result = run_compose(compose_command, "config", "-q", env={}, tmp_path=tmp_path)
-    assert result.returncode != 0
-    assert "POSTGRES_PASSWORD" in result.stderr
+    for missing in REQUIRED_ENV:
+        env = {name: value for name, value in REQUIRED_ENV.items() if name != missing}
+        result = run_compose(compose_command, "config", "-q", env=env, tmp_path=tmp_path)
+        assert result.returncode != 0
+        assert f"set {missing} in .env" in result.stderr, missing
     # ...and every password/key in the file is an interpolation.
     for line in COMPOSE_FILE.read_text().splitlines():
         key, _, value = line.strip().partition(":")
-        if key.endswith(("PASSWORD", "API_KEY")) and value.strip():
+        if key.endswith(("PASSWORD", "API_KEY", "AUTH_STRING")) and value.strip():
             assert value.strip().startswith("${"), line
 
 
@@ -174,3 +179,72 @@ def test_the_default_configs_exist_and_validate(compose_command, tmp_path, monke
         config = load_config(ROOT / path)  # seed files included
         assert config.teacher.base_url == "http://teacher:8000/v1", path
     assert load_config(ROOT / trainer_config).training is not None
+
+
+def published_ports(services: dict) -> dict[str, list[dict]]:
+    return {name: service.get("ports", []) for name, service in services.items()}
+
+
+def test_nothing_is_published_on_all_interfaces_by_default(compose_command, tmp_path):
+    """Only the Prefect UI/API is published, on the host's loopback; the vLLM teacher and
+    PostgreSQL are reached by service name on the compose network and never published."""
+    ports = published_ports(_services(compose_command, tmp_path, **KEYS))
+    assert {name for name, published in ports.items() if published} == {"prefect-server"}
+    assert [(port["host_ip"], port["published"], port["target"]) for port in ports["prefect-server"]] == [
+        ("127.0.0.1", "4200", 4200)
+    ]
+    # Opting in publishes the UI on the address asked for, and nothing else.
+    ports = published_ports(_services(compose_command, tmp_path, PREFECT_BIND="0.0.0.0", PREFECT_PORT="4300"))
+    assert {name for name, published in ports.items() if published} == {"prefect-server"}
+    assert [(port["host_ip"], port["published"]) for port in ports["prefect-server"]] == [("0.0.0.0", "4300")]
+
+
+def test_the_server_requires_basic_auth_and_every_client_sends_it(compose_command, tmp_path):
+    services = _services(compose_command, tmp_path)
+    assert services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == AUTH_STRING
+    for name in ("deploy", "worker", "trainer"):
+        assert services[name]["environment"]["PREFECT_API_AUTH_STRING"] == AUTH_STRING, name
+    for name in ("postgres", "teacher"):
+        assert not any("AUTH_STRING" in key for key in services[name]["environment"]), name
+    # The health check needs no credentials (Prefect leaves GET /api/health open).
+    assert services["prefect-server"]["healthcheck"]["test"][-1] == "http://localhost:4200/api/health"
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_up_stops_without_the_auth_string_and_names_it(compose_command, tmp_path, value):
+    env = {"POSTGRES_PASSWORD": "test-password"}
+    if value is not None:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = value  # the line copied from compose.env.example, unfilled
+    result = run_compose(compose_command, "config", "-q", env=env, tmp_path=tmp_path, profiles=())
+    assert result.returncode != 0
+    assert "PREFECT_SERVER_API_AUTH_STRING" in result.stderr and "in .env" in result.stderr
+
+
+def test_the_env_example_names_every_required_setting():
+    example = (ROOT / "scripts" / "compose.env.example").read_text()
+    for name in (*REQUIRED_ENV, *KEYS):
+        assert f"\n{name}=\n" in example, name
+
+
+def run_teacher_entrypoint(teacher: dict, key: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The teacher's entrypoint script as the container runs it, with a stand-in `python3`
+    that prints what it was started with instead of starting vLLM."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stand_in = bin_dir / "python3"
+    stand_in.write_text('#!/bin/sh\necho "vllm started: $*"\n')
+    stand_in.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", "VLLM_API_KEY": key}
+    # `config` prints `$$` (compose's escape) as written; the container gets `$`.
+    argv = [arg.replace("$$", "$") for arg in (*teacher["entrypoint"], *teacher["command"])]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_the_vllm_teacher_refuses_to_start_without_a_key(compose_command, tmp_path):
+    teacher = _services(compose_command, tmp_path)["teacher"]
+    refused = run_teacher_entrypoint(teacher, "", tmp_path)
+    assert refused.returncode == 1 and "vllm started" not in refused.stdout
+    assert "set VLLM_API_KEY in .env" in refused.stderr
+    started = run_teacher_entrypoint(teacher, "local-vllm-key", tmp_path)
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.startswith("vllm started: -m vllm.entrypoints.openai.api_server --model=/models/teacher")
