@@ -32,6 +32,7 @@ class _OneErrorParagraph(TyperGroup):
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
         from distillflow.failures import command_log
         from distillflow.interrupt import received_signal
+        from distillflow.server_auth import explain_server_error
 
         rest = [*getattr(ctx, "_protected_args", []), *ctx.args]  # the command and its arguments
         if not rest or any(arg in ("--help", "-h") for arg in rest):
@@ -48,7 +49,8 @@ class _OneErrorParagraph(TyperGroup):
             except Exception as error:
                 if received_signal() is not None:  # Ctrl-C / SIGTERM: distillflow/interrupt.py exits 130/143
                     raise
-                raise typer.Exit(log.fail(error)) from None
+                # A Prefect server's 401 becomes the paragraph naming PREFECT_API_AUTH_STRING.
+                raise typer.Exit(log.fail(explain_server_error(error))) from None
 
 
 app = typer.Typer(
