@@ -62,6 +62,7 @@ from distillflow.storage.topk import (
 )
 from distillflow.training.chat_template import chat_template_text
 from distillflow.training.model import load_tokenizer
+from distillflow.training.prompt_logprobs import TopK, prompt_logprobs_to_topk, request_prompt_logprobs
 
 IGNORE_INDEX = -100
 TOPK_FIELDS = [
@@ -72,8 +73,6 @@ TOPK_FIELDS = [
 # Kept next to the manifest while an in-place capture runs: the manifest of the dataset
 # before capture, so that a crashed run can be resumed.
 PRE_CAPTURE_MANIFEST = ".manifest.pre-capture.json"
-
-TopK = tuple[np.ndarray, np.ndarray]  # ids int64 (T, k), logprobs float32 (T, k)
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -286,32 +285,6 @@ class LocalScorer:
         return results  # type: ignore[return-value]
 
 
-def prompt_logprobs_to_topk(prompt_logprobs: list[dict | None], targets: np.ndarray, k: int) -> TopK:
-    """(T, k) top-k of vLLM `prompt_logprobs` at the target indices.
-
-    Entry i maps token id (a string key in JSON) → {"logprob", "rank", "decoded_token"}; it
-    holds the top-k and also the actual prompt token, which may rank below k.
-    """
-    ids = np.empty((len(targets), k), dtype=np.int64)
-    logprobs = np.empty((len(targets), k), dtype=np.float32)
-    for t, index in enumerate(targets):
-        entry = prompt_logprobs[index] if index < len(prompt_logprobs) else None
-        if not entry:
-            raise ValueError(f"the server returned no prompt logprobs for token {index}")
-        candidates = sorted(
-            ((int(token_id), float(item["logprob"]), item.get("rank") or 0) for token_id, item in entry.items()),
-            key=lambda candidate: (-candidate[1], candidate[2]),
-        )[:k]
-        if len(candidates) < k:
-            raise ValueError(
-                f"the server returned {len(candidates)} prompt logprobs for token {index}, fewer "
-                f"than k = {k}; start vLLM with --max-logprobs {k} or more"
-            )
-        ids[t] = [candidate[0] for candidate in candidates]
-        logprobs[t] = [candidate[1] for candidate in candidates]
-    return ids, logprobs
-
-
 class VllmScorer:
     """Top-k logprobs from an OpenAI-compatible vLLM server (completions + prompt_logprobs)."""
 
@@ -332,26 +305,7 @@ class VllmScorer:
         self.max_concurrency = settings.max_concurrency
 
     def _score(self, sequences: list[list[int]], k: int) -> list[list[dict | None]]:
-        response = self.client.completions.create(
-            model=self.model,
-            prompt=sequences,  # a list of token-id lists: scored as given, no re-tokenisation
-            max_tokens=1,
-            temperature=0.0,
-            extra_body={"prompt_logprobs": k, "return_tokens_as_token_ids": True},
-        )
-        choices = sorted(response.choices, key=lambda choice: choice.index)
-        if len(choices) != len(sequences):
-            raise ValueError(f"the server answered {len(choices)} choices for {len(sequences)} prompts")
-        scored = []
-        for choice in choices:
-            prompt_logprobs = (choice.model_extra or {}).get("prompt_logprobs")
-            if prompt_logprobs is None:
-                raise ValueError(
-                    "the server returned no `prompt_logprobs`; it must be vLLM (or another "
-                    "server that supports prompt_logprobs on the completions endpoint)"
-                )
-            scored.append(prompt_logprobs)
-        return scored
+        return request_prompt_logprobs(self.client, self.model, sequences, k)
 
     def topk(self, sequences: list[list[int]], targets: list[np.ndarray], k: int, batch_size: int) -> list[TopK]:
         chunks = [list(range(start, min(start + batch_size, len(sequences)))) for start in range(0, len(sequences), batch_size)]

@@ -34,6 +34,12 @@ answers each line of its JSONL like a chat request (the markers apply; drop, bad
 hang become 500s), `batch_latency_s` after it was created; answers go to its output file,
 non-200s to its error file. `batches_created` and `files_uploaded` count the calls.
 
+With `scoring_model` (a Hugging Face model directory), `POST /v1/completions` scores token
+ids as vLLM does with `extra_body={"prompt_logprobs": k}`: `prompt` is a list of token-id
+lists, and each choice carries `prompt_logprobs` (entry 0 None; entry i the top-k of the
+distribution predicting token i, plus token i itself, as {id: {logprob, rank,
+decoded_token}}) from float32 forward passes. `scored_sequences` counts each sequence scored.
+
 `mode` breaks the whole server instead, as a dead or wrong teacher would:
 
     always_500    500 to every chat request
@@ -80,6 +86,7 @@ class FaultyOpenAIServer:
         rate_limit_requests: tuple[int, float] | None = None,
         rate_limit_tokens: tuple[int, float] | None = None,
         batch_latency_s: float = 0.2,
+        scoring_model: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -106,6 +113,9 @@ class FaultyOpenAIServer:
         self.batches_created = 0
         self.files_uploaded = 0
         self.uploaded_bytes: list[bytes] = []
+        self.scoring_model = scoring_model
+        self._scorer: Any = None  # the model, loaded on the first completions request
+        self.scored_sequences: Counter[tuple[int, ...]] = Counter()
 
     # -- app -------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -114,6 +124,7 @@ class FaultyOpenAIServer:
             app.router.add_route("*", "/{tail:.*}", self.html_page)
             return app
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/stats", self.stats)
         app.router.add_post("/reset", self.reset)
@@ -228,6 +239,58 @@ class FaultyOpenAIServer:
                     raise asyncio.CancelledError
         status, payload, headers = self._chat_result(body, prompt, attempt)
         return web.json_response(payload, status=status, headers={**limit_headers, **headers})
+
+    async def completions(self, request: web.Request) -> web.Response:
+        """Prompt logprobs of token-id prompts (vLLM's scoring use of the completions endpoint)."""
+        self.total_requests += 1
+        if not self._authorized(request):
+            return self._error(401, "Incorrect API key provided.")
+        body = await request.json()
+        if body.get("model") != self.model:
+            return self._error(404, f"The model `{body.get('model')}` does not exist.")
+        prompts, k = body.get("prompt"), body.get("prompt_logprobs")
+        if self.scoring_model is None or k is None or not isinstance(prompts, list):
+            return self._error(400, "this server scores token-id prompts with prompt_logprobs only")
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]
+        for prompt in prompts:
+            self.scored_sequences[tuple(prompt)] += 1
+        scored = await asyncio.get_running_loop().run_in_executor(None, self._prompt_logprobs, prompts, int(k))
+        choices = [
+            {"index": index, "text": "", "finish_reason": "length", "logprobs": None, "prompt_logprobs": entries}
+            for index, entries in enumerate(scored)
+        ]
+        tokens = sum(len(prompt) for prompt in prompts)
+        return web.json_response(
+            {"id": "cmpl-test", "object": "text_completion", "created": 0, "model": self.model, "choices": choices,
+             "usage": {"prompt_tokens": tokens, "completion_tokens": len(prompts), "total_tokens": tokens + len(prompts)}}
+        )
+
+    def _prompt_logprobs(self, prompts: list[list[int]], k: int) -> list[list[dict[str, Any] | None]]:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if self._scorer is None:
+            self._scorer = AutoModelForCausalLM.from_pretrained(self.scoring_model, dtype=torch.float32).eval()
+        scored = []
+        for prompt in prompts:
+            with torch.no_grad():
+                logprobs = torch.log_softmax(self._scorer(torch.tensor([prompt])).logits[0].float(), dim=-1)  # (L, V)
+            entries: list[dict[str, Any] | None] = [None]
+            for index in range(1, len(prompt)):
+                row = logprobs[index - 1]  # (V,) predicts prompt[index]
+                values, ids = row.topk(k)
+                entry = {
+                    str(token): {"logprob": value, "rank": rank + 1, "decoded_token": f"token_id:{token}"}
+                    for rank, (token, value) in enumerate(zip(ids.tolist(), values.tolist()))
+                }
+                actual = prompt[index]
+                if str(actual) not in entry:
+                    rank = int((row > row[actual]).sum()) + 1
+                    entry[str(actual)] = {"logprob": float(row[actual]), "rank": rank, "decoded_token": f"token_id:{actual}"}
+                entries.append(entry)
+            scored.append(entries)
+        return scored
 
     @staticmethod
     def _prompt(body: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from distillflow.training.chat_template import check_chat_template_setting
 # Every `chat_template` key of a config: a preset name, a Jinja string or a file (training/chat_template.py).
 ChatTemplateSetting = Annotated[str | None, AfterValidator(check_chat_template_setting)]
 
-Objective = Literal["sft", "kd_logits", "kd_topk", "hidden"]
+Objective = Literal["sft", "kd_logits", "kd_topk", "hidden", "on_policy"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 
 # configs/deepspeed/ (shipped with the package): the default ZeRO configs live there.
@@ -60,10 +60,35 @@ class DeriveStudentConfig(BaseModel):
         return self
 
 
+class TeacherServerConfig(BaseModel):
+    """The on_policy teacher behind an OpenAI-compatible server that returns prompt logprobs
+    (vLLM's completions endpoint with `prompt_logprobs`). Every scoring request is recorded in
+    `<output_dir>/.ledger/on_policy_teacher.sqlite`, so a resumed run pays for none twice."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    base_url: str = Field(
+        ..., pattern=r"^https?://", description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."
+    )
+    model: str = Field(..., min_length=1, description="The served model name (vLLM's --served-model-name).")
+    top_k: int = Field(
+        20, ge=1, le=1000, description="Logprobs per position (`prompt_logprobs`); the loss compares "
+        "k + 1 classes (top-k and a tail bucket). vLLM caps it at its --max-logprobs (default 20)."
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key (unset: the key 'EMPTY')."
+    )
+    batch_size: int = Field(8, ge=1, le=4096, description="Sequences per scoring request.")
+    timeout_s: float = Field(120.0, gt=0.0, le=3600.0, description="Seconds per request before a retry.")
+    max_retries: int = Field(
+        3, ge=0, le=20, description="Retries of connection errors, 408/409/429 and 5xx (with backoff)."
+    )
+
+
 class TrainingConfig(BaseModel):
     """How the student is trained with DeepSpeed ZeRO: the data, the student (a model
     directory or derived from the teacher), the objective (sft, kd_topk, kd_logits,
-    hidden-state matching) and its loss weights, the optimiser, and checkpoints."""
+    hidden-state matching, on-policy) and its loss weights, the optimiser, and checkpoints."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -144,7 +169,9 @@ class TrainingConfig(BaseModel):
         "sft",
         description="sft: cross-entropy on the teacher's text (black box, any tokenizer); "
         "kd_logits: KL/JSD to an in-process teacher's logits; kd_topk: KL to the teacher "
-        "top-k logprobs stored in the dataset; hidden: hidden-state matching + a logit loss.",
+        "top-k logprobs stored in the dataset; hidden: hidden-state matching + a logit loss; "
+        "on_policy: a share lmbda of the micro-batches are answers the student samples itself, "
+        "scored token by token by the teacher (in process, or teacher_server).",
     )
     divergence: Divergence = Field(
         "forward_kl",
@@ -177,6 +204,28 @@ class TrainingConfig(BaseModel):
     hidden_weight: float = Field(
         1.0, ge=0.0, le=1000.0, description="hidden: weight of the hidden-state term added to "
         "the logit loss (alpha * KD + (1 - alpha) * CE)."
+    )
+    lmbda: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="on_policy: the share of student-generated answers, i.e. the probability that "
+        "a micro-batch's answers are replaced by answers the student samples for the same prompts "
+        "(0 = the dataset's teacher answers only, as kd_logits; 1 = always the student's own). "
+        "TRL GKD's name.",
+    )
+    sampling_temperature: float = Field(
+        1.0, gt=0.0, le=10.0, description="on_policy: temperature at which the student samples its answers."
+    )
+    max_new_tokens: int = Field(
+        128, ge=1, le=65_536, description="on_policy: most tokens of a sampled answer (it stops "
+        "earlier at eos); also capped so that prompt + answer fit max_length."
+    )
+    teacher_server: TeacherServerConfig | None = Field(
+        None,
+        description="on_policy: score with an OpenAI-compatible server's prompt logprobs (sparse "
+        "top-k targets) instead of an in-process forward pass of `teacher` (full logits); "
+        "`teacher` then only needs the tokenizer.",
     )
     loss_chunk_tokens: int = Field(
         128,
@@ -233,17 +282,39 @@ class TrainingConfig(BaseModel):
             )
         if self.student is not None and self.derive_student is not None:
             raise ValueError("set only one of `student` and `derive_student`")
-        needs_teacher = self.objective in ("kd_logits", "hidden") or self.derive_student is not None
+        needs_teacher = self.objective in ("kd_logits", "hidden", "on_policy") or self.derive_student is not None
         if needs_teacher and self.teacher is None:
             raise ValueError(
                 f"objective {self.objective!r}"
                 + (" with derive_student" if self.derive_student is not None else "")
                 + " needs a teacher model directory: set `teacher`"
             )
+        if self.teacher_server is not None and self.objective != "on_policy":
+            raise ValueError(
+                f"teacher_server is read by objective on_policy only (objective is {self.objective!r}); "
+                "remove it, or set objective: on_policy"
+            )
+        if self.objective == "on_policy" and self.packing:
+            raise ValueError(
+                "objective on_policy samples one answer per prompt, which packed rows cannot hold: "
+                "set packing: false"
+            )
+        if self.objective == "on_policy" and self.max_new_tokens >= self.max_length:
+            raise ValueError(
+                f"max_new_tokens ({self.max_new_tokens}) must be below max_length ({self.max_length}) "
+                "so that a prompt fits before the sampled answer; lower max_new_tokens"
+            )
         for teacher_layer, student_layer in self.hidden_layer_pairs:
             if teacher_layer < 0 or student_layer < 0:
                 raise ValueError("hidden_layer_pairs take non-negative layer indices (0 = embeddings)")
         return self
+
+    @property
+    def teacher_in_process(self) -> bool:
+        """Objectives that run the teacher's forward pass in the training processes."""
+        return self.objective in ("kd_logits", "hidden") or (
+            self.objective == "on_policy" and self.teacher_server is None
+        )
 
     @property
     def is_white_box(self) -> bool:

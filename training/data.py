@@ -289,6 +289,7 @@ class Batch:
     position_ids: torch.Tensor  # (B, L) int64, restarting at 0 per example / padding
     topk_ids: torch.Tensor | None = None  # (N, k) int64, N = supervised tokens of the batch
     topk_logprobs: torch.Tensor | None = None  # (N, k) float32
+    student_generated: bool = False  # on_policy: answers sampled by the student (loss: divergence only)
 
     @property
     def num_supervised(self) -> int:

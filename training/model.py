@@ -225,7 +225,9 @@ class DistillationModel(nn.Module):
         teacher_rows = teacher_weight = None
         teacher_layers = None
         teacher_head = contextlib.nullcontext()
-        if config.objective in ("kd_logits", "hidden"):
+        # on_policy scores with the in-process teacher unless a server's top-k came with the batch.
+        sparse_teacher = config.objective == "kd_topk" or (config.objective == "on_policy" and batch.topk_ids is not None)
+        if config.objective in ("kd_logits", "hidden") or (config.objective == "on_policy" and not sparse_teacher):
             with torch.no_grad():
                 teacher_last, teacher_layers = _hidden_states(self.teacher, batch, hidden_needed)
             teacher_rows, _ = select_supervised(teacher_last, batch.labels)  # (N, H_t)
@@ -242,12 +244,12 @@ class DistillationModel(nn.Module):
                 self.student.get_output_embeddings().weight,
                 teacher_hidden=teacher_rows,
                 teacher_head_weight=teacher_weight,
-                topk_ids=batch.topk_ids if config.objective == "kd_topk" else None,
-                topk_logprobs=batch.topk_logprobs if config.objective == "kd_topk" else None,
+                topk_ids=batch.topk_ids if sparse_teacher else None,
+                topk_logprobs=batch.topk_logprobs if sparse_teacher else None,
                 divergence=config.divergence,
                 beta=config.beta,
                 temperature=config.temperature,
-                alpha=0.0 if config.objective == "sft" else config.alpha,
+                alpha=0.0 if config.objective == "sft" else 1.0 if batch.student_generated else config.alpha,
                 chunk_tokens=config.loss_chunk_tokens,
                 vocab_size=self.vocab_size,
             )

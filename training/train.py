@@ -46,6 +46,15 @@ from distillflow.training.data import (
     supervised_count,
     tokenize_dataset,
 )
+from distillflow.training.on_policy import (
+    ON_POLICY_LEDGER,
+    ServerTeacher,
+    generation_weights,
+    micro_batch,
+    sampling_generator,
+    student_answer_rows,
+    student_answers_wanted,
+)
 from distillflow.training.model import (
     DistillationModel,
     derive_student,
@@ -166,7 +175,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
 
     # 1. Models. The teacher is loaded first and never handed to the student's engine.
     teacher = teacher_tokenizer = None
-    if config.teacher is not None and config.objective in ("kd_logits", "hidden"):
+    if config.teacher is not None and config.teacher_in_process:
         teacher = load_teacher(config.teacher, dtype)
     if config.teacher is not None:
         teacher_tokenizer = load_tokenizer(config.teacher)
@@ -214,6 +223,12 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     pad_id = student_tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else student_tokenizer.eos_token_id
     log(f"data: {len(examples)} examples → {len(rows)} rows; {total_steps} steps of {global_batch} rows")
+    server_teacher = None
+    if config.objective == "on_policy" and config.teacher_server is not None:
+        server_teacher = ServerTeacher(config.teacher_server, output_dir / ON_POLICY_LEDGER)
+    # on_policy: a sampled answer ends at the tokenizer's eos or the model's own eos id(s).
+    stop_ids = {student_tokenizer.eos_token_id} | set(_as_list(student.generation_config.eos_token_id))
+    stop_ids.discard(None)
 
     # 3. DeepSpeed engine around student (+ projections); a torch AdamW (no C++ optimizer).
     if teacher is not None and config.teacher_zero3_inference:
@@ -264,13 +279,27 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     engine.train()
     for step in range(start_step, total_steps):
         global_indices = step_rows(step, len(rows), global_batch, config.seed)
-        global_supervised = sum(supervised_count(rows[i]) for i in global_indices)
-        global_tokens = sum(len(rows[i]["input_ids"]) for i in global_indices)
-        scale = config.gradient_accumulation_steps * world / max(1, global_supervised)
         lr = scheduler.get_last_lr()[0]
         sums = torch.zeros(4, dtype=torch.float64)
-        for indices in micro_batches(global_indices, config.micro_batch_size, world, rank):
-            batch = collate([rows[i] for i in indices], pad_id)
+        own_micro_batches = micro_batches(global_indices, config.micro_batch_size, world, rank)
+        if config.objective == "on_policy":
+            # Student answers change the token count, so it is counted after sampling.
+            batches, tokens = on_policy_batches(
+                engine, student, [[rows[i] for i in indices] for indices in own_micro_batches],
+                config, step, rank, pad_id, stop_ids, vocab_size, server_teacher,
+            )
+            counts = torch.tensor(
+                [sum(b.num_supervised for b in batches), tokens,
+                 sum(len(b.input_ids) for b in batches if b.student_generated)], dtype=torch.float64,
+            )
+            torch.distributed.all_reduce(counts)
+            global_supervised, global_tokens, sampled_rows = (int(count) for count in counts)
+        else:
+            batches = (collate([rows[i] for i in indices], pad_id) for indices in own_micro_batches)
+            global_supervised = sum(supervised_count(rows[i]) for i in global_indices)
+            global_tokens = sum(len(rows[i]["input_ids"]) for i in global_indices)
+        scale = config.gradient_accumulation_steps * world / max(1, global_supervised)
+        for batch in batches:
             micro_sums = engine(batch)  # (4,) sums: total, kd, ce, hidden
             engine.backward(micro_sums[0] * scale)
             engine.step()
@@ -291,6 +320,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                 "supervised_tokens": global_supervised,
                 "elapsed_s": round(time.time() - started, 4),
             }
+            if config.objective == "on_policy":
+                record["student_answer_rows"] = sampled_rows  # rows whose answers the student sampled
             with open(metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
             if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
@@ -298,6 +329,10 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
             save_checkpoint(engine, checkpoint_dir, step + 1, config.keep_checkpoints, rank)
     elapsed = time.time() - started
+    if server_teacher is not None:
+        log(f"teacher server: {server_teacher.requests_sent} sequences scored, "
+            f"{server_teacher.requests_reused} read back from {ON_POLICY_LEDGER}")
+        server_teacher.close()
     if start_step < total_steps:
         save_checkpoint(engine, checkpoint_dir, total_steps, config.keep_checkpoints, rank)
 
@@ -320,6 +355,32 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         log(f"done: final loss {loss:.4f}; student exported to {final_dir}")
     torch.distributed.barrier()
     return summary
+
+
+def on_policy_batches(
+    engine, student, micro_rows: list[list[dict[str, Any]]], config: TrainingConfig, step: int, rank: int,
+    pad_id: int, stop_ids: set[int], vocab_size: int | None, server_teacher: ServerTeacher | None,
+) -> tuple[list, int]:
+    """This process's micro-batches of one on_policy step, and their tokens (padding aside): a
+    share lmbda of them (the same micro-steps on every process) with answers the student samples
+    itself, the rest with the dataset's; with a server teacher, each carries its top-k targets."""
+    batches, tokens = [], 0
+    for micro_step, rows_of_micro in enumerate(micro_rows):
+        own = student_answers_wanted(config.seed, step, micro_step, config.lmbda)
+        if own:
+            with generation_weights(engine):
+                rows_of_micro = student_answer_rows(
+                    student, rows_of_micro, max_new_tokens=config.max_new_tokens, max_length=config.max_length,
+                    temperature=config.sampling_temperature, stop_ids=stop_ids, pad_id=pad_id,
+                    generator=sampling_generator(config.seed, step, micro_step, rank), vocab_size=vocab_size,
+                )
+        batches.append(micro_batch(rows_of_micro, pad_id, own, server_teacher))
+        tokens += sum(len(row["input_ids"]) for row in rows_of_micro)
+    return batches, tokens
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _truncate_metrics(path: Path, step: int) -> float:
