@@ -19,7 +19,14 @@ from distillflow.tasks.eval_config import EvalConfig
 from distillflow.tasks.filter_config import FiltersConfig
 from distillflow.tasks.mining_config import MiningConfig
 from distillflow.tasks.sweep_config import SweepConfig
-from distillflow.training.config import ChatTemplateSetting, TrainingConfig
+from distillflow.training.chat_template import turn_stops
+from distillflow.training.config import (
+    CHAT_TEMPLATE_STOP_HELP,
+    ChatTemplateSetting,
+    StopStrings,
+    TrainingConfig,
+    check_stops_have_a_template,
+)
 
 SectionModel = TypeVar("SectionModel", bound=BaseModel)
 
@@ -54,7 +61,11 @@ class GenerationConfig(StrictModel):
     max_tokens: int = Field(512, ge=1, description="Completion token budget per answer.")
     top_logprobs: int = Field(0, ge=0, le=20, description="Capture top-k logprobs per token (0 = off).")
     seed: int | None = Field(None, description="Per-request sampling seed, if the server supports it.")
-    stop: list[str] | None = Field(None, description="Strings that end an answer (the server stops before them).")
+    stop: StopStrings = Field(
+        None,
+        description="Strings that end an answer (the server stops before them), besides the chat template's "
+        "turn end (chat_template_stop).",
+    )
 
 
 class PricingConfig(StrictModel):
@@ -171,6 +182,12 @@ class TeacherConfig(StrictModel):
         "model has none and needs one (docs/base_models.md). backend openai: the server applies its "
         "own (vLLM: --chat-template).",
     )
+    chat_template_stop: StopStrings = Field(
+        None,
+        description=CHAT_TEMPLATE_STOP_HELP + " backend openai: where a turn of the template the server applies "
+        "ends (sent as `stop` with generation.stop). Answers already in the ledger are cut at these too, never "
+        "asked again.",
+    )
     batch_size: int = Field(
         2000,
         ge=1,
@@ -263,6 +280,13 @@ class TeacherConfig(StrictModel):
     def is_local(self) -> bool:
         return self.backend == "local"
 
+    @property
+    def stops(self) -> list[str]:
+        """Where an answer ends: the chat template's turn end (chat_template_stop, else its
+        preset's), then generation.stop; each once. Empty for an instruct model's own template."""
+        stops = [*turn_stops(self.chat_template, self.chat_template_stop), *(self.generation.stop or [])]
+        return list(dict.fromkeys(stops))
+
 
 class DatasetConfig(StrictModel):
     """How a build is cut into shards and spread over worker processes."""
@@ -339,6 +363,7 @@ class DistillConfig(StrictModel):
         "(plain), a Jinja string or a file. Default: each tokenizer's own. One setting, so that the "
         "captured teacher logits line up with the tokens the student is trained on.",
     )
+    chat_template_stop: StopStrings = Field(None, description=CHAT_TEMPLATE_STOP_HELP)
     filters: FiltersConfig = FiltersConfig()
     dataset: DatasetConfig = DatasetConfig()
     training: TrainingConfig | None = None
@@ -410,16 +435,19 @@ class DistillConfig(StrictModel):
     def _chat_template_shared(self) -> DistillConfig:
         """Sections without their own chat_template take the top-level one (capture then follows
         training, in tasks.capture_logits.resolve_capture_settings)."""
-        shared = self.chat_template
-        if shared is None:
-            return self
-        if self.teacher.is_local and self.teacher.chat_template is None:
-            self.teacher.chat_template = shared
-        if self.training is not None and self.training.chat_template is None:
-            self.training.chat_template = shared
-        for model in self.evaluation.models if self.evaluation is not None else []:
-            if model.path is not None and model.chat_template is None:
-                model.chat_template = shared
+        shared, stops = self.chat_template, self.chat_template_stop
+        check_stops_have_a_template("", shared, stops)
+        sections = [("teacher.", self.teacher)] if self.teacher.is_local else []
+        if self.training is not None:
+            sections.append(("training.", self.training))
+        if self.evaluation is not None:
+            sections += [(f"evaluation.models.{i}.", m) for i, m in enumerate(self.evaluation.models) if m.path is not None]
+        for prefix, section in sections:
+            if shared is not None and section.chat_template is None:
+                section.chat_template = shared
+                if section.chat_template_stop is None:
+                    section.chat_template_stop = stops
+            check_stops_have_a_template(prefix, section.chat_template, section.chat_template_stop)
         return self
 
     @model_validator(mode="after")

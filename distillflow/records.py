@@ -7,8 +7,11 @@ and ends in exactly one of the accepted rows (`data/`) or the rejects (`rejects/
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from distillflow.training.chat_template import cut_at_stop
 
 
 def content_id(text: str) -> str:
@@ -55,6 +58,18 @@ class TeacherAnswer:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def stopped_answer(answer: TeacherAnswer, stops: Sequence[str]) -> TeacherAnswer:
+    """`answer` cut before its first stop string, with finish_reason `stop`.
+
+    A teacher that honours `stop` never sends one; an answer recorded before a stop was
+    declared (or from a server that ignores `stop`) is cut here, so it is kept rather than
+    asked again. Its top_logprobs are left as they came (one entry per generated token)."""
+    if not stops or not answer.ok or answer.content is None:
+        return answer
+    content, stopped = cut_at_stop(answer.content, stops)
+    return replace(answer, content=content, finish_reason="stop") if stopped else answer
 
 
 # Reasons that will not change on a retry with the same request: recorded in the ledger

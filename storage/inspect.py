@@ -68,6 +68,13 @@ class DatasetView:
     def strategies(self) -> dict[str, int]:
         return dict(sorted(Counter(self.data.column("strategy").to_pylist()).items())) if self.data is not None else {}
 
+    def finish_reasons(self) -> dict[str, int]:
+        """Accepted rows per finish_reason: `stop` (eos or a stop string), `length` (max_tokens ran out)."""
+        if self.data is None or "finish_reason" not in self.data.column_names:
+            return {}
+        counts = Counter(str(reason) for reason in self.data.column("finish_reason").to_pylist())
+        return dict(sorted(counts.items()))
+
     def reasons(self) -> dict[str, int]:
         return dict(sorted(Counter(self.rejects.column("reason").to_pylist()).items())) if self.rejects is not None else {}
 
@@ -150,6 +157,9 @@ def render_text(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
     if view.data is not None:
         lines += ["", f"accepted rows per strategy ({view.data.num_rows} rows):"]
         lines += [f"  {name:<32} {count}" for name, count in view.strategies().items()]
+        if view.finish_reasons():
+            lines += ["", "accepted rows per finish reason (stop: eos or a stop string; length: max_tokens):"]
+            lines += [f"  {name:<32} {count}" for name, count in view.finish_reasons().items()]
     if view.rejects is not None:
         lines += ["", f"rejects per reason ({view.rejects.num_rows} rows):"]
         lines += [f"  {name:<32} {count}" for name, count in view.reasons().items()]

@@ -109,7 +109,8 @@ def answer_batch_task(
     """Ask the teacher for one batch (ledger first); answered rows and teacher-error rejects."""
     messages_list = [build_messages(p.prompt, config.teacher.system_prompt) for p in prompts]
     answers = answer_requests(teacher, ledger, messages_list, progress=progress, budget=budget)
-    return answered_rows(prompts, answers, teacher_name(config), bool(config.teacher.generation.top_logprobs))
+    with_top_logprobs = bool(config.teacher.generation.top_logprobs)
+    return answered_rows(prompts, answers, teacher_name(config), with_top_logprobs, config.teacher.stops)
 
 
 @task(name="filter-responses", cache_policy=NO_CACHE)

@@ -60,7 +60,7 @@ from distillflow.storage.topk import (
     encode_topk,
     topk_shape,
 )
-from distillflow.training.chat_template import chat_template_text
+from distillflow.training.chat_template import chat_template_text, template_stops
 from distillflow.training.model import load_tokenizer
 from distillflow.training.prompt_logprobs import TopK, prompt_logprobs_to_topk, request_prompt_logprobs
 
@@ -117,6 +117,8 @@ class CaptureSettings:
         }
         if self.chat_template is not None:  # the text, not the setting: an edited file makes shards stale
             fingerprint["chat_template"] = chat_template_text(self.chat_template)
+            if template_stops(self.chat_template):  # responses are cut at its turn end (encode_example)
+                fingerprint["turn_stops"] = list(template_stops(self.chat_template))
         return fingerprint
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from distillflow.prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS
-from distillflow.training.config import ChatTemplateSetting
+from distillflow.training.config import CHAT_TEMPLATE_STOP_HELP, ChatTemplateSetting, StopStrings
 
 CheckName = Literal["exact", "contains", "numeric", "regex", "choice", "json"]
 
@@ -60,6 +60,11 @@ class EvalModel(_Strict):
         None,
         description="`path` models: chat template (preset, Jinja string or file). Default: the top-level "
         "chat_template, else the tokenizer's own (a trained student carries the one it was trained with).",
+    )
+    chat_template_stop: StopStrings = Field(
+        None,
+        description="`path` models. " + CHAT_TEMPLATE_STOP_HELP + " A model whose own template is a preset's "
+        "(a student trained with one) stops at the preset's.",
     )
 
     @field_validator("api_key_env")

@@ -4,7 +4,7 @@ Both answer a list of prompts with `Answer`s (text, seconds, tokens); in-process
 score a teacher's answers (per-token cross-entropy) and time generation at fixed batch sizes.
 
 - `InProcessModel` loads a model directory once (through `LocalTeacher`, so chat template,
-  left padding and greedy decoding are the build's) and frees it on `close`.
+  its turn stops, left padding and greedy decoding are the build's) and frees it on `close`.
 - `EndpointModel` sends requests through the build's teacher client (`make_teacher`) with a `Ledger` in front, so an
   answer already received (by a build or an earlier eval) is not paid for again.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from distillflow.config import GenerationConfig, TeacherConfig
+from distillflow.records import stopped_answer
 from distillflow.storage.ledger import Ledger
 from distillflow.tasks.teacher import answer_requests, build_messages
 from distillflow.tasks.teachers import make_teacher
@@ -106,6 +107,8 @@ class InProcessModel:
         device: str,
         system_prompt: str | None,
         chat_template: str | None = None,
+        chat_template_stop: list[str] | None = None,
+        stop: list[str] | None = None,
     ) -> None:
         from distillflow.tasks.teacher_local import LocalTeacher
 
@@ -122,7 +125,8 @@ class InProcessModel:
             device=device,
             system_prompt=system_prompt,
             chat_template=chat_template,
-            generation=GenerationConfig(temperature=0.0, max_tokens=max_tokens),
+            chat_template_stop=chat_template_stop,
+            generation=GenerationConfig(temperature=0.0, max_tokens=max_tokens, stop=stop),
         )
         self.runner = LocalTeacher(config)
         self.model, self.tokenizer, self.device = self.runner.model, self.runner.tokenizer, self.runner.device
@@ -266,6 +270,7 @@ class EndpointModel:
         self.wall_s += time.perf_counter() - began
         answers = []
         for result, created_at in results:
+            result = stopped_answer(result, self.config.stops)  # an answer recorded before a stop was declared
             latency = None if result.from_ledger else max(0.0, created_at - began_wall)
             if latency is not None and result.ok:
                 self.fresh_seconds.append(latency)

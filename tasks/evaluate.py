@@ -295,12 +295,15 @@ def open_model(run: EvalRun, model: EvalModel) -> Any:
     if model.kind == "path" or (model.kind == "teacher" and run.teacher.backend == "local"):  # type: ignore[union-attr]
         if model.kind == "path":
             path, system_prompt, device = model.path, model.system_prompt, generation.device
-            chat_template = model.chat_template
+            chat_template, chat_template_stop, stop = model.chat_template, model.chat_template_stop, None
         else:
             path, system_prompt = Path(run.teacher.model), model.system_prompt or run.teacher.system_prompt  # type: ignore[union-attr]
             device = generation.device if generation.device != "auto" else run.teacher.device  # type: ignore[union-attr]
-            chat_template = run.teacher.chat_template  # type: ignore[union-attr]
-        return InProcessModel(path, generation.max_tokens, generation.batch_size, device, system_prompt, chat_template)
+            chat_template, chat_template_stop = run.teacher.chat_template, run.teacher.chat_template_stop  # type: ignore[union-attr]
+            stop = run.teacher.generation.stop  # type: ignore[union-attr]
+        return InProcessModel(
+            path, generation.max_tokens, generation.batch_size, device, system_prompt, chat_template, chat_template_stop, stop
+        )
     if model.kind == "teacher":
         # The build's teacher, its generation settings and its ledger: the same request keys.
         return EndpointModel(run.teacher, run.teacher_ledger, run.teacher.system_prompt)  # type: ignore[arg-type]

@@ -56,6 +56,7 @@ class MiningPlan:
     system_prompt: str | None
     max_length: int
     chat_template: str | None = None  # the student's (training.chat_template); None: its tokenizer's own
+    chat_template_stop: list[str] | None = None  # where its turn ends (training.chat_template_stop); None: the preset's
 
 
 def plan_mining(config: DistillConfig, source: str = "<config>") -> MiningPlan:
@@ -99,9 +100,10 @@ def plan_mining(config: DistillConfig, source: str = "<config>") -> MiningPlan:
     system_prompt = training.system_prompt if training is not None else config.teacher.system_prompt
     max_length = training.max_length if training is not None else 2048
     chat_template = training.chat_template if training is not None else config.chat_template
+    chat_template_stop = training.chat_template_stop if training is not None else config.chat_template_stop
     return MiningPlan(
         mining, dataset_dir, output_dir, Path(student), teacher_dir, score, train_output_dir, eval_output_dir,
-        system_prompt, max_length, chat_template,
+        system_prompt, max_length, chat_template, chat_template_stop,
     )
 
 
@@ -205,7 +207,9 @@ def score_candidates(plan: MiningPlan, rows: list[dict[str, Any]], log: Any = pr
         from distillflow.tasks.eval_models import InProcessModel
 
         max_tokens = max(8, min(512, max(len(row["response"]) for row in rows)))
-        model = InProcessModel(plan.student, max_tokens, batch_size, "cpu", plan.system_prompt, plan.chat_template)
+        model = InProcessModel(
+            plan.student, max_tokens, batch_size, "cpu", plan.system_prompt, plan.chat_template, plan.chat_template_stop
+        )
         try:
             answers = model.answer([row["prompt"] for row in rows])
         finally:

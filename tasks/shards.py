@@ -45,7 +45,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distillflow.records import PromptRecord, Reject, TeacherAnswer, is_failure
+from distillflow.records import PromptRecord, Reject, TeacherAnswer, is_failure, stopped_answer
 from distillflow.storage.manifest import write_json_atomic
 from distillflow.storage.parquet import (
     REJECT_SCHEMA,
@@ -128,6 +128,7 @@ def plan_fingerprint(kept: Sequence[PromptRecord], config: Any, prompt_rejects: 
             "model": teacher.model,
             "system_prompt": teacher.system_prompt,
             "generation": teacher.generation.model_dump(mode="json"),
+            **({"stops": teacher.stops} if teacher.stops else {}),
         },
         "filters": config.filters.model_dump(mode="json"),
     }
@@ -142,11 +143,14 @@ def answered_rows(
     answers: Sequence[tuple[TeacherAnswer, float]],
     teacher_name: str,
     with_top_logprobs: bool,
+    stops: Sequence[str] = (),
 ) -> tuple[list[dict[str, Any]], list[Reject]]:
-    """Accepted-row dicts of the answered prompts and a reject per prompt the teacher did not answer."""
+    """Accepted-row dicts of the answered prompts and a reject per prompt the teacher did not answer.
+    Each answer is cut at its first stop string (`teacher.stops`), if the teacher did not stop there itself."""
     rows: list[dict[str, Any]] = []
     rejects: list[Reject] = []
     for record, (answer, created_at) in zip(prompts, answers):
+        answer = stopped_answer(answer, stops)
         if not answer.ok:
             rejects.append(Reject.of(record, answer.error or "teacher_error:unknown", answer.error_detail or ""))
             continue
@@ -450,7 +454,7 @@ def answer_shard(
         teacher.close()
         ledger.close()
     with_top_logprobs = bool(teacher_config.generation.top_logprobs)
-    rows, rejects = answered_rows(prompts, answers, teacher_config.model, with_top_logprobs)
+    rows, rejects = answered_rows(prompts, answers, teacher_config.model, with_top_logprobs, teacher_config.stops)
     result = finish_shard(
         index, len(prompts), rows, rejects, config.filters, staging, reject_file_index, with_top_logprobs
     )

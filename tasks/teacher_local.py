@@ -11,6 +11,12 @@ Decoding:
   seeded from `generation.seed` and the request's messages, so an answer does not depend
   on which other requests shared its batch, nor on their order.
 
+Stops: an answer ends at the eos, or at the first stop string — the chat template's turn
+end (`chat_template_stop`, else its preset's: a base model goes on to write the next
+"\nUser:" turn itself) and `generation.stop`. Generation halts there (a stopping
+criterion) and the stop text is cut from the answer, whose finish_reason is `stop`;
+`length` means max_tokens ran out. A model with its own (instruct) template has no turn stops.
+
 Logprobs (`generation.top_logprobs > 0`): one entry per generated token (the eos token
 included), in float32, of the model's own next-token distribution — the log-softmax of
 the raw logits, before temperature and top-p, which is what vLLM returns by default
@@ -34,7 +40,7 @@ from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
 from distillflow.storage.ledger import Ledger
 from distillflow.tasks.teacher import Messages, TeacherFatalError, TeacherStats, record_answer
-from distillflow.training.chat_template import chat_template_text
+from distillflow.training.chat_template import chat_template_text, cut_at_stop, template_stops
 
 
 def resolve_device(device: str) -> torch.device:
@@ -144,6 +150,7 @@ class LocalTeacher:
             ) from error
         self.model.to(self.device).eval()
         self.eos_token_ids = self._eos_token_ids()
+        self.stops = self._stops()
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
 
     def _eos_token_ids(self) -> set[int]:
@@ -151,6 +158,12 @@ class LocalTeacher:
         ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
         ids.add(self.tokenizer.eos_token_id)
         return ids
+
+    def _stops(self) -> list[str]:
+        """The template's turn end (declared, else a preset's, recognised by its text), then generation.stop."""
+        declared = self.config.chat_template_stop
+        own = template_stops(self.tokenizer.chat_template) if declared is None else declared
+        return list(dict.fromkeys([*own, *(self.generation.stop or [])]))
 
     # -- public API -------------------------------------------------------------------
 
@@ -226,7 +239,7 @@ class LocalTeacher:
             pad_token_id=self.tokenizer.pad_token_id,
             return_dict_in_generate=True,
             output_logits=gen.top_logprobs > 0,
-            stop_strings=gen.stop or None,
+            stop_strings=self.stops or None,
         )
         output = self.model.generate(
             **batch,
@@ -243,12 +256,12 @@ class LocalTeacher:
         answers = []
         for row, item in enumerate(chunk):
             token_ids, finish_reason = self._trim(generated[row])
-            content = self._decode(token_ids)
-            if gen.stop:
-                content = _cut_at_stop(content, gen.stop)
+            content, stopped = cut_at_stop(self._decode(token_ids), self.stops)
+            # Logprobs of the tokens that hold the answer (a stop's own tokens are cut with it).
+            kept = self._tokens_holding(token_ids, len(content)) if stopped else token_ids
             top = None
             if step_logprobs is not None:
-                top = self._top_logprobs(step_logprobs[row, : len(token_ids)], token_ids, gen.top_logprobs)
+                top = self._top_logprobs(step_logprobs[row, : len(kept)], kept, gen.top_logprobs)
             answers.append(
                 TeacherAnswer(
                     content=content,
@@ -262,23 +275,41 @@ class LocalTeacher:
         return answers
 
     def _trim(self, token_ids: list[int]) -> tuple[list[int], str]:
-        """Cut a generated row where it ended; say why (`stop` or `length`)."""
-        for position, token_id in enumerate(token_ids):
-            if token_id in self.eos_token_ids:
-                return token_ids[: position + 1], "stop"
-        stop = self.generation.stop
-        if stop:
-            # The row halted on a stop string; find the first prefix that contains one.
-            for end in range(1, len(token_ids) + 1):
-                if any(s in self._decode(token_ids[:end]) for s in stop):
-                    return token_ids[:end], "stop"
-        return token_ids, "length"  # ran the whole max_tokens budget
+        """Cut a generated row where it ended — its first eos, or the token that completes its
+        first stop string (padding follows either) — and say why (`stop` or `length`)."""
+        eos = next((position + 1 for position, token_id in enumerate(token_ids) if token_id in self.eos_token_ids), None)
+        token_ids = token_ids if eos is None else token_ids[:eos]
+        end = self._first_prefix(token_ids, lambda text: any(stop in text for stop in self.stops)) if self.stops else None
+        if end is not None:
+            return token_ids[:end], "stop"
+        return token_ids, "length" if eos is None else "stop"  # length: ran the whole max_tokens budget
+
+    def _tokens_holding(self, token_ids: list[int], chars: int) -> list[int]:
+        """The shortest prefix of `token_ids` whose text is at least `chars` long."""
+        end = self._first_prefix(token_ids, lambda text: len(text) >= chars)
+        return token_ids if end is None else token_ids[:end]
+
+    def _first_prefix(self, token_ids: list[int], holds: Callable[[str], bool]) -> int | None:
+        """The smallest `end` with holds(decode(token_ids[:end])), or None: a binary search, as
+        a prefix's text only grows with it."""
+        if not holds(self._decode(token_ids)):
+            return None
+        low, high = 0, len(token_ids)
+        while low < high:
+            middle = (low + high) // 2
+            if holds(self._decode(token_ids[:middle])):
+                high = middle
+            else:
+                low = middle + 1
+        return low
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _top_logprobs(self, logprobs: torch.Tensor, token_ids: list[int], k: int) -> list[dict[str, Any]]:
         """logprobs (T, V) float32 → one `{"token", "logprob", "top": [...]}` per token."""
+        if not token_ids:
+            return []
         top_values, top_ids = torch.topk(logprobs, k=min(k, logprobs.shape[-1]), dim=-1)  # (T, k)
         chosen = logprobs.gather(-1, torch.tensor(token_ids, device=logprobs.device)[:, None])[:, 0]
         pieces = self.tokenizer.convert_ids_to_tokens
@@ -296,12 +327,6 @@ class LocalTeacher:
                 }
             )
         return entries
-
-
-def _cut_at_stop(text: str, stop: list[str]) -> str:
-    """The text before the first stop string (the stop string itself is not returned)."""
-    cut = min((text.find(s) for s in stop if s in text), default=-1)
-    return text if cut < 0 else text[:cut]
 
 
 @functools.lru_cache(maxsize=2)

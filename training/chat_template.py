@@ -11,6 +11,12 @@ A *base* model has none; the setting gives it one, as
 - a Jinja template string (any text holding `{{` or `{%`), as in tokenizer_config.json;
 - the path of a file holding such a template (e.g. `templates/my_chat.jinja`).
 
+Each preset also says where an assistant turn ends (`PRESET_STOPS`): a base model does not
+stop at its eos, it goes on to write the next "\nUser: …" turn itself. Generation stops at
+these strings and the answer is cut before them (`cut_at_stop`); a custom template declares
+its own with the `chat_template_stop` key. A tokenizer's own template (an instruct model)
+has none: its model ends a turn with its eos.
+
 The setting replaces the tokenizer's own template wherever it is given. The training
 tokenisation (`training.data.encode_example`) and the logit capture must use the same
 template, or the captured teacher positions do not line up with the student's tokens;
@@ -38,6 +44,8 @@ PLAIN = (
 )
 
 PRESETS: dict[str, str] = {"plain": PLAIN}
+# Where an assistant turn of each preset ends: the text that opens the next turn.
+PRESET_STOPS: dict[str, tuple[str, ...]] = {"plain": ("\nUser:", "\nAssistant:")}
 TEMPLATE_FILE_SUFFIXES = (".jinja", ".j2", ".jinja2", ".txt", ".tmpl")
 
 
@@ -106,3 +114,42 @@ def check_renders(tokenizer, template: str, for_training: bool = True) -> None:
             "so the answer's tokens cannot be located; use a template whose add_generation_prompt "
             "output is a prefix of the full conversation"
         )
+
+
+def check_stop_strings(value: list[str] | None) -> list[str] | None:
+    """Pydantic validator of every list of stop strings: each non-empty, none repeated."""
+    if value is None:
+        return value
+    if any(not stop for stop in value):
+        raise ValueError("a stop string is empty (it would end every answer at once); remove it")
+    if len(set(value)) != len(value):
+        raise ValueError(f"stop strings repeat ({value!r}); list each once")
+    return value
+
+
+def template_stops(template: str | None) -> tuple[str, ...]:
+    """Where an assistant turn of a template (the Jinja text, or a preset's name) ends: the
+    preset's stops when the text is a preset's, else none. A student trained with a preset
+    carries the preset's text in its tokenizer, so it is recognised without a setting."""
+    if template is None:
+        return ()
+    if template in PRESET_STOPS:
+        return PRESET_STOPS[template]
+    for name, text in PRESETS.items():
+        if template == text:
+            return PRESET_STOPS.get(name, ())
+    return ()
+
+
+def turn_stops(setting: str | None, declared: list[str] | None) -> tuple[str, ...]:
+    """The stops of a `chat_template` setting: `chat_template_stop` when given (it replaces a
+    preset's), else the preset's (none for a Jinja string or file, or no setting)."""
+    if declared is not None:
+        return tuple(declared)
+    return template_stops(setting)
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> tuple[str, bool]:
+    """(the text before the first stop string, whether one was found); the stop is not kept."""
+    cut = min((text.find(stop) for stop in stops if stop in text), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)

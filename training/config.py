@@ -13,10 +13,29 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from distillflow.resources import packaged
-from distillflow.training.chat_template import check_chat_template_setting
+from distillflow.training.chat_template import PRESET_STOPS, check_chat_template_setting, check_stop_strings
 
 # Every `chat_template` key of a config: a preset name, a Jinja string or a file (training/chat_template.py).
 ChatTemplateSetting = Annotated[str | None, AfterValidator(check_chat_template_setting)]
+# Every list of stop strings (`chat_template_stop`, `generation.stop`): none empty, none repeated.
+StopStrings = Annotated[list[str] | None, AfterValidator(check_stop_strings)]
+PLAIN_STOPS = ", ".join(repr(stop) for stop in PRESET_STOPS["plain"])
+CHAT_TEMPLATE_STOP_HELP = (
+    "Where an assistant turn of this section's chat_template ends: generation stops at these strings and "
+    f"the answer is cut before them (finish_reason stop). Default: the preset's (plain: {PLAIN_STOPS}); "
+    "none for a Jinja string or file. Given, it replaces the preset's ([] = none). Needs a chat_template "
+    "(here or inherited); a section that inherits the top-level chat_template inherits this too."
+)
+
+
+def check_stops_have_a_template(section: str, chat_template: str | None, chat_template_stop: list[str] | None) -> None:
+    """`chat_template_stop` declares the turn end of a `chat_template`: one without the other is an error."""
+    if chat_template_stop is not None and chat_template is None:
+        raise ValueError(
+            f"{section}chat_template_stop is set but {section}chat_template is not: it declares where a turn of "
+            "that template ends. Set the chat_template too, or put the strings in teacher.generation.stop"
+        )
+
 
 Objective = Literal["sft", "kd_logits", "kd_topk", "hidden", "on_policy"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
@@ -110,6 +129,7 @@ class TrainingConfig(BaseModel):
         "file; it is saved with the exported student. Default: the top-level chat_template, else the "
         "student tokenizer's own (a base model has none: set one).",
     )
+    chat_template_stop: StopStrings = Field(None, description=CHAT_TEMPLATE_STOP_HELP + " Used where the student generates (mining).")
     max_length: int = Field(
         1024, ge=8, le=1_048_576, description="Tokens per example (prompt + response); longer "
         "examples are truncated (the prompt is cut from the left, then the response)."

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from distillflow.training.chat_template import cut_at_stop, template_stops
+
 IGNORE_INDEX = -100
 
 
@@ -58,6 +60,10 @@ def encode_example(
 
     Truncation: the prompt keeps at least min(its length, max_length // 2) tokens (cut from
     the left, keeping the generation prompt); the response is cut from the right.
+
+    A preset template's turn end (training.chat_template.PRESET_STOPS) cuts the response
+    first, as the teacher's generation does: an answer that runs on into the next "User:"
+    turn is trained (and captured) up to there only.
     """
     template = chat_template or tokenizer.chat_template
     if template is None:
@@ -65,6 +71,7 @@ def encode_example(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template (a base "
             "model?); set `chat_template: plain` (or a Jinja string or file) in the config"
         )
+    response, _ = cut_at_stop(response, template_stops(template))
     messages = _messages(prompt, system_prompt)
     prompt_text = tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=True
@@ -133,6 +140,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     digest.update(str(tokenizer.chat_template).encode())
+    if template_stops(tokenizer.chat_template):  # a preset's turn end cuts responses (encode_example)
+        digest.update(repr(template_stops(tokenizer.chat_template)).encode())
     digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
