@@ -701,19 +701,16 @@ class OpenAITeacher:
                         index = queue.get_nowait()
                     except asyncio.QueueEmpty:
                         return
-                    # The slot is held until the answer is recorded (the ledger commit that
-                    # `on_answer` may return): never more than `max_concurrency` answers are
-                    # paid for and not yet recorded, whatever stops the run.
                     async with semaphore:
                         answer = await self._answer_one(client, limiter, params, messages_list[index], opened)
-                        results[index] = answer
-                        self.stats.answered += answer.error != BUDGET_REASON
-                        self.stats.prompt_tokens += answer.prompt_tokens
-                        self.stats.completion_tokens += answer.completion_tokens
-                        if on_answer is not None:
-                            waiting = on_answer(index, answer)
-                            if waiting is not None:  # e.g. the ledger commit of this answer
-                                await waiting
+                    results[index] = answer
+                    self.stats.answered += answer.error != BUDGET_REASON
+                    self.stats.prompt_tokens += answer.prompt_tokens
+                    self.stats.completion_tokens += answer.completion_tokens
+                    if on_answer is not None:
+                        waiting = on_answer(index, answer)
+                        if waiting is not None:  # e.g. the ledger commit of this answer
+                            await waiting
 
             async def follower(first: asyncio.Task) -> None:
                 # Until the endpoint has answered once, only the first worker asks; the
