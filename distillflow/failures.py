@@ -13,13 +13,23 @@ On a failure, `CommandLog.fail` appends the traceback to the file (and prints it
 `verbose`), then prints `error: <message>` and the file's path as the last paragraph on
 stderr: the terminal takes no log record after it, up to the process's exit (Prefect logs
 the stop of its temporary server then). Otherwise (success, Ctrl-C) the file is removed.
+
+A write the file system refuses (a full disk, a used-up quota, a read-only mount) is the
+one failure whose root cause is usually buried under secondary errors (a failed ROLLBACK
+after SQLite's "database or disk is full", a relayed child-process error). Every writer of
+the project's files raises `DiskWriteError` through `disk_writes`, whose message names the
+path, the free space and the fix; `error_message` finds one anywhere in an error's chain,
+and turns a bare ENOSPC/EDQUOT/EROFS `OSError` with a file name into one as well.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
+import sqlite3
 import sys
 import time
 import traceback
@@ -173,9 +183,13 @@ PROJECT_PACKAGES = {"distillflow"}
 
 
 def error_message(error: BaseException) -> str:
-    """The error as one paragraph. Messages of the project's own errors, and of ValueError and
-    OSError (config and file problems), are written for the user and shown as they are; any
-    other error is shown with its type (`KeyError: 'x'`)."""
+    """The error as one paragraph. A refused write anywhere in the error's chain is the root
+    cause and is shown instead (`disk_error_in`). Messages of the project's own errors, and of
+    ValueError and OSError (config and file problems), are written for the user and shown as
+    they are; any other error is shown with its type (`KeyError: 'x'`)."""
+    refused = disk_error_in(error)
+    if refused is not None:
+        error = refused
     text = str(error).strip()
     if isinstance(error, SystemExit):  # a command that exited with a message
         text = text.removeprefix("error:").strip()
@@ -196,3 +210,157 @@ def command_log(command: str, verbose: bool) -> Iterator[CommandLog]:
         yield log
     finally:
         log.close(keep=log.console_filter.closed)
+
+
+# -- writes the file system refuses ---------------------------------------------------------------
+
+
+class DiskWriteError(Exception):
+    """A write refused by the file system: no space left, quota exceeded, read-only, or
+    permission denied. The message is the whole error paragraph (path, free space, fix)."""
+
+
+FULL, QUOTA, READ_ONLY, DENIED = "full", "quota", "read-only", "denied"
+_PROBLEM_OF_ERRNO = {errno.ENOSPC: FULL, errno.EDQUOT: QUOTA, errno.EROFS: READ_ONLY, errno.EACCES: DENIED}
+
+
+def disk_problem(error: BaseException) -> str | None:
+    """FULL, QUOTA, READ_ONLY or DENIED when `error` says the file system refused a write;
+    None for any other error (and for SQLite's I/O errors, which say nothing about why)."""
+    if isinstance(error, sqlite3.Error):
+        name = getattr(error, "sqlite_errorname", "")
+        if name.startswith("SQLITE_FULL"):
+            return FULL
+        if name.startswith("SQLITE_READONLY"):
+            return READ_ONLY
+        return None
+    if not isinstance(error, OSError):
+        return None
+    if error.errno in _PROBLEM_OF_ERRNO:
+        return _PROBLEM_OF_ERRNO[error.errno]
+    text = str(error)  # pyarrow's OSError carries the errno only in its text
+    return next((problem for code, problem in _PROBLEM_OF_ERRNO.items() if os.strerror(code) in text), None)
+
+
+def filesystem_problem(path: Path) -> str | None:
+    """What keeps `path` from being written, judged from its file system now: READ_ONLY,
+    FULL (under 64 KiB free), DENIED, or None (SQLite reports these as a bare I/O error)."""
+    where = _existing(path)
+    try:
+        stat = os.statvfs(where)
+    except OSError:
+        return None
+    if stat.f_flag & os.ST_RDONLY:
+        return READ_ONLY
+    if stat.f_bavail * stat.f_frsize < 64 * 1024:
+        return FULL
+    if not os.access(where if where.is_dir() else where.parent, os.W_OK):
+        return DENIED
+    return None
+
+
+def disk_write_error(error: BaseException, path: str | Path, what: str) -> DiskWriteError | None:
+    """`error` met while writing `what` at `path` as a `DiskWriteError`, or None when the
+    file system did not refuse the write."""
+    path = Path(path)
+    problem = disk_problem(error)
+    if problem is None and isinstance(error, sqlite3.Error):
+        problem = filesystem_problem(path)
+    return DiskWriteError(disk_message(problem, path, what)) if problem else None
+
+
+@contextlib.contextmanager
+def disk_writes(path: str | Path, what: str) -> Iterator[None]:
+    """Writes to `path` (`what` it is, e.g. "the teacher ledger"): one the file system refuses
+    raises `DiskWriteError` (caused by the original error); any other error passes as it is."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as error:
+        refused = disk_write_error(error, path, what)
+        if refused is None:
+            raise
+        raise refused from error
+
+
+def disk_error_in(error: BaseException) -> DiskWriteError | None:
+    """The first refused write in `error`'s chain (causes and contexts): a `DiskWriteError`,
+    or an ENOSPC/EDQUOT/EROFS `OSError` naming its file (permission errors are left out:
+    reads raise them too)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DiskWriteError):
+            return current
+        problem = disk_problem(current)
+        if problem in (FULL, QUOTA, READ_ONLY) and isinstance(current, OSError):
+            if current.filename:
+                return DiskWriteError(disk_message(problem, Path(os.fsdecode(current.filename)), "a file"))
+            return DiskWriteError(
+                f"{problem_title(problem)}: a write failed ({current}) and named no path; `df -h` shows which file "
+                "system it is. Free space there (or make it writable), then rerun the same command: it continues "
+                "from what was written."
+            )
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def disk_message(problem: str, path: Path, what: str) -> str:
+    """The error paragraph of a refused write: what and where, the space left, the fix."""
+    mount = _mount_point(_existing(path))
+    try:
+        usage = shutil.disk_usage(_existing(path))
+        space = f"{_size(usage.free)} free of {_size(usage.total)} on {mount}"
+    except OSError:
+        space = f"free space on {mount} unknown"
+    rerun = "then rerun the same command: it continues from what was written, and nothing written before is lost."
+    if problem == FULL:
+        return (
+            f"{problem_title(FULL)}: writing {what} {path} failed ({space}). The run stopped at this first "
+            f"failed write. Free space on {mount}, or move the output (output_dir) to a disk with room, {rerun}"
+        )
+    if problem == QUOTA:
+        return (
+            f"{problem_title(QUOTA)}: writing {what} {path} failed ({space}, but this user's quota there is used up). "
+            f"The run stopped at this first failed write. Free space within the quota (`quota -s` shows it) or have "
+            f"it raised, or move the output (output_dir) elsewhere, {rerun}"
+        )
+    if problem == READ_ONLY:
+        return (
+            f"{problem_title(READ_ONLY)}: cannot write {what} {path} ({mount} is mounted read-only; {space}). "
+            f"Remount it read-write, or move the output (output_dir) to a writable directory, {rerun}"
+        )
+    parent = path.parent
+    return (
+        f"{problem_title(DENIED)}: cannot write {what} {path}. Make {parent} writable for this user (`ls -ld {parent}` "
+        f"shows its owner), or move the output (output_dir) to a directory you own, {rerun}"
+    )
+
+
+def problem_title(problem: str) -> str:
+    return {FULL: "no space left on the disk", QUOTA: "disk quota exceeded", READ_ONLY: "read-only file system"}.get(
+        problem, "permission denied"
+    )
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _mount_point(path: Path) -> Path:
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -7,6 +7,10 @@ only loss window is a power cut or OS crash, which `durability="full"` closes at
 of an fsync per answer. Append-only segment files would be as fast but need their own
 compaction and torn-write handling; SQLite already solves both.
 
+A write the file system refuses (a full disk, a quota, a read-only mount) raises
+`DiskWriteError` naming the ledger's path and the space left, never SQLite's secondary
+"cannot rollback" error: SQLite has already rolled back a COMMIT that found the disk full.
+
 Keys are content hashes of the full request (messages, model, generation parameters),
 so a rerun of the same config finds every answer it already paid for, and a change of
 any parameter that changes the answer is a new key.
@@ -14,15 +18,17 @@ any parameter that changes the answer is a new key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from distillflow.failures import disk_writes
 from distillflow.records import TeacherAnswer
 
 # Ledgers live in <output_dir>/.ledger/: the build's teacher answers (shared by every command
@@ -91,13 +97,37 @@ class Ledger:
 
     def __init__(self, path: str | Path, durability: Literal["normal", "full"] = "normal") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(SCHEMA)
+        with self._writing():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+                self._db.execute("PRAGMA busy_timeout=30000")
+                self._db.executescript(SCHEMA)
+            except BaseException:
+                self._db.close()
+                raise
         self._lock = threading.Lock()  # one connection, used from task threads and the teacher loop
+
+    def _writing(self) -> contextlib.AbstractContextManager[None]:
+        """A write to the ledger: one the file system refuses raises `DiskWriteError`."""
+        return disk_writes(self.path, "the ledger")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, under the lock: committed when the block ends, rolled back if it raises."""
+        with self._lock, self._writing():
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                # A COMMIT that found the disk full was rolled back by SQLite itself, and a
+                # ROLLBACK would only raise "no transaction is active" over the real error.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def get_many(self, keys: Iterable[str]) -> dict[str, tuple[TeacherAnswer, float]]:
         """Answers already recorded for `keys`: key → (answer, created_at unix seconds)."""
@@ -119,7 +149,7 @@ class Ledger:
     def put(self, key: str, answer: TeacherAnswer, created_at: float | None = None) -> float:
         """Record one answer now (its own transaction). Returns its created_at."""
         created_at = time.time() if created_at is None else created_at
-        with self._lock:
+        with self._lock, self._writing():
             self._db.execute(_INSERT_ANSWER, (key, created_at, _payload(answer)))
         return created_at
 
@@ -127,37 +157,21 @@ class Ledger:
         """Record (key, answer, created_at) entries now, in one transaction: a commit costs
         about five times an insert, so answers that arrive together are committed together."""
         rows = [(key, created_at, _payload(answer)) for key, answer, created_at in entries]
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(_INSERT_ANSWER, rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            db.executemany(_INSERT_ANSWER, rows)
 
     # -- Batch API bookkeeping -------------------------------------------------------------
 
     def record_upload(self, input_file_id: str, keys: list[str]) -> None:
         """An input file of the requests `keys` was uploaded (its batch not yet created)."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO batches VALUES (?, NULL, 'uploaded', NULL, ?, ?)", (input_file_id, now, now)
-                )
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO batch_requests VALUES (?, ?)", [(key, input_file_id) for key in keys]
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO batches VALUES (?, NULL, 'uploaded', NULL, ?, ?)", (input_file_id, now, now))
+            db.executemany("INSERT OR IGNORE INTO batch_requests VALUES (?, ?)", [(key, input_file_id) for key in keys])
 
     def record_batch(self, input_file_id: str, batch_id: str | None, state: str, status: str | None = None) -> None:
         """The batch of an input file: its id (once created), our state, the API's status."""
-        with self._lock:
+        with self._lock, self._writing():
             self._db.execute(
                 "UPDATE batches SET batch_id = COALESCE(?, batch_id), state = ?, status = COALESCE(?, status), "
                 "updated_at = ? WHERE input_file_id = ?",

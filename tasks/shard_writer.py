@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from distillflow.failures import DiskWriteError
 from distillflow.records import Reject
 from distillflow.tasks.child import child_connections, start_child
 from distillflow.tasks.filter_config import FiltersConfig
@@ -65,6 +66,8 @@ class ShardWriterProcess:
                 f"the shard writer process did not finish shard {index} within {self.timeout_s:.0f} s; it was "
                 "stopped. Rerun the same command: finished shards are kept."
             )
+        if status == "refused":
+            raise DiskWriteError(payload)
         if status != "ok":
             error = payload.strip().splitlines()[-1] if payload.strip() else "unknown error"
             raise ShardWriterError(f"the shard writer process failed on shard {index}: {error}\n{payload}")
@@ -123,7 +126,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
     except (EOFError, OSError):
         return
     shards = ShardCollector(FiltersConfig.model_validate(filters_json), Path(staging), with_top_logprobs)
-    failed: dict[int, str] = {}  # shard -> the error of an `add` (reported by its `write`)
+    failed: dict[int, tuple[str, str]] = {}  # shard -> the reply to its `write`: an `add` failed
     while True:
         try:
             message = receive.recv()
@@ -138,14 +141,17 @@ def _serve(receive: Connection, reply: Connection) -> None:
                     shards.add(index, *message[2:])
             elif index in failed:  # write
                 shards.forget(index)
-                reply.send(("error", failed.pop(index)))
+                reply.send(failed.pop(index))
             else:
                 reply.send(("ok", shards.write(index, *message[2:])))
-        except Exception:  # noqa: BLE001 - sent back with (or as) the shard's `write`
+        except Exception as error:  # noqa: BLE001 - sent back with (or as) the shard's `write`
+            # A full disk is sent as its one paragraph (raised again in the build), anything
+            # else with its traceback.
+            failure = ("refused", str(error)) if isinstance(error, DiskWriteError) else ("error", traceback.format_exc(limit=8))
             if kind == "add":
-                failed[index] = traceback.format_exc(limit=8)
+                failed[index] = failure
             else:
-                reply.send(("error", traceback.format_exc(limit=8)))
+                reply.send(failure)
 
 
 def main() -> None:

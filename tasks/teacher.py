@@ -596,8 +596,9 @@ class OpenAITeacher:
         ledger: Ledger,
         on_recorded: Callable[[int, TeacherAnswer, float], None],
     ) -> None:
-        """`answer_and_record` on the caller's event loop (a client process runs its own)."""
-        commits = GroupCommit(ledger, asyncio.get_running_loop())
+        """`answer_and_record` on the caller's event loop (a client process runs its own).
+        A ledger commit that fails (a full disk) aborts the run at once with its error."""
+        commits = GroupCommit(ledger, asyncio.get_running_loop(), on_failure=self.abort)
 
         def record(index: int, answer: TeacherAnswer) -> Awaitable[None] | None:
             if not is_recordable(answer):
@@ -643,9 +644,10 @@ class OpenAITeacher:
             client, self._shared = self._shared[0], None
             await client.close()
 
-    def abort(self, error: TeacherFatalError) -> None:
+    def abort(self, error: BaseException) -> None:
         """Stop every request of this run, from any thread: requests in flight are cancelled
-        and every `answer_*` call raises `error`. Answers received so far are in the ledger
+        and every `answer_*` call raises `error` (a `TeacherFatalError`, or the ledger's
+        `DiskWriteError`). Answers received so far are in the ledger
         (each is recorded as it arrives)."""
         if self._fatal is None:
             self._fatal = error
@@ -701,16 +703,19 @@ class OpenAITeacher:
                         index = queue.get_nowait()
                     except asyncio.QueueEmpty:
                         return
+                    # The slot is held until the answer is recorded (the ledger commit that
+                    # `on_answer` may return): never more than `max_concurrency` answers are
+                    # paid for and not yet recorded, whatever stops the run.
                     async with semaphore:
                         answer = await self._answer_one(client, limiter, params, messages_list[index], opened)
-                    results[index] = answer
-                    self.stats.answered += answer.error != BUDGET_REASON
-                    self.stats.prompt_tokens += answer.prompt_tokens
-                    self.stats.completion_tokens += answer.completion_tokens
-                    if on_answer is not None:
-                        waiting = on_answer(index, answer)
-                        if waiting is not None:  # e.g. the ledger commit of this answer
-                            await waiting
+                        results[index] = answer
+                        self.stats.answered += answer.error != BUDGET_REASON
+                        self.stats.prompt_tokens += answer.prompt_tokens
+                        self.stats.completion_tokens += answer.completion_tokens
+                        if on_answer is not None:
+                            waiting = on_answer(index, answer)
+                            if waiting is not None:  # e.g. the ledger commit of this answer
+                                await waiting
 
             async def follower(first: asyncio.Task) -> None:
                 # Until the endpoint has answered once, only the first worker asks; the
@@ -1090,18 +1095,31 @@ def request_loop_gc() -> Iterator[None]:
 class GroupCommit:
     """Ledger writes of one event loop, grouped: `add` queues an answer and returns
     (its created_at, a future done once it is committed); the queue is committed in one
-    transaction by a callback at the end of the current turn of the loop."""
+    transaction by a callback at the end of the current turn of the loop.
 
-    def __init__(self, ledger: Ledger, loop: asyncio.AbstractEventLoop) -> None:
-        self.ledger, self.loop = ledger, loop
+    A commit that fails (a full disk) fails its future, which the waiting workers raise,
+    and calls `on_failure` with the error at once (the teacher aborts the run: no request
+    goes out after it); every later `add` fails the same way without trying again. The
+    loop callback itself never raises: asyncio would print its traceback."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        loop: asyncio.AbstractEventLoop,
+        on_failure: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self.ledger, self.loop, self.on_failure = ledger, loop, on_failure
         self.pending: list[tuple[str, TeacherAnswer, float]] = []
         self.committed: asyncio.Future | None = None
+        self.failed: Exception | None = None
 
     def add(self, key: str, answer: TeacherAnswer) -> tuple[float, asyncio.Future]:
+        created_at = time.time()
+        if self.failed is not None:
+            return created_at, self._failed_future(self.failed)
         if self.committed is None:
             self.committed = self.loop.create_future()
             self.loop.call_soon(self.flush)
-        created_at = time.time()
         self.pending.append((key, answer, created_at))
         return created_at, self.committed
 
@@ -1115,13 +1133,22 @@ class GroupCommit:
         # it; the answers are committed all the same.
         try:
             self.ledger.put_many(pending)
-        except BaseException as error:
+        except Exception as error:  # noqa: BLE001 - raised by the workers waiting on `committed`
+            self.failed = error
             if not committed.done():
                 committed.set_exception(error)
                 committed.exception()  # a caller that was cancelled meanwhile will not read it
-            raise
+            if self.on_failure is not None:
+                self.on_failure(error)
+            return
         if not committed.done():
             committed.set_result(None)
+
+    def _failed_future(self, error: Exception) -> asyncio.Future:
+        future = self.loop.create_future()
+        future.set_exception(error)
+        future.exception()  # marked read: it may be dropped unread when its worker is cancelled
+        return future
 
 
 def record_answer(ledger: Ledger, key: str, answer: TeacherAnswer) -> float:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distillflow.config import TeacherConfig
+from distillflow.failures import DiskWriteError
 from distillflow.records import TeacherAnswer
 from distillflow.storage.ledger import Ledger
 from distillflow.tasks.child import child_connections, start_child
@@ -139,9 +140,9 @@ async def _answer_jobs(receive: Any, reply: Any, teacher: OpenAITeacher) -> None
                 await teacher.answer_and_record_async(messages_list, keys, ledger, out)
             else:
                 await teacher.answer_shared(messages_list, lambda position, answer: out(position, answer, time.time()))
-        except TeacherFatalError as error:
+        except (TeacherFatalError, DiskWriteError) as error:  # the run stops: every job fails with it
             flush()
-            send(("fatal", job_id, str(error)))
+            send(("fatal", job_id, error))
         except Exception as error:  # noqa: BLE001 - reported to the parent, which fails the batch
             flush()
             send(("error", job_id, f"{type(error).__name__}: {error}"))
@@ -265,8 +266,6 @@ class ClientPool:
             job.done.set()
 
     def _receive(self, share: int) -> None:
-        from distillflow.tasks.teacher import TeacherFatalError
-
         connection = self.replies[share]
         while True:
             try:
@@ -303,8 +302,8 @@ class ClientPool:
                     finished = job.remaining == 0
                 if finished:
                     job.done.set()
-            elif kind == "fatal":
-                self.fatal = self.fatal or TeacherFatalError(message[2])
+            elif kind == "fatal":  # the error itself: a TeacherFatalError, or the ledger's DiskWriteError
+                self.fatal = self.fatal or message[2]
                 self._fail(self.fatal)
             elif kind == "error":
                 self._fail(RuntimeError(f"teacher client process {share}: {message[2]}"), message[1])
