@@ -105,11 +105,22 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, group: Proce
         time.sleep(every)
 
 
-def start_server(group: Processes, home: Path, port: int, ui: bool = False, database_url: str | None = None, timeout: float = 150) -> str:
-    """`prefect server start` on loopback; returns its API URL once /api/health answers."""
+def start_server(
+    group: Processes,
+    home: Path,
+    port: int,
+    ui: bool = False,
+    database_url: str | None = None,
+    timeout: float = 150,
+    auth_string: str | None = None,
+) -> str:
+    """`prefect server start` on loopback (with basic auth when `auth_string` is given);
+    returns its API URL once /api/health (open without credentials) answers."""
     extra = {"PREFECT_UI_ENABLED": "true" if ui else "false", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     if database_url:
         extra["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    if auth_string:
+        extra["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
     env = base_env(home, **extra)
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     group.start("server", argv, env)
