@@ -32,7 +32,7 @@ CLUSTERS_SHOWN = 12
 MEMBERS_SHOWN = 5
 TEXT_SHOWN = 600  # characters of a prompt or response shown in a sample
 TOPK_ROWS_DECODED = 256  # rows whose teacher_topk blobs are decoded for the mass statistics
-SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|AUTH_STRING)", re.IGNORECASE)
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #1d2330; }
@@ -325,7 +325,8 @@ def render_html(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
 
 def secret_values(manifest: dict[str, Any] | None) -> list[str]:
     """Values of environment variables that hold keys: those the config names
-    (`*api_key_env`) and any whose name says KEY, TOKEN, SECRET or PASSWORD."""
+    (`*api_key_env`) and any whose name says KEY, TOKEN, SECRET, PASSWORD or AUTH_STRING
+    (the Prefect server's basic auth)."""
     names: set[str] = set()
 
     def collect(value: Any) -> None:

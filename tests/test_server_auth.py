@@ -83,6 +83,14 @@ def test_the_paragraph_names_the_setting_and_the_fix_never_the_value(configured)
     assert "wrong-password" not in message and "\n" not in message
 
 
+def test_inspect_output_never_shows_the_auth_string(monkeypatch):
+    from distillflow.storage.report import scrub_secrets
+
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", AUTH_STRING)
+    text = f"a sample row that quotes {AUTH_STRING} by chance"
+    assert scrub_secrets(text, manifest=None) == "a sample row that quotes *** by chance"
+
+
 @dataclass
 class AuthenticatedRun:
     root: Path  # every output of the run lies under it
