@@ -243,3 +243,57 @@ def test_a_read_only_output_directory_stops_the_build_before_any_request(small_d
     assert error.startswith("error: read-only file system: cannot write "), error
     assert f"{small_disk} is mounted read-only" in error and "Traceback" not in result.stderr
     assert server.total_requests == 0
+
+
+# -- training checkpoints --------------------------------------------------------------------------
+
+
+class TensorEngine:
+    """What a DeepSpeed engine does when it saves: its files into the tag's directory."""
+
+    def __init__(self, megabytes: int) -> None:
+        import torch
+
+        self.weights = torch.zeros(megabytes * 262_144)  # float32: 4 bytes each
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        import torch
+
+        assert not save_latest  # `latest` is written once the checkpoint is complete
+        directory = Path(save_dir) / tag
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({"weights": self.weights, **client_state}, directory / "mp_rank_00_model_states.pt")
+
+
+def test_a_checkpoint_cut_short_by_a_full_disk_is_never_resumed_from(small_disk):
+    import torch
+
+    from distillflow.training.checkpoints import resume_tag, save_checkpoint
+
+    checkpoints = small_disk / "run" / "checkpoints"
+    engine = TensorEngine(megabytes=5)  # one fits on the 8 MiB disk, two do not
+    save_checkpoint(engine, checkpoints, 2, keep=2, rank=0)
+    assert resume_tag(checkpoints) == "step-00000002"
+    with pytest.raises(DiskWriteError) as raised:
+        save_checkpoint(engine, checkpoints, 4, keep=2, rank=0)
+    message = error_message(raised.value)
+    assert message.startswith(f"no space left on the disk: writing the training checkpoint {checkpoints / 'step-00000004'}")
+    assert not (checkpoints / "step-00000004").exists()  # the partial save is gone, its space free again
+    assert resume_tag(checkpoints) == "step-00000002"
+    state = torch.load(checkpoints / "step-00000002" / "mp_rank_00_model_states.pt")
+    assert state["step"] == 2
+
+
+def test_a_checkpoint_without_its_marker_is_ignored_and_pruned(tmp_path):
+    from distillflow.training.checkpoints import COMPLETE, resume_tag, save_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    engine = TensorEngine(megabytes=0)
+    for step in (2, 4):
+        save_checkpoint(engine, checkpoints, step, keep=5, rank=0)
+    (checkpoints / "step-00000004" / COMPLETE).unlink()  # a save killed before its marker
+    (checkpoints / "latest").write_text("step-00000004")  # what DeepSpeed itself would resume from
+    assert resume_tag(checkpoints) == "step-00000002"
+    save_checkpoint(engine, checkpoints, 6, keep=5, rank=0)
+    assert sorted(path.name for path in checkpoints.glob("step-*")) == ["step-00000002", "step-00000006"]
+    assert (checkpoints / "latest").read_text() == "step-00000006"

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 
 from distillflow.config import load_training_config
+from distillflow.failures import DiskWriteError
+from distillflow.training.checkpoints import COMPLETE, incomplete_checkpoints, resume_tag, save_checkpoint
 from distillflow.training.chat_template import chat_template_text
 from distillflow.training.config import TrainingConfig
 from distillflow.training.data import (
@@ -261,8 +262,12 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     # 4. Resume: the step index alone decides the data, so the loss curve continues exactly.
     start_step = 0
     metrics_path = output_dir / "metrics.jsonl"
-    if config.resume and (checkpoint_dir / "latest").is_file():
-        loaded, client_state = engine.load_checkpoint(str(checkpoint_dir))
+    # Only a checkpoint with its completion marker (written last) is taken (training/checkpoints.py).
+    tag = resume_tag(checkpoint_dir) if config.resume else None
+    for partial in incomplete_checkpoints(checkpoint_dir) if config.resume else []:
+        log(f"ignoring {partial}: its save was cut short (no {COMPLETE})")
+    if tag is not None:
+        loaded, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
         if loaded is None:
             raise TrainingError(f"could not load the checkpoint in {checkpoint_dir}; delete it to start over")
         start_step = int(client_state["step"])
@@ -394,15 +399,6 @@ def _truncate_metrics(path: Path, step: int) -> float:
     return float(kept[-1]["loss"]) if kept and kept[-1]["step"] == step else float("nan")
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, step: int, keep: int, rank: int) -> None:
-    engine.save_checkpoint(str(checkpoint_dir), tag=f"step-{step:08d}", client_state={"step": step})
-    torch.distributed.barrier()
-    if rank == 0:
-        tags = sorted(p for p in checkpoint_dir.glob("step-*") if p.is_dir())
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def export_student(engine, student, tokenizer, final_dir: Path, rank: int) -> None:
     import deepspeed
 
@@ -430,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_training_config(args.config)
         train(config)
-    except (TrainingError, ValueError, FileNotFoundError) as error:
+    except (TrainingError, DiskWriteError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
     finally:
