@@ -97,7 +97,7 @@ class AuthenticatedRun:
     unauthenticated_status: int
     health_status: int
     refused: dict[str, subprocess.CompletedProcess]  # `distill deploy` without / with a wrong auth string
-    run: Any  # the served build deployment's flow run, finished
+    runs: dict[str, Any]  # deployment name -> its flow run, finished
     logs: str
 
 
@@ -163,42 +163,62 @@ def start_refused_deploys(env: dict[str, str], workdir: Path) -> dict[str, subpr
     }
 
 
-def serve_and_run_the_build(group: Processes, url: str, env: dict[str, str], workdir: Path) -> tuple[Any, str]:
+def run_deployments(group: Processes, url: str, names: list[str]) -> dict[str, Any]:
+    """A run of each deployment, started together; each one once it finished."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with authenticated_client():
-        deployment = wait_for_deployment(url, "build-dataset/test-build", 60, group)
+        deployments = [wait_for_deployment(url, name, 60, group) for name in names]
         with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
-            run = client.create_flow_run_from_deployment(deployment.id)
-        run = wait_for_flow_run(url, run.id, 60, group)
-        return run, flow_run_logs(url, run.id)
+            runs = [client.create_flow_run_from_deployment(deployment.id) for deployment in deployments]
+        return {name: wait_for_flow_run(url, run.id, 90, group) for name, run in zip(names, runs)}
+
+
+def run_logs(url: str, runs: dict[str, Any]) -> str:
+    with authenticated_client():
+        return "\n".join(flow_run_logs(url, run.id) for run in runs.values())
+
+
+def write_pool_config(workdir: Path, base_url: str) -> None:
+    """The same build under another name (its own deployment), for the work pool."""
+    path = write_config(workdir / "pool.yaml", Path("seeds.jsonl"), Path("data/test-build-pool"), base_url)
+    path.write_text(path.read_text().replace("name: test-build", "name: test-build-pool"))
 
 
 @pytest.fixture(scope="module")
 def authenticated_run(tmp_path_factory) -> AuthenticatedRun:
     """`prefect server start` with basic auth; `distill deploy` without / with a wrong auth
-    string; `distill serve` with the right one runs the build deployment to completion."""
+    string; with the right one, `distill serve` runs its build deployment and a `prefect
+    worker` runs the build deployment `distill deploy` put on its pool (the compose path)."""
     root = tmp_path_factory.mktemp("authenticated-run")
     workdir = root / "work"
     workdir.mkdir()
     write_seeds(workdir / "seeds.jsonl", GOOD[:6])
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY), free_port()) as teacher, processes(root / "logs") as group:
         write_config(workdir / "c.yaml", Path("seeds.jsonl"), Path("data/test-build"), teacher.base_url)
+        write_pool_config(workdir, teacher.base_url)
         url = start_server(group, root / "server-home", free_port(), auth_string=AUTH_STRING)
         unauthenticated = http_status(f"{url}/work_pools/filter", "POST", b"{}")
         health = http_status(f"{url}/health")
         env = base_env(root / "client-home", PREFECT_API_URL=url, DISTILL_TEST_KEY=API_KEY,
                        DISTILL_LOG_DIR=str(root / "distill-logs"))
-        # The refused commands run while `distill serve` (with the right string) starts.
+        # The refused commands run while the ones with the right string start.
         refusing = start_refused_deploys(env, workdir)
-        serve_env = {**env, "PREFECT_API_AUTH_STRING": AUTH_STRING, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-        group.start("serve", [sys.executable, "-m", "distillflow.cli", "serve", "c.yaml"], serve_env, cwd=workdir)
+        authenticated = {**env, "PREFECT_API_AUTH_STRING": AUTH_STRING}
+        deploying = start_distill(["deploy", "pool.yaml", "--pool", "distillflow"], authenticated, workdir)
+        group.start("serve", [sys.executable, "-m", "distillflow.cli", "serve", "c.yaml"],
+                    {**authenticated, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, cwd=workdir)
         refused = {case: finish(process, root / "logs" / f"deploy-{case}.txt") for case, process in refusing.items()}
-        run, logs = serve_and_run_the_build(group, url, env, workdir)
+        deployed = finish(deploying, root / "logs" / "deploy.txt")
+        assert deployed.returncode == 0, deployed.stderr
+        group.start("worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", "distillflow", "--type",
+                               "process"], {**authenticated, "PREFECT_WORKER_QUERY_SECONDS": "1"}, cwd=root)
+        runs = run_deployments(group, url, ["build-dataset/test-build", "build-dataset/test-build-pool"])
+        logs = run_logs(url, runs)
         with authenticated_client():
             save_api_outputs(url, root / "api")
-    return AuthenticatedRun(root, unauthenticated, health, refused, run, logs)
+    return AuthenticatedRun(root, unauthenticated, health, refused, runs, logs)
 
 
 @pytest.mark.slow
@@ -220,13 +240,14 @@ def test_deploy_without_the_right_auth_string_stops_with_one_paragraph(authentic
 
 
 @pytest.mark.slow
-def test_a_build_deployment_served_with_the_auth_string_completes(authenticated_run):
-    run = authenticated_run.run
+@pytest.mark.parametrize("name", ["test-build", "test-build-pool"])  # served; on the worker's pool
+def test_a_build_deployment_run_with_the_auth_string_completes(authenticated_run, name):
+    run = authenticated_run.runs[f"build-dataset/{name}"]
     assert run.state.type.value == "COMPLETED", authenticated_run.logs
-    manifest = json.loads((authenticated_run.root / "work" / "data" / "test-build" / "manifest.json").read_text())
+    manifest = json.loads((authenticated_run.root / "work" / "data" / name / "manifest.json").read_text())
     assert manifest["counts"]["accepted"] == 6
     summaries = json.loads((authenticated_run.root / "api" / "artifacts.json").read_text())
-    assert any(artifact["key"] == "test-build-summary" for artifact in summaries)
+    assert any(artifact["key"] == f"{name}-summary" for artifact in summaries)
 
 
 def readable_texts(path: Path) -> Iterator[str]:
