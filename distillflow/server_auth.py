@@ -45,10 +45,16 @@ def unauthorized_message() -> str:
     """The paragraph for a 401: which server, whether the setting was sent, how to fix it."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 
-    server = f"the Prefect server at PREFECT_API_URL={PREFECT_API_URL.value()}"
+    url = PREFECT_API_URL.value()
+    server = (
+        f"the Prefect server at PREFECT_API_URL={url}"
+        if url
+        else f"the temporary Prefect server of this command (no PREFECT_API_URL; {SERVER_AUTH_SETTING} is set "
+        "in its environment or in a .env file here)"
+    )
     fix = (
         f"set {AUTH_SETTING} to the server's {SERVER_AUTH_SETTING} (USER:PASSWORD; with docker compose, "
-        f"the value in .env) in the environment of this command, e.g. `export {AUTH_SETTING}=admin:...`"
+        f"PREFECT_AUTH_STRING in .env) in the environment of this command, e.g. `export {AUTH_SETTING}=admin:...`"
     )
     if PREFECT_API_AUTH_STRING.value():
         return f"{server} refused the credentials in {AUTH_SETTING} (401 Unauthorized): {fix}"

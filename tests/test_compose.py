@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 AUTH_STRING = "admin:test-auth-string"
-REQUIRED_ENV = {"POSTGRES_PASSWORD": "test-password", "PREFECT_SERVER_API_AUTH_STRING": AUTH_STRING}
+REQUIRED_ENV = {"POSTGRES_PASSWORD": "test-password", "PREFECT_AUTH_STRING": AUTH_STRING}
 KEYS = {"VLLM_API_KEY": "local-vllm-key", "OPENAI_API_KEY": "commercial-key"}
 
 
@@ -214,10 +215,10 @@ def test_the_server_requires_basic_auth_and_every_client_sends_it(compose_comman
 def test_up_stops_without_the_auth_string_and_names_it(compose_command, tmp_path, value):
     env = {"POSTGRES_PASSWORD": "test-password"}
     if value is not None:
-        env["PREFECT_SERVER_API_AUTH_STRING"] = value  # the line copied from compose.env.example, unfilled
+        env["PREFECT_AUTH_STRING"] = value  # the line copied from compose.env.example, unfilled
     result = run_compose(compose_command, "config", "-q", env=env, tmp_path=tmp_path, profiles=())
     assert result.returncode != 0
-    assert "PREFECT_SERVER_API_AUTH_STRING" in result.stderr and "in .env" in result.stderr
+    assert "set PREFECT_AUTH_STRING in .env" in result.stderr
 
 
 def test_the_env_example_names_every_required_setting():
@@ -248,3 +249,18 @@ def test_the_vllm_teacher_refuses_to_start_without_a_key(compose_command, tmp_pa
     started = run_teacher_entrypoint(teacher, "local-vllm-key", tmp_path)
     assert started.returncode == 0, started.stderr
     assert started.stdout.startswith("vllm started: -m vllm.entrypoints.openai.api_server --model=/models/teacher")
+
+
+def test_the_env_file_leaves_local_prefect_commands_without_auth(tmp_path):
+    """Prefect reads a `.env` in the working directory: the filled-in compose `.env` (in the
+    repository root, where `distill` runs) must not make a local command's temporary server
+    require the auth string, nor change what its clients send."""
+    example = (ROOT / "scripts" / "compose.env.example").read_text()
+    filled = "".join(f"{line}value-of-{line[:-1]}\n" if line.endswith("=") else f"{line}\n" for line in example.splitlines())
+    assert "PREFECT_AUTH_STRING=value-of-PREFECT_AUTH_STRING" in filled
+    (tmp_path / ".env").write_text(filled)
+    code = "from prefect.settings import get_current_settings as s; c = s(); print(c.server.api.auth_string, c.api.auth_string)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "None"]

@@ -83,6 +83,15 @@ def test_the_paragraph_names_the_setting_and_the_fix_never_the_value(configured)
     assert "wrong-password" not in message and "\n" not in message
 
 
+def test_a_temporary_server_that_requires_the_string_is_named_as_such():
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL, PREFECT_API_AUTH_STRING}):
+        message = str(explain_server_error(status_error(401)))
+    assert message.startswith("the temporary Prefect server of this command (no PREFECT_API_URL; "
+                              "PREFECT_SERVER_API_AUTH_STRING is set")
+
+
 def test_inspect_output_never_shows_the_auth_string(monkeypatch):
     from distillflow.storage.report import scrub_secrets
 
