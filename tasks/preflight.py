@@ -171,8 +171,12 @@ def preflight_training(training: TrainingConfig, source: str) -> None:
     objectives compare the vocabularies; the student's context holds max_length."""
     teacher = None
     if training.teacher is not None:
-        # kd_topk needs only the teacher's tokenizer, unless the student is derived from its weights.
-        tokenizer_only = training.objective == "kd_topk" and training.derive_student is None
+        # kd_topk and on_policy with a teacher server need only the teacher's tokenizer, unless
+        # the student is derived from its weights.
+        tokenizer_only = (
+            training.objective in ("kd_topk", "on_policy") and not training.teacher_in_process
+            and training.derive_student is None
+        )
         teacher = load_model_dir(training.teacher, "training.teacher", source, tokenizer_only=tokenizer_only)
     student = load_model_dir(training.student, "training.student", source) if training.student else teacher
     assert student is not None  # TrainingConfig requires student or derive_student (with teacher)
