@@ -9,6 +9,13 @@ in flight, records each shard as finished when its run completes, and fails with
 name and message when one fails, or when no worker picks a run up within
 `dataset.worker_wait_s`. Ctrl-C (or any failure) cancels the runs still in flight.
 
+A build killed outright (SIGKILL, the OOM killer) cannot cancel its runs. The next build
+of the same output_dir finds them (`orphaned_shard_runs`: runs of its deployment for that
+directory, not yet ended) before submitting anything: a run with exactly this build's
+parameters for a shard still to do is adopted, as if this build had submitted it (and if
+it then ends badly, its shard is submitted once more: its answers are in the ledger); any
+other is cancelled, and waited for, so that no shard is answered by two runs at once.
+
 Every worker must see `output_dir` at the same path (a shared filesystem) and have the
 teacher key's environment variable; only the variable's name travels in the parameters.
 """
@@ -23,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from distillflow.config import ConfigError, DistillConfig
 from distillflow.progress import ProgressBar
@@ -35,6 +42,8 @@ SHARD_FLOW = "build-shard"
 POLL_S = 1.0
 WAITING = {"SCHEDULED", "PENDING"}
 ENDED_BADLY = {"FAILED", "CRASHED", "CANCELLED", "CANCELLING"}
+ENDED = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+ADOPTABLE = {"SCHEDULED", "PENDING", "RUNNING"}  # an orphaned shard run in these goes on for the next build
 
 
 def result_path(output_dir: Path, index: int) -> Path:
@@ -100,6 +109,63 @@ def register_shard_deployment(config: DistillConfig) -> str:
     return f"{SHARD_FLOW}/{config.name}"
 
 
+def orphaned_shard_runs(client: Any, deployment: str, output_dir: Path) -> list[Any]:
+    """Runs of the `deployment` ("build-shard/NAME") for `output_dir` that have not ended:
+    left in flight by an earlier build of it that was killed before it could cancel them."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    deployment_id = client.read_deployment_by_name(deployment).id
+    runs = client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+            any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
+        ))),
+    )
+    return [run for run in runs if str(run.parameters.get("config", {}).get("output_dir")) == str(output_dir)]
+
+
+def adopt_or_cancel_orphans(
+    client: Any, orphans: list[Any], shard_parameters: dict[int, dict[str, Any]], wait_s: float
+) -> dict[int, Any]:
+    """Adopt each orphaned run whose parameters are exactly those this build would submit for
+    a shard still to do (`shard_parameters`: shard -> parameters); cancel the others and wait
+    up to `wait_s` for them to end. Returns shard -> the id of the run adopted for it."""
+    from prefect.states import Cancelled, Cancelling
+
+    adopted: dict[int, Any] = {}
+    cancelled = []
+    for run in orphans:
+        kind = run.state.type.value if run.state else "SCHEDULED"
+        index = run.parameters.get("index")
+        if kind in ADOPTABLE and index in shard_parameters and index not in adopted and (
+            run.parameters == shard_parameters[index]
+        ):
+            adopted[index] = run.id
+            continue
+        if kind != "CANCELLING":  # a run no worker has taken is cancelled outright; a worker stops the others
+            state = Cancelled if kind == "SCHEDULED" else Cancelling
+            client.set_flow_run_state(run.id, state(message="left by a build that was killed; superseded"), force=True)
+        cancelled.append(run)
+    deadline = time.monotonic() + wait_s
+    for run in cancelled:
+        while (current := client.read_flow_run(run.id)).state.type.value not in ENDED:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"flow run {run.name!r}, left running by an earlier build of this output_dir, was asked to "
+                    f"cancel and is still {current.state.name} after {wait_s:g} s (its worker may be gone): cancel "
+                    "it in the Prefect UI, or stop the process running it, then rerun the build"
+                )
+            time.sleep(POLL_S)
+    return adopted
+
+
 def answer_shards_on_pool(
     config: DistillConfig,
     plan: list[tuple[int, int]],
@@ -120,16 +186,33 @@ def answer_shards_on_pool(
     deployment = register_shard_deployment(config)
     pending = [index for index in range(len(plan)) if index not in state.finished]
     in_flight: dict[UUID, tuple[int, float]] = {}  # flow run id -> (shard, submitted at)
+    adopted: set[UUID] = set()  # runs an earlier, killed build submitted
     pool = config.dataset.work_pool
     try:
         with get_client(sync_client=True) as client:
+            shard_parameters = {
+                index: {"config": parameters, "index": index, "reject_file": first_reject_file + index}
+                for index in pending
+            }
+            orphans = orphaned_shard_runs(client, deployment, output_dir)
+            if orphans:
+                for index, run_id in adopt_or_cancel_orphans(
+                    client, orphans, shard_parameters, config.dataset.worker_wait_s
+                ).items():
+                    pending.remove(index)
+                    in_flight[run_id] = (index, time.monotonic())
+                    adopted.add(run_id)
+                get_run_logger().warning(
+                    "%d shard run(s) of an earlier build of %s had not ended (that build was killed): adopted %d, "
+                    "cancelled %d", len(orphans), output_dir, len(adopted), len(orphans) - len(adopted),
+                )
             while pending or in_flight:
                 while pending and len(in_flight) < config.dataset.workers:
                     index = pending.pop(0)
                     result_path(output_dir, index).unlink(missing_ok=True)
                     run = run_deployment(
                         deployment,
-                        parameters={"config": parameters, "index": index, "reject_file": first_reject_file + index},
+                        parameters=shard_parameters[index],
                         flow_run_name=f"shard-{index}",
                         timeout=0,
                         as_subflow=True,
@@ -145,6 +228,10 @@ def answer_shards_on_pool(
                         state.record(result)
                         stats.add(result.usage)
                         progress(result.prompts)
+                    elif kind in ENDED_BADLY and run_id in adopted:  # e.g. killed with its build: once more
+                        del in_flight[run_id]
+                        adopted.discard(run_id)
+                        pending.insert(0, index)
                     elif kind in ENDED_BADLY:
                         del in_flight[run_id]
                         message = run.state.message if run.state else ""

@@ -1,0 +1,105 @@
+"""A build killed outright (SIGKILL, the OOM killer) with shard runs in flight on a Prefect
+work pool (issue 31): the next build of the same output_dir adopts them, and cancels the
+ones it cannot use, by itself. A real `prefect server start`, a real `prefect worker
+start --type process`, and the project's test teacher, which counts every request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distillflow.storage.manifest import read_manifest
+from tests.openai_server import FaultyOpenAIServer, ServerThread
+from tests.prefect_processes import TERMINAL_STATES, api, processes, wait_until
+from tests.test_build import API_KEY, write_config, write_seeds
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [f"Orphan question {i}: how many {word} fit in {i + 2} boxes?" for i, word in enumerate(
+    "apples pears plums figs dates limes kiwis grapes melons lemons".split()
+)]  # two shards, both in flight when the build is killed
+SHARD_ROWS = 5
+
+
+def pool_config(path: Path, seeds: Path, out: Path, base_url: str, pool: str) -> Path:
+    write_config(path, seeds, out, base_url, max_concurrency=1, timeout_s=120)
+    config = yaml.safe_load(path.read_text())
+    config["dataset"] = {"shard_rows": SHARD_ROWS, "work_pool": pool, "workers": 2, "worker_wait_s": 120}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def shard_runs(url: str) -> list:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with api(url) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-shard"])))
+
+
+class GatedServer(FaultyOpenAIServer):
+    """The test teacher, holding every request until `gate` is set."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(api_key=API_KEY, **kwargs)
+        self.gate = threading.Event()
+        self.arrived = 0
+
+    async def chat(self, request):
+        self.arrived += 1
+        while not self.gate.is_set():
+            await asyncio.sleep(0.05)
+        return await super().chat(request)
+
+
+def start_build(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as handle:
+        return subprocess.Popen([sys.executable, "-m", "distillflow.cli", "build", str(config)], env=env, cwd=ROOT,
+                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_shard_runs_left_by_a_killed_build_are_adopted_by_the_next_build(prefect_server, port, tmp_path):
+    url = prefect_server["PREFECT_API_URL"]
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, PROMPTS)
+    env = {**os.environ, **prefect_server, "DISTILL_TEST_KEY": API_KEY, "OMP_NUM_THREADS": "1",
+           "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    fake = GatedServer()
+    with ServerThread(fake, port) as server, processes(tmp_path / "logs") as group:
+        group.start("worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", "orphans",
+                               "--type", "process", "--name", "w0"], env, cwd=ROOT)
+        config = pool_config(tmp_path / "c.yaml", seeds, tmp_path / "out", server.base_url, "orphans")
+        first = start_build(config, env, tmp_path / "first.log")
+        # Both shard runs in flight have sent their first request (held by the teacher).
+        wait_until(lambda: fake.arrived >= 2 or first.poll() is not None, 150, "two shard runs asking", group)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)  # as the OOM killer would: no chance to cancel anything
+        first.wait(30)
+        left = [run for run in shard_runs(url) if run.state.type.value not in TERMINAL_STATES]
+        assert len(left) == 2, [(run.name, run.state.name) for run in shard_runs(url)]
+
+        started = time.monotonic()
+        rerun = start_build(config, env, tmp_path / "rerun.log")
+        wait_until(lambda: "adopted" in (tmp_path / "rerun.log").read_text() or rerun.poll() is not None, 150,
+                   "the rerun to find the runs left in flight", group)
+        fake.gate.set()
+        assert rerun.wait(300) == 0, (tmp_path / "rerun.log").read_text()[-3000:] + group.log("worker")[-2000:]
+        runs = shard_runs(url)
+    output = (tmp_path / "rerun.log").read_text()
+    assert "2 shard run(s) of an earlier build" in output and "adopted 2, cancelled 0" in output, output[-3000:]
+    assert read_manifest(tmp_path / "out")["counts"]["accepted"] == len(PROMPTS)
+    assert max(fake.attempts.values()) == 1  # the runs left in flight were adopted: nothing asked twice
+    adopted = {run.id for run in left}
+    assert {run.state.type.value for run in runs if run.id in adopted} == {"COMPLETED"}
+    assert len(runs) == -(-len(PROMPTS) // SHARD_ROWS)  # no shard was submitted twice
+    print(f"\n{len(left)} shard runs left in flight by the killed build, both adopted; the rerun took "
+          f"{time.monotonic() - started:.1f} s; {sum(fake.attempts.values())} requests for {len(PROMPTS)} prompts")
