@@ -129,6 +129,34 @@ def test_the_root_cause_is_named_not_the_secondary_error():
     assert error_message(denied) == str(denied)
 
 
+def test_the_shard_writer_process_reports_a_full_disk_as_its_one_paragraph(small_disk):
+    from datetime import datetime, timezone
+
+    from distillflow.tasks.filter_config import FiltersConfig
+    from distillflow.tasks.shard_writer import ShardWriterProcess
+
+    row = {"id": "a", "prompt": "p", "response": "An answer long enough to keep.", "strategy": "seed",
+           "parent_id": None, "teacher_model": "m", "finish_reason": "stop", "prompt_tokens": 1,
+           "completion_tokens": 6, "created_at": datetime.now(timezone.utc)}
+    (small_disk / "staging").mkdir()
+    fill(small_disk)
+    with ShardWriterProcess(FiltersConfig(), small_disk / "staging", False) as writer:
+        writer.add(0, [row], [])
+        with pytest.raises(DiskWriteError) as raised:
+            writer.write(0, 1, 0)
+    message = str(raised.value)
+    assert message.startswith("no space left on the disk: writing the Parquet file ") and str(small_disk) in message
+    assert "Traceback" not in message
+    assert not list((small_disk / "staging").rglob("*.parquet*"))  # no partial or temporary file
+
+
+def test_a_quota_is_named_as_such():
+    error = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/home/me/out/.ledger/teacher.sqlite")
+    message = error_message(error)
+    assert message.startswith("disk quota exceeded: writing a file /home/me/out/.ledger/teacher.sqlite failed")
+    assert "`quota -s`" in message
+
+
 class FailingLedger:
     def __init__(self) -> None:
         self.commits = 0
