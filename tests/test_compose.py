@@ -255,12 +255,18 @@ def test_the_env_file_leaves_local_prefect_commands_without_auth(tmp_path):
     """Prefect reads a `.env` in the working directory: the filled-in compose `.env` (in the
     repository root, where `distill` runs) must not make a local command's temporary server
     require the auth string, nor change what its clients send."""
-    example = (ROOT / "scripts" / "compose.env.example").read_text()
-    filled = "".join(f"{line}value-of-{line[:-1]}\n" if line.endswith("=") else f"{line}\n" for line in example.splitlines())
+    example = (ROOT / "scripts" / "compose.env.example").read_text().splitlines()
+    filled = [f"{line}value-of-{line[:-1]}" if line.endswith("=") else line for line in example]
     assert "PREFECT_AUTH_STRING=value-of-PREFECT_AUTH_STRING" in filled
-    (tmp_path / ".env").write_text(filled)
-    code = "from prefect.settings import get_current_settings as s; c = s(); print(c.server.api.auth_string, c.api.auth_string)"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(tmp_path / "home")}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    (tmp_path / ".env").write_text("\n".join(filled) + "\n")
+    code = (
+        "from prefect.settings import get_current_settings; settings = get_current_settings(); "
+        "print(settings.server.api.auth_string, settings.api.auth_string)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["None", "None"]
