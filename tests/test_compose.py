@@ -195,9 +195,12 @@ def test_nothing_is_published_on_all_interfaces_by_default(compose_command, tmp_
         ("127.0.0.1", "4200", 4200)
     ]
     # Opting in publishes the UI on the address asked for, and nothing else.
-    ports = published_ports(_services(compose_command, tmp_path, PREFECT_BIND="0.0.0.0", PREFECT_PORT="4300"))
+    services = _services(compose_command, tmp_path, PREFECT_BIND="0.0.0.0", PREFECT_PORT="4300")
+    ports = published_ports(services)
     assert {name for name, published in ports.items() if published} == {"prefect-server"}
     assert [(port["host_ip"], port["published"]) for port in ports["prefect-server"]] == [("0.0.0.0", "4300")]
+    # The browser calls the API on the published port.
+    assert services["prefect-server"]["environment"]["PREFECT_UI_API_URL"] == "http://localhost:4300/api"
 
 
 def test_the_server_requires_basic_auth_and_every_client_sends_it(compose_command, tmp_path):
