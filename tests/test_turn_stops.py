@@ -18,6 +18,7 @@ from distillflow.config import ConfigError, GenerationConfig, TeacherConfig, par
 from distillflow.records import TeacherAnswer, stopped_answer
 from distillflow.training.chat_template import PLAIN, PRESET_STOPS, cut_at_stop, template_stops
 from distillflow.training.scratch import CHAT_TEMPLATE, build_tiny_llama
+from tests.openai_server import FaultyOpenAIServer, ServerThread
 from tests.test_base_models import save_as_base_model
 from tests.test_build import write_seeds
 
@@ -298,3 +299,48 @@ def test_a_base_teacher_build_keeps_one_turn_per_row_without_asking_again(base_m
         labels = encode_example(tokenizer, row["prompt"], row["response"], max_length=128, chat_template=PLAIN)["labels"]
         ids, _ = decode_topk(row["teacher_topk"])
         assert ids.shape == (sum(1 for label in labels[1:] if label != IGNORE_INDEX), 4)
+
+
+class StopRecordingServer(FaultyOpenAIServer):
+    """The test OpenAI server, recording the `stop` of every chat request. It ignores `stop`,
+    as some servers do: the answer comes back whole."""
+
+    def __init__(self) -> None:
+        super().__init__(api_key="test-key")
+        self.stops_sent: list[list[str] | None] = []
+
+    def _chat_result(self, body, prompt, attempt, in_batch=False):
+        self.stops_sent.append(body.get("stop"))
+        return super()._chat_result(body, prompt, attempt, in_batch)
+
+
+@pytest.mark.slow
+def test_an_openai_teacher_sends_the_turn_end_as_stop_and_rows_are_cut(tmp_path, port, prefect_harness, monkeypatch):
+    from distillflow.flows.build import build_command
+    from distillflow.storage.parquet import read_table
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", "test-key")
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, ["[[say:Paris is the capital.\nUser: and Spain?]] capital of France?"])
+    server = StopRecordingServer()
+
+    def build(out: str, **teacher) -> list[dict]:
+        config = {
+            "name": "served-base", "output_dir": str(tmp_path / out), "seeds": [{"path": str(seeds)}],
+            "prompts": {"num_prompts": 1, "strategies": {"seed": 1.0, "edge_case": 0.0, "adversarial": 0.0}},
+            "teacher": {"base_url": running.base_url, "model": "test-teacher", "api_key_env": "DISTILL_TEST_KEY",
+                        "generation": {"temperature": 0.0, "max_tokens": 64}, **teacher},
+            "filters": {"near_dedup": {"enabled": False}},
+        }
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        build_command(path)
+        return read_table(tmp_path / out / "data").to_pylist()
+
+    with ServerThread(server, port) as running:
+        instruct = build("instruct")
+        assert server.stops_sent == [None]  # no template stops: the request is as it always was
+        base = build("base", chat_template_stop=["\nUser:"])
+        assert server.stops_sent[-1] == ["\nUser:"]
+    assert instruct[0]["response"] == "Paris is the capital.\nUser: and Spain?"
+    assert (base[0]["response"], base[0]["finish_reason"]) == ("Paris is the capital.", "stop")
