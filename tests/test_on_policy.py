@@ -26,6 +26,7 @@ from distillflow.training.on_policy import (
 from tests.conftest import ROOT, free_port
 
 RUN_TIMEOUT_S = 240
+RUN_MAX_NEW_TOKENS = 8  # of the DeepSpeed runs
 TOP_K = 8
 
 
@@ -49,10 +50,10 @@ def config_for(tiny, tmp_path, **overrides) -> TrainingConfig:
     return TrainingConfig(**(values | overrides))
 
 
-def sample_rows(student, rows, tokenizer, seed: int, step: int, micro_step: int = 0, rank: int = 0):
+def sample_rows(student, rows, tokenizer, seed: int, step: int, micro_step: int = 0, max_new_tokens: int = 12):
     return student_answer_rows(
-        student, rows, max_new_tokens=12, max_length=64, temperature=1.0, stop_ids={tokenizer.eos_token_id},
-        pad_id=tokenizer.pad_token_id, generator=sampling_generator(seed, step, micro_step, rank),
+        student, rows, max_new_tokens=max_new_tokens, max_length=64, temperature=1.0, stop_ids={tokenizer.eos_token_id},
+        pad_id=tokenizer.pad_token_id, generator=sampling_generator(seed, step, micro_step, 0),
         vocab_size=len(tokenizer),
     )
 
@@ -150,7 +151,7 @@ def run_training(tiny, output_dir: Path, **overrides) -> list[dict]:
         "objective": "on_policy",
         "divergence": "jsd",
         "max_length": 64,
-        "max_new_tokens": 12,
+        "max_new_tokens": RUN_MAX_NEW_TOKENS,
         "micro_batch_size": 2,
         "gradient_accumulation_steps": 2,
         "learning_rate": 3e-3,
@@ -209,7 +210,10 @@ def test_server_teacher_scores_the_students_samples_once_across_a_resume(tiny, t
     torch.set_num_threads(1)  # the training process's kernels, for bit-identical logits
     try:
         for micro_step, indices in enumerate(micro_batches(step_rows(0, len(examples), 4, 0), 2, 1, 0)):
-            rows = sample_rows(student, [examples[i] for i in indices], tokenizer, seed=0, step=0, micro_step=micro_step)
+            rows = sample_rows(
+                student, [examples[i] for i in indices], tokenizer, seed=0, step=0, micro_step=micro_step,
+                max_new_tokens=RUN_MAX_NEW_TOKENS,
+            )
             for row in rows:
                 assert tuple(int(token) for token in row["input_ids"]) in server.scored_sequences
     finally:
