@@ -31,10 +31,16 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 # Stand-in for log(0) in the top-k tail bucket: exp(-1e4) is 0 in float32, and unlike -inf
 # it keeps 0 * (log p - log q) finite in backward.
 LOG_FLOOR = -1.0e4
-# Teacher tail mass below this is rounding noise of the stored logprobs: the top-k codec
-# (storage/topk.py) bounds each probability within 5.3e-5, so a sum over 20 can be off by ~6e-5.
-TAIL_EPS = 1.0e-4
-STUDENT_TAIL_EPS = 1.0e-6  # student tail mass below this is float32 rounding of its softmax
+# Rounding noise of a stored teacher tail r = 1 - sum(top-k): the top-k codec (storage/topk.py)
+# bounds each probability within 5.3e-5, so a sum over 20 can be off by ~6e-5. The tail used
+# is max(0, r^(1/T) - TAIL_NOISE^(1/T)) at temperature T: a shift, not a cut-off, so the loss
+# stays continuous in r (a cut-off made r = 0.99e-4 and 1.01e-4 give 0 and most of a tempered target).
+TAIL_NOISE = 1.0e-4
+# Smooth floor of the student's tail mass: 1 - sum(top-k) in float64 from float32
+# log-probabilities is exact to ~1e-7, so below ~1e-6 it is rounding. The floor is
+# eps * softplus(mass / eps): equal to the mass above ~30 eps, eps * ln 2 at 0, smooth
+# everywhere, so neither the loss nor its gradient jumps anywhere (a hard cut-off did).
+STUDENT_TAIL_EPS = 1.0e-6  # (applied alike to the tempered teacher tail, so two empty tails match)
 
 
 # --------------------------------------------------------------------------------------
@@ -103,15 +109,27 @@ def topk_coarse_logprobs(
     teacher's natural-log probabilities at T = 1. Returns (student_log, teacher_log), both
     (N, k + 1) log-probabilities; column k is the tail bucket.
 
-    Tail mass: the teacher's tail is r = 1 - sum(top-k probabilities) (0 below TAIL_EPS), the
-    student's is 1 - sum of its probabilities on the same k ids (from its full softmax, summed
-    in float64; 0 below STUDENT_TAIL_EPS). Any divergence between these coarse distributions is a lower bound of the
-    full-vocabulary one (data-processing inequality) and equals it when the top-k covers the
-    vocabulary (r = 0) — and unlike renormalising over the top-k, it penalises a student
-    that puts too much (or too little) mass outside the teacher's top-k.
-    At T != 1 the teacher's tail is tempered as if its mass were spread evenly over the
-    V - k other tokens: r_T ∝ (V - k)^(1 - 1/T) r^(1/T) (the maximum-entropy guess; exact
-    at T = 1 and when r = 0).
+    Tail mass: the teacher's tail is r = max(0, 1 - sum(top-k probabilities)), the student's
+    1 - sum of its probabilities on the same k ids (from its full softmax, summed in float64,
+    under the smooth floor STUDENT_TAIL_EPS). Any divergence between these coarse
+    distributions is a lower bound of the full-vocabulary one (data-processing inequality)
+    and equals it when the top-k covers the vocabulary (r = 0); unlike renormalising over the
+    top-k, it penalises a student that puts too much (or too little) mass outside the
+    teacher's top-k.
+
+    At T != 1 the teacher's tail is tempered as ONE token: r_T ∝ r^(1/T). The true tempered
+    tail sum_i p_i^(1/T) (over the V - k unseen tokens) is unknown; since x^(1/T) is concave
+    for T > 1, it lies between r^(1/T) (all of r on one token) and (V - k)^(1 - 1/T) r^(1/T)
+    (r spread evenly). The coarse loss only constrains the student's TOTAL tail mass, and a
+    student with shared parameters fits it most cheaply by putting that mass on one token.
+    Under the even-spread guess that one token must carry (V - k)^(1 - 1/T) times more
+    tempered mass than r allows — at T = 4 and a near-one-hot teacher, more than the top-1
+    itself — so it wins the argmax at T = 1 (a collapse onto a garbage token). Under the
+    one-token guess a lumped student tail tempers back to exactly r at T = 1, and a spread
+    one to less: the student's argmax stays the teacher's. Measured by
+    `bench/sparse_kd_tail.py` (docs/training.md). Rounding noise of a stored r is shifted
+    away in the tempered domain (TAIL_NOISE), with no threshold: the loss and its gradient
+    are continuous in r.
     """
     student_log_full = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
     return topk_coarse_from_logprobs(student_log_full, topk_ids, topk_logprobs, temperature)
@@ -131,33 +149,33 @@ def topk_coarse_from_logprobs(
 def topk_coarse_from_top(
     student_top: torch.Tensor, topk_logprobs: torch.Tensor, vocab: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `topk_coarse_logprobs`, from the student's (N, k) log-probabilities on the top-k ids."""
-    k = student_top.shape[-1]
-    # The student's mass outside the top-k, from (N, k) values only (no extra pass over V).
-    # Summed in float64; below STUDENT_TAIL_EPS it is float32 rounding of the log-softmax, so
-    # the tail counts as empty: LOG_FLOOR rather than -inf keeps gradients finite.
+    """As `topk_coarse_logprobs`, from the student's (N, k) log-probabilities on the top-k ids.
+
+    `vocab` is accepted for callers' symmetry; the one-token tail does not depend on it.
+    """
+    # The student's mass outside the top-k, from (N, k) values only (no extra pass over V),
+    # summed in float64, under the smooth floor.
     student_tail_mass = 1.0 - student_top.double().exp().sum(-1, keepdim=True)  # (N, 1)
-    student_tail = torch.where(
-        student_tail_mass > STUDENT_TAIL_EPS,
-        torch.log(student_tail_mass.clamp_min(STUDENT_TAIL_EPS)),
-        torch.full_like(student_tail_mass, LOG_FLOOR),
-    ).float()  # (N, 1)
+    student_tail = floored_log_tail(student_tail_mass).float()  # (N, 1)
 
     teacher = topk_logprobs.float()  # (N, k), T = 1
-    tail_mass = 1.0 - teacher.double().exp().sum(-1, keepdim=True)  # (N, 1)
-    # Below TAIL_EPS the "tail" is rounding noise of the stored logprobs (a top-k that covers
-    # the vocabulary): treat it as empty rather than as mass the student must move.
-    tail_mass = torch.where(tail_mass > TAIL_EPS, tail_mass, torch.zeros_like(tail_mass)).float()
-    log_tail = torch.log(tail_mass).clamp_min(LOG_FLOOR)  # (N, 1)
-    if temperature != 1.0:
-        others = max(vocab - k, 1)
-        tempered_tail = (1 - 1 / temperature) * math.log(others) + log_tail / temperature
-        teacher_log = torch.cat([teacher / temperature, tempered_tail], dim=-1)
-        teacher_log = teacher_log - torch.logsumexp(teacher_log, dim=-1, keepdim=True)
-    else:
-        teacher_log = torch.cat([teacher, log_tail], dim=-1)
+    tail_mass = (1.0 - teacher.double().exp().sum(-1, keepdim=True)).clamp_min(0.0)  # (N, 1)
+    # Tempered as one token (see topk_coarse_logprobs): r_T ∝ r^(1/T), renormalised with the
+    # top-k. Rounding noise is shifted away in the tempered domain, r^(1/T) - TAIL_NOISE^(1/T) (at
+    # least 0), where the slope in r is finite at the noise level (r^(1/T) alone has none at 0).
+    tail_tempered = (tail_mass ** (1.0 / temperature) - TAIL_NOISE ** (1.0 / temperature)).clamp_min(0.0)
+    log_tail = torch.log(tail_tempered).clamp_min(LOG_FLOOR).float()  # (N, 1); LOG_FLOOR when empty
+    teacher_log = torch.cat([teacher / temperature, log_tail], dim=-1)  # (N, k + 1)
+    teacher_log = teacher_log - torch.logsumexp(teacher_log, dim=-1, keepdim=True)
+    # The same floor on the tempered teacher tail as on the student's: two empty tails match.
+    teacher_log = torch.cat([teacher_log[:, :-1], floored_log_tail(teacher_log[:, -1:].double().exp()).float()], dim=-1)
     student_log = torch.cat([student_top, student_tail], dim=-1)
     return student_log, teacher_log
+
+
+def floored_log_tail(mass: torch.Tensor) -> torch.Tensor:
+    """log(eps * softplus(mass / eps)), eps = STUDENT_TAIL_EPS: log(mass) above ~30 eps, smooth below."""
+    return torch.log(STUDENT_TAIL_EPS * F.softplus(mass / STUDENT_TAIL_EPS))
 
 
 def topk_divergence(
