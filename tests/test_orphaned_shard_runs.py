@@ -103,3 +103,39 @@ def test_shard_runs_left_by_a_killed_build_are_adopted_by_the_next_build(prefect
     assert len(runs) == -(-len(PROMPTS) // SHARD_ROWS)  # no shard was submitted twice
     print(f"\n{len(left)} shard runs left in flight by the killed build, both adopted; the rerun took "
           f"{time.monotonic() - started:.1f} s; {sum(fake.attempts.values())} requests for {len(PROMPTS)} prompts")
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_shard_stops_the_build_naming_its_run_and_the_rerun_finishes(prefect_server, port, tmp_path):
+    url = prefect_server["PREFECT_API_URL"]
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, PROMPTS)
+    env = {**os.environ, **prefect_server, "DISTILL_TEST_KEY": API_KEY, "OMP_NUM_THREADS": "1",
+           "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    fake = FaultyOpenAIServer(api_key=API_KEY, latency_s=0.5)
+    worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "killed", "--type", "process"]
+    with ServerThread(fake, port) as server, processes(tmp_path / "logs") as group:
+        doomed = group.start("worker", [*worker, "--name", "doomed"], env, cwd=ROOT)
+        config = pool_config(tmp_path / "c.yaml", seeds, tmp_path / "out", server.base_url, "killed")
+        first = start_build(config, env, tmp_path / "first.log")
+        wait_until(lambda: fake.total_requests >= 2 or first.poll() is not None, 150, "shard runs answering", group)
+        group.services.discard("worker")
+        os.killpg(doomed.pid, signal.SIGKILL)  # the worker and the shard runs it started
+        killed = time.monotonic()
+        answered_before = {prompt for prompt, count in fake.answered.items() if count}
+        code = first.wait(120)
+        stopped_after = time.monotonic() - killed
+        output = (tmp_path / "first.log").read_text()
+        assert code == 1, output[-3000:]
+        assert "failed on work pool 'killed': flow run 'shard-" in output, output[-3000:]
+
+        group.start("worker2", [*worker, "--name", "fresh"], env, cwd=ROOT)
+        fake.attempts.clear()
+        rerun = subprocess.run([sys.executable, "-m", "distillflow.cli", "build", str(config)], env=env, cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-3000:] + group.log("worker2")[-2000:]
+    paid_twice = [prompt for prompt in fake.attempts if prompt in answered_before]
+    assert len(paid_twice) <= 2  # the requests on the wire: one per shard run (max_concurrency 1, 2 runs)
+    assert read_manifest(tmp_path / "out")["counts"]["accepted"] == len(PROMPTS)
+    print(f"\nworker killed: the build stopped {stopped_after:.1f} s later; {len(paid_twice)} prompts paid twice")
