@@ -13,12 +13,12 @@ Decoding:
 
 Stops: an answer ends at the eos, or at the first stop string — the chat template's turn
 end (`chat_template_stop`, else its preset's: a base model goes on to write the next
-"\nUser:" turn itself) and `generation.stop`. Generation halts there (a stopping
+"\\nUser:" turn itself) and `generation.stop`. Generation halts there (a stopping
 criterion) and the stop text is cut from the answer, whose finish_reason is `stop`;
 `length` means max_tokens ran out. A model with its own (instruct) template has no turn stops.
 
-Logprobs (`generation.top_logprobs > 0`): one entry per generated token (the eos token
-included), in float32, of the model's own next-token distribution — the log-softmax of
+Logprobs (`generation.top_logprobs > 0`): one entry per token of the answer (the eos token
+included; a stop string's own tokens are cut with it), in float32, of the model's own next-token distribution — the log-softmax of
 the raw logits, before temperature and top-p, which is what vLLM returns by default
 (`logprobs_mode=raw_logprobs`). Token strings are the tokenizer's vocabulary pieces
 (`convert_ids_to_tokens`), unique per id, so byte-level pieces never collide.

@@ -12,7 +12,7 @@ A *base* model has none; the setting gives it one, as
 - the path of a file holding such a template (e.g. `templates/my_chat.jinja`).
 
 Each preset also says where an assistant turn ends (`PRESET_STOPS`): a base model does not
-stop at its eos, it goes on to write the next "\nUser: …" turn itself. Generation stops at
+stop at its eos, it goes on to write the next "\\nUser: …" turn itself. Generation stops at
 these strings and the answer is cut before them (`cut_at_stop`); a custom template declares
 its own with the `chat_template_stop` key. A tokenizer's own template (an instruct model)
 has none: its model ends a turn with its eos.
