@@ -217,6 +217,9 @@ def render_html(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
         body = f"<p>{view.data.num_rows} accepted rows.</p>" + _table(["strategy", "rows"], [[k, v] for k, v in strategies.items()], {1})
         if strategies:
             body += bar_chart(strategies, "accepted rows per strategy")
+        finish_reasons = view.finish_reasons()
+        if finish_reasons:  # stop: eos or a stop string; length: max_tokens ran out
+            body += _table(["finish reason", "rows"], [[k, v] for k, v in finish_reasons.items()], {1})
     parts.append(_section("strategies", "Accepted rows per strategy", body))
 
     reasons = view.reasons()

@@ -175,6 +175,9 @@ def test_inspect_counts_rows_per_finish_reason(tmp_path):
     text = render_text(view)
     assert "accepted rows per finish reason" in text
     assert "  stop                             2" in text and "  length                           1" in text
+    from distillflow.storage.report import render_html
+
+    assert "<th>finish reason</th>" in render_html(view)
 
 
 # -- the trained base model -------------------------------------------------------------------
