@@ -11,6 +11,8 @@ meaning depends on the check:
               ("B) Paris"); the answer picks an option by its letter or by its text
     json      answer and reference parse to equal JSON values (code fences around the
               answer and text around one JSON object/array are tolerated)
+    one_of    the reference lists every right answer, separated by "|" ("a|l|m"); the answer,
+              whitespace-stripped, is one of them (questions with several right answers)
 
 Metrics compare an answer with a reference text (the teacher's answer on held-out rows):
 `exact_match`, `token_f1` (SQuAD-style bag of tokens) and `rouge_l` (F1 of the longest
@@ -61,6 +63,13 @@ def check_numeric(answer: str, reference: str) -> bool:
     if got is None:
         return False
     return math.isclose(got, expected, rel_tol=NUMERIC_REL_TOL, abs_tol=NUMERIC_ABS_TOL)
+
+
+ONE_OF_SEPARATOR = "|"
+
+
+def check_one_of(answer: str, reference: str) -> bool:
+    return answer.strip() in {option.strip() for option in reference.split(ONE_OF_SEPARATOR)}
 
 
 def check_regex(answer: str, reference: str) -> bool:
@@ -140,6 +149,7 @@ CHECKS: dict[str, Callable[[str, str], bool]] = {
     "regex": check_regex,
     "choice": check_choice,
     "json": check_json,
+    "one_of": check_one_of,
 }
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from distillflow.prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS
 from distillflow.training.config import CHAT_TEMPLATE_STOP_HELP, ChatTemplateSetting, StopStrings
 
-CheckName = Literal["exact", "contains", "numeric", "regex", "choice", "json"]
+CheckName = Literal["exact", "contains", "numeric", "regex", "choice", "json", "one_of"]
 
 # Perturbations a robustness test can use: the project's own prompt generators.
 PERTURBATION_NAMES: tuple[str, ...] = (*ADVERSARIAL_KINDS, *EDGE_CASE_KINDS)
@@ -108,6 +108,13 @@ class EvalSet(_Strict):
         None, description="Check of rows without a `check` column value (default: exact when a reference is given)."
     )
 
+    @field_validator("path")
+    @classmethod
+    def _readable_kind(cls, value: Path) -> Path:
+        if value.suffix not in (".jsonl", ".parquet"):
+            raise ValueError(f"{value}: use a .jsonl or .parquet file")
+        return value
+
     @property
     def label(self) -> str:
         return self.name or self.path.stem
@@ -198,6 +205,15 @@ class SpeedConfig(_Strict):
         return sorted(set(value))
 
 
+class SpreadConfig(_Strict):
+    """Questions with several right answers (check `one_of`): sample each in-process model
+    several times and report, per family, the share of right samples (validity) and how many
+    of the right answers its samples cover (spread)."""
+
+    samples: int = Field(8, ge=2, le=256, description="Sampled answers per question.")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature (1.0: the model's own distribution).")
+
+
 class EvalGenerationConfig(_Strict):
     """How evaluated model directories generate their answers (greedy)."""
 
@@ -226,6 +242,9 @@ class EvalConfig(_Strict):
     )
     generation: EvalGenerationConfig = Field(
         default_factory=EvalGenerationConfig, description="Greedy answer generation."
+    )
+    spread: SpreadConfig | None = Field(
+        None, description="Validity and spread of sampled answers to `one_of` questions (null: skip)."
     )
     reference_model: str | None = Field(
         None,

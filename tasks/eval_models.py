@@ -162,6 +162,21 @@ class InProcessModel:
                 progress(len(results))
         return answers
 
+    def sample(self, prompts: list[str], samples: int, temperature: float) -> list[list[str | None]]:
+        """`samples` answers per prompt at `temperature` (sample i seeded by i): (prompts, samples)."""
+        greedy = self.runner.generation
+        out: list[list[str | None]] = [[] for _ in prompts]
+        try:
+            for index in range(samples):
+                self.runner.generation = greedy.model_copy(update={"temperature": temperature, "top_p": 1.0, "seed": index})
+                for start in range(0, len(prompts), self.batch_size):
+                    chunk = [[{"role": "user", "content": p}] for p in prompts[start : start + self.batch_size]]
+                    for offset, result in enumerate(self.runner.answer_batch(chunk)):
+                        out[start + offset].append(None if result.error else result.content)
+        finally:
+            self.runner.generation = greedy
+        return out
+
     def _synchronize(self) -> None:
         import torch
 

@@ -104,6 +104,44 @@ def report_markdown(report: dict[str, Any]) -> str:
             ),
             "",
         ]
+    families = sorted({name for entry in models.values() for name in entry["accuracy"].get("per_family", {})})
+    if families:
+        parts += [
+            "## Accuracy per family (clean prompts)",
+            "",
+            markdown_table(
+                ["model", *families],
+                [
+                    [name, *(_pct((entry["accuracy"]["per_family"].get(f) or {}).get("accuracy")) for f in families)]
+                    for name, entry in models.items()
+                ],
+            ),
+            "",
+        ]
+    spread_families = sorted({name for entry in models.values() for name in (entry.get("spread") or {})})
+    if spread_families:
+        parts += [
+            "## Several right answers: validity and spread of sampled answers",
+            "",
+            "validity: share of sampled answers that are right; spread: share of the right answers "
+            "each question's samples cover (of the most they could), averaged over questions.",
+            "",
+            markdown_table(
+                ["model", *(f"{f} {kind}" for f in spread_families for kind in ("validity", "spread"))],
+                [
+                    [
+                        name,
+                        *(
+                            _pct(((entry.get("spread") or {}).get(f) or {}).get(kind))
+                            for f in spread_families
+                            for kind in ("validity", "spread")
+                        ),
+                    ]
+                    for name, entry in models.items()
+                ],
+            ),
+            "",
+        ]
     perturbations = report.get("perturbations") or []
     if perturbations:
         parts += [

@@ -27,7 +27,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distillflow.config import (
     ConfigError,
@@ -45,7 +45,7 @@ from distillflow.prompts.edge_cases import EDGE_CASES
 from distillflow.records import content_id
 from distillflow.storage.dataset import is_heldout
 from distillflow.storage.ledger import LEDGER_DIR, TEACHER_LEDGER, Ledger
-from distillflow.tasks.eval_checks import CHECKS, exact_match, is_correct, rouge_l, token_f1
+from distillflow.tasks.eval_checks import CHECKS, ONE_OF_SEPARATOR, exact_match, is_correct, rouge_l, token_f1
 from distillflow.tasks.eval_config import EvalConfig, EvalModel, RobustnessConfig
 from distillflow.tasks.eval_report import (
     TABLE_COLUMNS,
@@ -71,6 +71,20 @@ class EvalOnlyConfig(BaseModel):
     output_dir: Path | None = Field(None, description="The dataset (held-out rows) and the teacher's ledger.")
     teacher: TeacherConfig | None = Field(None, description="The teacher that `teacher: true` models refer to.")
     evaluation: EvalConfig
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> EvalOnlyConfig:
+        """`teacher: true` needs a teacher (an endpoint one, its ledger); heldout needs a dataset."""
+        for index, model in enumerate(self.evaluation.models):
+            key = f"evaluation.models.{index}"
+            if model.teacher and self.teacher is None:
+                raise ValueError(f"{key} says `teacher: true` but the config has no `teacher:` section; add one")
+            if model.teacher and self.teacher is not None and self.teacher.backend == "openai" and self.output_dir is None:
+                raise ValueError(f"{key}: an openai teacher needs the config's `output_dir` (its ledger)")
+        heldout = self.evaluation.heldout
+        if heldout is not None and heldout.dataset_dir is None and self.output_dir is None:
+            raise ValueError("evaluation.heldout needs `dataset_dir` (or a top-level `output_dir`)")
+        return self
 
 
 @dataclass
@@ -118,7 +132,8 @@ def eval_run_from_config(config: DistillConfig, source: str = "<config>") -> Eva
 
 
 def check_eval_run(run: EvalRun) -> None:
-    """Every referenced file exists and every `teacher: true` has a teacher, before any work."""
+    """Every file and key the run refers to exists, before any work (the config's own rules
+    were checked when it loaded)."""
     where = run.source
     for index, model in enumerate(run.config.models):
         key = f"evaluation.models.{index}"
@@ -127,21 +142,15 @@ def check_eval_run(run: EvalRun) -> None:
                 f"{where}: {key}.path: {model.path} is not a Hugging Face model directory (no config.json); "
                 "point it at a directory written by save_pretrained (e.g. a training run's final/)"
             )
-        if model.teacher:
-            if run.teacher is None:
-                raise ConfigError(f"{where}: {key} says `teacher: true` but the config has no `teacher:` section; add one")
-            if run.teacher.backend == "local" and not (Path(run.teacher.model) / "config.json").is_file():
-                raise ConfigError(f"{where}: teacher.model {run.teacher.model} is not a model directory (no config.json)")
-            if run.teacher.backend == "openai" and run.teacher_ledger is None:
-                raise ConfigError(f"{where}: {key}: an openai teacher needs the config's `output_dir` (its ledger)")
+        teacher = run.teacher if model.teacher else None
+        if teacher is not None and teacher.is_local and not (Path(teacher.model) / "config.json").is_file():
+            raise ConfigError(f"{where}: teacher.model {teacher.model} is not a model directory (no config.json)")
     for index, item in enumerate(run.config.eval_sets):
         if not item.path.is_file():
             raise ConfigError(
                 f"{where}: evaluation.eval_sets.{index}.path: {item.path} does not exist "
                 f"(relative paths resolve against {Path.cwd()}); fix the path"
             )
-        if item.path.suffix not in (".jsonl", ".parquet"):
-            raise ConfigError(f"{where}: evaluation.eval_sets.{index}.path: {item.path}: use a .jsonl or .parquet file")
     keys = [(f"evaluation.models.{i}.api_key_env", m.api_key_env) for i, m in enumerate(run.config.models) if m.base_url]
     if any(m.teacher for m in run.config.models) and run.teacher is not None and run.teacher.backend == "openai":
         keys.append(("teacher.api_key_env", run.teacher.api_key_env))
@@ -154,8 +163,6 @@ def check_eval_run(run: EvalRun) -> None:
                 "(or set it to null for a server without auth)"
             )
     if run.config.heldout is not None:
-        if run.dataset_dir is None:
-            raise ConfigError(f"{where}: evaluation.heldout needs `dataset_dir` (or a top-level `output_dir`)")
         if not any((Path(run.dataset_dir) / "data").glob("*.parquet")):
             raise ConfigError(
                 f"{where}: evaluation.heldout: {run.dataset_dir}/data has no Parquet shards; build the dataset "
@@ -178,6 +185,7 @@ class EvalItem:
     reference: str | None
     check: str | None
     protect: tuple[str, ...] = ()
+    family: str | None = None  # the row's `family` (or `skill`) column: accuracy is reported per value
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -218,7 +226,10 @@ def load_eval_set(path: Path, label: str, limit: int | None, default_check: str 
         if isinstance(protect, str) or not all(isinstance(span, str) for span in protect):
             raise ConfigError(f"{path}: row {number}: `protect` must be a list of strings")
         prompt_id = f"{label}:{number - 1}"
-        items.append(EvalItem(label, CLEAN, 0, prompt_id, prompt, reference, check, tuple(protect)))
+        family = row.get("family") or row.get("skill")
+        items.append(
+            EvalItem(label, CLEAN, 0, prompt_id, prompt, reference, check, tuple(protect), None if family is None else str(family))
+        )
     if not items:
         raise ConfigError(f"{path}: no rows; an eval set needs at least one prompt")
     return items
@@ -330,6 +341,7 @@ def score_item(item: EvalItem, answer: Any) -> dict[str, Any]:
         "answer": text,
         "reference": item.reference,
         "check": item.check,
+        "family": item.family,
         "correct": None,
         "latency_s": answer.latency_s,
         "completion_tokens": answer.completion_tokens,
@@ -386,6 +398,8 @@ def evaluate_model(run: EvalRun, model: EvalModel, items: list[EvalItem], log: A
                 for (index, _), (nll, tokens) in zip(heldout, scores):
                     records[index]["nll"] = nll
                     records[index]["target_tokens"] = tokens
+            if run.config.spread is not None:
+                info["spread"] = sample_spread(runner, items, run.config.spread, log, model.name)
             speed = run.config.speed
             if speed is not None:
                 log(f"{model.name}: timing generation at batch sizes {speed.batch_sizes}")
@@ -403,6 +417,47 @@ def evaluate_model(run: EvalRun, model: EvalModel, items: list[EvalItem], log: A
     info.update(info_memory)
     info["seconds"] = round(time.perf_counter() - began, 3)  # loading, answering, scoring and timing
     return {"records": records, "info": info}
+
+
+def spread_of(answers_per_prompt: list[list[str | None]], valid_per_prompt: list[tuple[str, ...]]) -> dict[str, Any]:
+    """Validity and spread of sampled answers to questions with several right answers.
+
+    validity: share of all samples that are right. spread: per prompt, the distinct right
+    answers among its samples over the most it could show (min(samples, right answers)),
+    averaged over prompts: 1.0 when the samples cover the right answers as evenly as they
+    can, 1 / min(...) for a model that always gives the same right answer.
+    """
+    samples = right = 0
+    coverage: list[float] = []
+    for answers, valid in zip(answers_per_prompt, valid_per_prompt):
+        hits = [answer.strip() for answer in answers if answer is not None and answer.strip() in valid]
+        samples += len(answers)
+        right += len(hits)
+        coverage.append(len(set(hits)) / min(len(answers), len(valid)))
+    return {
+        "prompts": len(coverage),
+        "samples_per_prompt": len(answers_per_prompt[0]) if answers_per_prompt else 0,
+        "validity": right / samples if samples else None,
+        "spread": _mean(coverage),
+    }
+
+
+def sample_spread(runner: Any, items: list[EvalItem], config: Any, log: Any, name: str) -> dict[str, Any]:
+    """`config.samples` sampled answers (at `config.temperature`) to each clean `one_of` item,
+    scored per family by `spread_of`. In-process models only (the sampling seed is the sample's index)."""
+    chosen = [item for item in items if item.perturbation == CLEAN and item.check == "one_of" and item.reference]
+    if not chosen:
+        return {}
+    log(f"{name}: sampling {config.samples} answers to each of {len(chosen)} questions with several right answers")
+    answers = runner.sample([item.prompt for item in chosen], config.samples, config.temperature)  # (prompts, samples)
+    valid = [tuple(option.strip() for option in (item.reference or "").split(ONE_OF_SEPARATOR)) for item in chosen]
+    families: dict[str, list[int]] = defaultdict(list)
+    for index, item in enumerate(chosen):
+        families[item.family or item.eval_set].append(index)
+    return {
+        family: spread_of([answers[i] for i in indices], [valid[i] for i in indices])
+        for family, indices in sorted(families.items())
+    }
 
 
 # -- judge ------------------------------------------------------------------------------
@@ -541,15 +596,19 @@ def model_report(records: list[dict[str, Any]], judge_records: list[dict[str, An
     perturbed = [r for r in sets if r["perturbation"] != CLEAN]
     per_set: dict[str, list] = defaultdict(list)
     per_check: dict[str, list] = defaultdict(list)
+    per_family: dict[str, list] = defaultdict(list)
     for record in clean:
         per_set[record["eval_set"]].append(record)
         if record["check"] is not None:
             per_check[record["check"]].append(record)
+        if record.get("family") is not None:
+            per_family[record["family"]].append(record)
     report: dict[str, Any] = {
         "accuracy": {
             **_accuracy(clean),
             "per_eval_set": {name: _accuracy(rows) for name, rows in sorted(per_set.items())},
             "per_check": {name: _accuracy(rows) for name, rows in sorted(per_check.items())},
+            "per_family": {name: _accuracy(rows) for name, rows in sorted(per_family.items())},
         }
     }
     if perturbed:
@@ -634,6 +693,7 @@ def build_report(
             "peak_memory_mb": info.get("peak_memory_mb"),
             "peak_memory_kind": info.get("peak_memory_kind"),
             "speed": info.get("speed"),
+            "spread": info.get("spread"),
             "usage": info.get("usage"),
             "seconds": info.get("seconds"),
             **model_report(own, [r for r in judge_records if r["model"] == name]),

@@ -240,7 +240,8 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown perturbation"):
         parse_config({**BASE_CONFIG, "evaluation": {**bad, "models": [{"name": "s", "path": "s"}], "robustness": {"perturbations": ["nope"]}}})
     path = tmp_path / "e.yaml"
-    path.write_text(yaml.safe_dump({"evaluation": {"output_dir": "e", "models": [{"name": "s", "path": str(tmp_path)}], "heldout": {}}}))
+    heldout = {"dataset_dir": str(tmp_path)}
+    path.write_text(yaml.safe_dump({"evaluation": {"output_dir": "e", "models": [{"name": "s", "path": str(tmp_path)}], "heldout": heldout}}))
     with pytest.raises(ConfigError, match=r"evaluation.models.0.path"):
         load_eval_run(path)
 
@@ -313,7 +314,12 @@ def tiny_model(tmp_path_factory):
 def test_distill_eval_end_to_end_in_process(prefect_harness, tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path / "data", count=40)
-    write_jsonl(tmp_path / "set.jsonl", [{k: v for k, v in row.items()} for row in skill_rows()])
+    rows = skill_rows()
+    for index, row in enumerate(rows):  # two families; the second's questions have several right answers
+        row["family"] = "first_letter" if index % 2 == 0 else "any_letter"
+        if index % 2:
+            row.update(check="one_of", reference="|".join(sorted(set(row["protect"][1]))))
+    write_jsonl(tmp_path / "set.jsonl", rows)
     config = {
         "output_dir": "data",
         "teacher": {"backend": "local", "model": str(tiny_model), "device": "cpu"},
@@ -325,6 +331,7 @@ def test_distill_eval_end_to_end_in_process(prefect_harness, tiny_model, tmp_pat
             "robustness": {"perturbations": ["typo", "distractor"]},
             "speed": {"batch_sizes": [1, 4], "prompts": 4, "max_new_tokens": 3, "warmup": 1},
             "generation": {"max_tokens": 4, "device": "cpu"},
+            "spread": {"samples": 3},
         },
     }
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
@@ -349,6 +356,15 @@ def test_distill_eval_end_to_end_in_process(prefect_harness, tiny_model, tmp_pat
         assert entry["parameters"] > 0 and entry["size_mb"] > 0 and entry["peak_memory_mb"] is not None
         assert math.isclose(entry["weights_memory_mb"] * 2**20, 4 * entry["parameters"], rel_tol=0.01)  # float32
         assert set(entry["speed"]) == {"1", "4"} and entry["speed"]["1"]["tokens_per_s"] > 0
+        clean = [r for r in records if r["model"] == model and r["eval_set"] == "skills" and r["perturbation"] == "clean"]
+        for family in ("first_letter", "any_letter"):
+            own = [r for r in clean if r["family"] == family]
+            assert entry["accuracy"]["per_family"][family]["total"] == len(own) == 2
+            assert entry["accuracy"]["per_family"][family]["correct"] == sum(r["correct"] for r in own)
+        spread = entry["spread"]["any_letter"]
+        assert spread["prompts"] == 2 and spread["samples_per_prompt"] == 3
+        assert 0.0 <= spread["validity"] <= 1.0 and 0.0 <= spread["spread"] <= 1.0
+    assert "Accuracy per family" in (tmp_path / "eval" / "report.md").read_text()
     rows = {row["model"]: row for row in report["table"]}
     assert report["reference_model"] == "teacher" and rows["teacher"]["speedup_vs_teacher"] == 1.0
     # The same weights, greedy: the local teacher and the student answer alike.

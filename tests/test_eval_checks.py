@@ -85,3 +85,23 @@ def test_rouge_l_is_lcs_f1():
     assert math.isclose(rouge_l("a x b y", "a b z"), 4 / 7)
     assert rouge_l("b a", "a b") == 0.5  # order matters, unlike token F1
     assert token_f1("b a", "a b") == 1.0
+
+
+def test_one_of_accepts_any_listed_answer_and_nothing_else():
+    from distillflow.tasks.eval_checks import is_correct
+
+    assert is_correct("one_of", " l\n", "a|l|m") and is_correct("one_of", "a", "a|l|m")
+    assert not is_correct("one_of", "x", "a|l|m") and not is_correct("one_of", "al", "a|l|m")
+    assert not is_correct("one_of", None, "a|l|m")
+
+
+def test_spread_tells_a_model_that_covers_the_answers_from_one_that_repeats_one():
+    from distillflow.tasks.evaluate import spread_of
+
+    valid = [("a", "b", "c", "d"), ("x", "y")]
+    covering = spread_of([["a", "b", "c", "d"], ["x", "y", "x", "y"]], valid)
+    repeating = spread_of([["a", "a", "a", "a"], ["x", "x", "x", "x"]], valid)
+    wrong = spread_of([["a", "q", None, "q"], ["z", "z", "z", "z"]], valid)
+    assert covering == {"prompts": 2, "samples_per_prompt": 4, "validity": 1.0, "spread": 1.0}
+    assert repeating["validity"] == 1.0 and repeating["spread"] == (1 / 4 + 1 / 2) / 2
+    assert wrong["validity"] == 1 / 8 and wrong["spread"] == (1 / 4 + 0) / 2
