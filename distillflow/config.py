@@ -25,6 +25,7 @@ from distillflow.training.config import (
     ChatTemplateSetting,
     StopStrings,
     TrainingConfig,
+    check_sampled_capture,
     check_stops_have_a_template,
 )
 
@@ -448,6 +449,18 @@ class DistillConfig(StrictModel):
                 if section.chat_template_stop is None:
                     section.chat_template_stop = stops
             check_stops_have_a_template(prefix, section.chat_template, section.chat_template_stop)
+        return self
+
+    @model_validator(mode="after")
+    def _sampled_capture_trains_at_t1(self) -> DistillConfig:
+        """kd_topk on the dataset this config's capture writes with method: sampled needs
+        temperature 1 and forward_kl (training.config.check_sampled_capture)."""
+        capture, training = self.capture, self.training
+        if capture is None or training is None or capture.method != "sampled" or training.objective != "kd_topk":
+            return self
+        captured = capture.output_dir or capture.input_dir or training.dataset_dir or self.output_dir
+        if Path(captured).resolve() == Path(training.dataset_dir).resolve():
+            check_sampled_capture(training.temperature, training.divergence)
         return self
 
     @model_validator(mode="after")

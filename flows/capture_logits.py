@@ -39,7 +39,8 @@ def capture_logits_command(config_path: str | Path) -> dict[str, Any]:
     preflight_capture(config, str(config_path))  # models, template, vocabulary, context
     summary = capture_logits(settings)
     print(
-        f"captured top-{summary['k']} logprobs of {summary['positions']} tokens in "
+        f"captured {'top-' if settings.method == 'topk' else 'sampled '}{summary['k']} logprobs of "
+        f"{summary['positions']} tokens in "
         f"{summary['rows']} rows → {settings.output_dir} "
         f"({summary['stored_bytes_per_token']} bytes/token stored, "
         f"{summary['shards_skipped']} shard(s) already done)"

@@ -39,6 +39,18 @@ class CaptureConfig(BaseModel):
         "training.teacher (vllm).",
     )
     k: int = Field(20, ge=1, le=1024, description="Logprobs kept per position (vLLM caps it at --max-logprobs).")
+    method: Literal["topk", "sampled"] = Field(
+        "topk",
+        description="topk: the teacher's k most likely tokens and their logprobs (kd_topk adds the "
+        "rest as a tail bucket). sampled: k tokens drawn from the teacher's full distribution at "
+        "each position, stored as the distinct ids with log(draw count / k), an unbiased estimate "
+        "of the teacher (Anshumann et al., ACL 2025) in the same bytes per token; trains with "
+        "kd_topk at training.temperature 1 and forward_kl. Needs source: local.",
+    )
+    seed: int = Field(
+        0, ge=0, description="sampled: seed of the draws, mixed with each row's id and position "
+        "(a rerun draws the same tokens).",
+    )
     input_dir: Path | None = Field(
         None, description="Dataset to read (its data/*.parquet). Default: output_dir of the config."
     )
@@ -79,4 +91,10 @@ class CaptureConfig(BaseModel):
     def _check(self) -> CaptureConfig:
         if self.source == "vllm" and self.device != "auto":
             raise ValueError("capture.device applies to source: local only; remove it")
+        if self.method == "sampled" and self.source != "local":
+            raise ValueError(
+                "capture.method: sampled draws from the teacher's full distribution, which a vLLM "
+                "server does not return (prompt_logprobs gives its top-k only); use source: local "
+                "with the teacher's model directory, or method: topk"
+            )
         return self

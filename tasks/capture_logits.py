@@ -13,6 +13,11 @@ Two scorers produce the same (T, k) arrays:
   of token ids with `prompt_logprobs = k` (entry i of `prompt_logprobs` is the distribution
   that predicts token i, the same convention as above, shifted by one).
 
+With `capture.method: sampled` (local only) each position holds instead the distinct ids of
+k tokens drawn from the teacher's distribution, with log(draw count / k) as logprobs, in the
+same columns and codec (`tasks.logit_sampling`); the shards' provenance and the manifest's
+`capture.method` say which, and training reads it from there.
+
 New columns: `teacher_topk` (binary, `storage.topk` codec), `teacher_topk_k` (int16),
 `teacher_topk_model` (string). Each shard is rewritten atomically and records what it was
 captured with, so a rerun skips the shards already done; the manifest is written last.
@@ -99,6 +104,8 @@ class CaptureSettings:
     timeout_s: float
     max_retries: int
     chat_template: str | None = None  # the setting (preset, Jinja or file); None: the tokenizer's own
+    method: str = "topk"  # "topk" | "sampled" (tasks.logit_sampling)
+    seed: int = 0  # sampled: seed of the draws, with each row's id and position
 
     @property
     def in_place(self) -> bool:
@@ -115,6 +122,9 @@ class CaptureSettings:
             "system_prompt": self.system_prompt,
             "max_length": self.max_length,
         }
+        if self.method != "topk":  # (absent for top-k, so earlier top-k captures stay current)
+            fingerprint["method"] = self.method
+            fingerprint["seed"] = self.seed
         if self.chat_template is not None:  # the text, not the setting: an edited file makes shards stale
             fingerprint["chat_template"] = chat_template_text(self.chat_template)
             if template_stops(self.chat_template):  # responses are cut at its turn end (encode_example)
@@ -183,6 +193,8 @@ def resolve_capture_settings(config: DistillConfig) -> CaptureSettings:
         max_concurrency=capture.max_concurrency,
         timeout_s=capture.timeout_s,
         max_retries=capture.max_retries,
+        method=capture.method,
+        seed=capture.seed,
     )
 
 
@@ -256,13 +268,37 @@ class LocalScorer:
 
         if k > self.vocab_size:
             raise ValueError(f"capture.k = {k} exceeds the teacher's vocabulary of {self.vocab_size}")
+        results: list[TopK | None] = [None] * len(sequences)
+        for index, logprobs in self.target_logprobs(sequences, targets, batch_size):
+            values, ids = torch.topk(logprobs, k, dim=-1)  # (T, k) each, descending
+            results[index] = (ids.cpu().numpy().astype(np.int64), values.cpu().numpy())
+        return results  # type: ignore[return-value]
+
+    def sampled(
+        self, sequences: list[list[int]], targets: list[np.ndarray], k: int, batch_size: int,
+        row_ids: Sequence[str], seed: int,
+    ) -> list[TopK]:
+        """k draws from the teacher's distribution per position: (distinct ids, log draw
+        frequencies), padded to k (`tasks.logit_sampling.sample_sparse_targets`)."""
+        from distillflow.tasks.logit_sampling import sample_sparse_targets
+
+        if k > self.vocab_size:
+            raise ValueError(f"capture.k = {k} exceeds the teacher's vocabulary of {self.vocab_size}")
+        results: list[TopK | None] = [None] * len(sequences)
+        for index, logprobs in self.target_logprobs(sequences, targets, batch_size):
+            results[index] = sample_sparse_targets(logprobs, k, row_ids[index], seed)
+        return results  # type: ignore[return-value]
+
+    def target_logprobs(self, sequences: list[list[int]], targets: list[np.ndarray], batch_size: int):
+        """Yield (index, (T, V) float32 log-probabilities of the teacher at the row's targets)."""
+        import torch
+
         largest = max((max(ids) for ids in sequences if ids), default=0)
         if largest >= self.vocab_size:
             raise ValueError(
                 f"token id {largest} is outside the teacher's vocabulary of {self.vocab_size}; "
                 "capture.tokenizer must be a tokenizer that teacher and student share"
             )
-        results: list[TopK | None] = [None] * len(sequences)
         # Similar lengths share a batch (less padding); right padding + attention mask leaves
         # the logits of real tokens unchanged (causal attention never looks right).
         order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
@@ -281,10 +317,7 @@ class LocalScorer:
                 ).logits  # (B, L, V)
                 for row, index in enumerate(chunk):
                     positions = torch.as_tensor(targets[index] - 1, device=self.device)  # (T,)
-                    logprobs = torch.log_softmax(logits[row, positions].float(), dim=-1)  # (T, V)
-                    values, ids = torch.topk(logprobs, k, dim=-1)  # (T, k) each, descending
-                    results[index] = (ids.cpu().numpy().astype(np.int64), values.cpu().numpy())
-        return results  # type: ignore[return-value]
+                    yield index, torch.log_softmax(logits[row, positions].float(), dim=-1)  # (T, V)
 
 
 class VllmScorer:
@@ -393,7 +426,11 @@ def capture_shard(in_path: Path, settings: CaptureSettings) -> ShardCapture:
         encoded = encode_rows(settings, prompts, responses)
         sequences = [input_ids for input_ids, _ in encoded]
         targets = [target for _, target in encoded]
-        topks = scorer.topk(sequences, targets, settings.k, settings.batch_size)
+        if settings.method == "sampled":
+            row_ids = [str(row_id) for row_id in batch.column("id").to_pylist()]
+            topks = scorer.sampled(sequences, targets, settings.k, settings.batch_size, row_ids, settings.seed)
+        else:
+            topks = scorer.topk(sequences, targets, settings.k, settings.batch_size)
         blobs = [encode_topk(ids, logprobs) for ids, logprobs in topks]
         totals["rows"] += batch.num_rows
         totals["positions"] += sum(len(target) for target in targets)
@@ -412,6 +449,14 @@ def capture_shard(in_path: Path, settings: CaptureSettings) -> ShardCapture:
         )
     stored = column_compressed_bytes(out_path, "teacher_topk")
     return ShardCapture(info.to_dict(), skipped=False, stored_bytes=stored, **totals)
+
+
+SAMPLED_NOTE = {
+    "sampled_note": "each position holds the distinct ids of k draws from the teacher's distribution "
+    "with logprob = log(draw count / k) (weights sum to 1; the expected weight of a token is its "
+    "teacher probability); spare slots hold undrawn tokens at weight 0; train with kd_topk at "
+    "temperature 1 and forward_kl",
+}
 
 
 # -- dataset --------------------------------------------------------------------------------
@@ -485,6 +530,8 @@ def capture_summary(settings: CaptureSettings, results: Sequence[ShardCapture]) 
     positions = sum(result.positions for result in results)
     return {
         **settings.fingerprint(),
+        "method": settings.method,
+        **(SAMPLED_NOTE if settings.method == "sampled" else {}),
         "input_dir": settings.input_dir,
         "columns": [field.name for field in TOPK_FIELDS],
         "rows": sum(result.rows for result in results),

@@ -44,6 +44,26 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 DEEPSPEED_CONFIG_DIR = packaged("configs/deepspeed")
 
 
+def check_sampled_capture(temperature: float, divergence: str) -> None:
+    """A sampled capture holds draw frequencies w with E[w] = p (the teacher at T = 1). Only
+    the forward KL is linear in the target, so only it keeps the gradient unbiased, and only
+    at T = 1: E[w^(1/T)] is not p^(1/T)."""
+    if temperature != 1.0:
+        raise ValueError(
+            f"training.temperature is {temperature:g}, but the dataset's teacher_topk was captured "
+            "with capture.method: sampled, whose weights are draw frequencies of the teacher at "
+            "T = 1; re-tempering them is biased. Set training.temperature: 1.0, or capture with "
+            "capture.method: topk"
+        )
+    if divergence != "forward_kl":
+        raise ValueError(
+            f"training.divergence is {divergence}, but the dataset's teacher_topk was captured with "
+            "capture.method: sampled; only forward_kl is unbiased on sampled weights (the others "
+            "are not linear in the target). Set training.divergence: forward_kl, or capture with "
+            "capture.method: topk"
+        )
+
+
 class DeriveStudentConfig(BaseModel):
     """Build the student from the teacher instead of loading a model directory.
 

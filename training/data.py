@@ -219,6 +219,26 @@ def tokenize_dataset(
     ]
 
 
+def capture_method(dataset_dir: str | Path) -> str:
+    """How the dataset's `teacher_topk` was captured: "topk" or "sampled" (`capture.method`).
+
+    Read from every shard's provenance (`distill capture-logits` records it there; top-k
+    captures, and shards without provenance, are "topk"). Shards that disagree are an error.
+    """
+    from distillflow.storage.add_columns import read_provenance
+
+    methods = {
+        ((read_provenance(path) or {}).get("capture") or {}).get("method", "topk")
+        for path in dataset_shards(dataset_dir)
+    }
+    if len(methods) > 1:
+        raise ValueError(
+            f"{dataset_dir}: shards were captured with different capture.method values "
+            f"({sorted(methods)}); run `distill capture-logits` again with one method"
+        )
+    return methods.pop()
+
+
 def attach_topk(
     examples: list[dict[str, np.ndarray]],
     dataset_dir: str | Path,
@@ -231,8 +251,14 @@ def attach_topk(
 
     S is the example's number of supervised tokens; a teacher blob longer than S (the response
     was truncated) is cut to the first S rows, a shorter one is an error.
+
+    A sampled capture (`capture_method`) holds weights that sum to 1; each row is renormalised
+    after decoding, so the codec's rounding (≤ 5.3e-5 per value) leaves no tail mass and the
+    kd_topk loss sees an empty tail bucket.
     """
     from distillflow.storage.topk import decode_topk
+
+    sampled = capture_method(dataset_dir) == "sampled"
 
     blobs = read_columns(dataset_dir, [column]).column(column).to_pylist()
     keep = training_row_mask(dataset_dir, holdout_fraction)
@@ -253,6 +279,8 @@ def attach_topk(
                 f"tokenisation supervises {supervised} tokens; the top-k logprobs were captured "
                 "with another tokenizer or template — capture them again with this one"
             )
+        if sampled:  # (T, k) log weights, summing to 1 up to the codec's rounding: exactly 1
+            logprobs = logprobs - np.logaddexp.reduce(logprobs.astype(np.float64), axis=-1, keepdims=True)
         example["topk_ids"] = np.asarray(ids[:supervised], dtype=np.int64)
         example["topk_logprobs"] = np.asarray(logprobs[:supervised], dtype=np.float32)
 

@@ -39,9 +39,10 @@ from distillflow.config import load_training_config
 from distillflow.failures import DiskWriteError
 from distillflow.training.checkpoints import COMPLETE, incomplete_checkpoints, resume_tag, save_checkpoint
 from distillflow.training.chat_template import chat_template_text
-from distillflow.training.config import TrainingConfig
+from distillflow.training.config import TrainingConfig, check_sampled_capture
 from distillflow.training.data import (
     attach_topk,
+    capture_method,
     collate,
     pack_examples,
     supervised_count,
@@ -213,6 +214,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         config.dataset_dir, student_tokenizer, config.system_prompt, config.max_length, cache_dir, holdout
     )
     if config.objective == "kd_topk":
+        if capture_method(config.dataset_dir) == "sampled":
+            check_sampled_capture(config.temperature, config.divergence)
         attach_topk(examples, config.dataset_dir, config.topk_column, holdout)
         topk_preflight(max(int(e["topk_ids"].max(initial=0)) for e in examples), vocab_size)
     rows = pack_examples(examples, config.max_length) if config.packing else examples
