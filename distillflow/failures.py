@@ -226,7 +226,8 @@ _PROBLEM_OF_ERRNO = {errno.ENOSPC: FULL, errno.EDQUOT: QUOTA, errno.EROFS: READ_
 
 def disk_problem(error: BaseException) -> str | None:
     """FULL, QUOTA, READ_ONLY or DENIED when `error` says the file system refused a write;
-    None for any other error (and for SQLite's I/O errors, which say nothing about why)."""
+    None for any other error (and for SQLite's I/O errors, which say nothing about why:
+    `disk_write_error` asks the file system about those)."""
     if isinstance(error, sqlite3.Error):
         name = getattr(error, "sqlite_errorname", "")
         if name.startswith("SQLITE_FULL"):
@@ -264,8 +265,8 @@ def disk_write_error(error: BaseException, path: str | Path, what: str) -> DiskW
     file system did not refuse the write."""
     path = Path(path)
     problem = disk_problem(error)
-    if problem is None and isinstance(error, sqlite3.Error):
-        problem = filesystem_problem(path)
+    if problem is None and getattr(error, "sqlite_errorname", "").startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN")):
+        problem = filesystem_problem(path)  # SQLite's bare "disk I/O error" / "unable to open database file"
     return DiskWriteError(disk_message(problem, path, what)) if problem else None
 
 
@@ -338,6 +339,7 @@ def disk_message(problem: str, path: Path, what: str) -> str:
 
 
 def problem_title(problem: str) -> str:
+    """The paragraph's first words for FULL, QUOTA, READ_ONLY or DENIED."""
     return {FULL: "no space left on the disk", QUOTA: "disk quota exceeded", READ_ONLY: "read-only file system"}.get(
         problem, "permission denied"
     )
