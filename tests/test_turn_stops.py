@@ -347,3 +347,35 @@ def test_an_openai_teacher_sends_the_turn_end_as_stop_and_rows_are_cut(tmp_path,
         assert server.stops_sent[-1] == ["\nUser:"]
     assert instruct[0]["response"] == "Paris is the capital.\nUser: and Spain?"
     assert (base[0]["response"], base[0]["finish_reason"]) == ("Paris is the capital.", "stop")
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_answers_stored_whole_are_captured_and_trained_up_to_the_turn_end(base_model, tmp_path, prefect_harness):
+    """A dataset built with no stops holds the run-on answers; capture and training both cut
+    them at the preset's turn end, so kd_topk reads top-k rows that line up (else it fails)."""
+    from distillflow.flows.build import build_command
+    from distillflow.flows.capture_logits import capture_logits_command
+    from distillflow.flows.train import train_command
+    from distillflow.storage.parquet import read_table
+    from distillflow.storage.topk import decode_topk
+    from distillflow.training.data import IGNORE_INDEX, encode_example
+    from distillflow.training.model import load_tokenizer
+    from tests.conftest import free_port
+
+    filters = {"drop_truncated": False, "near_dedup": {"enabled": False},
+               "quality": {"repetition": False, "refusal": False, "prompt_echo": False}}
+    training = {"dataset_dir": str(tmp_path / "out"), "output_dir": str(tmp_path / "run"), "student": str(base_model),
+                "teacher": str(base_model), "objective": "kd_topk", "max_length": 128, "max_steps": 1,
+                "micro_batch_size": 2, "master_port": free_port()}
+    path = build_config(tmp_path, base_model, chat_template_stop=[], filters=filters, training=training)
+    assert build_command(path)["counts"]["accepted"] == 6
+    capture_logits_command(path)
+    tokenizer = load_tokenizer(base_model)
+    for row in read_table(tmp_path / "out" / "data").to_pylist():
+        assert "\nUser:" in row["response"] and row["finish_reason"] == "length"
+        labels = encode_example(tokenizer, row["prompt"], row["response"], max_length=128, chat_template=PLAIN)["labels"]
+        answer = [label for label in labels if label != IGNORE_INDEX]
+        assert tokenizer.decode(answer) == cut_at_stop(row["response"], PRESET_STOPS["plain"])[0] + tokenizer.eos_token
+        assert decode_topk(row["teacher_topk"])[0].shape == (len(answer), 4)
+    assert train_command(path)["steps"] == 1
