@@ -18,7 +18,7 @@ from distillflow.tasks.capture_config import CaptureConfig
 from distillflow.tasks.eval_config import EvalConfig
 from distillflow.tasks.filter_config import FiltersConfig
 from distillflow.tasks.mining_config import MiningConfig
-from distillflow.tasks.sweep_config import SweepConfig
+from distillflow.tasks.sweep_config import SweepConfig, point_problems
 from distillflow.training.chat_template import turn_stops
 from distillflow.training.config import (
     CHAT_TEMPLATE_STOP_HELP,
@@ -434,21 +434,11 @@ class DistillConfig(StrictModel):
 
     @model_validator(mode="after")
     def _chat_template_shared(self) -> DistillConfig:
-        """Sections without their own chat_template take the top-level one (capture then follows
-        training, in tasks.capture_logits.resolve_capture_settings)."""
-        shared, stops = self.chat_template, self.chat_template_stop
-        check_stops_have_a_template("", shared, stops)
-        sections = [("teacher.", self.teacher)] if self.teacher.is_local else []
-        if self.training is not None:
-            sections.append(("training.", self.training))
-        if self.evaluation is not None:
-            sections += [(f"evaluation.models.{i}.", m) for i, m in enumerate(self.evaluation.models) if m.path is not None]
-        for prefix, section in sections:
-            if shared is not None and section.chat_template is None:
-                section.chat_template = shared
-                if section.chat_template_stop is None:
-                    section.chat_template_stop = stops
-            check_stops_have_a_template(prefix, section.chat_template, section.chat_template_stop)
+        """Each section's template (its own, else the top-level one) has its declared turn end."""
+        check_stops_have_a_template("", self.chat_template, self.chat_template_stop)
+        for prefix, section in template_sections(self):
+            template, stops = shared_chat_template(section, self.chat_template, self.chat_template_stop)
+            check_stops_have_a_template(prefix, template, stops)
         return self
 
     @model_validator(mode="after")
@@ -465,28 +455,154 @@ class DistillConfig(StrictModel):
 
     @model_validator(mode="after")
     def _holdout_agrees(self) -> DistillConfig:
-        """Training skips the rows evaluation holds out: training.holdout_fraction follows
-        evaluation.heldout.fraction when the held-out split is taken from the training data."""
-        heldout = self.evaluation.heldout if self.evaluation is not None else None
-        if self.training is None or heldout is None:
+        """Training skips the rows evaluation holds out: a training.holdout_fraction that is set
+        must be evaluation.heldout.fraction when the held-out split is taken from the training data."""
+        fraction = heldout_fraction_of_training(self)
+        training = self.training
+        if training is None or fraction is None or training.holdout_fraction in (None, fraction):
             return self
-        heldout_dir = heldout.dataset_dir or self.output_dir
-        if Path(heldout_dir).resolve() != Path(self.training.dataset_dir).resolve():
+        raise ValueError(
+            f"training.holdout_fraction ({training.holdout_fraction}) differs from "
+            f"evaluation.heldout.fraction ({fraction}) on the same dataset, so the student "
+            "would train on rows it is evaluated on (or skip rows for nothing); set both to the "
+            "same value, or remove training.holdout_fraction"
+        )
+
+    @model_validator(mode="after")
+    def _capture_lines_up(self) -> DistillConfig:
+        """Captured positions must be the ones training reads: same template, same max_length,
+        and a tokenizer and a server to score them with."""
+        capture, training = self.capture, self.training
+        if capture is None:
             return self
-        if self.training.holdout_fraction is None:
-            self.training.holdout_fraction = heldout.fraction
-        elif self.training.holdout_fraction != heldout.fraction:
+        if training is not None:
+            training_template = shared_chat_template(training, self.chat_template, self.chat_template_stop)[0]
+            if capture.chat_template is not None and capture.chat_template != training_template:
+                raise ValueError(
+                    f"capture.chat_template ({capture.chat_template!r}) differs from training.chat_template "
+                    f"({training_template!r}); the captured positions would not line up with the "
+                    "student's tokens, so use one setting (the top-level chat_template)"
+                )
+            if capture.max_length is not None and capture.max_length != training.max_length:
+                raise ValueError(
+                    f"capture.max_length ({capture.max_length}) differs from training.max_length "
+                    f"({training.max_length}); positions would not line up, use the same value"
+                )
+        if capture.source == "vllm":
+            known = training is not None and (training.student is not None or training.teacher is not None)
+            if capture.tokenizer is None and not known:
+                raise ValueError(
+                    "capture.tokenizer is required with source: vllm (set it to the directory of "
+                    "the tokenizer that teacher and student share)"
+                )
+            if not (capture.base_url or self.teacher.base_url):
+                raise ValueError("capture.base_url (or teacher.base_url) is required with source: vllm")
+        return self
+
+    @model_validator(mode="after")
+    def _mining_can_run(self) -> DistillConfig:
+        """What `distill mine` needs from the rest of the config."""
+        mining, training = self.mining, self.training
+        if mining is None:
+            return self
+        dataset_dir, output_dir = mining_dirs(self)
+        if output_dir.resolve() == dataset_dir.resolve():
+            raise ValueError("mining.output_dir is the dataset itself; the mined version needs its own directory")
+        if mining.student is None and training is None:
+            raise ValueError("mining.student is not set and there is no `training:` section to find it in")
+        if mining.score == "kl" and not self.teacher.is_local:
             raise ValueError(
-                f"training.holdout_fraction ({self.training.holdout_fraction}) differs from "
-                f"evaluation.heldout.fraction ({heldout.fraction}) on the same dataset, so the student "
-                "would train on rows it is evaluated on (or skip rows for nothing); set both to the "
-                "same value, or remove training.holdout_fraction"
+                "mining.score kl needs the teacher's logits, so an in-process teacher "
+                "(teacher.backend: local); use ce or disagreement with an endpoint teacher"
             )
+        if mining.retrain != "none" and training is None:
+            raise ValueError(f"mining.retrain {mining.retrain} needs a `training:` section (or set retrain: none)")
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_can_run(self) -> DistillConfig:
+        """What `distill sweep` needs from the rest of the config."""
+        sweep, evaluation = self.sweep, self.evaluation
+        if sweep is None:
+            return self
+        if self.training is None:
+            raise ValueError("`sweep:` needs a `training:` section (the settings each point starts from)")
+        if evaluation is None:
+            raise ValueError("`sweep:` needs an `evaluation:` section (how each point is scored)")
+        if sweep.metric == "judge_win_rate" and evaluation.judge is None:
+            raise ValueError("sweep.metric judge_win_rate needs evaluation.judge; add a judge or rank by clean_acc")
+        if sweep.metric == "agreement" and evaluation.heldout is None:
+            raise ValueError("sweep.metric agreement needs evaluation.heldout; add it or rank by clean_acc")
+        problems = point_problems(self.training, sweep)
+        if problems is not None:
+            raise ValueError(f"{problems}; change the value in sweep.grid or sweep.points")
         return self
 
     def redacted(self) -> dict[str, Any]:
         """The config as JSON-able data; holds no secret (keys are only env var names)."""
         return self.model_dump(mode="json")
+
+
+def template_sections(config: DistillConfig) -> list[tuple[str, Any]]:
+    """(key prefix, section) of every section that loads a model with a chat template."""
+    sections: list[tuple[str, Any]] = [("teacher.", config.teacher)] if config.teacher.is_local else []
+    if config.training is not None:
+        sections.append(("training.", config.training))
+    if config.evaluation is not None:
+        models = config.evaluation.models
+        sections += [(f"evaluation.models.{i}.", model) for i, model in enumerate(models) if model.path is not None]
+    return sections
+
+
+def shared_chat_template(section: Any, shared: str | None, shared_stops: list[str] | None) -> tuple[str | None, list[str] | None]:
+    """(chat_template, chat_template_stop) of a section: its own, else the top-level ones."""
+    if shared is None or section.chat_template is not None:
+        return section.chat_template, section.chat_template_stop
+    stops = section.chat_template_stop if section.chat_template_stop is not None else shared_stops
+    return shared, stops
+
+
+def heldout_fraction_of_training(config: DistillConfig) -> float | None:
+    """evaluation.heldout.fraction when the held-out rows come from the training dataset, else None."""
+    heldout = config.evaluation.heldout if config.evaluation is not None else None
+    if config.training is None or heldout is None:
+        return None
+    heldout_dir = heldout.dataset_dir or config.output_dir
+    same = Path(heldout_dir).resolve() == Path(config.training.dataset_dir).resolve()
+    return heldout.fraction if same else None
+
+
+def mining_dirs(config: DistillConfig) -> tuple[Path, Path]:
+    """(the dataset mined around, the new version's directory) of the `mining:` section."""
+    mining, training = config.mining, config.training
+    assert mining is not None
+    dataset_dir = Path(mining.dataset_dir or (training.dataset_dir if training else config.output_dir))
+    return dataset_dir, Path(mining.output_dir or f"{dataset_dir}-mined")
+
+
+def with_shared_settings(config: DistillConfig) -> DistillConfig:
+    """A copy of a validated config with the settings one section takes from another filled in:
+    the top-level chat_template (and its stop) in every section without its own, and
+    training.holdout_fraction from evaluation.heldout when both read the same dataset."""
+    shared, stops = config.chat_template, config.chat_template_stop
+    sections: dict[str, Any] = {}
+
+    def filled(section: Any) -> Any:
+        template, template_stops = shared_chat_template(section, shared, stops)
+        return section.model_copy(update={"chat_template": template, "chat_template_stop": template_stops})
+
+    if config.teacher.is_local:
+        sections["teacher"] = filled(config.teacher)
+    if config.training is not None:
+        training = filled(config.training)
+        fraction = heldout_fraction_of_training(config)
+        if training.holdout_fraction is None and fraction is not None:
+            training = training.model_copy(update={"holdout_fraction": fraction})
+        sections["training"] = training
+    if config.evaluation is not None:
+        models = [filled(model) if model.path is not None else model for model in config.evaluation.models]
+        sections["evaluation"] = config.evaluation.model_copy(update={"models": models})
+    return config.model_copy(update=sections)
 
 
 def format_validation_error(path: Path | str, error: ValidationError, section: str | None = None) -> str:
@@ -501,16 +617,20 @@ def format_validation_error(path: Path | str, error: ValidationError, section: s
             lines.append(f"  - {key}: unknown key; remove it or check its spelling")
         elif kind == "missing":
             lines.append(f"  - {key}: required key is missing; add it")
+        elif not item["loc"]:  # a rule across sections: its message names the keys, the input is the whole file
+            lines.append(f"  - {item['msg']}")
         else:
             lines.append(f"  - {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
 
 
 def parse_config(data: dict[str, Any], source: Path | str = "<config>") -> DistillConfig:
+    """The validated config, with the settings sections share filled in (`with_shared_settings`)."""
     try:
-        return DistillConfig.model_validate(data)
+        config = DistillConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(format_validation_error(source, error)) from None
+    return with_shared_settings(config)
 
 
 def read_yaml(path: Path) -> Any:

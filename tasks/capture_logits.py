@@ -144,16 +144,11 @@ def resolve_capture_settings(config: DistillConfig) -> CaptureSettings:
     model = capture.model or config.teacher.model
     # Positions follow the student's tokenisation: the student's tokenizer when known.
     tokenizer = capture.tokenizer or (training.student if training is not None else None)
-    if tokenizer is None:
-        if capture.source == "local":
-            tokenizer = Path(model)
-        elif training is not None and training.teacher is not None:
-            tokenizer = training.teacher
-        else:
-            raise ConfigError(
-                "capture.tokenizer is required with source: vllm (set it to the directory of "
-                "the tokenizer that teacher and student share)"
-            )
+    if tokenizer is None and capture.source == "local":
+        tokenizer = Path(model)
+    elif tokenizer is None:  # vllm: the teacher's (a config with neither is rejected when it loads)
+        assert training is not None
+        tokenizer = training.teacher
     input_dir = capture.input_dir or (training.dataset_dir if training else None) or config.output_dir
     if capture.system_prompt is not None:
         system_prompt = capture.system_prompt
@@ -161,20 +156,10 @@ def resolve_capture_settings(config: DistillConfig) -> CaptureSettings:
         system_prompt = training.system_prompt
     else:
         system_prompt = config.teacher.system_prompt
-    # Training's tokenisation decides the positions: its template (which defaults to the top-level one).
+    # Training's tokenisation decides the positions: its template (which defaults to the top-level
+    # one) and max_length; a config where capture's differ is rejected when it loads.
     chat_template = capture.chat_template or (training.chat_template if training else None) or config.chat_template
-    if training is not None and chat_template != training.chat_template:
-        raise ConfigError(
-            f"capture.chat_template ({chat_template!r}) differs from training.chat_template "
-            f"({training.chat_template!r}); the captured positions would not line up with the "
-            "student's tokens, so use one setting (the top-level chat_template)"
-        )
     max_length = capture.max_length or (training.max_length if training else 2048)
-    if training is not None and max_length != training.max_length:
-        raise ConfigError(
-            f"capture.max_length ({max_length}) differs from training.max_length "
-            f"({training.max_length}); positions would not line up, use the same value"
-        )
     return CaptureSettings(
         source=capture.source,
         model=str(model),
@@ -326,8 +311,6 @@ class VllmScorer:
     def __init__(self, settings: CaptureSettings):
         from openai import OpenAI
 
-        if not settings.base_url:
-            raise ConfigError("capture.base_url (or teacher.base_url) is required with source: vllm")
         api_key = os.environ.get(settings.api_key_env or "", "") or "EMPTY"
         # The client retries connection errors, 408/409/429 and 5xx with backoff (I/O only).
         self.client = OpenAI(

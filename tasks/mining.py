@@ -28,7 +28,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from distillflow.config import ConfigError, DistillConfig
+from distillflow.config import ConfigError, DistillConfig, mining_dirs
 from distillflow.records import PromptRecord, Reject
 from distillflow.storage.ledger import Ledger
 from distillflow.tasks.mining_config import MiningConfig
@@ -65,15 +65,11 @@ def plan_mining(config: DistillConfig, source: str = "<config>") -> MiningPlan:
     if mining is None:
         raise ConfigError(f"{source}: no `mining:` section; add one (see docs/mining.md)")
     training = config.training
-    dataset_dir = Path(mining.dataset_dir or (training.dataset_dir if training else config.output_dir))
+    dataset_dir, output_dir = mining_dirs(config)  # the config's own rules were checked when it loaded
     if not (dataset_dir / "data").is_dir():
         raise ConfigError(f"{source}: mining: dataset {dataset_dir} has no data/; run `distill build` first")
-    output_dir = Path(mining.output_dir or f"{dataset_dir}-mined")
-    if output_dir.resolve() == dataset_dir.resolve():
-        raise ConfigError(f"{source}: mining.output_dir is the dataset itself; the mined version needs its own directory")
-    student = mining.student or (Path(training.output_dir) / "final" if training else None)
-    if student is None:
-        raise ConfigError(f"{source}: mining.student is not set and there is no `training:` section to find it in")
+    assert mining.student is not None or training is not None  # checked when the config loaded
+    student = mining.student or Path(training.output_dir) / "final"
     if not (Path(student) / "config.json").is_file():
         raise ConfigError(
             f"{source}: mining.student {student} is not a model directory (no config.json); train the "
@@ -84,13 +80,6 @@ def plan_mining(config: DistillConfig, source: str = "<config>") -> MiningPlan:
     white_box = training is not None and training.is_white_box
     if score == "auto":
         score = "kl" if white_box and teacher_dir is not None else "ce"
-    if score == "kl" and teacher_dir is None:
-        raise ConfigError(
-            f"{source}: mining.score kl needs the teacher's logits, so an in-process teacher "
-            "(teacher.backend: local); use ce or disagreement with an endpoint teacher"
-        )
-    if mining.retrain != "none" and training is None:
-        raise ConfigError(f"{source}: mining.retrain {mining.retrain} needs a `training:` section (or set retrain: none)")
     train_output_dir = None
     if training is not None and mining.retrain != "none":
         train_output_dir = Path(mining.train_output_dir or f"{training.output_dir}-mined")

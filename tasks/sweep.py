@@ -13,7 +13,6 @@ trained again with `resume: true`, so DeepSpeed continues from its last checkpoi
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import shutil
@@ -25,7 +24,7 @@ from pydantic import ValidationError
 
 from distillflow.config import ConfigError, DistillConfig, format_validation_error
 from distillflow.storage.manifest import write_json_atomic
-from distillflow.tasks.sweep_config import LOWER_IS_BETTER, SweepConfig
+from distillflow.tasks.sweep_config import LOWER_IS_BETTER, SweepConfig, expand_points, point_training_data
 from distillflow.training.config import TrainingConfig
 
 # Training keys that change how a run is logged or launched, not what it learns.
@@ -85,21 +84,6 @@ class SweepPlan:
 # -- points ---------------------------------------------------------------------------------
 
 
-def expand_points(sweep: SweepConfig) -> list[dict[str, Any]]:
-    """Every combination of the grid (last key fastest), then the explicit points; repeats dropped."""
-    keys = list(sweep.grid)
-    points = [dict(zip(keys, values)) for values in itertools.product(*(sweep.grid[key] for key in keys))] if keys else []
-    points += [dict(point) for point in sweep.points]
-    unique: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for point in points:
-        digest = json.dumps(point, sort_keys=True, default=str)
-        if digest not in seen:
-            seen.add(digest)
-            unique.append(point)
-    return unique
-
-
 def _value_label(key: str, value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value).lower()
@@ -131,14 +115,8 @@ def digest(value: Any) -> str:
 
 def point_training(base: TrainingConfig, settings: dict[str, Any], where: str) -> TrainingConfig:
     """The base `training:` section with the point's settings; errors name the point and key."""
-    data = base.model_dump(mode="json", exclude_unset=False)
-    if "student" in settings and settings["student"] is not None:
-        data["derive_student"] = None  # a student dir replaces the derivation, and the other way round
-    if "derive_student" in settings and settings["derive_student"] is not None:
-        data["student"] = None
-    data.update(settings)
     try:
-        return TrainingConfig.model_validate(data)
+        return TrainingConfig.model_validate(point_training_data(base, settings))
     except ValidationError as error:
         raise ConfigError(format_validation_error(where, error, section="training")) from None
 
@@ -156,20 +134,14 @@ def plan_sweep(config: DistillConfig, source: str = "<config>") -> SweepPlan:
     sweep = config.sweep
     if sweep is None:
         raise ConfigError(f"{source}: no `sweep:` section; add one (see docs/sweep.md)")
-    if config.training is None:
-        raise ConfigError(f"{source}: `sweep:` needs a `training:` section (the settings each point starts from)")
-    if config.evaluation is None:
-        raise ConfigError(f"{source}: `sweep:` needs an `evaluation:` section (how each point is scored)")
+    # training, evaluation and what the metric needs are there: checked when the config loaded
+    assert config.training is not None and config.evaluation is not None
     dataset_dir = Path(config.training.dataset_dir)
     if not (dataset_dir / "data").is_dir():
         raise ConfigError(
             f"{source}: training.dataset_dir {dataset_dir} has no data/; build the dataset first "
             f"(distill build {source}, and distill capture-logits for kd_topk)"
         )
-    if sweep.metric == "judge_win_rate" and config.evaluation.judge is None:
-        raise ConfigError(f"{source}: sweep.metric judge_win_rate needs evaluation.judge; add a judge or rank by clean_acc")
-    if sweep.metric == "agreement" and config.evaluation.heldout is None:
-        raise ConfigError(f"{source}: sweep.metric agreement needs evaluation.heldout; add it or rank by clean_acc")
     fingerprint = data_fingerprint(dataset_dir)
     root = Path(sweep.output_dir)
     base = config.model_dump(mode="json", exclude={"sweep", "mining"})

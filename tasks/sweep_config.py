@@ -4,10 +4,15 @@ section when the config loads, before anything trains."""
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from distillflow.training.config import TrainingConfig
 
 # Keys a point may not set: where the run reads and writes is the sweep's business.
 FIXED_TRAINING_KEYS = frozenset({"dataset_dir", "output_dir", "tokenized_cache_dir", "resume"})
@@ -75,3 +80,45 @@ class SweepConfig(BaseModel):
                     f"{where}.{key} is not a training key; sweepable keys: {', '.join(sorted(known))}"
                 )
         return self
+
+
+def expand_points(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Every combination of the grid (last key fastest), then the explicit points; repeats dropped."""
+    keys = list(sweep.grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*(sweep.grid[key] for key in keys))] if keys else []
+    points += [dict(point) for point in sweep.points]
+    unique: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for point in points:
+        digest = json.dumps(point, sort_keys=True, default=str)
+        if digest not in seen:
+            seen.add(digest)
+            unique.append(point)
+    return unique
+
+
+def point_training_data(base: TrainingConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    """The `training:` keys of one point: the base section with the point's settings."""
+    data = base.model_dump(mode="json", exclude_unset=False)
+    if "student" in settings and settings["student"] is not None:
+        data["derive_student"] = None  # a student dir replaces the derivation, and the other way round
+    if "derive_student" in settings and settings["derive_student"] is not None:
+        data["student"] = None
+    data.update(settings)
+    return data
+
+
+def point_problems(base: TrainingConfig, sweep: SweepConfig) -> str | None:
+    """What is wrong with the first point whose `training:` section does not validate, or None."""
+    from pydantic import ValidationError
+
+    from distillflow.training.config import TrainingConfig
+
+    for settings in expand_points(sweep):
+        try:
+            TrainingConfig.model_validate(point_training_data(base, settings))
+        except ValidationError as error:
+            label = "_".join(f"{key}={value}" for key, value in settings.items())
+            problems = "; ".join(f"training.{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())
+            return f"sweep point {label}: {problems}"
+    return None

@@ -122,7 +122,7 @@ def test_the_shared_template_reaches_teacher_training_and_capture(base_model, tm
     data["capture"]["chat_template"] = "{{ messages[0]['content'] }}"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="capture.chat_template .* differs from training.chat_template"):
-        resolve_capture_settings(load_config(path))
+        load_config(path)
 
 
 def test_the_preflight_checks_the_context_and_the_vocabularies(tmp_path):

@@ -264,9 +264,7 @@ def test_config_defaults_and_errors(tiny_teacher, tmp_path):
         check_capture_input(settings)
 
     with pytest.raises(ConfigError, match="capture.tokenizer is required"):
-        resolve_capture_settings(
-            load_config(config_file(tmp_path, tiny_teacher, tmp_path, source="vllm", model="served"), check_files=False)
-        )
+        load_config(config_file(tmp_path, tiny_teacher, tmp_path, source="vllm", model="served"), check_files=False)
     with pytest.raises(ConfigError, match="no `capture:` section"):
         resolve_capture_settings(config.model_copy(update={"capture": None}))
     with pytest.raises(ConfigError, match="capture.bogus: unknown key"):

@@ -74,9 +74,8 @@ def test_unknown_fixed_and_empty_keys_are_errors_that_name_them(tmp_path):
 
 
 def test_a_bad_value_fails_before_anything_runs_and_names_the_point(tmp_path):
-    config = parse_config(base_config(tmp_path, {"grid": {"alpha": [0.5, 1.5]}}), "c.yaml")
     with pytest.raises(ConfigError, match=r"(?s)sweep point alpha=1.5.*training.alpha.*less than or equal to 1"):
-        plan_sweep(config, "c.yaml")
+        parse_config(base_config(tmp_path, {"grid": {"alpha": [0.5, 1.5]}}), "c.yaml")
     assert not (tmp_path / "sweep").exists()
 
 
