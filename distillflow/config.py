@@ -618,7 +618,7 @@ def format_validation_error(path: Path | str, error: ValidationError, section: s
         elif kind == "missing":
             lines.append(f"  - {key}: required key is missing; add it")
         elif not item["loc"]:  # a rule across sections: its message names the keys, the input is the whole file
-            lines.append(f"  - {item['msg']}")
+            lines.append(f"  - {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  - {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
