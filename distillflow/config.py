@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from distillflow.base_config import StrictModel
 from distillflow.prompts.config import PromptsConfig
 from distillflow.schedule_config import ScheduleConfig
 from distillflow.tasks.capture_config import CaptureConfig
@@ -34,10 +35,6 @@ SectionModel = TypeVar("SectionModel", bound=BaseModel)
 
 class ConfigError(ValueError):
     """A config or input problem, with a message that names the file, the key and the fix."""
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 SEED_FORMATS = ("jsonl", "json", "parquet", "csv", "hf_disk")

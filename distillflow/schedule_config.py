@@ -15,15 +15,15 @@ from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from distillflow.base_config import StrictModel
 
 # Deployment names, in the order `distill serve` registers them.
 DEPLOYMENT_NAMES = ("build", "capture", "train", "eval", "sweep", "mine", "run")
 
 
-class ScheduleEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ScheduleEntry(StrictModel):
     cron: str | None = Field(
         None, description='A cron expression (minute hour day-of-month month day-of-week), e.g. "0 3 * * *".'
     )
@@ -76,10 +76,8 @@ class ScheduleEntry(BaseModel):
         return Interval(timedelta(seconds=self.interval_s), timezone=self.timezone, active=self.active)
 
 
-class ScheduleConfig(BaseModel):
+class ScheduleConfig(StrictModel):
     """One optional schedule per deployment."""
-
-    model_config = ConfigDict(extra="forbid")
 
     build: ScheduleEntry | None = Field(None, description="The build-dataset deployment (`distill build`).")
     capture: ScheduleEntry | None = Field(None, description="The capture-logits deployment (`distill capture-logits`).")

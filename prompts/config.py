@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from distillflow.base_config import StrictModel
 
 FAMILIES = ("seed", "edge_case", "adversarial", "evolve", "self_instruct")
 TEACHER_FAMILIES = ("evolve", "self_instruct")
@@ -58,10 +60,6 @@ EvolveOperation = Literal[
 EVOLVE_OPERATIONS: tuple[str, ...] = EvolveOperation.__args__
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 def _no_repeats(values: list[str], key: str) -> list[str]:
     if not values:
         raise ValueError(f"{key} is empty; list at least one, or set the family's weight to 0")
@@ -71,7 +69,7 @@ def _no_repeats(values: list[str], key: str) -> list[str]:
     return values
 
 
-class EdgeCaseConfig(_Strict):
+class EdgeCaseConfig(StrictModel):
     """Edge-case variants of seed prompts (empty input, very long input, unicode, format
     demands, ...), each kept with the seed it came from."""
 
@@ -98,7 +96,7 @@ class EdgeCaseConfig(_Strict):
         return _no_repeats(value, "edge_case.kinds")
 
 
-class AdversarialConfig(_Strict):
+class AdversarialConfig(StrictModel):
     """Adversarial variants of seed prompts (typos, casing, distractors, injected
     instructions, role play, false premises), with protected spans kept verbatim."""
 
@@ -126,7 +124,7 @@ class AdversarialConfig(_Strict):
         return _no_repeats(value, "adversarial.kinds")
 
 
-class EvolveConfig(_Strict):
+class EvolveConfig(StrictModel):
     """Evol-Instruct style rewrites of seed prompts by the teacher (deeper, broader,
     more constrained); a too-long rewrite, or an in-breadth one too close to its parent, is
     dropped."""
@@ -161,7 +159,7 @@ class EvolveConfig(_Strict):
         return _no_repeats(value, "evolve.operations")
 
 
-class SelfInstructConfig(_Strict):
+class SelfInstructConfig(StrictModel):
     """New prompts written by the teacher from a few seed examples (self-instruct); near
     copies of existing prompts are dropped."""
 
@@ -180,7 +178,7 @@ class SelfInstructConfig(_Strict):
     )
 
 
-class PromptsConfig(_Strict):
+class PromptsConfig(StrictModel):
     """How the prompt set is made from the seeds: the seeds themselves plus edge-case,
     adversarial, evolved and self-instruct variants, mixed by weight."""
 

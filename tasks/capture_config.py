@@ -11,16 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from distillflow.base_config import StrictModel
 from distillflow.training.config import ChatTemplateSetting
 
 
-class CaptureConfig(BaseModel):
+class CaptureConfig(StrictModel):
     """Capture the teacher's top-k logprobs for every answer token of a dataset (in
     process with transformers, or from a vLLM server), for white-box training."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     source: Literal["local", "vllm"] = Field(
         "local",

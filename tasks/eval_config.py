@@ -8,8 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from distillflow.base_config import StrictModel
 from distillflow.prompts.config import ADVERSARIAL_KINDS, EDGE_CASE_KINDS
 from distillflow.training.config import CHAT_TEMPLATE_STOP_HELP, ChatTemplateSetting, StopStrings
 
@@ -17,10 +18,6 @@ CheckName = Literal["exact", "contains", "numeric", "regex", "choice", "json", "
 
 # Perturbations a robustness test can use: the project's own prompt generators.
 PERTURBATION_NAMES: tuple[str, ...] = (*ADVERSARIAL_KINDS, *EDGE_CASE_KINDS)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def _env_name(value: str | None) -> str | None:
@@ -32,7 +29,7 @@ def _env_name(value: str | None) -> str | None:
     return value
 
 
-class EvalModel(_Strict):
+class EvalModel(StrictModel):
     """One model to evaluate: exactly one of `path`, `teacher: true` or `base_url` + `model`."""
 
     name: str = Field(..., min_length=1, description="Label of the model in the records, report and table.")
@@ -93,7 +90,7 @@ class EvalModel(_Strict):
         return "teacher" if self.teacher else "endpoint"
 
 
-class EvalSet(_Strict):
+class EvalSet(StrictModel):
     """One file of evaluation questions with their expected answers and how an answer
     is checked."""
 
@@ -120,7 +117,7 @@ class EvalSet(_Strict):
         return self.name or self.path.stem
 
 
-class HeldoutConfig(_Strict):
+class HeldoutConfig(StrictModel):
     """Rows of the training dataset held out by a hash of their id: training skips
     them, evaluation compares the student's answers with the teacher's."""
 
@@ -137,7 +134,7 @@ class HeldoutConfig(_Strict):
     max_rows: int | None = Field(256, ge=1, description="Evaluate at most this many held-out rows (null: all).")
 
 
-class RobustnessConfig(_Strict):
+class RobustnessConfig(StrictModel):
     """The eval questions again, perturbed by the project's adversarial and edge-case
     generators (the answer-bearing spans kept verbatim)."""
 
@@ -160,7 +157,7 @@ class RobustnessConfig(_Strict):
         return value
 
 
-class JudgeConfig(_Strict):
+class JudgeConfig(StrictModel):
     """A pairwise judge (any OpenAI-compatible model) comparing each model's answer with
     the reference model's, in both orders."""
 
@@ -185,7 +182,7 @@ class JudgeConfig(_Strict):
         return _env_name(value)
 
 
-class SpeedConfig(_Strict):
+class SpeedConfig(StrictModel):
     """Inference speed: tokens per second and latency percentiles at each batch size."""
 
     batch_sizes: list[int] = Field(
@@ -205,7 +202,7 @@ class SpeedConfig(_Strict):
         return sorted(set(value))
 
 
-class SpreadConfig(_Strict):
+class SpreadConfig(StrictModel):
     """Questions with several right answers (check `one_of`): sample each in-process model
     several times and report, per family, the share of right samples (validity) and how many
     of the right answers its samples cover (spread)."""
@@ -214,7 +211,7 @@ class SpreadConfig(_Strict):
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature (1.0: the model's own distribution).")
 
 
-class EvalGenerationConfig(_Strict):
+class EvalGenerationConfig(StrictModel):
     """How evaluated model directories generate their answers (greedy)."""
 
     max_tokens: int = Field(64, ge=1, description="Answer token budget (greedy decoding).")
@@ -223,7 +220,7 @@ class EvalGenerationConfig(_Strict):
     max_length: int = Field(2048, ge=8, description="Token limit of (prompt + answer) for cross-entropy.")
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """What `distill eval` measures: which models, on which questions (eval sets, the
     held-out split), robustness to adversarial variants, a pairwise judge, and speed."""
 

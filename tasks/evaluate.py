@@ -27,8 +27,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from distillflow.base_config import StrictModel
 from distillflow.config import (
     ConfigError,
     DistillConfig,
@@ -62,10 +63,8 @@ HELDOUT = "heldout"
 # -- config -----------------------------------------------------------------------------
 
 
-class EvalOnlyConfig(BaseModel):
+class EvalOnlyConfig(StrictModel):
     """A config file for `distill eval` alone: `evaluation:` and what it refers to."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, description="Run name (unused by eval; allowed for symmetry).")
     output_dir: Path | None = Field(None, description="The dataset (held-out rows) and the teacher's ledger.")

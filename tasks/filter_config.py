@@ -11,11 +11,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from distillflow.base_config import StrictModel
 
 
 # Adversarial prompts a good teacher refuses: an injected instruction, a jailbreak-style
@@ -27,7 +25,7 @@ LANGUAGE_SCRIPTS: tuple[str, ...] = LanguageScript.__args__
 REFUSAL_EXPECTED_DEFAULT = ("adversarial:injection", "adversarial:roleplay", "adversarial:false_premise")
 
 
-class NearDedupConfig(_Strict):
+class NearDedupConfig(StrictModel):
     """Near-duplicate prompts by MinHash LSH over word or character n-grams; candidate
     pairs are verified, and the first prompt in input order is kept."""
 
@@ -66,7 +64,7 @@ class NearDedupConfig(_Strict):
         return value
 
 
-class SemanticDedupConfig(_Strict):
+class SemanticDedupConfig(StrictModel):
     """Prompts whose sentence embeddings are closer than a cosine threshold (an HNSW
     index over a local sentence-transformers model); the first in input order is kept."""
 
@@ -86,7 +84,7 @@ class SemanticDedupConfig(_Strict):
     )
 
 
-class DecontaminationConfig(_Strict):
+class DecontaminationConfig(StrictModel):
     """Drop prompts that share long n-grams with evaluation sets, so the student is
     not trained on its own test questions."""
 
@@ -106,7 +104,7 @@ class DecontaminationConfig(_Strict):
     text_column: str | None = Field(None, description="Column holding eval text (default: auto-detect).")
 
 
-class DiversityConfig(_Strict):
+class DiversityConfig(StrictModel):
     """Keep a diverse subset of the prompts that passed every other filter: k-center or
     facility-location selection over embeddings, with a minimum count per strategy."""
 
@@ -137,7 +135,7 @@ class DiversityConfig(_Strict):
         return value
 
 
-class QualityConfig(_Strict):
+class QualityConfig(StrictModel):
     """Checks on each answer: length, refusals, repetition, the prompt echoed back, and
     the language."""
 
@@ -227,7 +225,7 @@ class QualityConfig(_Strict):
     )
 
 
-class FiltersConfig(_Strict):
+class FiltersConfig(StrictModel):
     """What is dropped before and after the teacher answers: exact, near-duplicate and
     semantic duplicates, eval-set overlap, low-quality answers, and the diversity cut.
     Every dropped row is kept in rejects with its reason."""

@@ -10,17 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from distillflow.base_config import StrictModel
 
 CANDIDATE_FAMILIES = ("edge_case", "adversarial", "evolve", "self_instruct")
 
 
-class MiningConfig(BaseModel):
+class MiningConfig(StrictModel):
     """Mine prompts the student gets wrong: generate candidates, let the teacher answer
     them, score the student against the teacher, add the hardest to a new dataset
     version, and retrain."""
-
-    model_config = ConfigDict(extra="forbid")
 
     dataset_dir: Path | None = Field(
         None, description="The dataset to mine around (default: training.dataset_dir, else output_dir)."

@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from distillflow.base_config import StrictModel
 
 if TYPE_CHECKING:
     from distillflow.training.config import TrainingConfig
@@ -22,11 +24,9 @@ Metric = Literal["clean_acc", "robust_acc", "gap", "agreement", "judge_win_rate"
 LOWER_IS_BETTER = frozenset({"gap"})
 
 
-class SweepConfig(BaseModel):
+class SweepConfig(StrictModel):
     """Train and evaluate one student per point of a grid (or a list of points) over
     `training:` keys, and rank them."""
-
-    model_config = ConfigDict(extra="forbid")
 
     output_dir: Path = Field(
         ...,

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
+from distillflow.base_config import StrictModel
 from distillflow.resources import packaged
 from distillflow.training.chat_template import PRESET_STOPS, check_chat_template_setting, check_stop_strings
 
@@ -64,7 +65,7 @@ def check_sampled_capture(temperature: float, divergence: str) -> None:
         )
 
 
-class DeriveStudentConfig(BaseModel):
+class DeriveStudentConfig(StrictModel):
     """Build the student from the teacher instead of loading a model directory.
 
     Layers: every `layer_stride`-th teacher layer is copied (DistilBERT-style), starting at
@@ -73,8 +74,6 @@ class DeriveStudentConfig(BaseModel):
     (randomly initialised) model of that width and the teacher's depth choice; weights can
     only be copied when the width is the teacher's.
     """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     layer_stride: int | None = Field(
         2, ge=1, description="Copy teacher layers 0, k, 2k, ... (k = layer_stride)."
@@ -99,12 +98,10 @@ class DeriveStudentConfig(BaseModel):
         return self
 
 
-class TeacherServerConfig(BaseModel):
+class TeacherServerConfig(StrictModel):
     """The on_policy teacher behind an OpenAI-compatible server that returns prompt logprobs
     (vLLM's completions endpoint with `prompt_logprobs`). Every scoring request is recorded in
     `<output_dir>/.ledger/on_policy_teacher.sqlite`, so a resumed run pays for none twice."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     base_url: str = Field(
         ..., pattern=r"^https?://", description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."
@@ -124,12 +121,10 @@ class TeacherServerConfig(BaseModel):
     )
 
 
-class TrainingConfig(BaseModel):
+class TrainingConfig(StrictModel):
     """How the student is trained with DeepSpeed ZeRO: the data, the student (a model
     directory or derived from the teacher), the objective (sft, kd_topk, kd_logits,
     hidden-state matching, on-policy) and its loss weights, the optimiser, and checkpoints."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- data --------------------------------------------------------------------------
     dataset_dir: Path = Field(
