@@ -1,41 +1,108 @@
-"""KD vs SFT on the demo task, honestly: same data, same steps, several seeds, tuned KD.
+"""KD vs SFT on the demo task, at the demo's settings, over several seeds.
 
-    python bench/kd_vs_sft.py                      # the demo's settings, 3 seeds
-    python bench/kd_vs_sft.py --seeds 0 --steps 50 --quick   # a smoke run
+    python bench/kd_vs_sft.py                                  # 5 seeds, the default objectives
+    python bench/kd_vs_sft.py --rows 500                       # the low-data regime: 500 training rows
+    python bench/kd_vs_sft.py --objectives sft kd_topk --seeds 0 1 --steps 50 --quick   # a smoke run
 
-1. The demo dataset (`distill demo`'s build + capture-logits: the demo teacher's answers
-   and its top-k logprobs), or `--dataset DIR` of an earlier run.
-2. Tuning, on the first seed and a *validation* set (held-out-half questions drawn apart
-   from the test set): `kd_topk` at T = 1, 2, 4 (alpha 0.5) and alpha = 1 (T = 2);
-   `kd_logits` gets the winner.
-3. For each seed: `sft` (teacher text), `kd_topk` and `kd_logits` (tuned), and `reference`
-   (the true answers of the same prompts) — the demo's student (2 layers, hidden 96), the
-   same steps, learning rate, batch and data order per seed (the kd_topk run of the first
-   seed is the tuning run of the winning point).
-4. `distill eval` of every student on the test set (prompts/seeds/skills_eval.jsonl), clean
-   and under the robustness perturbations; mean ± sd over seeds per objective.
+1. The demo dataset (`distill demo`'s build + capture-logits: the demo teacher's answers and
+   its top-k logprobs): `--dataset DIR` of an earlier `distill demo` run (default
+   runs/demo), built here when absent. `--rows N` trains every student on the same first N
+   rows of it.
+2. For each seed and objective, the demo's student (same derived shape, steps, learning rate,
+   packing, batch and data order per seed; configs/demo.yaml's temperature and alpha):
+     sft        the teacher's text (black box)
+     kd_topk    the teacher's captured top-k logprobs
+     kd_logits  the teacher's full logits, in process
+     on_policy  the student's own samples scored by the in-process teacher (lmbda 0.5, reverse KL)
+     reference  the true answers of the same prompts (not distillation: what the data could teach)
+     untrained  the student's initialisation, not trained (the floor)
+3. One `distill eval` of every student on the test set (prompts/seeds/skills_eval.jsonl),
+   clean and under the robustness perturbations, with the spread of sampled answers on the
+   families with several right answers.
+4. Per objective: mean and 95 % confidence interval (Student's t over seeds) of clean and
+   robust accuracy, per family; the paired difference to `sft` seed by seed, with its own
+   95 % CI (the seeds share data order and initialisation, so pairing removes their noise).
 
-Writes `kd_vs_sft.json` and `kd_vs_sft.md` in the work dir and prints the table.
+Writes kd_vs_sft.json and kd_vs_sft.md in the work dir and prints the table. Trained students
+are reused by a rerun with the same work dir.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# temperature at alpha 0.5, then alpha at the demo's temperature
-GRID = ((1.0, 0.5), (2.0, 0.5), (4.0, 0.5), (2.0, 1.0))
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "sft": {"objective": "sft"},
+    "kd_topk": {"objective": "kd_topk"},
+    "kd_logits": {"objective": "kd_logits"},
+    "on_policy": {
+        "objective": "on_policy", "lmbda": 0.5, "divergence": "reverse_kl", "temperature": 1.0,
+        "sampling_temperature": 1.0, "max_new_tokens": 16, "packing": False, "micro_batch_size": 32,
+    },  # fmt: skip
+    "reference": {"objective": "sft"},
+    "untrained": {},
+}
+DEFAULT_OBJECTIVES = ("sft", "kd_topk", "reference", "untrained")
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (1.96 beyond the table).
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(values: list[float]) -> dict[str, Any]:
+    """Mean and the half-width of its 95 % confidence interval (None with one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None, "n": len(values), "values": values}
+    half = T_95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "ci95": half, "n": len(values), "values": values}
+
+
+def subset_dataset(dataset_dir: Path, rows: int, out_dir: Path) -> Path:
+    """The first `rows` accepted rows of a dataset (every column), as a dataset of its own."""
+    import pyarrow.parquet as pq
+
+    from distillflow.storage.parquet import read_table, write_table_atomic
+
+    if (out_dir / "data" / "part-00000.parquet").is_file():
+        return out_dir
+    table = read_table(dataset_dir / "data")
+    if rows > table.num_rows:
+        raise SystemExit(f"--rows {rows}: {dataset_dir} holds only {table.num_rows} rows")
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    write_table_atomic(table.slice(0, rows), out_dir / "data" / "part-00000.parquet")
+    for name in ("manifest.json",):
+        if (dataset_dir / name).is_file():
+            (out_dir / name).write_text((dataset_dir / name).read_text())
+    assert pq.read_metadata(out_dir / "data" / "part-00000.parquet").num_rows == rows
+    return out_dir
+
+
+def untrained_student(config: dict, workdir: Path, name: str, seed: int) -> Path:
+    """The demo student's initialisation for `seed`, saved as a model directory."""
+    from distillflow.training.config import DeriveStudentConfig
+    from distillflow.training.model import derive_student, load_tokenizer
+
+    final = workdir / "students" / name / "final"
+    if (final / "config.json").is_file():
+        return final
+    training = config["training"]
+    model = derive_student(training["teacher"], DeriveStudentConfig(**training["derive_student"]), seed=seed)
+    model.save_pretrained(str(final))
+    load_tokenizer(training["teacher"]).save_pretrained(str(final))
+    return final
 
 
 def train_student(config: dict, workdir: Path, name: str, dataset_dir: Path, **training) -> Path:
@@ -55,7 +122,7 @@ def train_student(config: dict, workdir: Path, name: str, dataset_dir: Path, **t
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "distillflow.training.train", "--config", str(path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     if result.returncode != 0:
         raise SystemExit(f"training {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -63,40 +130,104 @@ def train_student(config: dict, workdir: Path, name: str, dataset_dir: Path, **t
     return final
 
 
-def evaluate(config: dict, workdir: Path, tag: str, models: dict[str, Path], eval_set: Path, robust: bool) -> dict:
-    """`distill eval` of `models` on one eval set; returns report.json's per-model entries."""
+def evaluate(config: dict, workdir: Path, models: dict[str, Path], eval_set: Path) -> dict:
+    """One `distill eval` of `models` on the test set (clean, perturbed, spread); report.json."""
     from distillflow.flows.evaluate import eval_command
 
     evaluation = json.loads(json.dumps(config["evaluation"]))
-    evaluation["output_dir"] = str(workdir / f"eval-{tag}")
+    evaluation["output_dir"] = str(workdir / "eval")
     evaluation["models"] = [{"name": name, "path": str(path)} for name, path in models.items()]
-    evaluation["eval_sets"] = [{"name": "test" if tag == "test" else "validation", "path": str(eval_set)}]
+    evaluation["eval_sets"] = [{"name": "test", "path": str(eval_set)}]
     evaluation["speed"] = None  # accuracy only: the demo reports speed
     evaluation.pop("reference_model", None)  # the teacher is not among these models
     evaluation.pop("heldout", None)
-    if not robust:
-        evaluation.pop("robustness", None)
     run_config = {**config, "evaluation": evaluation}
-    run_config.pop("training", None)
-    path = workdir / "configs" / f"eval-{tag}.yaml"
+    for section in ("training", "sweep", "mining"):
+        run_config.pop(section, None)
+    path = workdir / "configs" / "eval.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(run_config, sort_keys=False))
     return eval_command(path)
 
 
-def clean_and_robust(report: dict, name: str) -> tuple[float, float | None]:
-    row = next(row for row in report["table"] if row["model"] == name)
-    return row["clean_acc"], row["robust_acc"]
+def scores(entry: dict) -> dict[str, Any]:
+    """The figures the bench compares, from one model's report.json entry."""
+    out = {
+        "clean": entry["accuracy"]["accuracy"],
+        "robust": (entry.get("robustness") or {}).get("robust_accuracy"),
+        "family": {name: value["accuracy"] for name, value in entry["accuracy"].get("per_family", {}).items()},
+    }
+    for family, spread in (entry.get("spread") or {}).items():
+        out["family"][f"{family} spread"] = spread["spread"]
+        out["family"][f"{family} validity"] = spread["validity"]
+    return out
 
 
-def validation_set(workdir: Path, count: int) -> Path:
-    """Held-out-half questions drawn apart from the test file (another seed of `distinct`)."""
-    from distillflow.prompts.skills import distinct
+def summarise(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str, Any]:
+    """Mean ± CI per objective and metric; paired differences to sft."""
+    table: dict[str, Any] = {}
+    for objective, by_seed in per_seed.items():
+        runs = [by_seed[seed] for seed in seeds if seed in by_seed]
+        metrics = {"clean": [r["clean"] for r in runs], "robust": [r["robust"] for r in runs if r["robust"] is not None]}
+        for name in sorted({name for r in runs for name in r["family"]}):
+            metrics[name] = [r["family"][name] for r in runs if r["family"].get(name) is not None]
+        row = {metric: mean_ci(values) for metric, values in metrics.items() if values}
+        if objective != "sft" and "sft" in per_seed:
+            shared = [seed for seed in seeds if seed in by_seed and seed in per_seed["sft"]]
+            for metric in ("clean", "robust"):
+                diffs = [
+                    by_seed[s][metric] - per_seed["sft"][s][metric]
+                    for s in shared
+                    if by_seed[s][metric] is not None and per_seed["sft"][s][metric] is not None
+                ]
+                if diffs:
+                    row[f"{metric}_minus_sft"] = mean_ci(diffs)
+        table[objective] = row
+    return table
 
-    test_prompts = {json.loads(line)["prompt"] for line in (ROOT / "prompts/seeds/skills_eval.jsonl").open()}
-    rows = [item.record() for item in distinct(count * 2, seed=2, split="eval") if item.prompt not in test_prompts]
-    path = workdir / "validation.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows[:count]))
-    return path
+
+def _pct(stat: dict | None) -> str:
+    if not stat:
+        return "–"
+    if stat["ci95"] is None:
+        return f"{100 * stat['mean']:.1f} %"
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['ci95']:.1f}"
+
+
+def _pt(stat: dict | None) -> str:
+    if not stat:
+        return "–"
+    mean = 100 * stat["mean"]
+    if stat["ci95"] is None:
+        return f"{mean:+.1f}"
+    half = 100 * stat["ci95"]
+    verdict = "excludes 0" if abs(mean) > half else "includes 0"
+    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] ({verdict})"
+
+
+def render(result: dict) -> str:
+    """The bench's tables (markdown): overall, then per family."""
+    table = result["table"]
+    lines = [
+        f"KD vs SFT on the demo task: seeds {result['seeds']}, {result['steps']} steps, "
+        f"{result['rows'] if result['rows'] else 'all'} training rows; "
+        f"`python bench/kd_vs_sft.py {result['argv']}` ({result['seconds'] / 60:.0f} min).",
+        "Mean ± half-width of the 95 % CI over seeds; differences are paired by seed.",
+        "",
+        "| student | clean acc | robust acc | clean − sft (95 % CI) | robust − sft (95 % CI) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for objective, row in table.items():
+        lines.append(
+            f"| {objective} | {_pct(row.get('clean'))} | {_pct(row.get('robust'))} | "
+            f"{_pt(row.get('clean_minus_sft'))} | {_pt(row.get('robust_minus_sft'))} |"
+        )
+    families = sorted({m for row in table.values() for m in row if m not in ("clean", "robust") and "minus" not in m})
+    if families:
+        lines += ["", "| student | " + " | ".join(families) + " |", "|---|" + "---:|" * len(families)]
+        for objective, row in table.items():
+            lines.append(f"| {objective} | " + " | ".join(_pct(row.get(f)) for f in families) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -104,24 +235,22 @@ def main() -> None:
     from distillflow.flows.demo import DemoBudget, demo_command, write_reference_dataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "kd-vs-sft")
-    parser.add_argument("--dataset", type=Path, default=None, help="A demo run dir with dataset/ (with teacher_topk).")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--workdir", type=Path, default=None, help="default: runs/kd-vs-sft (-rowsN with --rows)")
+    parser.add_argument("--dataset", type=Path, default=ROOT / "runs" / "demo", help="A `distill demo` run dir.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--objectives", nargs="+", default=list(DEFAULT_OBJECTIVES), choices=list(OBJECTIVES))
+    parser.add_argument("--rows", type=int, default=None, help="Train on the first N rows only (low-data regime).")
     parser.add_argument("--steps", type=int, default=DemoBudget().student_steps)
-    parser.add_argument(
-        "--kd-logits-seeds", type=int, default=None,
-        help="Train kd_logits on only the first N seeds (its in-process teacher forward pass makes "
-        "each run about 3x longer on a CPU); default: every seed.",
-    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: a smoke run of the bench itself.")
     args = parser.parse_args()
 
     started = time.perf_counter()
     os.environ["OMP_NUM_THREADS"] = "1"  # tiny models: one thread per process (see flows/demo.py)
-    workdir = args.workdir.resolve()
+    default_workdir = ROOT / "runs" / ("kd-vs-sft" if args.rows is None else f"kd-vs-sft-rows{args.rows}")
+    workdir = (args.workdir or default_workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     budget = DemoBudget(num_prompts=200, eval_prompts=20) if args.quick else DemoBudget()
-    source = args.dataset.resolve() if args.dataset else workdir / "demo"
+    source = args.dataset.resolve()
     if not (source / "dataset" / "manifest.json").is_file():
         print(f"building the demo dataset in {source}…", flush=True)
         demo_command(source, train_student=False, budget=budget)
@@ -131,65 +260,35 @@ def main() -> None:
     dataset_dir = source / "dataset"
     reference_dir = workdir / "reference-data"
     write_reference_dataset(dataset_dir, Path(config["seeds"][0]["path"]), reference_dir)
-    test_set = ROOT / "prompts" / "seeds" / "skills_eval.jsonl"
-    validation = validation_set(workdir, 40 if args.quick else 200)
+    if args.rows is not None:
+        dataset_dir = subset_dataset(dataset_dir, args.rows, workdir / "dataset")
+        reference_dir = subset_dataset(reference_dir, min(args.rows, _rows(reference_dir)), workdir / "reference-subset")
+    test_set = Path(config["evaluation"]["eval_sets"][0]["path"])
 
-    # -- tuning kd_topk's temperature and alpha on seed 0, validation set --------------------
-    grid = list(GRID) if not args.quick else [(2.0, 0.5), (1.0, 1.0)]
-    tuned = {}
-    for temperature, alpha in grid:
-        name = f"tune-kd_topk-T{temperature:g}-a{alpha:g}"
-        tuned[name] = train_student(
-            config, workdir, name, dataset_dir, objective="kd_topk", temperature=temperature, alpha=alpha,
-            max_steps=args.steps, seed=args.seeds[0],
-        )  # fmt: skip
-    tuning = evaluate(config, workdir, "tuning", tuned, validation, robust=False)
-    scores = {name: clean_and_robust(tuning, name)[0] for name in tuned}
-    best = max(grid, key=lambda point: scores[f"tune-kd_topk-T{point[0]:g}-a{point[1]:g}"])
-    print(f"tuning (validation accuracy): {json.dumps(scores)}; best T={best[0]:g} alpha={best[1]:g}", flush=True)
-
-    # -- each objective, each seed, same data / steps / init ---------------------------------
-    runs = {
-        "sft": {"objective": "sft"},
-        "kd_topk": {"objective": "kd_topk", "temperature": best[0], "alpha": best[1]},
-        "kd_logits": {"objective": "kd_logits", "temperature": best[0], "alpha": best[1]},
-        "reference": {"objective": "sft"},
-    }
-    students = {}
-    seeds_of = {objective: list(args.seeds) for objective in runs}
-    seeds_of["kd_logits"] = list(args.seeds[: args.kd_logits_seeds or len(args.seeds)])
+    students: dict[str, Path] = {}
     for seed in args.seeds:
-        for objective, settings in runs.items():
-            if seed not in seeds_of[objective]:
+        for objective in args.objectives:
+            name = f"{objective}-seed{seed}"
+            if objective == "untrained":
+                students[name] = untrained_student(config, workdir, name, seed)
                 continue
             data = reference_dir if objective == "reference" else dataset_dir
-            name = f"{objective}-seed{seed}"
-            tuned_name = f"tune-kd_topk-T{best[0]:g}-a{best[1]:g}"
-            if objective == "kd_topk" and seed == args.seeds[0]:  # the tuning run is this very run
-                students[name] = tuned[tuned_name]
-                continue
-            students[name] = train_student(config, workdir, name, data, max_steps=args.steps, seed=seed, **settings)
-    test = evaluate(config, workdir, "test", students, test_set, robust=True)
-
-    table = {}
-    for objective in runs:
-        pairs = [clean_and_robust(test, f"{objective}-seed{seed}") for seed in seeds_of[objective]]
-        clean = [pair[0] for pair in pairs]
-        robust = [pair[1] for pair in pairs if pair[1] is not None]
-        table[objective] = {
-            "clean_mean": statistics.fmean(clean),
-            "clean_sd": statistics.stdev(clean) if len(clean) > 1 else 0.0,
-            "robust_mean": statistics.fmean(robust) if robust else None,
-            "robust_sd": statistics.stdev(robust) if len(robust) > 1 else 0.0,
-            "seeds": seeds_of[objective],
-            "clean_by_seed": clean,
-            "robust_by_seed": robust,
-        }
+            students[name] = train_student(
+                config, workdir, name, data, max_steps=args.steps, seed=seed, **OBJECTIVES[objective]
+            )
+    report = evaluate(config, workdir, students, test_set)
+    per_seed: dict[str, dict[int, dict]] = {objective: {} for objective in args.objectives}
+    for objective in args.objectives:
+        for seed in args.seeds:
+            per_seed[objective][seed] = scores(report["models"][f"{objective}-seed{seed}"])
     result = {
+        "argv": " ".join(sys.argv[1:]),
         "seeds": args.seeds,
         "steps": args.steps,
-        "tuning": {"grid": grid, "validation_accuracy": scores, "best": {"temperature": best[0], "alpha": best[1]}},
-        "table": table,
+        "rows": args.rows,
+        "training": {"temperature": config["training"]["temperature"], "alpha": config["training"]["alpha"]},
+        "per_seed": per_seed,
+        "table": summarise(per_seed, args.seeds),
         "seconds": round(time.perf_counter() - started, 1),
     }
     (workdir / "kd_vs_sft.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -198,24 +297,10 @@ def main() -> None:
     print(markdown)
 
 
-def render(result: dict) -> str:
-    lines = [
-        f"KD vs SFT: {len(result['seeds'])} seeds, {result['steps']} steps each; "
-        f"kd tuned on validation: T={result['tuning']['best']['temperature']:g}, "
-        f"alpha={result['tuning']['best']['alpha']:g}",
-        "",
-        "| student | seeds | clean accuracy (mean ± sd) | robust accuracy (mean ± sd) | per seed (clean) |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for objective, row in result["table"].items():
-        robust = f"{row['robust_mean']:.3f} ± {row['robust_sd']:.3f}" if row["robust_mean"] is not None else "—"
-        seeds = ", ".join(f"{value:.3f}" for value in row["clean_by_seed"])
-        lines.append(
-            f"| {objective} | {len(row['seeds'])} | {row['clean_mean']:.3f} ± {row['clean_sd']:.3f} | {robust} | {seeds} |"
-        )
-    sft, kd = result["table"]["sft"]["clean_mean"], result["table"]["kd_topk"]["clean_mean"]
-    lines += ["", f"kd_topk − sft (clean): {kd - sft:+.3f}; wall {result['seconds']:.0f} s"]
-    return "\n".join(lines) + "\n"
+def _rows(dataset_dir: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(path).num_rows for path in (dataset_dir / "data").glob("*.parquet"))
 
 
 def _columns(dataset_dir: Path) -> set[str]:

@@ -1,5 +1,6 @@
 """`distill eval CONFIG`: the `evaluate` flow. It only wires the tasks of tasks/evaluate.py:
-prepare the prompts → one task per model → judge → report files and artifacts.
+prepare the prompts → one task per model → speed (every in-process model, interleaved) → judge →
+report files and artifacts.
 
 Tasks take NO_CACHE: an eval is cheap to rerun (endpoint answers come from ledgers) and its
 inputs are model directories whose contents a cache key on the path would not see."""
@@ -21,6 +22,7 @@ from distillflow.tasks.evaluate import (
     load_eval_run,
     prepare_task,
     report_task,
+    speed_task,
 )
 
 
@@ -37,6 +39,10 @@ def evaluate(config_path: str) -> dict[str, Any]:
         result = evaluate_model_task(run, model, quote(prepared.items))
         records += result["records"]
         infos.append(result["info"])
+    speeds = speed_task(run, quote(prepared.items))  # in-process models, timed in interleaved rounds
+    for info in infos:
+        if info["kind"] == "in_process":
+            info["speed"] = speeds.get(info["name"])
     judge = judge_task(run, quote(records)) if run.config.judge is not None else None
     return report_task(run, quote(records), quote(infos), quote(judge), prepared.skipped_perturbations)
 

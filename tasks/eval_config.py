@@ -192,7 +192,11 @@ class SpeedConfig(StrictModel):
     max_new_tokens: int = Field(
         32, ge=1, description="Tokens generated per prompt (end-of-sequence ignored, so every run makes this many)."
     )
-    warmup: int = Field(1, ge=0, description="Untimed batches before the timed ones, per batch size.")
+    warmup: int = Field(1, ge=0, description="Untimed batches before the timed ones, per batch size (first round).")
+    repeats: int = Field(
+        5, ge=1, le=100,
+        description="Rounds; each times every in-process model in turn, and each model's figure is the median over rounds.",
+    )
 
     @field_validator("batch_sizes")
     @classmethod

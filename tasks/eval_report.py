@@ -7,9 +7,10 @@ report.json is written last, so a directory with a report.json holds a complete 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from distillflow.storage.atomic import atomic_path, write_text_atomic
 
 TABLE_COLUMNS = (
     ("model", "model"),
@@ -291,16 +292,9 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
     right.legend(fontsize=8)
     right.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=110)
+    with atomic_path(path, "the chart") as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
-    os.replace(temporary, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def write_report_files(

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import statistics
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -399,12 +400,7 @@ def evaluate_model(run: EvalRun, model: EvalModel, items: list[EvalItem], log: A
                     records[index]["target_tokens"] = tokens
             if run.config.spread is not None:
                 info["spread"] = sample_spread(runner, items, run.config.spread, log, model.name)
-            speed = run.config.speed
-            if speed is not None:
-                log(f"{model.name}: timing generation at batch sizes {speed.batch_sizes}")
-                prompts = speed_prompts(items)
-                prompts = [prompts[i % len(prompts)] for i in range(speed.prompts)]
-                info["speed"] = runner.time_generation(prompts, speed.batch_sizes, speed.max_new_tokens, speed.warmup)
+            info["speed"] = None  # timed afterwards, every in-process model in turn (`measure_speed`)
         else:
             info["parameters"] = None
             info["size_mb"] = None
@@ -457,6 +453,57 @@ def sample_spread(runner: Any, items: list[EvalItem], config: Any, log: Any, nam
         family: spread_of([answers[i] for i in indices], [valid[i] for i in indices])
         for family, indices in sorted(families.items())
     }
+
+
+def median_speed(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per batch size, the median over rounds of tokens/s and of the latency percentiles."""
+    out: dict[str, Any] = {}
+    for size in rounds[0]:
+        runs = [entry[size] for entry in rounds]
+        out[size] = {
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "latency_p50_s": statistics.median(r["latency_p50_s"] for r in runs),
+            "latency_p95_s": statistics.median(r["latency_p95_s"] for r in runs),
+            "batches": sum(r["batches"] for r in runs),
+            "new_tokens_per_prompt": runs[0]["new_tokens_per_prompt"],
+            "rounds": len(runs),
+            "tokens_per_s_by_round": [round(r["tokens_per_s"], 1) for r in runs],
+        }
+    return out
+
+
+def measure_speed(run: EvalRun, items: list[EvalItem], log: Any = print) -> dict[str, dict[str, Any]]:
+    """Tokens/s of every in-process model, timed in interleaved rounds; the median per model.
+
+    All in-process models are loaded together and timed in turn, `speed.repeats` rounds: a
+    slow spell of a shared machine then slows every model alike instead of one of them, and
+    the median drops the odd outlier (two models of the same size should agree within ~10 %).
+    """
+    speed = run.config.speed
+    if speed is None:
+        return {}
+    prompts = speed_prompts(items)
+    prompts = [prompts[i % len(prompts)] for i in range(speed.prompts)]
+    runners: dict[str, Any] = {}
+    try:
+        for model in run.config.models:
+            runner = open_model(run, model)
+            if runner.kind != "in_process":
+                runner.close()
+                continue
+            runners[model.name] = runner
+        if not runners:
+            return {}
+        log(f"timing generation of {len(runners)} models, {speed.repeats} interleaved rounds, batch sizes {speed.batch_sizes}")
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
+        for round_index in range(speed.repeats):
+            for name, runner in runners.items():
+                warmup = speed.warmup if round_index == 0 else 0
+                rounds[name].append(runner.time_generation(prompts, speed.batch_sizes, speed.max_new_tokens, warmup))
+        return {name: median_speed(results) for name, results in rounds.items()}
+    finally:
+        for runner in runners.values():
+            runner.close()
 
 
 # -- judge ------------------------------------------------------------------------------
@@ -764,6 +811,11 @@ def evaluate_model_task(run: EvalRun, model: EvalModel, items: list[EvalItem]) -
     logger = get_run_logger()
     logger.info("%s: answering %d prompts", model.name, len(items))
     return evaluate_model(run, model, items, log=logger.info)
+
+
+@task(name="measure-speed", cache_policy=NO_CACHE)
+def speed_task(run: EvalRun, items: list[EvalItem]) -> dict[str, dict[str, Any]]:
+    return measure_speed(run, items, get_run_logger().info)
 
 
 @task(name="eval-judge", cache_policy=NO_CACHE)

@@ -329,7 +329,7 @@ def test_distill_eval_end_to_end_in_process(prefect_harness, tiny_model, tmp_pat
             "eval_sets": [{"path": "set.jsonl", "name": "skills", "limit": 4}],
             "heldout": {"fraction": 0.5, "max_rows": 6},
             "robustness": {"perturbations": ["typo", "distractor"]},
-            "speed": {"batch_sizes": [1, 4], "prompts": 4, "max_new_tokens": 3, "warmup": 1},
+            "speed": {"batch_sizes": [1, 4], "prompts": 4, "max_new_tokens": 3, "warmup": 1, "repeats": 2},
             "generation": {"max_tokens": 4, "device": "cpu"},
             "spread": {"samples": 3},
         },
@@ -356,6 +356,7 @@ def test_distill_eval_end_to_end_in_process(prefect_harness, tiny_model, tmp_pat
         assert entry["parameters"] > 0 and entry["size_mb"] > 0 and entry["peak_memory_mb"] is not None
         assert math.isclose(entry["weights_memory_mb"] * 2**20, 4 * entry["parameters"], rel_tol=0.01)  # float32
         assert set(entry["speed"]) == {"1", "4"} and entry["speed"]["1"]["tokens_per_s"] > 0
+        assert entry["speed"]["1"]["rounds"] == 2 and len(entry["speed"]["4"]["tokens_per_s_by_round"]) == 2
         clean = [r for r in records if r["model"] == model and r["eval_set"] == "skills" and r["perturbation"] == "clean"]
         for family in ("first_letter", "any_letter"):
             own = [r for r in clean if r["family"] == family]

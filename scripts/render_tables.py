@@ -1,0 +1,138 @@
+"""Write the measured tables of README.md and docs/ from the reports that measured them.
+
+    python scripts/render_tables.py --save      # after `make demo` / `make kd-vs-sft`: copy the
+                                                # reports into docs/reports/, then render
+    python scripts/render_tables.py             # render from docs/reports/ (what the tests check)
+
+Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in its file and is
+never typed by hand. Sources:
+
+    demo        runs/demo/eval/report.json           → README.md (`distill demo`, `make demo`)
+    demo-family runs/demo/eval/report.json           → README.md
+    kd-vs-sft   runs/kd-vs-sft/kd_vs_sft.json        → docs/kd_vs_sft.md (`make kd-vs-sft`)
+    kd-vs-sft-rows500 runs/kd-vs-sft-rows500/kd_vs_sft.json → docs/kd_vs_sft.md
+    sparse-kd-tail runs/sparse-kd-tail/report.json     → docs/training.md (bench/sparse_kd_tail.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = ROOT / "docs" / "reports"
+SOURCES = {  # saved report → where a fresh run writes it
+    "demo-report.json": ROOT / "runs" / "demo" / "eval" / "report.json",
+    "kd_vs_sft.json": ROOT / "runs" / "kd-vs-sft" / "kd_vs_sft.json",
+    "kd_vs_sft-rows500.json": ROOT / "runs" / "kd-vs-sft-rows500" / "kd_vs_sft.json",
+    "sparse_kd_tail.json": ROOT / "runs" / "sparse-kd-tail" / "report.json",
+}
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _params(value: int | None) -> str:
+    return "–" if value is None else f"{value / 1e6:.2f} M"
+
+
+def demo_table(report: dict[str, Any]) -> str:
+    """The demo's comparison: one row per model of report.json, in its order."""
+    rows = [
+        "| model | params | clean acc | robust acc | gap | on disk |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for entry in report["table"]:
+        model = report["models"][entry["model"]]
+        gap = "–" if entry["gap"] is None else f"{100 * entry['gap']:.1f} pt"
+        size = "–" if model.get("size_mb") is None else f"{model['size_mb']:.1f} MB"
+        rows.append(
+            f"| `{entry['model']}` | {_params(entry['params'])} | {_pct(entry['clean_acc'])} | "
+            f"{_pct(entry['robust_acc'])} | {gap} | {size} |"
+        )
+    return "\n".join(rows)
+
+
+def demo_family_table(report: dict[str, Any]) -> str:
+    """Clean accuracy per family, and the spread of sampled answers where several are right."""
+    models = report["models"]
+    families = sorted({f for entry in models.values() for f in entry["accuracy"].get("per_family", {})})
+    spread = sorted({f for entry in models.values() for f in (entry.get("spread") or {})})
+    header = ["model", *families, *(f"{f} spread" for f in spread)]
+    rows = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name, entry in models.items():
+        cells = [_pct((entry["accuracy"]["per_family"].get(f) or {}).get("accuracy")) for f in families]
+        cells += [_pct(((entry.get("spread") or {}).get(f) or {}).get("spread")) for f in spread]
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def bench_table(result: dict[str, Any]) -> str:
+    sys.path.insert(0, str(ROOT))
+    from bench.kd_vs_sft import render
+
+    return render(result).strip()
+
+
+def tail_table(result: dict[str, Any]) -> str:
+    sys.path.insert(0, str(ROOT))
+    from bench.sparse_kd_tail import render
+
+    return render(result)
+
+
+def tables() -> dict[str, tuple[Path, str]]:
+    """Every table: name → (file it goes in, its markdown), from the saved reports present."""
+    out: dict[str, tuple[Path, str]] = {}
+    demo = REPORTS / "demo-report.json"
+    if demo.is_file():
+        report = json.loads(demo.read_text())
+        out["demo"] = (ROOT / "README.md", demo_table(report))
+        out["demo-family"] = (ROOT / "README.md", demo_family_table(report))
+    for saved, name in (("kd_vs_sft.json", "kd-vs-sft"), ("kd_vs_sft-rows500.json", "kd-vs-sft-rows500")):
+        if (REPORTS / saved).is_file():
+            out[name] = (ROOT / "docs" / "kd_vs_sft.md", bench_table(json.loads((REPORTS / saved).read_text())))
+    if (REPORTS / "sparse_kd_tail.json").is_file():
+        result = json.loads((REPORTS / "sparse_kd_tail.json").read_text())
+        out["sparse-kd-tail"] = (ROOT / "docs" / "training.md", tail_table(result))
+    return out
+
+
+def block(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- table:{re.escape(name)} -->\n)(.*?)(\n<!-- /table:{re.escape(name)} -->)", re.S)
+
+
+def render_into(path: Path, name: str, markdown: str) -> bool:
+    """Replace the named block in `path`; False when the file has no such block."""
+    text = path.read_text(encoding="utf-8")
+    pattern = block(name)
+    if not pattern.search(text):
+        return False
+    path.write_text(pattern.sub(lambda m: m.group(1) + markdown + m.group(3), text), encoding="utf-8")
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--save", action="store_true", help="First copy the reports of the last runs into docs/reports/.")
+    args = parser.parse_args()
+    if args.save:
+        REPORTS.mkdir(parents=True, exist_ok=True)
+        for saved, source in SOURCES.items():
+            if source.is_file():
+                shutil.copyfile(source, REPORTS / saved)
+                print(f"saved {source} → {REPORTS / saved}")
+    for name, (path, markdown) in tables().items():
+        if not render_into(path, name, markdown):
+            raise SystemExit(f"{path}: no <!-- table:{name} --> block to render into")
+        print(f"rendered {name} into {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
