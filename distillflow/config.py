@@ -499,30 +499,33 @@ class DistillConfig(StrictModel):
     @model_validator(mode="after")
     def _mining_can_run(self) -> DistillConfig:
         """What `distill mine` needs from the rest of the config."""
-        mining, training = self.mining, self.training
-        if mining is None:
+        if self.mining is None:
             return self
+        mining, training = self.mining, self.training
         dataset_dir, output_dir = mining_dirs(self)
-        if output_dir.resolve() == dataset_dir.resolve():
-            raise ValueError("mining.output_dir is the dataset itself; the mined version needs its own directory")
-        if mining.student is None and training is None:
-            raise ValueError("mining.student is not set and there is no `training:` section to find it in")
-        if mining.score == "kl" and not self.teacher.is_local:
-            raise ValueError(
-                "mining.score kl needs the teacher's logits, so an in-process teacher "
-                "(teacher.backend: local); use ce or disagreement with an endpoint teacher"
-            )
-        if mining.retrain != "none" and training is None:
-            raise ValueError(f"mining.retrain {mining.retrain} needs a `training:` section (or set retrain: none)")
+        rules = [  # (broken, what to say), checked in order
+            (output_dir.resolve() == dataset_dir.resolve(),
+             "mining.output_dir is the dataset itself; the mined version needs its own directory"),
+            (mining.student is None and training is None,
+             "mining.student is not set and there is no `training:` section to find it in"),
+            (mining.score == "kl" and not self.teacher.is_local,
+             "mining.score kl needs the teacher's logits, so an in-process teacher (teacher.backend: local); "
+             "use ce or disagreement with an endpoint teacher"),
+            (mining.retrain != "none" and training is None,
+             f"mining.retrain {mining.retrain} needs a `training:` section (or set retrain: none)"),
+        ]
+        for broken, message in rules:
+            if broken:
+                raise ValueError(message)
         return self
 
     @model_validator(mode="after")
     def _sweep_can_run(self) -> DistillConfig:
         """What `distill sweep` needs from the rest of the config."""
-        sweep, evaluation = self.sweep, self.evaluation
+        sweep, training, evaluation = self.sweep, self.training, self.evaluation
         if sweep is None:
             return self
-        if self.training is None:
+        if training is None:
             raise ValueError("`sweep:` needs a `training:` section (the settings each point starts from)")
         if evaluation is None:
             raise ValueError("`sweep:` needs an `evaluation:` section (how each point is scored)")
@@ -530,7 +533,7 @@ class DistillConfig(StrictModel):
             raise ValueError("sweep.metric judge_win_rate needs evaluation.judge; add a judge or rank by clean_acc")
         if sweep.metric == "agreement" and evaluation.heldout is None:
             raise ValueError("sweep.metric agreement needs evaluation.heldout; add it or rank by clean_acc")
-        problems = point_problems(self.training, sweep)
+        problems = point_problems(training, sweep)
         if problems is not None:
             raise ValueError(f"{problems}; change the value in sweep.grid or sweep.points")
         return self

@@ -35,7 +35,7 @@ from prefect import flow, get_run_logger
 from distillflow.config import ConfigError, DistillConfig
 from distillflow.progress import ProgressBar
 from distillflow.storage.ledger import TEACHER_LEDGER
-from distillflow.storage.manifest import write_json_atomic
+from distillflow.storage.atomic import write_json_atomic
 from distillflow.tasks.shards import BUILDING, BuildState, ShardResult, answer_shard
 
 SHARD_FLOW = "build-shard"

@@ -8,7 +8,6 @@ only once it is complete, so a crash leaves either the old shard or the new one.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distillflow.storage.atomic import atomic_path
 from distillflow.storage.parquet import ShardInfo, file_sha256
 
 # Schema metadata key under which a shard records how its added columns were made.
@@ -53,23 +53,14 @@ def add_columns_atomic(
     metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True).encode("utf-8")
     schema = pa.schema(kept + list(new_fields), metadata=metadata)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     rows = 0
-    try:
-        with pq.ParquetWriter(tmp, schema, compression=compression) as writer:
-            for batch in source.iter_batches(batch_size=batch_size, columns=[f.name for f in kept]):
-                columns = [batch.column(field.name) for field in kept] + list(compute(batch))
-                writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
-                rows += batch.num_rows
-            if rows == 0:
-                writer.write_table(schema.empty_table())
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(out_path, "the Parquet file") as tmp, pq.ParquetWriter(tmp, schema, compression=compression) as writer:
+        for batch in source.iter_batches(batch_size=batch_size, columns=[f.name for f in kept]):
+            columns = [batch.column(field.name) for field in kept] + list(compute(batch))
+            writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
+            rows += batch.num_rows
+        if rows == 0:
+            writer.write_table(schema.empty_table())
     return ShardInfo(
         path=str(out_path.relative_to(root)),
         rows=rows,

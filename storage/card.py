@@ -10,13 +10,13 @@ It is computed from the shards on disk, so it always describes what is there.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distillflow.storage.atomic import write_text_atomic
 from distillflow.storage.parquet import list_shards
 
 CARD_NAME = "README.md"
@@ -100,9 +100,7 @@ def strip_front_matter(text: str) -> str:
 def write_card(directory: str | Path, body: str, manifest: dict[str, Any]) -> Path:
     """Write README.md: the YAML header computed from the shards, then `body` (Markdown)."""
     path = Path(directory) / CARD_NAME
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(card_header(directory, manifest) + "\n" + strip_front_matter(body), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, card_header(directory, manifest) + "\n" + strip_front_matter(body), "the dataset card")
     return path
 
 

@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from distillflow.failures import disk_writes
+from distillflow.storage.atomic import write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write `data` to `path` via a temp file, fsync, then rename. A full disk (or a
-    read-only one) raises `DiskWriteError` and leaves no temp file behind."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with disk_writes(path, "the JSON file"):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, indent=2, sort_keys=False, ensure_ascii=False, default=str)
-                handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):  # the original error is the one to report
-                tmp.unlink(missing_ok=True)
-            raise
 
 
 def write_manifest(output_dir: str | Path, manifest: dict[str, Any]) -> Path:

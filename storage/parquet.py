@@ -6,9 +6,7 @@ A shard is complete the moment it has its final name; `manifest.json` (see
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distillflow.failures import disk_writes
+from distillflow.storage.atomic import atomic_path
 
 TOKEN_LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float32())])
 TOP_LOGPROBS_TYPE = pa.list_(
@@ -80,18 +78,8 @@ def file_sha256(path: Path) -> str:
 def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd") -> None:
     """Write `table` to `path` via a temp file in the same directory, fsync, then rename.
     A full disk (or a read-only one) raises `DiskWriteError` and leaves no temp file behind."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with disk_writes(path, "the Parquet file"):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, tmp, compression=compression)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):  # the original error is the one to report
-                tmp.unlink(missing_ok=True)
-            raise
+    with atomic_path(path, "the Parquet file") as tmp:
+        pq.write_table(table, tmp, compression=compression)
 
 
 class ShardWriter:

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from distillflow.storage.atomic import write_text_atomic
 from distillflow.storage.inspect import DatasetView, header_lines, load_view
 
 DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate", "semantic_duplicate")
@@ -358,8 +359,5 @@ def write_report(directory: str | Path, path: str | Path, samples: int = 3, seed
     """Write the report of the dataset in `directory` to `path` (atomically); returns it."""
     page = render_html(load_view(directory), samples=samples, seed=seed)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, page, "the HTML report")
     return path

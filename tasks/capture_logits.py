@@ -48,6 +48,7 @@ from distillflow.storage.add_columns import (
     column_compressed_bytes,
     read_provenance,
 )
+from distillflow.storage.atomic import write_json_atomic
 from distillflow.storage.card import refresh_card
 from distillflow.storage.manifest import (
     MANIFEST_NAME,
@@ -491,9 +492,7 @@ def plan_capture(settings: CaptureSettings) -> list[Path]:
 
 
 def write_manifest_copy(path: Path, manifest: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, manifest)
 
 
 def _replace_shard_entries(value: Any, shards: dict[str, dict[str, Any]]) -> Any:

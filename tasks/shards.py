@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillflow.records import PromptRecord, Reject, TeacherAnswer, is_failure, stopped_answer
-from distillflow.storage.manifest import write_json_atomic
+from distillflow.storage.atomic import write_json_atomic
 from distillflow.storage.parquet import (
     REJECT_SCHEMA,
     ShardWriter,

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from distillflow.config import ConfigError, DistillConfig, format_validation_error
-from distillflow.storage.manifest import write_json_atomic
+from distillflow.storage.atomic import atomic_path, write_json_atomic, write_text_atomic
 from distillflow.tasks.sweep_config import LOWER_IS_BETTER, SweepConfig, expand_points, point_training_data
 from distillflow.training.config import TrainingConfig
 
@@ -227,8 +227,6 @@ def prepare_point(point: SweepPoint) -> dict[str, Any]:
         state = {}
     point.directory.mkdir(parents=True, exist_ok=True)
     import yaml
-
-    from distillflow.tasks.eval_report import write_text_atomic
 
     write_text_atomic(point.config_path, yaml.safe_dump(point.config, sort_keys=False))
     state.update(name=point.name, settings=point.settings, train_key=point.train_key)
@@ -434,10 +432,9 @@ def write_sweep_chart(summary: dict[str, Any], path: Path) -> None:
     else:
         right.set_axis_off()
     figure.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    figure.savefig(tmp, dpi=110)
+    with atomic_path(path, "the chart") as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
     plt.close(figure)
-    tmp.replace(path)
 
 
 def summarize(plan: SweepPlan, results: list[dict[str, Any]], reference: dict[str, Any] | None, timing: dict[str, Any]) -> dict[str, Any]:
@@ -464,8 +461,6 @@ def summarize(plan: SweepPlan, results: list[dict[str, Any]], reference: dict[st
 def write_sweep_files(plan: SweepPlan, summary: dict[str, Any]) -> None:
     """sweep.md, sweep.png and best.yaml, then sweep.json last (its presence = a complete set)."""
     import yaml
-
-    from distillflow.tasks.eval_report import write_text_atomic
 
     root = Path(plan.sweep.output_dir)
     root.mkdir(parents=True, exist_ok=True)

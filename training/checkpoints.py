@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from distillflow.failures import DiskWriteError, disk_message, disk_problem, filesystem_problem
-from distillflow.storage.manifest import write_json_atomic
+from distillflow.storage.atomic import write_json_atomic
 
 COMPLETE = "complete.json"  # the marker, written last into a checkpoint's directory
 TAG_PREFIX = "step-"
