@@ -139,14 +139,15 @@ def capture(teacher: Path, dataset: Path, out: Path, method: str, k: int, max_le
 
 
 def distinct_per_position(dataset: Path) -> float:
-    """Mean number of slots with weight > 0 (sampled: distinct drawn tokens) per position."""
+    """Mean number of slots with weight > 0 per position (sampled: distinct drawn tokens;
+    weight-0 fillers decode 64 nats below the largest weight)."""
     from distillflow.storage.parquet import read_table
     from distillflow.storage.topk import decode_topk
 
     counts = []
     for blob in read_table(dataset / "data", columns=["teacher_topk"]).column("teacher_topk").to_pylist():
         _, logprobs = decode_topk(blob)
-        counts += (logprobs > logprobs[:, :1] - 60).sum(-1).tolist()  # fillers decode 64 nats down
+        counts += (logprobs > logprobs[:, :1] - 60).sum(-1).tolist()
     return float(np.mean(counts))
 
 
@@ -193,7 +194,7 @@ def mean_sd(values: list[float]) -> str:
 
 def table(report: dict) -> str:
     lines = [
-        "| capture | bytes/token (raw / stored) | slots used per position | accuracy | ECE | mean confidence |",
+        "| capture | bytes/token (raw / zstd) | tokens with weight > 0 per position | accuracy | ECE | mean confidence |",
         "|---|---|---|---|---|---|",
     ]
     teacher = report["teacher"]
@@ -234,6 +235,8 @@ def main() -> None:
     eval_rows = read_jsonl(EVAL_SEEDS, args.eval or None)
     report: dict = {"k": args.k, "prompts": args.prompts, "eval_questions": len(eval_rows), "steps": args.steps,
                     "alpha": args.alpha, "seeds": args.seeds, "methods": {}}
+    card = teacher / "demo_teacher.json"
+    report["teacher_version"] = json.loads(card.read_text())["version_key"] if card.is_file() else None
     report["teacher"] = score(teacher, eval_rows, args.max_new_tokens)
     max_length = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))["training"]["max_length"]
     for method in METHODS:
@@ -255,7 +258,7 @@ def main() -> None:
     (workdir / "sampled_kd.md").write_text(markdown + "\n", encoding="utf-8")
     print(markdown)
     print(f"({len(args.seeds)} seed(s), {args.steps} steps, {args.prompts} prompts, {len(eval_rows)} eval "
-          f"questions, alpha {args.alpha}, T = 1; {report['seconds']} s)")
+          f"questions, alpha {args.alpha}, T = 1; teacher {report['teacher_version']}; {report['seconds']} s)")
 
 
 if __name__ == "__main__":
