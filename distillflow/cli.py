@@ -37,6 +37,8 @@ class _OneErrorParagraph(TyperGroup):
         rest = [*getattr(ctx, "_protected_args", []), *ctx.args]  # the command and its arguments
         if not rest or any(arg in ("--help", "-h") for arg in rest):
             return super().invoke(ctx)
+        if rest[0] != "server":
+            _choose_prefect_server(rest)
         with command_log(rest[0], verbose=bool(ctx.params.get("verbose"))) as log:
             try:
                 return super().invoke(ctx)
@@ -51,6 +53,40 @@ class _OneErrorParagraph(TyperGroup):
                     raise
                 # A Prefect server's 401 becomes the paragraph naming PREFECT_API_AUTH_STRING.
                 raise typer.Exit(log.fail(explain_server_error(error))) from None
+
+
+# Commands that run a Prefect flow (and so need a server), unless run with one of these arguments.
+FLOW_COMMANDS = {"build", "capture-logits", "train", "eval", "sweep", "mine", "run", "demo", "dedup", "serve"}
+NO_FLOW_ARGUMENTS = {"--dry-run", "--engine=local"}
+
+
+def _runs_a_flow(rest: list[str]) -> bool:
+    pairs = zip(rest, rest[1:])
+    return (
+        rest[0] in FLOW_COMMANDS
+        and not NO_FLOW_ARGUMENTS.intersection(rest)
+        and ("--engine", "local") not in pairs
+    )
+
+
+def _choose_prefect_server(rest: list[str]) -> None:
+    """The configured server if there is one (PREFECT_API_URL, profile); else the one
+    `distill server start` left running, if it answers (distillflow/local_server.py); else,
+    for a command that runs a flow, Prefect's temporary server, started now so that it
+    starts while the command imports its stage and checks its config."""
+    from distillflow.local_server import api_url_configured, use_running_server
+
+    if "prefect" in sys.modules or api_url_configured():
+        # Prefect already read its settings (the app runs inside another program, e.g. the
+        # tests), or a server is configured: Prefect's own choice stands.
+        return
+    url = use_running_server()
+    if url is not None:
+        typer.echo(f"distill: runs go to the Prefect server at {url} (distill server start)", err=True)
+    elif _runs_a_flow(rest):
+        from distillflow.temporary_server import start_early
+
+        start_early()
 
 
 app = typer.Typer(
@@ -256,6 +292,52 @@ def deploy(
     from distillflow.flows.deployments import deploy_command
 
     deploy_command(configs, pool=pool, working_dir=working_dir)
+
+
+server_app = typer.Typer(
+    help="A local Prefect server (with its UI) that every later distill command uses (docs/operations.md).",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(
+    port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1 (default 4200, or a free one if taken)."),
+) -> None:
+    """Start `prefect server start` in the background and record it in $PREFECT_HOME; commands
+    without PREFECT_API_URL then send their runs there instead of starting a temporary server."""
+    from distillflow.local_server import start_server
+
+    state, started = start_server(port)
+    ui = state.url.removesuffix("/api")
+    typer.echo(f"{'started' if started else 'already running'}: {state.url} (UI {ui}, pid {state.pid}, log {state.log})")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the server `distill server start` started, with every process it spawned."""
+    from distillflow.local_server import stop_server
+
+    state = stop_server()
+    typer.echo("no server recorded" if state is None else f"stopped: {state.url} (pid {state.pid})")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say which server the next command will use."""
+    from distillflow.local_server import api_url_configured, read_state, running_server
+
+    if api_url_configured():
+        typer.echo("PREFECT_API_URL is configured: commands use that server")
+        return
+    state = running_server()
+    if state is not None:
+        typer.echo(f"running: {state.url} (pid {state.pid}); commands use it")
+    elif read_state() is not None:
+        typer.echo("recorded server does not answer; commands start a temporary server (`distill server start`)")
+    else:
+        typer.echo("no server: each command starts a temporary one (`distill server start` for a lasting one)")
 
 
 def main() -> None:  # pragma: no cover - console entry point

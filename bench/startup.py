@@ -1,0 +1,179 @@
+"""Fixed start-up of `distill` commands: wall time from the shell to exit, before and after.
+
+Each side is a whole `distill` process as a user runs it, with no Prefect server configured
+or running (no PREFECT_API_URL, nothing recorded by `distill server start`):
+
+  build   `distill build CONFIG`: 10 prompts against a local OpenAI-compatible server
+          (tests/openai_server.py, 50 ms per answer), a fresh output directory each run
+  config  `distill config CONFIG` (loads and checks the config)
+  help    `distill --help`
+  floor   `python -c "import prefect"`: the interpreter and Prefect's import, nothing else
+
+"before" is the code at `--baseline` (default: the commit before the start-up work),
+extracted with `git archive` and put first on PYTHONPATH; "after" is this checkout. Each
+side has its own PREFECT_HOME, warmed by one untimed build (the database is created once,
+as on a user's machine). Rounds alternate before/after so a drift of the machine's speed
+hits both; each figure is the median over the rounds.
+
+    python bench/startup.py [--rounds 3] [--baseline bb8a266]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from teacher_throughput import API_KEY, free_port, wait_http, write_build_config  # noqa: E402
+
+BASELINE = "bb8a266"  # the last commit before `distill server` and the early server start
+PACKAGE_DIRS = {"flows": "flows", "tasks": "tasks", "prompts": "prompts", "training": "training",
+                "storage": "storage", "configs": "configs"}
+COMMAND_TIMEOUT_S = 300
+
+
+def baseline_tree(commit: str, workdir: Path) -> Path:
+    """The package as it was at `commit`, laid out as installed (distillflow.flows, …), in a
+    directory to put first on PYTHONPATH."""
+    source = workdir / "baseline-src"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True,
+                             timeout=120).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True, timeout=120)
+    for name, folder in PACKAGE_DIRS.items():
+        (source / "distillflow" / name).symlink_to(source / folder, target_is_directory=True)
+    site = workdir / "baseline-site"
+    site.mkdir()
+    (site / "distillflow").symlink_to(source / "distillflow", target_is_directory=True)
+    return site
+
+
+def side_env(workdir: Path, side: str, pythonpath: Path | None) -> dict[str, str]:
+    env = {**os.environ, "BENCH_API_KEY": API_KEY, "PREFECT_HOME": str(workdir / f"prefect-{side}"),
+           "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("PYTHONPATH", None)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return env
+
+
+def timed(command: list[str], env: dict[str, str], cwd: Path) -> float:
+    """Wall seconds of one process, from start to exit; fails loudly on a non-zero exit."""
+    started = time.perf_counter()
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-2000:]}\n"
+                           f"{result.stderr[-4000:]}")
+    return elapsed
+
+
+def leftover_prefect_servers(home: Path) -> list[str]:
+    """Processes still running with this PREFECT_HOME in their environment (none expected)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"PREFECT_HOME={home}".encode() in environ.split(b"\0"):
+            found.append(proc.name)
+    return found
+
+
+def versions() -> str:
+    names = ("prefect", "openai", "httpx", "aiohttp", "typer")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ", ".join([f"python {sys.version.split()[0]}", *found])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", default=BASELINE, help="commit measured as 'before'")
+    parser.add_argument("--prompts", type=int, default=10)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="distill-startup-"))
+    teacher_port = free_port()
+    teacher = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "openai_server.py"), "--port", str(teacher_port),
+         "--api-key", API_KEY, "--latency-ms", "50", "--no-record"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{teacher_port}/health")
+        base_url = f"http://127.0.0.1:{teacher_port}/v1"
+        sides = {"before": side_env(workdir, "before", baseline_tree(args.baseline, workdir)),
+                 "after": side_env(workdir, "after", None)}
+        distill = [sys.executable, "-m", "distillflow.cli"]
+        runs = 0
+
+        def build(side: str) -> float:
+            nonlocal runs
+            runs += 1
+            run_dir = workdir / f"run-{runs}"
+            run_dir.mkdir()
+            config = write_build_config(run_dir, base_url, args.prompts, concurrency=64, name="startup")
+            return timed([*distill, "build", str(config)], sides[side], run_dir)
+
+        config_dir = workdir / "config-only"
+        config_dir.mkdir()
+        config = write_build_config(config_dir, base_url, args.prompts, concurrency=64, name="startup")
+        commands = {
+            "build": build,
+            "config": lambda side: timed([*distill, "config", str(config)], sides[side], workdir),
+            "help": lambda side: timed([*distill, "--help"], sides[side], workdir),
+        }
+        print(f"{versions()}; {os.cpu_count()} CPUs; baseline {args.baseline}; {args.rounds} round(s)")
+        for side in sides:  # warm-up: creates each side's Prefect database, fills the OS file cache
+            build(side)
+        times: dict[tuple[str, str], list[float]] = {}
+        floor: list[float] = []
+        for round_index in range(args.rounds):
+            order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
+            for name, run in commands.items():
+                for side in order:
+                    times.setdefault((name, side), []).append(run(side))
+            floor.append(timed([sys.executable, "-c", "import prefect"], sides["after"], workdir))
+
+        labels = {"build": f"distill build ({args.prompts} prompts, no server)", "config": "distill config FILE",
+                  "help": "distill --help"}
+        print(f"{'command':<40} {'before':>9} {'after':>9} {'after/before':>13}   (median wall s; all runs)")
+        for name, label in labels.items():
+            before, after = times[(name, "before")], times[(name, "after")]
+            print(f"{label:<40} {statistics.median(before):9.2f} {statistics.median(after):9.2f} "
+                  f"{statistics.median(after) / statistics.median(before):13.2f}   "
+                  f"before {', '.join(f'{t:.2f}' for t in before)}; after {', '.join(f'{t:.2f}' for t in after)}")
+        floor_label = 'python -c "import prefect" (floor)'
+        print(f"{floor_label:<40} {'':>9} {statistics.median(floor):9.2f}")
+        time.sleep(1.0)
+        for side in sides:
+            left = leftover_prefect_servers(workdir / f"prefect-{side}")
+            print(f"processes left behind ({side}): {len(left)}" + (f" (pids {', '.join(left)})" if left else ""))
+    finally:
+        teacher.terminate()
+        teacher.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
