@@ -12,6 +12,7 @@ never typed by hand. Sources:
     kd-vs-sft   runs/kd-vs-sft/kd_vs_sft.json        → docs/kd_vs_sft.md (`make kd-vs-sft`)
     kd-vs-sft-rows500 runs/kd-vs-sft-rows500/kd_vs_sft.json → docs/kd_vs_sft.md
     sparse-kd-tail runs/sparse-kd-tail/report.json     → docs/training.md (bench/sparse_kd_tail.py)
+    sampled-kd  runs/bench-sampled-kd/sampled_kd.json → docs/training.md (bench/sampled_kd.py)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SOURCES = {  # saved report → where a fresh run writes it
     "kd_vs_sft.json": ROOT / "runs" / "kd-vs-sft" / "kd_vs_sft.json",
     "kd_vs_sft-rows500.json": ROOT / "runs" / "kd-vs-sft-rows500" / "kd_vs_sft.json",
     "sparse_kd_tail.json": ROOT / "runs" / "sparse-kd-tail" / "report.json",
+    "sampled_kd.json": ROOT / "runs" / "bench-sampled-kd" / "sampled_kd.json",
 }
 
 
@@ -87,6 +89,13 @@ def tail_table(result: dict[str, Any]) -> str:
     return render(result)
 
 
+def sampled_kd_table(result: dict[str, Any]) -> str:
+    sys.path.insert(0, str(ROOT))
+    from bench.sampled_kd import table
+
+    return table(result)
+
+
 def tables() -> dict[str, tuple[Path, str]]:
     """Every table: name → (file it goes in, its markdown), from the saved reports present."""
     out: dict[str, tuple[Path, str]] = {}
@@ -101,6 +110,9 @@ def tables() -> dict[str, tuple[Path, str]]:
     if (REPORTS / "sparse_kd_tail.json").is_file():
         result = json.loads((REPORTS / "sparse_kd_tail.json").read_text())
         out["sparse-kd-tail"] = (ROOT / "docs" / "training.md", tail_table(result))
+    if (REPORTS / "sampled_kd.json").is_file():
+        result = json.loads((REPORTS / "sampled_kd.json").read_text())
+        out["sampled-kd"] = (ROOT / "docs" / "training.md", sampled_kd_table(result))
     return out
 
 
