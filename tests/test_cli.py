@@ -12,7 +12,7 @@ from tests.test_build import API_KEY, GOOD, write_config, write_seeds
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 
 runner = CliRunner()
-COMMANDS = ["build", "dedup", "capture-logits", "train", "eval", "inspect", "demo", "run", "serve", "deploy"]
+COMMANDS = ["build", "dedup", "capture-logits", "train", "eval", "inspect", "demo", "run", "serve", "deploy", "server"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
