@@ -6,6 +6,7 @@ other path given on the command line.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -339,6 +340,45 @@ class DatasetConfig(StrictModel):
         return self.workers > 1 or self.work_pool is not None
 
 
+class PipelineTrainingConfig(TrainingConfig):
+    """How the student is trained with DeepSpeed ZeRO: the data (by default the dataset this
+    config writes), the student (a model directory or derived from the teacher), the objective
+    (sft, kd_topk, kd_logits, hidden-state matching, on-policy) and its loss weights, the
+    optimiser, and checkpoints."""
+
+    dataset_dir: Path | None = Field(  # type: ignore[assignment]
+        None,
+        description="A distillflow dataset directory; its `data/*.parquet` shards are read. Default: the "
+        "dataset this config writes (capture.output_dir when a capture step feeds kd_topk training, else "
+        "output_dir), so an edited output_dir carries into training.",
+    )
+
+
+@dataclass(frozen=True)
+class StageDirs:
+    """The directory each stage reads and writes. One rule for every stage: an explicit key
+    wins, else the output of the stage before it, which starts at the config's output_dir."""
+
+    dataset: Path  # output_dir: what the build writes
+    capture_input: Path  # capture.input_dir, else output_dir
+    capture_output: Path  # capture.output_dir, else capture_input (the columns are added in place)
+    training_dataset: Path  # training.dataset_dir, else capture_output before kd_topk, else output_dir
+
+
+def stage_dirs(config: DistillConfig) -> StageDirs:
+    """The directories of `config`'s stages (see StageDirs for the rule)."""
+    dataset = Path(config.output_dir)
+    capture, training = config.capture, config.training
+    capture_input = Path(capture.input_dir) if capture is not None and capture.input_dir else dataset
+    capture_output = Path(capture.output_dir) if capture is not None and capture.output_dir else capture_input
+    captured = capture is not None and training is not None and training.objective == "kd_topk"
+    if training is not None and training.dataset_dir:
+        training_dataset = Path(training.dataset_dir)
+    else:
+        training_dataset = capture_output if captured else dataset
+    return StageDirs(dataset, capture_input, capture_output, training_dataset)
+
+
 class DistillConfig(StrictModel):
     """One run: where the seeds are, how prompts are made, which teacher answers them, how
     the answers are filtered, and (optionally) how a student is trained, evaluated, swept
@@ -364,7 +404,7 @@ class DistillConfig(StrictModel):
     chat_template_stop: StopStrings = Field(None, description=CHAT_TEMPLATE_STOP_HELP)
     filters: FiltersConfig = FiltersConfig()
     dataset: DatasetConfig = DatasetConfig()
-    training: TrainingConfig | None = None
+    training: PipelineTrainingConfig | None = None
     evaluation: EvalConfig | None = None
     capture: CaptureConfig | None = None
     sweep: SweepConfig | None = None
@@ -445,8 +485,8 @@ class DistillConfig(StrictModel):
         capture, training = self.capture, self.training
         if capture is None or training is None or capture.method != "sampled" or training.objective != "kd_topk":
             return self
-        captured = capture.output_dir or capture.input_dir or training.dataset_dir or self.output_dir
-        if Path(captured).resolve() == Path(training.dataset_dir).resolve():
+        dirs = stage_dirs(self)
+        if dirs.capture_output.resolve() == dirs.training_dataset.resolve():
             check_sampled_capture(training.temperature, training.divergence)
         return self
 
@@ -533,7 +573,7 @@ class DistillConfig(StrictModel):
             raise ValueError("sweep.metric judge_win_rate needs evaluation.judge; add a judge or rank by clean_acc")
         if sweep.metric == "agreement" and evaluation.heldout is None:
             raise ValueError("sweep.metric agreement needs evaluation.heldout; add it or rank by clean_acc")
-        problems = point_problems(training, sweep)
+        problems = point_problems(training.model_copy(update={"dataset_dir": stage_dirs(self).training_dataset}), sweep)
         if problems is not None:
             raise ValueError(f"{problems}; change the value in sweep.grid or sweep.points")
         return self
@@ -568,15 +608,15 @@ def heldout_fraction_of_training(config: DistillConfig) -> float | None:
     if config.training is None or heldout is None:
         return None
     heldout_dir = heldout.dataset_dir or config.output_dir
-    same = Path(heldout_dir).resolve() == Path(config.training.dataset_dir).resolve()
+    same = Path(heldout_dir).resolve() == stage_dirs(config).training_dataset.resolve()
     return heldout.fraction if same else None
 
 
 def mining_dirs(config: DistillConfig) -> tuple[Path, Path]:
     """(the dataset mined around, the new version's directory) of the `mining:` section."""
-    mining, training = config.mining, config.training
+    mining = config.mining
     assert mining is not None
-    dataset_dir = Path(mining.dataset_dir or (training.dataset_dir if training else config.output_dir))
+    dataset_dir = Path(mining.dataset_dir) if mining.dataset_dir else stage_dirs(config).training_dataset
     return dataset_dir, Path(mining.output_dir or f"{dataset_dir}-mined")
 
 
@@ -594,7 +634,7 @@ def with_shared_settings(config: DistillConfig) -> DistillConfig:
     if config.teacher.is_local:
         sections["teacher"] = filled(config.teacher)
     if config.training is not None:
-        training = filled(config.training)
+        training = filled(config.training).model_copy(update={"dataset_dir": stage_dirs(config).training_dataset})
         fraction = heldout_fraction_of_training(config)
         if training.holdout_fraction is None and fraction is not None:
             training = training.model_copy(update={"holdout_fraction": fraction})
@@ -663,6 +703,13 @@ def load_config(path: str | Path, check_files: bool = True) -> DistillConfig:
                     f"(relative paths resolve against {Path.cwd()}); fix the path"
                 )
     return config
+
+
+def config_as_written(path: str | Path) -> dict[str, Any]:
+    """The config of a file that `load_config` accepted, as JSON-able data, with nothing that
+    derives from another key filled in (training.dataset_dir, the shared chat_template): a
+    deployment's form starts from it, so that an edited output_dir carries into every stage."""
+    return DistillConfig.model_validate(read_yaml(Path(path))).model_dump(mode="json")
 
 
 def load_section(path: str | Path, name: str, model: type[SectionModel]) -> SectionModel:

@@ -25,7 +25,7 @@ import httpx
 import yaml
 from prefect import flow
 
-from distillflow.config import ConfigError, DistillConfig, load_config
+from distillflow.config import ConfigError, DistillConfig, config_as_written, load_config
 from distillflow.flows.build import build_dataset
 from distillflow.flows.shard_runs import ensure_process_pool
 
@@ -129,7 +129,7 @@ def runner_deployments(config_paths: list[Path], **options: Any) -> list[Any]:
             deployments.append(
                 DEPLOYMENT_FLOWS[stage].to_deployment(
                     name=config.name,
-                    parameters={"config": config.model_dump(mode="json")},
+                    parameters={"config": config_as_written(path)},
                     schedules=[entry.to_prefect()] if entry is not None else None,
                     tags=["distillflow", stage],
                     **options,

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from distillflow.config import ConfigError, DistillConfig
+from distillflow.config import ConfigError, DistillConfig, stage_dirs
 from distillflow.progress import progress
 from distillflow.storage.add_columns import (
     add_columns_atomic,
@@ -150,7 +150,7 @@ def resolve_capture_settings(config: DistillConfig) -> CaptureSettings:
     elif tokenizer is None:  # vllm: the teacher's (a config with neither is rejected when it loads)
         assert training is not None
         tokenizer = training.teacher
-    input_dir = capture.input_dir or (training.dataset_dir if training else None) or config.output_dir
+    dirs = stage_dirs(config)
     if capture.system_prompt is not None:
         system_prompt = capture.system_prompt
     elif training is not None and training.system_prompt is not None:
@@ -166,8 +166,8 @@ def resolve_capture_settings(config: DistillConfig) -> CaptureSettings:
         model=str(model),
         tokenizer=str(tokenizer),
         k=capture.k,
-        input_dir=str(input_dir),
-        output_dir=str(capture.output_dir or input_dir),
+        input_dir=str(dirs.capture_input),
+        output_dir=str(dirs.capture_output),
         system_prompt=system_prompt,
         chat_template=chat_template,
         max_length=max_length,
