@@ -12,6 +12,9 @@
    packing, batch and data order per seed; configs/demo.yaml's temperature and alpha):
      sft        the teacher's text (black box)
      kd_topk    the teacher's captured top-k logprobs
+     kd_topk_T4_pure  the same at T = 4, alpha = 1 (pure KD: the case the tail rule decides)
+     kd_sampled the same bytes per token as k tokens DRAWN from the teacher (capture.method:
+                sampled, captured here into the work dir; T = 1, forward KL)
      kd_logits  the teacher's full logits, in process
      on_policy  the student's own samples scored by the in-process teacher (lmbda 0.5, reverse KL)
      reference  the true answers of the same prompts (not distillation: what the data could teach)
@@ -48,6 +51,8 @@ sys.path.insert(0, str(ROOT))
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "sft": {"objective": "sft"},
     "kd_topk": {"objective": "kd_topk"},
+    "kd_topk_T4_pure": {"objective": "kd_topk", "temperature": 4.0, "alpha": 1.0},
+    "kd_sampled": {"objective": "kd_topk", "temperature": 1.0, "divergence": "forward_kl"},
     "kd_logits": {"objective": "kd_logits"},
     "on_policy": {
         "objective": "on_policy", "lmbda": 0.5, "divergence": "reverse_kl", "temperature": 1.0,
@@ -87,6 +92,25 @@ def subset_dataset(dataset_dir: Path, rows: int, out_dir: Path) -> Path:
         if (dataset_dir / name).is_file():
             (out_dir / name).write_text((dataset_dir / name).read_text())
     assert pq.read_metadata(out_dir / "data" / "part-00000.parquet").num_rows == rows
+    return out_dir
+
+
+def sampled_capture(config: dict, workdir: Path, dataset_dir: Path) -> Path:
+    """`dataset_dir` captured again with capture.method: sampled (same k), into the work dir."""
+    from distillflow.flows.capture_logits import capture_logits_command
+
+    out_dir = workdir / "dataset-sampled"
+    if (out_dir / "manifest.json").is_file():
+        return out_dir
+    variant = json.loads(json.dumps(config))
+    variant["capture"].update(method="sampled", input_dir=str(dataset_dir), output_dir=str(out_dir))
+    variant["training"].update(dataset_dir=str(dataset_dir), temperature=1.0, divergence="forward_kl")
+    for section in ("evaluation", "sweep", "mining"):
+        variant.pop(section, None)
+    path = workdir / "configs" / "capture-sampled.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(variant, sort_keys=False))
+    capture_logits_command(path)
     return out_dir
 
 
@@ -264,6 +288,7 @@ def main() -> None:
         dataset_dir = subset_dataset(dataset_dir, args.rows, workdir / "dataset")
         reference_dir = subset_dataset(reference_dir, min(args.rows, _rows(reference_dir)), workdir / "reference-subset")
     test_set = Path(config["evaluation"]["eval_sets"][0]["path"])
+    sampled_dir = sampled_capture(config, workdir, dataset_dir) if "kd_sampled" in args.objectives else None
 
     students: dict[str, Path] = {}
     for seed in args.seeds:
@@ -272,7 +297,7 @@ def main() -> None:
             if objective == "untrained":
                 students[name] = untrained_student(config, workdir, name, seed)
                 continue
-            data = reference_dir if objective == "reference" else dataset_dir
+            data = {"reference": reference_dir, "kd_sampled": sampled_dir}.get(objective) or dataset_dir
             students[name] = train_student(
                 config, workdir, name, data, max_steps=args.steps, seed=seed, **OBJECTIVES[objective]
             )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -108,19 +109,21 @@ def write_reference_dataset(dataset_dir: Path, seeds_path: Path, out_dir: Path) 
     from distillflow.records import content_id
     from distillflow.storage.parquet import read_table, write_table_atomic
 
-    truth: dict[str, tuple[str, str]] = {}
+    truth: dict[str, tuple[str, str, str]] = {}
     for line in seeds_path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        truth[content_id(row["prompt"])] = (row["reference"], row["protect"][0])
+        truth[content_id(row["prompt"])] = (row["reference"], row["protect"][0], row.get("check") or "exact")
     table = read_table(dataset_dir / "data", columns=["id", "prompt", "strategy", "parent_id"])
     rows = {"id": [], "prompt": [], "response": [], "strategy": []}
     for row in table.to_pylist():
         seed_id = row["id"] if row["strategy"] == "seed" else row["parent_id"]
         if seed_id not in truth:
             continue
-        reference, argument = truth[seed_id]
+        reference, argument, check = truth[seed_id]
         if argument not in row["prompt"]:
             continue
+        if check == "one_of":  # several right answers: one of them, drawn per row (as the teacher was taught)
+            reference = random.Random(row["id"]).choice(reference.split("|"))
         rows["id"].append(row["id"])
         rows["prompt"].append(row["prompt"])
         rows["response"].append(reference)

@@ -1,7 +1,9 @@
-"""The demo's task family: short string and number skills with exactly checkable answers.
+"""The demo's task families: short string and number skills with checkable answers.
 
-Every prompt asks one of a few skills about one argument (a made-up word or a number),
-which ends the prompt, in one of several phrasings, and has exactly one right answer:
+Every prompt asks one skill about one argument (a made-up word or a number), which ends
+the prompt, in one of several phrasings. Three kinds of family:
+
+one right answer, one token (a lookup at a fixed distance from the end of the prompt):
 
     last      Last letter of the word: plimo             → o
     before    Second-to-last letter of the word: plimo   → m
@@ -9,14 +11,20 @@ which ends the prompt, in one of several phrasings, and has exactly one right an
     tens      Second-to-last digit of the number: 4821   → 2
     parity    Even or odd: 4821                          → odd
 
-Each answer is a lookup at a fixed distance from the end of the prompt: a small
-character-level model learns that from scratch on a CPU in minutes and gets it right on
-words and numbers it never saw. Perturbations that move the end (a distractor sentence
-or an injected instruction after the argument, trailing whitespace) are what makes the
-task hard, which is what the robustness columns measure. Measured while choosing the
-family: skills that copy a word (reverse, upper-case), count letters, compare digits or
-find a letter by content (the first letter of a quoted word) were still mostly wrong
-after 1,000+ training steps of this teacher and were left out.
+several right answers (any one is right; the teacher is trained on a uniformly drawn one,
+so its next-token distribution spreads over all of them: what soft targets can teach and
+a single greedy answer cannot):
+
+    letter_in A letter that occurs in the word: plimo    → p | l | i | m | o
+    digit_in  A digit that occurs in the number: 4821    → 4 | 8 | 2 | 1
+
+one right answer of several tokens, where an early wrong token derails the rest:
+
+    reverse   Reverse the word: plim                     → milp
+
+Perturbations that move the end (a distractor sentence or an injected instruction after
+the argument, trailing whitespace) are what makes the task hard, which is what the
+robustness columns measure.
 
 Arguments are split in two by a stable hash: the teacher and the dataset's seed prompts
 only ever see the `train` half; the eval set uses the `eval` half, so accuracy on it is
@@ -41,18 +49,26 @@ class SkillPrompt:
 
     skill: str
     prompt: str
-    reference: str
+    reference: str  # the right answer; for several, all of them joined by ONE_OF_SEPARATOR
     argument: str  # the span a robustness perturbation must not change (it changes the answer)
+
+    @property
+    def valid_answers(self) -> tuple[str, ...]:
+        return tuple(self.reference.split(ONE_OF_SEPARATOR))
 
     def record(self) -> dict[str, object]:
         """The row of a seed / eval-set file (`protect`: spans perturbations keep)."""
         return {
             "prompt": self.prompt,
             "reference": self.reference,
-            "check": "exact",
+            "check": "one_of" if self.skill in MULTI_ANSWER else "exact",
             "skill": self.skill,
             "protect": [self.argument],
         }
+
+    def training_answer(self, rng: random.Random) -> str:
+        """The answer a teacher is trained on: a uniformly drawn one where several are right."""
+        return rng.choice(self.valid_answers)
 
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -81,8 +97,25 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Is this number even or odd: {arg}",
         "Tell me if it is odd or even: {arg}",
     ),
+    "letter_in": (
+        "A letter that occurs in the word: {arg}",
+        "Name any letter of the word: {arg}",
+        "Give me one letter from: {arg}",
+    ),
+    "digit_in": (
+        "A digit that occurs in the number: {arg}",
+        "Name any digit of the number: {arg}",
+        "Give me one digit from: {arg}",
+    ),
+    "reverse": (
+        "Reverse the word: {arg}",
+        "Spell this word backwards: {arg}",
+        "Write in reverse order: {arg}",
+    ),
 }
 SKILLS = tuple(TEMPLATES)
+MULTI_ANSWER = ("letter_in", "digit_in")  # any of several answers is right (check `one_of`)
+ONE_OF_SEPARATOR = "|"  # a `one_of` reference lists the right answers: "a|l|m"
 
 
 def split_of(argument: str) -> str:
@@ -96,9 +129,16 @@ def _word(rng: random.Random) -> str:
 
 
 def _argument(skill: str, rng: random.Random) -> str:
-    if skill in ("last", "before"):
+    if skill in ("last", "before", "letter_in"):
         return _word(rng)
+    if skill == "reverse":  # short words: every answer token a lookup the model must not lose
+        return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))
     return str(rng.randint(10, 99999))
+
+
+def _distinct_characters(arg: str) -> str:
+    """The argument's characters, each once, in sorted order, joined as a `one_of` reference."""
+    return ONE_OF_SEPARATOR.join(sorted(set(arg)))
 
 
 ANSWERS: dict[str, Callable[[str], str]] = {
@@ -107,6 +147,9 @@ ANSWERS: dict[str, Callable[[str], str]] = {
     "digit": lambda arg: arg[-1],
     "tens": lambda arg: arg[-2],
     "parity": lambda arg: "odd" if int(arg) % 2 else "even",
+    "letter_in": _distinct_characters,
+    "digit_in": _distinct_characters,
+    "reverse": lambda arg: arg[::-1],
 }
 
 

@@ -25,8 +25,12 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distillflow.resources import packaged
+
+if TYPE_CHECKING:
+    from distillflow.prompts.skills import SkillPrompt
 
 DEMO_TEACHER_DIRNAME = "demo-teacher"
 STAMP_FILE = "demo_teacher.json"
@@ -48,7 +52,7 @@ class DemoTrainingSettings:
     eval_questions: int = 200
     target_accuracy: float = 0.96  # stop once held-out clean exact match reaches this
     seed: int = 0
-    version: int = 5  # bump when the task family or the noise changes
+    version: int = 6  # bump when the task family or the noise changes
 
 
 # The generators the teacher is trained to see through (prompts.adversarial.ADVERSARIAL keys).
@@ -57,8 +61,8 @@ TRAINING_NOISE = (
 )  # fmt: skip
 
 
-def noisy_question(rng: random.Random, split: str, noisy_share: float) -> tuple[str, str]:
-    """One (prompt, answer) of the task family, perturbed with probability `noisy_share`."""
+def noisy_item(rng: random.Random, split: str, noisy_share: float) -> tuple[str, SkillPrompt]:
+    """One question of the task families, its prompt perturbed with probability `noisy_share`."""
     from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected
     from distillflow.prompts.config import AdversarialConfig
     from distillflow.prompts.skills import sample
@@ -69,7 +73,13 @@ def noisy_question(rng: random.Random, split: str, noisy_share: float) -> tuple[
         kind = rng.choice(TRAINING_NOISE)
         config = AdversarialConfig(severity=rng.choice((0.2, 0.5, 0.8)))
         prompt = perturb_protected(prompt, [item.argument], ADVERSARIAL[kind], rng, config) or prompt
-    return prompt, item.reference
+    return prompt, item
+
+
+def noisy_question(rng: random.Random, split: str, noisy_share: float) -> tuple[str, str]:
+    """One (prompt, answer) to train on: `noisy_item`, with a uniformly drawn right answer."""
+    prompt, item = noisy_item(rng, split, noisy_share)
+    return prompt, item.training_answer(rng)
 
 
 # -- build + train ----------------------------------------------------------------------------
@@ -130,7 +140,7 @@ def train_demo_teacher(out_dir: Path, settings: DemoTrainingSettings, log_every:
     from distillflow.prompts.skills import distinct
     from distillflow.training.scratch import train_from_scratch
 
-    heldout = [(item.prompt, item.reference) for item in distinct(settings.eval_questions, seed=7, split="eval")]
+    heldout = [(item.prompt, item.valid_answers) for item in distinct(settings.eval_questions, seed=7, split="eval")]
     return train_from_scratch(
         out_dir,
         settings,

@@ -125,7 +125,7 @@ def train_from_scratch(
     out_dir: Path,
     settings: Any,
     question: Callable[[random.Random], tuple[str, str]],
-    heldout: list[tuple[str, str]],
+    heldout: list[tuple[str, tuple[str, ...]]],
     log_every: int = 0,
 ) -> dict:
     """Build a character-level tokenizer + Llama in `out_dir`, train it on `question(rng)`
@@ -220,8 +220,8 @@ def stop_file_exists(out_dir: Path) -> bool:
     return out_dir.with_name(out_dir.name.split(".tmp-")[0].lstrip(".") + ".stop").exists()
 
 
-def greedy_exact_match(model, tokenizer, questions: list[tuple[str, str]], batch_size: int = 50) -> float:
-    """Share of `(prompt, reference)` the in-memory model answers exactly (greedy)."""
+def greedy_exact_match(model, tokenizer, questions: list[tuple[str, tuple[str, ...]]], batch_size: int = 50) -> float:
+    """Share of `(prompt, right answers)` the in-memory model answers with one of them exactly (greedy)."""
     import torch
 
     model.eval()
@@ -237,7 +237,7 @@ def greedy_exact_match(model, tokenizer, questions: list[tuple[str, str]], batch
         with torch.no_grad():
             output = model.generate(**encoded, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         answers = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-        right += sum(answer.strip() == reference for answer, (_, reference) in zip(answers, chunk))
+        right += sum(answer.strip() in valid for answer, (_, valid) in zip(answers, chunk))
     return right / len(questions)
 
 
