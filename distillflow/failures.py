@@ -33,8 +33,9 @@ import sqlite3
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 LOG_FORMAT = "%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"
@@ -90,19 +91,22 @@ def _setup_prefect_logging() -> None:
 
 
 class _FailedRuns(logging.Handler):
-    """Remembers the Prefect task and flow runs that reported a failure (for the error paragraph)."""
+    """Remembers the Prefect task and flow runs that reported a failure (for the error paragraph):
+    a task run's traceback (at DEBUG for the project's own errors), a flow run's traceback or ERROR."""
 
     def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
+        super().__init__(level=logging.NOTSET)
         self.task_run: str | None = None
         self.flow_run: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not record.exc_info:
-            return
-        if record.name.startswith("prefect.task_runs") and self.task_run is None:
+        if record.name.startswith("prefect.task_runs") and record.exc_info and self.task_run is None:
             self.task_run = getattr(record, "task_run_name", None)
-        elif record.name.startswith("prefect.flow_runs") and self.flow_run is None:
+        elif (
+            record.name.startswith("prefect.flow_runs")
+            and (record.exc_info or record.levelno >= logging.ERROR)
+            and self.flow_run is None
+        ):
             self.flow_run = getattr(record, "flow_run_name", None)
 
     def where(self) -> str | None:
@@ -180,6 +184,66 @@ class CommandLog:
 
 
 PROJECT_PACKAGES = {"distillflow"}
+
+
+def is_project_error(error: BaseException) -> bool:
+    """Whether `error` is one the project raises on purpose (config, input, teacher, disk): its
+    message is the paragraph a user reads, and running the same thing again fails the same way."""
+    return isinstance(error, Exception) and type(error).__module__.split(".")[0] in PROJECT_PACKAGES
+
+
+class RunFailureReports(logging.Filter):
+    """Prefect's own reports of a run that failed with one of the project's errors go to DEBUG,
+    traceback included: a task's "Task run failed with exception" and its "Finished in state
+    Failed" line, a flow's "Encountered exception during execution". The flow run logs the
+    paragraph itself, once, at ERROR (`failed_run`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error_types: set[str] = set()  # names of the project errors reported so far
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and is_project_error(error):
+            self.error_types.add(type(error).__name__)
+        elif error is not None or not record.getMessage().startswith("Finished in state Failed"):
+            return True
+        elif not any(f"exception {name}:" in record.getMessage() for name in self.error_types):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def quiet_run_failure_reports() -> None:
+    """Install `RunFailureReports` on Prefect's run loggers (once per process)."""
+    for name in PREFECT_RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(item, RunFailureReports) for item in logger.filters):
+            logger.addFilter(RunFailureReports())
+
+
+def failed_run(error: Exception) -> Any:
+    """End the current flow run as Failed with the error's paragraph as its state message, logged
+    once at ERROR with no traceback (that stays in the log file and at DEBUG). Calling the flow
+    raises `error` again, so a command prints the same paragraph."""
+    from prefect import get_run_logger
+    from prefect.states import Failed
+
+    message = error_message(error)
+    get_run_logger().error("%s", message)
+    return Failed(message=message, data=error)
+
+
+def fail_cleanly(command: Callable[..., Any], *args: Any) -> Any:
+    """`command(*args)`, or, when it raises one of the project's errors, `failed_run` of it."""
+    try:
+        return command(*args)
+    except Exception as error:
+        if not is_project_error(error):
+            raise
+        return failed_run(error)
 
 
 def error_message(error: BaseException) -> str:

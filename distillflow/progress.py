@@ -8,6 +8,10 @@ terminal (CI, Prefect workers, a pipe to a file) it is one plain line every
 `DISTILL_PROGRESS_INTERVAL_S` seconds (default 10) and a final line, with no carriage
 returns or escape codes. `DISTILL_PROGRESS=bar|log|off` overrides the choice.
 
+Inside a Prefect flow run, a reporter given an `artifact_key` also keeps a progress artifact
+of that key (the run's Artifacts tab) at the percentage done, with the same line as its
+description, at most once every `ARTIFACT_INTERVAL_S` seconds and once at the end.
+
 Several stages may run at once (threads, nested stages): on a terminal they share one live
 display, one bar each. A reporter is thread-safe; `advance` is cheap enough to call per row.
 """
@@ -24,6 +28,7 @@ from typing import Any
 
 MODES = ("bar", "log", "off")
 DEFAULT_INTERVAL_S = 10.0
+ARTIFACT_INTERVAL_S = 2.0  # the fastest a progress artifact is updated (one API call each)
 
 
 def progress_mode() -> str:
@@ -100,6 +105,53 @@ class _SharedDisplay:
 _DISPLAY = _SharedDisplay()
 
 
+class ProgressArtifact:
+    """A Prefect progress artifact of the current flow run, updated at most every `every_s`."""
+
+    def __init__(self, key: str, every_s: float = ARTIFACT_INTERVAL_S) -> None:
+        self.key, self.every_s = key, every_s
+        self.artifact_id: Any = None
+        self.last_update = 0.0
+        self.warned = False
+
+    @staticmethod
+    def in_flow_run() -> bool:
+        from prefect.context import FlowRunContext
+
+        return FlowRunContext.get() is not None
+
+    def start(self, percent: float, description: str) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.artifact_id = self._call(create_progress_artifact, percent, key=self.key, description=description)
+        self.last_update = time.monotonic()
+
+    def due(self, now: float) -> bool:
+        """Whether an update now keeps to the interval (claims it when it does; call under a lock)."""
+        if self.artifact_id is None or now - self.last_update < self.every_s:
+            return False
+        self.last_update = now
+        return True
+
+    def update(self, percent: float, description: str) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        if self.artifact_id is not None:
+            self._call(update_progress_artifact, self.artifact_id, percent, description=description)
+
+    def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """The API call; a refused one is logged once and never stops the stage it reports on."""
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:  # the artifact is a view of the work, not the work
+            if not self.warned:
+                self.warned = True
+                from prefect.logging import get_logger
+
+                get_logger("distillflow.progress").warning("progress artifact %r not updated: %r", self.key, error)
+            return None
+
+
 class ProgressBar:
     """Counts work done in one stage; shown as a bar or as periodic log lines (see module doc).
 
@@ -107,8 +159,11 @@ class ProgressBar:
     code that expects a `progress(count)` callback.
     """
 
-    def __init__(self, label: str, total: int | None, unit: str = "rows", mode: str | None = None) -> None:
+    def __init__(
+        self, label: str, total: int | None, unit: str = "rows", mode: str | None = None, artifact_key: str | None = None
+    ) -> None:
         self.label, self.total, self.unit = label, total, unit
+        self.artifact = ProgressArtifact(artifact_key) if artifact_key is not None else None
         self.mode = mode or progress_mode()
         self.every_s = log_interval_s()
         self.done = 0
@@ -145,10 +200,19 @@ class ProgressBar:
                     self.last_line = now
                     self._final_logged = finished
                     line = self._line(now)
+            pushed = self.artifact is not None and self.artifact.due(now)
+            percent, text = self.percent(), self._line(now) if pushed else ""
         if self.mode == "bar" and self._rich is not None:
             self._rich.update(self._task_id, completed=self.done, total=self.total)
         if line is not None:
             print(line, file=sys.stderr, flush=True)
+        if pushed:
+            assert self.artifact is not None
+            self.artifact.update(percent, text)
+
+    def percent(self) -> float:
+        """Done as a percentage of the total (0 while the total is unknown or 0)."""
+        return min(100.0, 100.0 * self.done / self.total) if self.total else 0.0
 
     def _line(self, now: float) -> str:
         elapsed = now - self.started
@@ -168,11 +232,15 @@ class ProgressBar:
     # -- lifetime -------------------------------------------------------------------------
 
     def _start(self) -> None:
+        if self.artifact is not None and ProgressArtifact.in_flow_run():
+            self.artifact.start(self.percent(), self._line(time.monotonic()))
         if self.mode == "bar":
             self._rich = _DISPLAY.open()
             self._task_id = self._rich.add_task(self.label, total=self.total, completed=self.done, unit=self.unit)
 
     def _finish(self, failed: bool) -> None:
+        if self.artifact is not None:
+            self.artifact.update(self.percent() if failed else 100.0, self._line(time.monotonic()) + (" stopped" if failed else " done"))
         if self.mode == "bar" and self._rich is not None:
             self._rich.update(self._task_id, completed=self.done, total=self.total)
             self._rich = None

@@ -25,6 +25,7 @@ from prefect.utilities.annotations import quote
 
 import distillflow
 from distillflow.config import DistillConfig, load_config
+from distillflow.failures import failed_run, is_project_error
 from distillflow.flows.shard_runs import answer_shards_on_pool
 from distillflow.interrupt import cancel_on_interrupt
 from distillflow.memory import release_freed_memory
@@ -182,7 +183,9 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
             if resumed:
                 logger.info("resuming: %d of %d shards were already written", resumed, len(plan))
 
-            progress = ProgressBar(f"{label} teacher", num_kept, "answered")
+            progress = ProgressBar(
+                f"{label} teacher", num_kept, "answered", artifact_key=f"{_artifact_key(config.name)}-teacher-progress"
+            )
             if resumed:
                 progress(sum(plan[index][1] - plan[index][0] for index in state.finished))
             budget = FailureBudget(num_kept, config.teacher, on_exceeded=teacher.abort)
@@ -293,8 +296,8 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
         # the failure budget, SIGINT (KeyboardInterrupt) or SIGTERM (Prefect's TerminationSignal).
         if teacher is not None:
             teacher.abort(error if isinstance(error, TeacherFatalError) else TeacherAborted(f"stopped: {error!r}"))
-        if isinstance(error, TeacherFatalError):
-            logger.error("%s", error)
+        if is_project_error(error):
+            return failed_run(error)  # type: ignore[no-any-return]  # the paragraph, once, as the run's message
         raise
     finally:
         for _, _, future in in_flight:  # after a failure: let the other batches stop first

@@ -6,6 +6,10 @@ Each deployment's one parameter is the whole typed config (`DistillConfig`), so 
 Only the NAME of the teacher key's env var is in it: the process that runs the flow (the
 `serve` process or the worker) needs the key in its environment.
 
+A run that fails with one of the project's errors (a bad config, an unreachable teacher) ends
+Failed with the error's paragraph as its state message, logged once at ERROR; Prefect's own
+reports of it, tracebacks included, are at DEBUG (distillflow/failures.py).
+
 The build deployment runs the `build-dataset` flow itself. The other stages' flows take a
 config file (training launches DeepSpeed processes that read it), so their deployments run
 a small flow that writes the config to a temporary YAML file and runs the stage's command
@@ -26,6 +30,7 @@ import yaml
 from prefect import flow
 
 from distillflow.config import ConfigError, DistillConfig, config_as_written, load_config
+from distillflow.failures import fail_cleanly
 from distillflow.flows.build import build_dataset
 from distillflow.flows.shard_runs import ensure_process_pool
 
@@ -48,7 +53,7 @@ def capture_deployment(config: DistillConfig) -> dict[str, Any]:
     from distillflow.flows.capture_logits import capture_logits_command
 
     with config_file(config) as path:
-        return capture_logits_command(path)
+        return fail_cleanly(capture_logits_command, path)
 
 
 @flow(name="distill-train")
@@ -57,7 +62,7 @@ def train_deployment(config: DistillConfig) -> dict[str, Any]:
     from distillflow.flows.train import train_command
 
     with config_file(config) as path:
-        return train_command(path)
+        return fail_cleanly(train_command, path)
 
 
 @flow(name="distill-eval")
@@ -66,7 +71,7 @@ def eval_deployment(config: DistillConfig) -> dict[str, Any]:
     from distillflow.flows.evaluate import eval_command
 
     with config_file(config) as path:
-        return eval_command(path)
+        return fail_cleanly(eval_command, path)
 
 
 @flow(name="distill-sweep")
@@ -75,7 +80,7 @@ def sweep_deployment(config: DistillConfig) -> dict[str, Any]:
     from distillflow.flows.sweep import sweep_command
 
     with config_file(config) as path:
-        return sweep_command(path)
+        return fail_cleanly(sweep_command, path)
 
 
 @flow(name="distill-mine")
@@ -84,7 +89,7 @@ def mine_deployment(config: DistillConfig) -> dict[str, Any]:
     from distillflow.flows.mine import mine_command
 
     with config_file(config) as path:
-        return mine_command(path)
+        return fail_cleanly(mine_command, path)
 
 
 @flow(name="distill-run")
@@ -93,7 +98,7 @@ def run_deployment(config: DistillConfig) -> dict[str, Any]:
     from distillflow.flows.pipeline import run_command
 
     with config_file(config) as path:
-        return run_command(path)
+        return fail_cleanly(run_command, path)
 
 
 # Deployment name (the keys of the config's `schedule:` section) → the flow it runs.

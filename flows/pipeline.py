@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from distillflow.config import load_config
+from distillflow.failures import fail_cleanly
 from distillflow.flows.build import build_dataset
 from distillflow.tasks.teacher import resolve_api_key
 
@@ -17,6 +18,11 @@ from distillflow.tasks.teacher import resolve_api_key
 def run_pipeline(config_path: str) -> dict[str, Any]:
     """Every stage the config asks for, each as a subflow visible in the UI: build →
     (capture-logits) → train → eval → (mine: hard prompts, retrain, eval again)."""
+    return fail_cleanly(run_stages, config_path)  # type: ignore[no-any-return]
+
+
+def run_stages(config_path: str) -> dict[str, Any]:
+    """The stages of `run_pipeline`, in order, inside its flow run."""
     logger = get_run_logger()
     config = load_config(config_path)
     result: dict[str, Any] = {"dataset": build_dataset(config)["counts"]}

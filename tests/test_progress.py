@@ -179,3 +179,51 @@ def test_dedup_renders_a_bar_on_a_terminal_and_lines_elsewhere(tmp_path):
     assert "[dedup part-00000.parquet] 300/300 rows" in piped.stderr
     assert "[dedup write] 300/300 rows" in piped.stderr
     assert not any(escape in piped.stderr + piped.stdout for escape in ESCAPES)
+
+
+def test_a_progress_artifact_is_updated_at_most_once_per_interval(monkeypatch):
+    from distillflow.progress import ProgressArtifact
+
+    pushed: list[float] = []
+    artifact = ProgressArtifact("k", every_s=3600)
+    artifact.artifact_id, artifact.last_update = "id", time.monotonic()  # as if created in a flow run just now
+    monkeypatch.setattr(ProgressArtifact, "update", lambda self, percent, text: pushed.append(percent))
+    bar = ProgressBar("teacher", 4, "answered", mode="off")
+    bar.artifact = artifact
+    with bar.shown():
+        for _ in range(4):
+            bar.advance()
+    assert pushed == [100.0]  # nothing between (interval not reached), the end once
+
+
+def test_outside_a_flow_run_no_artifact_is_made(monkeypatch):
+    import prefect.artifacts
+
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda *a, **k: pytest.fail("API called"))
+    with ProgressBar("teacher", 2, "answered", mode="off", artifact_key="k").shown() as bar:
+        bar.advance(2)
+
+
+@pytest.mark.slow
+def test_a_build_leaves_its_teacher_progress_artifact_at_100(prefect_harness, tmp_path, port, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from distillflow.config import load_config
+    from distillflow.flows.build import build_dataset
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:6])
+    with ServerThread(FaultyOpenAIServer(api_key=API_KEY), port) as server:
+        config = load_config(write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", server.base_url))
+        state = build_dataset(config, return_state=True)
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["test-build-teacher-progress"]))
+        )
+    assert [artifact.type for artifact in artifacts] == ["progress"]
+    assert float(artifacts[0].data) == 100.0
+    assert artifacts[0].flow_run_id == state.state_details.flow_run_id
+    assert "6/6 answered" in artifacts[0].description
