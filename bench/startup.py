@@ -9,6 +9,9 @@ or running (no PREFECT_API_URL, nothing recorded by `distill server start`):
   help    `distill --help`
   floor   `python -c "import prefect"`: the interpreter and Prefect's import, nothing else
 
+and, after the rounds, "after" builds again with a lasting server (`distill server start`
+once, `distill server stop` at the end), as a user who keeps one running gets.
+
 "before" is the code at `--baseline` (default: the commit before the start-up work),
 extracted with `git archive` and put first on PYTHONPATH; "after" is this checkout. Each
 side has its own PREFECT_HOME, warmed by one untimed build (the database is created once,
@@ -36,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from teacher_throughput import API_KEY, free_port, wait_http, write_build_config  # noqa: E402
 
-BASELINE = "bb8a266"  # the last commit before `distill server` and the early server start
+BASELINE = "bb8a266"  # the last commit before `distill server start`
 PACKAGE_DIRS = {"flows": "flows", "tasks": "tasks", "prompts": "prompts", "training": "training",
                 "storage": "storage", "configs": "configs"}
 COMMAND_TIMEOUT_S = 300
@@ -155,6 +158,18 @@ def main() -> None:
                     times.setdefault((name, side), []).append(run(side))
             floor.append(timed([sys.executable, "-c", "import prefect"], sides["after"], workdir))
 
+        # The after side with a lasting server: `distill server start` once, then the same builds.
+        started = subprocess.run([*distill, "server", "start", "--port", str(free_port())], env=sides["after"],
+                                 cwd=workdir, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        if started.returncode != 0:
+            raise RuntimeError(f"distill server start failed:\n{started.stderr[-4000:]}")
+        try:
+            build("after")  # warm-up: the lasting server's first flow run
+            with_server = [build("after") for _ in range(args.rounds)]
+        finally:
+            subprocess.run([*distill, "server", "stop"], env=sides["after"], cwd=workdir, capture_output=True,
+                           timeout=COMMAND_TIMEOUT_S)
+
         labels = {"build": f"distill build ({args.prompts} prompts, no server)", "config": "distill config FILE",
                   "help": "distill --help"}
         print(f"{'command':<40} {'before':>9} {'after':>9} {'after/before':>13}   (median wall s; all runs)")
@@ -163,6 +178,9 @@ def main() -> None:
             print(f"{label:<40} {statistics.median(before):9.2f} {statistics.median(after):9.2f} "
                   f"{statistics.median(after) / statistics.median(before):13.2f}   "
                   f"before {', '.join(f'{t:.2f}' for t in before)}; after {', '.join(f'{t:.2f}' for t in after)}")
+        label = f"distill build ({args.prompts} prompts, distill server start)"
+        print(f"{label:<40} {'':>9} {statistics.median(with_server):9.2f} {'':>13}   "
+              f"after {', '.join(f'{t:.2f}' for t in with_server)}")
         floor_label = 'python -c "import prefect" (floor)'
         print(f"{floor_label:<40} {'':>9} {statistics.median(floor):9.2f}")
         time.sleep(1.0)

@@ -38,7 +38,7 @@ class _OneErrorParagraph(TyperGroup):
         if not rest or any(arg in ("--help", "-h") for arg in rest):
             return super().invoke(ctx)
         if rest[0] != "server":
-            _choose_prefect_server(rest)
+            _choose_prefect_server()
         with command_log(rest[0], verbose=bool(ctx.params.get("verbose"))) as log:
             try:
                 return super().invoke(ctx)
@@ -55,38 +55,19 @@ class _OneErrorParagraph(TyperGroup):
                 raise typer.Exit(log.fail(explain_server_error(error))) from None
 
 
-# Commands that run a Prefect flow (and so need a server), unless run with one of these arguments.
-FLOW_COMMANDS = {"build", "capture-logits", "train", "eval", "sweep", "mine", "run", "demo", "dedup", "serve"}
-NO_FLOW_ARGUMENTS = {"--dry-run", "--engine=local"}
-
-
-def _runs_a_flow(rest: list[str]) -> bool:
-    pairs = zip(rest, rest[1:])
-    return (
-        rest[0] in FLOW_COMMANDS
-        and not NO_FLOW_ARGUMENTS.intersection(rest)
-        and ("--engine", "local") not in pairs
-    )
-
-
-def _choose_prefect_server(rest: list[str]) -> None:
+def _choose_prefect_server() -> None:
     """The configured server if there is one (PREFECT_API_URL, profile); else the one
-    `distill server start` left running, if it answers (distillflow/local_server.py); else,
-    for a command that runs a flow, Prefect's temporary server, started now so that it
-    starts while the command imports its stage and checks its config."""
-    from distillflow.local_server import api_url_configured, use_running_server
+    `distill server start` left running, if it answers (distillflow/local_server.py); else
+    Prefect starts its temporary server at the command's first flow."""
+    from distillflow.local_server import use_running_server
 
-    if "prefect" in sys.modules or api_url_configured():
+    if "prefect" in sys.modules:
         # Prefect already read its settings (the app runs inside another program, e.g. the
-        # tests), or a server is configured: Prefect's own choice stands.
+        # tests): Prefect's own choice stands.
         return
     url = use_running_server()
     if url is not None:
         typer.echo(f"distill: runs go to the Prefect server at {url} (distill server start)", err=True)
-    elif _runs_a_flow(rest):
-        from distillflow.temporary_server import start_early
-
-        start_early()
 
 
 app = typer.Typer(

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from distillflow import local_server
-from distillflow.cli import _runs_a_flow
 from tests.test_build import API_KEY, GOOD, write_config, write_seeds
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 
@@ -80,21 +79,6 @@ def test_a_configured_server_wins(home, health_server, monkeypatch):
 
 def test_stop_without_a_server_says_so(home):
     assert local_server.stop_server() is None
-
-
-@pytest.mark.parametrize(
-    ("args", "runs"),
-    [
-        (["build", "c.yaml"], True),
-        (["build", "c.yaml", "--dry-run"], False),
-        (["dedup", "a", "b", "--engine", "local"], False),
-        (["dedup", "a", "b"], True),
-        (["inspect", "d"], False),
-        (["config", "c.yaml"], False),
-    ],
-)
-def test_which_commands_need_a_server(args, runs):
-    assert _runs_a_flow(args) is runs
 
 
 def _distill(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
