@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from distillflow.base_config import StrictModel
-from distillflow.prompts.config import PromptsConfig
+from distillflow.prompts.config import DOMAIN_PACKS, FAMILIES, PromptsConfig
 from distillflow.schedule_config import ScheduleConfig
 from distillflow.tasks.capture_config import CaptureConfig
 from distillflow.tasks.eval_config import EvalConfig
@@ -340,6 +340,28 @@ class DatasetConfig(StrictModel):
         return self.workers > 1 or self.work_pool is not None
 
 
+_STRATEGIES = PromptsConfig.model_fields["strategies"]
+_DOMAINS = PromptsConfig.model_fields["domains"]
+
+
+class PromptsSection(PromptsConfig):
+    """How the prompt set is made from the seeds: the seeds themselves plus edge-case,
+    adversarial, evolved and self-instruct variants, mixed by weight."""
+
+    # The same checks as PromptsConfig's; the schema also names the allowed values, so that a
+    # deployment's form offers them and the server refuses another before a run starts.
+    strategies: dict[str, float] = Field(
+        default_factory=_STRATEGIES.default_factory,  # type: ignore[arg-type]
+        description=_STRATEGIES.description,
+        json_schema_extra={"propertyNames": {"enum": list(FAMILIES)}, "additionalProperties": {"type": "number", "minimum": 0}},
+    )
+    domains: list[str] = Field(
+        default_factory=_DOMAINS.default_factory,  # type: ignore[arg-type]
+        description=_DOMAINS.description,
+        json_schema_extra={"items": {"type": "string", "enum": sorted(DOMAIN_PACKS)}, "uniqueItems": True},
+    )
+
+
 class PipelineTrainingConfig(TrainingConfig):
     """How the student is trained with DeepSpeed ZeRO: the data (by default the dataset this
     config writes), the student (a model directory or derived from the teacher), the objective
@@ -392,7 +414,7 @@ class DistillConfig(StrictModel):
         "other); written into the dataset card's YAML header.",
     )
     seeds: list[SeedSource] = Field(..., min_length=1)
-    prompts: PromptsConfig = PromptsConfig()
+    prompts: PromptsSection = PromptsSection()
     teacher: TeacherConfig
     chat_template: ChatTemplateSetting = Field(
         None,

@@ -58,8 +58,9 @@ def test_every_stage_of_a_config_is_a_deployment_with_a_typed_config_form(tmp_pa
         config_schema = schema["definitions"]["DistillConfig"]
         assert {"name", "output_dir", "seeds", "teacher", "prompts", "schedule"} <= set(config_schema["properties"])
         assert config_schema["additionalProperties"] is False
-        num_prompts = schema["definitions"]["PromptsConfig"]["properties"]["num_prompts"]
-        assert {"type": "integer", "minimum": 1} in num_prompts["anyOf"] and num_prompts["description"]
+        prompts = schema["definitions"]["PromptsSection"]["properties"]
+        assert {"type": "integer", "minimum": 1} in prompts["num_prompts"]["anyOf"] and prompts["num_prompts"]["description"]
+        assert prompts["strategies"]["propertyNames"]["enum"] == ["seed", "edge_case", "adversarial", "evolve", "self_instruct"]
         assert deployment.parameters["config"]["name"] == "demo"
         assert deployment.schedules == [] or deployment.schedules is None
 
@@ -213,3 +214,34 @@ def test_a_stage_deployment_runs_the_stage_on_its_typed_config(prefect_harness, 
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["name"] == "edited-in-the-form"
     assert not list(Path(tempfile.gettempdir()).glob("distill-deployment-*"))  # the temporary config is gone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda config: config["prompts"].update(num_prompts=-5), "config.prompts.num_prompts"),
+        (lambda config: config["prompts"]["strategies"].update(nope=1.0), "config.prompts.strategies"),
+        (lambda config: config["prompts"]["strategies"].update(seed=-1.0), "config.prompts.strategies"),
+        (lambda config: config["prompts"].update(domains=["cooking"]), "config.prompts.domains"),
+    ],
+)
+def test_the_server_refuses_a_run_with_a_bad_form_value(prefect_harness, monkeypatch, change, field):
+    """What the Run form sends is checked by the server against the config's schema: a bad value
+    is refused (409, naming the field) and no run is created."""
+    import copy
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    monkeypatch.chdir(ROOT)
+    deployment = runner_deployments([ROOT / "configs" / "demo.yaml"])[0]
+    deployment_id = deployment.apply()
+    config = copy.deepcopy(deployment.parameters["config"])
+    change(config)
+    with get_client(sync_client=True) as client:
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            client.create_flow_run_from_deployment(deployment_id, parameters={"config": config})
+        assert refused.value.response.status_code == 409
+        assert field in refused.value.response.json()["detail"]
+        assert client.create_flow_run_from_deployment(deployment_id, parameters=deployment.parameters).id
