@@ -10,7 +10,9 @@ A run that fails with one of the project's errors (a bad config, an unreachable 
 Failed with the error's paragraph as its state message, logged once at ERROR; Prefect's own
 reports of it, tracebacks included, are at DEBUG (distillflow/failures.py).
 
-The build deployment runs the `build-dataset` flow itself. The other stages' flows take a
+The build deployment's parameter is only the part of the config a build reads
+(`BuildConfig`): its run is a `build-dataset` flow run that validates it as a whole config
+and runs the build. The other stages' flows take a
 config file (training launches DeepSpeed processes that read it), so their deployments run
 a small flow that writes the config to a temporary YAML file and runs the stage's command
 on it, preflight included — the stage's own flow appears inside it as a subflow.
@@ -28,8 +30,10 @@ from typing import Any
 import httpx
 import yaml
 from prefect import flow
+from pydantic import create_model
 
-from distillflow.config import ConfigError, DistillConfig, config_as_written, load_config
+from distillflow.base_config import StrictModel
+from distillflow.config import ConfigError, DistillConfig, config_as_written, load_config, parse_config, read_yaml
 from distillflow.failures import fail_cleanly
 from distillflow.flows.build import build_dataset
 from distillflow.flows.shard_runs import ensure_process_pool
@@ -101,9 +105,44 @@ def run_deployment(config: DistillConfig) -> dict[str, Any]:
         return fail_cleanly(run_command, path)
 
 
+BUILD_KEYS = (
+    "name", "output_dir", "license", "seeds", "prompts", "teacher", "chat_template", "chat_template_stop",
+    "filters", "dataset",
+)
+# The sections of DistillConfig that a build reads, with the same types, defaults and help.
+BuildConfig = create_model(  # type: ignore[call-overload]
+    "BuildConfig",
+    __base__=StrictModel,
+    __doc__="What `distill build` reads of a config: the seeds, how prompts are made, the teacher, "
+    "the filters and how the build is sharded.",
+    **{key: (DistillConfig.model_fields[key].annotation, DistillConfig.model_fields[key]) for key in BUILD_KEYS},
+)
+
+
+def build_form(config: dict[str, Any], written: dict[str, Any]) -> dict[str, Any]:
+    """The build deployment's parameter: the build's keys of `config` (a dumped config); a local
+    teacher's base_url, which it never reads, is left empty unless the file (`written`) sets it."""
+    form = {key: config[key] for key in BUILD_KEYS}
+    teacher = dict(form["teacher"])
+    if teacher.get("backend") == "local" and "base_url" not in (written.get("teacher") or {}):
+        teacher["base_url"] = None
+    return form | {"teacher": teacher}
+
+
+@flow(name="build-dataset")
+def build_deployment(config: BuildConfig) -> dict[str, Any]:  # type: ignore[valid-type]
+    """`distill build`: answer the prompts of the config with its teacher and write the dataset."""
+    return fail_cleanly(run_build, config.model_dump(mode="json"))  # type: ignore[attr-defined]
+
+
+def run_build(data: dict[str, Any]) -> dict[str, Any]:
+    """The build of a BuildConfig's data, checked as a whole config first (rules across sections)."""
+    return build_dataset.fn(parse_config(data, "the build deployment's config"))  # type: ignore[no-any-return]
+
+
 # Deployment name (the keys of the config's `schedule:` section) → the flow it runs.
 DEPLOYMENT_FLOWS = {
-    "build": build_dataset,
+    "build": build_deployment,
     "capture": capture_deployment,
     "train": train_deployment,
     "eval": eval_deployment,
@@ -129,12 +168,14 @@ def runner_deployments(config_paths: list[Path], **options: Any) -> list[Any]:
             )
         names[config.name] = Path(path)
         entries = config.schedule.entries() if config.schedule is not None else {}
+        written = config_as_written(path)
         for stage in config.deployment_names():
             entry = entries.get(stage)
+            form = build_form(written, read_yaml(Path(path))) if stage == "build" else written
             deployments.append(
                 DEPLOYMENT_FLOWS[stage].to_deployment(
                     name=config.name,
-                    parameters={"config": config_as_written(path)},
+                    parameters={"config": form},
                     schedules=[entry.to_prefect()] if entry is not None else None,
                     tags=["distillflow", stage],
                     **options,
@@ -155,7 +196,7 @@ def deploy_command(config_paths: list[Path], pool: str = DEFAULT_POOL, working_d
     """Register every deployment of the configs on the work pool `pool`; a worker
     (`prefect worker start --pool POOL --type process`) with distillflow installed runs them.
 
-    The flows are referenced by module (`flows.build.build_dataset`, ...), so nothing is
+    The flows are referenced by module (`flows.deployments.build_deployment`, ...), so nothing is
     uploaded: the worker imports the installed package. Runs start in `working_dir` (default:
     the current directory), where the configs' relative paths resolve as on the command line.
     Returns the deployments' "flow/deployment" names."""

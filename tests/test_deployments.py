@@ -55,8 +55,17 @@ def test_every_stage_of_a_config_is_a_deployment_with_a_typed_config_form(tmp_pa
         schema = deployment._parameter_openapi_schema.model_dump()
         assert schema["required"] == ["config"], deployment.flow_name
         # The form: the config's sections as typed fields, with their descriptions.
-        config_schema = schema["definitions"]["DistillConfig"]
-        assert {"name", "output_dir", "seeds", "teacher", "prompts", "schedule"} <= set(config_schema["properties"])
+        if deployment.flow_name == "build-dataset":  # only what a build reads
+            config_schema = schema["definitions"]["BuildConfig"]
+            assert set(config_schema["properties"]) == {
+                "name", "output_dir", "license", "seeds", "prompts", "teacher", "chat_template", "chat_template_stop",
+                "filters", "dataset",
+            }
+            assert "prompt_column" not in schema["properties"]
+            assert deployment.parameters["config"]["teacher"]["base_url"] is None  # a local teacher has none
+        else:
+            config_schema = schema["definitions"]["DistillConfig"]
+            assert {"name", "output_dir", "seeds", "teacher", "prompts", "schedule"} <= set(config_schema["properties"])
         assert config_schema["additionalProperties"] is False
         prompts = schema["definitions"]["PromptsSection"]["properties"]
         assert {"type": "integer", "minimum": 1} in prompts["num_prompts"]["anyOf"] and prompts["num_prompts"]["description"]
@@ -245,3 +254,18 @@ def test_the_server_refuses_a_run_with_a_bad_form_value(prefect_harness, monkeyp
         assert refused.value.response.status_code == 409
         assert field in refused.value.response.json()["detail"]
         assert client.create_flow_run_from_deployment(deployment_id, parameters=deployment.parameters).id
+
+
+def test_the_build_deployment_builds_from_its_form(prefect_harness, tmp_path, monkeypatch):
+    """The build form holds only the build's keys; its run checks them as a whole config and builds."""
+    from distillflow.flows.deployments import BUILD_KEYS, build_deployment
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:4])
+    with ServerThread(FaultyOpenAIServer(api_key=API_KEY), free_port()) as teacher:
+        config = load_config(write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", teacher.base_url))
+        form = {key: value for key, value in config.model_dump(mode="json").items() if key in BUILD_KEYS}
+        result = build_deployment(form | {"name": "edited-in-the-form"})
+    assert result["counts"]["accepted"] == 4
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["name"] == "edited-in-the-form"
