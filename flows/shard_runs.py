@@ -157,11 +157,15 @@ def adopt_or_cancel_orphans(
     for run in cancelled:
         while (current := client.read_flow_run(run.id)).state.type.value not in ENDED:
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"flow run {run.name!r}, left running by an earlier build of this output_dir, was asked to "
-                    f"cancel and is still {current.state.name} after {wait_s:g} s (its worker may be gone): cancel "
-                    "it in the Prefect UI, or stop the process running it, then rerun the build"
+                # No worker acted on the cancellation within wait_s: the worker that ran it is gone
+                # (killed with the build). Mark it ended so this build can take its shard; answers
+                # it already paid for are in the ledger and are not asked again.
+                get_run_logger().warning(
+                    "flow run %r, left by an earlier build of this output_dir, is still %s after %g s (its "
+                    "worker is gone): marked Cancelled and its shard taken over", run.name, current.state.name, wait_s,
                 )
+                client.set_flow_run_state(run.id, Cancelled(message="its worker is gone; shard taken over"), force=True)
+                break
             time.sleep(POLL_S)
     return adopted
 

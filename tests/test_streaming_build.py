@@ -344,6 +344,8 @@ def test_two_work_pool_workers_give_the_single_process_dataset(prefect_harness, 
             from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
             runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-shard"])))
+    # the server is shared with other tests' pool builds: count this build's shard runs only
+    runs = [run for run in runs if str(tmp_path / "pool") in json.dumps(run.parameters, default=str)]
     fanned = read_manifest(tmp_path / "pool")
     assert fanned["build"]["shards"] == single["build"]["shards"] >= 4
     assert len(runs) == fanned["build"]["shards"]

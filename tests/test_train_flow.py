@@ -242,5 +242,7 @@ def test_train_flow_runs_real_kd_topk_training_on_captured_logits(prefect_harnes
     metrics = state.result()
     assert metrics["steps"] == 2 and metrics["objective"] == "kd_topk"
     steps, _ = read_metrics(out)
-    assert [step["step"] for step in steps] == [1, 2] and all(step["kd"] > 0 for step in steps)
+    assert [step["step"] for step in steps] == [1, 2], steps
+    # the student starts as the teacher itself: its KD term starts at ~0 and is never negative
+    assert all(step["kd"] >= -1e-6 for step in steps) and steps[1]["kd"] > 0, steps
     assert (out / "final" / "config.json").is_file()
