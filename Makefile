@@ -75,9 +75,12 @@ bench: $(VENV)/.bench-deps
 	$(PY) bench/kd_memory.py
 	$(PY) bench/kd_step.py
 
-# KD vs SFT on the demo task: 3 seeds, tuned temperature/alpha (about 45 minutes on 2 cores).
+# Every objective on the demo task at the demo's settings, 5 seeds, mean ± 95 % CI and paired
+# differences (docs/kd_vs_sft.md). After `make demo` (it reuses runs/demo); about 25 trainings of
+# 2-8 minutes each on 2 cores, 1.5-3 hours. Then scripts/render_tables.py --save.
 kd-vs-sft: $(STAMP)
-	$(PY) bench/kd_vs_sft.py
+	test -f runs/demo/dataset/manifest.json || $(VENV)/bin/distill demo
+	$(PY) bench/kd_vs_sft.py --objectives sft kd_topk kd_topk_T4_pure kd_sampled kd_logits on_policy reference untrained
 
 # Hard-prompt mining vs random extra prompts on the demo task, 3 seeds (docs/mining.md).
 stream-bench: $(VENV)/.bench-deps
