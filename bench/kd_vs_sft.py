@@ -235,7 +235,7 @@ def render(result: dict) -> str:
     lines = [
         f"KD vs SFT on the demo task: seeds {result['seeds']}, {result['steps']} steps, "
         f"{result['rows'] if result['rows'] else 'all'} training rows; "
-        f"`python bench/kd_vs_sft.py {result['argv']}` ({result['seconds'] / 60:.0f} min).",
+        f"`python bench/kd_vs_sft.py {result['argv']}`.",
         "Mean ± half-width of the 95 % CI over seeds; differences are paired by seed.",
         "",
         "| student | clean acc | robust acc | clean − sft (95 % CI) | robust − sft (95 % CI) |",
