@@ -18,6 +18,7 @@ display, one bar each. A reporter is thread-safe; `advance` is cheap enough to c
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 import threading
@@ -29,6 +30,7 @@ from typing import Any
 MODES = ("bar", "log", "off")
 DEFAULT_INTERVAL_S = 10.0
 ARTIFACT_INTERVAL_S = 2.0  # the fastest a progress artifact is updated (one API call each)
+FLUSH_TIMEOUT_S = 5.0  # the most a finishing stage waits for its last progress update
 
 
 def progress_mode() -> str:
@@ -113,6 +115,10 @@ class ProgressArtifact:
         self.artifact_id: Any = None
         self.last_update = 0.0
         self.warned = False
+        self._sender_lock = threading.Lock()
+        self._pending: tuple[float, str] | None = None
+        self._sending = False
+        self._sender: threading.Thread | None = None
 
     @staticmethod
     def in_flow_run() -> bool:
@@ -134,10 +140,35 @@ class ProgressArtifact:
         return True
 
     def update(self, percent: float, description: str) -> None:
+        """Send the latest value from a background thread: a slow or unreachable server must
+        never hold up the stage (an update waiting on a call in flight is folded into the next)."""
+        if self.artifact_id is None:
+            return
+        with self._sender_lock:
+            self._pending = (percent, description)
+            if self._sending:
+                return
+            self._sending = True
+            context = contextvars.copy_context()
+            self._sender = threading.Thread(target=context.run, args=(self._send,), daemon=True, name="progress-artifact")
+            self._sender.start()
+
+    def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        """Wait (at most `timeout_s`) for the last value to reach the server."""
+        sender = self._sender
+        if sender is not None:
+            sender.join(timeout_s)
+
+    def _send(self) -> None:
         from prefect.artifacts import update_progress_artifact
 
-        if self.artifact_id is not None:
-            self._call(update_progress_artifact, self.artifact_id, percent, description=description)
+        while True:
+            with self._sender_lock:
+                item, self._pending = self._pending, None
+                if item is None:
+                    self._sending = False
+                    return
+            self._call(update_progress_artifact, self.artifact_id, item[0], description=item[1])
 
     def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """The API call; a refused one is logged once and never stops the stage it reports on."""
@@ -241,6 +272,7 @@ class ProgressBar:
     def _finish(self, failed: bool) -> None:
         if self.artifact is not None:
             self.artifact.update(self.percent() if failed else 100.0, self._line(time.monotonic()) + (" stopped" if failed else " done"))
+            self.artifact.flush()
         if self.mode == "bar" and self._rich is not None:
             self._rich.update(self._task_id, completed=self.done, total=self.total)
             self._rich = None

@@ -223,7 +223,8 @@ def test_a_build_leaves_its_teacher_progress_artifact_at_100(prefect_harness, tm
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["test-build-teacher-progress"]))
         )
+    # the harness's server is shared with other tests' builds of the same name: this run's only
+    artifacts = [artifact for artifact in artifacts if artifact.flow_run_id == state.state_details.flow_run_id]
     assert [artifact.type for artifact in artifacts] == ["progress"]
     assert float(artifacts[0].data) == 100.0
-    assert artifacts[0].flow_run_id == state.state_details.flow_run_id
     assert "6/6 answered" in artifacts[0].description
