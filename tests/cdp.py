@@ -89,6 +89,10 @@ class Browser:
         """Poll a JS expression until it is truthy (the page renders asynchronously)."""
         return wait_until(lambda: self.evaluate(expression), timeout or self.timeout, what, every=0.3)
 
+    def click(self, element_expression: str, what: str, timeout: float | None = None) -> None:
+        """Wait until the element (a JS expression) is on the page, then click it."""
+        self.wait_for(f"(() => {{ const el = {element_expression}; if (!el) return false; el.click(); return true; }})()", what, timeout)
+
     def type_into(self, selector_expression: str, text: str) -> None:
         """Focus an input (a JS expression for the element), select its text, type `text` as a user would."""
         self.evaluate(f"(() => {{ const el = {selector_expression}; el.scrollIntoView(); el.focus(); el.select(); }})()")

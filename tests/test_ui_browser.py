@@ -95,13 +95,13 @@ def test_run_the_build_deployment_from_the_ui_and_read_its_counts(tmp_path):
             browser.type_into(name, "from-the-ui")
             assert browser.evaluate(f"{num_prompts}.value") == "5"
             browser.screenshot(SCREENSHOTS / "2-run-form-edited.png")
-            browser.evaluate(f"{button('Submit')}.click()")
+            browser.click(button("Submit"), "the Submit button")
 
             # Submitting goes back to the deployment page, the new run listed on it: open it.
             run_link = "Array.from(document.querySelectorAll('a')).find(a => /flow-run\\/[0-9a-f-]{36}/.test(a.href))"
             browser.wait_for(f"!!{run_link}", "the new run on the deployment page", 45)
             run_id = browser.evaluate(f"{run_link}.href.match(/flow-run\\/([0-9a-f-]{{36}})/)[1]")
-            browser.evaluate(f"{run_link}.click()")
+            browser.click(run_link, "the new run's link")
             log(f"submitted run {run_id}")
 
             def finished():
@@ -117,11 +117,16 @@ def test_run_the_build_deployment_from_the_ui_and_read_its_counts(tmp_path):
             browser.screenshot(SCREENSHOTS / "3-flow-run-completed.png")
 
             # The run's Artifacts tab lists the summary; its page shows the counts and the chart.
-            browser.evaluate(f"{deepest_with_text('Artifacts', exact=True)}.click()")
+            # The tab renders after the run page does: click it until the artifact card shows.
+            tab = deepest_with_text("Artifacts", exact=True)
             card = deepest_with_text("from-the-ui-summary")
-            browser.wait_for(f"!!{card}", "the summary artifact in the run's Artifacts tab")
+            browser.wait_for(
+                f"(() => {{ const card = {card}; if (!card) {{ const tab = {tab}; if (tab) tab.click(); }} return !!card; }})()",
+                "the summary artifact in the run's Artifacts tab",
+                60,
+            )
             browser.screenshot(SCREENSHOTS / "4-run-artifacts.png")
-            browser.evaluate(f"{card}.click()")
+            browser.click(card, "the summary artifact card")
             browser.wait_for("document.body.innerText.includes('5 accepted, 0 rejected')", "the counts on the artifact page")
             text = browser.evaluate("document.body.innerText")
             assert "Rows per stage" in text and "Accepted rows per strategy" in text and "Teacher usage" in text
