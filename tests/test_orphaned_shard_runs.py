@@ -29,10 +29,10 @@ PROMPTS = [f"Orphan question {i}: how many {word} fit in {i + 2} boxes?" for i, 
 SHARD_ROWS = 5
 
 
-def pool_config(path: Path, seeds: Path, out: Path, base_url: str, pool: str) -> Path:
+def pool_config(path: Path, seeds: Path, out: Path, base_url: str, pool: str, worker_wait_s: float = 120) -> Path:
     write_config(path, seeds, out, base_url, max_concurrency=1, timeout_s=120)
     config = yaml.safe_load(path.read_text())
-    config["dataset"] = {"shard_rows": SHARD_ROWS, "work_pool": pool, "workers": 2, "worker_wait_s": 120}
+    config["dataset"] = {"shard_rows": SHARD_ROWS, "work_pool": pool, "workers": 2, "worker_wait_s": worker_wait_s}
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -117,7 +117,8 @@ def test_a_worker_killed_mid_shard_stops_the_build_naming_its_run_and_the_rerun_
     worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "killed", "--type", "process"]
     with ServerThread(fake, port) as server, processes(tmp_path / "logs") as group:
         doomed = group.start("worker", [*worker, "--name", "doomed"], env, cwd=ROOT)
-        config = pool_config(tmp_path / "c.yaml", seeds, tmp_path / "out", server.base_url, "killed")
+        # The rerun waits worker_wait_s for a run left Cancelling by the dead worker before taking it over.
+        config = pool_config(tmp_path / "c.yaml", seeds, tmp_path / "out", server.base_url, "killed", worker_wait_s=45)
         first = start_build(config, env, tmp_path / "first.log")
         wait_until(lambda: fake.total_requests >= 2 or first.poll() is not None, 150, "shard runs answering", group)
         group.services.discard("worker")
