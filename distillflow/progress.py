@@ -10,7 +10,10 @@ returns or escape codes. `DISTILL_PROGRESS=bar|log|off` overrides the choice.
 
 Inside a Prefect flow run, a reporter given an `artifact_key` also keeps a progress artifact
 of that key (the run's Artifacts tab) at the percentage done, with the same line as its
-description, at most once every `ARTIFACT_INTERVAL_S` seconds and once at the end.
+description, at most once every `ARTIFACT_INTERVAL_S` seconds and once at the end. Every
+reporter inside a flow run also sends its line to the run's log in the Prefect UI every
+`RUN_LOG_INTERVAL_S` seconds (`DISTILL_RUN_LOG_INTERVAL_S`) and once at the end; those
+records go to the API only (the terminal already has the bar or the log line).
 
 Several stages may run at once (threads, nested stages): on a terminal they share one live
 display, one bar each. A reporter is thread-safe; `advance` is cheap enough to call per row.
@@ -19,7 +22,9 @@ display, one bar each. A reporter is thread-safe; `advance` is cheap enough to c
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -31,6 +36,32 @@ MODES = ("bar", "log", "off")
 DEFAULT_INTERVAL_S = 10.0
 ARTIFACT_INTERVAL_S = 2.0  # the fastest a progress artifact is updated (one API call each)
 FLUSH_TIMEOUT_S = 5.0  # the most a finishing stage waits for its last progress update
+RUN_LOG_INTERVAL_S = 30.0  # the longest a running stage goes without a line in its run's log
+
+
+def artifact_key_for(*parts: str) -> str:
+    """A Prefect artifact key from names: lowercase letters, digits and dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+    return slug[:80] or "progress"
+
+
+def run_log_interval_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("DISTILL_RUN_LOG_INTERVAL_S", RUN_LOG_INTERVAL_S)))
+    except ValueError:
+        return RUN_LOG_INTERVAL_S
+
+
+def _api_only_logger() -> logging.Logger:
+    """A logger whose records reach the flow run's log in the Prefect UI and nothing else."""
+    logger = logging.getLogger("distillflow.progress")
+    if not logger.handlers:
+        from prefect.logging.handlers import APILogHandler
+
+        logger.addHandler(APILogHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 def progress_mode() -> str:
@@ -122,9 +153,20 @@ class ProgressArtifact:
 
     @staticmethod
     def in_flow_run() -> bool:
-        from prefect.context import FlowRunContext
+        return ProgressArtifact.flow_run_id() is not None
 
-        return FlowRunContext.get() is not None
+    @staticmethod
+    def flow_run_id() -> str | None:
+        """The id of the flow run this code runs in (also from inside its task runs), if any."""
+        if "prefect" not in sys.modules:  # not inside a run: don't pay Prefect's import
+            return None
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        context = FlowRunContext.get()
+        if context is not None and context.flow_run is not None:
+            return str(context.flow_run.id)
+        task = TaskRunContext.get()
+        return str(task.task_run.flow_run_id) if task is not None and task.task_run.flow_run_id else None
 
     def start(self, percent: float, description: str) -> None:
         from prefect.artifacts import create_progress_artifact
@@ -203,6 +245,10 @@ class ProgressBar:
         self._task_id = None
         self._rich = None
         self._final_logged = False
+        self.detail = ""  # e.g. the last loss, shown after the counts
+        self.flow_run_id: str | None = None  # set when the stage runs inside a flow run
+        self.run_log_every_s = run_log_interval_s()
+        self.last_run_log = self.started
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -211,9 +257,14 @@ class ProgressBar:
 
     __call__ = advance
 
-    def update(self, completed: int | None = None, total: int | None = None, advance: int = 0) -> None:
-        """Set the count (`completed`), the `total`, or add `advance`."""
+    def update(
+        self, completed: int | None = None, total: int | None = None, advance: int = 0, detail: str | None = None
+    ) -> None:
+        """Set the count (`completed`), the `total`, or add `advance`; `detail` (e.g. the
+        latest loss) is shown after the counts from now on."""
         with self._lock:
+            if detail is not None:
+                self.detail = detail
             if total is not None:
                 self.total = total
             if completed is not None:
@@ -233,6 +284,10 @@ class ProgressBar:
                     line = self._line(now)
             pushed = self.artifact is not None and self.artifact.due(now)
             percent, text = self.percent(), self._line(now) if pushed else ""
+            run_line = None
+            if self.flow_run_id is not None and now - self.last_run_log >= self.run_log_every_s:
+                self.last_run_log = now
+                run_line = self._line(now)
         if self.mode == "bar" and self._rich is not None:
             self._rich.update(self._task_id, completed=self.done, total=self.total)
         if line is not None:
@@ -240,6 +295,14 @@ class ProgressBar:
         if pushed:
             assert self.artifact is not None
             self.artifact.update(percent, text)
+        if run_line is not None:
+            self._to_run_log(run_line)
+
+    def _to_run_log(self, line: str) -> None:
+        try:
+            _api_only_logger().info(line, extra={"flow_run_id": self.flow_run_id})
+        except Exception:  # noqa: BLE001 - the run's log is a view of the work, not the work
+            pass
 
     def percent(self) -> float:
         """Done as a percentage of the total (0 while the total is unknown or 0)."""
@@ -252,7 +315,7 @@ class ProgressBar:
         text = f"[{self.label}] {self.done}{of} {self.unit} ({rate:.1f}/s, {_duration(elapsed)}"
         if self.total is not None and 0 < self.done < self.total and rate > 0:
             text += f", eta {_duration((self.total - self.done) / rate)}"
-        return text + ")"
+        return text + ")" + (f" {self.detail}" if self.detail else "")
 
     def status(self) -> str:
         """One phrase for a heartbeat of a stage that seems stuck."""
@@ -263,13 +326,19 @@ class ProgressBar:
     # -- lifetime -------------------------------------------------------------------------
 
     def _start(self) -> None:
-        if self.artifact is not None and ProgressArtifact.in_flow_run():
-            self.artifact.start(self.percent(), self._line(time.monotonic()))
+        flow_run_id = ProgressArtifact.flow_run_id()
+        if flow_run_id is not None:
+            self.flow_run_id = flow_run_id
+            self._to_run_log(f"[{self.label}] started" + (f": {self.total} {self.unit}" if self.total is not None else ""))
+            if self.artifact is not None:
+                self.artifact.start(self.percent(), self._line(time.monotonic()))
         if self.mode == "bar":
             self._rich = _DISPLAY.open()
             self._task_id = self._rich.add_task(self.label, total=self.total, completed=self.done, unit=self.unit)
 
     def _finish(self, failed: bool) -> None:
+        if self.flow_run_id is not None:
+            self._to_run_log(self._line(time.monotonic()) + (" stopped" if failed else " done"))
         if self.artifact is not None:
             self.artifact.update(self.percent() if failed else 100.0, self._line(time.monotonic()) + (" stopped" if failed else " done"))
             self.artifact.flush()
@@ -298,7 +367,9 @@ class ProgressBar:
 
 
 @contextmanager
-def progress(label: str, total: int | None = None, unit: str = "rows") -> Iterator[ProgressBar]:
+def progress(
+    label: str, total: int | None = None, unit: str = "rows", artifact_key: str | None = None
+) -> Iterator[ProgressBar]:
     """Report the progress of one stage (see the module doc); `total=None` when unknown."""
-    with ProgressBar(label, total, unit).shown() as bar:
+    with ProgressBar(label, total, unit, artifact_key=artifact_key).shown() as bar:
         yield bar

@@ -42,7 +42,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import ConfigError, DistillConfig, stage_dirs
-from distillflow.progress import progress
+from distillflow.progress import artifact_key_for, progress
 from distillflow.storage.add_columns import (
     add_columns_atomic,
     column_compressed_bytes,
@@ -427,7 +427,8 @@ def capture_shard(in_path: Path, settings: CaptureSettings) -> ShardCapture:
         ]
 
     provenance = {"capture": settings.fingerprint(), "source_sha256": file_sha256(in_path)}
-    with progress(f"capture {in_path.name}", total=rows_in_shard, unit="rows") as bar:
+    key = artifact_key_for("capture", Path(out_root).name, in_path.stem, "progress")
+    with progress(f"capture {in_path.name}", total=rows_in_shard, unit="rows", artifact_key=key) as bar:
         info = add_columns_atomic(
             in_path, out_path, TOPK_FIELDS, topk_columns, provenance, out_root, settings.rows_per_read
         )

@@ -40,7 +40,7 @@ from distillflow.config import (
     parse_config,
     read_yaml,
 )
-from distillflow.progress import progress
+from distillflow.progress import artifact_key_for, progress
 from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected
 from distillflow.prompts.config import AdversarialConfig, EdgeCaseConfig
 from distillflow.prompts.edge_cases import EDGE_CASES
@@ -374,7 +374,8 @@ def evaluate_model(run: EvalRun, model: EvalModel, items: list[EvalItem], log: A
     began = time.perf_counter()
     runner = open_model(run, model)
     try:
-        with progress(f"eval {model.name}", total=len(items), unit="answers") as bar:
+        key = artifact_key_for("eval", model.name, "progress")
+        with progress(f"eval {model.name}", total=len(items), unit="answers", artifact_key=key) as bar:
             answers = runner.answer([item.prompt for item in items], progress=bar)
         records = [{"model": model.name, **score_item(item, answer)} for item, answer in zip(items, answers)]
         if records and all(record["error"] for record in records):

@@ -48,7 +48,7 @@ class TrainingFailed(RuntimeError):
 
 # -- subprocess -----------------------------------------------------------------------------
 
-STEP_LINE = re.compile(r"\[train\] step (\d+)/(\d+)\b")
+STEP_LINE = re.compile(r"\[train\] step (\d+)/(\d+)\b(?:.*?\bloss ([-+0-9.eEnaif]+))?")
 STEP_LINES_LOGGED = 20  # step lines passed on to the run's log, at most (about) this many
 
 
@@ -63,7 +63,7 @@ def training_line_handler(log: Callable[[str], None], bar: Callable[..., Any]) -
             log(line)
             return
         step, total = int(match.group(1)), int(match.group(2))
-        bar.update(completed=step, total=total)
+        bar.update(completed=step, total=total, detail=f"loss {match.group(3)}" if match.group(3) else None)
         if step == total or step % max(1, total // STEP_LINES_LOGGED) == 0:
             log(line)
 
@@ -229,7 +229,10 @@ def train_student(
     logger.info("launching training: %s", " ".join(argv))
     from distillflow.training.launch import launch_env
 
-    with progress(f"train {Path(config.output_dir).name}", total=config.max_steps, unit="steps") as bar:
+    with progress(
+        f"train {Path(config.output_dir).name}", total=config.max_steps, unit="steps",
+        artifact_key=artifact_key(config.output_dir, "train-progress"),
+    ) as bar:
         run_streaming(argv, training_line_handler(logger.info, bar), env=launch_env() | (env or {}), timeout_s=timeout_s)
 
     steps, final = read_metrics(config.output_dir)

@@ -79,6 +79,7 @@ def test_training_step_lines_move_the_bar_and_reach_the_log_bounded():
     steps = [line for line in logged if " step " in line]
     assert len(steps) == 20 and steps[-1].startswith("[train] step 1000/1000")
     assert logged[0] == "[train] loading the student" and logged[-1] == "[train] saved final/"
+    assert bar._line(time.monotonic()).endswith("loss 0.0010")  # the latest loss rides along
 
 
 # -- through the CLI ------------------------------------------------------------------------
@@ -202,6 +203,40 @@ def test_outside_a_flow_run_no_artifact_is_made(monkeypatch):
     monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda *a, **k: pytest.fail("API called"))
     with ProgressBar("teacher", 2, "answered", mode="off", artifact_key="k").shown() as bar:
         bar.advance(2)
+
+
+def test_a_stage_inside_a_flow_run_reports_to_the_run_log_and_its_artifact(prefect_harness, monkeypatch):
+    """Training, capture and eval stages show in the Prefect UI: lines in the run's log
+    (every DISTILL_RUN_LOG_INTERVAL_S, here every update) and a progress artifact at 100."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+    from tests.prefect_processes import wait_until
+
+    monkeypatch.setenv("DISTILL_RUN_LOG_INTERVAL_S", "0")
+    monkeypatch.setenv("DISTILL_PROGRESS", "off")
+
+    @flow(name="progress-probe")
+    def probe() -> None:
+        with progress("train probe", total=3, unit="steps", artifact_key="probe-train-progress") as bar:
+            for step in range(1, 4):
+                bar.update(completed=step, detail=f"loss {1 / step:.2f}")
+
+    run_id = probe(return_state=True).state_details.flow_run_id
+
+    def lines() -> list[str] | None:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        found = [log.message for log in logs if log.message.startswith("[train probe]")]
+        return found if any(line.endswith("done") for line in found) else None
+
+    found = wait_until(lines, 30, "the stage's lines in the run's log")
+    assert found[0] == "[train probe] started: 3 steps"
+    assert any("2/3 steps" in line and line.endswith("loss 0.50") for line in found)
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    assert [(a.key, a.type, float(a.data)) for a in artifacts] == [("probe-train-progress", "progress", 100.0)]
 
 
 @pytest.mark.slow
