@@ -191,6 +191,18 @@ def topk_divergence(
     return divergence_from_logprobs(student_log, teacher_log, divergence, beta)
 
 
+def uld_from_logprobs(student_log: torch.Tensor, teacher_log: torch.Tensor) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024, arXiv 2402.12030) per row: the L1
+    distance between the two probability vectors, each sorted in decreasing order, which is
+    the optimal-transport distance between them when outcomes cannot be matched by name.
+
+    student_log, teacher_log: (N, C) log-probabilities whose first C - 1 columns are each
+    model's top probabilities in decreasing order and whose last column is the rest (tail).
+    Returns (N,) in [0, 2]; 0 when the sorted vectors are equal.
+    """
+    return (student_log.exp() - teacher_log.exp()).abs().sum(-1)
+
+
 # --------------------------------------------------------------------------------------
 # Hidden states
 # --------------------------------------------------------------------------------------
@@ -275,6 +287,9 @@ def sparse_chunk_sums_(
     topk_logprobs: torch.Tensor | None,
     settings: KDSettings,
     with_grad: bool = True,
+    *,
+    topk_valid: torch.Tensor | None = None,
+    row_kind: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sums of `chunk_loss_sums` for sft and kd_topk, and d(total)/d(logits) in closed form.
 
@@ -291,12 +306,27 @@ def sparse_chunk_sums_(
     between the coarse (k + 1)-class distributions exact. At T = 1 the KD term shares the
     cross-entropy's softmax, taken in the logits' buffer on CPU (the only (n, V) tensor);
     at T != 1 there is one more, softmax(z / T).
+
+    Grey-box targets (kd_greybox, training/greybox.py) add `topk_valid` (n, k) bool, False
+    on padding slots (both sides leave them to the tail bucket), and `row_kind` (n,) int
+    (training.token_align: 0 none, 1 exact, 2 merged, 3 uld). A row of kind none has no
+    teacher: cross-entropy alone, at full weight. A uld row's topk_logprobs are the teacher's
+    probabilities sorted, without ids: its ids become the student's own top-k and its term
+    is the L1 distance between the two sorted (k + 1)-class vectors (`uld_from_logprobs`).
     """
     temperature = settings.temperature
     has_teacher = topk_ids is not None
     ce_weight = 1 - settings.alpha if has_teacher else 1.0  # alpha is ignored without a teacher
     logits = student_logits.float()  # (n, V)
     del student_logits
+    taught = uld = None
+    if has_teacher and row_kind is not None:
+        taught = row_kind != 0  # (n,)
+        uld = row_kind == 3  # (n,)
+        ce_weight = torch.where(taught, torch.tensor(1 - settings.alpha), torch.tensor(1.0)).to(logits)[:, None]  # (n, 1)
+        if bool(uld.any()):  # the student's own top-k ids, sorted by its probability
+            topk_ids = topk_ids.clone()
+            topk_ids[uld] = logits[uld].topk(topk_ids.shape[-1], dim=-1).indices
     picked_ids = targets[:, None] if not has_teacher else torch.cat([targets[:, None], topk_ids], dim=-1)
     picked = logits.gather(-1, picked_ids)  # (n, 1 + k) logits at the target and the top-k ids
     row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
@@ -314,7 +344,9 @@ def sparse_chunk_sums_(
     # logsumexp from the softmax's largest value, exp(max - logsumexp) >= 1/V: unlike a
     # target's own probability, it cannot underflow.
     log_normalizer = row_max - probs.amax(dim=-1, keepdim=True).log()  # (n, 1)
-    ce = (log_normalizer[:, 0] - picked[:, 0]).sum()
+    ce_rows = log_normalizer[:, 0] - picked[:, 0]  # (n,)
+    ce = ce_rows.sum()
+    weighted_ce = ce_weight * ce if taught is None else (ce_weight[:, 0] * ce_rows).sum()
     if not has_teacher:
         sums = torch.stack([ce, ce.new_zeros(()), ce])
     else:
@@ -325,17 +357,24 @@ def sparse_chunk_sums_(
         # (n, k) student log-probabilities at temperature T on the teacher's top-k ids
         student_top = (picked[:, 1:] / temperature - tempered_normalizer).requires_grad_(with_grad)
         with torch.enable_grad():
-            student_log, teacher_log = topk_coarse_from_top(student_top, topk_logprobs, probs.shape[-1], temperature)
-            kd = divergence_from_logprobs(student_log, teacher_log, settings.divergence, settings.beta).sum()
-            kd = kd * temperature**2
-        sums = torch.stack([settings.alpha * kd + ce_weight * ce, kd, ce]).detach()
+            top, teacher_top = student_top, topk_logprobs
+            if topk_valid is not None:  # padding slots: no mass on either side (it stays in the tails)
+                top = torch.where(topk_valid, student_top, LOG_FLOOR)
+                teacher_top = torch.where(topk_valid, topk_logprobs.float(), LOG_FLOOR)
+            student_log, teacher_log = topk_coarse_from_top(top, teacher_top, probs.shape[-1], temperature)
+            per_row = divergence_from_logprobs(student_log, teacher_log, settings.divergence, settings.beta)
+            if taught is not None:
+                per_row = torch.where(uld, uld_from_logprobs(student_log, teacher_log), per_row)
+                per_row = torch.where(taught, per_row, torch.zeros_like(per_row))
+            kd = per_row.sum() * temperature**2
+        sums = torch.stack([settings.alpha * kd + weighted_ce, kd, ce]).detach()
     if not with_grad:
         return sums, None
 
     # d(total)/dz = ce_weight (softmax(z) - onehot(target))
     #             + (alpha / T) sum_j g_j (onehot(id_j) - softmax(z / T)),   g = d(KD)/d(student_top)
     grad = probs  # (n, V), overwritten in place
-    sparse_values = torch.full_like(picked[:, :1], -ce_weight)  # (n, 1) at the target
+    sparse_values = -ce_weight * torch.ones_like(picked[:, :1])  # (n, 1) at the target
     if has_teacher:
         (kd_grad,) = torch.autograd.grad(kd, student_top)  # (n, k)
         kd_grad = kd_grad * (settings.alpha / temperature)
@@ -365,7 +404,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden, weight, targets, teacher_hidden, teacher_weight, topk_ids, topk_logprobs,
-        settings, chunk, hidden_grad, weight_grad,
+        settings, chunk, hidden_grad, weight_grad, topk_valid=None, row_kind=None,
     ):
         vocab = weight.shape[0] if settings.vocab_size is None else min(settings.vocab_size, weight.shape[0])
         used_weight = weight.detach()[:vocab]  # (V, H): padded embedding rows get no logits
@@ -386,6 +425,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     None if topk_logprobs is None else topk_logprobs[rows],
                     settings,
                     with_grad,
+                    topk_valid=None if topk_valid is None else topk_valid[rows],
+                    row_kind=None if row_kind is None else row_kind[rows],
                 )
             else:
                 teacher_logits = teacher_hidden[rows] @ teacher_weight[:vocab].T  # (n, V), no grad
@@ -427,7 +468,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return (
             None if grad_hidden is None else grad_hidden.mul_(scale),
             None if grad_weight is None else grad_weight.mul_(scale),
-            None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None, None,
         )
 
 
@@ -440,6 +481,8 @@ def chunked_distillation_loss(
     teacher_head_weight: torch.Tensor | None = None,
     topk_ids: torch.Tensor | None = None,
     topk_logprobs: torch.Tensor | None = None,
+    topk_valid: torch.Tensor | None = None,
+    row_kind: torch.Tensor | None = None,
     divergence: str = "forward_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
@@ -451,7 +494,8 @@ def chunked_distillation_loss(
 
     student_hidden: (N, H_s) final (normed) student states; targets: (N,) token ids;
     head_weight: (V, H_s) the student's lm_head weight. White-box: teacher_hidden (N, H_t)
-    and teacher_head_weight (V, H_t). Sparse: topk_ids / topk_logprobs (N, k). Neither:
+    and teacher_head_weight (V, H_t). Sparse: topk_ids / topk_logprobs (N, k), with
+    topk_valid (N, k) and row_kind (N,) for grey-box targets (`sparse_chunk_sums_`). Neither:
     plain cross-entropy (sft). vocab_size trims padded embedding rows of both heads.
 
     At most `chunk_tokens` rows of logits (and of their softmaxes and gradients) exist at a
@@ -468,6 +512,7 @@ def chunked_distillation_loss(
         student_hidden, head_weight, targets, teacher_hidden, teacher_head_weight,
         topk_ids, topk_logprobs, settings, max(1, chunk_tokens),
         grad_enabled and student_hidden.requires_grad, grad_enabled and head_weight.requires_grad,
+        topk_valid, row_kind,
     )
     return LossSums(sums[0], sums[1].detach(), sums[2].detach())
 
