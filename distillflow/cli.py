@@ -252,12 +252,15 @@ def run(config: Path = typer.Argument(..., help="YAML config (dataset, and train
 
 
 @app.command()
-def serve(configs: list[Path] = typer.Argument(..., help="One or more YAML configs to deploy.")) -> None:
+def serve(
+    configs: list[Path] = typer.Argument(..., help="One or more YAML configs to deploy."),
+    replace: bool = typer.Option(False, "--replace", help="Take over deployments of these names that `distill deploy` put on a work pool."),
+) -> None:
     """Register a Prefect deployment of every flow of each config (with the config's `schedule:`)
     and run their flow runs on this machine until interrupted (docs/operations.md)."""
     from distillflow.flows.deployments import serve_command
 
-    serve_command(configs)
+    serve_command(configs, replace=replace)
 
 
 @app.command()
@@ -267,12 +270,13 @@ def deploy(
     working_dir: Optional[Path] = typer.Option(
         None, help="Where the worker runs the flows, i.e. where the configs' relative paths resolve (default: here)."
     ),
+    replace: bool = typer.Option(False, "--replace", help="Take over deployments of these names that `distill serve` or another pool holds."),
 ) -> None:
     """Register a deployment of every flow of each config on a work pool, for
     `prefect worker start --pool POOL --type process` on any machine (docs/operations.md)."""
     from distillflow.flows.deployments import deploy_command
 
-    deploy_command(configs, pool=pool, working_dir=working_dir)
+    deploy_command(configs, pool=pool, working_dir=working_dir, replace=replace)
 
 
 server_app = typer.Typer(

@@ -184,21 +184,57 @@ def runner_deployments(config_paths: list[Path], **options: Any) -> list[Any]:
     return deployments
 
 
-def serve_command(config_paths: list[Path]) -> None:
+def _mode(pool: str | None) -> str:
+    return f"on work pool {pool!r} (`distill deploy`)" if pool else "served by `distill serve` (no work pool)"
+
+
+def refuse_takeover(deployments: list[Any], pool: str | None, replace: bool = False) -> None:
+    """Refuse to register a deployment under a name that another mode already holds (served
+    vs a work pool, or another pool): registering it would silently move its runs (and
+    schedules) away from the process that runs them today. `replace=True` takes it over."""
+    if replace:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    clashes = []
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            name = f"{deployment.flow_name}/{deployment.name}"
+            try:
+                existing = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if (existing.work_pool_name or None) != (pool or None):
+                clashes.append(f"{name} is {_mode(existing.work_pool_name)}")
+    if clashes:
+        raise ConfigError(
+            f"{'; '.join(clashes)}: registering it {_mode(pool)} would take its runs and schedules away "
+            "from what runs them now. Give the config another `name:`, or pass --replace to take it over"
+        )
+
+
+def serve_command(config_paths: list[Path], replace: bool = False) -> None:
     """Register every deployment of the configs and run their flow runs in this process's
-    machine until interrupted (Ctrl-C pauses their schedules)."""
+    machine until interrupted (Ctrl-C pauses their schedules). Refuses names that `distill
+    deploy` put on a work pool unless `replace`."""
     from prefect import serve
 
-    serve(*runner_deployments(config_paths))
+    deployments = runner_deployments(config_paths)
+    refuse_takeover(deployments, None, replace)
+    serve(*deployments)
 
 
-def deploy_command(config_paths: list[Path], pool: str = DEFAULT_POOL, working_dir: Path | None = None) -> list[str]:
+def deploy_command(
+    config_paths: list[Path], pool: str = DEFAULT_POOL, working_dir: Path | None = None, replace: bool = False
+) -> list[str]:
     """Register every deployment of the configs on the work pool `pool`; a worker
     (`prefect worker start --pool POOL --type process`) with distillflow installed runs them.
 
     The flows are referenced by module (`flows.deployments.build_deployment`, ...), so nothing is
     uploaded: the worker imports the installed package. Runs start in `working_dir` (default:
     the current directory), where the configs' relative paths resolve as on the command line.
+    A name that `distill serve` or another pool holds is refused unless `replace`.
     Returns the deployments' "flow/deployment" names."""
     from prefect.deployments.runner import EntrypointType, deploy
     from prefect.settings import PREFECT_API_URL
@@ -215,6 +251,7 @@ def deploy_command(config_paths: list[Path], pool: str = DEFAULT_POOL, working_d
         job_variables={"working_dir": str(working_dir)},
     )
     try:
+        refuse_takeover(deployments, pool, replace)
         ensure_process_pool(pool)
     except httpx.ConnectError as error:  # the first call to the server
         raise ConfigError(

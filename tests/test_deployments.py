@@ -269,3 +269,34 @@ def test_the_build_deployment_builds_from_its_form(prefect_harness, tmp_path, mo
         result = build_deployment(form | {"name": "edited-in-the-form"})
     assert result["counts"]["accepted"] == 4
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["name"] == "edited-in-the-form"
+
+
+def test_deploy_and_serve_never_take_over_each_others_deployments(prefect_harness, tmp_path, monkeypatch):
+    """A name that `distill serve` holds is refused by `distill deploy` (and the other way
+    round, and for another pool) with the fix; --replace takes it over; redeploying to the
+    same pool is an update."""
+    from distillflow.flows.deployments import deploy_command, refuse_takeover
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    monkeypatch.chdir(tmp_path)
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:3])
+    config = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", "http://127.0.0.1:9/v1")
+    data = yaml.safe_load(config.read_text())
+    data["name"] = "takeover-probe"
+    config.write_text(yaml.safe_dump(data))
+    for deployment in runner_deployments([config]):
+        deployment.apply()  # as `distill serve` registers them: no work pool
+
+    with pytest.raises(ConfigError) as refused:
+        deploy_command([config], pool="takeover-a")
+    message = str(refused.value)
+    assert "build-dataset/takeover-probe is served by `distill serve`" in message
+    assert "on work pool 'takeover-a'" in message and "--replace" in message and "`name:`" in message
+
+    assert "build-dataset/takeover-probe" in deploy_command([config], pool="takeover-a", replace=True)
+    assert deploy_command([config], pool="takeover-a")  # the same pool again: an update
+    with pytest.raises(ConfigError, match="is on work pool 'takeover-a'"):
+        deploy_command([config], pool="takeover-b")
+    with pytest.raises(ConfigError, match="registering it served by `distill serve`"):
+        refuse_takeover(runner_deployments([config]), None)  # what `distill serve` checks first
