@@ -27,8 +27,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The suite runs in TEST_WORKERS pytest-xdist processes (one file per worker at a time: module
+# fixtures such as a Prefect server start once); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not deepspeed"
