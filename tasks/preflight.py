@@ -4,7 +4,8 @@ For every model directory a stage loads in-process: its config.json and tokenize
 has a chat template, or the config gives one (`chat_template`, training/chat_template.py),
 and the template renders; the model's context (`max_position_embeddings`) holds what the
 stage asks of it. White-box training also compares the teacher's and the student's
-vocabularies (`training.model.vocabulary_preflight`, the check training itself runs).
+vocabularies (`training.model.vocabulary_preflight`, the check training itself runs);
+grey-box training (kd_greybox) needs the build's stored logprobs instead.
 
 Each failure is a `PreflightError`: one paragraph naming the config file, the key and the
 fix. Nothing here loads weights or calls a teacher.
@@ -174,7 +175,7 @@ def preflight_training(training: TrainingConfig, source: str) -> None:
         # kd_topk and on_policy with a teacher server need only the teacher's tokenizer, unless
         # the student is derived from its weights.
         tokenizer_only = (
-            training.objective in ("kd_topk", "on_policy") and not training.teacher_in_process
+            training.objective in ("kd_topk", "kd_greybox", "on_policy") and not training.teacher_in_process
             and training.derive_student is None
         )
         teacher = load_model_dir(training.teacher, "training.teacher", source, tokenizer_only=tokenizer_only)
@@ -183,6 +184,8 @@ def preflight_training(training: TrainingConfig, source: str) -> None:
     require_chat_template(student, training.chat_template, "training.chat_template", source, for_training=True)
     if training.is_white_box and teacher is not None and student is not teacher:
         _same_vocabulary(teacher, student, source)
+    if training.objective == "kd_greybox" and (Path(training.dataset_dir) / "data").is_dir():
+        _has_teacher_logprobs(training, source)
     check_context(
         student, training.max_length, f"training.max_length ({training.max_length})",
         f"set training.max_length to {student.context} or less", source,
@@ -208,6 +211,13 @@ def preflight_run(config: DistillConfig, source: str, prompts: Sequence[str]) ->
     preflight_build(config, source, prompts)
     training = config.training
     if training is not None:
+        if training.objective == "kd_greybox" and not config.teacher.generation.top_logprobs:
+            raise PreflightError(
+                f"{source}: training.objective is kd_greybox, which trains from the teacher's top-k "
+                "logprobs stored by the build, but teacher.generation.top_logprobs is 0, so the build "
+                "would store none. Set teacher.generation.top_logprobs (e.g. 20, the most an "
+                "OpenAI-compatible API returns), or train with objective: sft"
+            )
         if training.objective == "kd_topk" and config.capture is not None:
             preflight_capture(config, source)
         preflight_training(training, source)
@@ -215,6 +225,15 @@ def preflight_run(config: DistillConfig, source: str, prompts: Sequence[str]) ->
         from distillflow.tasks.evaluate import eval_run_from_config
 
         preflight_eval(eval_run_from_config(config, source), only_existing=True)
+
+
+def _has_teacher_logprobs(training: TrainingConfig, source: str) -> None:
+    from distillflow.training.greybox import NoTeacherLogprobs, check_greybox_dataset
+
+    try:
+        check_greybox_dataset(training.dataset_dir)
+    except NoTeacherLogprobs as error:
+        raise PreflightError(f"{source}: training.dataset_dir: {error}") from None
 
 
 def _same_vocabulary(teacher: ModelDir, student: ModelDir, source: str) -> None:

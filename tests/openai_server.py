@@ -484,12 +484,18 @@ async def _while_connected(request: web.Request, seconds: float) -> bool:
 
 
 def _fake_logprobs(tokens: list[str], top_k: int) -> list[dict[str, Any]]:
+    """`choices[0].logprobs.content` in the API's shape: per answer token its text, logprob,
+    UTF-8 `bytes` and `top_logprobs` (the same three fields per alternative, best first).
+    Each word is one token (a leading space after the first); its alternatives are the word
+    itself, its upper-case form, the word with a full stop, then filler tokens."""
     out = []
     for index, token in enumerate(tokens):
         piece = token if index == 0 else " " + token
-        top = [{"token": piece, "logprob": -0.1, "bytes": None}]
-        top += [{"token": f"alt{j}", "logprob": -2.0 - j, "bytes": None} for j in range(max(0, top_k - 1))]
-        out.append({"token": piece, "logprob": -0.1, "bytes": None, "top_logprobs": top[:top_k]})
+        candidates = [(piece, -0.2), (piece.upper(), -2.5), (piece + ".", -3.0)]
+        candidates = [c for i, c in enumerate(candidates) if c[0] not in [d[0] for d in candidates[:i]]]
+        candidates += [(f" alt{j}", -5.0 - j) for j in range(max(0, top_k - len(candidates)))]  # Σ p < 1
+        top = [{"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))} for text, logprob in candidates]
+        out.append({"token": piece, "logprob": -0.2, "bytes": list(piece.encode("utf-8")), "top_logprobs": top[:top_k]})
     return out
 
 

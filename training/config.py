@@ -38,7 +38,7 @@ def check_stops_have_a_template(section: str, chat_template: str | None, chat_te
         )
 
 
-Objective = Literal["sft", "kd_logits", "kd_topk", "hidden", "on_policy"]
+Objective = Literal["sft", "kd_logits", "kd_topk", "kd_greybox", "hidden", "on_policy"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 
 # configs/deepspeed/ (shipped with the package): the default ZeRO configs live there.
@@ -204,7 +204,9 @@ class TrainingConfig(StrictModel):
         "sft",
         description="sft: cross-entropy on the teacher's text (black box, any tokenizer); "
         "kd_logits: KL/JSD to an in-process teacher's logits; kd_topk: KL to the teacher "
-        "top-k logprobs stored in the dataset; hidden: hidden-state matching + a logit loss; "
+        "top-k logprobs stored in the dataset; kd_greybox: KL to the teacher's API top-k logprobs "
+        "that `distill build` stored (teacher.generation.top_logprobs), aligned to the student's "
+        "tokens on byte spans, for any student tokenizer; hidden: hidden-state matching + a logit loss; "
         "on_policy: a share lmbda of the micro-batches are answers the student samples itself, "
         "scored token by token by the teacher (in process, or teacher_server).",
     )
@@ -354,4 +356,4 @@ class TrainingConfig(StrictModel):
     @property
     def is_white_box(self) -> bool:
         """Objectives that compare against teacher logits (so need matching vocabularies)."""
-        return self.objective != "sft"
+        return self.objective not in ("sft", "kd_greybox")

@@ -42,6 +42,38 @@ def _template_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def render_example(
+    tokenizer, prompt: str, response: str, system_prompt: str | None = None, chat_template: str | None = None
+) -> tuple[str, str, str]:
+    """(prompt text, answer text, response as trained) of one pair under the chat template.
+
+    The prompt text ends with the generation prompt; the answer text is everything the template
+    writes after it (the response and its end-of-turn token). A preset template's turn end
+    cuts the response first (the returned response is the cut one).
+    """
+    template = chat_template or tokenizer.chat_template
+    if template is None:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template (a base "
+            "model?); set `chat_template: plain` (or a Jinja string or file) in the config"
+        )
+    response, _ = cut_at_stop(response, template_stops(template))
+    messages = _messages(prompt, system_prompt)
+    prompt_text = tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    full_text = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": response}], chat_template=template, tokenize=False
+    )
+    if not full_text.startswith(prompt_text):
+        raise ValueError(
+            "the chat template does not render the conversation as <generation prompt> + "
+            "<answer>, so the answer's tokens cannot be located; use a template whose "
+            "add_generation_prompt output is a prefix of the full conversation"
+        )
+    return prompt_text, full_text[len(prompt_text) :], response
+
+
 def encode_example(
     tokenizer,
     prompt: str,
@@ -65,28 +97,9 @@ def encode_example(
     first, as the teacher's generation does: an answer that runs on into the next "User:"
     turn is trained (and captured) up to there only.
     """
-    template = chat_template or tokenizer.chat_template
-    if template is None:
-        raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template (a base "
-            "model?); set `chat_template: plain` (or a Jinja string or file) in the config"
-        )
-    response, _ = cut_at_stop(response, template_stops(template))
-    messages = _messages(prompt, system_prompt)
-    prompt_text = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=True
-    )
-    full_text = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": response}], chat_template=template, tokenize=False
-    )
-    if not full_text.startswith(prompt_text):
-        raise ValueError(
-            "the chat template does not render the conversation as <generation prompt> + "
-            "<answer>, so the answer's tokens cannot be located; use a template whose "
-            "add_generation_prompt output is a prefix of the full conversation"
-        )
+    prompt_text, answer_text, _ = render_example(tokenizer, prompt, response, system_prompt, chat_template)
     prompt_ids = _template_ids(tokenizer, prompt_text)
-    response_ids = _template_ids(tokenizer, full_text[len(prompt_text) :])
+    response_ids = _template_ids(tokenizer, answer_text)
 
     if len(prompt_ids) + len(response_ids) > max_length:
         keep_prompt = min(len(prompt_ids), max(max_length - len(response_ids), max_length // 2))
@@ -326,6 +339,8 @@ class Batch:
     position_ids: torch.Tensor  # (B, L) int64, restarting at 0 per example / padding
     topk_ids: torch.Tensor | None = None  # (N, k) int64, N = supervised tokens of the batch
     topk_logprobs: torch.Tensor | None = None  # (N, k) float32
+    topk_valid: torch.Tensor | None = None  # (N, k) bool, kd_greybox: False on padding slots
+    row_kind: torch.Tensor | None = None  # (N,) int8, kd_greybox: training.token_align's kind per row
     student_generated: bool = False  # on_policy: answers sampled by the student (loss: divergence only)
 
     @property
@@ -368,11 +383,10 @@ def collate(rows: list[dict[str, Any]], pad_token_id: int) -> Batch:
     batch = Batch(input_ids, labels, position_ids)
     if "topk_ids" in rows[0]:
         # Drop the rows of a supervised token at position 0 (nothing predicts it).
-        ids, logprobs = [], []
-        for row in rows:
-            skip = 1 if row["labels"][0] != IGNORE_INDEX else 0
-            ids.append(row["topk_ids"][skip:])
-            logprobs.append(row["topk_logprobs"][skip:])
-        batch.topk_ids = torch.from_numpy(np.concatenate(ids))
-        batch.topk_logprobs = torch.from_numpy(np.concatenate(logprobs))
+        skips = [1 if row["labels"][0] != IGNORE_INDEX else 0 for row in rows]
+        batch.topk_ids, batch.topk_logprobs, batch.topk_valid, batch.row_kind = (
+            torch.from_numpy(np.concatenate([row[key][skip:] for row, skip in zip(rows, skips)]))
+            if key in rows[0] else None
+            for key in ("topk_ids", "topk_logprobs", "topk_valid", "row_kind")
+        )
     return batch

@@ -140,8 +140,9 @@ def vocabulary_preflight(
             f"{only_teacher} tokens only in the teacher, {only_student} only in the student, "
             f"{moved} with different ids. White-box objectives compare distributions token by "
             "token and need one vocabulary: pick a student from the teacher's family, derive it "
-            "from the teacher (training.derive_student), or use objective: sft, which works "
-            "across tokenizers"
+            "from the teacher (training.derive_student), or use objective: kd_greybox (the teacher's "
+            "top-k logprobs stored by `distill build` with teacher.generation.top_logprobs, aligned "
+            "across tokenizers) or sft, which both work across tokenizers"
         )
     size = len(teacher_tokenizer)
     smallest_rows = min(teacher_rows, student_rows)
@@ -226,7 +227,9 @@ class DistillationModel(nn.Module):
         teacher_layers = None
         teacher_head = contextlib.nullcontext()
         # on_policy scores with the in-process teacher unless a server's top-k came with the batch.
-        sparse_teacher = config.objective == "kd_topk" or (config.objective == "on_policy" and batch.topk_ids is not None)
+        sparse_teacher = config.objective in ("kd_topk", "kd_greybox") or (
+            config.objective == "on_policy" and batch.topk_ids is not None
+        )
         if config.objective in ("kd_logits", "hidden") or (config.objective == "on_policy" and not sparse_teacher):
             with torch.no_grad():
                 teacher_last, teacher_layers = _hidden_states(self.teacher, batch, hidden_needed)
@@ -246,6 +249,8 @@ class DistillationModel(nn.Module):
                 teacher_head_weight=teacher_weight,
                 topk_ids=batch.topk_ids if sparse_teacher else None,
                 topk_logprobs=batch.topk_logprobs if sparse_teacher else None,
+                topk_valid=batch.topk_valid if sparse_teacher else None,
+                row_kind=batch.row_kind if sparse_teacher else None,
                 divergence=config.divergence,
                 beta=config.beta,
                 temperature=config.temperature,

@@ -48,6 +48,7 @@ from distillflow.training.data import (
     supervised_count,
     tokenize_dataset,
 )
+from distillflow.training.greybox import attach_greybox
 from distillflow.training.on_policy import (
     ON_POLICY_LEDGER,
     ServerTeacher,
@@ -198,6 +199,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
             teacher.get_output_embeddings().weight.shape[0] if teacher is not None else student_rows
         )
         vocab_size = vocabulary_preflight(teacher_tokenizer, student_tokenizer, teacher_rows, student_rows)
+    elif config.objective == "kd_greybox":  # targets are student ids (training/greybox.py): any teacher
+        vocab_size = min(len(student_tokenizer), student_rows)
     elif config.is_white_box:  # kd_topk without a teacher directory: ids are range-checked only
         vocab_size = len(student_tokenizer)
         log(
@@ -218,6 +221,15 @@ def train(config: TrainingConfig) -> dict[str, Any]:
             check_sampled_capture(config.temperature, config.divergence)
         attach_topk(examples, config.dataset_dir, config.topk_column, holdout)
         topk_preflight(max(int(e["topk_ids"].max(initial=0)) for e in examples), vocab_size)
+    coverage = None
+    if config.objective == "kd_greybox":
+        # The build's API logprobs, aligned to the student's tokens (computed again on a resume:
+        # a pure function of the data and the tokenizer).
+        coverage = attach_greybox(
+            examples, config.dataset_dir, student_tokenizer, config.system_prompt,
+            student_tokenizer.chat_template, holdout,
+        )
+        log(f"grey-box targets: {coverage.summary()}")
     rows = pack_examples(examples, config.max_length) if config.packing else examples
     rows = [row for row in rows if supervised_count(row) > 0] if not config.packing else rows
     if not rows:
@@ -358,6 +370,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         "world_size": world,
         "final_dir": str(final_dir),
     }
+    if coverage is not None:
+        summary["greybox_coverage"] = coverage.to_dict()
     if rank == 0:
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         log(f"done: final loss {loss:.4f}; student exported to {final_dir}")
