@@ -260,3 +260,20 @@ def test_uld_is_zero_for_equal_sorted_vectors_whatever_the_order():
     assert uld_from_logprobs(student, teacher).item() == pytest.approx(0.0, abs=1e-6)
     other = torch.tensor([[0.6, 0.3, 0.1]]).log()
     assert uld_from_logprobs(other, teacher).item() == pytest.approx(0.2, abs=1e-6)
+
+
+def test_a_local_teachers_byte_level_vocabulary_entries_are_read_as_bytes():
+    # an in-process teacher stores vocabulary entries ("Ġ" = a space, "Ã©" = the bytes of "é")
+    from distillflow.training.token_align import teacher_tokens_for_answer
+
+    rows = [
+        {"token": "Hello", "logprob": -0.1, "top": [{"token": "Hello", "logprob": -0.1}, {"token": "Hi", "logprob": -2.0}]},
+        {"token": "ĠwÃ©", "logprob": -0.2, "top": [{"token": "ĠwÃ©", "logprob": -0.2}, {"token": "Ġthe", "logprob": -1.9}]},
+        {"token": "<|end|>", "logprob": -0.01, "top": []},
+    ]
+    tokens = teacher_tokens_for_answer(rows, "Hello wé".encode())
+    assert [t.text for t in tokens] == [b"Hello", " wé".encode(), b"<|end|>"]
+    assert tokens[1].alternatives[1][0] == b" the"
+    # text that spells the answer as it is stays text
+    plain = teacher_tokens_for_answer([{"token": "Ġx", "logprob": -0.1, "top": []}], "Ġx".encode())
+    assert plain[0].text == "Ġx".encode()

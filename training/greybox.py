@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 
 from distillflow.training.data import IGNORE_INDEX, read_columns, render_example, training_row_mask
-from distillflow.training.token_align import Coverage, align_answer, char_to_byte_spans, teacher_tokens_from_rows
+from distillflow.training.token_align import (
+    BYTE_LEVEL_DECODER,
+    Coverage,
+    align_answer,
+    char_to_byte_spans,
+    teacher_tokens_for_answer,
+)
 
 LOGPROBS_COLUMN = "top_logprobs"
 
@@ -88,7 +94,7 @@ def student_token_bytes(tokenizer) -> list[bytes | None]:
     (GPT-2's byte alphabet), SentencePiece-style ("▁" for a space, <0xNN> byte fallback) or plain."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     byte_level = backend is not None and "ByteLevel" in json.dumps(json.loads(backend.to_str()).get("decoder"))
-    alphabet = {char: byte for byte, char in _byte_alphabet().items()}
+    alphabet = BYTE_LEVEL_DECODER
     special = set(getattr(tokenizer, "all_special_tokens", []))
     out: list[bytes | None] = [None] * len(tokenizer)
     for token, token_id in tokenizer.get_vocab().items():
@@ -101,19 +107,6 @@ def student_token_bytes(tokenizer) -> list[bytes | None]:
         else:
             out[token_id] = token.replace("\u2581", " ").encode("utf-8")
     return out
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (byte-level BPE vocabularies)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    mapping, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            mapping[byte] = chr(byte)
-        else:
-            mapping[byte] = chr(256 + extra)
-            extra += 1
-    return mapping
 
 
 def example_targets(
@@ -135,7 +128,8 @@ def example_targets(
     spans = char_to_byte_spans(answer_text, encoded["offset_mapping"][: len(ids)], lengths)
     shift = len(answer_text[: max(0, answer_text.find(response))].encode("utf-8"))
     spans = [(start - shift, end - shift) for start, end in spans]
-    return align_answer(teacher_tokens_from_rows(entries), response.encode("utf-8"), ids, spans, pieces)
+    answer = response.encode("utf-8")
+    return align_answer(teacher_tokens_for_answer(entries, answer), answer, ids, spans, pieces)
 
 
 def attach_greybox(

@@ -134,17 +134,38 @@ class Coverage:
 # --------------------------------------------------------------------------------------
 
 
-def token_bytes(token: str | None, reported: Sequence[int] | None = None) -> bytes | None:
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (byte-level BPE vocabularies)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+# A byte-level BPE vocabulary entry ("Ġthe") → its bytes (b" the").
+BYTE_LEVEL_DECODER = {char: byte for byte, char in _byte_alphabet().items()}
+
+
+def token_bytes(token: str | None, reported: Sequence[int] | None = None, byte_level: bool = False) -> bytes | None:
     """The bytes of an API token: its `bytes` field when given; else its text as UTF-8.
 
     Providers write a token that is part of a character as escapes ("\\xe2\\x80", OpenAI,
     DeepSeek) or as U+FFFD (vLLM). Escapes are decoded when the result is not UTF-8 text
-    (a real partial character); U+FFFD gives None (the bytes are unknown).
+    (a real partial character); U+FFFD gives None (the bytes are unknown). `byte_level`:
+    the token is a byte-level BPE vocabulary entry ("Ġthe", what an in-process teacher
+    stores), decoded through GPT-2's byte alphabet.
     """
     if reported is not None:
         return bytes(reported)
     if token is None:
         return None
+    if byte_level and all(char in BYTE_LEVEL_DECODER for char in token):
+        return bytes(BYTE_LEVEL_DECODER[char] for char in token)
     if "\\x" in token:
         raw = _ESCAPED_BYTE.sub(lambda m: _escaped(int(m.group(1), 16)), token)
         decoded = raw.encode("utf-8", errors="surrogateescape")
@@ -162,9 +183,29 @@ def _escaped(byte: int) -> str:
     return chr(byte) if byte < 0x80 else chr(0xDC00 + byte)
 
 
-def teacher_tokens_from_rows(entries: Sequence[dict] | None) -> list[TeacherToken]:
+def teacher_tokens_for_answer(entries: Sequence[dict] | None, answer: bytes) -> list[TeacherToken]:
+    """`teacher_tokens_from_rows`, reading the token strings as text (an API) or, when that
+    does not spell the answer and byte-level vocabulary entries do, as those (a local teacher)."""
+    tokens = teacher_tokens_from_rows(entries)
+    if tokens and not _spells(tokens, answer):
+        pieces = teacher_tokens_from_rows(entries, byte_level=True)
+        if _spells(pieces, answer):
+            return pieces
+    return tokens
+
+
+def _spells(tokens: Sequence[TeacherToken], answer: bytes) -> bool:
+    """The tokens' bytes and the answer agree up to the shorter (an answer cut at a stop string is shorter)."""
+    if any(token.text is None for token in tokens):
+        return False
+    joined = b"".join(token.text for token in tokens)
+    return joined.startswith(answer) or answer.startswith(joined)
+
+
+def teacher_tokens_from_rows(entries: Sequence[dict] | None, byte_level: bool = False) -> list[TeacherToken]:
     """The stored `top_logprobs` of one row (token, logprob, top[token, logprob], optional
-    bytes) → TeacherToken list. A missing or -9999 logprob is None (unknown)."""
+    bytes) → TeacherToken list. A missing or -9999 logprob is None (unknown). `byte_level`:
+    the strings are byte-level vocabulary entries (`token_bytes`)."""
     tokens = []
     for entry in entries or []:
         logprob = _known(entry.get("logprob"))
@@ -172,8 +213,9 @@ def teacher_tokens_from_rows(entries: Sequence[dict] | None) -> list[TeacherToke
         for alt in entry.get("top") or entry.get("top_logprobs") or []:
             alt_logprob = _known(alt.get("logprob"))
             if alt_logprob is not None:
-                alternatives.append((token_bytes(alt.get("token"), alt.get("bytes")), alt_logprob))
-        tokens.append(TeacherToken(token_bytes(entry.get("token"), entry.get("bytes")), logprob, tuple(alternatives)))
+                alternatives.append((token_bytes(alt.get("token"), alt.get("bytes"), byte_level), alt_logprob))
+        text = token_bytes(entry.get("token"), entry.get("bytes"), byte_level)
+        tokens.append(TeacherToken(text, logprob, tuple(alternatives)))
     return tokens
 
 
@@ -345,7 +387,8 @@ def _position_target(tokens, spans, located, starts, answer, student_id, start, 
     coverage.mass_dropped += dropped
     if not masses or sum(masses.values()) <= 0.0:
         return _uld_target(token)
-    norm = consistent if prefix else 1.0
+    # Conditioned on the prefix; else as reported (a provider's rounding may sum past 1: renormalised).
+    norm = consistent if prefix else max(1.0, sum(masses.values()))
     ids = sorted(masses, key=lambda i: -masses[i])
     logprobs = [math.log(min(1.0, masses[i] / norm)) if masses[i] > 0 else -math.inf for i in ids]
     kind = EXACT if start == u and end == v else MERGED

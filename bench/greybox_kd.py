@@ -1,0 +1,230 @@
+"""Grey-box KD (kd_greybox) vs sft on the demo task, with a student whose tokenizer differs.
+
+    OMP_NUM_THREADS=1 python bench/greybox_kd.py                                  # 1,000 prompts, 300 steps, 5 seeds
+    OMP_NUM_THREADS=1 python bench/greybox_kd.py --prompts 200 --steps 40 --seeds 0 1 --eval 100   # a smoke run
+
+1. The demo teacher (distillflow/assets/demo-teacher, copied into the work dir first) answers
+   the first `--prompts` questions of prompts/seeds/skills.jsonl greedily, and every answer
+   token keeps the teacher's top-`--k` alternatives and logprobs in the `top_logprobs`
+   column, as a build with `teacher.generation.top_logprobs: k` stores them from a local
+   teacher (vocabulary entries). The teacher's tokenizer is one token per character.
+2. The student's tokenizer is a byte-level BPE with merges (`--student-vocab` tokens),
+   trained in process with `tokenizers` on the dataset's questions and answers; the student is
+   the demo student's shape (2 layers, hidden 96, fresh weights) over that vocabulary.
+3. For each seed, two students with the same init, data order and steps, at configs/demo.yaml's
+   settings (T = 2, alpha = 0.5, packing, learning rate): `sft` on the teacher's text and
+   `kd_greybox` on the stored logprobs, aligned to the student's tokens.
+4. Each answers prompts/seeds/skills_eval.jsonl greedily: clean accuracy (the eval set's
+   checks), mean and 95 % CI over seeds (Student's t), and the paired difference
+   kd_greybox − sft seed by seed with its CI; aligned-position coverage; ms per optimizer
+   step against sft's (from metrics.jsonl: the alignment runs before the first step and is
+   reported apart).
+
+Writes `greybox_kd.json` and `greybox_kd.md` in the work dir and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.kd_vs_sft import mean_ci  # noqa: E402
+from bench.sampled_kd import DEMO_TEACHER, EVAL_SEEDS, TRAIN_SEEDS, read_jsonl, score  # noqa: E402
+
+OBJECTIVES = ("sft", "kd_greybox")
+
+
+@torch.inference_mode()
+def write_teacher_dataset(teacher: Path, rows: list[dict], out: Path, k: int, max_new_tokens: int) -> int:
+    """Greedy teacher answers with their per-token top-k (data/, manifest last); -1 when present."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillflow.records import content_id
+    from distillflow.storage.manifest import write_manifest
+    from distillflow.storage.parquet import ShardWriter, accepted_schema
+
+    if (out / "manifest.json").is_file():
+        return -1
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    end_id = tokenizer.eos_token_id
+    kept = []
+    for start in range(0, len(rows), 64):
+        prompts = [row["prompt"] for row in rows[start : start + 64]]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        output = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_id,
+            pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        logprobs = torch.log_softmax(torch.stack(output.scores, dim=1).float(), dim=-1)  # (B, T, V)
+        top = logprobs.topk(k, dim=-1)
+        new_tokens = output.sequences[:, batch["input_ids"].shape[1] :]
+        for row, prompt in enumerate(prompts):
+            ids = new_tokens[row].tolist()
+            ids = ids[: ids.index(end_id)] if end_id in ids else ids
+            answer = tokenizer.decode(ids, skip_special_tokens=True)
+            if not answer.strip():
+                continue
+            entries = [
+                {
+                    "token": tokenizer.convert_ids_to_tokens(token_id),
+                    "logprob": float(logprobs[row, step, token_id]),
+                    "top": [
+                        {"token": tokenizer.convert_ids_to_tokens(alt), "logprob": float(value)}
+                        for alt, value in zip(top.indices[row, step].tolist(), top.values[row, step].tolist())
+                    ],
+                }
+                for step, token_id in enumerate(ids)
+            ]
+            kept.append((prompt, answer, entries))
+    with ShardWriter(out / "data", accepted_schema(with_top_logprobs=True), root=out) as writer:
+        writer.write(
+            {"id": content_id(p), "prompt": p, "response": a, "strategy": "seed", "top_logprobs": e} for p, a, e in kept
+        )
+    write_manifest(out, {"name": "greybox-kd-bench", "shards": {"data": [s.to_dict() for s in writer.shards]}})
+    return len(kept)
+
+
+def student_init(workdir: Path, dataset: Path, vocab: int, seed: int) -> Path:
+    """The demo student's shape over a BPE vocabulary trained on the dataset's text."""
+    from distillflow.storage.parquet import read_table
+    from distillflow.training.scratch import build_tiny_llama, train_tokenizer
+
+    tokenizer_dir = workdir / "student-tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        rows = read_table(dataset / "data", columns=["prompt", "response"]).to_pylist()
+        train_tokenizer(tokenizer_dir, [f"{r['prompt']} {r['response']}" for r in rows], vocab_size=vocab)
+    out = workdir / "students" / f"init-seed{seed}"
+    if not (out / "config.json").is_file():
+        demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))["training"]["derive_student"]
+        build_tiny_llama(
+            out, hidden_size=demo["hidden_size"], num_layers=demo["num_layers"], num_heads=demo["num_attention_heads"],
+            intermediate_size=demo["intermediate_size"], seed=seed, tokenizer_dir=tokenizer_dir,
+        )  # fmt: skip
+    return out
+
+
+def train_student(workdir: Path, dataset: Path, init: Path, objective: str, seed: int, steps: int) -> Path:
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))["training"]
+    name = f"{objective}-seed{seed}"
+    training = {
+        "dataset_dir": str(dataset), "output_dir": str(workdir / "students" / name), "student": str(init),
+        "objective": objective, "temperature": demo["temperature"], "alpha": demo["alpha"],
+        "max_length": demo["max_length"], "packing": demo["packing"], "micro_batch_size": demo["micro_batch_size"],
+        "learning_rate": demo["learning_rate"], "warmup_steps": min(demo["warmup_steps"], steps // 10),
+        "lr_schedule": demo["lr_schedule"], "max_steps": steps, "log_every": max(1, steps // 5),
+        "checkpoint_every": 0, "deepspeed_config": str(ROOT / demo["deepspeed_config"]), "seed": seed,
+    }  # fmt: skip
+    path = workdir / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"training": training}, sort_keys=False), encoding="utf-8")
+    run = workdir / "students" / name
+    if (run / "final" / "config.json").is_file():  # trained by an earlier run of the bench
+        return run
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "distillflow.training.train", "--config", str(path)],
+        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"training {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    print(f"  trained {name} in {time.perf_counter() - started:.0f} s", flush=True)
+    return run
+
+
+def ms_per_step(run: Path) -> float:
+    """Mean optimizer-step time after the first (warm-up) step, from metrics.jsonl."""
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    if len(steps) < 2:
+        return 1000 * steps[-1]["elapsed_s"]
+    return 1000 * (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / (len(steps) - 1)
+
+
+def table(report: dict) -> str:
+    def pct(stat: dict) -> str:
+        half = "" if stat["ci95"] is None else f" ± {100 * stat['ci95']:.1f}"
+        return f"{100 * stat['mean']:.1f}{half}"
+
+    lines = [
+        "| student | clean accuracy (%) | paired Δ vs sft (points) | aligned positions | ms/step (× sft) |",
+        "|---|---|---|---|---|",
+    ]
+    for objective in OBJECTIVES:
+        entry = report["objectives"][objective]
+        delta = pct(entry["paired_delta"]) if entry.get("paired_delta") else "–"
+        coverage = entry.get("coverage")
+        covered = f"{100 * coverage['covered_share']:.1f} % (exact {coverage['exact']}, merged {coverage['merged']}, uld {coverage['uld']}, none {coverage['none']})" if coverage else "–"
+        lines.append(
+            f"| {objective} | {pct(entry['clean'])} | {delta} | {covered} | "
+            f"{entry['ms_per_step']:.0f} ({entry['ms_per_step'] / report['objectives']['sft']['ms_per_step']:.2f}×) |"
+        )
+    lines.append(f"| teacher | {100 * report['teacher']['accuracy']:.1f} | – | – | – |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-greybox-kd")
+    parser.add_argument("--prompts", type=int, default=1000, help="training questions (first N of skills.jsonl)")
+    parser.add_argument("--eval", type=int, default=0, help="eval questions (0: all of skills_eval.jsonl)")
+    parser.add_argument("--k", type=int, default=8, help="alternatives per answer token (an API gives up to 20)")
+    parser.add_argument("--student-vocab", type=int, default=400, help="BPE vocabulary of the student")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    workdir = args.workdir
+    teacher = workdir / "teacher"
+    if not (teacher / "config.json").is_file():  # a snapshot: the shipped directory may be replaced
+        shutil.copytree(DEMO_TEACHER, teacher, dirs_exist_ok=True)
+    dataset = workdir / "dataset"
+    rows = write_teacher_dataset(teacher, read_jsonl(TRAIN_SEEDS, args.prompts), dataset, args.k, args.max_new_tokens)
+    print(f"dataset: {rows if rows >= 0 else 'existing'} teacher answers with top-{args.k} logprobs", flush=True)
+    eval_rows = read_jsonl(EVAL_SEEDS, args.eval or None)
+    report: dict = {"k": args.k, "prompts": args.prompts, "eval_questions": len(eval_rows), "steps": args.steps,
+                    "student_vocab": args.student_vocab, "seeds": args.seeds, "objectives": {}}  # fmt: skip
+    report["teacher"] = score(teacher, eval_rows, args.max_new_tokens)
+    per_seed: dict[str, dict[int, float]] = {objective: {} for objective in OBJECTIVES}
+    for objective in OBJECTIVES:
+        entry: dict = {"seeds": [], "step_ms": []}
+        for seed in args.seeds:
+            init = student_init(workdir, dataset, args.student_vocab, seed)
+            run = train_student(workdir, dataset, init, objective, seed, args.steps)
+            accuracy = score(run / "final", eval_rows, args.max_new_tokens)["accuracy"]
+            per_seed[objective][seed] = accuracy
+            entry["seeds"].append({"seed": seed, "accuracy": accuracy, "ms_per_step": ms_per_step(run)})
+            summary = json.loads((run / "metrics.json").read_text())
+            if "greybox_coverage" in summary:
+                entry["coverage"] = summary["greybox_coverage"]
+        entry["clean"] = mean_ci([s["accuracy"] for s in entry["seeds"]])
+        entry["ms_per_step"] = sum(s["ms_per_step"] for s in entry["seeds"]) / len(entry["seeds"])
+        report["objectives"][objective] = entry
+    deltas = [per_seed["kd_greybox"][seed] - per_seed["sft"][seed] for seed in args.seeds]
+    report["objectives"]["kd_greybox"]["paired_delta"] = mean_ci(deltas)
+    report["seconds"] = round(time.perf_counter() - started)
+    (workdir / "greybox_kd.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    markdown = table(report)
+    (workdir / "greybox_kd.md").write_text(markdown + "\n", encoding="utf-8")
+    print(markdown)
+    print(f"({len(args.seeds)} seed(s), {args.steps} steps, {args.prompts} prompts, {len(eval_rows)} eval questions, "
+          f"k = {args.k}, student BPE vocabulary {args.student_vocab}; {report['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
