@@ -201,17 +201,18 @@ def main() -> None:
                     "student_vocab": args.student_vocab, "seeds": args.seeds, "objectives": {}}  # fmt: skip
     report["teacher"] = score(teacher, eval_rows, args.max_new_tokens)
     per_seed: dict[str, dict[int, float]] = {objective: {} for objective in OBJECTIVES}
-    for objective in OBJECTIVES:
-        entry: dict = {"seeds": [], "step_ms": []}
-        for seed in args.seeds:
-            init = student_init(workdir, dataset, args.student_vocab, seed)
+    entries: dict[str, dict] = {objective: {"seeds": []} for objective in OBJECTIVES}
+    for seed in args.seeds:  # objectives interleaved, so a change in machine load hits both alike
+        init = student_init(workdir, dataset, args.student_vocab, seed)
+        for objective in OBJECTIVES:
             run = train_student(workdir, dataset, init, objective, seed, args.steps)
             accuracy = score(run / "final", eval_rows, args.max_new_tokens)["accuracy"]
             per_seed[objective][seed] = accuracy
-            entry["seeds"].append({"seed": seed, "accuracy": accuracy, "ms_per_step": ms_per_step(run)})
+            entries[objective]["seeds"].append({"seed": seed, "accuracy": accuracy, "ms_per_step": ms_per_step(run)})
             summary = json.loads((run / "metrics.json").read_text())
             if "greybox_coverage" in summary:
-                entry["coverage"] = summary["greybox_coverage"]
+                entries[objective]["coverage"] = summary["greybox_coverage"]
+    for objective, entry in entries.items():
         entry["clean"] = mean_ci([s["accuracy"] for s in entry["seeds"]])
         entry["ms_per_step"] = sum(s["ms_per_step"] for s in entry["seeds"]) / len(entry["seeds"])
         report["objectives"][objective] = entry

@@ -127,6 +127,11 @@ def test_unicode_characters_are_aligned_on_bytes():
     assert coverage.covered_share == 1.0
 
 
+def test_offsets_trimmed_of_their_leading_space_still_tile_the_answer():
+    # " cat" reported at (4, 7) instead of (3, 7) by a tokenizer that trims offsets
+    assert char_to_byte_spans("The cat", [(0, 3), (4, 7)], [3, 4]) == [(0, 3), (3, 7)]
+
+
 def test_byte_fallback_tokens_of_one_character_get_one_byte_each():
     # "—" is 3 UTF-8 bytes; a byte-fallback student writes it as <0xE2><0x80><0x94>, all with the
     # character's offsets; a teacher that splits it reports escaped partial bytes.

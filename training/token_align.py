@@ -272,6 +272,7 @@ def teacher_spans(tokens: Sequence[TeacherToken], answer: bytes) -> list[tuple[i
 def char_to_byte_spans(text: str, offsets: Sequence[tuple[int, int]], piece_lengths: Sequence[int | None]) -> list[tuple[int, int]]:
     """Character offsets of the student's tokens → UTF-8 byte spans.
 
+    A gap of whitespace before a token (offsets trimmed by the tokenizer) is given to it.
     Byte-fallback tokens (several tokens for one character, e.g. <0xE2><0x80><0x94>) share one
     character span; they get consecutive byte ranges when their own byte lengths
     (`piece_lengths`) add up to the character's, else the last takes the span and the
@@ -280,7 +281,15 @@ def char_to_byte_spans(text: str, offsets: Sequence[tuple[int, int]], piece_leng
     byte_at = [0]
     for char in text:
         byte_at.append(byte_at[-1] + len(char.encode("utf-8")))
-    spans = [(byte_at[min(a, len(text))], byte_at[min(b, len(text))]) for a, b in offsets]
+    # Tokens tile the text: a tokenizer that trims whitespace from its offsets (a ByteLevel
+    # post-processor with trim_offsets) has the token start where the previous one ended.
+    tiled, previous_end = [], 0
+    for a, b in offsets:
+        if a > previous_end and text[previous_end:a].isspace():
+            a = previous_end
+        tiled.append((a, b))
+        previous_end = max(previous_end, b)
+    spans = [(byte_at[min(a, len(text))], byte_at[min(b, len(text))]) for a, b in tiled]
     index = 0
     while index < len(spans):
         end = index
