@@ -4,7 +4,8 @@
 
 - a log file (`$DISTILL_LOG_DIR`, default `~/.local/state/distillflow/logs/`) receives
   every log record of the run at INFO and above, Prefect's flow and task logs included
-  (they also reach the Prefect UI, as always);
+  (they also reach the Prefect UI, as always), and the tracebacks of failed runs, which
+  the Prefect UI does not get (`RunFailureReports`);
 - on the terminal, Prefect's failure reports — the ERROR records of the `prefect.flow_runs`
   and `prefect.task_runs` loggers, which carry the same traceback once per task and once per
   flow, and their "Finished in state Failed" lines — are left out, unless `verbose`.
@@ -115,6 +116,24 @@ class _FailedRuns(logging.Handler):
         return f"in {' of '.join(named)}" if named else None
 
 
+_COMMAND_LOGS: list[CommandLog] = []  # the `command_log`s open in this process
+
+
+class _InfoAndTracebacks(logging.Filter):
+    """The log file's records: INFO and above, and the failure reports `RunFailureReports` moved
+    to DEBUG (their tracebacks); remembers whether it kept one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept_traceback = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "distill_traceback", False):
+            self.kept_traceback = True
+            return True
+        return record.levelno >= logging.INFO
+
+
 class CommandLog:
     def __init__(self, command: str, verbose: bool) -> None:
         self.verbose = verbose
@@ -124,6 +143,7 @@ class CommandLog:
         self.console_filter = _QuietConsole(verbose)
         self.filtered: list[logging.Handler] = []
         self.failed_runs = _FailedRuns()
+        self.tracebacks = _InfoAndTracebacks()
 
     def open(self) -> None:
         _setup_prefect_logging()
@@ -133,7 +153,8 @@ class CommandLog:
         except OSError as error:  # an unwritable log dir must not stop the command
             print(f"distill: no log file ({error}); set DISTILL_LOG_DIR to a writable directory", file=sys.stderr)
         else:
-            self.file_handler.setLevel(logging.INFO)
+            self.file_handler.setLevel(logging.DEBUG)
+            self.file_handler.addFilter(self.tracebacks)
             self.file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
             logging.getLogger().addHandler(self.file_handler)
             header = {"name": "distill", "levelno": logging.INFO, "levelname": "INFO", "msg": "distill %s"}
@@ -195,8 +216,11 @@ def is_project_error(error: BaseException) -> bool:
 class RunFailureReports(logging.Filter):
     """Prefect's own reports of a run that failed with one of the project's errors go to DEBUG,
     traceback included: a task's "Task run failed with exception" and its "Finished in state
-    Failed" line, a flow's "Encountered exception during execution". The flow run logs the
-    paragraph itself, once, at ERROR (`failed_run`)."""
+    Failed" line, a flow's "Encountered exception during execution". They stay out of the
+    Prefect API (its UI lists DEBUG entries too) and go to the command's log file, or, for a
+    run that no `distill` command runs in its process (`distill serve` and workers start one
+    process per run), to `run_traceback_file(flow_run_id)`. The flow run logs the paragraph
+    itself, once, at ERROR (`failed_run`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -204,6 +228,9 @@ class RunFailureReports(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
+            message = record.getMessage() if record.name.startswith("prefect.flow_runs") else ""
+            if message.startswith("Finished in state Failed(") and any(text in message for text in _REPORTED):
+                record.msg, record.args = "Finished in state Failed (the error above)", ()
             return True
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and is_project_error(error):
@@ -213,7 +240,29 @@ class RunFailureReports(logging.Filter):
         elif not any(f"exception {name}:" in record.getMessage() for name in self.error_types):
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.send_to_api = False  # Prefect's UI shows DEBUG: the run's page keeps the paragraph alone
+        record.distill_traceback = True  # the command's log file keeps it (`CommandLog`)
+        if not _COMMAND_LOGS:  # a run outside a `distill` command (a served or worker run): its own file
+            _keep_in_run_file(record)
         return True
+
+
+def run_traceback_file(flow_run_id: str) -> Path:
+    """Where a flow run outside a `distill` command keeps the tracebacks of its failure."""
+    return log_dir() / f"distill-run-{flow_run_id}.log"
+
+
+def _keep_in_run_file(record: logging.LogRecord) -> None:
+    try:
+        path = run_traceback_file(str(getattr(record, "flow_run_id", None) or f"pid-{os.getpid()}"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(logging.Formatter(LOG_FORMAT).format(record) + "\n")
+    except OSError:  # the traceback is a help, never a second failure
+        pass
+
+
+_REPORTED: list[str] = []  # the openings of the paragraphs `failed_run` logged, latest last
 
 
 def quiet_run_failure_reports() -> None:
@@ -233,6 +282,8 @@ def failed_run(error: Exception) -> Any:
 
     message = error_message(error)
     get_run_logger().error("%s", message)
+    _REPORTED.append(message[:200])  # Prefect's "Finished in state Failed(…)" line won't repeat it
+    del _REPORTED[:-20]
     return Failed(message=message, data=error)
 
 
@@ -266,14 +317,17 @@ def error_message(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def command_log(command: str, verbose: bool) -> Iterator[CommandLog]:
-    """The log of one command; kept only when the command failed with an error paragraph
-    (whose path it prints), removed after a success or a Ctrl-C."""
+    """The log of one command; kept when the command failed with an error paragraph (whose
+    path it prints) or a flow run it ran failed (`distill serve`: the run's traceback is
+    there), removed after a success or a Ctrl-C."""
     log = CommandLog(command, verbose)
     log.open()
+    _COMMAND_LOGS.append(log)
     try:
         yield log
     finally:
-        log.close(keep=log.console_filter.closed)
+        _COMMAND_LOGS.remove(log)
+        log.close(keep=log.console_filter.closed or log.tracebacks.kept_traceback)
 
 
 # -- writes the file system refuses ---------------------------------------------------------------

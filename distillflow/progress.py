@@ -329,7 +329,8 @@ class ProgressBar:
         flow_run_id = ProgressArtifact.flow_run_id()
         if flow_run_id is not None:
             self.flow_run_id = flow_run_id
-            self._to_run_log(f"[{self.label}] started" + (f": {self.total} {self.unit}" if self.total is not None else ""))
+            if self.total is not None:  # a stage of unknown size shows up once it counts something
+                self._to_run_log(f"[{self.label}] started: {self.total} {self.unit}")
             if self.artifact is not None:
                 self.artifact.start(self.percent(), self._line(time.monotonic()))
         if self.mode == "bar":
@@ -337,7 +338,7 @@ class ProgressBar:
             self._task_id = self._rich.add_task(self.label, total=self.total, completed=self.done, unit=self.unit)
 
     def _finish(self, failed: bool) -> None:
-        if self.flow_run_id is not None:
+        if self.flow_run_id is not None and (self.done or self.total is not None):
             self._to_run_log(self._line(time.monotonic()) + (" stopped" if failed else " done"))
         if self.artifact is not None:
             self.artifact.update(self.percent() if failed else 100.0, self._line(time.monotonic()) + (" stopped" if failed else " done"))

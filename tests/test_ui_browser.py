@@ -150,3 +150,83 @@ def test_run_the_build_deployment_from_the_ui_and_read_its_counts(tmp_path):
             browser.close()
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["name"] == "from-the-ui" and manifest["counts"]["accepted"] == 5
+
+
+def test_a_slow_run_shows_its_progress_and_a_failed_run_its_paragraph_once(tmp_path):
+    """While a slow build runs, its page shows how far the teacher got (the run's log lines and
+    its progress artifact); a build whose teacher is unreachable shows the project's paragraph
+    on its page, once, with no traceback around it."""
+    shutil.rmtree(SCREENSHOTS / "progress-and-error", ignore_errors=True)
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:8])
+    slow_teacher = FaultyOpenAIServer(api_key=API_KEY, latency_s=2.5)  # one at a time: about 20 s of teacher
+    with ServerThread(slow_teacher, free_port()) as teacher, processes(tmp_path / "logs") as group:
+        config = write_config(
+            tmp_path / "c.yaml", seeds, tmp_path / "out", teacher.base_url, max_concurrency=1, batch_size=1,
+            first_contact_s=2, max_retries=1,
+        )
+        port = free_port()
+        url = start_server(group, tmp_path / "server-home", port, ui=True)
+        env = base_env(tmp_path / "client-home", PREFECT_API_URL=url, DISTILL_TEST_KEY=API_KEY,
+                       PREFECT_RUNNER_POLL_FREQUENCY="1", DISTILL_RUN_LOG_INTERVAL_S="1",
+                       DISTILL_LOG_DIR=str(tmp_path / "serve-logs"))
+        group.start("serve", [sys.executable, "-m", "distillflow.cli", "serve", str(config)], env, cwd=tmp_path)
+        browser = launch(group, tmp_path / "chromium-profile")
+        shots = SCREENSHOTS / "progress-and-error"
+        try:
+            deployment = wait_for_deployment(url, "build-dataset/test-build", 60, group)
+            ui = f"http://127.0.0.1:{port}"
+            with api(url) as client:
+                slow = client.create_flow_run_from_deployment(deployment.id, parameters=deployment.parameters)
+                dead = json.loads(json.dumps(deployment.parameters))
+                dead["config"]["teacher"]["base_url"] = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens
+                failing = client.create_flow_run_from_deployment(deployment.id, parameters=dead)
+
+            # The slow run's page: the teacher's count shows in its log while it still runs.
+            browser.goto(f"{ui}/runs/flow-run/{slow.id}")
+            seen = browser.wait_for(
+                "(() => { const m = document.body.innerText.match(/\\[test-build teacher\\] (\\d)\\/8 answered/g);"
+                " return m && m.length ? m[m.length - 1] : null; })()",
+                "the teacher's progress line on the running run's page", 90,
+            )
+            with api(url) as client:
+                still = client.read_flow_run(slow.id)
+            assert not still.state.is_final(), f"saw {seen!r} only after the run ended ({still.state.name})"
+            browser.screenshot(shots / "1-running-with-progress.png")
+
+            # The failed run's page: the paragraph once, no traceback.
+            def failed():
+                with api(url) as client:
+                    run = client.read_flow_run(failing.id)
+                return run if run.state.is_final() else None
+
+            run = wait_until(failed, 120, "the run with the unreachable teacher to end", group, every=1.0)
+            assert run.state.is_failed(), run.state.name
+            paragraph = run.state.message
+            assert paragraph.startswith("teacher at http://127.0.0.1:") and "start the teacher server" in paragraph
+            browser.goto(f"{ui}/runs/flow-run/{failing.id}")
+            opening = paragraph[:60]
+            browser.wait_for(f"document.body.innerText.includes({json.dumps(opening)})", "the paragraph on the failed run's page", 60)
+            browser.screenshot(shots / "2-failed-run.png")
+            text = browser.evaluate("document.body.innerText")
+            assert text.count(opening) == 1, text[:4000]
+            assert "Traceback" not in text
+            # The traceback is kept on the machine that ran the run, in the run's own log file.
+            kept = (tmp_path / "serve-logs" / f"distill-run-{failing.id}.log").read_text()
+            assert "Traceback" in kept and "TeacherUnreachableError" in kept, kept[-2000:]
+            wait_until(finished_run(url, slow.id), 120, "the slow run to finish", group, every=1.0)
+        except BaseException:
+            browser.screenshot(SCREENSHOTS / "progress-and-error" / "failed.png")
+            print(browser.evaluate("location.href + '\\n' + document.body.innerText.slice(0, 3000)"))
+            raise
+        finally:
+            browser.close()
+
+
+def finished_run(url: str, run_id):
+    def check():
+        with api(url) as client:
+            run = client.read_flow_run(run_id)
+        return run if run.state.is_final() else None
+
+    return check
