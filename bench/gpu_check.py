@@ -63,7 +63,7 @@ def run_check(check: str, function, *args) -> None:
 
 def make_teacher(model_dir: Path, device: str, dtype: torch.dtype):
     from distillflow.config import TeacherConfig
-    from distillflow.tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher.local import LocalTeacher
 
     config = TeacherConfig(
         backend="local",

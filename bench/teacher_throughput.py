@@ -9,7 +9,7 @@ spend during each run is printed too (on a 2-core machine every side is CPU-boun
              kept in a list (`import openai` happens before its timer)
   (a') bare, lean: the same loop on the request path distillflow uses (the SDK's aiohttp
              transport, response body read as bytes) and with the garbage-collector settings
-             of distillflow's client process (tasks/teacher.py `request_loop_gc`):
+             of distillflow's client process (tasks/teacher/loop_gc.py `request_loop_gc`):
              the strongest bare baseline, so stage/a' is the pipeline's own overhead. Target:
              the flow's teacher stage (its stage_seconds in the manifest) >= 0.95x this loop's
              prompts/s

@@ -30,7 +30,7 @@ from distillflow.flows.shard_runs import answer_shards_on_pool
 from distillflow.interrupt import cancel_on_interrupt
 from distillflow.memory import release_freed_memory
 from distillflow.progress import ProgressBar
-from distillflow.records import PromptRecord, Reject
+from distillflow.records import BUDGET_REASON, PromptRecord, Reject
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.seeds import load_seeds, split_repeated_seeds
 from distillflow.tasks.build_steps import (
@@ -61,16 +61,10 @@ from distillflow.tasks.shards import (
     write_prompt_rejects,
     write_shard_prompts,
 )
-from distillflow.tasks.teacher import (
-    BUDGET_REASON,
-    FailureBudget,
-    NoUsableAnswersError,
-    Teacher,
-    TeacherAborted,
-    TeacherFatalError,
-    resolve_api_key,
-)
-from distillflow.tasks.teachers import make_teacher
+from distillflow.tasks.teacher.budget import FailureBudget
+from distillflow.tasks.teacher.choose import make_teacher
+from distillflow.tasks.teacher.errors import NoUsableAnswersError, TeacherAborted, TeacherFatalError
+from distillflow.tasks.teacher.protocol import Teacher, resolve_api_key
 
 BATCHES_IN_FLIGHT = 3
 # The online teacher stage's first batch: this many prompts (at least `max_concurrency`),
@@ -81,7 +75,7 @@ FIRST_BATCH = 256
 # (its start-up, ~1 s of the other core, pays off); smaller builds do it in this process.
 SHARD_WRITER_MIN_PROMPTS = 4096
 # From this many expected prompts on, an online HTTP teacher's requests go out from a
-# client process of its own (tasks/teacher_pool.py), started while the prompt side runs.
+# client process of its own (tasks/teacher/pool.py), started while the prompt side runs.
 CLIENT_PROCESS_MIN_PROMPTS = 4096
 
 

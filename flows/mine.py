@@ -28,12 +28,10 @@ from distillflow.tasks.mining import (
     select_candidates,
     write_task,
 )
-from distillflow.tasks.teacher import (
-    FailureBudget,
-    TeacherAborted,
-    resolve_api_key,
-)
-from distillflow.tasks.teachers import make_teacher
+from distillflow.tasks.teacher.budget import FailureBudget
+from distillflow.tasks.teacher.choose import make_teacher
+from distillflow.tasks.teacher.errors import TeacherAborted
+from distillflow.tasks.teacher.protocol import resolve_api_key
 
 
 def retrain_config(config: DistillConfig, plan: MiningPlan) -> dict[str, Any]:

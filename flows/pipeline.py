@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from distillflow.config import load_config
 from distillflow.failures import fail_cleanly
 from distillflow.flows.build import build_dataset
-from distillflow.tasks.teacher import resolve_api_key
+from distillflow.tasks.teacher.protocol import resolve_api_key
 
 
 @flow(name="distill-pipeline")

@@ -170,7 +170,7 @@ def convert(gguf: Path, staging: Path) -> dict:
 def smoke_test(model_dir: Path, prompt: str = "What is the capital of France?") -> str:
     """One greedy answer through the pipeline's own in-process teacher path."""
     from distillflow.config import TeacherConfig
-    from distillflow.tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher.local import LocalTeacher
 
     teacher = LocalTeacher(
         TeacherConfig(

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 def exact_match(model_dir: Path, questions: list[tuple[str, tuple[str, ...]]], batch_size: int = 32) -> float:
     """Share of `(prompt, right answers)` answered with one of them exactly (greedy, in-process teacher path)."""
     from distillflow.config import TeacherConfig
-    from distillflow.tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher.local import LocalTeacher
 
     config = TeacherConfig(
         backend="local", model=str(model_dir), device="cpu", local_batch_size=batch_size,

@@ -37,13 +37,11 @@ from distillflow.tasks.shards import (
     answer_shard,
     answered_rows,
 )
-from distillflow.tasks.teacher import (
-    FailureBudget,
-    TeacherFatalError,
-    answer_requests,
-    build_messages,
-    request_loop_gc,
-)
+from distillflow.tasks.teacher.budget import FailureBudget
+from distillflow.tasks.teacher.errors import TeacherFatalError
+from distillflow.tasks.teacher.loop_gc import request_loop_gc
+from distillflow.tasks.teacher.protocol import build_messages
+from distillflow.tasks.teacher.recording import answer_requests
 
 HEARTBEAT_S = 60.0  # a stage running longer than this says so, every HEARTBEAT_S
 
@@ -204,7 +202,7 @@ def client_bound_stage() -> Iterator[None]:
 
     - a 50 ms GIL switch interval, so Prefect's bookkeeping threads do not preempt the loop
       every 5 ms (~10% throughput);
-    - the garbage collector of a request loop (tasks/teacher.py `request_loop_gc`, as in a
+    - the garbage collector of a request loop (tasks/teacher/loop_gc.py `request_loop_gc`, as in a
       client process): the objects alive so far (prompts, configs, Prefect state) frozen out
       of it (~10% throughput at 20k prompts), young objects collected less often.
     """

@@ -25,7 +25,8 @@ from distillflow.config import ConfigError, DistillConfig
 from distillflow.records import PromptRecord, TeacherAnswer
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger, request_key
 from distillflow.storage.seeds import split_repeated_seeds
-from distillflow.tasks.teacher import build_messages, estimate_tokens, teacher_params_for_key
+from distillflow.tasks.teacher.protocol import build_messages, estimate_tokens
+from distillflow.tasks.teacher.recording import teacher_params_for_key
 
 Messages = list[dict[str, Any]]
 NOT_ASKED = "not_asked:dry_run"

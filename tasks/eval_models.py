@@ -23,8 +23,9 @@ from typing import Any
 from distillflow.config import GenerationConfig, TeacherConfig
 from distillflow.records import stopped_answer
 from distillflow.storage.ledger import Ledger
-from distillflow.tasks.teacher import answer_requests, build_messages
-from distillflow.tasks.teachers import make_teacher
+from distillflow.tasks.teacher.choose import make_teacher
+from distillflow.tasks.teacher.protocol import build_messages
+from distillflow.tasks.teacher.recording import answer_requests
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -110,7 +111,7 @@ class InProcessModel:
         chat_template_stop: list[str] | None = None,
         stop: list[str] | None = None,
     ) -> None:
-        from distillflow.tasks.teacher_local import LocalTeacher
+        from distillflow.tasks.teacher.local import LocalTeacher
 
         self.path = Path(path)
         self.system_prompt = system_prompt

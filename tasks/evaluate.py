@@ -55,7 +55,7 @@ from distillflow.tasks.eval_report import (
     table_cells,
     write_report_files,
 )
-from distillflow.tasks.teacher import TeacherFatalError
+from distillflow.tasks.teacher.errors import TeacherFatalError
 
 CLEAN = "clean"
 HELDOUT = "heldout"
@@ -540,8 +540,9 @@ def combine_verdicts(model_first: str, reference_first: str) -> str:
 
 def judge_models(run: EvalRun, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Pairwise verdicts of each model against the reference model, both orders, ledger-cached."""
-    from distillflow.tasks.teacher import answer_requests, build_messages
-    from distillflow.tasks.teachers import make_teacher
+    from distillflow.tasks.teacher.choose import make_teacher
+    from distillflow.tasks.teacher.protocol import build_messages
+    from distillflow.tasks.teacher.recording import answer_requests
 
     judge = run.config.judge
     reference_name = run.config.judge_reference

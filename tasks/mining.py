@@ -32,9 +32,7 @@ from distillflow.config import ConfigError, DistillConfig, mining_dirs
 from distillflow.records import PromptRecord, Reject
 from distillflow.storage.ledger import Ledger
 from distillflow.tasks.mining_config import MiningConfig
-from distillflow.tasks.teacher import (
-    answer_requests,
-)
+from distillflow.tasks.teacher.recording import answer_requests
 
 MINED_SHARD = "part-mined-00000.parquet"
 CANDIDATES_FILE = "candidates.parquet"

@@ -432,13 +432,10 @@ def answer_shard(
     prompts; then the response filters and its files. The API key is read here, from this
     process's environment, so it never travels as a parameter."""
     from distillflow.storage.ledger import Ledger
-    from distillflow.tasks.teacher import (
-        FailureBudget,
-        answer_requests,
-        build_messages,
-        resolve_api_key,
-    )
-    from distillflow.tasks.teachers import make_teacher
+    from distillflow.tasks.teacher.budget import FailureBudget
+    from distillflow.tasks.teacher.choose import make_teacher
+    from distillflow.tasks.teacher.protocol import build_messages, resolve_api_key
+    from distillflow.tasks.teacher.recording import answer_requests
 
     teacher_config = config.teacher
     staging = Path(config.output_dir) / BUILDING

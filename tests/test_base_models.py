@@ -82,7 +82,7 @@ def one_error_paragraph(stderr: str) -> str:
 
 @pytest.mark.parametrize("command", ["build", "run"])
 def test_a_base_model_teacher_fails_in_the_preflight_without_a_teacher_call(base_model, tmp_path, monkeypatch, command):
-    from distillflow.tasks import teacher_local
+    from distillflow.tasks.teacher import local as teacher_local
     loaded = []
     monkeypatch.setattr(teacher_local.LocalTeacher, "__init__", lambda *args: loaded.append(args))
     config = build_config(tmp_path, base_model)

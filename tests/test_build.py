@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import distillflow.tasks.teacher as teacher_module
+import distillflow.tasks.teacher.openai_client as teacher_module
 from distillflow.config import ConfigError, load_config
 from distillflow.records import content_id
 from distillflow.storage.manifest import read_manifest

@@ -15,13 +15,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-import distillflow.tasks.teacher as teacher_module
+import distillflow.tasks.teacher.openai_client as teacher_module
 from distillflow.config import ConfigError, PricingConfig, TeacherConfig, parse_config
-from distillflow.storage.ledger import Ledger
+from distillflow.storage.ledger import Ledger, request_key
 from distillflow.storage.manifest import read_manifest
 from distillflow.storage.parquet import read_table
-from distillflow.tasks.teacher import OpenAITeacher, answer_requests, build_messages, parse_duration_s
-from distillflow.tasks.teachers import make_teacher as teacher_for
+from distillflow.tasks.teacher import (
+    OpenAITeacher,
+    answer_requests,
+    build_messages,
+    parse_duration_s,
+    teacher_params_for_key,
+)
+from distillflow.tasks.teacher.choose import make_teacher as teacher_for
 from tests.openai_server import FaultyOpenAIServer, ServerThread, expected_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,7 +280,7 @@ from pathlib import Path
 from distillflow.config import TeacherConfig
 from distillflow.storage.ledger import Ledger
 from distillflow.tasks.teacher import answer_requests, build_messages
-from distillflow.tasks.teachers import make_teacher
+from distillflow.tasks.teacher.choose import make_teacher
 
 base_url, ledger_path, prompts = sys.argv[1], sys.argv[2], sys.argv[3:]
 config = TeacherConfig(base_url=base_url, model="test-teacher", api_key_env="DISTILL_TEST_KEY", mode="batch",
@@ -340,7 +346,7 @@ def test_an_upload_whose_batch_id_was_not_recorded_is_found_again(port, tmp_path
                                mode="batch", batch={"poll_interval_s": 0.05})
         teacher = teacher_for(config)
         messages = [build_messages(p, None) for p in prompts]
-        keys = [teacher_module.request_key(m, "test-teacher", teacher_module.teacher_params_for_key(config))
+        keys = [request_key(m, "test-teacher", teacher_params_for_key(config))
                 for m in messages]
         lines = b"".join(
             json.dumps({"custom_id": k, "method": "POST", "url": "/v1/chat/completions",

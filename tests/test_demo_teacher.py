@@ -91,7 +91,7 @@ def test_shipped_teacher_is_current_and_used_without_training(tmp_path):
 
 def test_shipped_teacher_answers_heldout_questions():
     from distillflow.config import TeacherConfig
-    from distillflow.tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher.local import LocalTeacher
 
     questions = distinct(60, seed=11, split="eval")
     config = TeacherConfig(

@@ -1,6 +1,8 @@
 """Imports go one way: entry points → flows → tasks → prompts, training → storage → core
 types and config. Nothing imports a layer above it, and no modules import each other in
-a cycle (lazy imports inside functions count: they are cycles all the same)."""
+a cycle (lazy imports inside functions count: they are cycles all the same). Inside tasks/,
+the teacher package (tasks/teacher/) sits below the other steps: of tasks/ it imports only
+the process plumbing of tasks/child.py."""
 
 from __future__ import annotations
 
@@ -28,6 +30,11 @@ CORE = {
 LEVELS = {"storage": 1, "prompts": 2, "training": 2, "tasks": 3, "flows": 4}
 ENTRY = 5  # distillflow.cli and the other modules of distillflow/ itself
 LAYER_NAMES = {0: "core/config", 1: "storage", 2: "prompts/training", 3: "tasks", 4: "flows", 5: "entry points"}
+# tasks/teacher/: the teacher transports and the ledger in front of them. Of tasks/, its
+# modules import each other and tasks/child.py (how a client process starts) only; the other
+# steps of tasks/ import it, never the reverse.
+TEACHER = "distillflow.tasks.teacher"
+TEACHER_MAY_IMPORT = {"distillflow.tasks.child"}
 
 
 def module_files() -> dict[str, Path]:
@@ -141,6 +148,36 @@ def test_no_import_reaches_up_a_layer(edges):
     assert upward == []
 
 
+def in_teacher_package(module: str) -> bool:
+    return module == TEACHER or module.startswith(f"{TEACHER}.")
+
+
+def test_the_teacher_package_imports_no_other_step(edges):
+    wrong = [
+        f"{source} imports {target}"
+        for source, targets in sorted(edges.items()) if in_teacher_package(source)
+        for target in sorted(targets)
+        if package_of(target) == "tasks" and level(target) > 0
+        and not in_teacher_package(target) and target not in TEACHER_MAY_IMPORT
+    ]
+    assert wrong == []
+
+
+def test_only_the_recording_writes_answers_to_the_ledger():
+    """A teacher transport only returns answers: in tasks/teacher/, `put`/`put_many` on a
+    ledger are called by recording.py alone (the batch transport keeps only its own batch
+    bookkeeping there)."""
+    writes = []
+    for path in sorted((ROOT / "tasks" / "teacher").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("put", "put_many") and "ledger" in ast.unparse(node.func.value)
+            ):
+                writes.append(f"{path.name}:{node.lineno}")
+    assert writes and all(place.startswith("recording.py:") for place in writes), writes
+
+
 def test_the_walk_sees_lazy_imports_and_cycles():
     """The checker itself: a lazy import inside a function is an edge, and a cycle is found."""
     modules = module_files()
@@ -178,7 +215,7 @@ def test_building_with_an_http_teacher_does_not_import_torch():
         "import sys\n"
         "import distillflow.cli, distillflow.flows.build\n"
         "from distillflow.config import TeacherConfig\n"
-        "from distillflow.tasks.teachers import make_teacher\n"
+        "from distillflow.tasks.teacher.choose import make_teacher\n"
         "make_teacher(TeacherConfig(base_url='http://127.0.0.1:9/v1', model='m', api_key_env=None), api_key='k')\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )

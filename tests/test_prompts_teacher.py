@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-import distillflow.tasks.teacher as teacher_module
+import distillflow.tasks.teacher.openai_client as teacher_module
 from distillflow.config import TeacherConfig
 from distillflow.records import PromptRecord, TeacherAnswer
 from distillflow.prompts import generate_prompts

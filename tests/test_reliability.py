@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-import distillflow.tasks.teacher as teacher_module
+import distillflow.tasks.teacher.openai_client as teacher_module
 from distillflow.cli import app
 from distillflow.config import TeacherConfig
 from distillflow.records import PromptRecord
@@ -31,7 +31,7 @@ from distillflow.tasks.teacher import (
     TeacherFailureRateError,
     build_messages,
 )
-from distillflow.tasks.teachers import make_teacher as teacher_for
+from distillflow.tasks.teacher.choose import make_teacher as teacher_for
 from tests.conftest import free_port
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 from tests.test_build import API_KEY, write_config, write_seeds

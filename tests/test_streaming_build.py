@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import distillflow.tasks.teacher as teacher_module
+import distillflow.tasks.teacher.openai_client as teacher_module
 from distillflow.records import PromptRecord, content_id
 from distillflow.storage.manifest import read_manifest
 from distillflow.storage.parquet import list_shards, read_table

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-import distillflow.tasks.teacher as teacher_module
+import distillflow.tasks.teacher.openai_client as teacher_module
 from distillflow.config import TeacherConfig
 from distillflow.storage.ledger import Ledger
-from distillflow.tasks.teacher import Teacher, TeacherFatalError, answer_requests, build_messages
-from distillflow.tasks.teachers import make_teacher as teacher_for
+from distillflow.tasks.teacher import Teacher, TeacherFatalError, answer_and_record, answer_requests, build_messages
+from distillflow.tasks.teacher.choose import make_teacher as teacher_for
 from tests.openai_server import FaultyOpenAIServer, ServerThread, expected_answer
 
 
@@ -197,7 +197,7 @@ def test_client_processes_do_not_rerun_the_callers_script(tmp_path):
         f"import sys; sys.path.insert(0, {str(root)!r})\n"
         "from distillflow.config import TeacherConfig\n"
         "from distillflow.tasks.teacher import build_messages\n"
-        "from distillflow.tasks.teachers import make_teacher\n"
+        "from distillflow.tasks.teacher.choose import make_teacher\n"
         "from tests.openai_server import FaultyOpenAIServer, ServerThread\n"
         "import socket\n"
         "print('script ran', flush=True)\n"
@@ -308,7 +308,7 @@ def test_on_recorded_runs_after_the_answer_is_in_the_ledger(server, tmp_path):
             if keys[index] not in ledger.get_many([keys[index]]):
                 missing.append(index)
 
-        teacher.answer_and_record(messages, keys, ledger, on_recorded)
+        answer_and_record(teacher, messages, keys, ledger, on_recorded)
         teacher.close()
         assert len(ledger) == 64
     assert missing == []
@@ -337,7 +337,7 @@ def test_a_failed_ledger_commit_stops_the_run_with_its_error(server, tmp_path):
         teacher = make_teacher(server, max_concurrency=16)
         started = time.monotonic()
         with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
-            teacher.answer_and_record(messages, keys, ledger, lambda index, answer, created_at: recorded.append(index))
+            answer_and_record(teacher, messages, keys, ledger, lambda index, answer, created_at: recorded.append(index))
         assert time.monotonic() - started < 10
         teacher.close()
         stored = ledger.get_many(keys)

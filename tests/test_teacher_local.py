@@ -10,7 +10,7 @@ import torch
 
 from distillflow.config import TeacherConfig
 from distillflow.training.scratch import build_tiny_llama
-from distillflow.tasks.teacher_local import LocalTeacher
+from distillflow.tasks.teacher.local import LocalTeacher
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],

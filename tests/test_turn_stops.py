@@ -78,7 +78,7 @@ def base_model(tmp_path_factory) -> Path:
 
 
 def local_teacher(model_dir: Path, **teacher):
-    from distillflow.tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher.local import LocalTeacher
 
     generation = GenerationConfig(temperature=0.0, max_tokens=96, top_logprobs=2)
     config = TeacherConfig(

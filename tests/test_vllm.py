@@ -44,7 +44,7 @@ def test_chat_completions_with_top_logprobs_match_transformers(server, teacher_d
     import openai
 
     from distillflow.config import TeacherConfig
-    from distillflow.tasks.teacher_local import LocalTeacher
+    from distillflow.tasks.teacher.local import LocalTeacher
 
     client = openai.OpenAI(base_url=server.base_url, api_key="unused")
     local = LocalTeacher(

@@ -8,10 +8,10 @@ event loop, `AsyncOpenAI` client and connection pool, its share of `max_concurre
 one client process this way too, so that the request loop does not share an interpreter
 lock with Prefect's task threads and the flow's bookkeeping.
 
-Each client process is a fresh interpreter on this module (tasks/child.py: never a re-run
+Each client process is a fresh interpreter on client_process.py (tasks/child.py: never a re-run
 of the caller's script, never a fork of a threaded process), and receives its settings and
 the API key over its pipe, never on its command line. It records every answer in the run's
-ledger (SQLite WAL takes writers from several processes) in one transaction per turn of
+ledger with a `Recording` of its own (SQLite WAL takes writers from several processes) in one transaction per turn of
 its event loop, then sends that turn's answers to the parent in one message, so "nothing
 lost, nothing paid twice" is the same as with one process: a SIGKILL of the parent loses at
 most the requests in flight (the workers see their pipe close, cancel them and exit). Each
@@ -21,33 +21,24 @@ worker that dies fails the batches waiting on it; their answers so far are in th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import gc
 import itertools
 import queue
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from distillflow.config import TeacherConfig
-from distillflow.failures import DiskWriteError
-from distillflow.records import TeacherAnswer
-from distillflow.storage.ledger import Ledger
-from distillflow.tasks.child import child_connections, start_child
-from distillflow.tasks.teacher import (
-    BUDGET_REASON,
-    OpenAITeacher,
-    SpendingBudget,
-    TeacherFatalError,
-    TeacherStats,
-    request_loop_gc,
-)
+from distillflow.records import BUDGET_REASON, TeacherAnswer
+from distillflow.tasks.child import start_child
+from distillflow.tasks.teacher.budget import SpendingBudget
+from distillflow.tasks.teacher.errors import TeacherFatalError
+from distillflow.tasks.teacher.protocol import Messages, TeacherStats
+from distillflow.tasks.teacher.recording import Recording
 
-Messages = list[dict[str, Any]]
+CLIENT_PROCESS = "distillflow.tasks.teacher.client_process"  # the module each client process runs
 
 
 def share_of(config: TeacherConfig, share: int, processes: int) -> TeacherConfig:
@@ -62,115 +53,6 @@ def share_of(config: TeacherConfig, share: int, processes: int) -> TeacherConfig
             "client_processes": 1,
         }
     )
-
-
-# -- worker process -----------------------------------------------------------------------------
-
-
-def main() -> None:
-    """`python -m distillflow.tasks.teacher_pool` (tasks/child.py): a ("start", config JSON,
-    API key, share) message, then jobs until told to stop or until the parent goes away.
-    `share`: this process's part of the run's budget and of the remaining requests/tokens
-    the API's rate-limit headers report. The key comes over the pipe, never on a command line."""
-    receive, reply = child_connections()
-    try:
-        _, config_json, api_key, share = receive.recv()
-    except (EOFError, OSError):
-        return
-    teacher = OpenAITeacher(TeacherConfig.model_validate_json(config_json), api_key=api_key, share=share)
-    asyncio.run(_serve(receive, reply, teacher))
-
-
-async def _serve(receive: Any, reply: Any, teacher: OpenAITeacher) -> None:
-    teacher.shared_parts()  # the client, before the first job (the parent is still busy then)
-    # What exists now (imports, the client) lives as long as this process: the collector
-    # stops walking it (tasks/teacher.py `request_loop_gc`); today's garbage goes first.
-    gc.collect()
-    with request_loop_gc():
-        await _answer_jobs(receive, reply, teacher)
-
-
-async def _answer_jobs(receive: Any, reply: Any, teacher: OpenAITeacher) -> None:
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[tuple] = asyncio.Queue()
-
-    def read() -> None:
-        while True:
-            try:
-                message = receive.recv()
-            except (EOFError, OSError):  # the parent is gone
-                message = ("stop",)
-            loop.call_soon_threadsafe(inbox.put_nowait, message)
-            if message[0] == "stop":
-                return
-
-    threading.Thread(target=read, name="teacher-client-inbox", daemon=True).start()
-
-    def send(message: tuple) -> None:
-        try:
-            reply.send(message)
-        except (BrokenPipeError, EOFError, OSError):
-            pass  # the parent is gone; the reader thread stops the loop
-
-    ledgers: dict[str, Ledger] = {}
-
-    async def run_job(
-        job_id: int, indices: list[int], messages_list: list[Messages], ledger_path: str | None, keys: list[str] | None
-    ) -> None:
-        # Answers go to the parent in one message per turn of the loop, each after the
-        # ledger commit that holds it (the worker's group commit, tasks/teacher.py).
-        outbox: list[tuple[int, TeacherAnswer, float]] = []
-
-        def flush() -> None:
-            if outbox:
-                send(("answers", job_id, outbox[:]))
-                outbox.clear()
-
-        def out(position: int, answer: TeacherAnswer, created_at: float) -> None:
-            if not outbox:
-                loop.call_soon(flush)
-            outbox.append((indices[position], answer, created_at))
-
-        try:
-            # One client, concurrency limit and rate limiter for all of this process's jobs.
-            if ledger_path is not None and keys is not None:
-                ledger = ledgers.get(ledger_path)
-                if ledger is None:  # (not `or`: an empty Ledger is falsy)
-                    ledger = ledgers[ledger_path] = Ledger(ledger_path)
-                await teacher.answer_and_record_async(messages_list, keys, ledger, out)
-            else:
-                await teacher.answer_shared(messages_list, lambda position, answer: out(position, answer, time.time()))
-        except (TeacherFatalError, DiskWriteError) as error:  # the run stops: every job fails with it
-            flush()
-            send(("fatal", job_id, error))
-        except Exception as error:  # noqa: BLE001 - reported to the parent, which fails the batch
-            flush()
-            send(("error", job_id, f"{type(error).__name__}: {error}"))
-        else:
-            flush()
-
-    jobs: set[asyncio.Task] = set()
-    try:
-        while True:
-            message = await inbox.get()
-            if message[0] == "job":
-                job = asyncio.create_task(run_job(*message[1:]))
-                jobs.add(job)
-                job.add_done_callback(jobs.discard)
-            elif message[0] == "stats":
-                send(("stats", teacher.stats.to_dict()))
-            else:  # stop
-                break
-    finally:
-        for job in jobs:
-            job.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
-        await teacher.aclose()
-        for ledger in ledgers.values():
-            ledger.close()
-
-
-# -- parent side --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -200,7 +82,7 @@ class ClientPool:
         self.broken: BaseException | None = None  # a worker died: every later batch fails at once
         self.stats_replies: queue.Queue[dict[str, Any]] = queue.Queue()
         for share in range(processes):
-            process, to_child, from_child = start_child(__name__)  # tasks/child.py
+            process, to_child, from_child = start_child(CLIENT_PROCESS)  # tasks/child.py
             self.processes.append(process)
             self.connections.append(to_child)
             self.replies.append(from_child)
@@ -413,18 +295,15 @@ class PooledTeacher:
 
         return self.pool().answer(messages_list, callback)
 
-    def answer_and_record(
-        self,
-        messages_list: Sequence[Messages],
-        keys: Sequence[str],
-        ledger: Ledger,
-        on_recorded: Callable[[int, TeacherAnswer, float], None],
-    ) -> None:
+    def answer(self, messages_list: Sequence[Messages], recording: Recording) -> None:
+        """Answers are recorded by the client processes (each with a `Recording` of the same
+        ledger and keys); here they are only passed on."""
+
         def noted(index: int, answer: TeacherAnswer, created_at: float) -> None:
             self._note(answer)
-            on_recorded(index, answer, created_at)
+            recording.already_recorded(index, answer, created_at)
 
-        self.pool().answer(messages_list, noted, ledger_path=str(ledger.path), keys=list(keys))
+        self.pool().answer(messages_list, noted, ledger_path=str(recording.ledger.path), keys=list(recording.keys))
 
     def abort(self, error: TeacherFatalError) -> None:
         with self._lock:
@@ -441,5 +320,3 @@ class PooledTeacher:
                 self.stats.add(worker_stats)
 
 
-if __name__ == "__main__":
-    main()

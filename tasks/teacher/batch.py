@@ -30,17 +30,13 @@ import openai
 
 from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
-from distillflow.storage.ledger import Ledger
-from distillflow.tasks.teacher import (
-    PERMANENT_ERROR_PREFIXES,
-    OpenAITeacher,
-    Reservation,
-    TeacherFatalError,
-    estimate_tokens,
-    record_answer,
-)
+from distillflow.records import PERMANENT_ERROR_PREFIXES
+from distillflow.tasks.teacher.budget import Reservation
+from distillflow.tasks.teacher.errors import TeacherFatalError
+from distillflow.tasks.teacher.openai_client import OpenAITeacher
+from distillflow.tasks.teacher.protocol import Messages, estimate_tokens
+from distillflow.tasks.teacher.recording import Recording
 
-Messages = list[dict[str, Any]]
 FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
 
 
@@ -48,16 +44,9 @@ class TeacherBatchTimeout(TeacherFatalError):
     """Batches still running after `teacher.batch.max_wait_s`."""
 
 
-def answer_by_batches(
-    teacher: BatchTeacher,
-    messages_list: Sequence[Messages],
-    keys: Sequence[str],
-    ledger: Ledger,
-    on_recorded: Callable[[int, TeacherAnswer, float], None],
-) -> None:
-    """Answer every request through batches; each recordable answer goes into the ledger
-    under its key as it is read, then `on_recorded(index, answer, created_at)`."""
-    run = BatchRun(teacher, messages_list, keys, ledger, on_recorded)
+def answer_by_batches(teacher: BatchTeacher, messages_list: Sequence[Messages], recording: Recording) -> None:
+    """Answer every request through batches; each answer goes to `recording` as it is read."""
+    run = BatchRun(teacher, messages_list, recording)
     try:
         run.answer()
     finally:
@@ -65,7 +54,7 @@ def answer_by_batches(
 
 
 class BatchTeacher:
-    """The `Teacher` of `teacher.mode: batch`: every `answer_and_record` call is one batch
+    """The `Teacher` of `teacher.mode: batch`: every `answer` call is one batch
     run (see the module docstring); prices, parsing, budget and counts are those of the
     online client it wraps."""
 
@@ -95,14 +84,8 @@ class BatchTeacher:
     def fatal_message(self, error: openai.APIStatusError) -> str:
         return self.online.fatal_message(error)
 
-    def answer_and_record(
-        self,
-        messages_list: Sequence[Messages],
-        keys: Sequence[str],
-        ledger: Ledger,
-        on_recorded: Callable[[int, TeacherAnswer, float], None],
-    ) -> None:
-        answer_by_batches(self, messages_list, keys, ledger, on_recorded)
+    def answer(self, messages_list: Sequence[Messages], recording: Recording) -> None:
+        answer_by_batches(self, messages_list, recording)
 
     def abort(self, error: TeacherFatalError) -> None:
         self.online.abort(error)
@@ -112,25 +95,18 @@ class BatchTeacher:
 
 
 class BatchRun:
-    def __init__(
-        self,
-        teacher: Any,
-        messages_list: Sequence[Messages],
-        keys: Sequence[str],
-        ledger: Ledger,
-        on_recorded: Callable[[int, TeacherAnswer, float], None],
-    ) -> None:
+    def __init__(self, teacher: Any, messages_list: Sequence[Messages], recording: Recording) -> None:
         self.teacher = teacher
         self.config = teacher.config
         self.settings = teacher.config.batch
-        self.messages = dict(zip(keys, messages_list))
-        self.index_of = {key: index for index, key in enumerate(keys)}
-        self.ledger = ledger
-        self.on_recorded = on_recorded
+        self.messages = dict(zip(recording.keys, messages_list))
+        self.index_of = {key: index for index, key in enumerate(recording.keys)}
+        self.recording = recording
+        self.ledger = recording.ledger  # the batches' own bookkeeping: uploads, batch ids
         self.delivered: set[str] = set()
         self.reservations: dict[str, Reservation | None] = {}
         self.params = teacher.request_params()
-        self.workdir = ledger.path.parent / "batches"
+        self.workdir = self.ledger.path.parent / "batches"
         # Only idempotent calls are retried by the SDK; batches.create is retried by us,
         # after checking that the failed call did not create the batch after all.
         self.client = openai.OpenAI(
@@ -360,12 +336,13 @@ class BatchRun:
             self.teacher.budget.settle(reservation, *used)
 
     def _deliver(self, key: str, answer: TeacherAnswer) -> None:
-        """Record `answer` (answers of another run's requests too: they are paid) and hand
-        those of this call on, once each."""
-        created_at = record_answer(self.ledger, key, answer)
+        """Hand an answer of this call to the recording, once each; record the others too
+        (answers of another run's requests: they are paid)."""
         if key in self.index_of and key not in self.delivered:
             self.delivered.add(key)
-            self.on_recorded(self.index_of[key], answer, created_at)
+            self.recording.answered(self.index_of[key], answer)
+        else:
+            self.recording.record(key, answer)
 
     def _call(self, function: Callable[[], Any]) -> Any:
         try:

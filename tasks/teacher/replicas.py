@@ -19,23 +19,14 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from distillflow.config import TeacherConfig
-from distillflow.records import TeacherAnswer
-from distillflow.storage.ledger import Ledger
-from distillflow.tasks.teacher import (
-    OpenAITeacher,
-    SpendingBudget,
-    Teacher,
-    TeacherAborted,
-    TeacherFatalError,
-    TeacherStats,
-    TeacherUnreachableError,
-    is_failure,
-)
-
-Messages = list[dict[str, Any]]
+from distillflow.records import TeacherAnswer, is_failure
+from distillflow.tasks.teacher.budget import SpendingBudget
+from distillflow.tasks.teacher.errors import TeacherAborted, TeacherFatalError, TeacherUnreachableError
+from distillflow.tasks.teacher.openai_client import OpenAITeacher
+from distillflow.tasks.teacher.protocol import Messages, Teacher, TeacherStats
+from distillflow.tasks.teacher.recording import Recording
 
 DEAD_AFTER_FAILURES = 5  # prompts in a row that failed on a replica after its retries
 
@@ -94,15 +85,10 @@ class ReplicaTeacher:
         )
         self.replicas[replica].abort(ReplicaDead(f"replica {self.urls[replica]} taken out of rotation: {why}"))
 
-    def answer_and_record(
-        self,
-        messages_list: Sequence[Messages],
-        keys: Sequence[str],
-        ledger: Ledger,
-        on_recorded: Callable[[int, TeacherAnswer, float], None],
-    ) -> None:
-        """Answer every request on the replicas in rotation; `on_recorded(index, answer,
-        created_at)` once per request, after its answer is in the ledger."""
+    def answer(self, messages_list: Sequence[Messages], recording: Recording) -> None:
+        """Answer every request on the replicas in rotation; each request's answer goes to
+        `recording` once, after it is in the ledger (a failure only once no other replica
+        is left to ask)."""
         pending = list(range(len(messages_list)))
         tries = [0] * len(messages_list)
         while pending:
@@ -136,11 +122,12 @@ class ReplicaTeacher:
                     else:
                         with self.lock:
                             self._failures_in_a_row[replica] = 0
-                    on_recorded(index, answer, created_at)
+                    recording.already_recorded(index, answer, created_at)
 
                 try:
-                    self.replicas[replica].answer_and_record(
-                        [messages_list[i] for i in part], [keys[i] for i in part], ledger, recorded
+                    self.replicas[replica].answer(
+                        [messages_list[i] for i in part],
+                        recording.part(part, recorded, on_failure=self.replicas[replica].abort),
                     )
                 except TeacherUnreachableError as error:  # first contact failed: this replica is down
                     self._take_out(replica, str(error).split(". Likely fix")[0])

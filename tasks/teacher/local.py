@@ -38,8 +38,9 @@ import torch
 
 from distillflow.config import TeacherConfig
 from distillflow.records import TeacherAnswer
-from distillflow.storage.ledger import Ledger
-from distillflow.tasks.teacher import Messages, TeacherFatalError, TeacherStats, record_answer
+from distillflow.tasks.teacher.errors import TeacherFatalError
+from distillflow.tasks.teacher.protocol import Messages, TeacherStats
+from distillflow.tasks.teacher.recording import Recording
 from distillflow.training.chat_template import chat_template_text, cut_at_stop, template_stops
 
 
@@ -355,13 +356,7 @@ class LocalTeacherClient:
     def model(self) -> str:
         return self.config.model
 
-    def answer_and_record(
-        self,
-        messages_list: Sequence[Messages],
-        keys: Sequence[str],
-        ledger: Ledger,
-        on_recorded: Callable[[int, TeacherAnswer, float], None],
-    ) -> None:
+    def answer(self, messages_list: Sequence[Messages], recording: Recording) -> None:
         size = self.config.local_batch_size
         for start in range(0, len(messages_list), size):
             answers = get_local_teacher(self.config).answer_batch(list(messages_list[start : start + size]))
@@ -370,7 +365,7 @@ class LocalTeacherClient:
                 self.stats.answered += 1
                 self.stats.prompt_tokens += answer.prompt_tokens
                 self.stats.completion_tokens += answer.completion_tokens
-                on_recorded(start + offset, answer, record_answer(ledger, keys[start + offset], answer))
+                recording.answered(start + offset, answer)
 
     def abort(self, error: TeacherFatalError) -> None:
         """Nothing to cancel: the model answers in the calling thread, which the signal interrupts."""

@@ -1,4 +1,4 @@
-"""`make_teacher`: the `Teacher` (tasks/teacher.py) a config asks for.
+"""`make_teacher`: the `Teacher` transport (protocol.py) a config asks for.
 
 - `backend: local` → `LocalTeacherClient` (a model directory, in this process);
 - `mode: batch` → `BatchTeacher` (the OpenAI Batch API);
@@ -8,16 +8,18 @@
 - otherwise → `OpenAITeacher` (requests from the caller's process).
 
 Every caller (the build, its shard workers, mining, evaluation's `teacher: true` model and
-the judge) gets its teacher here and uses it only through the protocol.
+the judge) gets its teacher here and uses it only through the protocol, inside `answer_requests`
+(recording.py).
 """
 
 from __future__ import annotations
 
 from distillflow.config import TeacherConfig
-from distillflow.tasks.teacher import OpenAITeacher, Teacher, resolve_api_key
-from distillflow.tasks.teacher_batch import BatchTeacher
-from distillflow.tasks.teacher_pool import PooledTeacher
-from distillflow.tasks.teacher_replicas import ReplicaTeacher
+from distillflow.tasks.teacher.batch import BatchTeacher
+from distillflow.tasks.teacher.openai_client import OpenAITeacher
+from distillflow.tasks.teacher.pool import PooledTeacher
+from distillflow.tasks.teacher.protocol import Teacher, resolve_api_key
+from distillflow.tasks.teacher.replicas import ReplicaTeacher
 
 
 def make_teacher(config: TeacherConfig, api_key: str | None = None, own_process: bool = False) -> Teacher:
@@ -30,7 +32,7 @@ def make_teacher(config: TeacherConfig, api_key: str | None = None, own_process:
     with many requests to come asks for it."""
     if config.backend == "local":
         # Imported here: torch and transformers cost an HTTP teacher's build ~1.5 s of start-up.
-        from distillflow.tasks.teacher_local import LocalTeacherClient
+        from distillflow.tasks.teacher.local import LocalTeacherClient
 
         return LocalTeacherClient(config)
     key = api_key if api_key is not None else resolve_api_key(config.api_key_env)
