@@ -17,8 +17,9 @@
 4. Each answers prompts/seeds/skills_eval.jsonl greedily: clean accuracy (the eval set's
    checks), mean and 95 % CI over seeds (Student's t), and the paired difference
    kd_greybox − sft seed by seed with its CI; aligned-position coverage; ms per optimizer
-   step against sft's (from metrics.jsonl: the alignment runs before the first step and is
-   reported apart).
+   step of the runs (metrics.jsonl; exposed to the machine's load) and, the figure to
+   compare, the median of alternating micro-steps of both objectives on one batch in one
+   process; the alignment runs once before the first step and is timed apart.
 
 Writes `greybox_kd.json` and `greybox_kd.md` in the work dir and prints the table.
 """
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -75,7 +77,7 @@ def write_teacher_dataset(teacher: Path, rows: list[dict], out: Path, k: int, ma
         new_tokens = output.sequences[:, batch["input_ids"].shape[1] :]
         for row, prompt in enumerate(prompts):
             ids = new_tokens[row].tolist()
-            ids = ids[: ids.index(end_id)] if end_id in ids else ids
+            ids = ids[: ids.index(end_id) + 1] if end_id in ids else ids  # the eos entry too, as a local teacher stores it
             answer = tokenizer.decode(ids, skip_special_tokens=True)
             if not answer.strip():
                 continue
@@ -146,6 +148,46 @@ def train_student(workdir: Path, dataset: Path, init: Path, objective: str, seed
     return run
 
 
+def step_cost(workdir: Path, dataset: Path, init: Path, repeats: int) -> dict:
+    """Median ms of one micro-step (forward + backward + AdamW) of each objective on the same
+    batch of the demo's shape, alternating the objectives; and the alignment's one-off seconds."""
+    from distillflow.training.config import TrainingConfig
+    from distillflow.training.data import collate, pack_examples, tokenize_dataset
+    from distillflow.training.greybox import attach_greybox
+    from distillflow.training.model import DistillationModel, load_causal_lm, load_tokenizer
+
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))["training"]
+    tokenizer = load_tokenizer(init)
+    examples = tokenize_dataset(dataset, tokenizer, None, demo["max_length"], workdir / "cost-cache")
+    started = time.perf_counter()
+    attach_greybox(examples, dataset, tokenizer)
+    align_s = time.perf_counter() - started
+    batch = collate(pack_examples(examples, demo["max_length"])[: demo["micro_batch_size"]], tokenizer.pad_token_id)
+    models, optimizers, times = {}, {}, {objective: [] for objective in OBJECTIVES}
+    for objective in OBJECTIVES:
+        config = TrainingConfig(
+            dataset_dir=dataset, output_dir=workdir / "cost", student=init, objective=objective,
+            temperature=demo["temperature"], alpha=demo["alpha"], max_length=demo["max_length"],
+        )  # fmt: skip
+        torch.manual_seed(0)
+        models[objective] = DistillationModel(load_causal_lm(init), config, len(tokenizer))
+        optimizers[objective] = torch.optim.AdamW(models[objective].parameters(), lr=demo["learning_rate"])
+    for repeat in range(repeats + 2):  # the first two are warm-up
+        for objective in OBJECTIVES:
+            started = time.perf_counter()
+            sums = models[objective](batch)
+            (sums[0] / batch.num_supervised).backward()
+            optimizers[objective].step()
+            optimizers[objective].zero_grad()
+            if repeat >= 2:
+                times[objective].append(1000 * (time.perf_counter() - started))
+    median = {objective: statistics.median(values) for objective, values in times.items()}
+    return {
+        "micro_step_ms": median, "ratio": median["kd_greybox"] / median["sft"], "repeats": repeats,
+        "align_s": align_s, "examples": len(examples), "batch_tokens": int(batch.input_ids.numel()),
+    }  # fmt: skip
+
+
 def ms_per_step(run: Path) -> float:
     """Mean optimizer-step time after the first (warm-up) step, from metrics.jsonl."""
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
@@ -173,6 +215,14 @@ def table(report: dict) -> str:
             f"{entry['ms_per_step']:.0f} ({entry['ms_per_step'] / report['objectives']['sft']['ms_per_step']:.2f}×) |"
         )
     lines.append(f"| teacher | {100 * report['teacher']['accuracy']:.1f} | – | – | – |")
+    cost = report["cost"]
+    lines.append("")
+    lines.append(
+        f"Cost on one batch of the demo's shape ({cost['batch_tokens']} tokens), median of {cost['repeats']} "
+        f"alternating micro-steps: sft {cost['micro_step_ms']['sft']:.0f} ms, kd_greybox "
+        f"{cost['micro_step_ms']['kd_greybox']:.0f} ms (**{cost['ratio']:.2f}×**); the alignment of the "
+        f"{cost['examples']} examples, once before the first step: {cost['align_s']:.1f} s."
+    )
     return "\n".join(lines)
 
 
@@ -186,6 +236,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--cost-repeats", type=int, default=30, help="timed micro-steps per objective (alternating)")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -216,6 +267,7 @@ def main() -> None:
         entry["clean"] = mean_ci([s["accuracy"] for s in entry["seeds"]])
         entry["ms_per_step"] = sum(s["ms_per_step"] for s in entry["seeds"]) / len(entry["seeds"])
         report["objectives"][objective] = entry
+    report["cost"] = step_cost(workdir, dataset, student_init(workdir, dataset, args.student_vocab, args.seeds[0]), args.cost_repeats)
     deltas = [per_seed["kd_greybox"][seed] - per_seed["sft"][seed] for seed in args.seeds]
     report["objectives"]["kd_greybox"]["paired_delta"] = mean_ci(deltas)
     report["seconds"] = round(time.perf_counter() - started)

@@ -331,17 +331,43 @@ def align_answer(
     `answer` (tokens past the answer, e.g. an end-of-turn token, have spans outside it or
     empty); first_piece: the student's first token of a text (bytes) and whether that text is
     one student token, None when no student token can name it.
+
+    The end of the answer: when the teacher reported one more token right after its answer
+    (an in-process teacher reports its eos), that position's distribution is the teacher's
+    choice between stopping and going on. The student's first token after the answer (its
+    end-of-turn token) gets it: the stop's mass on that token, the alternatives on their first
+    pieces (kind merged).
     """
     spans = teacher_spans(tokens, answer)
     located = [(span[0], index) for index, span in enumerate(spans) if span is not None]
     starts = [start for start, _ in located]
+    after = _token_after_answer(spans, len(answer))
     coverage = Coverage()
     targets = []
     for student_id, (start, end) in zip(student_ids, student_spans):
-        target = _position_target(tokens, spans, located, starts, answer, student_id, start, end, first_piece, coverage)
+        if after is not None and start == len(answer) and end > start:
+            target = _end_target(tokens[after], student_id, first_piece, coverage)
+            after = None  # only the first token after the answer
+        else:
+            target = _position_target(tokens, spans, located, starts, answer, student_id, start, end, first_piece, coverage)
         coverage.positions[target.kind] += 1
         targets.append(target)
     return targets, coverage
+
+
+def _token_after_answer(spans, answer_length: int) -> int | None:
+    """The teacher token right after the one that ends the answer, when it has no span (past the answer)."""
+    last = max((index for index, span in enumerate(spans) if span is not None), default=None)
+    if last is None or spans[last][1] != answer_length or last + 1 >= len(spans) or spans[last + 1] is not None:
+        return None
+    return last + 1
+
+
+def _end_target(token: TeacherToken, student_id: int, first_piece, coverage) -> PositionTarget:
+    if not token.has_distribution or token.text is None:
+        return PositionTarget(NONE)
+    masses, _ = _candidate_masses(token, b"", student_id, 1.0, first_piece, coverage)
+    return _sparse_target(masses, 1.0, MERGED) if masses else PositionTarget(NONE)
 
 
 def _position_target(tokens, spans, located, starts, answer, student_id, start, end, first_piece, coverage) -> PositionTarget:
@@ -360,6 +386,17 @@ def _position_target(tokens, spans, located, starts, answer, student_id, start, 
     if opaque:
         return _uld_target(token)
     prefix = answer[u:start]
+    masses, consistent = _candidate_masses(token, prefix, student_id, _chain(tokens, spans, j, end), first_piece, coverage)
+    if not masses or sum(masses.values()) <= 0.0:
+        return _uld_target(token)
+    # Conditioned on the prefix; else as reported (a provider's rounding may sum past 1: renormalised).
+    norm = consistent if prefix else max(1.0, sum(masses.values()))
+    return _sparse_target(masses, norm, EXACT if start == u and end == v else MERGED)
+
+
+def _candidate_masses(token: TeacherToken, prefix: bytes, student_id: int, chain: float, first_piece, coverage):
+    """Student id → probability mass from the candidates of one teacher position that start
+    with `prefix`, and the total mass of those candidates (see the module docstring)."""
     candidates = list(token.alternatives)
     if token.logprob is not None and not any(text == token.text for text, _ in candidates):
         candidates.append((token.text, token.logprob))
@@ -374,8 +411,7 @@ def _position_target(tokens, spans, located, starts, answer, student_id, start, 
             continue  # the student has already emitted text this candidate does not start with
         consistent += p
         if text == token.text:  # the actual token: x* with the chain of the tokens x* also covers
-            mass = p * _chain(tokens, spans, j, end)
-            masses[student_id] = masses.get(student_id, 0.0) + mass
+            masses[student_id] = masses.get(student_id, 0.0) + p * chain
             direct += p
             continue
         rest = text[len(prefix):]
@@ -394,13 +430,12 @@ def _position_target(tokens, spans, located, starts, answer, student_id, start, 
     coverage.mass_direct += direct
     coverage.mass_first_piece += first
     coverage.mass_dropped += dropped
-    if not masses or sum(masses.values()) <= 0.0:
-        return _uld_target(token)
-    # Conditioned on the prefix; else as reported (a provider's rounding may sum past 1: renormalised).
-    norm = consistent if prefix else max(1.0, sum(masses.values()))
+    return masses, consistent
+
+
+def _sparse_target(masses: dict[int, float], norm: float, kind: int) -> PositionTarget:
     ids = sorted(masses, key=lambda i: -masses[i])
     logprobs = [math.log(min(1.0, masses[i] / norm)) if masses[i] > 0 else -math.inf for i in ids]
-    kind = EXACT if start == u and end == v else MERGED
     return PositionTarget(kind, ids, logprobs)
 
 
