@@ -178,13 +178,21 @@ def inspect(
     html: Optional[Path] = typer.Option(
         None, "--html", help="Write the view, with charts, duplicate clusters and samples, as one self-contained HTML page."
     ),
+    viewer: Optional[Path] = typer.Option(
+        None, "--viewer", help="Write the interactive dataset viewer (table, row view, teacher token probabilities, "
+        "map of the prompts) as one self-contained HTML file that works offline."
+    ),
+    viewer_rows: int = typer.Option(
+        20_000, "--viewer-rows", min=1, help="Most rows --viewer embeds (a fixed-seed sample beyond; the page says so)."
+    ),
     sql: Optional[str] = typer.Option(
         None, "--sql", help="Run a read-only DuckDB query over the tables data, rejects (and candidates) instead."
     ),
     output_format: str = typer.Option("table", "--format", help="Result format of --sql: table, csv or json (lines)."),
 ) -> None:
-    """Summary, counts per strategy / reject reason, length histograms, samples; or an HTML
-    report (--html), or SQL over the dataset's Parquet (--sql)."""
+    """Summary, counts per strategy / reject reason, diversity, duplicates next to what they
+    duplicate, length histograms, samples; or an HTML report (--html), an interactive viewer
+    (--viewer), or SQL over the dataset's Parquet (--sql)."""
     from distillflow.storage.manifest import MANIFEST_NAME, read_manifest
     from distillflow.storage.report import scrub_secrets
 
@@ -196,15 +204,56 @@ def inspect(
 
         typer.echo(scrub_secrets(format_result(run_query(directory, sql), output_format), manifest))
         return
-    if html is not None:
-        from distillflow.storage.report import write_report
+    if html is not None or viewer is not None:
+        if html is not None:
+            from distillflow.storage.report import write_report
 
-        path = write_report(directory, html, samples=samples, seed=seed)
-        typer.echo(f"report: {path}")
+            path = write_report(directory, html, samples=samples, seed=seed)
+            typer.echo(f"report: {path}")
+        if viewer is not None:
+            from distillflow.storage.viewer import write_viewer
+
+            tokenizer, tokenizer_error = _capture_tokenizer(manifest)
+            written = write_viewer(directory, viewer, max_rows=viewer_rows, seed=seed, tokenizer=tokenizer,
+                                   tokenizer_error=tokenizer_error)
+            typer.echo(written.summary())
         return
     from distillflow.storage.inspect import inspect_dataset
 
     typer.echo(scrub_secrets(inspect_dataset(directory, samples=samples, seed=seed), manifest))
+
+
+def _capture_tokenizer(manifest: dict | None):
+    """(AnswerTokenizer, None) for a dataset with captured top-k whose tokenizer loads, so the
+    viewer can show the answer's tokens; (None, why) when it does not load; (None, None)
+    when nothing was captured."""
+    capture = (manifest or {}).get("capture") or {}
+    if not capture.get("tokenizer"):
+        return None, None
+    from distillflow.storage.viewer import AnswerTokenizer
+    from distillflow.training.data import IGNORE_INDEX, encode_example
+    from distillflow.training.model import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(capture["tokenizer"])
+    except (OSError, ValueError) as error:
+        return None, f"{capture['tokenizer']}: {str(error).splitlines()[0]}"
+
+    def supervised_ids(prompt: str, response: str) -> list[int]:
+        example = encode_example(tokenizer, prompt, response, system_prompt=capture.get("system_prompt"),
+                                 max_length=capture.get("max_length", 2048), chat_template=capture.get("chat_template"))
+        # The tokens the stored positions predict (tasks.capture_logits.supervised_targets).
+        labels = example["labels"]
+        return [int(example["input_ids"][i]) for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX]
+
+    texts: dict[int, str] = {}
+
+    def token_text(token_id: int) -> str:
+        if token_id not in texts:
+            texts[token_id] = tokenizer.decode([token_id])
+        return texts[token_id]
+
+    return AnswerTokenizer(capture["tokenizer"], supervised_ids, token_text), None
 
 
 @app.command("config")

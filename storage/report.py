@@ -5,8 +5,8 @@ matplotlib; no script, no external asset, so the file can be mailed or attached 
 ticket and opens offline. Every string that comes from the dataset is HTML-escaped.
 
 Sections (each a `<section id=...>`, stable for links and tests): `summary`, `warnings`,
-`counts`, `strategies`, `rejects`, `lengths`, `cost`, `near-duplicates`, `samples`,
-`reject-samples`, `topk`.
+`counts`, `strategies`, `rejects`, `lengths`, `diversity`, `cost`, `near-duplicates`,
+`samples`, `reject-samples`, `topk`. Texts show their whitespace (`inspect.visible_whitespace`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from distillflow.storage.atomic import write_text_atomic
-from distillflow.storage.inspect import DatasetView, header_lines, load_view
+from distillflow.storage.inspect import (
+    DIVERSITY_ROWS,
+    DUPLICATE_REASONS,
+    DatasetView,
+    header_lines,
+    load_view,
+    plural,
+    visible_whitespace,
+)
 
-DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate", "semantic_duplicate")
 CLUSTERS_SHOWN = 12
 MEMBERS_SHOWN = 5
 TEXT_SHOWN = 600  # characters of a prompt or response shown in a sample
@@ -55,7 +62,7 @@ def _e(value: Any) -> str:
 
 
 def _clip(text: str | None, width: int = TEXT_SHOWN) -> str:
-    text = text or ""
+    text = visible_whitespace(text, keep_newlines=True)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -215,7 +222,7 @@ def render_html(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
     strategies = view.strategies()
     body = '<p class="muted">no data/ shards</p>'
     if view.data is not None:
-        body = f"<p>{view.data.num_rows} accepted rows.</p>" + _table(["strategy", "rows"], [[k, v] for k, v in strategies.items()], {1})
+        body = f"<p>{plural(view.data.num_rows, 'accepted row')}.</p>" + _table(["strategy", "rows"], [[k, v] for k, v in strategies.items()], {1})
         if strategies:
             body += bar_chart(strategies, "accepted rows per strategy")
         finish_reasons = view.finish_reasons()
@@ -226,7 +233,7 @@ def render_html(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
     reasons = view.reasons()
     body = '<p class="muted">no rejects/ shards</p>'
     if view.rejects is not None:
-        body = f"<p>{view.rejects.num_rows} rejected rows.</p>" + _table(["reason", "rows"], [[k, v] for k, v in reasons.items()], {1})
+        body = f"<p>{plural(view.rejects.num_rows, 'rejected row')}.</p>" + _table(["reason", "rows"], [[k, v] for k, v in reasons.items()], {1})
         if reasons:
             body += bar_chart(reasons, "rejects per reason")
     parts.append(_section("rejects", "Rejects per reason", body))
@@ -243,6 +250,22 @@ def render_html(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
         body = _table(["column", "p50", "p90", "p99", "max"], stats, {1, 2, 3, 4}) + "".join(charts)
     parts.append(_section("lengths", "Lengths", body))
 
+    rows = view.diversity()
+    body = '<p class="muted">no accepted rows</p>'
+    if rows:
+        spread = "embedding_spread" in rows[0]
+        body = (f"<p>distinct-n: unique / all word n-grams, over up to {DIVERSITY_ROWS} rows of each strategy"
+                + ("; spread: mean cosine distance of the prompt embeddings to their mean" if spread else "") + ".</p>")
+        body += _table(
+            ["strategy", "rows", "prompt distinct-1", "distinct-2", "distinct-3", "answer distinct-1", "distinct-2"]
+            + (["embedding spread"] if spread else []),
+            [[row["strategy"], row["rows"], *(f"{row['prompt'][n]:.3f}" for n in (1, 2, 3)),
+              *(f"{row['response'][n]:.3f}" for n in (1, 2))]
+             + ([f"{row['embedding_spread']:.3f}"] if spread else []) for row in rows],
+            {1, 2, 3, 4, 5, 6, 7},
+        )
+    parts.append(_section("diversity", "Diversity per strategy", body))
+
     usage = view.usage
     rows = [[k, v] for k, v in usage.items()]
     if view.data is not None:
@@ -250,15 +273,20 @@ def render_html(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
             if column in view.data.column_names:
                 rows.append([f"{column} in accepted rows", pc.sum(view.data.column(column)).as_py() or 0])
     cost = usage.get("estimated_cost_usd")
-    body = (f"<p>Estimated cost: <b>${cost:.4f}</b></p>" if isinstance(cost, (int, float)) else
-            '<p class="muted">no price configured (teacher.price_per_million_*_tokens): cost not estimated</p>')
+    if not view.paid:
+        body = '<p class="muted">a local teacher (teacher.backend: local): nothing was paid</p>'
+    elif isinstance(cost, (int, float)):
+        body = f"<p>Estimated cost: <b>${cost:.4f}</b></p>"
+    else:
+        body = '<p class="muted">no price configured (teacher.pricing): cost not estimated</p>'
+
     body += _table(["", "value"], rows, {1}) if rows else ""
     parts.append(_section("cost", "Teacher token usage and cost", body))
 
     clusters = near_duplicate_clusters(view)
     if clusters:
-        body = (f"<p>{len(clusters)} rows kept with duplicates rejected against them; "
-                f"{sum(len(c['members']) for c in clusters)} duplicates. Largest {min(CLUSTERS_SHOWN, len(clusters))}:</p>")
+        body = (f"<p>{plural(len(clusters), 'row')} kept with duplicates rejected against them; "
+                f"{plural(sum(len(c['members']) for c in clusters), 'duplicate')}. Largest {min(CLUSTERS_SHOWN, len(clusters))}:</p>")
         for cluster in clusters[:CLUSTERS_SHOWN]:
             keeper = cluster["keeper_prompt"]
             keeper_html = (f'<div class="text">{_e(_clip(keeper, 300))}</div>' if keeper is not None
@@ -267,7 +295,7 @@ def render_html(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
             more = len(cluster["members"]) - MEMBERS_SHOWN
             body += (
                 f'<details open><summary>kept <code>{_e(cluster["keeper_id"])}</code> with '
-                f'{len(cluster["members"])} duplicate(s)</summary>{keeper_html}'
+                f'{plural(len(cluster["members"]), "duplicate")}</summary>{keeper_html}'
                 + _table(["reason", "duplicate prompt", "detail"], member_rows)
                 + (f'<p class="muted">and {more} more</p>' if more > 0 else "")
                 + "</details>"
@@ -282,7 +310,7 @@ def render_html(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
         strategy_column = view.data.column("strategy")
         for index, strategy in enumerate(strategies):
             rows_of = view.data.filter(pc.equal(strategy_column, strategy))
-            body += f"<h3>{_e(strategy)} <span class=muted>({rows_of.num_rows} rows)</span></h3>"
+            body += f"<h3>{_e(strategy)} <span class=muted>({plural(rows_of.num_rows, 'row')})</span></h3>"
             body += "".join(_sample_block(row) for row in view.sample(rows_of, samples, seed + index))
     parts.append(_section("samples", "Samples per strategy", body))
 

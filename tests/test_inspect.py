@@ -26,7 +26,7 @@ from tests.test_build import API_KEY, GOOD, write_config, write_seeds
 runner = CliRunner()
 XSS = '<script>alert("owned")</script><img src=x onerror=alert(1)>'
 TOPK_PROBS = [0.5, 0.2, 0.1, 0.05]  # each position's stored top-4: mass 0.85, top-1 0.5
-SECTIONS = ["summary", "warnings", "counts", "strategies", "rejects", "lengths", "cost",
+SECTIONS = ["summary", "warnings", "counts", "strategies", "rejects", "lengths", "diversity", "cost",
             "near-duplicates", "samples", "reject-samples", "topk"]
 
 
@@ -167,7 +167,7 @@ def test_html_report_clusters_samples_and_topk(dataset, tmp_path):
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     clusters = _section_text(page, "near-duplicates")
     assert "2 rows kept with duplicates rejected against them; 3 duplicates" in clusters
-    assert "kept id-000 with 2 duplicate(s)" in clusters  # the larger cluster first
+    assert "kept id-000 with 2 duplicates" in clusters  # the larger cluster first
     assert "How do I sort list 0 in Python?" in clusters  # the keeper's prompt, from data/
     assert "how do i sort list 0 in python?" in clusters and "jaccard~0.91" in clusters
     assert f"{XSS} again" in clusters
