@@ -316,8 +316,9 @@ def render_html(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
 
     body = '<p class="muted">no rejects</p>'
     if view.rejects is not None and view.rejects.num_rows:
-        rows = [[r["reason"], _clip(r["prompt"], 300), _clip(r["detail"], 200)] for r in view.sample(view.rejects, samples, seed + 1)]
-        body = _table(["reason", "prompt", "detail"], rows)
+        rows = [[r["reason"], _clip(r["prompt"], 300), _clip(r["detail"], 200), r.get("duplicate_of") or ""]
+                for r in view.sample(view.rejects, samples, seed + 1)]
+        body = _table(["reason", "prompt", "detail", "duplicate of"], rows)
     parts.append(_section("reject-samples", "Reject samples", body))
 
     topk = topk_summary(view)

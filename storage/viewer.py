@@ -352,8 +352,10 @@ class ViewerFile:
     def summary(self) -> str:
         """The CLI's line: where, how large, how many rows."""
         size = f"{self.bytes / 1e6:.1f} MB" if self.bytes >= 1_000_000 else f"{self.bytes / 1e3:.1f} kB"
-        rows = f"all {plural(self.rows_total, 'row')}" if self.rows_embedded == self.rows_total else (
-            f"{self.rows_embedded:,} of {self.rows_total:,} rows, a random sample (--viewer-rows)")
+        if self.rows_embedded < self.rows_total:
+            rows = f"{self.rows_embedded:,} of {self.rows_total:,} rows, a random sample (--viewer-rows)"
+        else:
+            rows = f"all {self.rows_total:,} rows" if self.rows_total > 1 else plural(self.rows_total, "row")
         return f"viewer: {self.path} ({size}; {rows})"
 
 
