@@ -183,10 +183,11 @@ def test_unknown_bytes_fall_back_to_uld_and_missing_logprobs_to_none():
 
 def test_unknown_logprobs_and_text_past_the_answer_carry_no_distribution():
     # OpenAI's -9999 for a chosen token outside the top 20; the student's end-of-turn token,
-    # which an API that reports no token after its answer says nothing about
+    # even where the teacher reported a token after its answer (an in-process teacher's eos)
     rows = [
         {"token": "Hi", "logprob": -9999.0, "top": []},
         {"token": "!", "logprob": -0.3, "top": [{"token": "!", "logprob": -0.3}, {"token": ".", "logprob": -1.4}]},
+        {"token": "<|end|>", "logprob": -0.1, "top": [{"token": "<|end|>", "logprob": -0.1}]},
     ]
     tokens = teacher_tokens_from_rows(rows)
     assert tokens[0].logprob is None and not tokens[0].has_distribution
@@ -194,19 +195,6 @@ def test_unknown_logprobs_and_text_past_the_answer_carry_no_distribution():
     targets, coverage = align_answer(tokens, b"Hi!", [0, 1, 9], [(0, 2), (2, 3), (3, 10)], pieces_of(vocab))
     assert [t.kind for t in targets] == [NONE, EXACT, NONE]
     assert coverage.positions == [2, 1, 0, 0]
-
-
-def test_the_token_after_the_answer_teaches_the_student_when_to_stop():
-    # an in-process teacher reports its eos after the answer: stop (0.74) or go on with " there"
-    rows = [
-        {"token": "Hi", "logprob": -0.1, "top": [{"token": "Hi", "logprob": -0.1}]},
-        {"token": "<|end|>", "logprob": -0.3, "top": [{"token": "<|end|>", "logprob": -0.3}, {"token": " there", "logprob": -1.5}]},
-    ]
-    vocab = {"Hi": 0, " there": 1}
-    targets, coverage = align_answer(teacher_tokens_from_rows(rows), b"Hi", [0, 9], [(0, 2), (2, 9)], pieces_of(vocab))
-    assert [t.kind for t in targets] == [EXACT, MERGED]
-    assert probs(targets[1]) == {9: round(math.exp(-0.3), 6), 1: round(math.exp(-1.5), 6)}
-    assert coverage.covered_share == 1.0
 
 
 def test_alternatives_no_student_token_names_are_dropped_and_counted():

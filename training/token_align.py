@@ -332,42 +332,20 @@ def align_answer(
     empty); first_piece: the student's first token of a text (bytes) and whether that text is
     one student token, None when no student token can name it.
 
-    The end of the answer: when the teacher reported one more token right after its answer
-    (an in-process teacher reports its eos), that position's distribution is the teacher's
-    choice between stopping and going on. The student's first token after the answer (its
-    end-of-turn token) gets it: the stop's mass on that token, the alternatives on their first
-    pieces (kind merged).
+    The student's tokens after the answer (its end-of-turn token) get no distribution, even
+    where the teacher reported a token after its answer (an in-process teacher's eos): on the
+    demo task, teaching the stop from it cost 13 points of accuracy (docs/training.md).
     """
     spans = teacher_spans(tokens, answer)
     located = [(span[0], index) for index, span in enumerate(spans) if span is not None]
     starts = [start for start, _ in located]
-    after = _token_after_answer(spans, len(answer))
     coverage = Coverage()
     targets = []
     for student_id, (start, end) in zip(student_ids, student_spans):
-        if after is not None and start == len(answer) and end > start:
-            target = _end_target(tokens[after], student_id, first_piece, coverage)
-            after = None  # only the first token after the answer
-        else:
-            target = _position_target(tokens, spans, located, starts, answer, student_id, start, end, first_piece, coverage)
+        target = _position_target(tokens, spans, located, starts, answer, student_id, start, end, first_piece, coverage)
         coverage.positions[target.kind] += 1
         targets.append(target)
     return targets, coverage
-
-
-def _token_after_answer(spans, answer_length: int) -> int | None:
-    """The teacher token right after the one that ends the answer, when it has no span (past the answer)."""
-    last = max((index for index, span in enumerate(spans) if span is not None), default=None)
-    if last is None or spans[last][1] != answer_length or last + 1 >= len(spans) or spans[last + 1] is not None:
-        return None
-    return last + 1
-
-
-def _end_target(token: TeacherToken, student_id: int, first_piece, coverage) -> PositionTarget:
-    if not token.has_distribution or token.text is None:
-        return PositionTarget(NONE)
-    masses, _ = _candidate_masses(token, b"", student_id, 1.0, first_piece, coverage)
-    return _sparse_target(masses, 1.0, MERGED) if masses else PositionTarget(NONE)
 
 
 def _position_target(tokens, spans, located, starts, answer, student_id, start, end, first_piece, coverage) -> PositionTarget:
