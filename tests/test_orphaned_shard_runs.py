@@ -37,11 +37,15 @@ def pool_config(path: Path, seeds: Path, out: Path, base_url: str, pool: str, wo
     return path
 
 
-def shard_runs(url: str) -> list:
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+def shard_runs(url: str, pool: str) -> list:
+    """The shard runs on work pool `pool` (the session's server also holds other tests' builds)."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
 
     with api(url) as client:
-        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-shard"])))
+        return client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["build-shard"])),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        )
 
 
 class GatedServer(FaultyOpenAIServer):
@@ -84,8 +88,8 @@ def test_shard_runs_left_by_a_killed_build_are_adopted_by_the_next_build(prefect
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         os.killpg(first.pid, signal.SIGKILL)  # as the OOM killer would: no chance to cancel anything
         first.wait(30)
-        left = [run for run in shard_runs(url) if run.state.type.value not in TERMINAL_STATES]
-        assert len(left) == 2, [(run.name, run.state.name) for run in shard_runs(url)]
+        left = [run for run in shard_runs(url, "orphans") if run.state.type.value not in TERMINAL_STATES]
+        assert len(left) == 2, [(run.name, run.state.name) for run in shard_runs(url, "orphans")]
 
         started = time.monotonic()
         rerun = start_build(config, env, tmp_path / "rerun.log")
@@ -93,7 +97,7 @@ def test_shard_runs_left_by_a_killed_build_are_adopted_by_the_next_build(prefect
                    "the rerun to find the runs left in flight", group)
         fake.gate.set()
         assert rerun.wait(300) == 0, (tmp_path / "rerun.log").read_text()[-3000:] + group.log("worker")[-2000:]
-        runs = shard_runs(url)
+        runs = shard_runs(url, "orphans")
     output = (tmp_path / "rerun.log").read_text()
     assert "2 shard run(s) of an earlier build" in output and "adopted 2, cancelled 0" in output, output[-3000:]
     assert read_manifest(tmp_path / "out")["counts"]["accepted"] == len(PROMPTS)
