@@ -127,7 +127,8 @@ def seed_warnings(
     if config.strategies.get("seed", 0) > 0 and seed_quota < num_seeds:
         warnings.append(
             f"prompts.num_prompts={config.num_prompts} leaves room for {seed_quota} of the {num_seeds} "
-            f"seed prompts; {seeds_unused} seeds are not used in any form (manifest: seeds_unused). "
+            f"seed prompts; {seeds_unused} {'seed is' if seeds_unused == 1 else 'seeds are'} not used in any form "
+            "(manifest: seeds_unused). "
             "Leave num_prompts out to use every seed once, or raise it."
         )
     variants = sum(count for family, count in quotas.items() if family != "seed")
