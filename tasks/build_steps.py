@@ -16,31 +16,34 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import DistillConfig
 from distillflow.progress import ProgressBar
 from distillflow.progress import progress as report_progress
-from distillflow.records import PromptRecord, Reject, TeacherAnswer
+from distillflow.records import BUDGET_REASON, PromptRecord, Reject, TeacherAnswer
 from distillflow.storage.dataset import dataset_card, finish_dataset
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
-from distillflow.storage.seeds import load_seeds
+from distillflow.storage.manifest import build_manifest
+from distillflow.storage.seeds import load_seeds, split_repeated_seeds
 from distillflow.tasks.filters import filter_prompts, filter_responses
 from distillflow.tasks.shards import (
     BUILDING,
-    BuildState,
+    ShardPlan,
     ShardResult,
+    ShardTotals,
     answer_shard,
     answered_rows,
 )
 from distillflow.tasks.teacher.budget import FailureBudget
-from distillflow.tasks.teacher.errors import TeacherFatalError
+from distillflow.tasks.teacher.errors import NoUsableAnswersError, TeacherFatalError
 from distillflow.tasks.teacher.loop_gc import request_loop_gc
-from distillflow.tasks.teacher.protocol import build_messages
+from distillflow.tasks.teacher.protocol import TeacherStats, build_messages
 from distillflow.tasks.teacher.recording import answer_requests
 
 HEARTBEAT_S = 60.0  # a stage running longer than this says so, every HEARTBEAT_S
@@ -73,7 +76,10 @@ def stage(stage_seconds: dict[str, float], name: str, label: str, status: Any = 
 
 @task(name="load-seeds", cache_policy=NO_CACHE)
 def load_seeds_task(config: DistillConfig, prompt_column: str | None) -> tuple[list[PromptRecord], list[Reject]]:
-    return load_seeds(config.seeds, prompt_column)
+    """The seed rows, each once; the unreadable and repeated rows as rejects."""
+    seeds, seed_rejects = load_seeds(config.seeds, prompt_column)
+    seeds, repeated_seeds = split_repeated_seeds(seeds)
+    return seeds, seed_rejects + repeated_seeds
 
 
 @task(name="generate-prompts", cache_policy=NO_CACHE)
@@ -149,20 +155,13 @@ def fan_out_runner(config: DistillConfig) -> Any:
     )
 
 
-def answer_shards_on_workers(
-    config: DistillConfig,
-    plan: list[tuple[int, int]],
-    state: BuildState,
-    first_reject_file: int,
-    progress: ProgressBar,
-    stats: Any,
-) -> None:
+def answer_shards_on_workers(config: DistillConfig, plan: ShardPlan, progress: ProgressBar, stats: Any) -> None:
     """Fan-out: every unfinished shard is one task on the Dask workers (2 per worker in flight,
     so a worker never waits for its next shard); each is recorded as finished the moment
     it returns, so a crash resumes after it."""
     from prefect.futures import as_completed
 
-    pending = [index for index in range(len(plan)) if index not in state.finished]
+    pending = plan.unfinished()
     window = 2 * config.dataset.workers
     with fan_out_runner(config) as runner:
         in_flight: set[Any] = set()
@@ -172,12 +171,12 @@ def answer_shards_on_workers(
                 in_flight.add(runner.submit(answer_shard_task, {
                     "index": index,
                     "config": config,
-                    "reject_file": first_reject_file + index,
+                    "reject_file": plan.first_reject_file + index,
                 }))
             future = next(as_completed(list(in_flight)))
             in_flight.discard(future)
             result = future.result()
-            state.record(result)
+            plan.state.record(result)
             stats.add(result.usage)
             progress(result.prompts)
 
@@ -271,3 +270,114 @@ def budget_summary(config: DistillConfig, usage: dict[str, Any], not_asked: int)
         "spent_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
         "not_asked": not_asked,
     }
+
+
+@dataclass
+class PromptSide:
+    """What a build made of its seeds before the teacher, for the manifest's counts."""
+
+    seeds: int
+    seeds_unused: int
+    bad_seed_rows: int  # unreadable and repeated seed rows
+    prompts_generated: int
+    generation_rejects: int
+    rejected: int  # every reject before the teacher (bad seeds, generation, prompt filters)
+    reasons: Counter  # their reasons
+    report: dict[str, Any]  # prompts per strategy, their diversity, warnings (prompts/report.py)
+
+    @classmethod
+    def of(
+        cls, seeds: int, prompts: int, seed_rejects: list[Reject], generation_rejects: list[Reject],
+        prompt_rejects: list[Reject], prompt_report: dict[str, Any],
+    ) -> PromptSide:
+        before_teacher = [*seed_rejects, *generation_rejects, *prompt_rejects]
+        return cls(
+            seeds, prompt_report.get("seeds_unused", 0), len(seed_rejects), prompts, len(generation_rejects),
+            len(before_teacher), Counter(reject.reason for reject in before_teacher), prompt_report,
+        )
+
+
+def check_teacher_stage(config: DistillConfig, teacher: Any, totals: ShardTotals, prompts: int) -> tuple[str | None, int]:
+    """After the teacher stage: ("budget" when the spending budget stopped it, else None;
+    the prompts it did not send). Warns what the budget stopped; raises when nothing is left
+    to write: the budget covered no request (`BudgetTooSmallError`), the teacher answered
+    none of the `prompts` or the response filters kept none of its answers
+    (`NoUsableAnswersError`)."""
+    not_asked = totals.reject_reasons.get(BUDGET_REASON, 0)
+    spending = getattr(teacher, "budget", None)
+    stopped_by = "budget" if not_asked or (spending is not None and spending.exhausted) else None
+    if stopped_by:
+        get_run_logger().warning("%s", budget_stop_message(config, not_asked))
+    if prompts and not totals.answered and stopped_by:
+        raise BudgetTooSmallError(
+            f"the budget (teacher.max_budget_usd={config.teacher.max_budget_usd}, teacher.max_total_tokens="
+            f"{config.teacher.max_total_tokens}) does not cover even the first request's worst case (prompt + "
+            f"generation.max_tokens={config.teacher.generation.max_tokens}): nothing was answered or written. "
+            "Raise the limit (`distill build --dry-run` shows what the run costs) or lower max_tokens."
+        )
+    if prompts and not totals.answered:
+        raise NoUsableAnswersError(
+            no_usable_answers_message(config, prompts, totals.teacher_reasons, totals.examples, "teacher")
+        )
+    if totals.answered and not totals.accepted:
+        raise NoUsableAnswersError(
+            no_usable_answers_message(config, totals.answered, totals.response_reasons, totals.examples, "filter_responses")
+        )
+    return stopped_by, not_asked
+
+
+def teacher_usage(config: DistillConfig, stats: TeacherStats) -> dict[str, Any]:
+    """The manifest's `teacher_usage`: the teacher's counts, and what this run paid."""
+    usage = stats.to_dict()
+    usage["paid_requests"] = stats.requests_sent
+    usage["mode"] = config.teacher.mode
+    pricing = config.teacher.pricing
+    if pricing is not None:
+        # What this run paid (answers from the ledger are free), at the price table's rates.
+        usage["estimated_cost_usd"] = round(
+            pricing.cost_usd(stats.prompt_tokens, stats.completion_tokens, batch=config.teacher.mode == "batch"), 6
+        )
+    return usage
+
+
+def dataset_manifest(
+    config: DistillConfig,
+    prompt_side: PromptSide,
+    after_prompt_filters: int,
+    totals: ShardTotals,
+    stats: TeacherStats,
+    teacher_failures: dict[str, Any],
+    build: dict[str, Any],
+    stopped_by: str | None,
+    not_asked: int,
+    elapsed_s: float,
+    stage_seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The manifest of a build whose shards are all written (storage/manifest.py)."""
+    usage = teacher_usage(config, stats)
+    counts = {
+        "seeds": prompt_side.seeds,
+        "seeds_unused": prompt_side.seeds_unused,
+        "bad_seed_rows": prompt_side.bad_seed_rows,
+        "prompts_generated": prompt_side.prompts_generated,
+        "generation_rejects": prompt_side.generation_rejects,
+        "after_prompt_filters": after_prompt_filters,
+        "teacher_answered": totals.answered,
+        "teacher_errors": totals.teacher_errors,
+        "accepted": totals.accepted,
+        "rejected": prompt_side.rejected + sum(totals.reject_reasons.values()),
+    }
+    return build_manifest(
+        config,
+        counts=counts,
+        reject_reasons=dict(sorted((prompt_side.reasons + totals.reject_reasons).items())),
+        accepted_per_strategy=dict(sorted(totals.accepted_per_strategy.items())),
+        prompt_report=prompt_side.report,
+        teacher_usage=usage,
+        teacher_failures=teacher_failures,
+        build=build,
+        stopped_by=stopped_by,
+        budget=budget_summary(config, usage, not_asked),
+        elapsed_s=elapsed_s,
+        stage_seconds=stage_seconds,
+    )

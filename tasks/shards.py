@@ -45,6 +45,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distillflow.config import DistillConfig
 from distillflow.records import PromptRecord, Reject, TeacherAnswer, is_failure, stopped_answer
 from distillflow.storage.atomic import write_json_atomic
 from distillflow.storage.parquet import (
@@ -474,3 +475,33 @@ def failure_summary(totals: ShardTotals, prompts: int, max_error_rate: float) ->
         "max_error_rate": max_error_rate,
         "reasons": dict(reasons.most_common()),
     }
+
+
+@dataclass
+class ShardPlan:
+    """The kept prompts of a build cut into shards, staged on disk: what the teacher stage answers."""
+
+    ranges: list[tuple[int, int]]  # shard -> [start, stop) of the kept prompts
+    state: BuildState  # the finished shards: those an earlier run of this plan wrote, then each new one
+    resumed: int  # shards an earlier run of this plan had finished
+    first_reject_file: int  # the rejects file of shard 0 (the rejects made before the teacher come first)
+    prompts: int  # the kept prompts, all shards
+
+    def unfinished(self) -> list[int]:
+        return [index for index in range(len(self.ranges)) if index not in self.state.finished]
+
+    def results(self) -> list[ShardResult]:
+        return list(self.state.finished.values())
+
+
+def plan_shards(config: DistillConfig, kept: list[PromptRecord], rejected: list[Reject]) -> ShardPlan:
+    """Cut the kept prompts into shards of `dataset.shard_rows` and open the build state (the
+    shards an earlier run of the same plan finished are kept); write the rejects made before
+    the teacher (`rejected`) and every unfinished shard's prompts to the staging area, from
+    where each shard's prompts are read when it is answered."""
+    staging = config.output_dir / BUILDING
+    ranges = shard_ranges(len(kept), config.dataset.shard_rows)
+    state, resumed = BuildState.open(config.output_dir, plan_fingerprint(kept, config, len(rejected)))
+    state.set_prompt_rejects(write_prompt_rejects(staging, rejected, config.dataset.shard_rows))
+    write_shard_prompts(staging, kept, ranges, skip=state.finished)
+    return ShardPlan(ranges, state, resumed, len(state.prompt_reject_files), len(kept))

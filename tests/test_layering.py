@@ -2,7 +2,7 @@
 types and config. Nothing imports a layer above it, and no modules import each other in
 a cycle (lazy imports inside functions count: they are cycles all the same). Inside tasks/,
 the teacher package (tasks/teacher/) sits below the other steps: of tasks/ it imports only
-the process plumbing of tasks/child.py."""
+the process plumbing of tasks/child.py. Flows only wire."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ LAYER_NAMES = {0: "core/config", 1: "storage", 2: "prompts/training", 3: "tasks"
 # steps of tasks/ import it, never the reverse.
 TEACHER = "distillflow.tasks.teacher"
 TEACHER_MAY_IMPORT = {"distillflow.tasks.child"}
+FLOW_MAX_LINES = 80  # a flow function wires tasks; what does the work lives in tasks/
 
 
 def module_files() -> dict[str, Path]:
@@ -176,6 +177,18 @@ def test_only_the_recording_writes_answers_to_the_ledger():
             ):
                 writes.append(f"{path.name}:{node.lineno}")
     assert writes and all(place.startswith("recording.py:") for place in writes), writes
+
+
+def test_every_flow_only_wires():
+    """Each Prefect flow function is at most `FLOW_MAX_LINES` lines of calls to tasks."""
+    long = []
+    for path in sorted((ROOT / "flows").glob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef) and any("flow" in ast.unparse(d) for d in node.decorator_list):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > FLOW_MAX_LINES:
+                    long.append(f"flows/{path.name}: {node.name} is {lines} lines")
+    assert long == []
 
 
 def test_the_walk_sees_lazy_imports_and_cycles():

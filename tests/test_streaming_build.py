@@ -76,7 +76,7 @@ def generated_order(prompts: list[str]) -> list[str]:
 
 
 def test_shard_size_does_not_change_the_dataset(prefect_harness, port, tmp_path, monkeypatch):
-    import distillflow.flows.build as build_module
+    import distillflow.tasks.teacher_stage as stage_module
     from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
@@ -87,7 +87,7 @@ def test_shard_size_does_not_change_the_dataset(prefect_harness, port, tmp_path,
             out = tmp_path / f"out-{shards}"
             # 3 shards: a first batch of 2 prompts, then batches of 3 (a shard ends mid-batch).
             teacher = {"batch_size": 3, "max_concurrency": 2} if shards == 3 else {}
-            monkeypatch.setattr(build_module, "FIRST_BATCH", 2 if shards == 3 else 256)
+            monkeypatch.setattr(stage_module, "FIRST_BATCH", 2 if shards == 3 else 256)
             config = sharded_config(tmp_path / f"{shards}.yaml", seeds, out, server.base_url, shard_rows, **teacher)
             manifest = build_command(config)
             assert manifest["build"]["shards"] == shards and manifest["invariant"]["holds"]
@@ -392,27 +392,27 @@ def test_the_shard_writer_process_writes_what_the_build_writes_in_process(prefec
     own process (small ones), requests from the build's process or from a client process of
     their own (large builds): the same rows, rejects and counts, shard by shard, and every
     prompt asked once."""
-    import distillflow.flows.build as build_module
+    import distillflow.tasks.teacher_stage as stage_module
     from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, [*PROMPTS, "[[say:I'm sorry, but I can't help with that.]] Say no", "Echo [[say:Echo]]"])
     results = {}
     teachers: dict[str, str] = {}
-    make_teacher = build_module.make_teacher
+    make_teacher = stage_module.make_teacher
 
     def recording_make_teacher(*args, **kwargs):
         teacher = make_teacher(*args, **kwargs)
         teachers[name] = type(teacher).__name__
         return teacher
 
-    monkeypatch.setattr(build_module, "make_teacher", recording_make_teacher)
+    monkeypatch.setattr(stage_module, "make_teacher", recording_make_teacher)
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY), port) as server:
         for name, writer_minimum, client_minimum in (
             ("in-process", 10**9, 10**9), ("writer", 0, 10**9), ("client process", 0, 0),
         ):
-            monkeypatch.setattr(build_module, "SHARD_WRITER_MIN_PROMPTS", writer_minimum)
-            monkeypatch.setattr(build_module, "CLIENT_PROCESS_MIN_PROMPTS", client_minimum)
+            monkeypatch.setattr(stage_module, "SHARD_WRITER_MIN_PROMPTS", writer_minimum)
+            monkeypatch.setattr(stage_module, "CLIENT_PROCESS_MIN_PROMPTS", client_minimum)
             out = tmp_path / name
             config = sharded_config(tmp_path / f"{name}.yaml", seeds, out, server.base_url, 10, batch_size=4)
             asked = server.server.total_requests
