@@ -128,7 +128,7 @@ def preflight_build(config: DistillConfig, source: str, prompts: Sequence[str]) 
     """A local teacher: loads, has a template, and its context holds max_tokens + the longest prompt."""
     teacher = config.teacher
     if not teacher.is_local:
-        return  # an OpenAI-compatible server: checked on first contact (tasks/teacher.py)
+        return  # an OpenAI-compatible server: checked on first contact (tasks/teacher/openai_client.py)
     model = load_model_dir(teacher.model, "teacher.model", source)
     template = require_chat_template(model, teacher.chat_template, "teacher.chat_template", source)
     longest = prompt_tokens(model, template, prompts, teacher.system_prompt)
