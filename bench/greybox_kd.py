@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.kd_vs_sft import mean_ci  # noqa: E402
 from bench.sampled_kd import DEMO_TEACHER, EVAL_SEEDS, TRAIN_SEEDS, read_jsonl, score  # noqa: E402
+from distillflow.tasks.train_student import run_streaming  # noqa: E402
+from distillflow.training.launch import build_launch_command, launch_env  # noqa: E402
 
 OBJECTIVES = ("sft", "kd_greybox")
 
@@ -138,12 +138,8 @@ def train_student(workdir: Path, dataset: Path, init: Path, objective: str, seed
     if (run / "final" / "config.json").is_file():  # trained by an earlier run of the bench
         return run
     started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "distillflow.training.train", "--config", str(path)],
-        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=3600,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise SystemExit(f"training {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    # The launcher `distill train` uses: a failure stops the bench with the run's last lines.
+    run_streaming(build_launch_command(path), on_line=lambda line: None, env=launch_env(), cwd=ROOT, timeout_s=3600)
     print(f"  trained {name} in {time.perf_counter() - started:.0f} s", flush=True)
     return run
 
@@ -196,6 +192,14 @@ def ms_per_step(run: Path) -> float:
     return 1000 * (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / (len(steps) - 1)
 
 
+def teacher_snapshot(workdir: Path) -> Path:
+    """The demo teacher copied into the work dir once: a shipped directory replaced mid-run cannot mix two models."""
+    teacher = workdir / "teacher"
+    if not (teacher / "config.json").is_file():
+        shutil.copytree(DEMO_TEACHER, teacher, dirs_exist_ok=True)
+    return teacher
+
+
 def table(report: dict) -> str:
     def pct(stat: dict) -> str:
         half = "" if stat["ci95"] is None else f" ± {100 * stat['ci95']:.1f}"
@@ -226,24 +230,29 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def save_report(workdir: Path, report: dict) -> str:
+    """greybox_kd.json and its table as greybox_kd.md in the work dir; returns the table."""
+    markdown = table(report)
+    for name, text in (("greybox_kd.json", json.dumps(report, indent=2)), ("greybox_kd.md", markdown + "\n")):
+        (workdir / name).write_text(text, encoding="utf-8")
+    return markdown
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-greybox-kd")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per student")
     parser.add_argument("--prompts", type=int, default=1000, help="training questions (first N of skills.jsonl)")
-    parser.add_argument("--eval", type=int, default=0, help="eval questions (0: all of skills_eval.jsonl)")
     parser.add_argument("--k", type=int, default=8, help="alternatives per answer token (an API gives up to 20)")
     parser.add_argument("--student-vocab", type=int, default=400, help="BPE vocabulary of the student")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--eval", type=int, default=0, help="eval questions (0: all of skills_eval.jsonl)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="longest greedy answer")
     parser.add_argument("--cost-repeats", type=int, default=30, help="timed micro-steps per objective (alternating)")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-greybox-kd")
     args = parser.parse_args()
 
-    started = time.perf_counter()
-    workdir = args.workdir
-    teacher = workdir / "teacher"
-    if not (teacher / "config.json").is_file():  # a snapshot: the shipped directory may be replaced
-        shutil.copytree(DEMO_TEACHER, teacher, dirs_exist_ok=True)
+    started, workdir = time.perf_counter(), args.workdir
+    teacher = teacher_snapshot(workdir)
     dataset = workdir / "dataset"
     rows = write_teacher_dataset(teacher, read_jsonl(TRAIN_SEEDS, args.prompts), dataset, args.k, args.max_new_tokens)
     print(f"dataset: {rows if rows >= 0 else 'existing'} teacher answers with top-{args.k} logprobs", flush=True)
@@ -267,14 +276,12 @@ def main() -> None:
         entry["clean"] = mean_ci([s["accuracy"] for s in entry["seeds"]])
         entry["ms_per_step"] = sum(s["ms_per_step"] for s in entry["seeds"]) / len(entry["seeds"])
         report["objectives"][objective] = entry
-    report["cost"] = step_cost(workdir, dataset, student_init(workdir, dataset, args.student_vocab, args.seeds[0]), args.cost_repeats)
+    first_init = student_init(workdir, dataset, args.student_vocab, args.seeds[0])
+    report["cost"] = step_cost(workdir, dataset, first_init, args.cost_repeats)
     deltas = [per_seed["kd_greybox"][seed] - per_seed["sft"][seed] for seed in args.seeds]
     report["objectives"]["kd_greybox"]["paired_delta"] = mean_ci(deltas)
     report["seconds"] = round(time.perf_counter() - started)
-    (workdir / "greybox_kd.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    markdown = table(report)
-    (workdir / "greybox_kd.md").write_text(markdown + "\n", encoding="utf-8")
-    print(markdown)
+    print(save_report(workdir, report))
     print(f"({len(args.seeds)} seed(s), {args.steps} steps, {args.prompts} prompts, {len(eval_rows)} eval questions, "
           f"k = {args.k}, student BPE vocabulary {args.student_vocab}; {report['seconds']} s)")
 
