@@ -13,6 +13,7 @@ never typed by hand. Sources:
     kd-vs-sft-rows500 runs/kd-vs-sft-rows500/kd_vs_sft.json → docs/kd_vs_sft.md
     sparse-kd-tail runs/sparse-kd-tail/report.json     → docs/training.md (bench/sparse_kd_tail.py)
     sampled-kd  runs/bench-sampled-kd/sampled_kd.json → docs/training.md (bench/sampled_kd.py)
+    greybox-kd  runs/bench-greybox-kd/greybox_kd.json → docs/training.md (bench/greybox_kd.py)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SOURCES = {  # saved report → where a fresh run writes it
     "kd_vs_sft-rows500.json": ROOT / "runs" / "kd-vs-sft-rows500" / "kd_vs_sft.json",
     "sparse_kd_tail.json": ROOT / "runs" / "sparse-kd-tail" / "report.json",
     "sampled_kd.json": ROOT / "runs" / "bench-sampled-kd" / "sampled_kd.json",
+    "greybox_kd.json": ROOT / "runs" / "bench-greybox-kd" / "greybox_kd.json",
 }
 
 
@@ -96,6 +98,13 @@ def sampled_kd_table(result: dict[str, Any]) -> str:
     return table(result)
 
 
+def greybox_kd_table(result: dict[str, Any]) -> str:
+    sys.path.insert(0, str(ROOT))
+    from bench.greybox_kd import table
+
+    return table(result)
+
+
 def tables() -> dict[str, tuple[Path, str]]:
     """Every table: name → (file it goes in, its markdown), from the saved reports present."""
     out: dict[str, tuple[Path, str]] = {}
@@ -113,6 +122,9 @@ def tables() -> dict[str, tuple[Path, str]]:
     if (REPORTS / "sampled_kd.json").is_file():
         result = json.loads((REPORTS / "sampled_kd.json").read_text())
         out["sampled-kd"] = (ROOT / "docs" / "training.md", sampled_kd_table(result))
+    if (REPORTS / "greybox_kd.json").is_file():
+        result = json.loads((REPORTS / "greybox_kd.json").read_text())
+        out["greybox-kd"] = (ROOT / "docs" / "training.md", greybox_kd_table(result))
     return out
 
 
