@@ -3,7 +3,7 @@
 The model here is a tiny Llama trained in this file as a *base* model: plain transcripts
 ("User: …\\nAssistant: …\\n" repeated, no eos between turns), saved without a chat template.
 Asked with the `plain` template it answers, then goes on to write the next "User:" turn
-itself — as the pretrained base models of the issue did.
+itself — as pretrained base models do.
 """
 
 from __future__ import annotations
