@@ -26,7 +26,7 @@ from distillflow.flows.shard_runs import build_shard
 from distillflow.interrupt import cancel_on_interrupt
 from distillflow.memory import release_freed_memory
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
-from distillflow.storage.seeds import load_seeds
+from distillflow.storage.seeds import SeedRows, load_seeds
 from distillflow.tasks.build_steps import (
     PromptSide,
     check_teacher_stage,
@@ -44,8 +44,11 @@ from distillflow.tasks.teacher_stage import TeacherStage, dataset_artifact_key, 
 
 
 @flow(name="build-dataset")
-def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> dict[str, Any]:
+def build_dataset(
+    config: DistillConfig, prompt_column: str | None = None, seed_rows: SeedRows | None = None
+) -> dict[str, Any]:
     """Build a dataset of teacher answers from `config`, one shard at a time; returns the manifest.
+    `seed_rows`: the seed files as the caller read them already (`build_command`), or None.
 
     Prompt filters decide once over the whole prompt set; the kept prompts are answered in
     shards of `dataset.shard_rows`, each written as soon as it is complete (tasks/shards.py),
@@ -66,7 +69,7 @@ def build_dataset(config: DistillConfig, prompt_column: str | None = None) -> di
     try:
         with cancel_on_interrupt(stop_teacher):
             with stage(stage_seconds, "load_seeds", label):
-                seeds, seed_rejects = load_seeds_task(config, prompt_column)
+                seeds, seed_rejects = load_seeds_task(config, prompt_column, seed_rows)
             answering = teacher_stage(config, api_key, ledger, config.prompts.num_prompts or len(seeds), build_shard)
             with stage(stage_seconds, "generate_prompts", label):
                 prompts, generation_rejects, report = generate_prompts_task(config, quote(seeds), answering.teacher, ledger)
@@ -152,9 +155,9 @@ def build_command(config_path: str | Path, prompt_column: str | None = None, dry
     config = load_config(config_path)
     if config.teacher.backend == "openai":
         resolve_api_key(config.teacher.api_key_env)  # fail before any teacher call
-    seeds, _ = load_seeds(config.seeds, prompt_column, config_path)  # bad files/columns fail here
-    preflight_build(config, str(config_path), [seed.prompt for seed in seeds])  # a local teacher: its dir, template, context
-    manifest = build_dataset(config, prompt_column)
+    seeds = SeedRows(*load_seeds(config.seeds, prompt_column, config_path))  # bad files/columns fail here
+    preflight_build(config, str(config_path), [seed.prompt for seed in seeds.prompts])  # a local teacher: its dir, template, context
+    manifest = build_dataset(config, prompt_column, seeds)
     counts = manifest["counts"]
     stopped = " (stopped by the budget: rerun with a larger limit to continue)" if manifest.get("stopped_by") else ""
     print(

@@ -151,6 +151,18 @@ def _lines(path: Path) -> Iterator[bytes]:
             yield from physical.splitlines()
 
 
+class SeedRows:
+    """The seed rows of one build, read once (`load_seeds`) before its flow starts and handed
+    to the flow as they are. A plain slotted class, not a dataclass: Prefect records a flow's
+    parameters, and this one stands in that record as `<SeedRows>`, not as every row."""
+
+    __slots__ = ("prompts", "rejects")
+
+    def __init__(self, prompts: list[PromptRecord], rejects: list[Reject]) -> None:
+        self.prompts = prompts
+        self.rejects = rejects
+
+
 def load_seeds(
     sources: list[SeedSource], prompt_column: str | None = None, config_path: str | Path = "<config>"
 ) -> tuple[list[PromptRecord], list[Reject]]:

@@ -30,7 +30,7 @@ from distillflow.records import BUDGET_REASON, PromptRecord, Reject, TeacherAnsw
 from distillflow.storage.dataset import dataset_card, finish_dataset
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.manifest import build_manifest
-from distillflow.storage.seeds import load_seeds, split_repeated_seeds
+from distillflow.storage.seeds import SeedRows, load_seeds, split_repeated_seeds
 from distillflow.tasks.filters import filter_prompts, filter_responses
 from distillflow.tasks.shards import (
     BUILDING,
@@ -75,9 +75,15 @@ def stage(stage_seconds: dict[str, float], name: str, label: str, status: Any = 
 
 
 @task(name="load-seeds", cache_policy=NO_CACHE)
-def load_seeds_task(config: DistillConfig, prompt_column: str | None) -> tuple[list[PromptRecord], list[Reject]]:
-    """The seed rows, each once; the unreadable and repeated rows as rejects."""
-    seeds, seed_rejects = load_seeds(config.seeds, prompt_column)
+def load_seeds_task(
+    config: DistillConfig, prompt_column: str | None, read: SeedRows | None = None
+) -> tuple[list[PromptRecord], list[Reject]]:
+    """The seed rows, each once; the unreadable and repeated rows as rejects. `read`: the
+    rows as `distill build` already read them (the files are then not read again)."""
+    if read is None:
+        seeds, seed_rejects = load_seeds(config.seeds, prompt_column)
+    else:
+        seeds, seed_rejects = read.prompts, read.rejects
     seeds, repeated_seeds = split_repeated_seeds(seeds)
     return seeds, seed_rejects + repeated_seeds
 

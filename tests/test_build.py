@@ -136,13 +136,18 @@ def test_build_writes_a_complete_dataset_and_loses_nothing(prefect_harness, serv
     }
 
 
-def test_rebuild_pays_nothing_and_gives_the_same_rows(prefect_harness, server, tmp_path):
+def test_rebuild_pays_nothing_and_gives_the_same_rows(prefect_harness, server, tmp_path, monkeypatch):
+    import distillflow.storage.seeds as seeds_module
     from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:10])
     config = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", server.base_url)
+    reads = []
+    read_seed_source = seeds_module.read_seed_source
+    monkeypatch.setattr(seeds_module, "read_seed_source", lambda *a: reads.append(a) or read_seed_source(*a))
     first = build_command(config)
+    assert len(reads) == 1  # the seed file is read once per build
     requests_after_first = server.server.total_requests
     second = build_command(config)
     assert server.server.total_requests == requests_after_first
