@@ -89,7 +89,13 @@ def is_recordable(answer: TeacherAnswer) -> bool:
 def is_failure(answer: TeacherAnswer) -> bool:
     """An answer the teacher failed to give (transport, timeout, 429, 5xx, malformed), as
     opposed to an answer or a refusal of this one prompt by the API (400/413/422)."""
-    return not answer.ok and not is_recordable(answer) and answer.error != BUDGET_REASON
+    return is_failure_reason(answer.error)
+
+
+def is_failure_reason(reason: str | None) -> bool:
+    """`is_failure` of an answer whose `error` is `reason` (None: an answer): what a teacher
+    reject's reason counts as, once only the reason is left."""
+    return reason is not None and not reason.startswith(PERMANENT_ERROR_PREFIXES) and reason != BUDGET_REASON
 
 
 @dataclass(slots=True)

@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillflow.config import DistillConfig
-from distillflow.records import PromptRecord, Reject, TeacherAnswer, is_failure, stopped_answer
+from distillflow.records import PromptRecord, Reject, TeacherAnswer, is_failure_reason, stopped_answer
 from distillflow.storage.atomic import write_json_atomic
 from distillflow.storage.parquet import (
     REJECT_SCHEMA,
@@ -289,7 +289,7 @@ def write_shard(
         prompts=prompts,
         answered=answered,
         teacher_errors=len(teacher_rejects),
-        teacher_failures=sum(1 for r in teacher_rejects if is_failure(TeacherAnswer(None, None, "", error=r.reason))),
+        teacher_failures=sum(1 for r in teacher_rejects if is_failure_reason(r.reason)),
         accepted=len(accepted),
         data=data_info.to_dict(),
         rejects=reject_info.to_dict(),
@@ -464,8 +464,7 @@ def failure_summary(totals: ShardTotals, prompts: int, max_error_rate: float) ->
     """The manifest's `teacher_failures` from the shards' teacher rejects (fan-out builds,
     where each worker keeps its own `FailureBudget`)."""
     reasons = Counter(
-        {reason: count for reason, count in totals.teacher_reasons.items()
-         if is_failure(TeacherAnswer(None, None, "", error=reason))}
+        {reason: count for reason, count in totals.teacher_reasons.items() if is_failure_reason(reason)}
     )
     failed = sum(reasons.values())
     return {

@@ -463,3 +463,16 @@ def test_a_signal_stops_the_build_in_seconds_and_a_rerun_finishes_it(tmp_path, p
             a, b = a.drop(["created_at"]), b.drop(["created_at"])
         assert a.equals(b), part
     assert read_table(tmp_path / "out" / "data").num_rows == len(RESUMABLE)
+
+
+def test_a_teacher_reject_counts_as_a_failure_by_its_reason_alone():
+    """The fan-out builds' failure count sees only the reasons; they count as the answers did."""
+    from distillflow.records import BUDGET_REASON, TeacherAnswer, is_failure, is_failure_reason
+
+    cases = {
+        "timeout": True, "teacher_error:503": True, "teacher_error:malformed": True,
+        "teacher_error:400": False, "teacher_error:422": False, BUDGET_REASON: False, None: False,
+    }
+    for reason, failure in cases.items():
+        assert is_failure_reason(reason) is failure, reason
+        assert is_failure(TeacherAnswer(None if reason else "an answer", None, "m", error=reason)) is failure, reason
