@@ -28,6 +28,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from distillflow.storage.atomic import write_text_atomic
+
 STATE_NAME = "distill-server.json"
 LOG_NAME = "distill-server.log"
 HEALTH_TIMEOUT_S = 0.5  # one probe of a server on this machine; a live one answers in milliseconds
@@ -69,11 +71,7 @@ def read_state() -> ServerState | None:
 
 def write_state(state: ServerState) -> None:
     """Write the state file atomically (a reader sees the old file or the whole new one)."""
-    path = state_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(asdict(state)), encoding="utf-8")
-    os.replace(partial, path)
+    write_text_atomic(state_path(), json.dumps(asdict(state)), "the local server's state file")
 
 
 def is_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
