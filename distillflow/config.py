@@ -534,7 +534,9 @@ class DistillConfig(StrictModel):
         capture, training = self.capture, self.training
         if capture is None:
             return self
-        if training is not None:
+        # kd_greybox aligns the teacher's own tokenisation with the student's on bytes at train
+        # time (training.greybox): its positions need not line up.
+        if training is not None and training.objective != "kd_greybox":
             training_template = shared_chat_template(training, self.chat_template, self.chat_template_stop)[0]
             if capture.chat_template is not None and capture.chat_template != training_template:
                 raise ValueError(
@@ -548,11 +550,12 @@ class DistillConfig(StrictModel):
                     f"({training.max_length}); positions would not line up, use the same value"
                 )
         if capture.source == "vllm":
-            known = training is not None and (training.student is not None or training.teacher is not None)
+            known = training is not None and (training.teacher is not None or (
+                training.student is not None and training.objective != "kd_greybox"))  # kd_greybox: the teacher's own
             if capture.tokenizer is None and not known:
                 raise ValueError(
                     "capture.tokenizer is required with source: vllm (set it to the directory of "
-                    "the tokenizer that teacher and student share)"
+                    "the tokenizer that teacher and student share; with kd_greybox, the teacher's)"
                 )
             if not (capture.base_url or self.teacher.base_url):
                 raise ValueError("capture.base_url (or teacher.base_url) is required with source: vllm")

@@ -1,4 +1,4 @@
-"""`distill capture-logits CONFIG`: add teacher top-k logprobs to a dataset (for kd_topk).
+"""`distill capture-logits CONFIG`: add teacher top-k logprobs to a dataset (for kd_topk, kd_greybox).
 
 The flow only wires: plan (which shards, mark the output incomplete) → one task per shard
 (skipped when already captured with the same settings) → manifest, written last.

@@ -1,4 +1,4 @@
-"""`distill run CONFIG`: build → (capture logits for kd_topk) → train → eval, as one parent flow
+"""`distill run CONFIG`: build → (capture logits for kd_topk, kd_greybox) → train → eval, as one parent flow
 (its deployment, with those of every other flow, is in flows/deployments.py)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def run_stages(config_path: str) -> dict[str, Any]:
     if config.training is None:
         logger.info("no `training:` section: no student to train")
     else:
-        if config.training.objective == "kd_topk" and getattr(config, "capture", None) is not None:
+        if config.training.objective in ("kd_topk", "kd_greybox") and getattr(config, "capture", None) is not None:
             from distillflow.flows.capture_logits import capture_logits_command
 
             result["capture"] = capture_logits_command(config_path)

@@ -34,8 +34,9 @@ class CaptureConfig(StrictModel):
     tokenizer: Path | None = Field(
         None,
         description="Tokenizer directory that turns rows into token ids (the student's; teacher "
-        "and student must share a vocabulary). Default: the model directory (local), "
-        "training.teacher (vllm).",
+        "and student must share a vocabulary). Default: training.student, else the model "
+        "directory (local) or training.teacher (vllm); with training.objective kd_greybox the "
+        "teacher's own (the student may have any vocabulary).",
     )
     k: int = Field(20, ge=1, le=1024, description="Logprobs kept per position (vLLM caps it at --max-logprobs).")
     method: Literal["topk", "sampled"] = Field(

@@ -143,8 +143,10 @@ def resolve_capture_settings(config: DistillConfig) -> CaptureSettings:
         )
     training = config.training
     model = capture.model or config.teacher.model
-    # Positions follow the student's tokenisation: the student's tokenizer when known.
-    tokenizer = capture.tokenizer or (training.student if training is not None else None)
+    # Positions follow the student's tokenisation: the student's tokenizer when known. kd_greybox
+    # aligns tokenisations at train time (training.greybox), so there the teacher tokenises itself.
+    greybox = training is not None and training.objective == "kd_greybox"
+    tokenizer = capture.tokenizer or (training.student if training is not None and not greybox else None)
     if tokenizer is None and capture.source == "local":
         tokenizer = Path(model)
     elif tokenizer is None:  # vllm: the teacher's (a config with neither is rejected when it loads)
@@ -159,7 +161,8 @@ def resolve_capture_settings(config: DistillConfig) -> CaptureSettings:
         system_prompt = config.teacher.system_prompt
     # Training's tokenisation decides the positions: its template (which defaults to the top-level
     # one) and max_length; a config where capture's differ is rejected when it loads.
-    chat_template = capture.chat_template or (training.chat_template if training else None) or config.chat_template
+    training_template = training.chat_template if training is not None and not greybox else None
+    chat_template = capture.chat_template or training_template or config.chat_template
     max_length = capture.max_length or (training.max_length if training else 2048)
     return CaptureSettings(
         source=capture.source,

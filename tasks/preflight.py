@@ -151,8 +151,11 @@ def preflight_capture(config: DistillConfig, source: str) -> None:
     from distillflow.tasks.capture_logits import resolve_capture_settings
 
     settings = resolve_capture_settings(config)
+    training = config.training
     tokenizer_key = "capture.tokenizer" if config.capture and config.capture.tokenizer else (
-        "training.student" if config.training is not None and config.training.student is not None else "capture.model"
+        "capture.model" if Path(settings.tokenizer) == Path(settings.model)
+        else "training.student" if training is not None and Path(settings.tokenizer) == Path(str(training.student))
+        else "training.teacher"
     )
     positions = load_model_dir(settings.tokenizer, tokenizer_key, source, tokenizer_only=True)
     require_chat_template(positions, settings.chat_template, "chat_template", source, for_training=True)
@@ -167,9 +170,11 @@ def preflight_capture(config: DistillConfig, source: str) -> None:
     )
 
 
-def preflight_training(training: TrainingConfig, source: str) -> None:
+def preflight_training(training: TrainingConfig, source: str, captured_first: bool = False) -> None:
     """The student (or the teacher it is derived from) loads and has a template; white-box
-    objectives compare the vocabularies; the student's context holds max_length."""
+    objectives compare the vocabularies; the student's context holds max_length.
+    `captured_first`: `distill run` captures the teacher's top-k before training (kd_greybox
+    then needs no logprobs in the dataset as it stands)."""
     teacher = None
     if training.teacher is not None:
         # kd_topk and on_policy with a teacher server need only the teacher's tokenizer, unless
@@ -184,7 +189,7 @@ def preflight_training(training: TrainingConfig, source: str) -> None:
     require_chat_template(student, training.chat_template, "training.chat_template", source, for_training=True)
     if training.is_white_box and teacher is not None and student is not teacher:
         _same_vocabulary(teacher, student, source)
-    if training.objective == "kd_greybox" and (Path(training.dataset_dir) / "data").is_dir():
+    if training.objective == "kd_greybox" and not captured_first and (Path(training.dataset_dir) / "data").is_dir():
         _has_teacher_logprobs(training, source)
     check_context(
         student, training.max_length, f"training.max_length ({training.max_length})",
@@ -211,16 +216,18 @@ def preflight_run(config: DistillConfig, source: str, prompts: Sequence[str]) ->
     preflight_build(config, source, prompts)
     training = config.training
     if training is not None:
-        if training.objective == "kd_greybox" and not config.teacher.generation.top_logprobs:
+        captures = config.capture is not None and training.objective in ("kd_topk", "kd_greybox")
+        if training.objective == "kd_greybox" and not config.teacher.generation.top_logprobs and not captures:
             raise PreflightError(
                 f"{source}: training.objective is kd_greybox, which trains from the teacher's top-k "
                 "logprobs stored by the build, but teacher.generation.top_logprobs is 0, so the build "
                 "would store none. Set teacher.generation.top_logprobs (e.g. 20, the most an "
-                "OpenAI-compatible API returns), or train with objective: sft"
+                "OpenAI-compatible API returns), add a `capture:` section to capture a teacher you run "
+                "yourself (any vocabulary), or train with objective: sft"
             )
-        if training.objective == "kd_topk" and config.capture is not None:
+        if captures:
             preflight_capture(config, source)
-        preflight_training(training, source)
+        preflight_training(training, source, captured_first=captures)
     if config.evaluation is not None:
         from distillflow.tasks.evaluate import eval_run_from_config
 

@@ -258,3 +258,86 @@ def test_build_then_train_kd_greybox_with_another_tokenizer_and_resume(prefect_h
     steps_after = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [step["step"] for step in steps_after] == [1, 2, 3]
     assert steps_after[:2] == steps[:2] or [s["loss"] for s in steps_after[:2]] == [s["loss"] for s in steps[:2]]
+
+
+# -- a teacher we run ourselves, with another vocabulary, through `distill capture-logits` --
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory) -> tuple[Path, Path]:
+    """(teacher, dataset): a tiny Llama whose BPE (320 tokens) is not the student's (300),
+    and the rows of `write_api_dataset` with its top-k captured in its own tokenisation."""
+    from distillflow.tasks.capture_logits import capture_dataset
+    from distillflow.training.scratch import build_tiny_llama
+    from tests.test_capture_logits import settings_for, write_dataset
+
+    root = tmp_path_factory.mktemp("greybox-capture")
+    teacher = root / "teacher"
+    build_tiny_llama(teacher, hidden_size=64, num_heads=2, num_layers=2, vocab_size=320, seed=1)
+    # A random tiny model is near uniform over its vocabulary; scaling the final norm makes its
+    # distributions peaked (a teacher with opinions), so that the top-k carries most of the mass.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(20.0)
+    model.save_pretrained(str(teacher))
+    rows = [(prompt, RESPONSES[index % len(RESPONSES)]) for index, prompt in enumerate(PROMPTS)]
+    dataset = write_dataset(root / "data", rows=rows, rows_per_shard=8)
+    capture_dataset(settings_for(teacher, dataset, dataset, max_length=256))
+    return teacher, dataset
+
+
+def test_captured_topk_of_a_teacher_with_another_vocabulary_trains_kd_greybox(student_dir, captured, tmp_path):
+    """capture-logits with the teacher's own tokenizer → kd_greybox with the student's: most
+    answer positions carry the teacher's distribution, and training moves the student's
+    distributions towards it much more than sft on the same answers."""
+    from distillflow.training.model import load_tokenizer
+
+    teacher, dataset = captured
+    assert load_tokenizer(teacher).get_vocab() != load_tokenizer(student_dir).get_vocab()
+    _, examples, coverage = greybox_examples(student_dir, dataset, tmp_path / "cache")
+    counts = coverage.to_dict()
+    assert counts["exact"] > 0 and counts["merged"] > 0 and counts["covered_share"] > 0.8, counts
+
+    kd_model, batch, kd_history = _train(student_dir, dataset, tmp_path, "kd_greybox", steps=40)
+    sft_model, _, _ = _train(student_dir, dataset, tmp_path, "sft", steps=40)
+    assert kd_history[0][1] > 0.5 and kd_history[-1][1] < 0.1 * kd_history[0][1]  # measured: 2.39 → 0.039
+    with torch.no_grad():
+        kd_distance = (kd_model(batch)[1] / batch.num_supervised).item()
+        sft_as_kd = type(kd_model)(sft_model.student, kd_model.config, kd_model.vocab_size)
+        sft_distance = (sft_as_kd(batch)[1] / batch.num_supervised).item()
+    assert kd_distance < 0.2 * sft_distance, (kd_distance, sft_distance)  # measured: 0.033 against 4.04
+
+
+def test_preflight_takes_a_different_vocabulary_teacher_for_kd_greybox_and_names_it_otherwise(
+    student_dir, captured, tmp_path
+):
+    from distillflow.config import DistillConfig
+    from distillflow.tasks.capture_logits import resolve_capture_settings
+    from distillflow.tasks.preflight import PreflightError, preflight_capture, preflight_training
+    from distillflow.training.config import TrainingConfig
+
+    teacher, dataset = captured
+    training = TrainingConfig(dataset_dir=dataset, output_dir=tmp_path / "run", student=student_dir,
+                              teacher=teacher, objective="kd_greybox")
+    preflight_training(training, "run.yaml")  # no vocabulary refusal: the captured top-k is aligned
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"prompt": "hi"}) + "\n")
+
+    def config(objective: str) -> DistillConfig:
+        return DistillConfig.model_validate({
+            "name": "g", "output_dir": str(dataset), "seeds": [{"path": str(seeds)}],
+            "teacher": {"backend": "local", "model": str(teacher)},
+            "capture": {"source": "local", "k": K},
+            "training": {"dataset_dir": str(dataset), "output_dir": str(tmp_path / "run"), "student": str(student_dir),
+                         "objective": objective},
+        })
+
+    greybox = config("kd_greybox")
+    assert resolve_capture_settings(greybox).tokenizer == str(teacher)  # the teacher tokenises itself
+    preflight_capture(greybox, "run.yaml")
+    with pytest.raises(PreflightError) as error:
+        preflight_capture(config("kd_topk"), "run.yaml")  # positions in the student's ids: refused
+    assert "training.objective: kd_greybox" in str(error.value) and "distill capture-logits" in str(error.value)

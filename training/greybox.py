@@ -12,6 +12,11 @@ example, per supervised token:
 
 K is the most entries any position has (≤ k + 1: the alternatives and the actual token).
 The teacher is never run: any student tokenizer works, with no teacher GPU at train time.
+
+A dataset with a `teacher_topk` column (`distill capture-logits` with a local or vLLM
+teacher that tokenised the rows itself) is read the same way: `captured_entries` turns each
+row's (T, k) teacher ids back into the teacher's token bytes with the tokenizer the shard's
+provenance names, and the result goes through the same alignment as the API's logprobs.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from distillflow.training.data import IGNORE_INDEX, read_columns, render_example, training_row_mask
+from distillflow.training.data import IGNORE_INDEX, encode_example, read_columns, render_example, training_row_mask
 from distillflow.training.token_align import (
     BYTE_LEVEL_DECODER,
     Coverage,
@@ -32,6 +37,7 @@ from distillflow.training.token_align import (
 )
 
 LOGPROBS_COLUMN = "top_logprobs"
+CAPTURED_COLUMN = "teacher_topk"
 
 
 class NoTeacherLogprobs(ValueError):
@@ -41,9 +47,11 @@ class NoTeacherLogprobs(ValueError):
 def no_logprobs_message(dataset_dir: str | Path, detail: str) -> str:
     return (
         f"training.objective kd_greybox trains from the teacher's top-k logprobs that `distill build` "
-        f"stores per answer token, but {dataset_dir} {detail}. Set teacher.generation.top_logprobs "
-        "(e.g. 20, the most an OpenAI-compatible API returns) in the build config and run "
-        "`distill build` again, or train with objective: sft, which needs none"
+        f"stores per answer token (or that `distill capture-logits` stores), but {dataset_dir} {detail}. "
+        "Set teacher.generation.top_logprobs (e.g. 20, the most an OpenAI-compatible API returns) in "
+        "the build config and run `distill build` again, or run `distill capture-logits` with the "
+        "teacher you run yourself (a `capture:` section; any vocabulary), or train with objective: "
+        "sft, which needs none"
     )
 
 
@@ -55,12 +63,93 @@ def check_greybox_dataset(dataset_dir: str | Path) -> None:
 
     rows_with = 0
     for path in dataset_shards(dataset_dir):
-        if LOGPROBS_COLUMN not in pq.read_schema(path).names:
+        names = pq.read_schema(path).names
+        if CAPTURED_COLUMN in names:
+            if not (captured_settings(path) or {}).get("tokenizer"):
+                raise NoTeacherLogprobs(no_logprobs_message(
+                    dataset_dir, f"has a {CAPTURED_COLUMN} column in {path.name} without the capture's "
+                    "provenance (which teacher tokenizer made its ids)"))
+            column = pq.read_table(path, columns=[CAPTURED_COLUMN]).column(CAPTURED_COLUMN)
+        elif LOGPROBS_COLUMN in names:
+            column = pq.read_table(path, columns=[LOGPROBS_COLUMN]).column(LOGPROBS_COLUMN)
+        else:
             raise NoTeacherLogprobs(no_logprobs_message(dataset_dir, f"has no {LOGPROBS_COLUMN} column ({path.name})"))
-        column = pq.read_table(path, columns=[LOGPROBS_COLUMN]).column(LOGPROBS_COLUMN)
         rows_with += len(column) - column.null_count
     if rows_with == 0:
         raise NoTeacherLogprobs(no_logprobs_message(dataset_dir, f"has an empty {LOGPROBS_COLUMN} column (the provider returned none)"))
+
+
+def captured_settings(path: Path) -> dict[str, Any] | None:
+    """The capture fingerprint a shard was written with (`tasks.capture_logits`), or None."""
+    from distillflow.storage.add_columns import read_provenance
+
+    return (read_provenance(path) or {}).get("capture")
+
+
+def captured_entries(path: Path) -> list[list[dict] | None]:
+    """The `teacher_topk` of one captured shard as `top_logprobs`-shaped entries per row
+    (token bytes, logprob, top: the k alternatives), in the teacher's own tokenisation.
+
+    The capture's tokenizer, template, system prompt and max_length (the shard's provenance)
+    tokenise each row again: blob row t predicts the t-th supervised teacher token, whose
+    logprob is known when it is among the top-k. Trailing special tokens (the template's end
+    of turn, no bytes) are left out: they are not answer text.
+    """
+    import pyarrow.parquet as pq
+
+    from distillflow.storage.topk import decode_topk
+    from distillflow.training.model import load_tokenizer
+
+    settings = captured_settings(path) or {}
+    tokenizer = load_tokenizer(settings["tokenizer"])
+    vocabulary = student_token_bytes(tokenizer)  # any tokenizer: the bytes of each id
+    table = pq.read_table(path, columns=["prompt", "response", CAPTURED_COLUMN])
+    out: list[list[dict] | None] = []
+    for prompt, response, blob in zip(*(table.column(name).to_pylist() for name in table.column_names)):
+        if blob is None:
+            out.append(None)
+            continue
+        example = encode_example(
+            tokenizer, prompt, response, system_prompt=settings.get("system_prompt"),
+            max_length=settings.get("max_length", 2048), chat_template=settings.get("chat_template"),
+        )
+        labels, input_ids = example["labels"], example["input_ids"]
+        actual = [int(input_ids[i]) for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX]
+        ids, logprobs = decode_topk(blob)  # (T, k) each, rows sorted descending
+        entries = []
+        for token_id, row_ids, row_logprobs in zip(actual, ids.tolist(), logprobs.tolist()):
+            found = [lp for i, lp in zip(row_ids, row_logprobs) if i == token_id]
+            entries.append({
+                **_token(vocabulary, token_id), "logprob": found[0] if found else None,
+                "top": [{**_token(vocabulary, i), "logprob": lp} for i, lp in zip(row_ids, row_logprobs)],
+            })
+        while entries and entries[-1]["bytes"] is None:
+            entries.pop()
+        out.append(entries)
+    return out
+
+
+def _token(vocabulary: list[bytes | None], token_id: int) -> dict[str, Any]:
+    """A teacher id as a stored entry's token: its bytes (None for a special token: unknown text)."""
+    raw = vocabulary[token_id] if token_id < len(vocabulary) else None
+    return {"token": None if raw is None else raw.decode("utf-8", errors="replace"),
+            "bytes": None if raw is None else list(raw)}
+
+
+def teacher_entries(dataset_dir: str | Path) -> list[list[dict] | None]:
+    """Each row's teacher tokens in shard order: captured top-k where a shard has it (a teacher
+    run with `distill capture-logits`), else the build's stored API logprobs."""
+    import pyarrow.parquet as pq
+
+    from distillflow.training.data import dataset_shards
+
+    out: list[list[dict] | None] = []
+    for path in dataset_shards(dataset_dir):
+        if CAPTURED_COLUMN in pq.read_schema(path).names:
+            out.extend(captured_entries(path))
+        else:
+            out.extend(pq.read_table(path, columns=[LOGPROBS_COLUMN]).column(LOGPROBS_COLUMN).to_pylist())
+    return out
 
 
 class StudentPieces:
@@ -153,7 +242,9 @@ def attach_greybox(
             "save the student with a tokenizer.json (transformers' fast tokenizer)"
         )
     check_greybox_dataset(dataset_dir)
-    rows = read_columns(dataset_dir, ["prompt", "response", LOGPROBS_COLUMN]).to_pylist()
+    rows = read_columns(dataset_dir, ["prompt", "response"]).to_pylist()
+    for row, entries in zip(rows, teacher_entries(dataset_dir)):
+        row[LOGPROBS_COLUMN] = entries
     keep = training_row_mask(dataset_dir, holdout_fraction)
     if keep is not None:
         rows = [row for row, kept in zip(rows, keep) if kept]

@@ -140,9 +140,11 @@ def vocabulary_preflight(
             f"{only_teacher} tokens only in the teacher, {only_student} only in the student, "
             f"{moved} with different ids. White-box objectives compare distributions token by "
             "token and need one vocabulary: pick a student from the teacher's family, derive it "
-            "from the teacher (training.derive_student), or use objective: kd_greybox (the teacher's "
-            "top-k logprobs stored by `distill build` with teacher.generation.top_logprobs, aligned "
-            "across tokenizers) or sft, which both work across tokenizers"
+            "from the teacher (training.derive_student), or set training.objective: kd_greybox, which "
+            "aligns the two tokenisations on bytes and needs the teacher's top-k in the dataset: "
+            "`distill capture-logits` with a teacher you run (leave capture.tokenizer unset: the teacher "
+            "tokenises the rows itself) or `distill build` with teacher.generation.top_logprobs; "
+            "or sft, which needs neither"
         )
     size = len(teacher_tokenizer)
     smallest_rows = min(teacher_rows, student_rows)
