@@ -72,22 +72,16 @@ class TeacherStats:
     completion_tokens: int = 0
     retry_reasons: Counter = field(default_factory=Counter)
 
+    COUNTERS = ("requests_sent", "retries", "ledger_hits", "answered", "prompt_tokens", "completion_tokens")
+
     def add(self, other: dict[str, Any]) -> None:
         """Add another process's `to_dict()`."""
-        for name in ("requests_sent", "retries", "ledger_hits", "answered", "prompt_tokens", "completion_tokens"):
+        for name in self.COUNTERS:
             setattr(self, name, getattr(self, name) + other.get(name, 0))
         self.retry_reasons.update(other.get("retry_reasons", {}))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "requests_sent": self.requests_sent,
-            "retries": self.retries,
-            "ledger_hits": self.ledger_hits,
-            "answered": self.answered,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "retry_reasons": dict(self.retry_reasons),
-        }
+        return {name: getattr(self, name) for name in self.COUNTERS} | {"retry_reasons": dict(self.retry_reasons)}
 
 
 
