@@ -152,10 +152,6 @@ class ProgressArtifact:
         self._sender: threading.Thread | None = None
 
     @staticmethod
-    def in_flow_run() -> bool:
-        return ProgressArtifact.flow_run_id() is not None
-
-    @staticmethod
     def flow_run_id() -> str | None:
         """The id of the flow run this code runs in (also from inside its task runs), if any."""
         if "prefect" not in sys.modules:  # not inside a run: don't pay Prefect's import
