@@ -184,6 +184,16 @@ def runner_deployments(config_paths: list[Path], **options: Any) -> list[Any]:
     return deployments
 
 
+def server_unreachable(command: str, error: Exception) -> ConfigError:
+    """The paragraph for a configured Prefect server that refuses connections."""
+    from prefect.settings import PREFECT_API_URL
+
+    return ConfigError(
+        f"{command}: the Prefect server at PREFECT_API_URL={PREFECT_API_URL.value()} does not answer "
+        f"({error}); start it (`prefect server start`) or point PREFECT_API_URL at a running one"
+    )
+
+
 def _mode(pool: str | None) -> str:
     return f"on work pool {pool!r} (`distill deploy`)" if pool else "served by `distill serve` (no work pool)"
 
@@ -205,6 +215,8 @@ def refuse_takeover(deployments: list[Any], pool: str | None, replace: bool = Fa
                 existing = client.read_deployment_by_name(name)
             except ObjectNotFound:
                 continue
+            except httpx.ConnectError as error:  # the first call to the server
+                raise server_unreachable("distill deploy" if pool else "distill serve", error) from None
             if (existing.work_pool_name or None) != (pool or None):
                 clashes.append(f"{name} is {_mode(existing.work_pool_name)}")
     if clashes:
@@ -254,10 +266,7 @@ def deploy_command(
         refuse_takeover(deployments, pool, replace)
         ensure_process_pool(pool)
     except httpx.ConnectError as error:  # the first call to the server
-        raise ConfigError(
-            f"distill deploy: the Prefect server at PREFECT_API_URL={PREFECT_API_URL.value()} does not answer "
-            f"({error}); start it (`prefect server start`) or point PREFECT_API_URL at a running one"
-        ) from None
+        raise server_unreachable("distill deploy", error) from None
     deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False, ignore_warnings=True)
     names = [f"{deployment.flow_name}/{deployment.name}" for deployment in deployments]
     for name in names:
