@@ -154,18 +154,20 @@ def test_deploy_without_a_server_says_how_to_point_at_one(tmp_path, monkeypatch)
         deploy_command([config])
 
 
-def test_deploy_to_a_server_that_does_not_answer_names_it(tmp_path):
+@pytest.mark.parametrize("command", ["deploy", "serve"])
+def test_deploy_or_serve_to_a_server_that_does_not_answer_names_it(tmp_path, command):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from distillflow.flows.deployments import deploy_command
+    from distillflow.flows.deployments import deploy_command, serve_command
 
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:3])
     config = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", "http://127.0.0.1:9/v1")
     dead = f"http://127.0.0.1:{free_port()}/api"
+    run = deploy_command if command == "deploy" else serve_command
     with temporary_settings(updates={PREFECT_API_URL: dead}), pytest.raises(ConfigError, match="does not answer") as error:
-        deploy_command([config])
-    assert dead in str(error.value)
+        run([config])
+    assert str(error.value).startswith(f"distill {command}: the Prefect server") and dead in str(error.value)
 
 
 @pytest.mark.slow
@@ -300,17 +302,3 @@ def test_deploy_and_serve_never_take_over_each_others_deployments(prefect_harnes
         deploy_command([config], pool="takeover-b")
     with pytest.raises(ConfigError, match="registering it served by `distill serve`"):
         refuse_takeover(runner_deployments([config]), None)  # what `distill serve` checks first
-
-
-def test_serve_against_a_server_that_does_not_answer_names_it(tmp_path):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from distillflow.flows.deployments import serve_command
-
-    seeds = tmp_path / "seeds.jsonl"
-    write_seeds(seeds, GOOD[:3])
-    config = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", "http://127.0.0.1:9/v1")
-    dead = f"http://127.0.0.1:{free_port()}/api"
-    with temporary_settings(updates={PREFECT_API_URL: dead}), pytest.raises(ConfigError, match="distill serve: the Prefect server") as error:
-        serve_command([config])
-    assert dead in str(error.value) and "start it" in str(error.value)
