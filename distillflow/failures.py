@@ -277,7 +277,7 @@ def failed_run(error: Exception) -> Any:
     """End the current flow run as Failed with the error's paragraph as its state message, logged
     once at ERROR with no traceback (that stays in the log file and at DEBUG). Calling the flow
     raises `error` again, so a command prints the same paragraph."""
-    from prefect import get_run_logger
+    from distillflow.runs import get_run_logger
     from prefect.states import Failed
 
     message = error_message(error)

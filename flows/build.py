@@ -16,15 +16,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.utilities.annotations import quote
 
+from distillflow import runs
 from distillflow.config import DistillConfig, load_config
 from distillflow.failures import failed_run, is_project_error
 from distillflow.flows.shard_runs import build_shard
 from distillflow.interrupt import cancel_on_interrupt
 from distillflow.memory import release_freed_memory
+from distillflow.runs import get_run_logger
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.seeds import SeedRows, load_seeds
 from distillflow.tasks.build_steps import (
@@ -116,6 +118,8 @@ def build_dataset(
 
 def publish_build_artifacts(config: DistillConfig, manifest: dict[str, Any]) -> None:
     """The build's Prefect artifacts: rows per stage and reject reason, a summary, the prompts."""
+    if not runs.keeps_artifacts():  # no server: the dataset card and inspect show the same
+        return
     from distillflow.prompts.report import report_markdown
     from distillflow.tasks.artifact_charts import build_summary_markdown, dataset_lengths
 

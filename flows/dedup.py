@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, unmapped
 
+from distillflow.runs import get_run_logger
 from distillflow.tasks.dedup_dataset import (
     filter_dataset,
     filters_config_for,

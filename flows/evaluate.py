@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.utilities.annotations import quote
 
+from distillflow.runs import get_run_logger
 from distillflow.tasks.eval_report import (
     format_table,
 )

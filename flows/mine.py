@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import quote
 
 from distillflow.config import DistillConfig, load_config
 from distillflow.interrupt import cancel_on_interrupt
 from distillflow.progress import ProgressBar
+from distillflow.runs import get_run_logger
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.tasks.build_steps import answer_batch_task, filter_responses_task
 from distillflow.tasks.mining import (

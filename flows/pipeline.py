@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from distillflow.config import load_config
 from distillflow.failures import fail_cleanly
 from distillflow.flows.build import build_dataset
+from distillflow.runs import get_run_logger
 from distillflow.tasks.teacher.protocol import resolve_api_key
 
 

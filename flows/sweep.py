@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from distillflow.config import load_config
+from distillflow.runs import get_run_logger
 from distillflow.tasks.sweep import (
     SweepPlan,
     SweepPoint,

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import DistillConfig
 from distillflow.progress import ProgressBar
 from distillflow.progress import progress as report_progress
 from distillflow.records import BUDGET_REASON, PromptRecord, Reject, TeacherAnswer
+from distillflow.runs import get_run_logger
 from distillflow.storage.dataset import dataset_card, finish_dataset
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.manifest import build_manifest

@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import ConfigError, DistillConfig, stage_dirs
 from distillflow.progress import artifact_key_for, progress
+from distillflow.runs import get_run_logger
 from distillflow.storage.add_columns import (
     add_columns_atomic,
     column_compressed_bytes,

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, ValidationError, model_validator
@@ -45,6 +45,7 @@ from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected
 from distillflow.prompts.config import AdversarialConfig, EdgeCaseConfig
 from distillflow.prompts.edge_cases import EDGE_CASES
 from distillflow.records import content_id
+from distillflow.runs import get_run_logger
 from distillflow.storage.dataset import is_heldout
 from distillflow.storage.ledger import LEDGER_DIR, TEACHER_LEDGER, Ledger
 from distillflow.tasks.eval_checks import CHECKS, ONE_OF_SEPARATOR, exact_match, is_correct, rouge_l, token_f1

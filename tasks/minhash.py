@@ -4,7 +4,8 @@ Pipeline for N rows with K permutations (`num_perm`) split into B bands of R row
 
 1. `pack_texts`: normalise (NFKC, case-fold, punctuation → space, whitespace collapse) and
    pack a batch into one UTF-8 byte buffer + offsets.
-2. `signatures`: a compiled kernel (numba) walks each row's shingles (character n-grams
+2. `signatures`: a compiled kernel (numba, tasks/minhash_kernels.py; Python and numpy for
+   a batch of at most `SMALL_INPUT_BYTES`) walks each row's shingles (character n-grams
    over UTF-8 bytes, or word n-grams), hashes each shingle once to 64 bits, and keeps for
    each of the K hash functions h_k(x) = (a_k·x + b_k) >> 32 (multiply-shift, a_k odd)
    the minimum → (N, K) uint32. One call per batch, no Python per shingle.
@@ -31,12 +32,23 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
-import numba
 import numpy as np
 
 from distillflow.tasks.dedup import KEEP, duplicate_details, resolve_clusters
 from distillflow.tasks.filter_config import NearDedupConfig
+from distillflow.tasks.minhash_constants import (
+    _FNV_OFFSET,
+    _FNV_PRIME,
+    _M1,
+    _M2,
+    _S27,
+    _S30,
+    _S31,
+    _S32,
+    _WORD_COMBINE,
+)
 
 _UNICODE_PUNCTUATION_TO_SPACE = str.maketrans({ch: " " for ch in "¡¿«»‹›“”„‘’‚…–—―·•、。，．：；！？「」『』（）【】"})
 
@@ -74,6 +86,9 @@ _BYTE_CLASS = np.array(
 )
 
 
+_MASK64 = (1 << 64) - 1
+
+
 @lru_cache(maxsize=16)
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Multipliers a (odd) and offsets b of the K hash functions h_k(x) = a_k·x + b_k mod 2^32,
@@ -84,158 +99,74 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_FNV_PRIME = np.uint64(0x100000001B3)
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_WORD_COMBINE = np.uint64(0x9E3779B97F4A7C15)
-_S27, _S30, _S31, _S32 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(32)
-_MAX32 = np.uint32(0xFFFFFFFF)
+# Inputs up to this many UTF-8 bytes are hashed in Python and numpy; larger ones by the
+# compiled kernels (tasks/minhash_kernels.py), whose first use costs 0.5-0.8 s (numba's
+# import and the load of the cached machine code). Both give the same values.
+SMALL_INPUT_BYTES = 32_768
 
 
-@numba.njit(cache=True, inline="always")
-def _mix64(z):  # splitmix64 finaliser: a bijection on uint64 with full avalanche
+def _kernels() -> Any:
+    from distillflow.tasks import minhash_kernels
+
+    return minhash_kernels
+
+
+def _small(data: np.ndarray) -> bool:
+    return len(data) <= SMALL_INPUT_BYTES
+
+
+def _mix64_array(z: np.ndarray) -> np.ndarray:
+    """The kernels' splitmix64 finaliser over a uint64 array (numpy wraps as they do)."""
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
     return z ^ (z >> _S31)
 
 
-@numba.njit(cache=True, inline="always")
-def _window_hash(window, first, last, n):
-    """One hash of words first..last-1, kept in the ring buffer `window` of n word hashes."""
-    shingle = np.uint64(0)
-    for t in range(first, last):
-        shingle = (shingle ^ window[t % n]) * _WORD_COMBINE
-    return shingle
-
-
-@numba.njit(cache=True, inline="always")
-def _update(signature, shingle, a, b):
-    x = np.uint32(_mix64(shingle) >> _S32)
-    for k in range(a.shape[0]):  # vectorised by LLVM: 8 uint32 lanes per instruction
-        signature[k] = min(signature[k], np.uint32(a[k] * x + b[k]))
-
-
-@numba.njit(cache=True, nogil=True)
-def _row_shingles(data, start, end, byte_class, word_unit, n, clean, window, out):
-    """The 64-bit hash of every shingle of the row data[start:end] into out[:count];
-    returns count. `clean` (≥ end - start bytes) and `window` (n) are scratch buffers;
-    `out` needs room for end - start + 1 hashes.
-
-    The row is normalised first: separators → one space, runs collapsed, both ends stripped.
-    Shingles are character (UTF-8 byte) n-grams, or word n-grams; a row shorter than n is
-    one shingle."""
-    length = 0
-    for j in range(start, end):
-        c = byte_class[data[j]]
+def _py_row_shingles(row: np.ndarray, word_unit: bool, n: int) -> list[int]:
+    """`minhash_kernels._row_shingles` in Python: the 64-bit hash of every shingle of one row
+    (bytes of `pack_texts`), the word hashes already mixed as the kernel mixes them."""
+    clean: list[int] = []
+    for c in _BYTE_CLASS[row].tolist():
         if c != 0:
-            clean[length] = c
-            length += 1
-        elif length > 0 and clean[length - 1] != 32:
-            clean[length] = 32
-            length += 1
-    if length > 0 and clean[length - 1] == 32:
-        length -= 1
-    count = 0
+            clean.append(c)
+        elif clean and clean[-1] != 32:
+            clean.append(32)
+    if clean and clean[-1] == 32:
+        clean.pop()
+    offset, prime = int(_FNV_OFFSET), int(_FNV_PRIME)
     if not word_unit:
-        for i in range(max(1, length - n + 1)):
-            h = _FNV_OFFSET
-            for j in range(i, min(i + n, length)):
-                h = (h ^ np.uint64(clean[j])) * _FNV_PRIME
-            out[count] = h
-            count += 1
-        return count
-    words = 0
-    h = _FNV_OFFSET
-    for j in range(length + 1):
-        if j == length or clean[j] == 32:
+        hashes = []
+        for i in range(max(1, len(clean) - n + 1)):
+            h = offset
+            for c in clean[i : i + n]:
+                h = ((h ^ c) * prime) & _MASK64
+            hashes.append(h)
+        return hashes
+    words: list[int] = []
+    h = offset
+    for j in range(len(clean) + 1):
+        if j == len(clean) or clean[j] == 32:
             if j > 0:
-                window[words % n] = _mix64(h)
-                words += 1
-                if words >= n:
-                    out[count] = _window_hash(window, words - n, words, n)
-                    count += 1
-            h = _FNV_OFFSET
+                words.append(h)
+            h = offset
         else:
-            h = (h ^ np.uint64(clean[j])) * _FNV_PRIME
-    if words < n:
-        out[count] = _window_hash(window, 0, words, n)
-        count += 1
-    return count
+            h = ((h ^ clean[j]) * prime) & _MASK64
+    mixed = _mix64_array(np.array(words, dtype=np.uint64)).tolist() if words else []
+    combine = int(_WORD_COMBINE)
+
+    def window(first: int, last: int) -> int:
+        shingle = 0
+        for word in mixed[first:last]:
+            shingle = ((shingle ^ word) * combine) & _MASK64
+        return shingle
+
+    if len(mixed) < n:
+        return [window(0, len(mixed))]
+    return [window(end - n, end) for end in range(n, len(mixed) + 1)]
 
 
-@numba.njit(cache=True, nogil=True)
-def _signatures_kernel(data, offsets, byte_class, word_unit, n, a, b, out):
-    """out[row] = MinHash of row `row`'s shingles.
-
-    data (L,) uint8 case-folded UTF-8, offsets (N+1,) int64, byte_class (256,) uint8,
-    a, b (K,) uint32, out (N, K) uint32.
-    """
-    window = np.zeros(n, dtype=np.uint64)  # ring buffer of the last n word hashes
-    clean = np.empty(0, dtype=np.uint8)
-    shingles = np.empty(1, dtype=np.uint64)
-    for row in range(offsets.shape[0] - 1):
-        start, end = offsets[row], offsets[row + 1]
-        if clean.shape[0] < end - start:
-            clean = np.empty(2 * (end - start), dtype=np.uint8)
-        if shingles.shape[0] < end - start + 1:
-            shingles = np.empty(2 * (end - start) + 1, dtype=np.uint64)
-        count = _row_shingles(data, start, end, byte_class, word_unit, n, clean, window, shingles)
-        signature = out[row]
-        signature[:] = _MAX32
-        for i in range(count):
-            _update(signature, shingles[i], a, b)
-
-
-@numba.njit(cache=True, nogil=True)
-def _shingle_sets_kernel(data, offsets, byte_class, word_unit, n):
-    """Each row's sorted, distinct shingle hashes: (flat, first), row r's set being
-    flat[first[r]:first[r + 1]]."""
-    rows = offsets.shape[0] - 1
-    total = 0
-    for row in range(rows):
-        total += offsets[row + 1] - offsets[row] + 1
-    flat = np.empty(total, dtype=np.uint64)
-    first = np.zeros(rows + 1, dtype=np.int64)
-    window = np.zeros(n, dtype=np.uint64)
-    clean = np.empty(0, dtype=np.uint8)
-    position = 0
-    for row in range(rows):
-        start, end = offsets[row], offsets[row + 1]
-        if clean.shape[0] < end - start:
-            clean = np.empty(2 * (end - start), dtype=np.uint8)
-        count = _row_shingles(data, start, end, byte_class, word_unit, n, clean, window, flat[position:])
-        ordered = np.sort(flat[position : position + count])
-        distinct = 0
-        for i in range(count):
-            if i == 0 or ordered[i] != ordered[i - 1]:
-                flat[position + distinct] = ordered[i]
-                distinct += 1
-        first[row] = position
-        position += distinct
-        first[row + 1] = position
-    return flat[:position], first
-
-
-@numba.njit(cache=True, nogil=True)
-def _pair_jaccard_kernel(flat, first, left, right, out):
-    """out[p] = |A ∩ B| / |A ∪ B| of the sets of rows left[p] and right[p] (a merge of two
-    sorted runs)."""
-    for p in range(left.shape[0]):
-        i, i_end = first[left[p]], first[left[p] + 1]
-        j, j_end = first[right[p]], first[right[p] + 1]
-        size = (i_end - i) + (j_end - j)
-        shared = 0
-        while i < i_end and j < j_end:
-            if flat[i] == flat[j]:
-                shared += 1
-                i += 1
-                j += 1
-            elif flat[i] < flat[j]:
-                i += 1
-            else:
-                j += 1
-        out[p] = shared / (size - shared) if size > shared else 1.0
+def _py_shingles(data: np.ndarray, offsets: np.ndarray, word_unit: bool, n: int) -> list[list[int]]:
+    return [_py_row_shingles(data[offsets[r] : offsets[r + 1]], word_unit, n) for r in range(len(offsets) - 1)]
 
 
 class ShingleSets:
@@ -244,12 +175,25 @@ class ShingleSets:
 
     def __init__(self, texts: Sequence[str], config: NearDedupConfig) -> None:
         data, offsets = pack_texts(texts)
-        self.flat, self.first = _shingle_sets_kernel(data, offsets, _BYTE_CLASS, config.unit == "word", config.ngram)
+        self.sets: list[set[int]] | None = None
+        if _small(data):
+            self.sets = [set(row) for row in _py_shingles(data, offsets, config.unit == "word", config.ngram)]
+        else:
+            self.flat, self.first = _kernels()._shingle_sets_kernel(
+                data, offsets, _BYTE_CLASS, config.unit == "word", config.ngram
+            )
 
     def jaccard(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         """The true Jaccard similarity of rows left[p] and right[p], (E,) float32."""
         out = np.empty(len(left), dtype=np.float32)
-        _pair_jaccard_kernel(
+        if self.sets is not None:
+            for p, (i, j) in enumerate(zip(np.asarray(left).tolist(), np.asarray(right).tolist())):
+                a, b = self.sets[i], self.sets[j]
+                shared = len(a & b)
+                size = len(a) + len(b)
+                out[p] = shared / (size - shared) if size > shared else 1.0
+            return out
+        _kernels()._pair_jaccard_kernel(
             self.flat, self.first, np.asarray(left, dtype=np.int64), np.asarray(right, dtype=np.int64), out
         )
         return out
@@ -270,38 +214,27 @@ def signatures(texts: Sequence[str], config: NearDedupConfig) -> np.ndarray:
     data, offsets = pack_texts(texts)
     a, b = permutations(config.num_perm, config.seed)
     out = np.empty((len(texts), config.num_perm), dtype=np.uint32)
-    _signatures_kernel(data, offsets, _BYTE_CLASS, config.unit == "word", config.ngram, a, b, out)
+    if not _small(data):
+        _kernels()._signatures_kernel(data, offsets, _BYTE_CLASS, config.unit == "word", config.ngram, a, b, out)
+        return out
+    for row, shingles in enumerate(_py_shingles(data, offsets, config.unit == "word", config.ngram)):
+        x = (_mix64_array(np.array(shingles, dtype=np.uint64)) >> _S32).astype(np.uint32)
+        out[row] = (a[None, :] * x[:, None] + b[None, :]).min(axis=0)  # uint32 arithmetic wraps as the kernel's
     return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _word_ngram_kernel(data, offsets, byte_class, n, hashes, row_of):
-    """Hash of every word n-gram of every row (rows with fewer than n words: one hash of all
-    their words): `_row_shingles`' word shingles, mixed as `_update` mixes them before the
-    permutations. Returns how many were written."""
-    window = np.zeros(n, dtype=np.uint64)
-    clean = np.empty(0, dtype=np.uint8)
-    count = 0
-    for row in range(offsets.shape[0] - 1):
-        start, end = offsets[row], offsets[row + 1]
-        if clean.shape[0] < end - start:
-            clean = np.empty(2 * (end - start), dtype=np.uint8)
-        written = _row_shingles(data, start, end, byte_class, True, n, clean, window, hashes[count:])
-        for i in range(count, count + written):
-            hashes[i] = _mix64(hashes[i])
-            row_of[i] = row
-        count += written
-    return count
 
 
 def word_ngram_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     """(hashes (M,) uint64, row (M,) int64) of the word n-grams of each text, normalised as for
     MinHash; a text with fewer than n words gives one hash of its whole word sequence."""
     data, offsets = pack_texts(texts)
+    if _small(data):
+        rows = _py_shingles(data, offsets, True, n)
+        flat = np.array([h for row in rows for h in row], dtype=np.uint64)
+        return _mix64_array(flat), np.repeat(np.arange(len(rows), dtype=np.int64), [len(row) for row in rows])
     capacity = len(data) + len(texts)
     hashes = np.empty(capacity, dtype=np.uint64)
     row_of = np.empty(capacity, dtype=np.int64)
-    count = _word_ngram_kernel(data, offsets, _BYTE_CLASS, n, hashes, row_of)
+    count = _kernels()._word_ngram_kernel(data, offsets, _BYTE_CLASS, n, hashes, row_of)
     return hashes[:count].copy(), row_of[:count].copy()
 
 
@@ -350,23 +283,21 @@ def _cached_optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return optimal_bands(threshold, num_perm, FALSE_POSITIVE_WEIGHT, FALSE_NEGATIVE_WEIGHT)
 
 
-@numba.njit(cache=True, nogil=True)
-def _band_keys_kernel(signature, index, bands, rows, out):
-    for i in range(index.shape[0]):
-        row = index[i]
-        for band in range(bands):
-            key = _FNV_OFFSET ^ np.uint64(band)
-            for column in range(band * rows, (band + 1) * rows):
-                key = (key ^ np.uint64(signature[row, column])) * _FNV_PRIME
-            out[band, i] = _mix64(key)
-
-
 def band_keys(signature: np.ndarray, bands: int, rows: int, index: np.ndarray | None = None) -> np.ndarray:
     """One uint64 key per (band, row): (N, K) uint32 → (bands, N) uint64, or (bands, len(index))
     for the rows `index` only (no copy of the signatures)."""
     index = np.arange(signature.shape[0], dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+    if len(index) * signature.shape[1] * 4 > SMALL_INPUT_BYTES:
+        out = np.empty((bands, len(index)), dtype=np.uint64)
+        _kernels()._band_keys_kernel(np.ascontiguousarray(signature), index, bands, rows, out)
+        return out
     out = np.empty((bands, len(index)), dtype=np.uint64)
-    _band_keys_kernel(np.ascontiguousarray(signature), index, bands, rows, out)
+    chosen = signature[index].astype(np.uint64)
+    for band in range(bands):
+        key = np.full(len(index), _FNV_OFFSET ^ np.uint64(band), dtype=np.uint64)
+        for column in range(band * rows, (band + 1) * rows):
+            key = (key ^ chosen[:, column]) * _FNV_PRIME
+        out[band] = _mix64_array(key)
     return out
 
 

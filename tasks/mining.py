@@ -25,11 +25,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import ConfigError, DistillConfig, mining_dirs
 from distillflow.records import PromptRecord, Reject
+from distillflow.runs import get_run_logger
 from distillflow.storage.ledger import Ledger
 from distillflow.tasks.mining_config import MiningConfig
 from distillflow.tasks.teacher.recording import answer_requests

@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from prefect import get_run_logger
-
 from distillflow.config import ConfigError, DistillConfig
 from distillflow.progress import ProgressBar
+from distillflow.runs import get_run_logger
 from distillflow.tasks.shards import BUILDING, ShardPlan, ShardResult
 
 SHARD_FLOW = "build-shard"

@@ -25,12 +25,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import load_training_config
 from distillflow.progress import progress
+from distillflow.runs import get_run_logger
 from distillflow.training.config import TrainingConfig
 
 TAIL_LINES = 30  # output lines quoted in the error of a failed run

@@ -178,3 +178,49 @@ def test_filters_config_rejects_bad_values():
         FiltersConfig(near_dedup={"num_perm": 64, "bands": 65})
     with pytest.raises(ValueError):
         FiltersConfig(unknown_key=True)
+
+
+# -- small batches: Python and numpy instead of the compiled kernels --------------------------
+
+
+def _texts_for_equivalence() -> list[str]:
+    import random
+
+    rng = random.Random(7)
+    words = ["alpha", "Beta", "gamma", "δέλτα", "naïve", "日本語", "x", "emoji🙂", "a-b", "C3PO"]
+    texts = ["", "   ", "!!!", "a", "ab", "Hello,   World!!", "  trailing  ", "\tTabs\tand\nlines\n", "ｆｕｌｌｗｉｄｔｈ"]
+    for _ in range(60):
+        texts.append(rng.choice([" ", ", ", "  ", "... "]).join(rng.choice(words) for _ in range(rng.randint(1, 14))))
+    return texts
+
+
+@pytest.mark.parametrize("unit,ngram", [("char", 5), ("char", 1), ("word", 3), ("word", 1), ("word", 7)])
+def test_small_batches_hash_exactly_as_the_compiled_kernels(monkeypatch, unit, ngram):
+    """A small batch (a 10-prompt build) is hashed without numba; every value — signatures,
+    band keys, exact Jaccard, word n-grams — must equal the kernels', or a resumed or
+    re-filtered dataset would decide differently."""
+    import numpy as np
+
+    from distillflow.tasks import minhash
+    from distillflow.tasks.filter_config import NearDedupConfig
+
+    texts = _texts_for_equivalence()
+    config = NearDedupConfig(unit=unit, ngram=ngram, num_perm=64, bands=8)
+    left, right = np.triu_indices(len(texts), k=1)
+
+    def everything() -> tuple:
+        signature = minhash.signatures(texts, config)
+        keys = minhash.band_keys(signature, 8, 8)
+        some_keys = minhash.band_keys(signature, 8, 8, index=np.array([3, 0, 11]))
+        jaccard = minhash.exact_jaccard(texts, left, right, config)
+        hashes, rows = minhash.word_ngram_hashes(texts, ngram)
+        return signature, keys, some_keys, jaccard, hashes, rows
+
+    assert len(minhash.pack_texts(texts)[0]) <= minhash.SMALL_INPUT_BYTES
+    small = everything()
+    monkeypatch.setattr(minhash, "SMALL_INPUT_BYTES", -1)  # every call through the kernels
+    compiled = everything()
+    for ours, theirs in zip(small, compiled):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        np.testing.assert_array_equal(ours, theirs)
+    assert (small[3] > 0.5).sum() > 0  # the texts do have near-duplicates to agree on

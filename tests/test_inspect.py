@@ -280,6 +280,35 @@ def test_card_header_loads_with_datasets_and_parses(dataset):
     assert "## Counts" in card.text
 
 
+def test_card_features_written_without_datasets_match_what_datasets_writes(dataset):
+    """A schema of primitive columns (every build without top-k logprobs) gets its card
+    features without importing `datasets`; they must read exactly as `datasets` writes them."""
+    import datasets
+    from datasets.info import DatasetInfosDict
+    from huggingface_hub import DatasetCardData
+
+    from distillflow.storage.card import add_dataset_info, flat_features, split_stats
+
+    primitive = pa.schema([(name, t) for name, t in [
+        ("s", pa.string()), ("ls", pa.large_string()), ("i8", pa.int8()), ("i32", pa.int32()), ("i64", pa.int64()),
+        ("u16", pa.uint16()), ("f16", pa.float16()), ("f32", pa.float32()), ("f64", pa.float64()), ("b", pa.bool_()),
+        ("bin", pa.binary()), ("lbin", pa.large_binary()), ("t", pa.timestamp("us", tz="UTC")), ("tm", pa.timestamp("ms"))]])
+    for stats in (split_stats(dataset), {"schema": primitive, "rows": 5, "num_bytes": 100, "download_size": 50}):
+        assert flat_features(stats["schema"]) is not None
+        ours, theirs = DatasetCardData(), DatasetCardData()
+        add_dataset_info(ours, stats)
+        info = datasets.DatasetInfo(
+            features=datasets.Features.from_arrow_schema(stats["schema"]),
+            splits=datasets.SplitDict({"train": datasets.SplitInfo(
+                name="train", num_bytes=stats["num_bytes"], num_examples=stats["rows"])}),
+            download_size=stats["download_size"], dataset_size=stats["num_bytes"],
+        )
+        DatasetInfosDict({"default": info}).to_dataset_card_data(theirs)
+        assert ours.to_yaml() == theirs.to_yaml()
+    nested = pa.schema([("top", pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float32())])))])
+    assert flat_features(nested) is None  # described by `datasets` itself
+
+
 def test_size_categories():
     from distillflow.storage.card import size_category
 

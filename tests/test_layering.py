@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("distillflow", "flows", "tasks", "prompts", "training", "storage")
 
-# The lowest layer: core types, interrupt/failure handling, and every config model (a
+# The lowest layer: core types, interrupt/failure handling, how runs run (distillflow/runs.py), and every config model (a
 # config validates with these only, so loading a config imports no machinery).
 CORE = {
     "distillflow",
@@ -25,6 +25,7 @@ CORE = {
     "distillflow.memory",
     "distillflow.failures",
     "distillflow.progress",
+    "distillflow.runs",
     "distillflow.training.chat_template",
 }
 LEVELS = {"storage": 1, "prompts": 2, "training": 2, "tasks": 3, "flows": 4}
