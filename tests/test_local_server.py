@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from distillflow import local_server
+from distillflow.runs import ORCHESTRATION_ENV
 from tests.test_build import API_KEY, GOOD, write_config, write_seeds
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 
@@ -141,3 +142,38 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_with_no_server_flows_run_without_orchestration_and_prefect_mode_keeps_the_temporary_server(tmp_path, port):
+    """No server configured or running: the build runs its flow as plain calls (no temporary
+    server, no database, the same `Flow run '…'` lines) and a failure is one paragraph;
+    DISTILL_ORCHESTRATION=prefect brings Prefect's temporary server back."""
+    home = tmp_path / "prefect"
+    env = {**os.environ, "PREFECT_HOME": str(home), "DISTILL_TEST_KEY": API_KEY, "DO_NOT_TRACK": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env["PREFECT_LOGGING_LEVEL"] = "INFO"  # as a user's terminal shows (the suite's default is WARNING)
+    env.pop("PREFECT_API_URL", None)
+    env.pop(ORCHESTRATION_ENV, None)
+    seeds = tmp_path / "seeds.jsonl"
+    write_seeds(seeds, GOOD[:6])
+    with ServerThread(FaultyOpenAIServer(api_key=API_KEY), port) as teacher:
+        config = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", teacher.base_url)
+        built = _distill(["build", str(config)], env, tmp_path)
+        assert built.returncode == 0, built.stderr
+        assert "temporary server" not in built.stderr
+        assert "Flow run 'build-dataset' - wrote 6 rows (0 rejects)" in built.stderr
+        assert (tmp_path / "out" / "manifest.json").is_file()
+        assert not list(home.glob("*.db"))  # no Prefect database was made
+
+        dead = write_config(tmp_path / "dead.yaml", seeds, tmp_path / "dead", "http://127.0.0.1:9/v1", max_retries=0)
+        failed = _distill(["build", str(dead)], env, tmp_path)
+        assert failed.returncode == 1
+        paragraphs = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+        assert len(paragraphs) == 1 and "Traceback" not in failed.stderr, failed.stderr
+        assert "start the teacher server, or correct teacher.base_url" in paragraphs[0]
+
+        prefect_mode = _distill(["build", str(config)], {**env, ORCHESTRATION_ENV: "prefect"}, tmp_path, timeout=300)
+    assert prefect_mode.returncode == 0, prefect_mode.stderr
+    assert "Stopping temporary server" in prefect_mode.stderr
+    assert list(home.glob("*.db"))  # Prefect's temporary server keeps its runs in PREFECT_HOME
+    assert _processes_with_home(home) == []

@@ -396,19 +396,28 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_stops_the_build_in_seconds_and_a_rerun_finishes_it(tmp_path, port, prefect_server, uninterrupted, signum):
+@pytest.mark.parametrize(
+    "signum,orchestration",
+    [(signal.SIGINT, "server"), (signal.SIGTERM, "prefect"), (signal.SIGINT, "local")],
+    ids=["SIGINT-server", "SIGTERM-temporary-server", "SIGINT-no-server"],
+)
+def test_a_signal_stops_the_build_in_seconds_and_a_rerun_finishes_it(
+    tmp_path, port, prefect_server, uninterrupted, signum, orchestration
+):
     """SIGINT goes to the whole process group, as a terminal's Ctrl-C does, with the build on a
-    real Prefect server; SIGTERM goes to the build process alone, as `timeout` or `kill` send
-    it, with the build on Prefect's temporary server, which must not outlive it."""
+    real Prefect server, or with no server (flows run without orchestration, the default
+    then); SIGTERM goes to the build process alone, as `timeout` or `kill` send it, with the
+    build on Prefect's temporary server (DISTILL_ORCHESTRATION=prefect), which must not
+    outlive it."""
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, RESUMABLE)
     env = {**os.environ, "DISTILL_TEST_KEY": API_KEY}
-    if signum == signal.SIGINT:
+    if orchestration == "server":
         env.update(prefect_server)
     else:
         env.pop("PREFECT_API_URL", None)
         env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+        env["DISTILL_ORCHESTRATION"] = orchestration
     fake = FaultyOpenAIServer(api_key=API_KEY, latency_s=0.1)  # 80 answers/s: 3 s in all
     with ServerThread(fake, port) as server:
         config = write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", server.base_url,
