@@ -93,7 +93,7 @@ stream-bench: $(VENV)/.bench-deps
 mining-bench: $(STAMP)
 	$(PY) bench/mining.py
 
-# The demo's sweep (kd_topk temperature x alpha) after `make demo` (docs/sweep.md).
+# The demo's sweep (its KD student's alpha x learning rate) after `make demo` (docs/sweep.md).
 sweep-demo: $(STAMP)
 	test -f runs/demo/demo.yaml || $(VENV)/bin/distill demo
 	OMP_NUM_THREADS=1 $(VENV)/bin/distill sweep runs/demo/demo.yaml

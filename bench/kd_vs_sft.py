@@ -5,16 +5,17 @@
     python bench/kd_vs_sft.py --objectives sft kd_topk --seeds 0 1 --steps 50 --quick   # a smoke run
 
 1. The demo dataset (`distill demo`'s build + capture-logits: the demo teacher's answers and
-   its top-k logprobs): `--dataset DIR` of an earlier `distill demo` run (default
-   runs/demo), built here when absent. `--rows N` trains every student on the same first N
-   rows of it.
+   k tokens of its distribution per answer token): `--dataset DIR` of an earlier `distill
+   demo` run (default runs/demo), built here when absent. Each capture method an objective
+   needs (top-k, sampled) is captured into the work dir when the demo's is the other one.
+   `--rows N` trains every student on the same first N rows of it.
 2. For each seed and objective, the demo's student (same derived shape, steps, learning rate,
-   packing, batch and data order per seed; configs/demo.yaml's temperature and alpha):
+   packing, batch and data order per seed; configs/demo.yaml's alpha):
      sft        the teacher's text (black box)
-     kd_topk    the teacher's captured top-k logprobs
+     kd_topk    the teacher's captured top-k logprobs (T = 2)
      kd_topk_T4_pure  the same at T = 4, alpha = 1 (pure KD: the case the tail rule decides)
      kd_sampled the same bytes per token as k tokens DRAWN from the teacher (capture.method:
-                sampled, captured here into the work dir; T = 1, forward KL)
+                sampled; T = 1, forward KL): the demo's own KD student
      kd_logits  the teacher's full logits, in process
      on_policy  the student's own samples scored by the in-process teacher (lmbda 0.5, reverse KL)
      reference  the true answers of the same prompts (not distillation: what the data could teach)
@@ -50,10 +51,10 @@ sys.path.insert(0, str(ROOT))
 
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "sft": {"objective": "sft"},
-    "kd_topk": {"objective": "kd_topk"},
+    "kd_topk": {"objective": "kd_topk", "temperature": 2.0},
     "kd_topk_T4_pure": {"objective": "kd_topk", "temperature": 4.0, "alpha": 1.0},
     "kd_sampled": {"objective": "kd_topk", "temperature": 1.0, "divergence": "forward_kl"},
-    "kd_logits": {"objective": "kd_logits"},
+    "kd_logits": {"objective": "kd_logits", "temperature": 2.0},
     "on_policy": {
         "objective": "on_policy", "lmbda": 0.5, "divergence": "reverse_kl", "temperature": 1.0,
         "sampling_temperature": 1.0, "max_new_tokens": 16, "packing": False, "micro_batch_size": 32,
@@ -95,19 +96,24 @@ def subset_dataset(dataset_dir: Path, rows: int, out_dir: Path) -> Path:
     return out_dir
 
 
-def sampled_capture(config: dict, workdir: Path, dataset_dir: Path) -> Path:
-    """`dataset_dir` captured again with capture.method: sampled (same k), into the work dir."""
+def captured_with(config: dict, workdir: Path, dataset_dir: Path, method: str) -> Path:
+    """`dataset_dir` as captured with capture.method `method` (same k): itself when its own
+    capture is that one, else captured again into the work dir."""
     from distillflow.flows.capture_logits import capture_logits_command
 
-    out_dir = workdir / "dataset-sampled"
+    manifest = json.loads((dataset_dir / "manifest.json").read_text()) if (dataset_dir / "manifest.json").is_file() else {}
+    if (manifest.get("capture") or {}).get("method", "topk") == method:
+        return dataset_dir
+    out_dir = workdir / f"dataset-{method}"
     if (out_dir / "manifest.json").is_file():
         return out_dir
     variant = json.loads(json.dumps(config))
-    variant["capture"].update(method="sampled", input_dir=str(dataset_dir), output_dir=str(out_dir))
-    variant["training"].update(dataset_dir=str(dataset_dir), temperature=1.0, divergence="forward_kl")
+    variant["capture"].update(method=method, input_dir=str(dataset_dir), output_dir=str(out_dir))
+    temperature = 1.0 if method == "sampled" else 2.0
+    variant["training"].update(dataset_dir=str(dataset_dir), temperature=temperature, divergence="forward_kl")
     for section in ("evaluation", "sweep", "mining"):
         variant.pop(section, None)
-    path = workdir / "configs" / "capture-sampled.yaml"
+    path = workdir / "configs" / f"capture-{method}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(variant, sort_keys=False))
     capture_logits_command(path)
@@ -288,7 +294,10 @@ def main() -> None:
         dataset_dir = subset_dataset(dataset_dir, args.rows, workdir / "dataset")
         reference_dir = subset_dataset(reference_dir, min(args.rows, _rows(reference_dir)), workdir / "reference-subset")
     test_set = Path(config["evaluation"]["eval_sets"][0]["path"])
-    sampled_dir = sampled_capture(config, workdir, dataset_dir) if "kd_sampled" in args.objectives else None
+    captured = {
+        objective: captured_with(config, workdir, dataset_dir, "sampled" if objective == "kd_sampled" else "topk")
+        for objective in args.objectives if objective in ("kd_topk", "kd_topk_T4_pure", "kd_sampled")
+    }
 
     students: dict[str, Path] = {}
     for seed in args.seeds:
@@ -297,7 +306,7 @@ def main() -> None:
             if objective == "untrained":
                 students[name] = untrained_student(config, workdir, name, seed)
                 continue
-            data = {"reference": reference_dir, "kd_sampled": sampled_dir}.get(objective) or dataset_dir
+            data = {"reference": reference_dir, **captured}.get(objective) or dataset_dir
             students[name] = train_student(
                 config, workdir, name, data, max_steps=args.steps, seed=seed, **OBJECTIVES[objective]
             )

@@ -5,7 +5,7 @@
 
 1. The demo dataset (`distill demo`'s build + capture-logits), built here if `--workdir`
    has none.
-2. For each seed: the demo's kd_topk student trained on it (the "base"), then `distill mine`
+2. For each seed: the demo's KD student (configs/demo.yaml's `training:`) trained on it (the "base"), then `distill mine`
    twice from that student, with the same candidates (the same generators and seed, so
    the teacher answers them once, through the build's ledger) and the same count kept:
    `selection: hardest` (the highest KL(teacher || student) per token, at most half of one

@@ -139,7 +139,7 @@ def _run(kind: str, name: str, fn: Callable[..., Any], args: tuple, kwargs: dict
 def _call_flow(self: Any, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
     from prefect.states import State
 
-    result = _run("flow", self.name, self.fn, args, kwargs)
+    result = _run("flow", _run_name(self, "flow_run_name", args, kwargs), self.fn, args, kwargs)
     if isinstance(result, State):  # failures.failed_run: the caller gets the error, as from Prefect
         if result.is_failed() and isinstance(result.data, BaseException):
             raise result.data
@@ -147,21 +147,23 @@ def _call_flow(self: Any, *args: Any, return_state: bool = False, wait_for: Any 
     return result
 
 
-def _task_run_name(task: Any, args: tuple, kwargs: dict[str, Any]) -> str:
-    template = getattr(task, "task_run_name", None)
+def _run_name(run: Any, attribute: str, args: tuple, kwargs: dict[str, Any]) -> str:
+    """The run's name as Prefect would give it: its `flow_run_name` / `task_run_name`
+    template filled from the call's arguments, else the flow's or task's name."""
+    template = getattr(run, attribute, None)
     if isinstance(template, str):
         import inspect
 
         try:
-            bound = inspect.signature(task.fn).bind_partial(*args, **kwargs).arguments
+            bound = inspect.signature(run.fn).bind_partial(*args, **kwargs).arguments
             return template.format(**{k: _plain(v) for k, v in bound.items()})
-        except (KeyError, IndexError, TypeError, ValueError):
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
             pass
-    return task.name
+    return run.name
 
 
 def _call_task(self: Any, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
-    return _run("task", _task_run_name(self, args, kwargs), self.fn, args, kwargs)
+    return _run("task", _run_name(self, "task_run_name", args, kwargs), self.fn, args, kwargs)
 
 
 class LocalFuture:
@@ -191,7 +193,7 @@ def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _submit_task(self: Any, *args: Any, wait_for: Any = None, **kwargs: Any) -> LocalFuture:
-    name = _task_run_name(self, args, kwargs)
+    name = _run_name(self, "task_run_name", args, kwargs)
     context = contextvars.copy_context()  # the flow's run name and Prefect settings go along
     future = _thread_pool().submit(context.run, _run, "task", name, self.fn, args, kwargs)
     return LocalFuture(future, name)

@@ -159,6 +159,8 @@ def build_command(config_path: str | Path, prompt_column: str | None = None, dry
     config = load_config(config_path)
     if config.teacher.backend == "openai":
         resolve_api_key(config.teacher.api_key_env)  # fail before any teacher call
+    if config.dataset.fans_out:
+        runs.require_prefect("a build whose shards fan out (dataset.workers, dataset.work_pool)")
     seeds = SeedRows(*load_seeds(config.seeds, prompt_column, config_path))  # bad files/columns fail here
     preflight_build(config, str(config_path), [seed.prompt for seed in seeds.prompts])  # a local teacher: its dir, template, context
     manifest = build_dataset(config, prompt_column, seeds)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from prefect import flow, unmapped
 
+from distillflow import runs
 from distillflow.runs import get_run_logger
 from distillflow.tasks.dedup_dataset import (
     filter_dataset,
@@ -78,6 +79,8 @@ def dedup_command(
         manifest = filter_dataset(in_dir, out_dir, config)
     elif engine == "dask":
         from prefect_dask import DaskTaskRunner
+
+        runs.require_prefect("distill dedup --engine dask")
 
         runner = (
             DaskTaskRunner(address=dask_address)

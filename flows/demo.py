@@ -2,10 +2,11 @@
 
 1. the demo teacher (shipped weights; `prompts/skills.py` is its task family),
 2. `build_dataset` with the in-process teacher: seed questions and adversarial variants,
-3. `capture-logits`: the teacher's top-k logprobs of every answer token,
+3. `capture-logits`: k tokens drawn from the teacher's distribution at every answer token
+   (`capture.method: sampled`),
 4. three students of the same size (≤ 1/4 of the teacher's parameters, same initialisation)
-   trained with DeepSpeed: `sft` on the teacher's text (black box), `kd_topk` on its
-   captured logits (white box), and `reference` on the true answers of the same prompts,
+   trained with DeepSpeed: `sft` on the teacher's text (black box), `kd_sampled` on the
+   captured tokens (white box, T = 1), and `reference` on the true answers of the same prompts,
 5. `distill eval`: the teacher and the three students on held-out questions (words and
    numbers none of them saw), clean and perturbed, plus speed and size; the comparison
    table and the report's path at the end.
@@ -28,7 +29,8 @@ import yaml
 from distillflow.resources import packaged
 
 DEMO_CONFIG = packaged("configs/demo.yaml")
-STUDENTS = ("sft", "kd_topk", "reference")
+STUDENTS = ("sft", "kd_sampled", "reference")
+KD_STUDENT = "kd_sampled"  # trained on the capture with configs/demo.yaml's `training:` settings
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def demo_config(workdir: Path, teacher_dir: Path, budget: DemoBudget) -> dict[st
     training = config["training"]
     training.update(
         dataset_dir=str(workdir / "dataset"),
-        output_dir=str(workdir / "students" / "kd_topk"),
+        output_dir=str(workdir / "students" / KD_STUDENT),
         teacher=str(teacher_dir),
         max_steps=budget.student_steps,
         seed=budget.seed,
@@ -77,9 +79,9 @@ def demo_config(workdir: Path, teacher_dir: Path, budget: DemoBudget) -> dict[st
     config["sweep"]["output_dir"] = str(workdir / "sweep")
     mining = config["mining"]
     mining.update(
-        student=str(workdir / "students" / "kd_topk" / "final"),
+        student=str(workdir / "students" / KD_STUDENT / "final"),
         output_dir=str(workdir / "dataset-mined"),
-        train_output_dir=str(workdir / "students" / "kd_topk-mined"),
+        train_output_dir=str(workdir / "students" / f"{KD_STUDENT}-mined"),
         eval_output_dir=str(workdir / "eval-mined"),
     )
     return config
@@ -91,7 +93,8 @@ def student_config(config: dict[str, Any], workdir: Path, name: str, dataset_dir
     training = variant["training"]
     training["output_dir"] = str(workdir / "students" / name)
     training["dataset_dir"] = str(dataset_dir)
-    training["objective"] = "kd_topk" if name == "kd_topk" else "sft"
+    if name != KD_STUDENT:
+        training["objective"] = "sft"
     for section in ("evaluation", "sweep", "mining"):
         variant.pop(section, None)
     return variant
@@ -169,7 +172,7 @@ def demo_command(
     if not train_student:
         return result
 
-    _say("capturing the teacher's top-k logprobs…")
+    _say(f"capturing {config['capture']['k']} tokens of the teacher's distribution per answer token…")
     capture_logits_command(config_path)
     seeds_path = Path(config["seeds"][0]["path"])
     reference_dir = workdir / "reference-data"

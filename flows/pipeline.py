@@ -8,25 +8,28 @@ from typing import Any
 
 from prefect import flow
 
+from distillflow import runs
 from distillflow.config import load_config
 from distillflow.failures import fail_cleanly
 from distillflow.flows.build import build_dataset
 from distillflow.runs import get_run_logger
+from distillflow.storage.seeds import SeedRows, load_seeds
 from distillflow.tasks.teacher.protocol import resolve_api_key
 
 
 @flow(name="distill-pipeline")
-def run_pipeline(config_path: str) -> dict[str, Any]:
+def run_pipeline(config_path: str, seed_rows: SeedRows | None = None) -> dict[str, Any]:
     """Every stage the config asks for, each as a subflow visible in the UI: build →
-    (capture-logits) → train → eval → (mine: hard prompts, retrain, eval again)."""
-    return fail_cleanly(run_stages, config_path)  # type: ignore[no-any-return]
+    (capture-logits) → train → eval → (mine: hard prompts, retrain, eval again).
+    `seed_rows`: the seed files as `run_command` read them already, or None."""
+    return fail_cleanly(run_stages, config_path, seed_rows)  # type: ignore[no-any-return]
 
 
-def run_stages(config_path: str) -> dict[str, Any]:
+def run_stages(config_path: str, seed_rows: SeedRows | None = None) -> dict[str, Any]:
     """The stages of `run_pipeline`, in order, inside its flow run."""
     logger = get_run_logger()
     config = load_config(config_path)
-    result: dict[str, Any] = {"dataset": build_dataset(config)["counts"]}
+    result: dict[str, Any] = {"dataset": build_dataset(config, None, seed_rows)["counts"]}
     if config.training is None:
         logger.info("no `training:` section: no student to train")
     else:
@@ -52,12 +55,13 @@ def run_stages(config_path: str) -> dict[str, Any]:
 
 def run_command(config_path: str | Path) -> dict[str, Any]:
     """Check every stage the config asks for (tasks/preflight.py), then run the pipeline."""
-    from distillflow.storage.seeds import load_seeds
     from distillflow.tasks.preflight import preflight_run
 
     config = load_config(config_path)
     if config.teacher.backend == "openai":
         resolve_api_key(config.teacher.api_key_env)
-    seeds, _ = load_seeds(config.seeds, None, config_path)
-    preflight_run(config, str(config_path), [seed.prompt for seed in seeds])
-    return run_pipeline(str(config_path))
+    if config.dataset.fans_out:
+        runs.require_prefect("a build whose shards fan out (dataset.workers, dataset.work_pool)")
+    seeds = SeedRows(*load_seeds(config.seeds, None, config_path))  # read once: the build takes them
+    preflight_run(config, str(config_path), [seed.prompt for seed in seeds.prompts])
+    return run_pipeline(str(config_path), seeds)

@@ -14,6 +14,8 @@ never typed by hand. Sources:
     sparse-kd-tail runs/sparse-kd-tail/report.json     → docs/training.md (bench/sparse_kd_tail.py)
     sampled-kd  runs/bench-sampled-kd/sampled_kd.json → docs/training.md (bench/sampled_kd.py)
     greybox-kd  runs/bench-greybox-kd/greybox_kd.json → docs/training.md (bench/greybox_kd.py)
+    startup     runs/bench-startup/startup.json      → docs/benchmarks.md (bench/startup.py)
+    throughput  runs/bench-throughput/teacher_throughput.json → docs/benchmarks.md (bench/teacher_throughput.py)
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ SOURCES = {  # saved report → where a fresh run writes it
     "sparse_kd_tail.json": ROOT / "runs" / "sparse-kd-tail" / "report.json",
     "sampled_kd.json": ROOT / "runs" / "bench-sampled-kd" / "sampled_kd.json",
     "greybox_kd.json": ROOT / "runs" / "bench-greybox-kd" / "greybox_kd.json",
+    "startup.json": ROOT / "runs" / "bench-startup" / "startup.json",
+    "teacher_throughput.json": ROOT / "runs" / "bench-throughput" / "teacher_throughput.json",
 }
 
 
@@ -46,20 +50,40 @@ def _params(value: int | None) -> str:
     return "–" if value is None else f"{value / 1e6:.2f} M"
 
 
+SPEED_AGREEMENT = 1.10  # same-size models must time within 10 % of each other for the column to mean anything
+
+
+def speed_agrees(table: list[dict[str, Any]]) -> bool:
+    """Whether the batch-1 tokens/s of models of the same size agree within `SPEED_AGREEMENT`
+    (the same network with other weights runs at the same speed: what is left is the
+    timing's noise); a run where they do not leaves the speed columns out."""
+    by_size: dict[Any, list[float]] = {}
+    for entry in table:
+        if entry.get("tok_s_at_1") is None:
+            return False
+        by_size.setdefault(entry["params"], []).append(entry["tok_s_at_1"])
+    return all(max(speeds) <= SPEED_AGREEMENT * min(speeds) for speeds in by_size.values())
+
+
 def demo_table(report: dict[str, Any]) -> str:
-    """The demo's comparison: one row per model of report.json, in its order."""
+    """The demo's comparison: one row per model of report.json, in its order; tokens/s at
+    batch 1 and the speed-up on the teacher when same-size models time alike (`speed_agrees`)."""
+    speed = speed_agrees(report["table"])
     rows = [
-        "| model | params | clean acc | robust acc | gap | on disk |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | params | clean acc | robust acc | gap | on disk |" + (" tok/s @1 | speed-up |" if speed else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if speed else ""),
     ]
     for entry in report["table"]:
         model = report["models"][entry["model"]]
         gap = "–" if entry["gap"] is None else f"{100 * entry['gap']:.1f} pt"
         size = "–" if model.get("size_mb") is None else f"{model['size_mb']:.1f} MB"
-        rows.append(
+        row = (
             f"| `{entry['model']}` | {_params(entry['params'])} | {_pct(entry['clean_acc'])} | "
             f"{_pct(entry['robust_acc'])} | {gap} | {size} |"
         )
+        if speed:
+            row += f" {entry['tok_s_at_1']:.0f} | {entry['speedup_vs_teacher']:.2f}× |"
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -125,6 +149,14 @@ def tables() -> dict[str, tuple[Path, str]]:
     if (REPORTS / "greybox_kd.json").is_file():
         result = json.loads((REPORTS / "greybox_kd.json").read_text())
         out["greybox-kd"] = (ROOT / "docs" / "training.md", greybox_kd_table(result))
+    for saved, name, module in (("startup.json", "startup", "bench.startup"),
+                                ("teacher_throughput.json", "throughput", "bench.teacher_throughput")):
+        if (REPORTS / saved).is_file():
+            import importlib
+
+            sys.path.insert(0, str(ROOT))
+            render = importlib.import_module(module).table
+            out[name] = (ROOT / "docs" / "benchmarks.md", render(json.loads((REPORTS / saved).read_text())))
     return out
 
 

@@ -104,6 +104,59 @@ def finish_dataset(
     return manifest
 
 
+def logprob_coverage(data_dir: str | Path, requested: int) -> dict[str, Any]:
+    """What the stored `top_logprobs` (teacher.generation.top_logprobs: the API's alternatives
+    per answer token) give grey-box KD: rows and answer tokens that carry a teacher
+    distribution, and how many alternatives per token (`requested`: what was asked for)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from distillflow.storage.parquet import list_shards
+
+    rows = rows_with = tokens = tokens_with = alternatives = 0
+    fewest: int | None = None
+    for path in list_shards(Path(data_dir)):
+        column = pq.read_table(path, columns=["top_logprobs"]).column("top_logprobs").combine_chunks()
+        rows += len(column)
+        lengths = pc.fill_null(pc.list_value_length(column), 0)
+        rows_with += int(pc.sum(pc.greater(lengths, 0)).as_py() or 0)
+        entries = pc.list_flatten(column)
+        tokens += len(entries)
+        if len(entries):
+            per_token = pc.fill_null(pc.list_value_length(pc.struct_field(entries, "top")), 0)
+            carrying = pc.filter(per_token, pc.greater(per_token, 0))
+            tokens_with += len(carrying)
+            alternatives += int(pc.sum(carrying).as_py() or 0)
+            if len(carrying):
+                least = int(pc.min(carrying).as_py())
+                fewest = least if fewest is None else min(fewest, least)
+    return {
+        "requested_alternatives": requested,
+        "rows": rows,
+        "rows_with_logprobs": rows_with,
+        "answer_tokens": tokens,
+        "tokens_with_alternatives": tokens_with,
+        "token_share": round(tokens_with / tokens, 4) if tokens else 0.0,
+        "mean_alternatives": round(alternatives / tokens_with, 2) if tokens_with else 0.0,
+        "fewest_alternatives": fewest,
+    }
+
+
+def logprob_coverage_lines(coverage: dict[str, Any]) -> list[str]:
+    """The coverage as sentences (the dataset card, `distill inspect`)."""
+    rows, tokens = coverage["rows"], coverage["answer_tokens"]
+    return [
+        f"rows with teacher logprobs: {coverage['rows_with_logprobs']} of {rows}"
+        + (f" ({coverage['rows_with_logprobs'] / rows:.1%})" if rows else ""),
+        f"answer tokens with alternatives: {coverage['tokens_with_alternatives']} of {tokens}"
+        + (f" ({coverage['token_share']:.1%})" if tokens else ""),
+        f"alternatives per token: mean {coverage['mean_alternatives']}, fewest {coverage['fewest_alternatives']} "
+        f"(asked for {coverage['requested_alternatives']})",
+        "positions a student can use depend on its tokenizer: `distill train` with `objective: "
+        "kd_greybox` logs the aligned-position coverage",
+    ]
+
+
 def dataset_card(manifest: dict[str, Any]) -> str:
     """A Markdown dataset card from the manifest's counts."""
     counts = manifest.get("counts", {})
@@ -111,6 +164,7 @@ def dataset_card(manifest: dict[str, Any]) -> str:
     strategies = manifest.get("accepted_per_strategy", {})
     usage = manifest.get("teacher_usage", {})
     teacher = manifest.get("config", {}).get("teacher", {})
+    coverage = manifest.get("teacher_logprobs")  # a build that stored the API's top_logprobs
     lines = [
         f"# {manifest.get('name', 'dataset')}",
         "",
@@ -139,6 +193,8 @@ def dataset_card(manifest: dict[str, Any]) -> str:
         "",
         *[f"- {key}: {value}" for key, value in usage.items() if not isinstance(value, dict)],
         "",
+        *(["## Teacher logprobs (grey-box KD)", "", *[f"- {line}" for line in logprob_coverage_lines(coverage)], ""]
+          if coverage else []),
         "## Load it",
         "",
         "```python",

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distillflow.storage.dataset import logprob_coverage_lines
 from distillflow.storage.manifest import MANIFEST_NAME, read_manifest
 from distillflow.storage.parquet import list_shards, read_table
 
@@ -349,6 +350,10 @@ def render_text(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
         if view.usage:
             title = "teacher usage:" if view.paid else "teacher usage (backend local: nothing paid):"
             lines += ["", title, *[f"  {k:<22} {v}" for k, v in view.usage.items()]]
+        coverage = view.manifest.get("teacher_logprobs")
+        if coverage:
+            lines += ["", "teacher logprobs (teacher.generation.top_logprobs, for kd_greybox):"]
+            lines += [f"  {line}" for line in logprob_coverage_lines(coverage)]
         capture = view.manifest.get("capture") or {}
         if capture:
             lines += ["", "captured teacher top-k (--html: the probability mass it covers):"]

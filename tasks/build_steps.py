@@ -28,7 +28,7 @@ from distillflow.progress import ProgressBar
 from distillflow.progress import progress as report_progress
 from distillflow.records import BUDGET_REASON, PromptRecord, Reject, TeacherAnswer
 from distillflow.runs import get_run_logger
-from distillflow.storage.dataset import dataset_card, finish_dataset
+from distillflow.storage.dataset import dataset_card, finish_dataset, logprob_coverage
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.manifest import build_manifest
 from distillflow.storage.seeds import SeedRows, load_seeds, split_repeated_seeds
@@ -192,6 +192,9 @@ def answer_shards_on_workers(config: DistillConfig, plan: ShardPlan, progress: P
 def finish_dataset_task(
     config: DistillConfig, shards: dict[str, list[dict[str, Any]]], manifest: dict[str, Any], secrets: list[str]
 ) -> dict[str, Any]:
+    if config.teacher.generation.top_logprobs:
+        coverage = logprob_coverage(config.output_dir / BUILDING / "data", config.teacher.generation.top_logprobs)
+        manifest = {**manifest, "teacher_logprobs": coverage}
     return finish_dataset(
         config.output_dir, config.output_dir / BUILDING, shards, manifest, dataset_card(manifest), secrets=secrets
     )

@@ -8,7 +8,18 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from distillflow.tasks.minhash_constants import _FNV_OFFSET, _FNV_PRIME, _M1, _M2, _MAX32, _S27, _S30, _S31, _S32, _WORD_COMBINE
+from distillflow.tasks.minhash_constants import (
+    _FNV_OFFSET,
+    _FNV_PRIME,
+    _M1,
+    _M2,
+    _MAX32,
+    _S27,
+    _S30,
+    _S31,
+    _S32,
+    _WORD_COMBINE,
+)
 
 
 @numba.njit(cache=True, inline="always")

@@ -386,10 +386,14 @@ def test_cli_errors_are_one_paragraph(tmp_path):
 
 
 def test_distill_run_ends_with_eval_and_pays_nothing_twice(prefect_harness, server, tmp_path, monkeypatch):
+    import distillflow.storage.seeds as seeds_module
     from distillflow.flows.pipeline import run_command
     from tests.test_build import GOOD, write_config, write_seeds
 
     monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    reads = []
+    read_seed_source = seeds_module.read_seed_source
+    monkeypatch.setattr(seeds_module, "read_seed_source", lambda *a: reads.append(a) or read_seed_source(*a))
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD)
     path = write_config(tmp_path / "config.yaml", seeds, tmp_path / "data", server.base_url)
@@ -402,6 +406,7 @@ def test_distill_run_ends_with_eval_and_pays_nothing_twice(prefect_harness, serv
     }
     path.write_text(yaml.safe_dump(config))
     result = run_command(path)
+    assert len(reads) == 1  # the seed file is read once: for the checks, then by the build
     (row,) = result["evaluation"]
     assert row["model"] == "teacher" and row["agreement"] == 1.0
     records = [json.loads(line) for line in (tmp_path / "eval" / "records.jsonl").read_text().splitlines()]

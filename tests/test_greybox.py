@@ -229,6 +229,17 @@ def test_build_then_train_kd_greybox_with_another_tokenizer_and_resume(prefect_h
         build_command(config)
     rows = read_table(tmp_path / "out" / "data").to_pylist()
     assert rows and all(len(row["top_logprobs"][0]["top"]) == K for row in rows)
+    # What the stored logprobs give, in the manifest, the dataset card and `distill inspect`.
+    from distillflow.storage.inspect import inspect_dataset
+
+    coverage = json.loads((tmp_path / "out" / "manifest.json").read_text())["teacher_logprobs"]
+    tokens = sum(len(row["top_logprobs"]) for row in rows)
+    assert coverage["rows"] == coverage["rows_with_logprobs"] == len(rows)
+    assert coverage["answer_tokens"] == coverage["tokens_with_alternatives"] == tokens
+    assert coverage["mean_alternatives"] == coverage["fewest_alternatives"] == coverage["requested_alternatives"] == K
+    line = f"answer tokens with alternatives: {tokens} of {tokens} (100.0%)"
+    assert line in (tmp_path / "out" / "README.md").read_text()
+    assert line in inspect_dataset(tmp_path / "out")
 
     out = tmp_path / "run"
 
