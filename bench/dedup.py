@@ -354,6 +354,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="MinHash seeds; F1 is compared as the mean over them")
     parser.add_argument("--stream", action="store_true", help="also time the streaming filter_dataset run")
     args = parser.parse_args()
+    from provenance import provenance  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
     settings = {"threshold": args.threshold, "num_perm": args.num_perm, "ngram": args.ngram}
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-dedup-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -176,6 +176,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None, help="Scratch directory (default: a temp dir).")
     args = parser.parse_args()
+    from provenance import provenance  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="distillflow-gpu-check-"))
     workdir.mkdir(parents=True, exist_ok=True)
 

@@ -250,6 +250,8 @@ def main() -> None:
     parser.add_argument("--cost-repeats", type=int, default=30, help="timed micro-steps per objective (alternating)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-greybox-kd")
     args = parser.parse_args()
+    from provenance import provenance  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
 
     started, workdir = time.perf_counter(), args.workdir
     teacher = teacher_snapshot(workdir)

@@ -106,6 +106,8 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=None, help="loss_chunk_tokens (default: the config's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = parser.parse_args()
+    from provenance import provenance  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     chunk = args.chunk or TrainingConfig.model_fields["loss_chunk_tokens"].default
 

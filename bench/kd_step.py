@@ -70,6 +70,8 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, nargs="+", default=[2.0, 1.0],
                         help="KD temperatures to measure (each against the same sft runs)")
     args = parser.parse_args()
+    from provenance import provenance  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
 
     batch = make_batch(max(1, args.tokens // 128), 128, args.vocab, args.k)
     chunk = args.chunk or TrainingConfig.model_fields["loss_chunk_tokens"].default

@@ -241,7 +241,8 @@ def render(result: dict) -> str:
     lines = [
         f"KD vs SFT on the demo task: seeds {result['seeds']}, {result['steps']} steps, "
         f"{result['rows'] if result['rows'] else 'all'} training rows; "
-        f"`python bench/kd_vs_sft.py {result['argv']}`.",
+        f"`python bench/kd_vs_sft.py {result['argv']}`"
+        + (f"; {result['versions']}." if result.get("versions") else "."),
         "Mean ± half-width of the 95 % CI over seeds; differences are paired by seed.",
         "",
         "| student | clean acc | robust acc | clean − sft (95 % CI) | robust − sft (95 % CI) |",
@@ -273,6 +274,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DemoBudget().student_steps)
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: a smoke run of the bench itself.")
     args = parser.parse_args()
+    from provenance import provenance, versions  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
 
     started = time.perf_counter()
     os.environ["OMP_NUM_THREADS"] = "1"  # tiny models: one thread per process (see flows/demo.py)
@@ -317,6 +320,7 @@ def main() -> None:
             per_seed[objective][seed] = scores(report["models"][f"{objective}-seed{seed}"])
     result = {
         "argv": " ".join(sys.argv[1:]),
+        "versions": versions(),
         "seeds": args.seeds,
         "steps": args.steps,
         "rows": args.rows,

@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=5_000, help="token positions per case")
     parser.add_argument("--k", type=int, default=20)
     args = parser.parse_args()
+    from provenance import provenance  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
 
     print(f"k = {args.k}, {args.positions} positions per case, {ROWS_PER_EXAMPLE} positions per blob; "
           f"documented bound |Δ log p| ≤ {MAX_LOGPROB_ERROR:.3e}")

@@ -148,6 +148,8 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=500)
     parser.add_argument("--eval-prompts", type=int, default=300)
     args = parser.parse_args()
+    from provenance import provenance  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
 
     started = time.perf_counter()
     workdir = args.workdir.resolve()

@@ -64,6 +64,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args()
+    from provenance import provenance  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
 
     tokenizer = load_tokenizer(TEACHER)
     teacher = load_teacher(TEACHER)

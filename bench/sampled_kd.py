@@ -222,6 +222,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args()
+    from provenance import provenance  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
 
     started = time.perf_counter()
     workdir = args.workdir

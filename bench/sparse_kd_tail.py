@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "sparse-kd-tail" / "report.json")
     args = parser.parse_args()
+    from provenance import provenance  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
     torch.set_num_threads(1)
     agreement = {
         rule: [[fit(rule, temperature, seed)[0] for seed in range(args.seeds)] for temperature in args.temperatures]

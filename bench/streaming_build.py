@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     args = parser.parse_args()
+    from provenance import provenance  # bench/provenance.py, beside this script
+    print(provenance(), flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="distill-stream-bench-"))
     env, base_url, processes = start_servers(
