@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from distillflow.cli import app
+from distillflow.flows.demo import KD_STUDENT
 from distillflow.config import ConfigError, parse_config
 from distillflow.training.scratch import build_tiny_llama
 from distillflow.storage.parquet import read_table
@@ -84,7 +85,7 @@ def test_distill_mine_adds_hard_prompts_retrains_and_evaluates(tiny_demo, tmp_pa
     monkeypatch.chdir(tmp_path)
     workdir = tiny_demo["workdir"]
     config = yaml.safe_load((workdir / "demo.yaml").read_text())
-    config["training"].update(max_steps=3, output_dir=str(workdir / "students" / "kd_topk"))
+    config["training"].update(max_steps=3, output_dir=str(workdir / "students" / KD_STUDENT))
     config["evaluation"]["output_dir"] = str(tmp_path / "eval")
     config["mining"] = {
         "output_dir": str(tmp_path / "mined"),

@@ -122,7 +122,7 @@ def test_sweep_ranks_points_reuses_them_and_resumes_a_crashed_one(tiny_demo, tmp
     config["training"].update(max_steps=3, checkpoint_every=0)
     config["sweep"] = {
         "output_dir": str(tmp_path / "sweep"),
-        "grid": {"temperature": [1.0, 2.0]},
+        "grid": {"alpha": [0.25, 0.5]},  # the demo's sampled capture trains at T = 1 only
         "points": [{"deepspeed_config": str(tmp_path / "broken.json")}],  # fails when DeepSpeed reads it
         "retries": 0,
     }
@@ -134,19 +134,19 @@ def test_sweep_ranks_points_reuses_them_and_resumes_a_crashed_one(tiny_demo, tmp
 
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     points = {p["name"]: p for p in summary["points"]}
-    assert set(points) == {"temperature=1", "temperature=2", "deepspeed_config=broken.json"}
+    assert set(points) == {"alpha=0.25", "alpha=0.5", "deepspeed_config=broken.json"}
     assert [p["rank"] for p in summary["points"]] == [1, 2, None]  # failed last, unranked
-    for name in ("temperature=1", "temperature=2"):
+    for name in ("alpha=0.25", "alpha=0.5"):
         assert points[name]["status"] == "done" and points[name]["train"]["steps"] == 3
         assert points[name]["row"]["clean_acc"] is not None and points[name]["speedup"] > 0
     best = summary["points"][0]
     assert best["row"]["clean_acc"] >= summary["points"][1]["row"]["clean_acc"]
     best_config = yaml.safe_load((tmp_path / "sweep" / "best.yaml").read_text())
-    assert best_config["training"]["temperature"] == best["settings"]["temperature"]
+    assert best_config["training"]["alpha"] == best["settings"]["alpha"]
     for name in ("sweep.md", "sweep.png"):
         assert (tmp_path / "sweep" / name).stat().st_size > 0
     assert summary["reference"]["name"] == "teacher" and summary["reference"]["row"]["tok_s_at_1"] > 0
-    assert "temperature=1" in result.output and "failed:" in result.output
+    assert "alpha=0.25" in result.output and "failed:" in result.output
 
     # A point whose student is not a model directory is refused before anything runs.
     config["sweep"]["points"] = [{"student": str(tmp_path / "no-such-student")}]
@@ -156,16 +156,16 @@ def test_sweep_ranks_points_reuses_them_and_resumes_a_crashed_one(tiny_demo, tmp
     assert not (tmp_path / "sweep" / "points" / "student=no-such-student").exists()
 
     # A rerun trains nothing that finished; the failing point is tried again.
-    metrics = tmp_path / "sweep" / "points" / "temperature=1" / "train" / "metrics.json"
+    metrics = tmp_path / "sweep" / "points" / "alpha=0.25" / "train" / "metrics.json"
     stamp = metrics.stat().st_mtime_ns
     result = CliRunner().invoke(app, ["sweep", "sweep.yaml"])
     again = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert {p["name"]: p["status"] for p in again["points"]}["temperature=1"] == "reused"
+    assert {p["name"]: p["status"] for p in again["points"]}["alpha=0.25"] == "reused"
     assert again["timing"]["points_reused"] == 2 and again["timing"]["points_run"] == 1
     assert metrics.stat().st_mtime_ns == stamp
 
     # A point that crashed after its last checkpoint continues from it.
-    point_dir = tmp_path / "sweep" / "points" / "temperature=2"
+    point_dir = tmp_path / "sweep" / "points" / "alpha=0.5"
     state = json.loads((point_dir / "point.json").read_text())
     state.pop("train"), state.pop("row")
     (point_dir / "point.json").write_text(json.dumps({**state, "status": "failed"}))
@@ -175,4 +175,4 @@ def test_sweep_ranks_points_reuses_them_and_resumes_a_crashed_one(tiny_demo, tmp
     CliRunner().invoke(app, ["sweep", "sweep.yaml"])
     final = json.loads((point_dir / "train" / "metrics.json").read_text())
     assert final["resumed_from_step"] == 3 and (point_dir / "train" / "final" / "config.json").is_file()
-    assert {p["name"]: p["status"] for p in json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"]}["temperature=2"] == "done"
+    assert {p["name"]: p["status"] for p in json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"]}["alpha=0.5"] == "done"
