@@ -13,7 +13,7 @@ What it does:
    ground truth.
 2. Runs both sides over the same N rows, each in its own process (so peak RSS is its own),
    timed from the prompts in memory to one kept-row index per row:
-   - ours: `tasks.minhash.near_duplicates` at the `near_dedup` defaults (normalise,
+   - ours: `tasks.filters.minhash.near_duplicates` at the `near_dedup` defaults (normalise,
      shingle, signatures, LSH, verification by the true Jaccard of the candidates' shingle
      sets, clusters), and once more with `verify: estimate`;
    - datasketch configured alike: the same shingles (character 5-grams of the same
@@ -22,14 +22,14 @@ What it does:
      x rows as ours (`params=(b, r)`); each row queries the rows before it, every
      candidate is verified by the estimated Jaccard of the two MinHashes (kept when ≥ the
      threshold), then the row is inserted; the verified pairs go through the same cluster
-     resolution as ours (`tasks.dedup.resolve_clusters`). Once more with the candidates
+     resolution as ours (`tasks.filters.dedup.resolve_clusters`). Once more with the candidates
      verified by the true Jaccard of their shingle sets, written around datasketch in
      Python (it has no such option), so both verifications are compared on both sides.
    Both run once per MinHash seed (--seeds, default 3: the hash functions are random, and
    F1 moves by a few thousandths from one seed to the next), ours also once more at the
    end; the slowest run of ours and the fastest of datasketch set the speed ratio, and
    F1 is compared as the mean over the seeds.
-3. Optionally (--stream) `tasks.dedup_dataset.filter_dataset` over Parquet shards of the
+3. Optionally (--stream) `tasks.filters.dataset.filter_dataset` over Parquet shards of the
    same rows (exact + near dedup, reading and writing), for the streaming stage's rate.
 4. Prints rows/s, peak RSS, precision/recall/F1 of both and the speed ratio, and per seed
    each side's MinHash estimate against the true Jaccard of 2,000 planted pairs (bias, RMS
@@ -173,7 +173,7 @@ def score(duplicate_of: np.ndarray, cluster: np.ndarray) -> dict[str, float]:
 
 def attainable(texts: list[str], cluster: np.ndarray, threshold: float, ngram: int, limit: int = 20_000) -> float:
     """Share of planted (variant, first-of-cluster) pairs whose true shingle Jaccard ≥ threshold."""
-    from distillflow.tasks.minhash import near_dedup_normalize
+    from distillflow.tasks.filters.minhash import near_dedup_normalize
 
     def shingles(text: str) -> set[str]:
         norm = near_dedup_normalize(text)
@@ -200,8 +200,8 @@ def estimator_error(texts: list[str], cluster: np.ndarray, args: dict, seed: int
     threshold whose estimate also reaches it (what verification keeps)."""
     from datasketch import MinHash
 
-    from distillflow.tasks.filter_config import NearDedupConfig
-    from distillflow.tasks.minhash import near_dedup_normalize, signatures
+    from distillflow.tasks.filters.config import NearDedupConfig
+    from distillflow.tasks.filters.minhash import near_dedup_normalize, signatures
 
     ngram, threshold = args["ngram"], args["threshold"]
     first: dict[int, int] = {}
@@ -256,8 +256,8 @@ def peak_rss_mb() -> float:
 
 
 def run_ours(texts_path: str, args: dict, out: mp.Queue) -> None:
-    from distillflow.tasks.filter_config import NearDedupConfig
-    from distillflow.tasks.minhash import banding, near_duplicates
+    from distillflow.tasks.filters.config import NearDedupConfig
+    from distillflow.tasks.filters.minhash import banding, near_duplicates
 
     texts = json.loads(Path(texts_path).read_text())
     config = NearDedupConfig(threshold=args["threshold"], num_perm=args["num_perm"], unit="char", ngram=args["ngram"],
@@ -271,9 +271,9 @@ def run_ours(texts_path: str, args: dict, out: mp.Queue) -> None:
 
 
 def run_stream(in_dir: str, out_dir: str, args: dict, out: mp.Queue) -> None:
-    from distillflow.tasks.dedup_dataset import filter_dataset
-    from distillflow.tasks.filter_config import FiltersConfig
-    from distillflow.tasks.minhash import signatures
+    from distillflow.tasks.filters.dataset import filter_dataset
+    from distillflow.tasks.filters.config import FiltersConfig
+    from distillflow.tasks.filters.minhash import signatures
 
     config = FiltersConfig(near_dedup={"threshold": args["threshold"], "num_perm": args["num_perm"], "ngram": args["ngram"]})
     signatures(["warm up the compiled kernel"], config.near_dedup)
@@ -286,8 +286,8 @@ def run_stream(in_dir: str, out_dir: str, args: dict, out: mp.Queue) -> None:
 def run_datasketch(texts_path: str, args: dict, out: mp.Queue) -> None:
     from datasketch import MinHash, MinHashLSH
 
-    from distillflow.tasks.dedup import resolve_clusters
-    from distillflow.tasks.minhash import near_dedup_normalize
+    from distillflow.tasks.filters.dedup import resolve_clusters
+    from distillflow.tasks.filters.minhash import near_dedup_normalize
 
     try:  # a fast shingle hash: datasketch's default is SHA-1 in Python
         from xxhash import xxh32_intdigest as hashfunc

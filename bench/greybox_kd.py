@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.kd_vs_sft import mean_ci  # noqa: E402
 from bench.sampled_kd import DEMO_TEACHER, EVAL_SEEDS, TRAIN_SEEDS, read_jsonl, score  # noqa: E402
-from distillflow.tasks.train_student import run_streaming  # noqa: E402
+from distillflow.tasks.train.student import run_streaming  # noqa: E402
 from distillflow.training.launch import build_launch_command, launch_env  # noqa: E402
 
 OBJECTIVES = ("sft", "kd_greybox")

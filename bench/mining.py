@@ -42,7 +42,7 @@ ARMS = ("hardest", "random")
 
 def demo_dataset(workdir: Path, seed: int) -> dict:
     """The demo's config (its dataset built and captured in `workdir` when missing)."""
-    from distillflow.tasks.demo_teacher import ensure_demo_teacher
+    from distillflow.tasks.train.demo_teacher import ensure_demo_teacher
     from distillflow.flows.build import build_command
     from distillflow.flows.capture_logits import capture_logits_command
     from distillflow.flows.demo import DemoBudget, demo_config

@@ -6,7 +6,7 @@
 1. The demo teacher (distillflow/assets/demo-teacher, copied into the work dir first, so a
    teacher replaced mid-run cannot mix two models) answers the first `--prompts` questions of
    prompts/seeds/skills.jsonl greedily; the rows are written as a finished dataset.
-2. `distill capture-logits`'s capture (`tasks.capture_logits.capture_dataset`) stores, at the
+2. `distill capture-logits`'s capture (`tasks.capture.logits.capture_dataset`) stores, at the
    same k, the teacher's top-k (`capture.method: topk`) and k draws from its distribution
    (`capture.method: sampled`): the same codec, so the same bytes per token.
 3. For each seed, one student per capture: the demo's derived student (2 layers, hidden 96),
@@ -95,7 +95,7 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 
 def score(model_dir: Path, eval_rows: list[dict], max_new_tokens: int) -> dict:
-    from distillflow.tasks.eval_checks import is_correct
+    from distillflow.tasks.evaluation.checks import is_correct
 
     answers, confidence = greedy_answers(model_dir, [row["prompt"] for row in eval_rows], max_new_tokens)
     correct = np.array([is_correct(row.get("check") or "exact", a, row["reference"]) for row, a in zip(eval_rows, answers)])
@@ -127,7 +127,7 @@ def write_teacher_dataset(teacher: Path, rows: list[dict], out: Path, max_new_to
 
 
 def capture(teacher: Path, dataset: Path, out: Path, method: str, k: int, max_length: int) -> dict:
-    from distillflow.tasks.capture_logits import CaptureSettings, capture_dataset
+    from distillflow.tasks.capture.logits import CaptureSettings, capture_dataset
 
     settings = CaptureSettings(
         source="local", model=str(teacher), tokenizer=str(teacher), k=k, input_dir=str(dataset),

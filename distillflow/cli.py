@@ -252,7 +252,7 @@ def _capture_tokenizer(manifest: dict | None):
     def supervised_ids(prompt: str, response: str) -> list[int]:
         example = encode_example(tokenizer, prompt, response, system_prompt=capture.get("system_prompt"),
                                  max_length=capture.get("max_length", 2048), chat_template=capture.get("chat_template"))
-        # The tokens the stored positions predict (tasks.capture_logits.supervised_targets).
+        # The tokens the stored positions predict (tasks.capture.logits.supervised_targets).
         labels = example["labels"]
         return [int(example["input_ids"][i]) for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX]
 

@@ -16,11 +16,11 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from distillflow.base_config import StrictModel
 from distillflow.prompts.config import DOMAIN_PACKS, FAMILIES, PromptsConfig
 from distillflow.schedule_config import ScheduleConfig
-from distillflow.tasks.capture_config import CaptureConfig
-from distillflow.tasks.eval_config import EvalConfig
-from distillflow.tasks.filter_config import FiltersConfig
-from distillflow.tasks.mining_config import MiningConfig
-from distillflow.tasks.sweep_config import SweepConfig, point_problems
+from distillflow.tasks.capture.config import CaptureConfig
+from distillflow.tasks.evaluation.config import EvalConfig
+from distillflow.tasks.filters.config import FiltersConfig
+from distillflow.tasks.mining.config import MiningConfig
+from distillflow.tasks.sweep.config import SweepConfig, point_problems
 from distillflow.training.chat_template import turn_stops
 from distillflow.training.config import (
     CHAT_TEMPLATE_STOP_HELP,

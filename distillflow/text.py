@@ -5,7 +5,7 @@ echo, copy checks, answer checks). `is_refusal` matches refusal phrases after Un
 NFKC and straightened apostrophes; `REFUSAL` is the answer check's pattern set
 (anywhere in a short answer), `REFUSAL_OPENING` the stricter one for text that must not
 *start* like a refusal (a prompt the teacher was asked to write).
-(Near-duplicate shingling folds text its own way, on bytes, for speed: tasks/minhash.py.)
+(Near-duplicate shingling folds text its own way, on bytes, for speed: tasks/filters/minhash.py.)
 """
 
 from __future__ import annotations

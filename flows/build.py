@@ -5,7 +5,7 @@ async I/O inside), because each Prefect task run costs milliseconds of bookkeepi
 Tasks take NO_CACHE: their inputs are large lists whose hashing would cost more than
 the work, and the durable cache of teacher answers is the ledger. Large lists are passed
 `quote()`d, so Prefect does not walk every row looking for upstream futures. The teacher
-stage is one object (tasks/teacher_stage.py), chosen from the config: batches from this
+stage is one object (tasks/build/teacher_stage.py), chosen from the config: batches from this
 process, or shards on Dask workers or on a work pool.
 """
 
@@ -29,7 +29,7 @@ from distillflow.memory import release_freed_memory
 from distillflow.runs import get_run_logger
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.seeds import SeedRows, load_seeds
-from distillflow.tasks.build_steps import (
+from distillflow.tasks.build.steps import (
     PromptSide,
     check_teacher_stage,
     dataset_manifest,
@@ -39,10 +39,10 @@ from distillflow.tasks.build_steps import (
     load_seeds_task,
     stage,
 )
-from distillflow.tasks.shards import ShardTotals, plan_shards
+from distillflow.tasks.build.shards import ShardTotals, plan_shards
 from distillflow.tasks.teacher.errors import TeacherAborted, TeacherFatalError
 from distillflow.tasks.teacher.protocol import resolve_api_key
-from distillflow.tasks.teacher_stage import TeacherStage, dataset_artifact_key, teacher_stage
+from distillflow.tasks.build.teacher_stage import TeacherStage, dataset_artifact_key, teacher_stage
 
 
 @flow(name="build-dataset")
@@ -53,7 +53,7 @@ def build_dataset(
     `seed_rows`: the seed files as the caller read them already (`build_command`), or None.
 
     Prompt filters decide once over the whole prompt set; the kept prompts are answered in
-    shards of `dataset.shard_rows`, each written as soon as it is complete (tasks/shards.py),
+    shards of `dataset.shard_rows`, each written as soon as it is complete (tasks/build/shards.py),
     and the dataset is swapped in, with the manifest last, when every shard is done.
     """
     logger = get_run_logger()
@@ -141,7 +141,7 @@ def publish_build_artifacts(config: DistillConfig, manifest: dict[str, Any]) -> 
     )
 def dry_run_command(config_path: str | Path, prompt_column: str | None = None) -> dict[str, Any]:
     """`distill build CONFIG --dry-run`: prompt count, tokens and cost; no request, no dataset."""
-    from distillflow.tasks.cost_estimate import estimate_build, format_estimate
+    from distillflow.tasks.build.cost_estimate import estimate_build, format_estimate
 
     config = load_config(config_path)
     seeds, _ = load_seeds(config.seeds, prompt_column, config_path)

@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow
 
 from distillflow.config import load_config
-from distillflow.tasks.capture_logits import (
+from distillflow.tasks.capture.logits import (
     CaptureSettings,
     capture_shard_task,
     check_capture_input,

@@ -1,6 +1,6 @@
 """`distill dedup IN_DIR OUT_DIR`: the filtering stage alone, on an existing dataset.
 
-The flow only wires the three passes of `tasks.dedup_dataset`: one `shard-features` task
+The flow only wires the three passes of `tasks.filters.dataset`: one `shard-features` task
 per input shard (the map, submitted together so the task runner runs them in parallel),
 one `resolve-filters` task (the global reduce), one `write-filtered` task. With the
 default thread-pool runner the shards run on local threads (the MinHash kernel releases
@@ -19,7 +19,7 @@ from prefect import flow, unmapped
 
 from distillflow import runs
 from distillflow.runs import get_run_logger
-from distillflow.tasks.dedup_dataset import (
+from distillflow.tasks.filters.dataset import (
     filter_dataset,
     filters_config_for,
     input_shards,
@@ -27,7 +27,7 @@ from distillflow.tasks.dedup_dataset import (
     shard_features_task,
     write_filtered_task,
 )
-from distillflow.tasks.filter_config import FiltersConfig
+from distillflow.tasks.filters.config import FiltersConfig
 
 Engine = Literal["prefect", "dask", "local"]
 
@@ -35,7 +35,7 @@ Engine = Literal["prefect", "dask", "local"]
 @flow(name="dedup-dataset")
 def dedup_flow(in_dir: str, out_dir: str, config: FiltersConfig) -> dict[str, Any]:
     """Filter the dataset in `in_dir` into `out_dir`; returns the new manifest."""
-    from distillflow.tasks.build_steps import stage  # a stage running past a minute says so
+    from distillflow.tasks.build.steps import stage  # a stage running past a minute says so
 
     logger = get_run_logger()
     started = time.time()

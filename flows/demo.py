@@ -148,7 +148,7 @@ def demo_command(
     from distillflow.flows.evaluate import eval_command
     from distillflow.flows.train import train_command
     from distillflow.storage.inspect import inspect_dataset
-    from distillflow.tasks.demo_teacher import ensure_demo_teacher
+    from distillflow.tasks.train.demo_teacher import ensure_demo_teacher
 
     budget = budget or DemoBudget()
     started = time.perf_counter()

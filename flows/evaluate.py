@@ -1,4 +1,4 @@
-"""`distill eval CONFIG`: the `evaluate` flow. It only wires the tasks of tasks/evaluate.py:
+"""`distill eval CONFIG`: the `evaluate` flow. It only wires the tasks of tasks/evaluation/evaluate.py:
 prepare the prompts → one task per model → speed (every in-process model, interleaved) → judge →
 report files and artifacts.
 
@@ -14,10 +14,10 @@ from prefect import flow
 from prefect.utilities.annotations import quote
 
 from distillflow.runs import get_run_logger
-from distillflow.tasks.eval_report import (
+from distillflow.tasks.evaluation.report import (
     format_table,
 )
-from distillflow.tasks.evaluate import (
+from distillflow.tasks.evaluation.evaluate import (
     evaluate_model_task,
     judge_task,
     load_eval_run,

@@ -1,4 +1,4 @@
-"""`distill mine CONFIG`: the `mine` flow. It wires the steps of tasks/mining.py — candidates
+"""`distill mine CONFIG`: the `mine` flow. It wires the steps of tasks/mining/steps.py — candidates
 → teacher (the build's client, ledger and response filters) → student scores → selection →
 new dataset version → (capture-logits for white-box data) → retrain → eval."""
 
@@ -20,8 +20,8 @@ from distillflow.interrupt import cancel_on_interrupt
 from distillflow.progress import ProgressBar
 from distillflow.runs import get_run_logger
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
-from distillflow.tasks.build_steps import answer_batch_task, filter_responses_task
-from distillflow.tasks.mining import (
+from distillflow.tasks.build.steps import answer_batch_task, filter_responses_task
+from distillflow.tasks.mining.steps import (
     MiningPlan,
     candidates_task,
     plan_mining,
@@ -116,7 +116,7 @@ def mine(config_path: str) -> dict[str, Any]:
         assert config.training is not None
         if config.training.objective == "kd_topk":
             from distillflow.flows.capture_logits import capture_logits
-            from distillflow.tasks.capture_logits import resolve_capture_settings
+            from distillflow.tasks.capture.logits import resolve_capture_settings
 
             settings = resolve_capture_settings(config)
             settings = dataclasses.replace(settings, input_dir=str(plan.output_dir), output_dir=str(plan.output_dir))
@@ -199,7 +199,7 @@ def mine_command(config_path: str | Path) -> dict[str, Any]:
     result = mine(str(config_path))
     print(mining_markdown(result), end="")
     if result.get("evaluation"):
-        from distillflow.tasks.eval_report import format_table
+        from distillflow.tasks.evaluation.report import format_table
 
         print(format_table(result["evaluation"]))
     print(f"mined dataset: {result['dataset']} ({result['seconds']:.0f} s)", file=sys.stderr)

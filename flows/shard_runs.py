@@ -1,9 +1,9 @@
 """The `build-shard` flow: one shard of a build on a Prefect work-pool worker
 (`prefect worker start --pool POOL --type process`, on any machine).
 
-The parent build's teacher stage (tasks/teacher_stage.py, `dataset.work_pool`) registers
+The parent build's teacher stage (tasks/build/teacher_stage.py, `dataset.work_pool`) registers
 this flow's deployment and keeps `dataset.workers` runs of it in flight
-(tasks/shard_pool.py, which also adopts or cancels the runs a killed build left behind).
+(tasks/build/shard_pool.py, which also adopts or cancels the runs a killed build left behind).
 A run reads its shard's prompts from `output_dir/.building/`, answers them with its own
 teacher client and its own connection to the run's ledger, runs the response filters,
 writes the shard's files and, last, `.building/results/shard-k.json`.
@@ -20,9 +20,9 @@ from prefect import flow
 from distillflow.config import DistillConfig
 from distillflow.storage.atomic import write_json_atomic
 from distillflow.storage.ledger import TEACHER_LEDGER
-from distillflow.tasks import shard_pool
-from distillflow.tasks.shard_pool import SHARD_FLOW, ensure_process_pool, result_path
-from distillflow.tasks.shards import answer_shard
+from distillflow.tasks.build import shard_pool
+from distillflow.tasks.build.shard_pool import SHARD_FLOW, ensure_process_pool, result_path
+from distillflow.tasks.build.shards import answer_shard
 
 __all__ = ["build_shard", "ensure_process_pool", "register_shard_deployment"]
 

@@ -1,6 +1,6 @@
 """`distill sweep CONFIG`: the `sweep` parent flow. Each point is a `sweep-point` subflow
 (train, then the `evaluate` flow), at most `sweep.parallel` at a time; the reference model
-(the teacher) is evaluated once. It wires tasks/sweep.py, which owns the plan, the state of
+(the teacher) is evaluated once. It wires tasks/sweep/plan.py, which owns the plan, the state of
 each point on disk and the ranked report."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from distillflow.config import load_config
 from distillflow.runs import get_run_logger
-from distillflow.tasks.sweep import (
+from distillflow.tasks.sweep.plan import (
     SweepPlan,
     SweepPoint,
     eval_done,
@@ -34,7 +34,7 @@ from distillflow.tasks.sweep import (
     write_state,
     write_sweep_files,
 )
-from distillflow.tasks.train_student import train_student
+from distillflow.tasks.train.student import train_student
 
 
 def model_seconds(report: dict[str, Any]) -> float:
@@ -168,7 +168,7 @@ class SweepFailed(RuntimeError):
 
 def sweep_command(config_path: str | Path) -> dict[str, Any]:
     """Validate every point before Prefect starts, run, print the ranked table."""
-    from distillflow.tasks.evaluate import eval_run_from_config
+    from distillflow.tasks.evaluation.evaluate import eval_run_from_config
     from distillflow.tasks.preflight import preflight_eval, preflight_training
     from distillflow.training.config import TrainingConfig
 

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow
 
 from distillflow.config import load_training_config
-from distillflow.tasks.train_student import train_student
+from distillflow.tasks.train.student import train_student
 
 
 @flow(name="train")

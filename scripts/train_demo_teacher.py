@@ -1,6 +1,6 @@
 """Train the demo teacher and ship it: `python scripts/train_demo_teacher.py`.
 
-Trains `tasks.demo_teacher.DemoTrainingSettings()` (about 10 minutes on 2 CPU cores, one thread), measures greedy exact match on held-out questions (arguments the teacher never
+Trains `tasks.train.demo_teacher.DemoTrainingSettings()` (about 10 minutes on 2 CPU cores, one thread), measures greedy exact match on held-out questions (arguments the teacher never
 saw) clean and perturbed, and writes the model, its stamp and a card (README.md) to
 `distillflow/assets/demo-teacher` — the directory `distill demo` uses. Weights are saved
 in float16 to keep the package small; they load as float32.
@@ -42,7 +42,7 @@ def exact_match(model_dir: Path, questions: list[tuple[str, tuple[str, ...]]], b
 def main() -> None:
     import torch
 
-    from distillflow.tasks.demo_teacher import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, noisy_item, train_into
+    from distillflow.tasks.train.demo_teacher import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, noisy_item, train_into
     from distillflow.prompts.skills import distinct
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

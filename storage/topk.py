@@ -3,7 +3,7 @@
 One blob holds the top-k distribution of every supervised position of one example:
 `ids` (T, k) token ids and `logprobs` (T, k) natural-log probabilities, each row sorted by
 logprob, descending. Position t predicts the t-th supervised token of
-`training.data.encode_example` (see `tasks/capture_logits.py`).
+`training.data.encode_example` (see `tasks/capture/logits.py`).
 
 Layout (little-endian)::
 

@@ -1,5 +1,5 @@
 """Child processes that talk to the build over pipes: the shard writer
-(tasks/shard_writer.py) and the teacher's client processes (tasks/teacher/client_process.py).
+(tasks/build/shard_writer.py) and the teacher's client processes (tasks/teacher/client_process.py).
 
 Each child is a fresh interpreter running its own module (`python -m MODULE`), not
 multiprocessing's spawn, which re-runs the caller's own script in the child when it has no

@@ -148,7 +148,7 @@ def preflight_build(config: DistillConfig, source: str, prompts: Sequence[str]) 
 def preflight_capture(config: DistillConfig, source: str) -> None:
     """Local capture: the teacher loads, the tokenizer that makes the positions has a template,
     its vocabulary is the teacher's, and the teacher's context holds max_length."""
-    from distillflow.tasks.capture_logits import resolve_capture_settings
+    from distillflow.tasks.capture.logits import resolve_capture_settings
 
     settings = resolve_capture_settings(config)
     training = config.training
@@ -229,7 +229,7 @@ def preflight_run(config: DistillConfig, source: str, prompts: Sequence[str]) ->
             preflight_capture(config, source)
         preflight_training(training, source, captured_first=captures)
     if config.evaluation is not None:
-        from distillflow.tasks.evaluate import eval_run_from_config
+        from distillflow.tasks.evaluation.evaluate import eval_run_from_config
 
         preflight_eval(eval_run_from_config(config, source), only_existing=True)
 

@@ -108,7 +108,7 @@ def test_an_unknown_preset_names_the_key_and_the_presets(base_model, tmp_path):
 
 
 def test_the_shared_template_reaches_teacher_training_and_capture(base_model, tmp_path):
-    from distillflow.tasks.capture_logits import resolve_capture_settings
+    from distillflow.tasks.capture.logits import resolve_capture_settings
 
     path = build_config(tmp_path, base_model, chat_template="plain")
     data = yaml.safe_load(path.read_text())

@@ -51,7 +51,7 @@ def write_dataset(root: Path, rows=ROWS, rows_per_shard: int = 3) -> Path:
 
 
 def settings_for(teacher: Path, input_dir: Path, output_dir: Path, **overrides):
-    from distillflow.tasks.capture_logits import CaptureSettings
+    from distillflow.tasks.capture.logits import CaptureSettings
 
     values = dict(
         source="local", model=str(teacher), tokenizer=str(teacher), k=K, input_dir=str(input_dir),
@@ -93,7 +93,7 @@ def blobs_of(dataset: Path) -> list[bytes]:
 
 
 def test_local_capture_matches_a_direct_forward_pass(tiny_teacher, tmp_path):
-    from distillflow.tasks.capture_logits import capture_dataset
+    from distillflow.tasks.capture.logits import capture_dataset
 
     source = write_dataset(tmp_path / "in")
     out = tmp_path / "out"
@@ -122,7 +122,7 @@ def test_local_capture_matches_a_direct_forward_pass(tiny_teacher, tmp_path):
 
 
 def test_rerun_skips_captured_shards_and_a_new_k_recaptures(tiny_teacher, tmp_path):
-    from distillflow.tasks.capture_logits import capture_dataset
+    from distillflow.tasks.capture.logits import capture_dataset
 
     source = write_dataset(tmp_path / "in")
     out = tmp_path / "out"
@@ -141,7 +141,7 @@ def test_rerun_skips_captured_shards_and_a_new_k_recaptures(tiny_teacher, tmp_pa
 
 
 def test_in_place_capture_resumes_after_a_crash(tiny_teacher, tmp_path, monkeypatch):
-    import distillflow.tasks.capture_logits as capture
+    import distillflow.tasks.capture.logits as capture
     dataset = write_dataset(tmp_path / "ds")
     settings = settings_for(tiny_teacher, dataset, dataset)
     real_capture_shard = capture.capture_shard
@@ -190,7 +190,7 @@ def vllm_prompt_logprobs(teacher: Path, input_ids: list[int], k: int) -> list[di
 def test_vllm_scorer_reads_prompt_logprobs_like_the_local_scorer(tiny_teacher, tmp_path):
     from openai.types import Completion
 
-    from distillflow.tasks.capture_logits import VllmScorer, encode_rows, make_scorer
+    from distillflow.tasks.capture.logits import VllmScorer, encode_rows, make_scorer
 
     settings = settings_for(tiny_teacher, tmp_path, tmp_path, source="vllm", base_url="http://unused/v1")
     scorer = VllmScorer(settings)
@@ -222,7 +222,7 @@ def test_vllm_scorer_reads_prompt_logprobs_like_the_local_scorer(tiny_teacher, t
 
 
 def test_prompt_logprobs_parser_keeps_top_k_and_drops_the_extra_prompt_token():
-    from distillflow.tasks.capture_logits import prompt_logprobs_to_topk
+    from distillflow.tasks.capture.logits import prompt_logprobs_to_topk
 
     entries = [
         None,
@@ -250,7 +250,7 @@ def config_file(tmp_path: Path, teacher: Path, dataset: Path, **capture) -> Path
 
 def test_config_defaults_and_errors(tiny_teacher, tmp_path):
     from distillflow.config import ConfigError, load_config
-    from distillflow.tasks.capture_logits import check_capture_input, resolve_capture_settings
+    from distillflow.tasks.capture.logits import check_capture_input, resolve_capture_settings
 
     config = load_config(config_file(tmp_path, tiny_teacher, tmp_path / "ds"), check_files=False)
     settings = resolve_capture_settings(config)
@@ -331,7 +331,7 @@ def vllm_server(tiny_teacher, tmp_path_factory):
 
 @pytest.mark.vllm
 def test_vllm_capture_matches_local_capture(vllm_server, tiny_teacher, tmp_path):
-    from distillflow.tasks.capture_logits import capture_dataset
+    from distillflow.tasks.capture.logits import capture_dataset
 
     source = write_dataset(tmp_path / "in")
     local, served = tmp_path / "local", tmp_path / "served"

@@ -231,7 +231,7 @@ def test_token_cap_counts_in_flight_requests(port, tmp_path, client_processes):
 
 def test_budget_too_small_for_one_request_is_a_clear_error(prefect_harness, port, tmp_path):
     from distillflow.flows.build import build_command
-    from distillflow.tasks.build_steps import BudgetTooSmallError
+    from distillflow.tasks.build.steps import BudgetTooSmallError
 
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY), port) as server:
         config = write_build(tmp_path, server.base_url, pricing={"input_per_mtok": 1e6, "output_per_mtok": 1e6},

@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from distillflow.tasks.dedup import KEEP, exact_duplicates, first_occurrence, normalize_text, resolve_clusters
-from distillflow.tasks.filter_config import FiltersConfig, NearDedupConfig
-from distillflow.tasks.minhash import (
+from distillflow.tasks.filters.dedup import KEEP, exact_duplicates, first_occurrence, normalize_text, resolve_clusters
+from distillflow.tasks.filters.config import FiltersConfig, NearDedupConfig
+from distillflow.tasks.filters.minhash import (
     exact_jaccard,
     near_dedup_normalize,
     near_duplicates,
@@ -201,8 +201,8 @@ def test_small_batches_hash_exactly_as_the_compiled_kernels(monkeypatch, unit, n
     re-filtered dataset would decide differently."""
     import numpy as np
 
-    from distillflow.tasks import minhash
-    from distillflow.tasks.filter_config import NearDedupConfig
+    from distillflow.tasks.filters import minhash
+    from distillflow.tasks.filters.config import NearDedupConfig
 
     texts = _texts_for_equivalence()
     config = NearDedupConfig(unit=unit, ngram=ngram, num_perm=64, bands=8)

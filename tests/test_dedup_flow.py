@@ -12,8 +12,8 @@ import pytest
 from distillflow.records import content_id
 from distillflow.storage.manifest import read_manifest, write_manifest
 from distillflow.storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema, read_table
-from distillflow.tasks.dedup_dataset import filter_dataset
-from distillflow.tasks.filter_config import FiltersConfig
+from distillflow.tasks.filters.dataset import filter_dataset
+from distillflow.tasks.filters.config import FiltersConfig
 
 from .test_dedup import planted_corpus
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 
-from distillflow.tasks.demo_teacher import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, ensure_demo_teacher, version_key
+from distillflow.tasks.train.demo_teacher import SHIPPED_TEACHER, STAMP_FILE, DemoTrainingSettings, ensure_demo_teacher, version_key
 from distillflow.prompts.adversarial import ADVERSARIAL, perturb_protected
 from distillflow.prompts.config import AdversarialConfig
 from distillflow.prompts.skills import ANSWERS, SKILLS, distinct, sample, split_of

@@ -132,8 +132,8 @@ def test_the_root_cause_is_named_not_the_secondary_error():
 def test_the_shard_writer_process_reports_a_full_disk_as_its_one_paragraph(small_disk):
     from datetime import datetime, timezone
 
-    from distillflow.tasks.filter_config import FiltersConfig
-    from distillflow.tasks.shard_writer import ShardWriterProcess
+    from distillflow.tasks.filters.config import FiltersConfig
+    from distillflow.tasks.build.shard_writer import ShardWriterProcess
 
     row = {"id": "a", "prompt": "p", "response": "An answer long enough to keep.", "strategy": "seed",
            "parent_id": None, "teacher_model": "m", "finish_reason": "stop", "prompt_tokens": 1,

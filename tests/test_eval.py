@@ -19,8 +19,8 @@ from distillflow.config import ConfigError, parse_config
 from distillflow.records import content_id
 from distillflow.training.scratch import build_tiny_llama
 from distillflow.storage.dataset import is_heldout
-from distillflow.tasks.eval_config import RobustnessConfig
-from distillflow.tasks.evaluate import (
+from distillflow.tasks.evaluation.config import RobustnessConfig
+from distillflow.tasks.evaluation.evaluate import (
     EvalItem,
     build_report,
     combine_verdicts,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from distillflow.tasks.eval_checks import (
+from distillflow.tasks.evaluation.checks import (
     check_choice,
     check_contains,
     check_exact,
@@ -88,7 +88,7 @@ def test_rouge_l_is_lcs_f1():
 
 
 def test_one_of_accepts_any_listed_answer_and_nothing_else():
-    from distillflow.tasks.eval_checks import is_correct
+    from distillflow.tasks.evaluation.checks import is_correct
 
     assert is_correct("one_of", " l\n", "a|l|m") and is_correct("one_of", "a", "a|l|m")
     assert not is_correct("one_of", "x", "a|l|m") and not is_correct("one_of", "al", "a|l|m")
@@ -96,7 +96,7 @@ def test_one_of_accepts_any_listed_answer_and_nothing_else():
 
 
 def test_spread_tells_a_model_that_covers_the_answers_from_one_that_repeats_one():
-    from distillflow.tasks.evaluate import spread_of
+    from distillflow.tasks.evaluation.evaluate import spread_of
 
     valid = [("a", "b", "c", "d"), ("x", "y")]
     covering = spread_of([["a", "b", "c", "d"], ["x", "y", "x", "y"]], valid)

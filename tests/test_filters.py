@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from distillflow.records import PromptRecord
-from distillflow.tasks.filter_config import FiltersConfig
-from distillflow.tasks.filters import filter_prompts
+from distillflow.tasks.filters.config import FiltersConfig
+from distillflow.tasks.filters.passes import filter_prompts
 
 from .test_dedup import planted_corpus, random_prompt
 
@@ -30,8 +30,8 @@ DISTINCT = [
 @pytest.fixture(scope="session")
 def embed():
     """The offline sentence-embedding model, loaded once for the session."""
-    from distillflow.tasks.filter_config import SemanticDedupConfig
-    from distillflow.tasks.semantic import embed_texts
+    from distillflow.tasks.filters.config import SemanticDedupConfig
+    from distillflow.tasks.filters.semantic import embed_texts
 
     config = SemanticDedupConfig()
     embed_texts(["warm up"], config)
@@ -85,7 +85,7 @@ def test_semantic_paraphrases_are_found_and_distinct_prompts_survive(embed):
 
 def test_semantic_dedup_with_the_vector_index(embed, monkeypatch):
     """Above the exact-search size the usearch index finds the same pairs."""
-    import distillflow.tasks.semantic as semantic
+    import distillflow.tasks.filters.semantic as semantic
     monkeypatch.setattr(semantic, "EXACT_SEARCH_MAX_ROWS", 2)
     texts = [a for a, _ in PARAPHRASES] + DISTINCT + [b for _, b in PARAPHRASES]
     config = FiltersConfig(semantic_dedup={"enabled": True, "threshold": 0.85})
@@ -172,8 +172,8 @@ def test_stage_order_contamination_before_dedup(tmp_path):
 
 def test_rule_based_variants_survive_dedup_against_their_own_parent():
     from distillflow.records import PromptRecord
-    from distillflow.tasks.filter_config import FiltersConfig
-    from distillflow.tasks.filters import filter_prompts
+    from distillflow.tasks.filters.config import FiltersConfig
+    from distillflow.tasks.filters.passes import filter_prompts
 
     seed = PromptRecord.make("What is the capital of France?", "seed")
     casing = PromptRecord.make("wHAT is THE capital OF france?", "adversarial:casing", seed.id)

@@ -278,7 +278,7 @@ def test_build_then_train_kd_greybox_with_another_tokenizer_and_resume(prefect_h
 def captured(tmp_path_factory) -> tuple[Path, Path]:
     """(teacher, dataset): a tiny Llama whose BPE (320 tokens) is not the student's (300),
     and the rows of `write_api_dataset` with its top-k captured in its own tokenisation."""
-    from distillflow.tasks.capture_logits import capture_dataset
+    from distillflow.tasks.capture.logits import capture_dataset
     from distillflow.training.scratch import build_tiny_llama
     from tests.test_capture_logits import settings_for, write_dataset
 
@@ -325,7 +325,7 @@ def test_preflight_takes_a_different_vocabulary_teacher_for_kd_greybox_and_names
     student_dir, captured, tmp_path
 ):
     from distillflow.config import DistillConfig
-    from distillflow.tasks.capture_logits import resolve_capture_settings
+    from distillflow.tasks.capture.logits import resolve_capture_settings
     from distillflow.tasks.preflight import PreflightError, preflight_capture, preflight_training
     from distillflow.training.config import TrainingConfig
 

@@ -37,6 +37,14 @@ LAYER_NAMES = {0: "core/config", 1: "storage", 2: "prompts/training", 3: "tasks"
 TEACHER = "distillflow.tasks.teacher"
 TEACHER_MAY_IMPORT = {"distillflow.tasks.child"}
 FLOW_MAX_LINES = 80  # a flow function wires tasks; what does the work lives in tasks/
+# Inside tasks/: each role package (or loose module) and its level; a module imports tasks/
+# modules of a lower level, or of its own package (the config models, level 0 of the whole
+# tree, are free to import). tasks/__init__.py's docstring draws the same order.
+TASK_ROLES = {
+    "child": 0, "artifact_charts": 0, "teacher": 1, "filters": 2,
+    "build": 3, "capture": 3, "train": 3, "evaluation": 3, "mining": 4, "sweep": 4, "preflight": 5,
+}
+LOOSE_TASK_MODULES = {"child", "artifact_charts", "preflight"}  # every other module sits in a role package
 
 
 def module_files() -> dict[str, Path]:
@@ -165,6 +173,30 @@ def test_the_teacher_package_imports_no_other_step(edges):
     assert wrong == []
 
 
+def task_role(module: str) -> str | None:
+    """distillflow.tasks.filters.minhash → filters; None outside tasks/."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["distillflow", "tasks"] else None
+
+
+def test_tasks_are_grouped_by_role_and_import_only_lower_roles(edges):
+    modules = [m for m in edges if task_role(m) is not None]
+    unplaced = [m for m in modules if task_role(m) not in TASK_ROLES]
+    loose = [m for m in modules if m.count(".") == 2 and task_role(m) not in LOOSE_TASK_MODULES | set(TASK_ROLES)]
+    assert unplaced == [] and loose == []
+    upward = [
+        f"{source} ({task_role(source)}) imports {target} ({task_role(target)})"
+        for source in sorted(modules) if level(source) > 0
+        for target in sorted(edges[source])
+        if task_role(target) is not None and level(target) > 0 and task_role(target) != task_role(source)
+        and TASK_ROLES[task_role(target)] >= TASK_ROLES[task_role(source)]
+    ]
+    assert upward == []
+    for role in TASK_ROLES.keys() - LOOSE_TASK_MODULES:
+        doc = ast.get_docstring(ast.parse((ROOT / "tasks" / role / "__init__.py").read_text(encoding="utf-8")))
+        assert doc and "May import" in doc or role == "teacher", role
+
+
 def test_only_the_recording_writes_answers_to_the_ledger():
     """A teacher transport only returns answers: in tasks/teacher/, `put`/`put_many` on a
     ledger are called by recording.py alone (the batch transport keeps only its own batch
@@ -196,7 +228,7 @@ def test_the_walk_sees_lazy_imports_and_cycles():
     """The checker itself: a lazy import inside a function is an edge, and a cycle is found."""
     modules = module_files()
     edges = import_edges(modules)
-    assert "distillflow.tasks.train_student" in edges["distillflow.flows.train"]
+    assert "distillflow.tasks.train.student" in edges["distillflow.flows.train"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
@@ -214,8 +246,8 @@ def test_config_name_lists_match_the_generators():
 
 
 def test_language_scripts_match_the_script_ranges():
-    from distillflow.tasks.filter_config import LANGUAGE_SCRIPTS
-    from distillflow.tasks.quality import SCRIPT_RANGES
+    from distillflow.tasks.filters.config import LANGUAGE_SCRIPTS
+    from distillflow.tasks.filters.quality import SCRIPT_RANGES
 
     assert sorted(LANGUAGE_SCRIPTS) == sorted(SCRIPT_RANGES)
 

@@ -18,9 +18,9 @@ from distillflow.flows.demo import KD_STUDENT
 from distillflow.config import ConfigError, parse_config
 from distillflow.training.scratch import build_tiny_llama
 from distillflow.storage.parquet import read_table
-from distillflow.tasks.dedup import normalize_text
-from distillflow.tasks.mining import MiningPlan, score_candidates, select_candidates
-from distillflow.tasks.mining_config import MiningConfig
+from distillflow.tasks.filters.dedup import normalize_text
+from distillflow.tasks.mining.steps import MiningPlan, score_candidates, select_candidates
+from distillflow.tasks.mining.config import MiningConfig
 
 
 def greedy_answer(model, tokenizer, prompt: str, tokens: int = 6) -> str:

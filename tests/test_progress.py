@@ -66,7 +66,7 @@ def test_mode_follows_the_terminal(monkeypatch):
 
 
 def test_training_step_lines_move_the_bar_and_reach_the_log_bounded():
-    from distillflow.tasks.train_student import training_line_handler
+    from distillflow.tasks.train.student import training_line_handler
 
     logged: list[str] = []
     bar = ProgressBar("train", None, "steps", mode="off")

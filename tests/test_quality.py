@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from distillflow.tasks.filter_config import FiltersConfig
-from distillflow.tasks.filters import filter_responses
+from distillflow.tasks.filters.config import FiltersConfig
+from distillflow.tasks.filters.passes import filter_responses
 
 
 def row(response, prompt="Explain how photosynthesis works.", finish_reason="stop", id="r1"):  # noqa: A002
@@ -170,7 +170,7 @@ def test_repetition_echo_and_line_checks_agree_with_reference_loops():
     import random
     from collections import Counter
 
-    from distillflow.tasks.quality import echo_fraction, max_line_repeats, repeated_ngram_fraction
+    from distillflow.tasks.filters.quality import echo_fraction, max_line_repeats, repeated_ngram_fraction
     from distillflow.text import normalize_text
 
     def repeated_reference(tokens, n):

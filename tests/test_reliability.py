@@ -23,8 +23,8 @@ from distillflow.config import TeacherConfig
 from distillflow.records import PromptRecord
 from distillflow.storage.manifest import read_manifest
 from distillflow.storage.parquet import list_shards, read_table
-from distillflow.tasks.filter_config import FiltersConfig
-from distillflow.tasks.filters import filter_responses
+from distillflow.tasks.filters.config import FiltersConfig
+from distillflow.tasks.filters.passes import filter_responses
 from distillflow.tasks.teacher import (
     NoUsableAnswersError,
     TeacherAborted,
@@ -333,7 +333,7 @@ def test_refusal_kinds_are_configurable():
 
 def test_a_stage_running_past_the_heartbeat_logs_its_progress(prefect_harness, tmp_path, port, monkeypatch, capfd):
     from distillflow.flows.build import build_command
-    from distillflow.tasks import build_steps
+    from distillflow.tasks.build import steps as build_steps
 
     monkeypatch.setattr(build_steps, "HEARTBEAT_S", 0.3)
     seeds = tmp_path / "seeds.jsonl"

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from distillflow.storage.topk import decode_topk, encode_topk
-from distillflow.tasks.logit_sampling import draw_uniforms, sample_sparse_targets
+from distillflow.tasks.capture.sampling import draw_uniforms, sample_sparse_targets
 from tests.test_capture_logits import ROWS, blobs_of, settings_for, tiny_teacher, write_dataset  # noqa: F401
 
 K = 8
@@ -111,7 +111,7 @@ def test_kd_topk_on_sampled_weights_is_the_full_vocabulary_kl_to_them():
 @pytest.mark.slow
 def test_capture_stores_sampled_weights_in_top_k_bytes_and_marks_the_method(tiny_teacher, tmp_path):
     from distillflow.storage.manifest import read_manifest
-    from distillflow.tasks.capture_logits import capture_dataset
+    from distillflow.tasks.capture.logits import capture_dataset
     from distillflow.training.data import capture_method
 
     source = write_dataset(tmp_path / "in")
@@ -169,7 +169,7 @@ def test_config_refuses_sampled_with_vllm_and_tempered_training(tiny_teacher, tm
 
 
 def test_a_sampled_capture_trains_through_kd_topk(tmp_path_factory, tmp_path):
-    from distillflow.tasks.capture_logits import capture_dataset
+    from distillflow.tasks.capture.logits import capture_dataset
     from distillflow.training.config import TrainingConfig, check_sampled_capture
     from distillflow.training.data import attach_topk, capture_method, collate, tokenize_dataset
     from distillflow.training.model import DistillationModel, load_causal_lm, load_tokenizer

@@ -9,7 +9,7 @@ import yaml
 
 from distillflow.config import load_config, load_training_config, parse_config, stage_dirs
 from distillflow.flows.deployments import runner_deployments
-from distillflow.tasks.capture_logits import resolve_capture_settings
+from distillflow.tasks.capture.logits import resolve_capture_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

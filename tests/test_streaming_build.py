@@ -19,8 +19,8 @@ import distillflow.tasks.teacher.openai_client as teacher_module
 from distillflow.records import PromptRecord, content_id
 from distillflow.storage.manifest import read_manifest
 from distillflow.storage.parquet import list_shards, read_table
-from distillflow.tasks.filter_config import FiltersConfig
-from distillflow.tasks.filters import filter_prompts
+from distillflow.tasks.filters.config import FiltersConfig
+from distillflow.tasks.filters.passes import filter_prompts
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 from tests.test_build import API_KEY, write_config, write_seeds
 from tests.test_resume import ledger_rows
@@ -76,7 +76,7 @@ def generated_order(prompts: list[str]) -> list[str]:
 
 
 def test_shard_size_does_not_change_the_dataset(prefect_harness, port, tmp_path, monkeypatch):
-    import distillflow.tasks.teacher_stage as stage_module
+    import distillflow.tasks.build.teacher_stage as stage_module
     from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
@@ -392,7 +392,7 @@ def test_the_shard_writer_process_writes_what_the_build_writes_in_process(prefec
     own process (small ones), requests from the build's process or from a client process of
     their own (large builds): the same rows, rejects and counts, shard by shard, and every
     prompt asked once."""
-    import distillflow.tasks.teacher_stage as stage_module
+    import distillflow.tasks.build.teacher_stage as stage_module
     from distillflow.flows.build import build_command
 
     seeds = tmp_path / "seeds.jsonl"
@@ -434,7 +434,7 @@ def test_the_shard_writer_process_writes_what_the_build_writes_in_process(prefec
 def test_a_failing_or_dead_shard_writer_is_reported_not_waited_for(tmp_path):
     from datetime import datetime, timezone
 
-    from distillflow.tasks.shard_writer import ShardWriterError, ShardWriterProcess
+    from distillflow.tasks.build.shard_writer import ShardWriterError, ShardWriterProcess
 
     row = {"id": "a", "prompt": "p", "response": "An answer long enough to keep.", "strategy": "seed", "parent_id": None,
            "teacher_model": "m", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 6,
@@ -462,8 +462,8 @@ def test_the_shard_writer_does_not_rerun_the_callers_script(tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(
         "from pathlib import Path\n"
-        "from distillflow.tasks.filter_config import FiltersConfig\n"
-        "from distillflow.tasks.shard_writer import ShardWriterProcess\n"
+        "from distillflow.tasks.filters.config import FiltersConfig\n"
+        "from distillflow.tasks.build.shard_writer import ShardWriterProcess\n"
         "print('script ran', flush=True)\n"
         f"with ShardWriterProcess(FiltersConfig(), Path({str(tmp_path / 'staging')!r}), False) as writer:\n"
         "    print('accepted', writer.write(0, 0, 0).accepted, flush=True)\n"
@@ -474,7 +474,7 @@ def test_the_shard_writer_does_not_rerun_the_callers_script(tmp_path):
 
 
 def test_a_shards_prompts_come_back_in_the_batches_asked_for(tmp_path):
-    from distillflow.tasks.shards import (
+    from distillflow.tasks.build.shards import (
         read_shard_prompt_batches,
         read_shard_prompts,
         write_shard_prompts,

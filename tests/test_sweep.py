@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from distillflow.cli import app
 from distillflow.config import ConfigError, parse_config
-from distillflow.tasks.sweep import expand_points, pareto_front, plan_sweep, point_name, prepare_point, rank_points, write_state
-from distillflow.tasks.sweep_config import SweepConfig
+from distillflow.tasks.sweep.plan import expand_points, pareto_front, plan_sweep, point_name, prepare_point, rank_points, write_state
+from distillflow.tasks.sweep.config import SweepConfig
 
 
 def base_config(tmp_path: Path, sweep: dict) -> dict:

@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import free_port
 from distillflow.config import load_training_config
-from distillflow.tasks.train_student import (
+from distillflow.tasks.train.student import (
     TrainingFailed,
     artifact_key,
     loss_curve_rows,
@@ -222,7 +222,7 @@ def test_train_flow_runs_real_kd_topk_training_on_captured_logits(prefect_harnes
     captured blobs, the flow streams the run and publishes its curve."""
     from distillflow.training.scratch import build_tiny_llama
     from distillflow.flows.train import train
-    from distillflow.tasks.capture_logits import capture_dataset
+    from distillflow.tasks.capture.logits import capture_dataset
     from tests.test_capture_logits import settings_for, write_dataset
 
     teacher = tmp_path / "teacher"

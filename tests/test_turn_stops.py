@@ -184,8 +184,8 @@ def test_inspect_counts_rows_per_finish_reason(tmp_path):
 
 
 def test_plain_answers_end_where_the_turn_ends(base_model):
-    from distillflow.tasks.filter_config import FiltersConfig
-    from distillflow.tasks.quality import ResponseChecker
+    from distillflow.tasks.filters.config import FiltersConfig
+    from distillflow.tasks.filters.quality import ResponseChecker
 
     before = ask(local_teacher(base_model, chat_template="plain", chat_template_stop=[]))
     assert all("\nUser:" in answer.content and answer.finish_reason == "length" for answer in before)
@@ -211,7 +211,7 @@ def test_plain_answers_end_where_the_turn_ends(base_model):
 def test_eval_and_mining_models_stop_at_the_turn_end(base_model, tmp_path):
     """A path model with the setting, and a student whose own template is the preset's
     (as training saves it) with no setting, both answer one turn."""
-    from distillflow.tasks.eval_models import InProcessModel
+    from distillflow.tasks.evaluation.models import InProcessModel
 
     with_setting = InProcessModel(base_model, 96, 6, "cpu", None, chat_template="plain")
     answers = with_setting.answer(QUESTIONS[:2])
@@ -277,7 +277,7 @@ def test_a_base_teacher_build_keeps_one_turn_per_row_without_asking_again(base_m
     from distillflow.storage.inspect import inspect_dataset
     from distillflow.storage.parquet import read_table
     from distillflow.storage.topk import decode_topk
-    from distillflow.tasks.capture_logits import capture_dataset, resolve_capture_settings
+    from distillflow.tasks.capture.logits import capture_dataset, resolve_capture_settings
     from distillflow.training.data import IGNORE_INDEX, encode_example
     from distillflow.training.model import load_tokenizer
 

@@ -59,7 +59,7 @@ class EventLog:
 def white_box_dataset(tiny_teacher, tmp_path) -> Path:
     """ROWS with the tiny teacher's top-k captured, plus a near-duplicate of the first row and
     a whitespace-only prompt among the rejects."""
-    from distillflow.tasks.capture_logits import capture_dataset
+    from distillflow.tasks.capture.logits import capture_dataset
 
     source = write_dataset(tmp_path / "in")
     out = tmp_path / "ds"

@@ -28,7 +28,7 @@ PROMPTS = ["What is the capital of France?", "How many legs does a spider have?"
 
 @pytest.fixture(scope="module")
 def teacher_dir() -> Path:
-    from distillflow.tasks.demo_teacher import ensure_demo_teacher
+    from distillflow.tasks.train.demo_teacher import ensure_demo_teacher
 
     return ensure_demo_teacher(ROOT / ".cache" / "demo")
 

@@ -80,7 +80,7 @@ def check_greybox_dataset(dataset_dir: str | Path) -> None:
 
 
 def captured_settings(path: Path) -> dict[str, Any] | None:
-    """The capture fingerprint a shard was written with (`tasks.capture_logits`), or None."""
+    """The capture fingerprint a shard was written with (`tasks.capture.logits`), or None."""
     from distillflow.storage.add_columns import read_provenance
 
     return (read_provenance(path) or {}).get("capture")

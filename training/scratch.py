@@ -132,7 +132,7 @@ def train_from_scratch(
     pairs until greedy exact match on `heldout` reaches `settings.target_accuracy` (or
     `settings.steps`), keep the best checked weights, save. Returns stats.
 
-    `settings` has the fields of `tasks.demo_teacher.DemoTrainingSettings`: the model's
+    `settings` has the fields of `tasks.train.demo_teacher.DemoTrainingSettings`: the model's
     shape (hidden_size, num_layers, num_heads, intermediate_size), the optimiser's
     (steps, batch_size, learning_rate, warmup_steps), the checks (eval_every,
     target_accuracy) and seed.

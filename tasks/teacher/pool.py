@@ -4,7 +4,7 @@ One Python process issues about 1,000 chat requests a second through the openai 
 one core (aiohttp transport, a 2-core VM); a local vLLM serving short answers takes more.
 With `teacher.client_processes: P > 1` the run starts P client processes, each with its own
 event loop, `AsyncOpenAI` client and connection pool, its share of `max_concurrency` and
-1/P of the rate limits. A large build (tasks/teacher_stage.py `requests_from_own_process`) runs its
+1/P of the rate limits. A large build (tasks/build/teacher_stage.py `requests_from_own_process`) runs its
 one client process this way too, so that the request loop does not share an interpreter
 lock with Prefect's task threads and the flow's bookkeeping.
 

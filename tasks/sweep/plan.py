@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from distillflow.config import ConfigError, DistillConfig, format_validation_error
 from distillflow.storage.atomic import atomic_path, write_json_atomic, write_text_atomic
-from distillflow.tasks.sweep_config import LOWER_IS_BETTER, SweepConfig, expand_points, point_training_data
+from distillflow.tasks.sweep.config import LOWER_IS_BETTER, SweepConfig, expand_points, point_training_data
 from distillflow.training.config import TrainingConfig
 
 # Training keys that change how a run is logged or launched, not what it learns.
@@ -276,7 +276,7 @@ SWEEP_COLUMNS = (
 
 
 def _cell(key: str, value: Any) -> str:
-    from distillflow.tasks.eval_report import _format
+    from distillflow.tasks.evaluation.report import _format
 
     if value is None:
         return "–"
@@ -325,7 +325,7 @@ def format_sweep_table(summary: dict[str, Any]) -> str:
 
 
 def sweep_markdown(summary: dict[str, Any]) -> str:
-    from distillflow.tasks.eval_report import markdown_table
+    from distillflow.tasks.evaluation.report import markdown_table
 
     header, cells = table_rows(summary)
     reference = summary.get("reference")

@@ -4,8 +4,8 @@ During the teacher stage one event-loop thread issues every request, and it need
 interpreter lock for nearly all of its time. Filtering the answered rows and writing the
 Parquet files in the same process takes that lock from it (~25 µs a row, about 3 % of the
 stage at the default settings), so a large build hands them to `ShardWriterProcess`: a
-child process (`python -m distillflow.tasks.shard_writer`, a fresh interpreter) that
-runs a `tasks.shards.ShardCollector`: it filters each batch of rows as it is answered
+child process (`python -m distillflow.tasks.build.shard_writer`, a fresh interpreter) that
+runs a `tasks.build.shards.ShardCollector`: it filters each batch of rows as it is answered
 (`add`) and writes a shard's files when its last batch is in (`write`), exactly as the
 build's own `ShardCollector` would (tests/test_streaming_build.py compares the two).
 
@@ -28,7 +28,7 @@ from typing import Any
 from distillflow.failures import DiskWriteError
 from distillflow.records import Reject
 from distillflow.tasks.child import child_connections, start_child
-from distillflow.tasks.filter_config import FiltersConfig
+from distillflow.tasks.filters.config import FiltersConfig
 
 WRITE_TIMEOUT_S = 600.0  # the longest a shard's write may take (a 50,000-row shard takes ~3 s)
 
@@ -116,7 +116,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
     until the build's end closes."""
     import pyarrow as pa
 
-    from distillflow.tasks.shards import ShardCollector
+    from distillflow.tasks.build.shards import ShardCollector
 
     # pyarrow imports pandas (when installed) on its first table: done now, while the build
     # is still on its prompt side, rather than when the first shard is due.
@@ -155,7 +155,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
 
 
 def main() -> None:
-    """`python -m distillflow.tasks.shard_writer`: messages on stdin, replies on stdout."""
+    """`python -m distillflow.tasks.build.shard_writer`: messages on stdin, replies on stdout."""
     _serve(*child_connections())
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from distillflow.tasks.filter_config import DiversityConfig
+from distillflow.tasks.filters.config import DiversityConfig
 
 FACILITY_LOCATION_MAX_ROWS = 20_000
 
@@ -31,7 +31,7 @@ def strategy_matches(strategy: str, key: str) -> bool:
 
 def hashed_embeddings(texts: Sequence[str], dim: int = 512) -> np.ndarray:
     """A model-free embedding: signed feature hashing of word 1- and 2-grams, L2-normalised, (N, dim)."""
-    from distillflow.tasks.minhash import word_ngram_hashes
+    from distillflow.tasks.filters.minhash import word_ngram_hashes
 
     out = np.zeros((len(texts), dim), dtype=np.float32)
     for n in (1, 2):

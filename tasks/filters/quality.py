@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from distillflow.tasks.filter_config import FiltersConfig
+from distillflow.tasks.filters.config import FiltersConfig
 from distillflow.text import compile_refusal_patterns, is_refusal, normalize_text
 
 # Letter ranges per script, for the optional language check (a cheap script test: it tells

@@ -41,10 +41,10 @@ from distillflow.storage.parquet import (
     ShardWriter,
     list_shards,
 )
-from distillflow.tasks.dedup import KEEP
-from distillflow.tasks.filter_config import FiltersConfig
-from distillflow.tasks.filters import Embed, PromptFeatures, prompt_features, resolve_prompt_filters
-from distillflow.tasks.quality import ResponseChecker
+from distillflow.tasks.filters.dedup import KEEP
+from distillflow.tasks.filters.config import FiltersConfig
+from distillflow.tasks.filters.passes import Embed, PromptFeatures, prompt_features, resolve_prompt_filters
+from distillflow.tasks.filters.quality import ResponseChecker
 
 STAGING = ".staging"
 

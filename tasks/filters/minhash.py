@@ -4,7 +4,7 @@ Pipeline for N rows with K permutations (`num_perm`) split into B bands of R row
 
 1. `pack_texts`: normalise (NFKC, case-fold, punctuation → space, whitespace collapse) and
    pack a batch into one UTF-8 byte buffer + offsets.
-2. `signatures`: a compiled kernel (numba, tasks/minhash_kernels.py; Python and numpy for
+2. `signatures`: a compiled kernel (numba, tasks/filters/minhash_kernels.py; Python and numpy for
    a batch of at most `SMALL_INPUT_BYTES`) walks each row's shingles (character n-grams
    over UTF-8 bytes, or word n-grams), hashes each shingle once to 64 bits, and keeps for
    each of the K hash functions h_k(x) = (a_k·x + b_k) >> 32 (multiply-shift, a_k odd)
@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from distillflow.tasks.dedup import KEEP, duplicate_details, resolve_clusters
-from distillflow.tasks.filter_config import NearDedupConfig
-from distillflow.tasks.minhash_constants import (
+from distillflow.tasks.filters.dedup import KEEP, duplicate_details, resolve_clusters
+from distillflow.tasks.filters.config import NearDedupConfig
+from distillflow.tasks.filters.minhash_constants import (
     _FNV_OFFSET,
     _FNV_PRIME,
     _M1,
@@ -100,13 +100,13 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # Inputs up to this many UTF-8 bytes are hashed in Python and numpy; larger ones by the
-# compiled kernels (tasks/minhash_kernels.py), whose first use costs 0.5-0.8 s (numba's
+# compiled kernels (tasks/filters/minhash_kernels.py), whose first use costs 0.5-0.8 s (numba's
 # import and the load of the cached machine code). Both give the same values.
 SMALL_INPUT_BYTES = 32_768
 
 
 def _kernels() -> Any:
-    from distillflow.tasks import minhash_kernels
+    from distillflow.tasks.filters import minhash_kernels
 
     return minhash_kernels
 

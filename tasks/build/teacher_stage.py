@@ -8,11 +8,11 @@ its implementations chosen once from the config by `teacher_stage`:
   (tasks/teacher/pool.py, started here, while the prompt side runs); a teacher that takes
   concurrent batches has `BATCHES_IN_FLIGHT` of them in flight, a local model answers one
   at a time. The response filters and shard files run here, or for a large build in the
-  shard writer process (tasks/shard_writer.py);
+  shard writer process (tasks/build/shard_writer.py);
 - `ShardsOnWorkers`: each shard whole on a worker with a teacher client of its own
-  (tasks/shards.py `answer_shard`): one task on Dask workers (`dataset.workers`,
+  (tasks/build/shards.py `answer_shard`): one task on Dask workers (`dataset.workers`,
   `dataset.dask_address`), or one `build-shard` flow run on a Prefect work pool
-  (`dataset.work_pool`, tasks/shard_pool.py).
+  (`dataset.work_pool`, tasks/build/shard_pool.py).
 
 Each records every shard in the build's `BuildState` the moment it is written, so a crash
 resumes after it.
@@ -33,16 +33,16 @@ from distillflow.config import DistillConfig
 from distillflow.progress import ProgressBar
 from distillflow.records import PromptRecord, Reject
 from distillflow.storage.ledger import Ledger
-from distillflow.tasks.build_steps import (
+from distillflow.tasks.build.steps import (
     answer_batch_task,
     answer_shards_on_workers,
     client_bound_stage,
     stage,
     write_shard_task,
 )
-from distillflow.tasks.shard_pool import answer_shards_on_pool
-from distillflow.tasks.shard_writer import ShardWriterProcess
-from distillflow.tasks.shards import (
+from distillflow.tasks.build.shard_pool import answer_shards_on_pool
+from distillflow.tasks.build.shard_writer import ShardWriterProcess
+from distillflow.tasks.build.shards import (
     BUILDING,
     ShardCollector,
     ShardPlan,
@@ -149,7 +149,7 @@ class BatchesInProcess:
         self.budget: FailureBudget | None = None
         self.in_flight: deque = deque()  # (shard, last batch of its shard, future)
         # A large build filters and writes its shards in a process of its own
-        # (tasks/shard_writer.py), off the request loop's interpreter lock; its start-up
+        # (tasks/build/shard_writer.py), off the request loop's interpreter lock; its start-up
         # overlaps the prompt side. A small one does it here.
         self.writer = start_shard_writer(config) if shard_writer_wanted(config, teacher, expected_prompts) else None
 

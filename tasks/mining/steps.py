@@ -32,7 +32,7 @@ from distillflow.config import ConfigError, DistillConfig, mining_dirs
 from distillflow.records import PromptRecord, Reject
 from distillflow.runs import get_run_logger
 from distillflow.storage.ledger import Ledger
-from distillflow.tasks.mining_config import MiningConfig
+from distillflow.tasks.mining.config import MiningConfig
 from distillflow.tasks.teacher.recording import answer_requests
 
 MINED_SHARD = "part-mined-00000.parquet"
@@ -111,7 +111,7 @@ def generate_candidates(
 ) -> tuple[list[PromptRecord], dict[str, Any]]:
     """New prompts around `records`, none a duplicate of a dataset row; their counts."""
     from distillflow.prompts.generate import generate_prompts
-    from distillflow.tasks.filters import filter_prompts
+    from distillflow.tasks.filters.passes import filter_prompts
 
     prompts_config = config.prompts.model_copy(
         update={
@@ -191,8 +191,8 @@ def score_candidates(plan: MiningPlan, rows: list[dict[str, Any]], log: Any = pr
 
     batch_size = plan.mining.batch_size
     if plan.score == "disagreement":
-        from distillflow.tasks.eval_checks import token_f1
-        from distillflow.tasks.eval_models import InProcessModel
+        from distillflow.tasks.evaluation.checks import token_f1
+        from distillflow.tasks.evaluation.models import InProcessModel
 
         max_tokens = max(8, min(512, max(len(row["response"]) for row in rows)))
         model = InProcessModel(

@@ -1,6 +1,6 @@
-"""The compiled (numba) kernels of tasks/minhash.py, imported on the first batch large
+"""The compiled (numba) kernels of tasks/filters/minhash.py, imported on the first batch large
 enough to need them: numba's import and the load of the cached kernels take 0.5-0.8 s,
-which a batch of a few thousand bytes does not repay (tasks/minhash.py answers those in
+which a batch of a few thousand bytes does not repay (tasks/filters/minhash.py answers those in
 Python and numpy, with the same results)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from distillflow.tasks.minhash_constants import (
+from distillflow.tasks.filters.minhash_constants import (
     _FNV_OFFSET,
     _FNV_PRIME,
     _M1,

@@ -48,9 +48,9 @@ from distillflow.records import content_id
 from distillflow.runs import get_run_logger
 from distillflow.storage.dataset import is_heldout
 from distillflow.storage.ledger import LEDGER_DIR, TEACHER_LEDGER, Ledger
-from distillflow.tasks.eval_checks import CHECKS, ONE_OF_SEPARATOR, exact_match, is_correct, rouge_l, token_f1
-from distillflow.tasks.eval_config import EvalConfig, EvalModel, RobustnessConfig
-from distillflow.tasks.eval_report import (
+from distillflow.tasks.evaluation.checks import CHECKS, ONE_OF_SEPARATOR, exact_match, is_correct, rouge_l, token_f1
+from distillflow.tasks.evaluation.config import EvalConfig, EvalModel, RobustnessConfig
+from distillflow.tasks.evaluation.report import (
     TABLE_COLUMNS,
     report_markdown,
     table_cells,
@@ -301,7 +301,7 @@ def prepare_items(run: EvalRun) -> PreparedItems:
 
 def open_model(run: EvalRun, model: EvalModel) -> Any:
     """The runner of one model entry (in-process or endpoint); load errors name the entry."""
-    from distillflow.tasks.eval_models import EndpointModel, InProcessModel
+    from distillflow.tasks.evaluation.models import EndpointModel, InProcessModel
 
     generation = run.config.generation
     if model.kind == "path" or (model.kind == "teacher" and run.teacher.backend == "local"):  # type: ignore[union-attr]

@@ -33,7 +33,7 @@ from uuid import UUID
 from distillflow.config import ConfigError, DistillConfig
 from distillflow.progress import ProgressBar
 from distillflow.runs import get_run_logger
-from distillflow.tasks.shards import BUILDING, ShardPlan, ShardResult
+from distillflow.tasks.build.shards import BUILDING, ShardPlan, ShardResult
 
 SHARD_FLOW = "build-shard"
 POLL_S = 1.0

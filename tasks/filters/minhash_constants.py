@@ -1,5 +1,5 @@
-"""The hashing constants shared by tasks/minhash.py (Python and numpy, small batches) and
-tasks/minhash_kernels.py (numba): splitmix64's multipliers, FNV-1a 64, the word combiner."""
+"""The hashing constants shared by tasks/filters/minhash.py (Python and numpy, small batches) and
+tasks/filters/minhash_kernels.py (numba): splitmix64's multipliers, FNV-1a 64, the word combiner."""
 
 import numpy as np
 

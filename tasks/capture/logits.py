@@ -15,7 +15,7 @@ Two scorers produce the same (T, k) arrays:
 
 With `capture.method: sampled` (local only) each position holds instead the distinct ids of
 k tokens drawn from the teacher's distribution, with log(draw count / k) as logprobs, in the
-same columns and codec (`tasks.logit_sampling`); the shards' provenance and the manifest's
+same columns and codec (`tasks.capture.sampling`); the shards' provenance and the manifest's
 `capture.method` say which, and training reads it from there.
 
 New columns: `teacher_topk` (binary, `storage.topk` codec), `teacher_topk_k` (int16),
@@ -106,7 +106,7 @@ class CaptureSettings:
     timeout_s: float
     max_retries: int
     chat_template: str | None = None  # the setting (preset, Jinja or file); None: the tokenizer's own
-    method: str = "topk"  # "topk" | "sampled" (tasks.logit_sampling)
+    method: str = "topk"  # "topk" | "sampled" (tasks.capture.sampling)
     seed: int = 0  # sampled: seed of the draws, with each row's id and position
 
     @property
@@ -269,8 +269,8 @@ class LocalScorer:
         row_ids: Sequence[str], seed: int,
     ) -> list[TopK]:
         """k draws from the teacher's distribution per position: (distinct ids, log draw
-        frequencies), padded to k (`tasks.logit_sampling.sample_sparse_targets`)."""
-        from distillflow.tasks.logit_sampling import sample_sparse_targets
+        frequencies), padded to k (`tasks.capture.sampling.sample_sparse_targets`)."""
+        from distillflow.tasks.capture.sampling import sample_sparse_targets
 
         if k > self.vocab_size:
             raise ValueError(f"capture.k = {k} exceeds the teacher's vocabulary of {self.vocab_size}")

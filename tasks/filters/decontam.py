@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from distillflow.tasks.filter_config import DecontaminationConfig
-from distillflow.tasks.minhash import word_ngram_hashes
+from distillflow.tasks.filters.config import DecontaminationConfig
+from distillflow.tasks.filters.minhash import word_ngram_hashes
 
 TEXT_COLUMNS = ("prompt", "question", "text", "input", "instruction", "problem")
 

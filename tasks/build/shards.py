@@ -55,7 +55,7 @@ from distillflow.storage.parquet import (
     file_sha256,
     write_table_atomic,
 )
-from distillflow.tasks.filters import filter_responses
+from distillflow.tasks.filters.passes import filter_responses
 
 BUILDING = ".building"
 STATE_NAME = "state.json"
@@ -231,7 +231,7 @@ class ShardCollector:
     """The shards being answered, in the process that runs it: each batch of answered rows
     goes through the response filters as it comes in (`add`), so a shard's files follow
     its last answer at once (`write`). The build uses it directly, or through the shard
-    writer process (tasks/shard_writer.py), which runs one with the same two calls."""
+    writer process (tasks/build/shard_writer.py), which runs one with the same two calls."""
 
     def __init__(self, filters: Any, staging: Path, with_top_logprobs: bool) -> None:  # filters: FiltersConfig
         self.filters, self.staging, self.with_top_logprobs = filters, staging, with_top_logprobs

@@ -18,7 +18,7 @@ from distillflow.base_config import StrictModel
 
 # Adversarial prompts a good teacher refuses: an injected instruction, a jailbreak-style
 # role play, a false premise. Their refusals are the behaviour to distil.
-# Scripts the language check knows (tasks.quality.SCRIPT_RANGES has the letter ranges of each).
+# Scripts the language check knows (tasks.filters.quality.SCRIPT_RANGES has the letter ranges of each).
 LanguageScript = Literal["latin", "greek", "cyrillic", "hebrew", "arabic", "devanagari", "thai", "hangul", "cjk"]
 LANGUAGE_SCRIPTS: tuple[str, ...] = LanguageScript.__args__
 

@@ -33,9 +33,9 @@ import numpy as np
 
 from distillflow.progress import ProgressBar, progress
 from distillflow.records import PromptRecord, Reject
-from distillflow.tasks.dedup import KEEP, exact_keys, first_occurrence
-from distillflow.tasks.filter_config import FiltersConfig
-from distillflow.tasks.quality import ResponseChecker
+from distillflow.tasks.filters.dedup import KEEP, exact_keys, first_occurrence
+from distillflow.tasks.filters.config import FiltersConfig
+from distillflow.tasks.filters.quality import ResponseChecker
 
 PROMPT_REASONS = ("contaminated", "exact_duplicate", "near_duplicate", "semantic_duplicate", "diversity")
 RESPONSE_REASONS = ("empty", "truncated", "too_short", "too_long", "refusal", "repetition", "prompt_echo", "language")
@@ -101,7 +101,7 @@ def spilled_prompt_features(texts: Sequence[str], config: FiltersConfig, spill: 
     """`prompt_features` with the signatures written to `spill` and only their band keys kept."""
     features = prompt_features(texts, config)
     if features.signatures is not None:
-        from distillflow.tasks.minhash import band_keys, banding
+        from distillflow.tasks.filters.minhash import band_keys, banding
 
         bands, rows = banding(config.near_dedup)
         features.band_keys = band_keys(features.signatures, bands, rows)
@@ -116,11 +116,11 @@ def prompt_features(texts: Sequence[str], config: FiltersConfig) -> PromptFeatur
     if config.exact_dedup:
         features.exact_keys = exact_keys(texts)
     if config.near_dedup.enabled:
-        from distillflow.tasks.minhash import signatures
+        from distillflow.tasks.filters.minhash import signatures
 
         features.signatures = signatures(texts, config.near_dedup)
     if config.decontamination.eval_files:
-        from distillflow.tasks.decontam import contaminated
+        from distillflow.tasks.filters.decontam import contaminated
 
         features.overlap = contaminated(texts, config.decontamination)[1]
     return features
@@ -187,7 +187,7 @@ def resolve_prompt_filters(
         apply("exact_duplicate", dropped, duplicate_of, {int(i): "normalised text equal" for i in np.flatnonzero(dropped)})
 
     if features.signatures is not None:
-        from distillflow.tasks.minhash import (
+        from distillflow.tasks.filters.minhash import (
             near_duplicate_details,
             near_duplicates_from_signatures,
         )
@@ -207,11 +207,11 @@ def resolve_prompt_filters(
 
     embeddings = None
     if config.semantic_dedup.enabled or (config.diversity.keep is not None and config.diversity.embedding == "semantic"):
-        from distillflow.tasks.semantic import embed_texts
+        from distillflow.tasks.filters.semantic import embed_texts
 
         embed = embed or (lambda batch: embed_texts(batch, config.semantic_dedup))
     if config.semantic_dedup.enabled and len(alive) > 1:
-        from distillflow.tasks.semantic import semantic_details, semantic_duplicates
+        from distillflow.tasks.filters.semantic import semantic_details, semantic_duplicates
 
         embeddings = embed(texts_of(alive))
         result = semantic_duplicates(embeddings, config.semantic_dedup)
@@ -221,7 +221,7 @@ def resolve_prompt_filters(
 
     diversity = config.diversity
     if diversity.keep is not None and diversity.keep < len(alive):
-        from distillflow.tasks.diversity import (
+        from distillflow.tasks.filters.diversity import (
             hashed_embeddings,
             nearest_kept_distance,
             select_diverse,
@@ -262,7 +262,7 @@ def filter_prompts(
     parts = []
     band_keys = None
     if spill is not None:  # filled batch by batch: no list of parts to concatenate
-        from distillflow.tasks.minhash import banding
+        from distillflow.tasks.filters.minhash import banding
 
         band_keys = np.empty((banding(config.near_dedup)[0], len(texts)), dtype=np.uint64)
     with progress("prompt filters", total=len(texts), unit="prompts") as bar:

@@ -32,8 +32,8 @@ from distillflow.storage.dataset import dataset_card, finish_dataset, logprob_co
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.manifest import build_manifest
 from distillflow.storage.seeds import SeedRows, load_seeds, split_repeated_seeds
-from distillflow.tasks.filters import filter_prompts, filter_responses
-from distillflow.tasks.shards import (
+from distillflow.tasks.filters.passes import filter_prompts, filter_responses
+from distillflow.tasks.build.shards import (
     BUILDING,
     ShardPlan,
     ShardResult,
@@ -140,7 +140,7 @@ def write_shard_task(index: int, prompts: int, reject_file: int, shards: Any) ->
 
 @task(name="answer-shard", cache_policy=NO_CACHE, task_run_name="answer-shard-{index}")
 def answer_shard_task(index: int, config: DistillConfig, reject_file: int) -> ShardResult:
-    """One whole shard in a fan-out worker, with its own teacher client (tasks/shards.py);
+    """One whole shard in a fan-out worker, with its own teacher client (tasks/build/shards.py);
     the worker reads the shard's prompts from the build's staging area."""
     return answer_shard(index, config, reject_file, config.output_dir / TEACHER_LEDGER)
 
