@@ -27,7 +27,6 @@ hits both; each figure is the median over the rounds.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import shutil
@@ -103,14 +102,9 @@ def leftover_prefect_servers(home: Path) -> list[str]:
 
 
 def versions() -> str:
-    names = ("prefect", "openai", "httpx", "httpx2", "aiohttp", "typer", "numba", "datasets")
-    found = []
-    for name in names:
-        try:
-            found.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return ", ".join([f"python {sys.version.split()[0]}", *found])
+    from provenance import versions as package_versions  # bench/provenance.py, beside this script
+
+    return package_versions(("prefect", "openai", "httpx", "httpx2", "aiohttp", "typer", "numba", "datasets"))
 
 
 def table(report: dict) -> str:

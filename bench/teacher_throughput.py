@@ -55,16 +55,10 @@ REPORT = ROOT / "runs" / "bench-throughput" / "teacher_throughput.json"
 
 def versions() -> str:
     """The versions this figure depends on, as printed with it."""
-    import importlib.metadata
-    import platform
+    from provenance import versions as package_versions  # bench/provenance.py, beside this script
 
-    found = [f"python {platform.python_version()}"]
-    for name in ("openai", "httpx", "httpx2", "aiohttp", "prefect", "torch"):
-        try:
-            found.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return f"versions: {', '.join(found)}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}"
+    found = package_versions(("openai", "httpx", "httpx2", "aiohttp", "prefect", "torch"))
+    return f"versions: {found}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}"
 
 
 def free_port() -> int:

@@ -53,11 +53,6 @@ def wanted_without_server() -> bool:
     return value != "prefect"
 
 
-def active() -> bool:
-    """Whether this process runs its flows without orchestration."""
-    return _active
-
-
 def activate() -> None:
     """Run every flow and task of this process as plain calls (see the module's docstring)."""
     global _active
@@ -201,7 +196,7 @@ def _submit_task(self: Any, *args: Any, wait_for: Any = None, **kwargs: Any) -> 
 
 def _map_task(self: Any, *args: Any, wait_for: Any = None, return_state: bool = False, **kwargs: Any) -> list[LocalFuture]:
     """One submitted call per item of the iterable arguments (`unmapped(...)` ones stay whole)."""
-    from prefect.utilities.annotations import BaseAnnotation, unmapped
+    from prefect.utilities.annotations import BaseAnnotation
 
     def mapped(value: Any) -> bool:
         return not isinstance(value, (BaseAnnotation, str, bytes, dict)) and hasattr(value, "__iter__")
@@ -213,10 +208,8 @@ def _map_task(self: Any, *args: Any, wait_for: Any = None, return_state: bool = 
         raise ValueError(f"task {self.name!r}: map needs iterables of one length (got lengths {sorted(lengths)})")
     (count,) = lengths
 
-    def item(value: Any, i: int) -> Any:
-        if isinstance(value, list):
-            return value[i]
-        return value.unwrap() if isinstance(value, unmapped) else value
+    def item(value: Any, i: int) -> Any:  # `unmapped(...)` stays whole; `_run` unwraps it
+        return value[i] if isinstance(value, list) else value
 
     return [
         _submit_task(self, *[item(a, i) for a in positional], **{k: item(v, i) for k, v in named.items()})

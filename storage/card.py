@@ -72,9 +72,7 @@ def _flat_dtype(arrow_type: pa.DataType) -> str | None:
     if pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type):
         return _FLAT_DTYPES.get(str(arrow_type), str(arrow_type))
     if any(check(arrow_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
-                                            pa.types.is_large_binary)):
-        return str(arrow_type)
-    if pa.types.is_timestamp(arrow_type):
+                                            pa.types.is_large_binary, pa.types.is_timestamp)):
         return str(arrow_type)
     return None
 

@@ -87,6 +87,15 @@ def _distill(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 1
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _no_server_env(home: Path) -> dict[str, str]:
+    """This process's environment for a `distill` subprocess with PREFECT_HOME=home and no
+    Prefect server configured."""
+    env = {**os.environ, "PREFECT_HOME": str(home), "DISTILL_TEST_KEY": API_KEY, "DO_NOT_TRACK": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
 def _processes_with_home(home: Path) -> list[int]:
     """Processes whose environment has PREFECT_HOME=home."""
     found = []
@@ -105,9 +114,7 @@ def _processes_with_home(home: Path) -> list[int]:
 @pytest.mark.slow
 def test_a_second_command_reuses_the_started_server_and_stop_leaves_nothing(tmp_path, port):
     home = tmp_path / "prefect"
-    env = {**os.environ, "PREFECT_HOME": str(home), "DISTILL_TEST_KEY": API_KEY, "DO_NOT_TRACK": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
+    env = _no_server_env(home)
     started = _distill(["server", "start", "--port", str(_free_port())], env, tmp_path, timeout=200)
     try:
         assert started.returncode == 0, started.stderr
@@ -149,10 +156,8 @@ def test_with_no_server_flows_run_without_orchestration_and_prefect_mode_keeps_t
     server, no database, the same `Flow run '…'` lines) and a failure is one paragraph;
     DISTILL_ORCHESTRATION=prefect brings Prefect's temporary server back."""
     home = tmp_path / "prefect"
-    env = {**os.environ, "PREFECT_HOME": str(home), "DISTILL_TEST_KEY": API_KEY, "DO_NOT_TRACK": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = _no_server_env(home)
     env["PREFECT_LOGGING_LEVEL"] = "INFO"  # as a user's terminal shows (the suite's default is WARNING)
-    env.pop("PREFECT_API_URL", None)
     env.pop(ORCHESTRATION_ENV, None)
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:6])
