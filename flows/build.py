@@ -11,6 +11,7 @@ process, or shards on Dask workers or on a work pool.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,9 @@ from distillflow.interrupt import cancel_on_interrupt
 from distillflow.memory import release_freed_memory
 from distillflow.runs import get_run_logger
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
+from distillflow.storage.lock import OutputInUse, output_lock
 from distillflow.storage.seeds import SeedRows, load_seeds
+from distillflow.tasks.build.shards import ShardTotals, plan_shards
 from distillflow.tasks.build.steps import (
     PromptSide,
     check_teacher_stage,
@@ -39,10 +42,9 @@ from distillflow.tasks.build.steps import (
     load_seeds_task,
     stage,
 )
-from distillflow.tasks.build.shards import ShardTotals, plan_shards
+from distillflow.tasks.build.teacher_stage import TeacherStage, dataset_artifact_key, teacher_stage
 from distillflow.tasks.teacher.errors import TeacherAborted, TeacherFatalError
 from distillflow.tasks.teacher.protocol import resolve_api_key
-from distillflow.tasks.build.teacher_stage import TeacherStage, dataset_artifact_key, teacher_stage
 
 
 @flow(name="build-dataset")
@@ -54,8 +56,19 @@ def build_dataset(
 
     Prompt filters decide once over the whole prompt set; the kept prompts are answered in
     shards of `dataset.shard_rows`, each written as soon as it is complete (tasks/build/shards.py),
-    and the dataset is swapped in, with the manifest last, when every shard is done.
+    and the dataset is swapped in, with the manifest last, when every shard is done. The run
+    holds `config.output_dir` (storage/lock.py): a second run on it is refused, not interleaved.
     """
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(output_lock(config.output_dir, f"the build of {config.name!r}"))
+        except OutputInUse as error:
+            return failed_run(error)  # type: ignore[no-any-return]
+        return _build(config, prompt_column, seed_rows)
+
+
+def _build(config: DistillConfig, prompt_column: str | None, seed_rows: SeedRows | None) -> dict[str, Any]:
+    """The build itself, with the output directory held."""
     logger = get_run_logger()
     started = time.time()
     api_key = resolve_api_key(config.teacher.api_key_env) if config.teacher.backend == "openai" else None

@@ -6,12 +6,15 @@ The flow only wires: plan (which shards, mark the output incomplete) → one tas
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
 from distillflow.config import load_config
+from distillflow.failures import failed_run
+from distillflow.storage.lock import OutputInUse, output_lock
 from distillflow.tasks.capture.logits import (
     CaptureSettings,
     capture_shard_task,
@@ -24,9 +27,14 @@ from distillflow.tasks.capture.logits import (
 
 @flow(name="capture-logits")
 def capture_logits(settings: CaptureSettings) -> dict[str, Any]:
-    shards = plan_capture_task(settings)
-    results = [capture_shard_task(path, settings) for path in shards]
-    return finish_capture_task(settings, results)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(output_lock(settings.output_dir, "a logit capture"))
+        except OutputInUse as error:
+            return failed_run(error)  # type: ignore[no-any-return]
+        shards = plan_capture_task(settings)
+        results = [capture_shard_task(path, settings) for path in shards]
+        return finish_capture_task(settings, results)
 
 
 def capture_logits_command(config_path: str | Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from distillflow.storage.atomic import write_text_atomic
+from distillflow.storage.dataset import logprob_coverage, logprob_coverage_lines
 from distillflow.storage.inspect import (
     DIVERSITY_ROWS,
     DUPLICATE_REASONS,
@@ -179,11 +180,11 @@ def topk_summary(view: DatasetView, rows_decoded: int = TOPK_ROWS_DECODED) -> di
                 "mean_top1": float(np.concatenate(top1).mean()),
             }
             summary["mass_values"] = mass
-    if has_inline:
-        column = view.data.column("top_logprobs")
-        summary["rows_with_top_logprobs"] = view.data.num_rows - column.null_count
-        first = next((tokens for tokens in column.to_pylist() if tokens), None)
-        summary["top_logprobs_k"] = len(first[0]["top"]) if first and first[0].get("top") is not None else None
+    if has_inline:  # the API's alternatives stored at build time: counted over every shard
+        requested = (((view.manifest or {}).get("config") or {}).get("teacher") or {}).get("generation", {})
+        summary["teacher_logprobs"] = (view.manifest or {}).get("teacher_logprobs") or logprob_coverage(
+            view.directory / "data", int(requested.get("top_logprobs") or 0)
+        )
     return summary
 
 
@@ -329,10 +330,13 @@ def render_html(view: DatasetView, samples: int = 3, seed: int = 0) -> str:
         rows = [[key, capture[key]] for key in ("k", "model", "source", "rows", "positions", "shards_captured",
                                                  "shards_skipped", "blob_bytes_per_token", "stored_bytes_per_token",
                                                  "gap_encoding", "max_abs_logprob_error_nats") if key in capture]
-        for key in ("rows_with_topk", "rows_with_top_logprobs", "top_logprobs_k"):
-            if topk.get(key) is not None:
-                rows.append([key, topk[key]])
-        body = _table(["", "value"], rows)
+        if topk.get("rows_with_topk") is not None:
+            rows.append(["rows_with_topk", topk["rows_with_topk"]])
+        body = _table(["", "value"], rows) if rows else ""
+        if topk.get("teacher_logprobs"):
+            body += "<p><b>Teacher logprobs (teacher.generation.top_logprobs, for kd_greybox)</b></p><ul>"
+            body += "".join(f"<li>{_e(line)}</li>" for line in logprob_coverage_lines(topk["teacher_logprobs"]))
+            body += "</ul>"
         mass = topk.get("mass")
         if mass:
             body += (

@@ -240,6 +240,18 @@ def test_build_then_train_kd_greybox_with_another_tokenizer_and_resume(prefect_h
     line = f"answer tokens with alternatives: {tokens} of {tokens} (100.0%)"
     assert line in (tmp_path / "out" / "README.md").read_text()
     assert line in inspect_dataset(tmp_path / "out")
+    # The HTML report counts every shard too, also for a dataset whose manifest predates the count.
+    import shutil
+
+    from distillflow.storage.inspect import load_view
+    from distillflow.storage.report import render_html
+
+    assert line in render_html(load_view(tmp_path / "out"))
+    older = shutil.copytree(tmp_path / "out", tmp_path / "older")
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["teacher_logprobs"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    assert line in render_html(load_view(older))
 
     out = tmp_path / "run"
 

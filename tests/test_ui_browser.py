@@ -44,7 +44,7 @@ FIELD_JS = """((tag, label) => Array.from(document.querySelectorAll(tag)).find(e
 
 # Validation messages and toasts on the page, for a failure message.
 ERRORS_JS = """Array.from(document.querySelectorAll('.p-message, .p-toast, [class*=error], [class*=invalid]'))
-    .map(e => e.innerText.trim()).filter(Boolean).slice(0, 20).join(' | ')"""
+    .map(e => (e.innerText || e.textContent || '').trim()).filter(Boolean).slice(0, 20).join(' | ')"""
 
 
 def deepest_with_text(text: str, exact: bool = False) -> str:
@@ -180,6 +180,7 @@ def test_a_slow_run_shows_its_progress_and_a_failed_run_its_paragraph_once(tmp_p
                 slow = client.create_flow_run_from_deployment(deployment.id, parameters=deployment.parameters)
                 dead = json.loads(json.dumps(deployment.parameters))
                 dead["config"]["teacher"]["base_url"] = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens
+                dead["config"]["output_dir"] = str(tmp_path / "out-dead")  # one writer per output directory
                 failing = client.create_flow_run_from_deployment(deployment.id, parameters=dead)
 
             # The slow run's page: the teacher's count shows in its log while it still runs.
