@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 # Before Prefect is imported: no telemetry (it fails offline and locks SQLite), and time
 # for the temporary local server to start on a small machine when no PREFECT_API_URL is set.
@@ -18,6 +18,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 import click  # noqa: E402
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
+
+if TYPE_CHECKING:
+    from distillflow.storage.manifest import Manifest
 
 
 class _OneErrorParagraph(TyperGroup):
@@ -203,12 +206,13 @@ def inspect(
     """Summary, counts per strategy / reject reason, diversity, duplicates next to what they
     duplicate, length histograms, samples; or an HTML report (--html), an interactive viewer
     (--viewer), or SQL over the dataset's Parquet (--sql)."""
-    from distillflow.storage.manifest import MANIFEST_NAME, read_manifest
+    from distillflow.storage.manifest import MANIFEST_NAME, load_manifest
     from distillflow.storage.report import scrub_secrets
 
     if output_format not in ("table", "csv", "json"):
         raise typer.BadParameter(f"must be table, csv or json (got {output_format!r})", param_hint="--format")
-    manifest = read_manifest(directory) if (directory / MANIFEST_NAME).is_file() else None
+    typed = load_manifest(directory) if (directory / MANIFEST_NAME).is_file() else None
+    manifest = typed.to_dict() if typed else None  # what scrub_secrets looks for secrets in
     if sql is not None:
         from distillflow.storage.query import format_result, run_query
 
@@ -223,7 +227,7 @@ def inspect(
         if viewer is not None:
             from distillflow.storage.viewer import write_viewer
 
-            tokenizer, tokenizer_error = _capture_tokenizer(manifest)
+            tokenizer, tokenizer_error = _capture_tokenizer(typed)
             written = write_viewer(directory, viewer, max_rows=viewer_rows, seed=seed, tokenizer=tokenizer,
                                    tokenizer_error=tokenizer_error)
             typer.echo(written.summary())
@@ -233,11 +237,11 @@ def inspect(
     typer.echo(scrub_secrets(inspect_dataset(directory, samples=samples, seed=seed), manifest))
 
 
-def _capture_tokenizer(manifest: dict | None):
+def _capture_tokenizer(manifest: Manifest | None):
     """(AnswerTokenizer, None) for a dataset with captured top-k whose tokenizer loads, so the
     viewer can show the answer's tokens; (None, why) when it does not load; (None, None)
     when nothing was captured."""
-    capture = (manifest or {}).get("capture") or {}
+    capture = (manifest.capture if manifest else None) or {}
     if not capture.get("tokenizer"):
         return None, None
     from distillflow.storage.viewer import AnswerTokenizer

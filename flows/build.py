@@ -30,6 +30,7 @@ from distillflow.memory import release_freed_memory
 from distillflow.runs import get_run_logger
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.lock import OutputInUse, output_lock
+from distillflow.storage.manifest import Manifest
 from distillflow.storage.seeds import SeedRows, load_seeds
 from distillflow.tasks.build.shards import ShardTotals, plan_shards
 from distillflow.tasks.build.steps import (
@@ -125,7 +126,7 @@ def _build(config: DistillConfig, prompt_column: str | None, seed_rows: SeedRows
     )
     manifest = finish_dataset_task(config, plan.state.shards(), manifest, [api_key] if api_key else [])
     publish_build_artifacts(config, manifest)
-    logger.info("wrote %d rows (%d rejects) to %s", totals.accepted, manifest["counts"]["rejected"], config.output_dir)
+    logger.info("wrote %d rows (%d rejects) to %s", totals.accepted, Manifest.of(manifest).rejected, config.output_dir)
     return manifest
 
 
@@ -137,19 +138,20 @@ def publish_build_artifacts(config: DistillConfig, manifest: dict[str, Any]) -> 
     from distillflow.tasks.artifact_charts import build_summary_markdown, dataset_lengths
 
     key = dataset_artifact_key(config.name)
-    table = [{"stage": stage, "reason": "", "count": value} for stage, value in manifest["counts"].items()]
-    table += [{"stage": "rejected", "reason": reason, "count": value} for reason, value in manifest["reject_reasons"].items()]
+    written = Manifest.of(manifest)
+    table = [{"stage": stage, "reason": "", "count": value} for stage, value in written.counts.items()]
+    table += [{"stage": "rejected", "reason": reason, "count": value} for reason, value in written.reject_reasons.items()]
     create_table_artifact(
         key=f"{key}-counts", table=table, description=f"{config.name}: rows per stage and reject reason"
     )
     create_markdown_artifact(
         key=f"{key}-summary",
-        markdown=build_summary_markdown(manifest, dataset_lengths(config.output_dir)),
+        markdown=build_summary_markdown(written, dataset_lengths(config.output_dir)),
         description=f"{config.name}: counts per stage, reason and strategy, teacher usage and cost, lengths",
     )
     create_markdown_artifact(
         key=f"{key}-prompts",
-        markdown=report_markdown(manifest["prompt_report"]),
+        markdown=report_markdown(written.prompt_report),
         description=f"{config.name}: prompts per strategy and their diversity",
     )
 def dry_run_command(config_path: str | Path, prompt_column: str | None = None) -> dict[str, Any]:
@@ -177,10 +179,10 @@ def build_command(config_path: str | Path, prompt_column: str | None = None, dry
     seeds = SeedRows(*load_seeds(config.seeds, prompt_column, config_path))  # bad files/columns fail here
     preflight_build(config, str(config_path), [seed.prompt for seed in seeds.prompts])  # a local teacher: its dir, template, context
     manifest = build_dataset(config, prompt_column, seeds)
-    counts = manifest["counts"]
-    stopped = " (stopped by the budget: rerun with a larger limit to continue)" if manifest.get("stopped_by") else ""
+    written = Manifest.of(manifest)
+    stopped = " (stopped by the budget: rerun with a larger limit to continue)" if written.stopped_by else ""
     print(
-        f"{config.name}: {counts['accepted']} accepted, {counts['rejected']} rejected → {config.output_dir}{stopped}",
+        f"{config.name}: {written.accepted} accepted, {written.rejected} rejected → {config.output_dir}{stopped}",
         file=sys.stderr,
     )
     return manifest

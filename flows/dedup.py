@@ -19,6 +19,8 @@ from prefect import flow, unmapped
 
 from distillflow import runs
 from distillflow.runs import get_run_logger
+from distillflow.storage.manifest import Manifest
+from distillflow.tasks.filters.config import FiltersConfig
 from distillflow.tasks.filters.dataset import (
     filter_dataset,
     filters_config_for,
@@ -27,7 +29,6 @@ from distillflow.tasks.filters.dataset import (
     shard_features_task,
     write_filtered_task,
 )
-from distillflow.tasks.filters.config import FiltersConfig
 
 Engine = Literal["prefect", "dask", "local"]
 
@@ -50,7 +51,7 @@ def dedup_flow(in_dir: str, out_dir: str, config: FiltersConfig) -> dict[str, An
     del shards
     with stage(stage_seconds, "write", label):
         manifest = write_filtered_task(in_dir, out_dir, paths, decisions, config, time.time() - started)
-    logger.info("%s: %s", out_dir, manifest["counts"])
+    logger.info("%s: %s", out_dir, Manifest.of(manifest).counts)
     return manifest
 
 
@@ -90,10 +91,10 @@ def dedup_command(
         manifest = dedup_flow.with_options(task_runner=runner)(str(in_dir), str(out_dir), config)
     else:
         manifest = dedup_flow(str(in_dir), str(out_dir), config)
-    counts = manifest["counts"]
-    reasons = ", ".join(f"{k} {v}" for k, v in manifest["filter_reject_reasons"].items()) or "none"
+    written = Manifest.of(manifest, f"{out_dir}/manifest.json")
+    reasons = ", ".join(f"{k} {v}" for k, v in written.filter_reject_reasons.items()) or "none"
     print(
-        f"{in_dir} → {out_dir}: {counts['accepted']} of {counts['input_rows']} rows kept; dropped: {reasons}",
+        f"{in_dir} → {out_dir}: {written.accepted} of {written.counts['input_rows']} rows kept; dropped: {reasons}",
         file=sys.stderr,
     )
     return manifest

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from distillflow.resources import packaged
+from distillflow.storage.manifest import Manifest
 
 DEMO_CONFIG = packaged("configs/demo.yaml")
 STUDENTS = ("sft", "kd_sampled", "reference")
@@ -168,7 +169,7 @@ def demo_command(
     _say(f"building the dataset ({config_path})…")
     manifest = build_command(config_path)
     print(inspect_dataset(workdir / "dataset", samples=3))
-    result: dict[str, Any] = {"dataset": str(workdir / "dataset"), "counts": manifest["counts"], "budget": asdict(budget)}
+    result: dict[str, Any] = {"dataset": str(workdir / "dataset"), "counts": Manifest.of(manifest).counts, "budget": asdict(budget)}
     if not train_student:
         return result
 

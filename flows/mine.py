@@ -20,6 +20,7 @@ from distillflow.interrupt import cancel_on_interrupt
 from distillflow.progress import ProgressBar
 from distillflow.runs import get_run_logger
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
+from distillflow.storage.manifest import Manifest
 from distillflow.tasks.build.steps import answer_batch_task, filter_responses_task
 from distillflow.tasks.mining.steps import (
     MiningPlan,
@@ -102,11 +103,12 @@ def mine(config_path: str) -> dict[str, Any]:
         teacher_usage=teacher.stats.to_dict(),
     )
     manifest = write_task(plan, quote(accepted), quote(scores), chosen, quote(rejects), summary, [api_key] if api_key else [])
-    result: dict[str, Any] = {"dataset": str(plan.output_dir), "mining": manifest["mining"]}
+    mined = Manifest.of(manifest).mining or {}
+    result: dict[str, Any] = {"dataset": str(plan.output_dir), "mining": mined}
     logger.info(
         "kept %d of %d scored candidates (mean %s %.4g vs %.4g over all) → %s",
-        len(chosen), len(accepted), plan.score, manifest["mining"]["mean_score_kept"] or 0.0,
-        manifest["mining"]["mean_score_all"] or 0.0, plan.output_dir,
+        len(chosen), len(accepted), plan.score, mined["mean_score_kept"] or 0.0,
+        mined["mean_score_all"] or 0.0, plan.output_dir,
     )  # fmt: skip
 
     if plan.train_output_dir is not None:

@@ -10,6 +10,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from distillflow.storage.manifest import Manifest
+
 PROMPT_COLOR, RESPONSE_COLOR = "#4C72B0", "#DD8452"
 
 
@@ -92,23 +94,22 @@ def dataset_lengths(dataset_dir: str | Path, limit: int = 200_000) -> tuple[list
     return prompts, responses
 
 
-def build_summary_markdown(manifest: dict[str, Any], lengths: tuple[list[int], list[int]] | None) -> str:
+def build_summary_markdown(manifest: Manifest, lengths: tuple[list[int], list[int]] | None) -> str:
     """The build at a glance: counts per stage, reject reasons, strategies, teacher usage
     and cost, and the length histograms of the accepted rows (`lengths`: prompt and response
     characters, e.g. from `dataset_lengths`)."""
-    counts = manifest["counts"]
     parts = [
-        f"# {manifest['name']}: {counts['accepted']} accepted, {counts['rejected']} rejected",
-        f"Written to `{manifest['config']['output_dir']}` in {manifest.get('elapsed_s', 0):.1f} s.",
+        f"# {manifest.name}: {manifest.accepted} accepted, {manifest.rejected} rejected",
+        f"Written to `{manifest.output_dir}` in {manifest.elapsed_s:.1f} s.",
         "## Rows per stage",
-        _table(["stage", "rows"], [[stage, value] for stage, value in counts.items()]),
+        _table(["stage", "rows"], [[stage, value] for stage, value in manifest.counts.items()]),
     ]
-    reasons = manifest.get("reject_reasons") or {}
+    reasons = manifest.reject_reasons
     parts += ["## Rejects per reason"]
     parts += [_table(["reason", "rows"], [[f"`{reason}`", value] for reason, value in reasons.items()]) if reasons else "none"]
-    per_strategy = manifest.get("accepted_per_strategy") or {}
+    per_strategy = manifest.accepted_per_strategy
     parts += ["## Accepted rows per strategy", _table(["strategy", "rows"], [[name, value] for name, value in per_strategy.items()])]
-    usage = manifest.get("teacher_usage") or {}
+    usage = manifest.teacher_usage
     cost = usage.get("estimated_cost_usd")
     parts += [
         "## Teacher usage",

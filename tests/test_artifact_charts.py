@@ -6,6 +6,7 @@ import base64
 import io
 import re
 
+from distillflow.storage.manifest import Manifest
 from distillflow.tasks.artifact_charts import build_summary_markdown, loss_curve_markdown
 
 
@@ -33,7 +34,7 @@ MANIFEST = {
 
 def test_the_build_summary_has_counts_usage_cost_and_length_histograms():
     rows = [{"prompt": "p" * (10 + i), "response": "r" * (40 + 7 * i)} for i in range(11)]
-    markdown = build_summary_markdown(MANIFEST, ([len(row["prompt"]) for row in rows], [len(row["response"]) for row in rows]))
+    markdown = build_summary_markdown(Manifest.of(MANIFEST), ([len(row["prompt"]) for row in rows], [len(row["response"]) for row in rows]))
     assert markdown.startswith("# docs: 11 accepted, 3 rejected")
     assert "| accepted | 11 |" in markdown and "| prompts_generated | 14 |" in markdown
     assert "| `truncated` | 2 |" in markdown and "| `teacher_error:400` | 1 |" in markdown
@@ -45,7 +46,7 @@ def test_the_build_summary_has_counts_usage_cost_and_length_histograms():
 
 def test_without_prices_the_summary_says_so_and_an_empty_build_has_no_chart():
     manifest = {**MANIFEST, "teacher_usage": {"requests_sent": 0}, "reject_reasons": {}}
-    markdown = build_summary_markdown(manifest, None)
+    markdown = build_summary_markdown(Manifest.of(manifest), None)
     assert "no prices in the config" in markdown
     assert "## Rejects per reason\n\nnone" in markdown
     assert embedded_pngs(markdown) == []

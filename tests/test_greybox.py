@@ -291,24 +291,33 @@ def captured(tmp_path_factory) -> tuple[Path, Path]:
     """(teacher, dataset): a tiny Llama whose BPE (320 tokens) is not the student's (300),
     and the rows of `write_api_dataset` with its top-k captured in its own tokenisation."""
     from distillflow.tasks.capture.logits import capture_dataset
-    from distillflow.training.scratch import build_tiny_llama
     from tests.test_capture_logits import settings_for, write_dataset
 
     root = tmp_path_factory.mktemp("greybox-capture")
-    teacher = root / "teacher"
-    build_tiny_llama(teacher, hidden_size=64, num_heads=2, num_layers=2, vocab_size=320, seed=1)
-    # A random tiny model is near uniform over its vocabulary; scaling the final norm makes its
-    # distributions peaked (a teacher with opinions), so that the top-k carries most of the mass.
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(teacher))
-    with torch.no_grad():
-        model.model.norm.weight.mul_(20.0)
-    model.save_pretrained(str(teacher))
-    rows = [(prompt, RESPONSES[index % len(RESPONSES)]) for index, prompt in enumerate(PROMPTS)]
-    dataset = write_dataset(root / "data", rows=rows, rows_per_shard=8)
+    teacher = opinionated_teacher(root / "teacher")
+    dataset = write_dataset(root / "data", rows=answer_rows(), rows_per_shard=8)
     capture_dataset(settings_for(teacher, dataset, dataset, max_length=256))
     return teacher, dataset
+
+
+def answer_rows() -> list[tuple[str, str]]:
+    return [(prompt, RESPONSES[index % len(RESPONSES)]) for index, prompt in enumerate(PROMPTS)]
+
+
+def opinionated_teacher(path: Path) -> Path:
+    """A tiny Llama (head_dim 32, as vLLM's CPU attention needs) over a 320-token BPE."""
+    from transformers import AutoModelForCausalLM
+
+    from distillflow.training.scratch import build_tiny_llama
+
+    build_tiny_llama(path, hidden_size=64, num_heads=2, num_layers=2, vocab_size=320, seed=1)
+    # A random tiny model is near uniform over its vocabulary; scaling the final norm makes its
+    # distributions peaked (a teacher with opinions), so that the top-k carries most of the mass.
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(20.0)
+    model.save_pretrained(str(path))
+    return path
 
 
 def test_captured_topk_of_a_teacher_with_another_vocabulary_trains_kd_greybox(student_dir, captured, tmp_path):

@@ -14,6 +14,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
+from tests.test_greybox import student_dir  # noqa: F401  # the student fixture, another vocabulary
 from tests.vllm_server import VLLMServer, vllm_available
 
 pytestmark = [
@@ -112,3 +113,47 @@ def test_build_dataset_with_top_logprobs_through_vllm(server, prefect_harness, t
         assert entries, row["prompt"]
         assert all(len(entry["top"]) == 5 for entry in entries)
         assert all(entry["logprob"] <= 0.0 for entry in entries)
+
+
+def test_capture_through_vllm_with_another_vocabulary_matches_local_and_feeds_kd_greybox(student_dir, tmp_path):
+    """`capture.source: vllm` for a teacher whose vocabulary is not the student's: the top-k a
+    real vLLM server gives equals the in-process capture (same tokens, logprobs within 1e-3
+    in float32), and kd_greybox aligns it to the student's tokens as it does the local one."""
+    import numpy as np
+
+    from distillflow.storage.parquet import read_table
+    from distillflow.storage.topk import decode_topk
+    from distillflow.tasks.capture.logits import capture_dataset
+    from distillflow.training.model import load_tokenizer
+    from tests.test_capture_logits import settings_for, write_dataset
+    from tests.test_greybox import answer_rows, greybox_examples, opinionated_teacher
+
+    teacher = opinionated_teacher(tmp_path / "teacher")
+    assert load_tokenizer(teacher).get_vocab() != load_tokenizer(student_dir).get_vocab()
+    local = write_dataset(tmp_path / "local", rows=answer_rows(), rows_per_shard=8)
+    served = write_dataset(tmp_path / "served", rows=answer_rows(), rows_per_shard=8)
+    capture_dataset(settings_for(teacher, local, local, max_length=256))
+    with VLLMServer(teacher, served_model_name="opinionated") as server:
+        capture_dataset(settings_for(teacher, served, served, max_length=256, source="vllm", model="opinionated",
+                                     base_url=server.base_url, device="auto", timeout_s=300.0))
+
+    def blobs(dataset: Path) -> dict[str, tuple]:
+        table = read_table(dataset / "data", columns=["id", "teacher_topk"]).to_pylist()
+        return {row["id"]: decode_topk(row["teacher_topk"]) for row in table}
+
+    expected, got = blobs(local), blobs(served)
+    assert expected.keys() == got.keys() and len(expected) == len(answer_rows())
+    for row_id, (ids, logprobs) in expected.items():
+        served_ids, served_logprobs = got[row_id]
+        assert served_logprobs.shape == logprobs.shape
+        np.testing.assert_allclose(served_logprobs, logprobs, atol=1e-3)
+        # The same tokens, except where two alternatives are tied (their order is then arbitrary).
+        gaps = np.abs(np.diff(logprobs, axis=1)) < 1e-3  # (T, k - 1)
+        tied = np.zeros(ids.shape, dtype=bool)
+        tied[:, :-1] |= gaps
+        tied[:, 1:] |= gaps
+        assert not ((served_ids != ids) & ~tied).any(), row_id
+
+    local_coverage = greybox_examples(student_dir, local, tmp_path / "cache-local")[2].to_dict()
+    served_coverage = greybox_examples(student_dir, served, tmp_path / "cache-served")[2].to_dict()
+    assert served_coverage == local_coverage and served_coverage["covered_share"] > 0.8, served_coverage

@@ -131,13 +131,10 @@ def dataset_shards(dataset_dir: str | Path) -> list[Path]:
 def data_fingerprint(dataset_dir: str | Path) -> str:
     """sha256 over the shard names and contents (the manifest's digests when it has them)."""
     digest = hashlib.sha256()
-    manifest = Path(dataset_dir) / "manifest.json"
-    known: dict[str, str] = {}
-    if manifest.is_file():
-        for shard in json.loads(manifest.read_text(encoding="utf-8")).get("shards", []):
-            if isinstance(shard, dict) and "path" in shard and "sha256" in shard:
-                known[shard["path"]] = shard["sha256"]
+    from distillflow.storage.manifest import MANIFEST_NAME, load_manifest
     from distillflow.storage.parquet import file_sha256
+
+    known = load_manifest(dataset_dir).shard_digests("data") if (Path(dataset_dir) / MANIFEST_NAME).is_file() else {}
 
     for path in dataset_shards(dataset_dir):
         relative = f"data/{path.name}"

@@ -53,6 +53,8 @@ from distillflow.storage.atomic import write_json_atomic
 from distillflow.storage.card import refresh_card
 from distillflow.storage.manifest import (
     MANIFEST_NAME,
+    Manifest,
+    captured_manifest,
     read_manifest,
     remove_manifest,
     write_manifest,
@@ -69,7 +71,11 @@ from distillflow.storage.topk import (
 )
 from distillflow.training.chat_template import chat_template_text, template_stops
 from distillflow.training.model import load_tokenizer
-from distillflow.training.prompt_logprobs import TopK, prompt_logprobs_to_topk, request_prompt_logprobs
+from distillflow.training.prompt_logprobs import (
+    TopK,
+    prompt_logprobs_to_topk,
+    request_prompt_logprobs,
+)
 
 IGNORE_INDEX = -100
 TOPK_FIELDS = [
@@ -470,8 +476,8 @@ def check_capture_input(settings: CaptureSettings) -> list[Path]:
             "written by `distill build`"
         )
     try:
-        source_manifest(settings)
-    except FileNotFoundError as error:
+        Manifest.of(source_manifest(settings), f"{input_dir}/{MANIFEST_NAME}")
+    except (FileNotFoundError, ValueError) as error:  # ManifestError and bad JSON are ValueErrors
         raise ConfigError(str(error)) from None
     return shards
 
@@ -498,18 +504,6 @@ def plan_capture(settings: CaptureSettings) -> list[Path]:
 
 def write_manifest_copy(path: Path, manifest: dict[str, Any]) -> None:
     write_json_atomic(path, manifest)
-
-
-def _replace_shard_entries(value: Any, shards: dict[str, dict[str, Any]]) -> Any:
-    """Every {"path": ..., "sha256": ...} entry of the manifest whose path was rewritten gets
-    the new rows / bytes / sha256 (the manifest layout may nest shard lists)."""
-    if isinstance(value, dict):
-        if value.get("path") in shards and "sha256" in value:
-            return {**value, **shards[value["path"]]}
-        return {key: _replace_shard_entries(item, shards) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_replace_shard_entries(item, shards) for item in value]
-    return value
 
 
 def capture_summary(settings: CaptureSettings, results: Sequence[ShardCapture]) -> dict[str, Any]:
@@ -540,11 +534,9 @@ def capture_summary(settings: CaptureSettings, results: Sequence[ShardCapture]) 
 
 def finish_capture(settings: CaptureSettings, results: Sequence[ShardCapture]) -> dict[str, Any]:
     """Write the output manifest (last): the input's, with new shard digests and `capture`."""
-    manifest = source_manifest(settings)
     rewritten = {result.shard["path"]: result.shard for result in results}
-    manifest = _replace_shard_entries(manifest, rewritten)
     summary = capture_summary(settings, results)
-    manifest["capture"] = summary
+    manifest = captured_manifest(source_manifest(settings), rewritten, summary)
     output_dir = Path(settings.output_dir)
     refresh_card(output_dir, manifest)  # the shards have new columns: the header's features follow
     write_manifest(output_dir, manifest)

@@ -35,7 +35,7 @@ from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import load_filters_config
 from distillflow.progress import progress
-from distillflow.storage.manifest import read_manifest, remove_manifest
+from distillflow.storage.manifest import Manifest, load_manifest, remove_manifest
 from distillflow.storage.parquet import (
     REJECT_SCHEMA,
     ShardWriter,
@@ -240,9 +240,9 @@ def write_filtered_dataset(
     reject_shards = reject_writer.close()
 
     try:
-        source = read_manifest(in_dir)
+        source: Manifest | None = load_manifest(in_dir)
     except FileNotFoundError:
-        source = {}
+        source = None
     new_reasons = decisions.counts()
     all_reasons = Counter(carried_reasons)
     all_reasons.update(new_reasons)
@@ -250,10 +250,10 @@ def write_filtered_dataset(
     accepted = int(keep_all.sum())
     manifest = {
         "format_version": 1,
-        "name": source.get("name", in_dir.name),
+        "name": source.name if source else in_dir.name,
         "created_at": datetime.now(timezone.utc).isoformat(),
-        "source": {"dir": str(in_dir), "name": source.get("name"), "created_at": source.get("created_at")},
-        "config": {**source.get("config", {}), "filters": config.model_dump(mode="json")},
+        "source": {"dir": str(in_dir), "name": source and source.name, "created_at": source and source.created_at},
+        "config": {**(source.config if source else {}), "filters": config.model_dump(mode="json")},
         "counts": {
             "input_rows": input_rows,
             "input_rejects_carried": int(carried.num_rows) if carried is not None else 0,
@@ -264,7 +264,7 @@ def write_filtered_dataset(
         "reject_reasons": dict(sorted(all_reasons.items())),
         "filter_reject_reasons": new_reasons,
         "accepted_per_strategy": dict(sorted(accepted_per_strategy.items())),
-        "teacher_usage": source.get("teacher_usage", {}),
+        "teacher_usage": source.teacher_usage if source else {},
         "invariant": {"input_rows": input_rows, "accepted_plus_rejected_here": accepted + sum(new_reasons.values()),
                       "holds": input_rows == accepted + sum(new_reasons.values())},
         "elapsed_s": round(elapsed_s + time.time() - started, 3),
@@ -279,7 +279,7 @@ def filters_config_for(in_dir: str | Path, config_path: str | Path | None) -> Fi
     if config_path is not None:
         return load_filters_config(config_path)
     try:
-        filters = read_manifest(in_dir).get("config", {}).get("filters")
+        filters = load_manifest(in_dir).config.get("filters")
     except FileNotFoundError:
         filters = None
     return FiltersConfig.model_validate(filters) if filters else FiltersConfig()

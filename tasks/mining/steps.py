@@ -21,7 +21,6 @@ import random
 import shutil
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +270,7 @@ def write_mined_dataset(
     import pyarrow.parquet as pq
 
     from distillflow.storage.dataset import count_by, finish_dataset
-    from distillflow.storage.manifest import read_manifest, remove_manifest
+    from distillflow.storage.manifest import load_manifest, mined_manifest, remove_manifest
     from distillflow.storage.parquet import (
         REJECT_SCHEMA,
         ShardInfo,
@@ -318,35 +317,28 @@ def write_mined_dataset(
     reject_rows = [r.to_row() for r in rejects]
     write_table_atomic(pa.Table.from_pylist(reject_rows, schema=REJECT_SCHEMA), staging / "rejects" / "part-00000.parquet")
 
-    parent_manifest = read_manifest(parent)
+    parent_manifest = load_manifest(parent)
     shards = [
         ShardInfo(f"data/{p.name}", pq.read_metadata(p).num_rows, p.stat().st_size, file_sha256(p)).to_dict()
         for p in list_shards(staging / "data")
     ]
     parent_rows = sum(pq.read_metadata(p).num_rows for p in parent_shards)
     selected_scores = [scores[i] for i in chosen]
-    manifest = {
-        **{k: v for k, v in parent_manifest.items() if k not in ("shards", "capture")},
-        "name": f"{parent_manifest.get('name', parent.name)}-mined",
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "counts": {**parent_manifest.get("counts", {}), "accepted": parent_rows + len(chosen_rows), "mined": len(chosen_rows)},
-        "accepted_per_strategy": {**parent_manifest.get("accepted_per_strategy", {}), **count_by(chosen_rows, "strategy")},
-        "mining": {
-            **summary,
-            "parent": {"dir": str(parent), "data_fingerprint": data_fingerprint(parent), "rows": parent_rows},
-            "student": str(plan.student),
-            "score": plan.score,
-            "selection": plan.mining.selection,
-            "kept": len(chosen_rows),
-            "kept_per_kind": dict(sorted(Counter(row["strategy"] for row in chosen_rows).items())),
-            "mean_score_all": sum(scores) / len(scores) if scores else None,
-            "mean_score_kept": sum(selected_scores) / len(selected_scores) if selected_scores else None,
-            "candidates_file": CANDIDATES_FILE,
-            "rejects": dict(sorted(Counter(r.reason for r in rejects).items())),
-        },
-    }
+    manifest = mined_manifest(parent_manifest, Path(parent), parent_rows, count_by(chosen_rows, "strategy"), {
+        **summary,
+        "parent": {"dir": str(parent), "data_fingerprint": data_fingerprint(parent), "rows": parent_rows},
+        "student": str(plan.student),
+        "score": plan.score,
+        "selection": plan.mining.selection,
+        "kept": len(chosen_rows),
+        "kept_per_kind": dict(sorted(Counter(row["strategy"] for row in chosen_rows).items())),
+        "mean_score_all": sum(scores) / len(scores) if scores else None,
+        "mean_score_kept": sum(selected_scores) / len(selected_scores) if selected_scores else None,
+        "candidates_file": CANDIDATES_FILE,
+        "rejects": dict(sorted(Counter(r.reason for r in rejects).items())),
+    })
     card = (
-        f"# {manifest['name']}\n\nA version of `{parent}` with {len(chosen_rows)} mined rows "
+        f"# {parent_manifest.name}-mined\n\nA version of `{parent}` with {len(chosen_rows)} mined rows "
         f"(`strategy: mined:<kind>`, score `{plan.score}`, selection `{plan.mining.selection}`) added to its "
         f"{parent_rows} rows. Every scored candidate, kept or not, is in `{CANDIDATES_FILE}`.\n"
     )
