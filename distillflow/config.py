@@ -413,7 +413,12 @@ class DistillConfig(StrictModel):
         description="License of the dataset, as a Hugging Face Hub license id (e.g. apache-2.0, cc-by-4.0, "
         "other); written into the dataset card's YAML header.",
     )
-    seeds: list[SeedSource] = Field(..., min_length=1)
+    seeds: list[SeedSource] = Field(
+        [],
+        description="The seed prompt files, read in order. Required by the stages that make prompts "
+        "(`distill build`, `distill run`); a config that only captures, trains, evaluates or mines "
+        "may leave it out.",
+    )
     prompts: PromptsSection = PromptsSection()
     teacher: TeacherConfig
     chat_template: ChatTemplateSetting = Field(
@@ -439,21 +444,24 @@ class DistillConfig(StrictModel):
 
     def deployment_names(self) -> list[str]:
         """The deployments `distill serve` / `distill deploy` register for this config: build and
-        run always, each other stage when its section is present."""
+        run when it has seeds, each other stage when its section is present."""
         present = {
+            "build": bool(self.seeds),
+            "run": bool(self.seeds),
             "capture": self.capture is not None,
             "train": self.training is not None,
             "eval": self.evaluation is not None,
             "sweep": self.sweep is not None,
             "mine": self.mining is not None,
         }
-        return [name for name in ("build", "capture", "train", "eval", "sweep", "mine", "run") if present.get(name, True)]
+        return [name for name in ("build", "capture", "train", "eval", "sweep", "mine", "run") if present[name]]
 
     @model_validator(mode="after")
     def _schedules_have_a_deployment(self) -> DistillConfig:
         if self.schedule is None:
             return self
-        sections = {"capture": "capture", "train": "training", "eval": "evaluation", "sweep": "sweep", "mine": "mining"}
+        sections = {"build": "seeds", "run": "seeds", "capture": "capture", "train": "training", "eval": "evaluation",
+                    "sweep": "sweep", "mine": "mining"}
         for name in self.schedule.entries():
             if name not in self.deployment_names():
                 raise ValueError(

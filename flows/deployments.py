@@ -1,39 +1,46 @@
 """Prefect deployments of every flow, for the UI: `distill serve` (this machine runs them)
 and `distill deploy` (a work pool's workers run them).
 
-Each deployment's one parameter is the whole typed config (`DistillConfig`), so the UI's
-"Run" page shows it as a form and the server rejects invalid values before a run starts.
-Only the NAME of the teacher key's env var is in it: the process that runs the flow (the
-`serve` process or the worker) needs the key in its environment.
+Each deployment's one parameter is the part of the typed config its stage reads (`STAGE_KEYS`:
+a `BuildConfig`, `CaptureForm`, ...), so the UI's "Run" page shows it as a form and the server
+rejects invalid values before a run starts. Only the NAME of the teacher key's env var is in
+it: the process that runs the flow (the `serve` process or the worker) needs the key in its
+environment.
 
 A run that fails with one of the project's errors (a bad config, an unreachable teacher) ends
 Failed with the error's paragraph as its state message, logged once at ERROR; Prefect's own
 reports of it, tracebacks included, are at DEBUG (distillflow/failures.py).
 
-The build deployment's parameter is only the part of the config a build reads
-(`BuildConfig`): its run is a `build-dataset` flow run that validates it as a whole config
-and runs the build. The other stages' flows take a
-config file (training launches DeepSpeed processes that read it), so their deployments run
-a small flow that writes the config to a temporary YAML file and runs the stage's command
-on it, preflight included — the stage's own flow appears inside it as a subflow.
+Every run first checks its form as a whole config (the rules across sections). The build
+deployment's run is a `build-dataset` flow run. The other stages' flows take a config file
+(training launches DeepSpeed processes that read it), so their deployments run a small flow
+that writes the config to a temporary YAML file and runs the stage's command on it, preflight
+included: the stage's own flow appears inside it as a subflow.
 """
 
 from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 from prefect import flow
-from pydantic import create_model
+from pydantic import Field, create_model
 
 from distillflow.base_config import StrictModel
-from distillflow.config import ConfigError, DistillConfig, config_as_written, load_config, parse_config, read_yaml
+from distillflow.config import (
+    ConfigError,
+    DistillConfig,
+    SeedSource,
+    config_as_written,
+    load_config,
+    parse_config,
+    read_yaml,
+)
 from distillflow.failures import fail_cleanly
 from distillflow.flows.build import build_dataset
 from distillflow.flows.shard_runs import ensure_process_pool
@@ -41,90 +48,144 @@ from distillflow.flows.shard_runs import ensure_process_pool
 DEFAULT_POOL = "distillflow"
 
 
-@contextmanager
-def config_file(config: DistillConfig) -> Iterator[str]:
-    """The config as a YAML file for the duration of a run (relative paths in it still resolve
-    against the working directory, as on the command line)."""
-    with tempfile.TemporaryDirectory(prefix="distill-deployment-") as directory:
-        path = Path(directory) / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', config.name)}.yaml"
-        path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-        yield str(path)
+def run_stage(command: Callable[[str], Any], form: Any, flow_name: str) -> Any:
+    """A stage's form (its sections of the config) checked as a whole config, so a rule across
+    sections fails before any task runs, then written to a YAML file for `command` for the
+    length of the run (relative paths in it still resolve against the working directory, as
+    on the command line). A project error is the run's one paragraph (`fail_cleanly`)."""
+
+    def run() -> Any:
+        config = parse_config(form.model_dump(mode="json"), f"the {flow_name} deployment's config")
+        with tempfile.TemporaryDirectory(prefix="distill-deployment-") as directory:
+            path = Path(directory) / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', config.name)}.yaml"
+            path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+            return command(str(path))
+
+    return fail_cleanly(run)
 
 
-@flow(name="distill-capture-logits")
-def capture_deployment(config: DistillConfig) -> dict[str, Any]:
-    """`distill capture-logits`: add the teacher's top-k logprobs to the config's dataset."""
-    from distillflow.flows.capture_logits import capture_logits_command
-
-    with config_file(config) as path:
-        return fail_cleanly(capture_logits_command, path)
+def stage_form(name: str, keys: tuple[str, ...], doc: str, **overrides: Any) -> type[StrictModel]:
+    """A deployment's form: the sections of DistillConfig a stage reads, with the same types,
+    defaults and help (`overrides`: a field typed otherwise for this stage)."""
+    fields = {key: (DistillConfig.model_fields[key].annotation, DistillConfig.model_fields[key]) for key in keys}
+    return create_model(name, __base__=StrictModel, __doc__=doc, **(fields | overrides))  # type: ignore[call-overload, no-any-return]
 
 
-@flow(name="distill-train")
-def train_deployment(config: DistillConfig) -> dict[str, Any]:
-    """`distill train`: train the student of the config's `training:` section."""
-    from distillflow.flows.train import train_command
-
-    with config_file(config) as path:
-        return fail_cleanly(train_command, path)
-
-
-@flow(name="distill-eval")
-def eval_deployment(config: DistillConfig) -> dict[str, Any]:
-    """`distill eval`: evaluate the models of the config's `evaluation:` section."""
-    from distillflow.flows.evaluate import eval_command
-
-    with config_file(config) as path:
-        return fail_cleanly(eval_command, path)
-
-
-@flow(name="distill-sweep")
-def sweep_deployment(config: DistillConfig) -> dict[str, Any]:
-    """`distill sweep`: train and evaluate every point of the config's `sweep:` grid."""
-    from distillflow.flows.sweep import sweep_command
-
-    with config_file(config) as path:
-        return fail_cleanly(sweep_command, path)
-
-
-@flow(name="distill-mine")
-def mine_deployment(config: DistillConfig) -> dict[str, Any]:
-    """`distill mine`: add the prompts the student gets most wrong; retrain and evaluate."""
-    from distillflow.flows.mine import mine_command
-
-    with config_file(config) as path:
-        return fail_cleanly(mine_command, path)
-
-
-@flow(name="distill-run")
-def run_deployment(config: DistillConfig) -> dict[str, Any]:
-    """`distill run`: every stage the config asks for, as one parent flow."""
-    from distillflow.flows.pipeline import run_command
-
-    with config_file(config) as path:
-        return fail_cleanly(run_command, path)
-
-
+# What each stage reads of a config. A stage that trains or evaluates reads the teacher (an
+# in-process or served teacher scores on-policy samples, judges and is evaluated), the
+# capture (a kd_topk student trains on what it wrote), the training (its dataset and
+# held-out split) and the shared chat template.
+MODEL_KEYS = ("name", "output_dir", "teacher", "chat_template", "chat_template_stop", "capture", "training")
 BUILD_KEYS = (
     "name", "output_dir", "license", "seeds", "prompts", "teacher", "chat_template", "chat_template_stop",
     "filters", "dataset",
 )
-# The sections of DistillConfig that a build reads, with the same types, defaults and help.
-BuildConfig = create_model(  # type: ignore[call-overload]
-    "BuildConfig",
-    __base__=StrictModel,
-    __doc__="What `distill build` reads of a config: the seeds, how prompts are made, the teacher, "
-    "the filters and how the build is sharded.",
-    **{key: (DistillConfig.model_fields[key].annotation, DistillConfig.model_fields[key]) for key in BUILD_KEYS},
+STAGE_KEYS = {
+    "build": BUILD_KEYS,
+    "capture": MODEL_KEYS,
+    "train": (*MODEL_KEYS, "evaluation"),
+    "eval": (*MODEL_KEYS, "evaluation"),
+    "sweep": (*MODEL_KEYS, "evaluation", "sweep"),
+    "mine": (*MODEL_KEYS, "license", "prompts", "filters", "dataset", "evaluation", "mining"),
+    "run": tuple(key for key in DistillConfig.model_fields if key != "schedule"),
+}
+_SEEDS = DistillConfig.model_fields["seeds"]
+BuildConfig = stage_form(
+    "BuildConfig", BUILD_KEYS,
+    "What `distill build` reads of a config: the seeds, how prompts are made, the teacher, the filters and how "
+    "the build is sharded.",
+    seeds=(list[SeedSource], Field(..., min_length=1, description=_SEEDS.description)),
+)
+CaptureForm = stage_form(
+    "CaptureForm", STAGE_KEYS["capture"],
+    "What `distill capture-logits` reads of a config: the dataset (output_dir), the teacher, the capture and the "
+    "training it feeds.",
+)
+TrainForm = stage_form(
+    "TrainForm", STAGE_KEYS["train"],
+    "What `distill train` reads of a config: the dataset, the teacher, the capture, the training and the held-out "
+    "split evaluation keeps.",
+)
+EvalForm = stage_form(
+    "EvalForm", STAGE_KEYS["eval"],
+    "What `distill eval` reads of a config: the models (teacher, trained student) and the evaluation.",
+)
+SweepForm = stage_form(
+    "SweepForm", STAGE_KEYS["sweep"],
+    "What `distill sweep` reads of a config: the training and evaluation each point varies, and the grid.",
+)
+MineForm = stage_form(
+    "MineForm", STAGE_KEYS["mine"],
+    "What `distill mine` reads of a config: the dataset, the candidates' prompts and filters, the teacher, the "
+    "student's training and evaluation, and the mining.",
+)
+RunForm = stage_form(
+    "RunForm", STAGE_KEYS["run"],
+    "Every stage of the config, as `distill run` runs them.",
+    seeds=(list[SeedSource], Field(..., min_length=1, description=_SEEDS.description)),
 )
 
+STAGE_FORMS = {"build": BuildConfig, "capture": CaptureForm, "train": TrainForm, "eval": EvalForm,
+               "sweep": SweepForm, "mine": MineForm, "run": RunForm}
 
-def build_form(config: dict[str, Any], written: dict[str, Any]) -> dict[str, Any]:
-    """The build deployment's parameter: the build's keys of `config` (a dumped config); a local
-    teacher's base_url, which it never reads, is left empty unless the file (`written`) sets it."""
-    form = {key: config[key] for key in BUILD_KEYS}
+
+@flow(name="distill-capture-logits")
+def capture_deployment(config: CaptureForm) -> dict[str, Any]:  # type: ignore[valid-type]
+    """`distill capture-logits`: add the teacher's top-k logprobs to the config's dataset."""
+    from distillflow.flows.capture_logits import capture_logits_command
+
+    return run_stage(capture_logits_command, config, "distill-capture-logits")
+
+
+@flow(name="distill-train")
+def train_deployment(config: TrainForm) -> dict[str, Any]:  # type: ignore[valid-type]
+    """`distill train`: train the student of the config's `training:` section."""
+    from distillflow.flows.train import train_command
+
+    return run_stage(train_command, config, "distill-train")
+
+
+@flow(name="distill-eval")
+def eval_deployment(config: EvalForm) -> dict[str, Any]:  # type: ignore[valid-type]
+    """`distill eval`: evaluate the models of the config's `evaluation:` section."""
+    from distillflow.flows.evaluate import eval_command
+
+    return run_stage(eval_command, config, "distill-eval")
+
+
+@flow(name="distill-sweep")
+def sweep_deployment(config: SweepForm) -> dict[str, Any]:  # type: ignore[valid-type]
+    """`distill sweep`: train and evaluate every point of the config's `sweep:` grid."""
+    from distillflow.flows.sweep import sweep_command
+
+    return run_stage(sweep_command, config, "distill-sweep")
+
+
+@flow(name="distill-mine")
+def mine_deployment(config: MineForm) -> dict[str, Any]:  # type: ignore[valid-type]
+    """`distill mine`: add the prompts the student gets most wrong; retrain and evaluate."""
+    from distillflow.flows.mine import mine_command
+
+    return run_stage(mine_command, config, "distill-mine")
+
+
+@flow(name="distill-run")
+def run_deployment(config: RunForm) -> dict[str, Any]:  # type: ignore[valid-type]
+    """`distill run`: every stage the config asks for, as one parent flow."""
+    from distillflow.flows.pipeline import run_command
+
+    return run_stage(run_command, config, "distill-run")
+
+
+def stage_form_values(stage: str, config: dict[str, Any], written: dict[str, Any]) -> dict[str, Any]:
+    """A deployment's parameter: the keys of `config` (a dumped config) that its stage reads.
+    An in-process teacher's base_url is left empty unless the file (`written`) sets it: no stage
+    reads it (a vLLM capture falls back to it, so then it stays)."""
+    form = {key: value for key, value in config.items() if key in STAGE_KEYS[stage]}
     teacher = dict(form["teacher"])
-    if teacher.get("backend") == "local" and "base_url" not in (written.get("teacher") or {}):
+    capture = form.get("capture") or {}
+    reads_url = capture.get("source") == "vllm" and not capture.get("base_url")
+    if teacher.get("backend") == "local" and "base_url" not in (written.get("teacher") or {}) and not reads_url:
         teacher["base_url"] = None
     return form | {"teacher": teacher}
 
@@ -171,7 +232,7 @@ def runner_deployments(config_paths: list[Path], **options: Any) -> list[Any]:
         written = config_as_written(path)
         for stage in config.deployment_names():
             entry = entries.get(stage)
-            form = build_form(written, read_yaml(Path(path))) if stage == "build" else written
+            form = stage_form_values(stage, written, read_yaml(Path(path)))
             deployments.append(
                 DEPLOYMENT_FLOWS[stage].to_deployment(
                     name=config.name,

@@ -167,6 +167,11 @@ def load_seeds(
     sources: list[SeedSource], prompt_column: str | None = None, config_path: str | Path = "<config>"
 ) -> tuple[list[PromptRecord], list[Reject]]:
     """All seeds in file order, and the rejects of bad rows. Fails if no usable seed is left."""
+    if not sources:
+        raise ConfigError(
+            f"{config_path}: seeds: no seed file given; this command makes prompts from seeds, so add "
+            "`seeds: [{path: my_prompts.jsonl}]` (a .jsonl/.json/.parquet/.csv file or a dataset directory)"
+        )
     prompts: list[PromptRecord] = []
     rejects: list[Reject] = []
     for source in sources:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from distillflow.config import ConfigError, load_config, parse_config
-from distillflow.flows.deployments import config_file, runner_deployments
+from distillflow.flows.deployments import STAGE_FORMS, STAGE_KEYS, run_stage, runner_deployments
 from tests.conftest import free_port
 from tests.openai_server import FaultyOpenAIServer, ServerThread
 from tests.prefect_processes import (
@@ -62,14 +62,18 @@ def test_every_stage_of_a_config_is_a_deployment_with_a_typed_config_form(tmp_pa
                 "filters", "dataset",
             }
             assert "prompt_column" not in schema["properties"]
-            assert deployment.parameters["config"]["teacher"]["base_url"] is None  # a local teacher has none
-        else:
-            config_schema = schema["definitions"]["DistillConfig"]
-            assert {"name", "output_dir", "seeds", "teacher", "prompts", "schedule"} <= set(config_schema["properties"])
+        else:  # only what the stage reads (test_each_stage_form_carries_what_its_stage_reads)
+            config_schema = schema["definitions"][STAGE_FORMS[deployment.tags[1]].__name__]
+            assert set(config_schema["properties"]) == set(STAGE_KEYS[deployment.tags[1]])
         assert config_schema["additionalProperties"] is False
-        prompts = schema["definitions"]["PromptsSection"]["properties"]
-        assert {"type": "integer", "minimum": 1} in prompts["num_prompts"]["anyOf"] and prompts["num_prompts"]["description"]
-        assert prompts["strategies"]["propertyNames"]["enum"] == ["seed", "edge_case", "adversarial", "evolve", "self_instruct"]
+        assert deployment.parameters["config"]["teacher"]["base_url"] is None  # the local teacher reads none
+        if "prompts" in config_schema["properties"]:  # choices are offered, ranges checked by the server
+            prompts = schema["definitions"]["PromptsSection"]["properties"]
+            assert {"type": "integer", "minimum": 1} in prompts["num_prompts"]["anyOf"] and prompts["num_prompts"]["description"]
+            assert prompts["strategies"]["propertyNames"]["enum"] == ["seed", "edge_case", "adversarial", "evolve", "self_instruct"]
+        if "training" in config_schema["properties"]:
+            training = schema["definitions"]["PipelineTrainingConfig"]["properties"]
+            assert "kd_greybox" in training["objective"]["enum"], training["objective"]
         assert deployment.parameters["config"]["name"] == "demo"
         assert deployment.schedules == [] or deployment.schedules is None
 
@@ -122,12 +126,50 @@ def test_a_schedule_for_a_missing_stage_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in (ROOT / "configs").glob("*.yaml")))
-def test_the_config_a_deployment_writes_reads_back_the_same(name, monkeypatch):
-    """The stage deployments hand their config parameter to the stage as a YAML file."""
+def test_each_stage_form_carries_what_its_stage_reads(name, monkeypatch):
+    """A stage deployment's form holds the sections its stage reads, and its run hands them to
+    the stage's command as a YAML file that reads back the same (derived keys derive again)."""
     monkeypatch.chdir(ROOT)
     config = load_config(ROOT / "configs" / name, check_files=False)
-    with config_file(config) as path:
-        assert load_config(path, check_files=False) == config
+    for deployment in runner_deployments([ROOT / "configs" / name]):
+        stage = deployment.tags[1]
+        form = STAGE_FORMS[stage].model_validate(deployment.parameters["config"])
+        assert set(deployment.parameters["config"]) <= set(STAGE_KEYS[stage]), stage
+        assert "schedule" not in deployment.parameters["config"]
+        if stage == "build":
+            continue  # its run builds (test_the_build_deployment_builds_from_its_form)
+        seen = run_stage(lambda path: load_config(path, check_files=False), form, deployment.flow_name)
+        for key in STAGE_KEYS[stage]:
+            if stage == "capture" and key == "training":  # the held-out share derives from evaluation,
+                ignored = {"holdout_fraction"}  # which a capture neither reads nor carries
+                assert seen.training.model_dump(exclude=ignored) == config.training.model_dump(exclude=ignored)
+                continue
+            if key == "teacher" and config.teacher.backend == "local":  # base_url: read by no stage here
+                assert seen.teacher.model_dump(exclude={"base_url"}) == config.teacher.model_dump(exclude={"base_url"})
+                continue
+            assert getattr(seen, key) == getattr(config, key), (stage, key)
+
+
+def test_a_stage_form_leaves_out_what_its_stage_never_reads(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    forms = {d.tags[1]: d.parameters["config"] for d in runner_deployments([ROOT / "configs" / "demo.yaml"])}
+    assert not {"seeds", "prompts", "filters", "dataset", "sweep", "mining", "schedule"} & set(forms["train"])
+    assert not {"seeds", "prompts", "filters", "evaluation", "sweep", "mining"} & set(forms["capture"])
+    assert "seeds" in forms["run"] and "schedule" not in forms["run"]
+
+
+def test_a_cross_section_rule_fails_a_stage_run_before_it_starts(prefect_harness, monkeypatch):
+    """Capture and training must cut answers at one max_length: a form edited to break that
+    fails with the rule's paragraph and runs nothing."""
+    from distillflow.flows.deployments import capture_deployment
+
+    monkeypatch.chdir(ROOT)
+    (capture,) = [d for d in runner_deployments([ROOT / "configs" / "demo.yaml"]) if d.tags[1] == "capture"]
+    form = json.loads(json.dumps(capture.parameters["config"]))
+    form["capture"]["max_length"] = 64
+    state = capture_deployment(form, return_state=True)
+    assert state.is_failed()
+    assert "capture.max_length (64) differs from training.max_length" in state.message
 
 
 def test_the_key_is_never_a_parameter(tmp_path, monkeypatch):
@@ -219,8 +261,8 @@ def test_a_stage_deployment_runs_the_stage_on_its_typed_config(prefect_harness, 
     write_seeds(seeds, GOOD[:4])
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY), free_port()) as teacher:
         config = load_config(write_config(tmp_path / "c.yaml", seeds, tmp_path / "out", teacher.base_url))
-        edited = config.model_copy(update={"name": "edited-in-the-form"})
-        result = run_deployment(edited)
+        form = {key: value for key, value in config.model_dump(mode="json").items() if key in STAGE_KEYS["run"]}
+        result = run_deployment(form | {"name": "edited-in-the-form"})
     assert result["dataset"]["accepted"] == 4
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["name"] == "edited-in-the-form"
@@ -302,3 +344,19 @@ def test_deploy_and_serve_never_take_over_each_others_deployments(prefect_harnes
         deploy_command([config], pool="takeover-b")
     with pytest.raises(ConfigError, match="registering it served by `distill serve`"):
         refuse_takeover(runner_deployments([config]), None)  # what `distill serve` checks first
+
+
+def test_a_config_without_seeds_serves_its_model_stages_and_a_build_names_the_key(tmp_path, monkeypatch):
+    """A config that only captures, trains and evaluates needs no seeds: it gets no build or run
+    deployment, and `distill build` on it names the missing key and the fix."""
+    from distillflow.flows.build import build_command
+
+    monkeypatch.chdir(ROOT)
+    data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    del data["seeds"]
+    path = tmp_path / "no-seeds.yaml"
+    path.write_text(yaml.safe_dump(data))
+    stages = [deployment.tags[1] for deployment in runner_deployments([path])]
+    assert stages == ["capture", "train", "eval", "sweep", "mine"]
+    with pytest.raises(ConfigError, match=r"seeds: no seed file given; .*add `seeds: \[\{path: "):
+        build_command(path)

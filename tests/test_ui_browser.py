@@ -231,3 +231,85 @@ def finished_run(url: str, run_id):
         return run if run.state.is_final() else None
 
     return check
+
+
+def submit_with_output_dir(browser, ui: str, deployment, old: str, new: str, shots: Path, name: str) -> str:
+    """Open the deployment's Run form, type `new` over the output_dir `old`, submit; the new run's id."""
+    browser.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
+    output_dir = f"{FIELD_JS}('textarea', 'Output Dir\\nWhere the dataset (and the ledger) is written.')"
+    browser.wait_for(f"{output_dir} && {output_dir}.value === {json.dumps(old)}", f"the {name} form with its output_dir")
+    browser.type_into(output_dir, new)
+    assert browser.evaluate(f"{output_dir}.value") == new
+    browser.screenshot(shots / f"{name}-form-edited.png")
+    browser.click(button("Submit"), "the Submit button")
+    run_link = "Array.from(document.querySelectorAll('a')).find(a => /flow-run\\/[0-9a-f-]{36}/.test(a.href))"
+    browser.wait_for(f"!!{run_link}", f"the new {name} run on the deployment page", 60)
+    return browser.evaluate(f"{run_link}.href.match(/flow-run\\/([0-9a-f-]{{36}})/)[1]")
+
+
+@pytest.mark.timeout(900)
+def test_an_output_dir_edited_in_the_forms_is_what_capture_and_training_read(tmp_path):
+    """A config with capture and kd_topk training, served; in the capture form the user points
+    output_dir at another copy of the dataset, then does the same in the training form. The
+    capture writes into that copy (the original stays as it was) and training reads that copy:
+    kd_topk needs the captured columns, which only the copy has."""
+    import yaml
+
+    from distillflow.training.scratch import build_tiny_llama
+    from tests.test_capture_logits import write_dataset
+
+    shots = SCREENSHOTS / "stage-forms"
+    shutil.rmtree(shots, ignore_errors=True)
+    teacher = tmp_path / "teacher"
+    build_tiny_llama(teacher, hidden_size=64, num_heads=2, num_layers=2, vocab_size=320, seed=1)
+    built = write_dataset(tmp_path / "built")
+    edited = shutil.copytree(built, tmp_path / "edited")
+    config = tmp_path / "stages.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "ui-stages", "output_dir": str(built),  # no seeds: this config only captures and trains
+        "teacher": {"backend": "local", "model": str(teacher), "device": "cpu"},
+        "capture": {"k": 4, "max_length": 64, "batch_size": 4},
+        "training": {"objective": "kd_topk", "student": str(teacher), "output_dir": str(tmp_path / "student"),
+                     "max_length": 64, "max_steps": 2, "micro_batch_size": 2, "master_port": free_port()},
+    }))
+    with processes(tmp_path / "logs") as group:
+        port = free_port()
+        url = start_server(group, tmp_path / "server-home", port, ui=True)
+        env = base_env(tmp_path / "client-home", PREFECT_API_URL=url, PREFECT_RUNNER_POLL_FREQUENCY="1",
+                       DS_ACCELERATOR="cpu", DISTILL_LOG_DIR=str(tmp_path / "serve-logs"))
+        group.start("serve", [sys.executable, "-m", "distillflow.cli", "serve", str(config)], env, cwd=tmp_path)
+        browser = launch(group, tmp_path / "chromium-profile")
+        ui = f"http://127.0.0.1:{port}"
+
+        def finished(run_id: str):
+            def check():
+                with api(url) as client:
+                    run = client.read_flow_run(run_id)
+                return run if run.state.is_final() else None
+            return check
+
+        try:
+            capture = wait_for_deployment(url, "distill-capture-logits/ui-stages", 90, group)
+            run_id = submit_with_output_dir(browser, ui, capture, str(built), str(edited), shots, "capture")
+            run = wait_until(finished(run_id), 300, "the capture run to finish", group, every=1.0)
+            assert run.state.is_completed(), flow_run_logs(url, run.id) + group.log("serve")
+            assert run.parameters["config"]["output_dir"] == str(edited)
+            assert json.loads((edited / "manifest.json").read_text())["capture"]["k"] == 4
+            assert "capture" not in json.loads((built / "manifest.json").read_text())  # untouched
+
+            train = wait_for_deployment(url, "distill-train/ui-stages", 30, group)
+            run_id = submit_with_output_dir(browser, ui, train, str(built), str(edited), shots, "train")
+            run = wait_until(finished(run_id), 480, "the training run to finish", group, every=1.0)
+            assert run.state.is_completed(), flow_run_logs(url, run.id) + group.log("serve")
+            browser.goto(f"{ui}/runs/flow-run/{run_id}")
+            browser.wait_for("document.body.innerText.includes('Completed')", "the training run's page to show Completed")
+            browser.screenshot(shots / "train-completed.png")
+        except BaseException:
+            browser.screenshot(shots / "failed.png")
+            print(browser.evaluate(ERRORS_JS))
+            print(browser.evaluate("location.href + '\\n' + document.body.innerText.slice(0, 3000)"))
+            raise
+        finally:
+            browser.close()
+    summary = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert summary["steps"] == 2 and summary["objective"] == "kd_topk"
