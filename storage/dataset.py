@@ -15,7 +15,7 @@ from typing import Any
 
 from distillflow.storage.card import write_card
 from distillflow.storage.manifest import remove_manifest, write_manifest
-from distillflow.storage.parquet import REJECT_SCHEMA, ShardWriter, accepted_schema
+from distillflow.storage.parquet import REJECT_SCHEMA, AnsweredRow, ShardWriter, accepted_schema
 
 STAGING = ".staging"
 
@@ -58,7 +58,7 @@ def _secret_free(value: Any, secrets: list[str]) -> Any:
 
 def write_dataset(
     output_dir: str | Path,
-    rows: list[dict[str, Any]],
+    rows: list[AnsweredRow],
     reject_rows: list[dict[str, Any]],
     manifest: dict[str, Any],
     card: str,

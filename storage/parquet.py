@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +35,42 @@ ACCEPTED_FIELDS = [
     pa.field("completion_tokens", pa.int32()),
     pa.field("created_at", pa.timestamp("us", tz="UTC")),
 ]
+
+
+
+class TokenLogprob(TypedDict):
+    token: str
+    logprob: float
+
+
+class AnswerTokenLogprobs(TypedDict):
+    """One answer token as the API reported it, with its alternatives (`top_logprobs`)."""
+
+    token: str
+    logprob: float
+    top: list[TokenLogprob]
+
+
+class _AnsweredColumns(TypedDict):
+    id: str
+    prompt: str
+    response: str
+    strategy: str
+    parent_id: str | None
+    teacher_model: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    created_at: datetime
+
+
+class AnsweredRow(_AnsweredColumns, total=False):
+    """One accepted row, as the build makes it and `data/part-*.parquet` holds it (the
+    columns of `accepted_schema`, which a test keeps in step with these keys);
+    `top_logprobs` only with teacher.generation.top_logprobs."""
+
+    top_logprobs: list[AnswerTokenLogprobs] | None
+
 
 REJECT_SCHEMA = pa.schema(
     [

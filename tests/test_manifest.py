@@ -1,4 +1,4 @@
-"""The typed manifest: readers get fields, a foreign or damaged manifest.json is one error that
+"""The typed records. The manifest: readers get fields, a foreign or damaged manifest.json is one error that
 names the file and the field, and what a reader does not know is written back unchanged."""
 
 from __future__ import annotations
@@ -60,3 +60,12 @@ def test_distill_inspect_of_a_foreign_manifest_is_one_paragraph(tmp_path):
     assert result.returncode != 0
     assert f"{tmp_path}/manifest.json holds a JSON list, not an object" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_answered_row_type_is_the_data_schema():
+    """AnsweredRow (what the build makes, the filters pass and the writers take) has exactly
+    the columns of data/part-*.parquet."""
+    from distillflow.storage.parquet import AnsweredRow, accepted_schema
+
+    assert list(AnsweredRow.__annotations__) == accepted_schema(with_top_logprobs=True).names
+    assert AnsweredRow.__optional_keys__ == {"top_logprobs"}

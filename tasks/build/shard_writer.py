@@ -27,6 +27,7 @@ from typing import Any
 
 from distillflow.failures import DiskWriteError
 from distillflow.records import Reject
+from distillflow.storage.parquet import AnsweredRow
 from distillflow.tasks.child import child_connections, start_child
 from distillflow.tasks.filters.config import FiltersConfig
 
@@ -47,7 +48,7 @@ class ShardWriterProcess:
         self.timeout_s = timeout_s
         self._send(("start", filters.model_dump(mode="json"), str(staging), with_top_logprobs))
 
-    def add(self, index: int, rows: list[dict[str, Any]], teacher_rejects: Sequence[Reject] = ()) -> None:
+    def add(self, index: int, rows: list[AnsweredRow], teacher_rejects: Sequence[Reject] = ()) -> None:
         """`ShardCollector.add` in the child: filter `rows` into shard `index`."""
         self._send(("add", index, rows, list(teacher_rejects)))
 

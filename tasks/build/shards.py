@@ -38,7 +38,7 @@ import shutil
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillflow.config import DistillConfig
-from distillflow.records import PromptRecord, Reject, TeacherAnswer, is_failure_reason, stopped_answer
+from distillflow.records import (
+    PromptRecord,
+    Reject,
+    TeacherAnswer,
+    is_failure_reason,
+    stopped_answer,
+)
 from distillflow.storage.atomic import write_json_atomic
 from distillflow.storage.parquet import (
     REJECT_SCHEMA,
+    AnsweredRow,
     ShardWriter,
     accepted_schema,
     file_sha256,
@@ -145,17 +152,17 @@ def answered_rows(
     teacher_name: str,
     with_top_logprobs: bool,
     stops: Sequence[str] = (),
-) -> tuple[list[dict[str, Any]], list[Reject]]:
-    """Accepted-row dicts of the answered prompts and a reject per prompt the teacher did not answer.
+) -> tuple[list[AnsweredRow], list[Reject]]:
+    """Accepted rows of the answered prompts and a reject per prompt the teacher did not answer.
     Each answer is cut at its first stop string (`teacher.stops`), if the teacher did not stop there itself."""
-    rows: list[dict[str, Any]] = []
+    rows: list[AnsweredRow] = []
     rejects: list[Reject] = []
     for record, (answer, created_at) in zip(prompts, answers):
         answer = stopped_answer(answer, stops)
         if not answer.ok:
             rejects.append(Reject.of(record, answer.error or "teacher_error:unknown", answer.error_detail or ""))
             continue
-        row = {
+        row: AnsweredRow = {
             "id": record.id,
             "prompt": record.prompt,
             "response": answer.content or "",
@@ -165,7 +172,7 @@ def answered_rows(
             "finish_reason": answer.finish_reason,
             "prompt_tokens": answer.prompt_tokens,
             "completion_tokens": answer.completion_tokens,
-            "created_at": datetime.fromtimestamp(created_at, tz=timezone.utc),
+            "created_at": datetime.fromtimestamp(created_at, tz=UTC),
         }
         if with_top_logprobs:
             row["top_logprobs"] = answer.top_logprobs
@@ -203,7 +210,7 @@ class ShardResult:
 def finish_shard(
     index: int,
     prompts: int,
-    rows: list[dict[str, Any]],
+    rows: list[AnsweredRow],
     teacher_rejects: list[Reject],
     filters: Any,  # FiltersConfig
     staging: Path,
@@ -222,7 +229,7 @@ def finish_shard(
 @dataclass
 class _Collected:
     answered: int = 0
-    accepted: list[dict[str, Any]] = field(default_factory=list)
+    accepted: list[AnsweredRow] = field(default_factory=list)
     teacher_rejects: list[Reject] = field(default_factory=list)
     response_rejects: list[Reject] = field(default_factory=list)
 
@@ -237,7 +244,7 @@ class ShardCollector:
         self.filters, self.staging, self.with_top_logprobs = filters, staging, with_top_logprobs
         self._shards: dict[int, _Collected] = {}
 
-    def add(self, index: int, rows: list[dict[str, Any]], teacher_rejects: Sequence[Reject] = ()) -> None:
+    def add(self, index: int, rows: list[AnsweredRow], teacher_rejects: Sequence[Reject] = ()) -> None:
         """Filter `rows` (answered rows of shard `index`, in order) into that shard, with the
         shard's prompts the teacher did not answer in this batch."""
         shard = self._shards.setdefault(index, _Collected())
@@ -264,7 +271,7 @@ def write_shard(
     index: int,
     prompts: int,
     answered: int,
-    accepted: list[dict[str, Any]],
+    accepted: list[AnsweredRow],
     teacher_rejects: list[Reject],
     response_rejects: list[Reject],
     staging: Path,

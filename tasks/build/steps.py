@@ -31,8 +31,8 @@ from distillflow.runs import get_run_logger
 from distillflow.storage.dataset import dataset_card, finish_dataset, logprob_coverage
 from distillflow.storage.ledger import TEACHER_LEDGER, Ledger
 from distillflow.storage.manifest import build_manifest
+from distillflow.storage.parquet import AnsweredRow
 from distillflow.storage.seeds import SeedRows, load_seeds, split_repeated_seeds
-from distillflow.tasks.filters.passes import filter_prompts, filter_responses
 from distillflow.tasks.build.shards import (
     BUILDING,
     ShardPlan,
@@ -41,6 +41,7 @@ from distillflow.tasks.build.shards import (
     answer_shard,
     answered_rows,
 )
+from distillflow.tasks.filters.passes import filter_prompts, filter_responses
 from distillflow.tasks.teacher.budget import FailureBudget
 from distillflow.tasks.teacher.errors import NoUsableAnswersError, TeacherFatalError
 from distillflow.tasks.teacher.loop_gc import request_loop_gc
@@ -116,7 +117,7 @@ def answer_batch_task(
     ledger: Ledger,
     progress: ProgressBar,
     budget: FailureBudget,
-) -> tuple[list[dict[str, Any]], list[Reject]]:
+) -> tuple[list[AnsweredRow], list[Reject]]:
     """Ask the teacher for one batch (ledger first); answered rows and teacher-error rejects."""
     messages_list = [build_messages(p.prompt, config.teacher.system_prompt) for p in prompts]
     answers = answer_requests(teacher, ledger, messages_list, progress=progress, budget=budget)
@@ -125,7 +126,7 @@ def answer_batch_task(
 
 
 @task(name="filter-responses", cache_policy=NO_CACHE)
-def filter_responses_task(rows: list[dict[str, Any]], config: DistillConfig) -> tuple[list[dict[str, Any]], list[Reject]]:
+def filter_responses_task(rows: list[AnsweredRow], config: DistillConfig) -> tuple[list[AnsweredRow], list[Reject]]:
     """The response filters over answered rows (mining; a build filters each shard as it writes it)."""
     return filter_responses(rows, config.filters)
 

@@ -33,13 +33,7 @@ from distillflow.config import DistillConfig
 from distillflow.progress import ProgressBar
 from distillflow.records import PromptRecord, Reject
 from distillflow.storage.ledger import Ledger
-from distillflow.tasks.build.steps import (
-    answer_batch_task,
-    answer_shards_on_workers,
-    client_bound_stage,
-    stage,
-    write_shard_task,
-)
+from distillflow.storage.parquet import AnsweredRow
 from distillflow.tasks.build.shard_pool import answer_shards_on_pool
 from distillflow.tasks.build.shard_writer import ShardWriterProcess
 from distillflow.tasks.build.shards import (
@@ -50,6 +44,13 @@ from distillflow.tasks.build.shards import (
     ShardTotals,
     failure_summary,
     read_shard_prompt_batches,
+)
+from distillflow.tasks.build.steps import (
+    answer_batch_task,
+    answer_shards_on_workers,
+    client_bound_stage,
+    stage,
+    write_shard_task,
 )
 from distillflow.tasks.teacher.budget import FailureBudget
 from distillflow.tasks.teacher.choose import make_teacher
@@ -170,7 +171,7 @@ class BatchesInProcess:
         # Answered rows through the response filters (here or in the shard writer).
         filtered = ProgressBar("response filters", plan.prompts, "responses")
 
-        def collect(index: int, last: bool, result: tuple[list[dict[str, Any]], list[Reject]]) -> None:
+        def collect(index: int, last: bool, result: tuple[list[AnsweredRow], list[Reject]]) -> None:
             """A batch's answered rows and teacher rejects into its shard; the shard's files
             once its last batch is in (the response filters run on each batch as it comes
             in, so the last shard's files follow the last answer at once)."""

@@ -33,8 +33,9 @@ import numpy as np
 
 from distillflow.progress import ProgressBar, progress
 from distillflow.records import PromptRecord, Reject
-from distillflow.tasks.filters.dedup import KEEP, exact_keys, first_occurrence
+from distillflow.storage.parquet import AnsweredRow
 from distillflow.tasks.filters.config import FiltersConfig
+from distillflow.tasks.filters.dedup import KEEP, exact_keys, first_occurrence
 from distillflow.tasks.filters.quality import ResponseChecker
 
 PROMPT_REASONS = ("contaminated", "exact_duplicate", "near_duplicate", "semantic_duplicate", "diversity")
@@ -327,12 +328,12 @@ def response_reject(row: dict[str, Any], reason: str, detail: str) -> Reject:
 
 
 def filter_responses(
-    rows: list[dict[str, Any]], config: FiltersConfig, shown: bool = True
-) -> tuple[list[dict[str, Any]], list[Reject]]:
+    rows: list[AnsweredRow], config: FiltersConfig, shown: bool = True
+) -> tuple[list[AnsweredRow], list[Reject]]:
     """Response-side filters. Returns (kept rows in input order, one Reject per dropped row).
     `shown=False`: no progress of its own (a caller filtering batch by batch reports its own)."""
     check = ResponseChecker(config)
-    kept: list[dict[str, Any]] = []
+    kept: list[AnsweredRow] = []
     rejects: list[Reject] = []
     shown_bar = (
         progress("response filters", total=len(rows), unit="responses") if shown else ProgressBar("", None, mode="off").shown()
