@@ -1,6 +1,6 @@
 """Grey-box KD (kd_greybox) vs sft on the demo task, with a student whose tokenizer differs.
 
-    OMP_NUM_THREADS=1 python bench/greybox_kd.py                                  # 1,000 prompts, 300 steps, 5 seeds
+    OMP_NUM_THREADS=1 python bench/greybox_kd.py                                  # 1,000 prompts, 1,200 steps, 5 seeds
     OMP_NUM_THREADS=1 python bench/greybox_kd.py --prompts 200 --steps 40 --seeds 0 1 --eval 100   # a smoke run
 
 1. The demo teacher (distillflow/assets/demo-teacher, copied into the work dir first) answers
@@ -12,7 +12,7 @@
    trained in process with `tokenizers` on the dataset's questions and answers; the student is
    the demo student's shape (2 layers, hidden 96, fresh weights) over that vocabulary.
 3. For each seed, two students with the same init, data order and steps, at configs/demo.yaml's
-   settings (T = 2, alpha = 0.5, packing, learning rate): `sft` on the teacher's text and
+   settings (temperature, alpha, packing, learning rate, schedule): `sft` on the teacher's text and
    `kd_greybox` on the stored logprobs, aligned to the student's tokens.
 4. Each answers prompts/seeds/skills_eval.jsonl greedily: clean accuracy (the eval set's
    checks), mean and 95 % CI over seeds (Student's t), and the paired difference
@@ -241,7 +241,7 @@ def save_report(workdir: Path, report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per student")
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per student (the demo's)")
     parser.add_argument("--prompts", type=int, default=1000, help="training questions (first N of skills.jsonl)")
     parser.add_argument("--k", type=int, default=8, help="alternatives per answer token (an API gives up to 20)")
     parser.add_argument("--student-vocab", type=int, default=400, help="BPE vocabulary of the student")
