@@ -53,6 +53,23 @@ def deepest_with_text(text: str, exact: bool = False) -> str:
     return f"Array.from(document.body.querySelectorAll('*')).filter(e => e.innerText && {test}).pop()"
 
 
+def type_until_kept(browser, field: str, text: str, what: str) -> None:
+    """Type `text` into the form field `field` (a JS expression) as a user would, again if the
+    form redraws it with its old value (it can while its schema and defaults still load), until
+    the field has kept `text` for two checks in a row."""
+    seen = {"kept": 0}
+
+    def kept() -> bool:
+        if browser.evaluate(f"{field}.value") != text:
+            browser.type_into(field, text)
+            seen["kept"] = 0
+            return False
+        seen["kept"] += 1
+        return seen["kept"] >= 2
+
+    wait_until(kept, 60, f"{what} to keep the typed value", every=0.5)
+
+
 def button(text: str) -> str:
     return f"Array.from(document.querySelectorAll('button')).find(b => b.innerText.trim() === {json.dumps(text)})"
 
@@ -91,9 +108,8 @@ def test_run_the_build_deployment_from_the_ui_and_read_its_counts(tmp_path):
             assert browser.evaluate(f"{name}.value") == "test-build"
 
             # Edit two parameters as a user would: type over the old values.
-            browser.type_into(num_prompts, "5")
-            browser.type_into(name, "from-the-ui")
-            assert browser.evaluate(f"{num_prompts}.value") == "5"
+            type_until_kept(browser, num_prompts, "5", "num_prompts")
+            type_until_kept(browser, name, "from-the-ui", "name")
             browser.screenshot(SCREENSHOTS / "2-run-form-edited.png")
             browser.click(button("Submit"), "the Submit button")
 
@@ -238,8 +254,7 @@ def submit_with_output_dir(browser, ui: str, deployment, old: str, new: str, sho
     browser.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
     output_dir = f"{FIELD_JS}('textarea', 'Output Dir\\nWhere the dataset (and the ledger) is written.')"
     browser.wait_for(f"{output_dir} && {output_dir}.value === {json.dumps(old)}", f"the {name} form with its output_dir")
-    browser.type_into(output_dir, new)
-    assert browser.evaluate(f"{output_dir}.value") == new
+    type_until_kept(browser, output_dir, new, "output_dir")
     browser.screenshot(shots / f"{name}-form-edited.png")
     browser.click(button("Submit"), "the Submit button")
     run_link = "Array.from(document.querySelectorAll('a')).find(a => /flow-run\\/[0-9a-f-]{36}/.test(a.href))"
