@@ -70,6 +70,30 @@ def type_until_kept(browser, field: str, text: str, what: str) -> None:
     wait_until(kept, 60, f"{what} to keep the typed value", every=0.5)
 
 
+def submit_run(browser, url: str, deployment_id, what: str, timeout: float = 120) -> str:
+    """Click the Run form's Submit and wait until the server has the deployment's new run; its id.
+    Under load, the Prefect UI sometimes loses the call that checks the form against its schema
+    (it then shows its generic "Oops. Something went wrong." toast and stays on the form): a user
+    clicks Submit again, and so does this, every 15 s while the server has no run and the form
+    is still there."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    last_click = {"at": 0.0}
+    submit = button("Submit")
+
+    def created() -> str | None:
+        with api(url) as client:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+        if runs:
+            return str(runs[0].id)
+        if time.monotonic() - last_click["at"] > 15 and browser.evaluate(f"!!{submit}"):
+            browser.evaluate(f"{submit}.click()")
+            last_click["at"] = time.monotonic()
+        return None
+
+    return wait_until(created, timeout, f"the new {what} run on the server", every=1.0)
+
+
 def button(text: str) -> str:
     return f"Array.from(document.querySelectorAll('button')).find(b => b.innerText.trim() === {json.dumps(text)})"
 
@@ -111,13 +135,8 @@ def test_run_the_build_deployment_from_the_ui_and_read_its_counts(tmp_path):
             type_until_kept(browser, num_prompts, "5", "num_prompts")
             type_until_kept(browser, name, "from-the-ui", "name")
             browser.screenshot(SCREENSHOTS / "2-run-form-edited.png")
-            browser.click(button("Submit"), "the Submit button")
-
-            # Submitting goes back to the deployment page, the new run listed on it: open it.
-            run_link = "Array.from(document.querySelectorAll('a')).find(a => /flow-run\\/[0-9a-f-]{36}/.test(a.href))"
-            browser.wait_for(f"!!{run_link}", "the new run on the deployment page", 45)
-            run_id = browser.evaluate(f"{run_link}.href.match(/flow-run\\/([0-9a-f-]{{36}})/)[1]")
-            browser.click(run_link, "the new run's link")
+            run_id = submit_run(browser, url, deployment.id, "build")
+            browser.goto(f"{ui}/runs/flow-run/{run_id}")  # the run's page
             log(f"submitted run {run_id}")
 
             def finished():
@@ -249,17 +268,14 @@ def finished_run(url: str, run_id):
     return check
 
 
-def submit_with_output_dir(browser, ui: str, deployment, old: str, new: str, shots: Path, name: str) -> str:
+def submit_with_output_dir(browser, ui: str, url: str, deployment, old: str, new: str, shots: Path, name: str) -> str:
     """Open the deployment's Run form, type `new` over the output_dir `old`, submit; the new run's id."""
     browser.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
     output_dir = f"{FIELD_JS}('textarea', 'Output Dir\\nWhere the dataset (and the ledger) is written.')"
     browser.wait_for(f"{output_dir} && {output_dir}.value === {json.dumps(old)}", f"the {name} form with its output_dir")
     type_until_kept(browser, output_dir, new, "output_dir")
     browser.screenshot(shots / f"{name}-form-edited.png")
-    browser.click(button("Submit"), "the Submit button")
-    run_link = "Array.from(document.querySelectorAll('a')).find(a => /flow-run\\/[0-9a-f-]{36}/.test(a.href))"
-    browser.wait_for(f"!!{run_link}", f"the new {name} run on the deployment page", 60)
-    return browser.evaluate(f"{run_link}.href.match(/flow-run\\/([0-9a-f-]{{36}})/)[1]")
+    return submit_run(browser, url, deployment.id, name)
 
 
 @pytest.mark.timeout(900)
@@ -305,7 +321,7 @@ def test_an_output_dir_edited_in_the_forms_is_what_capture_and_training_read(tmp
 
         try:
             capture = wait_for_deployment(url, "distill-capture-logits/ui-stages", 90, group)
-            run_id = submit_with_output_dir(browser, ui, capture, str(built), str(edited), shots, "capture")
+            run_id = submit_with_output_dir(browser, ui, url, capture, str(built), str(edited), shots, "capture")
             run = wait_until(finished(run_id), 300, "the capture run to finish", group, every=1.0)
             assert run.state.is_completed(), flow_run_logs(url, run.id) + group.log("serve")
             assert run.parameters["config"]["output_dir"] == str(edited)
@@ -313,7 +329,7 @@ def test_an_output_dir_edited_in_the_forms_is_what_capture_and_training_read(tmp
             assert "capture" not in json.loads((built / "manifest.json").read_text())  # untouched
 
             train = wait_for_deployment(url, "distill-train/ui-stages", 30, group)
-            run_id = submit_with_output_dir(browser, ui, train, str(built), str(edited), shots, "train")
+            run_id = submit_with_output_dir(browser, ui, url, train, str(built), str(edited), shots, "train")
             run = wait_until(finished(run_id), 480, "the training run to finish", group, every=1.0)
             assert run.state.is_completed(), flow_run_logs(url, run.id) + group.log("serve")
             browser.goto(f"{ui}/runs/flow-run/{run_id}")
