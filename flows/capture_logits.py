@@ -6,15 +6,13 @@ The flow only wires: plan (which shards, mark the output incomplete) → one tas
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
 from distillflow.config import load_config
-from distillflow.failures import failed_run
-from distillflow.storage.lock import OutputInUse, output_lock
+from distillflow.storage.lock import output_lock
 from distillflow.tasks.capture.logits import (
     CaptureSettings,
     capture_shard_task,
@@ -27,11 +25,7 @@ from distillflow.tasks.capture.logits import (
 
 @flow(name="capture-logits")
 def capture_logits(settings: CaptureSettings) -> dict[str, Any]:
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(output_lock(settings.output_dir, "a logit capture"))
-        except OutputInUse as error:
-            return failed_run(error)  # type: ignore[no-any-return]
+    with output_lock(settings.output_dir, "a logit capture"):  # OutputInUse: one paragraph, like its other errors
         shards = plan_capture_task(settings)
         results = [capture_shard_task(path, settings) for path in shards]
         return finish_capture_task(settings, results)

@@ -89,12 +89,13 @@ STAGE_KEYS = {
     "mine": (*MODEL_KEYS, "license", "prompts", "filters", "dataset", "evaluation", "mining"),
     "run": tuple(key for key in DistillConfig.model_fields if key != "schedule"),
 }
-_SEEDS = DistillConfig.model_fields["seeds"]
+# The stages that make prompts need at least one seed file (DistillConfig lets other configs omit it).
+REQUIRED_SEEDS = (list[SeedSource], Field(..., min_length=1, description=DistillConfig.model_fields["seeds"].description))
 BuildConfig = stage_form(
     "BuildConfig", BUILD_KEYS,
     "What `distill build` reads of a config: the seeds, how prompts are made, the teacher, the filters and how "
     "the build is sharded.",
-    seeds=(list[SeedSource], Field(..., min_length=1, description=_SEEDS.description)),
+    seeds=REQUIRED_SEEDS,
 )
 CaptureForm = stage_form(
     "CaptureForm", STAGE_KEYS["capture"],
@@ -122,7 +123,7 @@ MineForm = stage_form(
 RunForm = stage_form(
     "RunForm", STAGE_KEYS["run"],
     "Every stage of the config, as `distill run` runs them.",
-    seeds=(list[SeedSource], Field(..., min_length=1, description=_SEEDS.description)),
+    seeds=REQUIRED_SEEDS,
 )
 
 STAGE_FORMS = {"build": BuildConfig, "capture": CaptureForm, "train": TrainForm, "eval": EvalForm,

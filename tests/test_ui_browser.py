@@ -8,6 +8,8 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,21 @@ def deepest_with_text(text: str, exact: bool = False) -> str:
     """JS for the innermost element showing `text` (a click on it reaches its tab, link or card)."""
     test = f"e.innerText.trim() === {json.dumps(text)}" if exact else f"e.innerText.includes({json.dumps(text)})"
     return f"Array.from(document.body.querySelectorAll('*')).filter(e => e.innerText && {test}).pop()"
+
+
+@contextmanager
+def reported_on_failure(browser, shot: Path) -> Iterator[None]:
+    """On a failure inside: a screenshot to `shot`, the page's messages and text printed; the
+    browser is closed either way."""
+    try:
+        yield
+    except BaseException:
+        browser.screenshot(shot)
+        print(browser.evaluate(ERRORS_JS))
+        print(browser.evaluate("location.href + '\\n' + document.body.innerText.slice(0, 3000)"))
+        raise
+    finally:
+        browser.close()
 
 
 def type_until_kept(browser, field: str, text: str, what: str) -> None:
@@ -116,7 +133,7 @@ def test_run_the_build_deployment_from_the_ui_and_read_its_counts(tmp_path):
         env = base_env(tmp_path / "client-home", PREFECT_API_URL=url, DISTILL_TEST_KEY=API_KEY, PREFECT_RUNNER_POLL_FREQUENCY="2")
         group.start("serve", [sys.executable, "-m", "distillflow.cli", "serve", str(config)], env, cwd=tmp_path)
         browser = launch(group, tmp_path / "chromium-profile")
-        try:
+        with reported_on_failure(browser, SCREENSHOTS / "failed.png"):
             deployment = wait_for_deployment(url, "build-dataset/test-build", 60, group)
             log("deployment registered")
             ui = f"http://127.0.0.1:{port}"
@@ -138,13 +155,7 @@ def test_run_the_build_deployment_from_the_ui_and_read_its_counts(tmp_path):
             run_id = submit_run(browser, url, deployment.id, "build")
             browser.goto(f"{ui}/runs/flow-run/{run_id}")  # the run's page
             log(f"submitted run {run_id}")
-
-            def finished():
-                with api(url) as client:
-                    run = client.read_flow_run(run_id)
-                return run if run.state.is_final() else None
-
-            run = wait_until(finished, 120, "the flow run to finish", group, every=1.0)
+            run = wait_until(finished_run(url, run_id), 120, "the flow run to finish", group, every=1.0)
             log(f"run {run.state.name}")
             assert run.state.is_completed(), flow_run_logs(url, run.id) + group.log("serve")
             assert run.parameters["config"]["prompts"]["num_prompts"] == 5
@@ -176,13 +187,6 @@ def test_run_the_build_deployment_from_the_ui_and_read_its_counts(tmp_path):
             browser.evaluate("Array.from(document.images).find(i => i.src.startsWith('data:image/png')).scrollIntoView()")
             browser.screenshot(SCREENSHOTS / "6-artifact-length-histograms.png")
             log("artifact page checked")
-        except BaseException:
-            browser.screenshot(SCREENSHOTS / "failed.png")
-            print(browser.evaluate(ERRORS_JS))
-            print(browser.evaluate("location.href + '\\n' + document.body.innerText.slice(0, 3000)"))
-            raise
-        finally:
-            browser.close()
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["name"] == "from-the-ui" and manifest["counts"]["accepted"] == 5
 
@@ -208,7 +212,7 @@ def test_a_slow_run_shows_its_progress_and_a_failed_run_its_paragraph_once(tmp_p
         group.start("serve", [sys.executable, "-m", "distillflow.cli", "serve", str(config)], env, cwd=tmp_path)
         browser = launch(group, tmp_path / "chromium-profile")
         shots = SCREENSHOTS / "progress-and-error"
-        try:
+        with reported_on_failure(browser, SCREENSHOTS / "progress-and-error" / "failed.png"):
             deployment = wait_for_deployment(url, "build-dataset/test-build", 60, group)
             ui = f"http://127.0.0.1:{port}"
             with api(url) as client:
@@ -251,12 +255,6 @@ def test_a_slow_run_shows_its_progress_and_a_failed_run_its_paragraph_once(tmp_p
             kept = (tmp_path / "serve-logs" / f"distill-run-{failing.id}.log").read_text()
             assert "Traceback" in kept and "TeacherUnreachableError" in kept, kept[-2000:]
             wait_until(finished_run(url, slow.id), 120, "the slow run to finish", group, every=1.0)
-        except BaseException:
-            browser.screenshot(SCREENSHOTS / "progress-and-error" / "failed.png")
-            print(browser.evaluate("location.href + '\\n' + document.body.innerText.slice(0, 3000)"))
-            raise
-        finally:
-            browser.close()
 
 
 def finished_run(url: str, run_id):
@@ -311,18 +309,10 @@ def test_an_output_dir_edited_in_the_forms_is_what_capture_and_training_read(tmp
         group.start("serve", [sys.executable, "-m", "distillflow.cli", "serve", str(config)], env, cwd=tmp_path)
         browser = launch(group, tmp_path / "chromium-profile")
         ui = f"http://127.0.0.1:{port}"
-
-        def finished(run_id: str):
-            def check():
-                with api(url) as client:
-                    run = client.read_flow_run(run_id)
-                return run if run.state.is_final() else None
-            return check
-
-        try:
+        with reported_on_failure(browser, shots / "failed.png"):
             capture = wait_for_deployment(url, "distill-capture-logits/ui-stages", 90, group)
             run_id = submit_with_output_dir(browser, ui, url, capture, str(built), str(edited), shots, "capture")
-            run = wait_until(finished(run_id), 300, "the capture run to finish", group, every=1.0)
+            run = wait_until(finished_run(url, run_id), 300, "the capture run to finish", group, every=1.0)
             assert run.state.is_completed(), flow_run_logs(url, run.id) + group.log("serve")
             assert run.parameters["config"]["output_dir"] == str(edited)
             assert json.loads((edited / "manifest.json").read_text())["capture"]["k"] == 4
@@ -330,17 +320,10 @@ def test_an_output_dir_edited_in_the_forms_is_what_capture_and_training_read(tmp
 
             train = wait_for_deployment(url, "distill-train/ui-stages", 30, group)
             run_id = submit_with_output_dir(browser, ui, url, train, str(built), str(edited), shots, "train")
-            run = wait_until(finished(run_id), 480, "the training run to finish", group, every=1.0)
+            run = wait_until(finished_run(url, run_id), 480, "the training run to finish", group, every=1.0)
             assert run.state.is_completed(), flow_run_logs(url, run.id) + group.log("serve")
             browser.goto(f"{ui}/runs/flow-run/{run_id}")
             browser.wait_for("document.body.innerText.includes('Completed')", "the training run's page to show Completed")
             browser.screenshot(shots / "train-completed.png")
-        except BaseException:
-            browser.screenshot(shots / "failed.png")
-            print(browser.evaluate(ERRORS_JS))
-            print(browser.evaluate("location.href + '\\n' + document.body.innerText.slice(0, 3000)"))
-            raise
-        finally:
-            browser.close()
     summary = json.loads((tmp_path / "student" / "metrics.json").read_text())
     assert summary["steps"] == 2 and summary["objective"] == "kd_topk"
