@@ -150,7 +150,8 @@ def step_cost(workdir: Path, dataset: Path, init: Path, repeats: int) -> dict:
     from distillflow.training.config import TrainingConfig
     from distillflow.training.data import collate, pack_examples, tokenize_dataset
     from distillflow.training.greybox import attach_greybox
-    from distillflow.training.model import DistillationModel, load_causal_lm, load_tokenizer
+    from distillflow.training.model import DistillationModel, load_causal_lm
+    from distillflow.training.vocabulary import load_tokenizer
 
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))["training"]
     tokenizer = load_tokenizer(init)

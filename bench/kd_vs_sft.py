@@ -123,7 +123,8 @@ def captured_with(config: dict, workdir: Path, dataset_dir: Path, method: str) -
 def untrained_student(config: dict, workdir: Path, name: str, seed: int) -> Path:
     """The demo student's initialisation for `seed`, saved as a model directory."""
     from distillflow.training.config import DeriveStudentConfig
-    from distillflow.training.model import derive_student, load_tokenizer
+    from distillflow.training.model import derive_student
+    from distillflow.training.vocabulary import load_tokenizer
 
     final = workdir / "students" / name / "final"
     if (final / "config.json").is_file():

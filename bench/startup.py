@@ -9,6 +9,18 @@ or running (no PREFECT_API_URL, nothing recorded by `distill server start`):
   help    `distill --help`
   floor   `python -c "import prefect"`: the interpreter and Prefect's import, nothing else
 
+The commands that load a model are timed on the after side to the moment their first model
+is loaded (transformers' "Loading weights" line), against a bare script that imports torch
+and transformers (and DeepSpeed, for train) and loads the same model (the floor of any
+process that runs it):
+
+  train   `distill train`: sft, the demo teacher's derived student, 1 step, on the build's
+          rows; also the time to "launching training" (the command's own part: after it,
+          the trainer process imports torch and DeepSpeed)
+  eval    `distill eval`: the demo teacher on 4 held-out questions
+  capture `distill capture-logits`: the demo teacher's top-8 of the build's rows
+  inspect `distill inspect DIR` (no model: wall time)
+
 With no server, a command runs its flows without orchestration (distillflow/runs.py); after
 the rounds, "after" builds again on Prefect's temporary server (DISTILL_ORCHESTRATION=prefect,
 what every command paid before) and with a lasting server (`distill server start` once,
@@ -46,6 +58,9 @@ BASELINE = "b00bcd8"  # the last commit whose commands all ran on Prefect's temp
 PACKAGE_DIRS = {"flows": "flows", "tasks": "tasks", "prompts": "prompts", "training": "training",
                 "storage": "storage", "configs": "configs"}
 COMMAND_TIMEOUT_S = 300
+TEACHER = ROOT / "distillflow" / "assets" / "demo-teacher"
+EVAL_SET = ROOT / "prompts" / "seeds" / "skills_eval.jsonl"
+WEIGHTS_LOADED = "Loading weights"
 REPORT = ROOT / "runs" / "bench-startup" / "startup.json"
 
 
@@ -84,6 +99,52 @@ def timed(command: list[str], env: dict[str, str], cwd: Path) -> float:
         raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-2000:]}\n"
                            f"{result.stderr[-4000:]}")
     return elapsed
+
+
+def timed_lines(command: list[str], env: dict[str, str], cwd: Path, markers: dict[str, str]) -> dict[str, float]:
+    """Seconds from start to the first output line holding each marker (stdout and stderr),
+    and to exit ("total"); fails loudly on a non-zero exit or a marker never printed."""
+    started = time.perf_counter()
+    seen: dict[str, float] = {}
+    tail: list[str] = []
+    with subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            now = time.perf_counter() - started
+            tail = [*tail[-40:], line]
+            for name, marker in markers.items():
+                if name not in seen and marker in line:
+                    seen[name] = now
+        code = process.wait(COMMAND_TIMEOUT_S)
+    seen["total"] = time.perf_counter() - started
+    missing = [name for name in markers if name not in seen]
+    if code != 0 or missing:
+        raise RuntimeError(f"{' '.join(command)} exited {code}; markers not seen: {missing}\n{''.join(tail)}")
+    return seen
+
+
+def model_config(run_dir: Path, dataset_dir: Path) -> Path:
+    """capture, training and evaluation sections on the demo teacher, over `dataset_dir`."""
+    import yaml
+
+    config = yaml.safe_load((dataset_dir.parent / "config.yaml").read_text())
+    config["output_dir"] = str(dataset_dir)
+    config["capture"] = {"source": "local", "model": str(TEACHER), "k": 8, "batch_size": 16,
+                         "output_dir": str(run_dir / "captured")}
+    config["training"] = {
+        "dataset_dir": str(dataset_dir), "output_dir": str(run_dir / "student"), "teacher": str(TEACHER),
+        "derive_student": {"num_layers": 2, "hidden_size": 96, "num_attention_heads": 3, "intermediate_size": 256},
+        "objective": "sft", "max_length": 256, "micro_batch_size": 2, "max_steps": 1,
+    }
+    config["evaluation"] = {
+        "output_dir": str(run_dir / "eval"), "models": [{"name": "teacher", "path": str(TEACHER)}],
+        "eval_sets": [{"name": "held-out", "path": str(EVAL_SET), "limit": 4}],
+        "robustness": {"perturbations": []}, "speed": {"batch_sizes": [1], "prompts": 2, "max_new_tokens": 4},
+    }
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def leftover_prefect_servers(home: Path) -> list[str]:
@@ -131,12 +192,39 @@ def table(report: dict) -> str:
         f"{median(after['help']) / median(before['help']):.2f} |",
         f"| `python -c \"import prefect\"` (floor) | | {median(report['import_prefect']):.2f} s | |",
     ]
-    return "\n".join(rows) + (
+    models = f"\n\n{model_table(report)}" if "model_commands" in report else ""
+    return "\n".join(rows) + models + (
         f"\n\n`{report['command']}`, baseline `{report['baseline']}`, {report['rounds']} rounds, medians; "
         f"{report['versions']}; {report['cpus']} CPUs, load average {report['load_average']} at the end. "
         f"Processes left behind: {report.get('left_behind_before', '?')} (before), "
         f"{report.get('left_behind_after', '?')} (after)."
     )
+
+
+def model_table(report: dict) -> str:
+    """The table of the commands that load a model, from a report of this script."""
+    median = statistics.median
+    bare = median(report["bare_model_load"])
+    bare_deepspeed = median(report["bare_deepspeed_model_load"])
+    labels = {"train": "`distill train` (sft, 1 step)", "eval": "`distill eval` (4 questions)",
+              "capture": "`distill capture-logits`", "inspect": "`distill inspect DIR`"}
+    rows = ["| command (no server) | to the first model loaded | of which over a bare load | to exit |",
+            "|---|---:|---:|---:|"]
+    for name, label in labels.items():
+        runs = report["model_commands"][name]
+        total = median(run["total"] for run in runs)
+        if "loaded" not in runs[0]:
+            rows.append(f"| {label} | | | {total:.2f} s |")
+            continue
+        loaded = median(run["loaded"] for run in runs)
+        floor = bare_deepspeed if name == "train" else bare  # the trainer process runs DeepSpeed
+        rows.append(f"| {label} | {loaded:.2f} s | **{loaded - floor:.2f} s** | {total:.2f} s |")
+        if name == "train":
+            launching = median(run["launching"] for run in runs)
+            rows.append(f"| ↳ its own part, to \"launching training\" | {launching:.2f} s | | |")
+    rows.append(f"| bare script: `import torch, transformers` and load the same model | {bare:.2f} s | | |")
+    rows.append(f"| the same with `import deepspeed` (the floor of `distill train`) | {bare_deepspeed:.2f} s | | |")
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -191,6 +279,32 @@ def main() -> None:
                     times.setdefault((name, side), []).append(run(side))
             floor.append(timed([sys.executable, "-c", "import prefect"], sides["after"], workdir))
 
+        # The commands that load a model, after side only, against a bare script's load.
+        model_dir = workdir / "models"
+        model_dir.mkdir()
+        dataset = write_build_config(model_dir, base_url, args.prompts, concurrency=64, name="startup").parent / "out"
+        timed([*distill, "build", str(model_dir / "config.yaml")], sides["after"], model_dir)
+        loaded = {"loaded": WEIGHTS_LOADED}
+        model_times: dict[str, list[dict[str, float]]] = {}
+        bare: list[float] = []
+        bare_deepspeed: list[float] = []  # the floor of a DeepSpeed trainer process
+        for round_index in range(args.rounds):
+            run_dir = model_dir / f"round-{round_index}"
+            run_dir.mkdir()
+            config = str(model_config(run_dir, dataset))
+            for name, command, markers in (
+                ("train", ["train", config], {"launching": "launching training", **loaded}),
+                ("eval", ["eval", config], loaded),
+                ("capture", ["capture-logits", config], loaded),
+                ("inspect", ["inspect", str(dataset)], {}),
+            ):
+                model_times.setdefault(name, []).append(timed_lines([*distill, *command], sides["after"], run_dir, markers))
+            for modules, times_of in (("torch, transformers", bare), ("torch, transformers, deepspeed", bare_deepspeed)):
+                times_of.append(timed_lines(
+                    [sys.executable, "-c", f"import {modules}; "
+                     f"transformers.AutoModelForCausalLM.from_pretrained({str(TEACHER)!r})"],
+                    {**sides["after"], "DS_ACCELERATOR": "cpu"}, run_dir, loaded)["loaded"])
+
         # The after side on Prefect's temporary server, as every command ran before.
         temporary = [build("after", DISTILL_ORCHESTRATION="prefect") for _ in range(args.rounds)]
 
@@ -213,6 +327,8 @@ def main() -> None:
             "before": {name: times[(name, "before")] for name in commands},
             "after": {name: times[(name, "after")] for name in commands},
             "temporary_server": temporary, "lasting_server": with_server, "import_prefect": floor,
+            "model_commands": model_times, "bare_model_load": bare,
+            "bare_deepspeed_model_load": bare_deepspeed,
         }
         labels = {"build": f"distill build ({args.prompts} prompts, no server)", "config": "distill config FILE",
                   "help": "distill --help"}
@@ -230,6 +346,7 @@ def main() -> None:
               f"after {', '.join(f'{t:.2f}' for t in with_server)}")
         floor_label = 'python -c "import prefect" (floor)'
         print(f"{floor_label:<40} {'':>9} {statistics.median(floor):9.2f}")
+        print(model_table(report))
         time.sleep(1.0)
         for side in sides:
             left = leftover_prefect_servers(workdir / f"prefect-{side}")

@@ -246,7 +246,7 @@ def _capture_tokenizer(manifest: Manifest | None):
         return None, None
     from distillflow.storage.viewer import AnswerTokenizer
     from distillflow.training.data import IGNORE_INDEX, encode_example
-    from distillflow.training.model import load_tokenizer
+    from distillflow.training.vocabulary import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(capture["tokenizer"])

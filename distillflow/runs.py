@@ -85,14 +85,18 @@ def keeps_artifacts() -> bool:
 def require_prefect(reason: str) -> None:
     """Give flows back to Prefect before a flow that needs it (`reason`: what needs it);
     without a server, Prefect then starts its temporary one."""
+    if _active:
+        deactivate()
+        logging.getLogger("distillflow").info("%s needs Prefect: runs on Prefect's temporary server", reason)
+
+
+def deactivate() -> None:
+    """Give flows and tasks back to Prefect (undo `activate`)."""
     global _active
-    if not _active:
-        return
     for (owner, name), original in _originals.items():
         setattr(owner, name, original)
     _originals.clear()
     _active = False
-    logging.getLogger("distillflow").info("%s needs Prefect: runs on Prefect's temporary server", reason)
 
 
 def get_run_logger() -> logging.Logger | logging.LoggerAdapter:

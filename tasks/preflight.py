@@ -13,6 +13,7 @@ fix. Nothing here loads weights or calls a teacher.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,24 +32,48 @@ class PreflightError(ConfigError):
 class ModelDir:
     path: Path
     key: str  # the config key that names it, e.g. teacher.model
-    config: Any  # transformers PretrainedConfig
+    config: dict[str, Any] | None  # config.json, read as JSON (None: a tokenizer-only directory)
     tokenizer: Any
+
+    def setting(self, name: str) -> int | None:
+        """An integer of config.json, or of its text_config (a multimodal model's language part)."""
+        for section in (self.config or {}, (self.config or {}).get("text_config") or {}):
+            value = section.get(name) if isinstance(section, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
 
     @property
     def context(self) -> int | None:
         """Positions the model was built for (None when its config does not say)."""
-        return getattr(self.config, "max_position_embeddings", None)
+        return self.setting("max_position_embeddings")
 
     @property
     def output_rows(self) -> int | None:
-        return getattr(self.config, "vocab_size", None)
+        return self.setting("vocab_size")
+
+
+def model_settings(file: Path, key: str, source: str) -> dict[str, Any]:
+    """A model's config.json as a dict: read as JSON, because transformers' AutoConfig imports
+    torch (~2 s), which `distill train` would pay twice (its trainer process loads the model)."""
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise PreflightError(
+            f"{source}: {key}: {file} does not load ({type(error).__name__}: {error}); "
+            "re-save the model with save_pretrained"
+        ) from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("model_type", ""), str):
+        raise PreflightError(
+            f"{source}: {key}: {file} is not a model config (a JSON object with model_type); "
+            "re-save the model with save_pretrained"
+        )
+    return settings
 
 
 def load_model_dir(path: str | Path, key: str, source: str, tokenizer_only: bool = False) -> ModelDir:
-    """Config and tokenizer of a model directory (no weights)."""
-    from transformers import AutoConfig
-
-    from distillflow.training.model import load_tokenizer
+    """Config and tokenizer of a model directory (no weights, no torch)."""
+    from distillflow.training.vocabulary import load_tokenizer
 
     path = Path(path)
     if not path.is_dir():
@@ -60,13 +85,7 @@ def load_model_dir(path: str | Path, key: str, source: str, tokenizer_only: bool
                 f"{source}: {key}: {path} has no config.json, so it is not a Hugging Face model directory; "
                 "point it at a directory written by save_pretrained"
             )
-        try:
-            config = AutoConfig.from_pretrained(str(path))
-        except Exception as error:  # noqa: BLE001 - any load failure is the same problem to the user
-            raise PreflightError(
-                f"{source}: {key}: {path / 'config.json'} does not load ({type(error).__name__}: {error}); "
-                "re-save the model with save_pretrained, or update transformers if the architecture is new"
-            ) from None
+        config = model_settings(path / "config.json", key, source)
     try:
         tokenizer = load_tokenizer(path)
     except Exception as error:  # noqa: BLE001
@@ -244,7 +263,7 @@ def _has_teacher_logprobs(training: TrainingConfig, source: str) -> None:
 
 
 def _same_vocabulary(teacher: ModelDir, student: ModelDir, source: str) -> None:
-    from distillflow.training.model import VocabularyMismatch, vocabulary_preflight
+    from distillflow.training.vocabulary import VocabularyMismatch, vocabulary_preflight
 
     student_rows = student.output_rows or len(student.tokenizer)
     teacher_rows = teacher.output_rows or student_rows

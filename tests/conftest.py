@@ -30,6 +30,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(autouse=True)
+def _flows_back_to_prefect():
+    """A CLI call in a test can run its flows without orchestration (no server configured
+    yet, distillflow/runs.py); later tests of the same process get Prefect's flows back."""
+    yield
+    runs = sys.modules.get("distillflow.runs")
+    if runs is not None and runs._active:
+        runs.deactivate()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server for the whole session (starting one costs 10–20 s)."""

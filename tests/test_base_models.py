@@ -218,7 +218,7 @@ def test_a_base_model_with_the_plain_template_builds_and_captures_aligned_logits
     from distillflow.storage.topk import decode_topk
     from distillflow.training.chat_template import PLAIN
     from distillflow.training.data import IGNORE_INDEX, encode_example
-    from distillflow.training.model import load_tokenizer
+    from distillflow.training.vocabulary import load_tokenizer
 
     build_and_capture(plain_kd_config(tmp_path, base_model))
     rows = read_table(tmp_path / "out" / "data").to_pylist()
@@ -271,3 +271,35 @@ def test_eval_preflights_its_model_directories(base_model, tmp_path):
     assert result.exit_code == 1 and result.output.startswith("error: ")
     assert "evaluation.models.0.path" in paragraph and "evaluation.models.0.chat_template" in paragraph
     assert not (tmp_path / "eval").exists()  # no flow started
+
+
+def test_the_preflight_loads_no_torch_and_a_broken_config_json_is_one_paragraph(tmp_path):
+    """`distill train` checks its model directories before it launches the trainer process,
+    which imports torch itself: the check must not import torch too (~2 s of every start)."""
+    model = tmp_path / "model"
+    build_tiny_llama(model, hidden_size=64, num_heads=2, num_layers=1, vocab_size=320, max_position_embeddings=64)
+    check = (
+        "import sys\n"
+        "from distillflow.tasks.preflight import preflight_training\n"
+        "from distillflow.training.config import TrainingConfig\n"
+        f"config = TrainingConfig(dataset_dir={str(tmp_path / 'ds')!r}, output_dir={str(tmp_path / 'run')!r},\n"
+        f"    student={str(model)!r}, teacher={str(model)!r}, objective='kd_logits', max_length=64)\n"
+        "preflight_training(config, 'train.yaml')\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "torch imported: False" in result.stdout
+
+    from transformers import AutoTokenizer
+
+    from distillflow.tasks.preflight import PreflightError, load_model_dir
+    from distillflow.training.vocabulary import load_tokenizer
+
+    loaded, auto = load_tokenizer(model), AutoTokenizer.from_pretrained(str(model))
+    assert type(loaded) is type(auto) and loaded.get_vocab() == auto.get_vocab()
+    assert load_model_dir(model, "training.student", "train.yaml").context == 64
+
+    (model / "config.json").write_text('{"model_type": "llama", ')  # cut short
+    with pytest.raises(PreflightError, match=r"train.yaml: training.student: .*config.json does not load .*save_pretrained"):
+        load_model_dir(model, "training.student", "train.yaml")

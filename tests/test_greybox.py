@@ -71,7 +71,7 @@ def dataset(tmp_path_factory) -> Path:
 def greybox_examples(student_dir: Path, dataset: Path, cache: Path):
     from distillflow.training.data import tokenize_dataset
     from distillflow.training.greybox import attach_greybox
-    from distillflow.training.model import load_tokenizer
+    from distillflow.training.vocabulary import load_tokenizer
 
     tokenizer = load_tokenizer(student_dir)
     examples = tokenize_dataset(dataset, tokenizer, None, 256, cache)
@@ -154,7 +154,7 @@ def test_no_logprobs_fails_in_preflight_naming_the_fix(student_dir, tmp_path):
     from distillflow.tasks.preflight import PreflightError, preflight_training
     from distillflow.training.config import TrainingConfig
     from distillflow.training.greybox import NoTeacherLogprobs, attach_greybox
-    from distillflow.training.model import load_tokenizer
+    from distillflow.training.vocabulary import load_tokenizer
 
     bare = write_api_dataset(tmp_path / "bare", with_logprobs=False)
     config = TrainingConfig(dataset_dir=bare, output_dir=tmp_path / "run", student=student_dir, objective="kd_greybox")
@@ -195,8 +195,8 @@ def test_run_preflight_refuses_kd_greybox_when_the_build_stores_no_logprobs(tmp_
 
 
 def test_the_vocabulary_refusal_names_the_grey_box_objective(student_dir, tmp_path):
-    from distillflow.training.model import VocabularyMismatch, load_tokenizer, vocabulary_preflight
     from distillflow.training.scratch import train_tokenizer
+    from distillflow.training.vocabulary import VocabularyMismatch, load_tokenizer, vocabulary_preflight
 
     student = load_tokenizer(student_dir)
     teacher = train_tokenizer(tmp_path / "teacher-tok", corpus=["completely different text " * 5], vocab_size=280)
@@ -324,7 +324,7 @@ def test_captured_topk_of_a_teacher_with_another_vocabulary_trains_kd_greybox(st
     """capture-logits with the teacher's own tokenizer → kd_greybox with the student's: most
     answer positions carry the teacher's distribution, and training moves the student's
     distributions towards it much more than sft on the same answers."""
-    from distillflow.training.model import load_tokenizer
+    from distillflow.training.vocabulary import load_tokenizer
 
     teacher, dataset = captured
     assert load_tokenizer(teacher).get_vocab() != load_tokenizer(student_dir).get_vocab()

@@ -16,13 +16,14 @@ import yaml
 
 from distillflow.training.config import TeacherServerConfig, TrainingConfig
 from distillflow.training.data import IGNORE_INDEX, collate, tokenize_dataset
-from distillflow.training.model import DistillationModel, load_causal_lm, load_teacher, load_tokenizer
+from distillflow.training.model import DistillationModel, load_causal_lm, load_teacher
 from distillflow.training.on_policy import (
     micro_batch,
     sampling_generator,
     student_answer_rows,
     student_answers_wanted,
 )
+from distillflow.training.vocabulary import load_tokenizer
 from tests.conftest import ROOT, free_port
 
 RUN_TIMEOUT_S = 240

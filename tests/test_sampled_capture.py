@@ -172,7 +172,8 @@ def test_a_sampled_capture_trains_through_kd_topk(tmp_path_factory, tmp_path):
     from distillflow.tasks.capture.logits import capture_dataset
     from distillflow.training.config import TrainingConfig, check_sampled_capture
     from distillflow.training.data import attach_topk, capture_method, collate, tokenize_dataset
-    from distillflow.training.model import DistillationModel, load_causal_lm, load_tokenizer
+    from distillflow.training.model import DistillationModel, load_causal_lm
+    from distillflow.training.vocabulary import load_tokenizer
     from tests.fixtures import build_tiny_setup_once
 
     tiny = build_tiny_setup_once(tmp_path_factory.getbasetemp() / "tiny-distill", num_rows=16)

@@ -13,16 +13,8 @@ from distillflow.training.config import DeriveStudentConfig, TrainingConfig
 from distillflow.training.data import IGNORE_INDEX, collate, encode_example, pack_examples, tokenize_dataset
 from distillflow.training.launch import build_launch_command
 from distillflow.training.losses import select_supervised
-from distillflow.training.model import (
-    DistillationModel,
-    VocabularyMismatch,
-    chosen_layers,
-    derive_student,
-    load_causal_lm,
-    load_teacher,
-    load_tokenizer,
-    vocabulary_preflight,
-)
+from distillflow.training.model import DistillationModel, chosen_layers, derive_student, load_causal_lm, load_teacher
+from distillflow.training.vocabulary import VocabularyMismatch, load_tokenizer, vocabulary_preflight
 
 
 @pytest.fixture(scope="session")

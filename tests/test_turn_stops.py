@@ -232,7 +232,7 @@ def test_eval_and_mining_models_stop_at_the_turn_end(base_model, tmp_path):
 
 def test_training_and_capture_tokenise_the_trimmed_answer(base_model):
     from distillflow.training.data import IGNORE_INDEX, encode_example
-    from distillflow.training.model import load_tokenizer
+    from distillflow.training.vocabulary import load_tokenizer
 
     tokenizer = load_tokenizer(base_model)
     question, answer = QA[0]
@@ -279,7 +279,7 @@ def test_a_base_teacher_build_keeps_one_turn_per_row_without_asking_again(base_m
     from distillflow.storage.topk import decode_topk
     from distillflow.tasks.capture.logits import capture_dataset, resolve_capture_settings
     from distillflow.training.data import IGNORE_INDEX, encode_example
-    from distillflow.training.model import load_tokenizer
+    from distillflow.training.vocabulary import load_tokenizer
 
     before = build_command(build_config(tmp_path, base_model, chat_template_stop=[]))
     assert before["teacher_usage"]["paid_requests"] == 6
@@ -360,7 +360,7 @@ def test_answers_stored_whole_are_captured_and_trained_up_to_the_turn_end(base_m
     from distillflow.storage.parquet import read_table
     from distillflow.storage.topk import decode_topk
     from distillflow.training.data import IGNORE_INDEX, encode_example
-    from distillflow.training.model import load_tokenizer
+    from distillflow.training.vocabulary import load_tokenizer
     from tests.conftest import free_port
 
     filters = {"drop_truncated": False, "near_dedup": {"enabled": False},

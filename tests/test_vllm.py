@@ -124,7 +124,7 @@ def test_capture_through_vllm_with_another_vocabulary_matches_local_and_feeds_kd
     from distillflow.storage.parquet import read_table
     from distillflow.storage.topk import decode_topk
     from distillflow.tasks.capture.logits import capture_dataset
-    from distillflow.training.model import load_tokenizer
+    from distillflow.training.vocabulary import load_tokenizer
     from tests.test_capture_logits import settings_for, write_dataset
     from tests.test_greybox import answer_rows, greybox_examples, opinionated_teacher
 

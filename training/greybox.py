@@ -98,7 +98,7 @@ def captured_entries(path: Path) -> list[list[dict] | None]:
     import pyarrow.parquet as pq
 
     from distillflow.storage.topk import decode_topk
-    from distillflow.training.model import load_tokenizer
+    from distillflow.training.vocabulary import load_tokenizer
 
     settings = captured_settings(path) or {}
     tokenizer = load_tokenizer(settings["tokenizer"])

@@ -58,15 +58,8 @@ from distillflow.training.on_policy import (
     student_answer_rows,
     student_answers_wanted,
 )
-from distillflow.training.model import (
-    DistillationModel,
-    derive_student,
-    load_causal_lm,
-    load_teacher,
-    load_tokenizer,
-    topk_preflight,
-    vocabulary_preflight,
-)
+from distillflow.training.model import DistillationModel, derive_student, load_causal_lm, load_teacher
+from distillflow.training.vocabulary import load_tokenizer, topk_preflight, vocabulary_preflight
 
 
 class TrainingError(RuntimeError):

@@ -70,12 +70,12 @@ from distillflow.storage.topk import (
     topk_shape,
 )
 from distillflow.training.chat_template import chat_template_text, template_stops
-from distillflow.training.model import load_tokenizer
 from distillflow.training.prompt_logprobs import (
     TopK,
     prompt_logprobs_to_topk,
     request_prompt_logprobs,
 )
+from distillflow.training.vocabulary import load_tokenizer
 
 IGNORE_INDEX = -100
 TOPK_FIELDS = [

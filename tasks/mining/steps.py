@@ -186,7 +186,8 @@ def score_candidates(plan: MiningPlan, rows: list[dict[str, Any]], log: Any = pr
     """How far the student is from the teacher on each answered candidate (higher = harder)."""
     if not rows:
         return []
-    from distillflow.training.model import load_causal_lm, load_tokenizer, vocabulary_preflight
+    from distillflow.training.model import load_causal_lm
+    from distillflow.training.vocabulary import load_tokenizer, vocabulary_preflight
 
     batch_size = plan.mining.batch_size
     if plan.score == "disagreement":

@@ -116,7 +116,7 @@ class LocalTeacher:
     def __init__(self, teacher_config: TeacherConfig, dtype: torch.dtype | None = None):
         from transformers import AutoModelForCausalLM
 
-        from distillflow.training.model import load_tokenizer
+        from distillflow.training.vocabulary import load_tokenizer
 
         self.config = teacher_config
         self.generation = teacher_config.generation

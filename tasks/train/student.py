@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import load_training_config
 from distillflow.progress import progress
-from distillflow.runs import get_run_logger
+from distillflow.runs import get_run_logger, keeps_artifacts
 from distillflow.training.config import TrainingConfig
 
 TAIL_LINES = 30  # output lines quoted in the error of a failed run
@@ -237,6 +237,8 @@ def train_student(
         run_streaming(argv, training_line_handler(logger.info, bar), env=launch_env() | (env or {}), timeout_s=timeout_s)
 
     steps, final = read_metrics(config.output_dir)
+    if not keeps_artifacts():  # no server shows them; metrics.json holds the same (matplotlib: ~0.5 s)
+        return final
     create_table_artifact(
         table=loss_curve_rows(steps),
         key=artifact_key(config.output_dir, "loss-curve"),
