@@ -91,6 +91,36 @@ def test_lmbda_is_the_share_of_student_micro_batches_and_the_same_on_replay():
     assert all(student_answers_wanted(0, step, 0, 1.0) for step in range(50))
 
 
+def test_a_sampled_answer_ends_where_the_templates_next_turn_starts(tiny, tokenizer, tmp_path):
+    """A base-model student (`plain` template) runs on into "\nUser: …"; its on-policy samples
+    are cut where a turn stop starts and end in eos, as its training answers do."""
+    from collections import Counter
+
+    from distillflow.training.on_policy import TurnEnd, sample_answers
+
+    examples = tokenize_dataset(tiny["dataset"], tokenizer, None, 64, tmp_path)[:8]
+    student = load_causal_lm(tiny["student"])
+    prompts = [row["input_ids"][: int(np.flatnonzero(row["labels"] != IGNORE_INDEX)[0])] for row in examples]
+    eos = tokenizer.eos_token_id
+
+    def sample(turn_end):
+        return sample_answers(student, prompts, 12, 1.0, {eos}, tokenizer.pad_token_id,
+                              sampling_generator(0, 1, 0, 0), len(tokenizer), turn_end)
+
+    free = sample(None)
+    texts = [tokenizer.decode([t for t in answer if t != eos]) for answer in free]
+    stop = Counter("".join(texts)).most_common(1)[0][0]  # the untrained student's most frequent character
+    cut = sample(TurnEnd((stop,), tokenizer.decode, eos))
+    assert any(stop in text for text in texts)
+    for before, after, text in zip(free, cut, texts):
+        if stop not in text:
+            assert after == before  # untouched, and the same draws
+            continue
+        assert after[-1] == eos and stop not in tokenizer.decode(after[:-1])
+        assert after[:-1] == before[: len(after) - 1]  # a prefix of what it would have sampled
+        assert text.startswith(tokenizer.decode(after[:-1]))
+
+
 @pytest.mark.slow
 def test_student_rows_keep_the_prompt_and_supervise_only_the_students_samples(tiny, tokenizer, tmp_path):
     examples = tokenize_dataset(tiny["dataset"], tokenizer, None, 64, tmp_path)[:4]

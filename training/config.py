@@ -144,7 +144,7 @@ class TrainingConfig(StrictModel):
         "file; it is saved with the exported student. Default: the top-level chat_template, else the "
         "student tokenizer's own (a base model has none: set one).",
     )
-    chat_template_stop: StopStrings = Field(None, description=CHAT_TEMPLATE_STOP_HELP + " Used where the student generates (mining).")
+    chat_template_stop: StopStrings = Field(None, description=CHAT_TEMPLATE_STOP_HELP + " Used where the student generates (mining, on_policy sampling).")
     max_length: int = Field(
         1024, ge=8, le=1_048_576, description="Tokens per example (prompt + response); longer "
         "examples are truncated (the prompt is cut from the left, then the response)."

@@ -5,7 +5,7 @@ One optimizer step, per process: each micro-batch m of step s is, with probabili
 (decided by a generator seeded from (seed, s, m), so every process agrees and a resumed run
 decides the same), replaced by student answers: the prompts are kept, the dataset's answers
 dropped, and the student samples new ones (`sampling_temperature`, at most `max_new_tokens`,
-stopping at eos) from a generator seeded from (seed, s, m, rank). The other micro-batches keep
+stopping at eos or where the template's next turn starts) from a generator seeded from (seed, s, m, rank). The other micro-batches keep
 the dataset's teacher answers. Either way the teacher scores every answer token: in process
 (its full logits, through the loss of kd_logits), or through a server's prompt logprobs
 (`ServerTeacher`: top-k + tail bucket targets, as kd_topk), every request recorded in a ledger.
@@ -75,6 +75,25 @@ def prompt_ids(row: dict[str, Any]) -> np.ndarray:
     return row["input_ids"][: supervised[0]]
 
 
+class TurnEnd:
+    """Where a sampled answer's turn ends in text (a template's turn stops, `chat_template_stop`):
+    a base-model student runs on into the next "\nUser:" turn unless its answers are cut there."""
+
+    def __init__(self, stops: Sequence[str], decode: Any, end_id: int) -> None:
+        self.stops, self.decode, self.end_id = tuple(stops), decode, end_id
+
+    def cut(self, answer: list[int]) -> list[int] | None:
+        """The answer up to where a stop starts, plus the end token; None when no stop is in it."""
+        text = self.decode(answer)
+        starts = [text.find(stop) for stop in self.stops if stop in text]
+        if not starts:
+            return None
+        kept = len(answer)
+        while kept > 0 and len(self.decode(answer[:kept])) > min(starts):  # tokens before the stop
+            kept -= 1
+        return [*answer[:kept], self.end_id]
+
+
 @torch.no_grad()
 def sample_answers(
     model: torch.nn.Module,
@@ -85,13 +104,16 @@ def sample_answers(
     pad_id: int,
     generator: torch.Generator,
     vocab_size: int | None = None,
+    turn_end: TurnEnd | None = None,
 ) -> list[list[int]]:
     """Sample one answer per prompt from `model` (a causal LM), with a KV cache.
 
     Prompts are left-padded; position ids count real tokens only. Each answer ends at its first
-    token in `stop_ids` (kept) or after `max_new_tokens`. Tokens ≥ vocab_size (padded
-    embedding rows) are never drawn. Sampling is plain softmax(logits / temperature): no
-    top-k, top-p or penalties, so the answers follow the student's own distribution.
+    token in `stop_ids` (kept) or after `max_new_tokens`; with `turn_end` (a template whose turn
+    ends in text, e.g. `plain`'s "\nUser:"), also where its text starts a new turn: it is cut
+    there and ends in the template's end token instead. Tokens ≥ vocab_size (padded embedding
+    rows) are never drawn. Sampling is plain softmax(logits / temperature): no top-k, top-p or
+    penalties, so the answers follow the student's own distribution.
     """
     rows, width = len(prompts), max(len(prompt) for prompt in prompts)
     device = next(model.parameters()).device
@@ -119,6 +141,10 @@ def sample_answers(
             if not finished[index]:
                 answers[index].append(token)
                 finished[index] = token in stop_ids
+                if not finished[index] and turn_end is not None:
+                    cut = turn_end.cut(answers[index])
+                    if cut is not None:
+                        answers[index], finished[index] = cut, True
         if all(finished):
             break
         input_ids = drawn[:, None].to(device)  # (B, 1)
@@ -165,6 +191,7 @@ def student_answer_rows(
     pad_id: int,
     generator: torch.Generator,
     vocab_size: int | None,
+    turn_end: TurnEnd | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """The rows with their answers replaced by the student's samples (prompts kept); answers
     are capped so that the longest prompt + answer fits max_length."""
@@ -173,7 +200,7 @@ def student_answer_rows(
     was_training = student.training
     student.eval()
     try:
-        answers = sample_answers(student, prompts, budget, temperature, stop_ids, pad_id, generator, vocab_size)
+        answers = sample_answers(student, prompts, budget, temperature, stop_ids, pad_id, generator, vocab_size, turn_end)
     finally:
         student.train(was_training)
     return answer_rows(prompts, answers)

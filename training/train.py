@@ -38,7 +38,7 @@ import torch
 from distillflow.config import load_training_config
 from distillflow.failures import DiskWriteError
 from distillflow.training.checkpoints import COMPLETE, incomplete_checkpoints, resume_tag, save_checkpoint
-from distillflow.training.chat_template import chat_template_text
+from distillflow.training.chat_template import chat_template_text, template_stops, turn_stops
 from distillflow.training.config import TrainingConfig, check_sampled_capture
 from distillflow.training.data import (
     attach_topk,
@@ -52,6 +52,7 @@ from distillflow.training.greybox import attach_greybox
 from distillflow.training.on_policy import (
     ON_POLICY_LEDGER,
     ServerTeacher,
+    TurnEnd,
     generation_weights,
     micro_batch,
     sampling_generator,
@@ -238,6 +239,10 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     # on_policy: a sampled answer ends at the tokenizer's eos or the model's own eos id(s).
     stop_ids = {student_tokenizer.eos_token_id} | set(_as_list(student.generation_config.eos_token_id))
     stop_ids.discard(None)
+    # … or where its text starts the template's next turn (a base model's `plain` template).
+    stops = turn_stops(config.chat_template, config.chat_template_stop) or template_stops(student_tokenizer.chat_template)
+    turn_end = TurnEnd(stops, student_tokenizer.decode, student_tokenizer.eos_token_id) if (
+        stops and config.objective == "on_policy" and student_tokenizer.eos_token_id is not None) else None
 
     # 3. DeepSpeed engine around student (+ projections); a torch AdamW (no C++ optimizer).
     if teacher is not None and config.teacher_zero3_inference:
@@ -299,7 +304,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
             # Student answers change the token count, so it is counted after sampling.
             batches, tokens = on_policy_batches(
                 engine, student, [[rows[i] for i in indices] for indices in own_micro_batches],
-                config, step, rank, pad_id, stop_ids, vocab_size, server_teacher,
+                config, step, rank, pad_id, stop_ids, vocab_size, server_teacher, turn_end,
             )
             counts = torch.tensor(
                 [sum(b.num_supervised for b in batches), tokens,
@@ -375,6 +380,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
 def on_policy_batches(
     engine, student, micro_rows: list[list[dict[str, Any]]], config: TrainingConfig, step: int, rank: int,
     pad_id: int, stop_ids: set[int], vocab_size: int | None, server_teacher: ServerTeacher | None,
+    turn_end: TurnEnd | None,
 ) -> tuple[list, int]:
     """This process's micro-batches of one on_policy step, and their tokens (padding aside): a
     share lmbda of them (the same micro-steps on every process) with answers the student samples
@@ -388,6 +394,7 @@ def on_policy_batches(
                     student, rows_of_micro, max_new_tokens=config.max_new_tokens, max_length=config.max_length,
                     temperature=config.sampling_temperature, stop_ids=stop_ids, pad_id=pad_id,
                     generator=sampling_generator(config.seed, step, micro_step, rank), vocab_size=vocab_size,
+                    turn_end=turn_end,
                 )
         batches.append(micro_batch(rows_of_micro, pad_id, own, server_teacher))
         tokens += sum(len(row["input_ids"]) for row in rows_of_micro)
