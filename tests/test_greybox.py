@@ -373,3 +373,23 @@ def test_preflight_takes_a_different_vocabulary_teacher_for_kd_greybox_and_names
     with pytest.raises(PreflightError) as error:
         preflight_capture(config("kd_topk"), "run.yaml")  # positions in the student's ids: refused
     assert "training.objective: kd_greybox" in str(error.value) and "distill capture-logits" in str(error.value)
+
+
+def test_kd_greybox_refuses_a_sampled_capture_naming_the_fix(student_dir, captured, tmp_path):
+    """Sampled draws are not the teacher's top-k: aligning them as such (and multiplying their
+    draw frequencies over a merged student token) would train on a wrong target, silently."""
+    from distillflow.tasks.capture.logits import capture_dataset
+    from distillflow.tasks.preflight import PreflightError, preflight_training
+    from distillflow.training.config import TrainingConfig
+    from distillflow.training.greybox import NoTeacherLogprobs, teacher_entries
+    from tests.test_capture_logits import settings_for, write_dataset
+
+    teacher, _ = captured
+    dataset = write_dataset(tmp_path / "data", rows=answer_rows()[:4], rows_per_shard=4)
+    capture_dataset(settings_for(teacher, dataset, dataset, max_length=256, method="sampled"))
+    training = TrainingConfig(dataset_dir=dataset, output_dir=tmp_path / "run", student=student_dir,
+                              teacher=teacher, objective="kd_greybox")
+    with pytest.raises(PreflightError, match=r"run.yaml: training.dataset_dir: .*capture.method: sampled.*capture.method: topk"):
+        preflight_training(training, "run.yaml")
+    with pytest.raises(NoTeacherLogprobs, match="capture.method: sampled"):
+        teacher_entries(dataset)  # what training reads, had the preflight been skipped

@@ -69,6 +69,7 @@ def check_greybox_dataset(dataset_dir: str | Path) -> None:
                 raise NoTeacherLogprobs(no_logprobs_message(
                     dataset_dir, f"has a {CAPTURED_COLUMN} column in {path.name} without the capture's "
                     "provenance (which teacher tokenizer made its ids)"))
+            refuse_sampled_capture(path, dataset_dir)
             column = pq.read_table(path, columns=[CAPTURED_COLUMN]).column(CAPTURED_COLUMN)
         elif LOGPROBS_COLUMN in names:
             column = pq.read_table(path, columns=[LOGPROBS_COLUMN]).column(LOGPROBS_COLUMN)
@@ -77,6 +78,20 @@ def check_greybox_dataset(dataset_dir: str | Path) -> None:
         rows_with += len(column) - column.null_count
     if rows_with == 0:
         raise NoTeacherLogprobs(no_logprobs_message(dataset_dir, f"has an empty {LOGPROBS_COLUMN} column (the provider returned none)"))
+
+
+def refuse_sampled_capture(path: Path, dataset_dir: str | Path) -> None:
+    """kd_greybox aligns the teacher's k most likely tokens (merging a student token's pieces by
+    the chain rule); the draws of a sampled capture are not those, and that product of draw
+    frequencies is no estimate of the teacher's probability."""
+    if (captured_settings(path) or {}).get("method") == "sampled":
+        raise NoTeacherLogprobs(
+            f"training.objective kd_greybox needs the teacher's top-k per answer token, but "
+            f"{dataset_dir} ({path.name}) was captured with capture.method: sampled (tokens drawn "
+            "from the teacher, not its most likely ones). Run `distill capture-logits` with "
+            "capture.method: topk into another output_dir (capture.output_dir), or store the "
+            "build's own top-k with teacher.generation.top_logprobs"
+        )
 
 
 def captured_settings(path: Path) -> dict[str, Any] | None:
@@ -100,6 +115,7 @@ def captured_entries(path: Path) -> list[list[dict] | None]:
     from distillflow.storage.topk import decode_topk
     from distillflow.training.vocabulary import load_tokenizer
 
+    refuse_sampled_capture(path, path.parent.parent)
     settings = captured_settings(path) or {}
     tokenizer = load_tokenizer(settings["tokenizer"])
     vocabulary = student_token_bytes(tokenizer)  # any tokenizer: the bytes of each id
