@@ -104,20 +104,13 @@ def write_teacher_dataset(teacher: Path, rows: list[dict], out: Path, k: int, ma
 def student_init(workdir: Path, dataset: Path, vocab: int, seed: int) -> Path:
     """The demo student's shape over a BPE vocabulary trained on the dataset's text."""
     from distillflow.storage.parquet import read_table
-    from distillflow.training.scratch import build_tiny_llama, train_tokenizer
+    from distillflow.training.scratch import own_vocabulary_student
 
-    tokenizer_dir = workdir / "student-tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        rows = read_table(dataset / "data", columns=["prompt", "response"]).to_pylist()
-        train_tokenizer(tokenizer_dir, [f"{r['prompt']} {r['response']}" for r in rows], vocab_size=vocab)
-    out = workdir / "students" / f"init-seed{seed}"
-    if not (out / "config.json").is_file():
-        demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))["training"]["derive_student"]
-        build_tiny_llama(
-            out, hidden_size=demo["hidden_size"], num_layers=demo["num_layers"], num_heads=demo["num_attention_heads"],
-            intermediate_size=demo["intermediate_size"], seed=seed, tokenizer_dir=tokenizer_dir,
-        )  # fmt: skip
-    return out
+    rows = read_table(dataset / "data", columns=["prompt", "response"]).to_pylist()
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))["training"]["derive_student"]
+    return own_vocabulary_student(
+        workdir / "students" / f"init-seed{seed}", [f"{r['prompt']} {r['response']}" for r in rows], vocab, demo, seed
+    )
 
 
 def train_student(workdir: Path, dataset: Path, init: Path, objective: str, seed: int, steps: int) -> Path:

@@ -5,9 +5,14 @@
 3. `capture-logits`: k tokens drawn from the teacher's distribution at every answer token
    (`capture.method: sampled`),
 4. three students of the same size (≤ 1/4 of the teacher's parameters, same initialisation)
-   trained with DeepSpeed: `sft` on the teacher's text (black box), `kd_sampled` on the
-   captured tokens (white box, T = 1), and `reference` on the true answers of the same prompts,
-5. `distill eval`: the teacher and the three students on held-out questions (words and
+   in the teacher's vocabulary, trained with DeepSpeed: `sft` on the teacher's text (black
+   box), `kd_sampled` on the captured tokens (white box, T = 1), and `reference` on the true
+   answers of the same prompts,
+5. two students of that size with a vocabulary of their own (a byte-level BPE trained on the
+   dataset's text, as a student picked off the shelf has its own tokenizer): `sft_bpe` on
+   the teacher's text and `kd_greybox` on the teacher's top-k (a second capture,
+   `capture.method: topk`), aligned to the student's tokens on the answer's bytes,
+6. `distill eval`: the teacher and the five students on held-out questions (words and
    numbers none of them saw), clean and perturbed, plus speed and size; the comparison
    table and the report's path at the end.
 """
@@ -30,8 +35,10 @@ from distillflow.resources import packaged
 from distillflow.storage.manifest import Manifest
 
 DEMO_CONFIG = packaged("configs/demo.yaml")
-STUDENTS = ("sft", "kd_sampled", "reference")
+OWN_VOCABULARY_STUDENTS = ("sft_bpe", "kd_greybox")  # a BPE of their own, not the teacher's
+STUDENTS = ("sft", "kd_sampled", "reference", *OWN_VOCABULARY_STUDENTS)
 KD_STUDENT = "kd_sampled"  # trained on the capture with configs/demo.yaml's `training:` settings
+STUDENT_VOCABULARY = 400  # tokens of the own-vocabulary students' BPE
 
 
 @dataclass(frozen=True)
@@ -88,17 +95,53 @@ def demo_config(workdir: Path, teacher_dir: Path, budget: DemoBudget) -> dict[st
     return config
 
 
-def student_config(config: dict[str, Any], workdir: Path, name: str, dataset_dir: Path) -> dict[str, Any]:
-    """The run config of one student: same model, data order, steps and init; other objective."""
+def student_config(
+    config: dict[str, Any], workdir: Path, name: str, dataset_dir: Path, init: Path | None = None
+) -> dict[str, Any]:
+    """The run config of one student: same shape, data order, steps and settings; other
+    objective. `init`: an own-vocabulary student's initial model directory (instead of a
+    student derived from the teacher)."""
     variant = json.loads(json.dumps(config))
     training = variant["training"]
     training["output_dir"] = str(workdir / "students" / name)
     training["dataset_dir"] = str(dataset_dir)
     if name != KD_STUDENT:
-        training["objective"] = "sft"
+        training["objective"] = "kd_greybox" if name == "kd_greybox" else "sft"
+    if init is not None:
+        training["student"] = str(init)
+        training.pop("derive_student", None)
+        training.pop("teacher", None)  # grey-box: the teacher's tokens are in the data
     for section in ("evaluation", "sweep", "mining"):
         variant.pop(section, None)
     return variant
+
+
+def topk_capture(config: dict[str, Any], workdir: Path) -> Path:
+    """The dataset with the teacher's k most likely tokens per answer token (the demo's own
+    capture draws them instead): what kd_greybox aligns to its student's tokens."""
+    from distillflow.flows.capture_logits import capture_logits_command
+
+    out_dir = workdir / "dataset-topk"
+    variant = json.loads(json.dumps(config))
+    variant["capture"].update(method="topk", input_dir=str(workdir / "dataset"), output_dir=str(out_dir))
+    for section in ("evaluation", "sweep", "mining"):
+        variant.pop(section, None)
+    path = workdir / "capture-topk.yaml"
+    path.write_text(yaml.safe_dump(variant, sort_keys=False), encoding="utf-8")
+    capture_logits_command(path)
+    return out_dir
+
+
+def own_vocabulary_init(config: dict[str, Any], workdir: Path, seed: int) -> Path:
+    """The own-vocabulary students' initial model: the demo student's shape over a BPE of
+    STUDENT_VOCABULARY tokens trained on the dataset's questions and answers."""
+    from distillflow.storage.parquet import read_table
+    from distillflow.training.scratch import own_vocabulary_student
+
+    rows = read_table(workdir / "dataset" / "data", columns=["prompt", "response"]).to_pylist()
+    texts = [f"{row['prompt']} {row['response']}" for row in rows]
+    shape = config["training"]["derive_student"]
+    return own_vocabulary_student(workdir / "student-bpe-init", texts, STUDENT_VOCABULARY, shape, seed)
 
 
 def write_reference_dataset(dataset_dir: Path, seeds_path: Path, out_dir: Path) -> int:
@@ -180,11 +223,18 @@ def demo_command(
     rows = write_reference_dataset(workdir / "dataset", seeds_path, reference_dir)
     _say(f"reference dataset: {rows} rows with true answers ({reference_dir})")
 
+    _say("capturing the teacher's top-k for the students with a vocabulary of their own…")
+    topk_dir = topk_capture(config, workdir)
+    init = own_vocabulary_init(config, workdir, budget.seed)
+    _say(f"own-vocabulary student: {STUDENT_VOCABULARY}-token BPE trained on the dataset's text ({init})")
+
     result["training"] = {}
     for name in STUDENTS:
-        dataset_dir = reference_dir if name == "reference" else workdir / "dataset"
+        own = name in OWN_VOCABULARY_STUDENTS
+        dataset_dir = reference_dir if name == "reference" else topk_dir if own else workdir / "dataset"
         path = workdir / f"student-{name}.yaml"
-        path.write_text(yaml.safe_dump(student_config(config, workdir, name, dataset_dir), sort_keys=False))
+        variant = student_config(config, workdir, name, dataset_dir, init if own else None)
+        path.write_text(yaml.safe_dump(variant, sort_keys=False))
         _say(f"training the {name} student with DeepSpeed ({budget.student_steps} steps)…")
         result["training"][name] = train_command(path)
 

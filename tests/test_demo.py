@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from distillflow.flows.demo import STUDENTS
+from distillflow.flows.demo import OWN_VOCABULARY_STUDENTS, STUDENTS
 
 
 @pytest.mark.slow
 @pytest.mark.deepspeed
-def test_short_demo_trains_three_students_and_evaluates_them(tiny_demo):
+def test_short_demo_trains_every_student_and_evaluates_them(tiny_demo):
     tmp_path, budget, result = tiny_demo["workdir"], tiny_demo["budget"], tiny_demo["result"]
 
     manifest = json.loads((tmp_path / "dataset" / "manifest.json").read_text())
@@ -27,3 +27,12 @@ def test_short_demo_trains_three_students_and_evaluates_them(tiny_demo):
     assert (tmp_path / "eval" / "report.md").is_file() and (tmp_path / "eval" / "chart.png").is_file()
     # the reference student learns from true answers of the same prompts
     assert 0 < result["training"]["reference"]["steps"] == budget.student_steps
+    # the own-vocabulary students: one BPE of their own, not the teacher's; kd_greybox's
+    # targets are the teacher's top-k aligned onto it
+    from distillflow.training.vocabulary import load_tokenizer
+
+    own = load_tokenizer(tmp_path / "student-bpe-init").get_vocab()
+    assert all(load_tokenizer(tmp_path / "students" / name / "final").get_vocab() == own for name in OWN_VOCABULARY_STUDENTS)
+    assert own != load_tokenizer(result["training"]["kd_sampled"]["final_dir"]).get_vocab()
+    coverage = result["training"]["kd_greybox"]["greybox_coverage"]
+    assert coverage["exact"] + coverage["merged"] > 0 and coverage["rows_without_logprobs"] == 0

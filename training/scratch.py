@@ -118,6 +118,26 @@ def build_tiny_llama(
     return model, tokenizer
 
 
+def own_vocabulary_student(
+    out_dir: str | Path, texts: Iterable[str], vocab_size: int, shape: dict[str, int], seed: int = 0
+) -> Path:
+    """A fresh student of `shape` (derive_student's num_layers, hidden_size,
+    num_attention_heads, intermediate_size) over its own byte-level BPE of `vocab_size`
+    tokens, trained on `texts`: a student that does not share the teacher's vocabulary, as
+    most students picked off the shelf do not. Written once; an existing one is kept."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    tokenizer_dir = out_dir.with_name(out_dir.name + "-tokenizer")
+    train_tokenizer(tokenizer_dir, texts, vocab_size=vocab_size)
+    build_tiny_llama(
+        out_dir, hidden_size=shape["hidden_size"], num_layers=shape["num_layers"],
+        num_heads=shape["num_attention_heads"], intermediate_size=shape["intermediate_size"], seed=seed,
+        tokenizer_dir=tokenizer_dir,
+    )
+    return out_dir
+
+
 # -- training from scratch on generated (question, answer) pairs ------------------------------
 
 
