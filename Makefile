@@ -80,11 +80,11 @@ bench: $(VENV)/.bench-deps
 	$(PY) bench/kd_step.py
 
 # Every objective on the demo task at the demo's settings, 5 seeds, mean ± 95 % CI and paired
-# differences (docs/kd_vs_sft.md). After `make demo` (it reuses runs/demo); about 25 trainings of
-# 2-8 minutes each on 2 cores, 1.5-3 hours. Then scripts/render_tables.py --save.
+# differences (docs/kd_vs_sft.md). After `make demo` (it reuses runs/demo); about 35 trainings of
+# 2-14 minutes each on 2 cores (on_policy about 40 a seed), 4-6 hours. Then scripts/render_tables.py --save.
 kd-vs-sft: $(STAMP)
 	test -f runs/demo/dataset/manifest.json || $(VENV)/bin/distill demo
-	$(PY) bench/kd_vs_sft.py --objectives sft kd_topk kd_topk_T4_pure kd_sampled kd_logits on_policy reference untrained
+	$(PY) bench/kd_vs_sft.py --objectives sft kd_topk kd_topk_T4_pure kd_sampled kd_logits on_policy reference untrained sft_bpe kd_greybox
 
 # Hard-prompt mining vs random extra prompts on the demo task, 3 seeds (docs/mining.md).
 stream-bench: $(VENV)/.bench-deps

@@ -20,6 +20,10 @@
      on_policy  the student's own samples scored by the in-process teacher (lmbda 0.5, reverse KL)
      reference  the true answers of the same prompts (not distillation: what the data could teach)
      untrained  the student's initialisation, not trained (the floor)
+     sft_bpe    the same shape with a vocabulary of its own (the demo's 400-token BPE trained
+                on the dataset's text; its own initialisation per seed), the teacher's text
+     kd_greybox that student on the teacher's top-k (a top-k capture) aligned to its tokens;
+                paired with sft_bpe, not sft
 3. One `distill eval` of every student on the test set (prompts/seeds/skills_eval.jsonl),
    clean and under the robustness perturbations, with the spread of sampled answers on the
    families with several right answers.
@@ -61,7 +65,11 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     },  # fmt: skip
     "reference": {"objective": "sft"},
     "untrained": {},
+    # A student of the same shape with a vocabulary of its own (the demo's 400-token BPE):
+    "sft_bpe": {"objective": "sft"},
+    "kd_greybox": {"objective": "kd_greybox"},  # the teacher's top-k aligned to its tokens
 }
+OWN_VOCABULARY = ("sft_bpe", "kd_greybox")
 DEFAULT_OBJECTIVES = ("sft", "kd_topk", "reference", "untrained")
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (1.96 beyond the table).
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -136,11 +144,25 @@ def untrained_student(config: dict, workdir: Path, name: str, seed: int) -> Path
     return final
 
 
-def train_student(config: dict, workdir: Path, name: str, dataset_dir: Path, **training) -> Path:
+def own_vocabulary_init(config: dict, workdir: Path, dataset_dir: Path, seed: int) -> Path:
+    """The demo's own-vocabulary student for `seed`: its shape over a BPE trained on the data."""
+    from distillflow.flows.demo import STUDENT_VOCABULARY
+    from distillflow.storage.parquet import read_table
+    from distillflow.training.scratch import own_vocabulary_student
+
+    rows = read_table(dataset_dir / "data", columns=["prompt", "response"]).to_pylist()
+    texts = [f"{row['prompt']} {row['response']}" for row in rows]
+    shape = config["training"]["derive_student"]
+    return own_vocabulary_student(workdir / "students" / f"bpe-init-seed{seed}", texts, STUDENT_VOCABULARY, shape, seed)
+
+
+def train_student(
+    config: dict, workdir: Path, name: str, dataset_dir: Path, init: Path | None = None, **training
+) -> Path:
     """One student trained by `python -m distillflow.training.train` (the process `distill train` runs)."""
     from distillflow.flows.demo import student_config
 
-    variant = student_config(config, workdir / "students", name, dataset_dir)
+    variant = student_config(config, workdir / "students", name, dataset_dir, init)
     variant["training"].update(training)
     variant["training"]["output_dir"] = str(workdir / "students" / name)
     path = workdir / "configs" / f"{name}.yaml"
@@ -194,8 +216,13 @@ def scores(entry: dict) -> dict[str, Any]:
     return out
 
 
+def sft_of(objective: str) -> str:
+    """The sft student an objective is paired with: the one with the same vocabulary."""
+    return "sft_bpe" if objective in OWN_VOCABULARY else "sft"
+
+
 def summarise(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str, Any]:
-    """Mean ± CI per objective and metric; paired differences to sft."""
+    """Mean ± CI per objective and metric; paired differences to its sft (`sft_of`)."""
     table: dict[str, Any] = {}
     for objective, by_seed in per_seed.items():
         runs = [by_seed[seed] for seed in seeds if seed in by_seed]
@@ -203,13 +230,14 @@ def summarise(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> dict[st
         for name in sorted({name for r in runs for name in r["family"]}):
             metrics[name] = [r["family"][name] for r in runs if r["family"].get(name) is not None]
         row = {metric: mean_ci(values) for metric, values in metrics.items() if values}
-        if objective != "sft" and "sft" in per_seed:
-            shared = [seed for seed in seeds if seed in by_seed and seed in per_seed["sft"]]
+        baseline = sft_of(objective)
+        if objective != baseline and baseline in per_seed:
+            shared = [seed for seed in seeds if seed in by_seed and seed in per_seed[baseline]]
             for metric in ("clean", "robust"):
                 diffs = [
-                    by_seed[s][metric] - per_seed["sft"][s][metric]
+                    by_seed[s][metric] - per_seed[baseline][s][metric]
                     for s in shared
-                    if by_seed[s][metric] is not None and per_seed["sft"][s][metric] is not None
+                    if by_seed[s][metric] is not None and per_seed[baseline][s][metric] is not None
                 ]
                 if diffs:
                     row[f"{metric}_minus_sft"] = mean_ci(diffs)
@@ -244,7 +272,9 @@ def render(result: dict) -> str:
         f"{result['rows'] if result['rows'] else 'all'} training rows; "
         f"`python bench/kd_vs_sft.py {result['argv']}`"
         + (f"; {result['versions']}." if result.get("versions") else "."),
-        "Mean ± half-width of the 95 % CI over seeds; differences are paired by seed.",
+        "Mean ± half-width of the 95 % CI over seeds; differences are paired by seed"
+        + (", with `sft`, or with `sft_bpe` for a student with its own vocabulary."
+           if any(objective in OWN_VOCABULARY for objective in table) else "."),
         "",
         "| student | clean acc | robust acc | clean − sft (95 % CI) | robust − sft (95 % CI) |",
         "|---|---:|---:|---:|---:|",
@@ -300,7 +330,7 @@ def main() -> None:
     test_set = Path(config["evaluation"]["eval_sets"][0]["path"])
     captured = {
         objective: captured_with(config, workdir, dataset_dir, "sampled" if objective == "kd_sampled" else "topk")
-        for objective in args.objectives if objective in ("kd_topk", "kd_topk_T4_pure", "kd_sampled")
+        for objective in args.objectives if objective in ("kd_topk", "kd_topk_T4_pure", "kd_sampled", *OWN_VOCABULARY)
     }
 
     students: dict[str, Path] = {}
@@ -311,8 +341,9 @@ def main() -> None:
                 students[name] = untrained_student(config, workdir, name, seed)
                 continue
             data = {"reference": reference_dir, **captured}.get(objective) or dataset_dir
+            init = own_vocabulary_init(config, workdir, dataset_dir, seed) if objective in OWN_VOCABULARY else None
             students[name] = train_student(
-                config, workdir, name, data, max_steps=args.steps, seed=seed, **OBJECTIVES[objective]
+                config, workdir, name, data, init, max_steps=args.steps, seed=seed, **OBJECTIVES[objective]
             )
     report = evaluate(config, workdir, students, test_set)
     per_seed: dict[str, dict[int, dict]] = {objective: {} for objective in args.objectives}

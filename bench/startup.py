@@ -165,7 +165,9 @@ def leftover_prefect_servers(home: Path) -> list[str]:
 def versions() -> str:
     from provenance import versions as package_versions  # bench/provenance.py, beside this script
 
-    return package_versions(("prefect", "openai", "httpx", "httpx2", "aiohttp", "typer", "numba", "datasets"))
+    return package_versions((
+        "prefect", "openai", "httpx", "httpx2", "aiohttp", "typer", "numba", "datasets", "torch", "transformers", "deepspeed"
+    ))
 
 
 def table(report: dict) -> str:

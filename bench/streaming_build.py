@@ -149,7 +149,11 @@ def main() -> None:
         for process in processes:
             process.terminate()
         for process in processes:
-            process.wait(30)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:  # a worker still winding down its flow runs
+                process.kill()
+                process.wait(10)
 
     print(f"(1) peak RSS: {args.large} prompts {runs['large']['peak_rss_mb']:.0f} MB vs {args.small} prompts "
           f"{runs['small']['peak_rss_mb']:.0f} MB: ratio {ratio:.3f} (target <= 1.2) "

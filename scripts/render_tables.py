@@ -12,6 +12,7 @@ never typed by hand. Sources:
     kd-vs-sft   runs/kd-vs-sft/kd_vs_sft.json        → docs/kd_vs_sft.md (`make kd-vs-sft`)
     kd-vs-sft-rows500 runs/kd-vs-sft-rows500/kd_vs_sft.json → docs/kd_vs_sft.md
     kd-vs-sft-onpolicy runs/kd-vs-sft-onpolicy/kd_vs_sft.json → docs/kd_vs_sft.md
+    kd-vs-sft-bpe runs/kd-vs-sft-bpe/kd_vs_sft.json  → docs/kd_vs_sft.md (own-vocabulary students)
     sparse-kd-tail runs/sparse-kd-tail/report.json     → docs/training.md (bench/sparse_kd_tail.py)
     sampled-kd  runs/bench-sampled-kd/sampled_kd.json → docs/training.md (bench/sampled_kd.py)
     greybox-kd  runs/bench-greybox-kd/greybox_kd.json → docs/training.md (bench/greybox_kd.py)
@@ -36,6 +37,7 @@ SOURCES = {  # saved report → where a fresh run writes it
     "kd_vs_sft.json": ROOT / "runs" / "kd-vs-sft" / "kd_vs_sft.json",
     "kd_vs_sft-rows500.json": ROOT / "runs" / "kd-vs-sft-rows500" / "kd_vs_sft.json",
     "kd_vs_sft-onpolicy.json": ROOT / "runs" / "kd-vs-sft-onpolicy" / "kd_vs_sft.json",
+    "kd_vs_sft-bpe.json": ROOT / "runs" / "kd-vs-sft-bpe" / "kd_vs_sft.json",
     "sparse_kd_tail.json": ROOT / "runs" / "sparse-kd-tail" / "report.json",
     "sampled_kd.json": ROOT / "runs" / "bench-sampled-kd" / "sampled_kd.json",
     "greybox_kd.json": ROOT / "runs" / "bench-greybox-kd" / "greybox_kd.json",
@@ -71,16 +73,20 @@ def demo_table(report: dict[str, Any]) -> str:
     """The demo's comparison: one row per model of report.json, in its order; tokens/s at
     batch 1 and the speed-up on the teacher when same-size models time alike (`speed_agrees`)."""
     speed = speed_agrees(report["table"])
+    teacher = next((entry for entry in report["table"] if entry["model"] == report.get("reference_model")), None)
     rows = [
-        "| model | params | clean acc | robust acc | gap | on disk |" + (" tok/s @1 | speed-up |" if speed else ""),
-        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if speed else ""),
+        "| model | params | clean acc | of the teacher's | robust acc | gap | on disk |"
+        + (" tok/s @1 | speed-up |" if speed else ""),
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if speed else ""),
     ]
     for entry in report["table"]:
         model = report["models"][entry["model"]]
         gap = "–" if entry["gap"] is None else f"{100 * entry['gap']:.1f} pt"
         size = "–" if model.get("size_mb") is None else f"{model['size_mb']:.1f} MB"
+        share = "–" if teacher is None or entry is teacher or not teacher["clean_acc"] else (
+            f"{100 * entry['clean_acc'] / teacher['clean_acc']:.0f} %")
         row = (
-            f"| `{entry['model']}` | {_params(entry['params'])} | {_pct(entry['clean_acc'])} | "
+            f"| `{entry['model']}` | {_params(entry['params'])} | {_pct(entry['clean_acc'])} | {share} | "
             f"{_pct(entry['robust_acc'])} | {gap} | {size} |"
         )
         if speed:
@@ -140,7 +146,7 @@ def tables() -> dict[str, tuple[Path, str]]:
         out["demo"] = (ROOT / "README.md", demo_table(report))
         out["demo-family"] = (ROOT / "README.md", demo_family_table(report))
     for saved, name in (("kd_vs_sft.json", "kd-vs-sft"), ("kd_vs_sft-rows500.json", "kd-vs-sft-rows500"),
-                        ("kd_vs_sft-onpolicy.json", "kd-vs-sft-onpolicy")):
+                        ("kd_vs_sft-onpolicy.json", "kd-vs-sft-onpolicy"), ("kd_vs_sft-bpe.json", "kd-vs-sft-bpe")):
         if (REPORTS / saved).is_file():
             out[name] = (ROOT / "docs" / "kd_vs_sft.md", bench_table(json.loads((REPORTS / saved).read_text())))
     if (REPORTS / "sparse_kd_tail.json").is_file():

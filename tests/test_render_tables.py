@@ -34,3 +34,6 @@ def test_the_demo_table_shows_each_models_clean_accuracy():
     for row in report["table"]:
         line = next(line for line in table.splitlines() if line.startswith(f"| `{row['model']}` |"))
         assert f"{100 * row['clean_acc']:.1f} %" in line
+        if row["model"] != report["reference_model"]:  # its share of the teacher's clean accuracy
+            teacher = next(entry for entry in report["table"] if entry["model"] == report["reference_model"])
+            assert f"| {100 * row['clean_acc'] / teacher['clean_acc']:.0f} % |" in line
