@@ -144,18 +144,6 @@ def untrained_student(config: dict, workdir: Path, name: str, seed: int) -> Path
     return final
 
 
-def own_vocabulary_init(config: dict, workdir: Path, dataset_dir: Path, seed: int) -> Path:
-    """The demo's own-vocabulary student for `seed`: its shape over a BPE trained on the data."""
-    from distillflow.flows.demo import STUDENT_VOCABULARY
-    from distillflow.storage.parquet import read_table
-    from distillflow.training.scratch import own_vocabulary_student
-
-    rows = read_table(dataset_dir / "data", columns=["prompt", "response"]).to_pylist()
-    texts = [f"{row['prompt']} {row['response']}" for row in rows]
-    shape = config["training"]["derive_student"]
-    return own_vocabulary_student(workdir / "students" / f"bpe-init-seed{seed}", texts, STUDENT_VOCABULARY, shape, seed)
-
-
 def train_student(
     config: dict, workdir: Path, name: str, dataset_dir: Path, init: Path | None = None, **training
 ) -> Path:
@@ -294,7 +282,7 @@ def render(result: dict) -> str:
 
 def main() -> None:
     from distillflow.flows.capture_logits import capture_logits_command
-    from distillflow.flows.demo import DemoBudget, demo_command, write_reference_dataset
+    from distillflow.flows.demo import DemoBudget, demo_command, own_vocabulary_init, write_reference_dataset
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None, help="default: runs/kd-vs-sft (-rowsN with --rows)")
@@ -341,7 +329,10 @@ def main() -> None:
                 students[name] = untrained_student(config, workdir, name, seed)
                 continue
             data = {"reference": reference_dir, **captured}.get(objective) or dataset_dir
-            init = own_vocabulary_init(config, workdir, dataset_dir, seed) if objective in OWN_VOCABULARY else None
+            init = (
+                own_vocabulary_init(config, dataset_dir, workdir / "students" / f"bpe-init-seed{seed}", seed)
+                if objective in OWN_VOCABULARY else None
+            )
             students[name] = train_student(
                 config, workdir, name, data, init, max_steps=args.steps, seed=seed, **OBJECTIVES[objective]
             )

@@ -132,16 +132,16 @@ def topk_capture(config: dict[str, Any], workdir: Path) -> Path:
     return out_dir
 
 
-def own_vocabulary_init(config: dict[str, Any], workdir: Path, seed: int) -> Path:
+def own_vocabulary_init(config: dict[str, Any], dataset_dir: Path, out_dir: Path, seed: int) -> Path:
     """The own-vocabulary students' initial model: the demo student's shape over a BPE of
     STUDENT_VOCABULARY tokens trained on the dataset's questions and answers."""
     from distillflow.storage.parquet import read_table
     from distillflow.training.scratch import own_vocabulary_student
 
-    rows = read_table(workdir / "dataset" / "data", columns=["prompt", "response"]).to_pylist()
+    rows = read_table(dataset_dir / "data", columns=["prompt", "response"]).to_pylist()
     texts = [f"{row['prompt']} {row['response']}" for row in rows]
     shape = config["training"]["derive_student"]
-    return own_vocabulary_student(workdir / "student-bpe-init", texts, STUDENT_VOCABULARY, shape, seed)
+    return own_vocabulary_student(out_dir, texts, STUDENT_VOCABULARY, shape, seed)
 
 
 def write_reference_dataset(dataset_dir: Path, seeds_path: Path, out_dir: Path) -> int:
@@ -225,7 +225,7 @@ def demo_command(
 
     _say("capturing the teacher's top-k for the students with a vocabulary of their own…")
     topk_dir = topk_capture(config, workdir)
-    init = own_vocabulary_init(config, workdir, budget.seed)
+    init = own_vocabulary_init(config, workdir / "dataset", workdir / "student-bpe-init", budget.seed)
     _say(f"own-vocabulary student: {STUDENT_VOCABULARY}-token BPE trained on the dataset's text ({init})")
 
     result["training"] = {}
