@@ -5,10 +5,11 @@ One optimizer step, per process: each micro-batch m of step s is, with probabili
 (decided by a generator seeded from (seed, s, m), so every process agrees and a resumed run
 decides the same), replaced by student answers: the prompts are kept, the dataset's answers
 dropped, and the student samples new ones (`sampling_temperature`, at most `max_new_tokens`,
-stopping at eos or where the template's next turn starts) from a generator seeded from (seed, s, m, rank). The other micro-batches keep
-the dataset's teacher answers. Either way the teacher scores every answer token: in process
-(its full logits, through the loss of kd_logits), or through a server's prompt logprobs
-(`ServerTeacher`: top-k + tail bucket targets, as kd_topk), every request recorded in a ledger.
+stopping at eos or where the template's next turn starts) from a generator seeded from
+(seed, s, m, rank). The other micro-batches keep the dataset's teacher answers. Either way
+the teacher scores every answer token: in process (its full logits, through the loss of
+kd_logits), or through a server's prompt logprobs (`ServerTeacher`: top-k + tail bucket
+targets, as kd_topk), every request recorded in a ledger.
 
 A student-sampled micro-batch is trained on the divergence alone (alpha = 1): cross-entropy on
 the student's own samples would reinforce whatever it sampled, mistakes included.
@@ -28,6 +29,7 @@ import torch
 
 from distillflow.records import TeacherAnswer
 from distillflow.storage.ledger import LEDGER_DIR, Ledger, request_key
+from distillflow.training.chat_template import cut_at_stop
 from distillflow.training.config import TeacherServerConfig
 from distillflow.training.data import IGNORE_INDEX, Batch, collate
 from distillflow.training.prompt_logprobs import TopK, prompt_logprobs_to_topk, request_prompt_logprobs
@@ -84,12 +86,11 @@ class TurnEnd:
 
     def cut(self, answer: list[int]) -> list[int] | None:
         """The answer up to where a stop starts, plus the end token; None when no stop is in it."""
-        text = self.decode(answer)
-        starts = [text.find(stop) for stop in self.stops if stop in text]
-        if not starts:
+        before, found = cut_at_stop(self.decode(answer), self.stops)
+        if not found:
             return None
         kept = len(answer)
-        while kept > 0 and len(self.decode(answer[:kept])) > min(starts):  # tokens before the stop
+        while kept > 0 and len(self.decode(answer[:kept])) > len(before):  # tokens before the stop
             kept -= 1
         return [*answer[:kept], self.end_id]
 
