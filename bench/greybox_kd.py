@@ -103,14 +103,10 @@ def write_teacher_dataset(teacher: Path, rows: list[dict], out: Path, k: int, ma
 
 def student_init(workdir: Path, dataset: Path, vocab: int, seed: int) -> Path:
     """The demo student's shape over a BPE vocabulary trained on the dataset's text."""
-    from distillflow.storage.parquet import read_table
-    from distillflow.training.scratch import own_vocabulary_student
+    from distillflow.flows.demo import own_vocabulary_init
 
-    rows = read_table(dataset / "data", columns=["prompt", "response"]).to_pylist()
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))["training"]["derive_student"]
-    return own_vocabulary_student(
-        workdir / "students" / f"init-seed{seed}", [f"{r['prompt']} {r['response']}" for r in rows], vocab, demo, seed
-    )
+    return own_vocabulary_init(demo, dataset, workdir / "students" / f"init-seed{seed}", seed, vocab)
 
 
 def train_student(workdir: Path, dataset: Path, init: Path, objective: str, seed: int, steps: int) -> Path:

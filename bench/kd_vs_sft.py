@@ -107,7 +107,7 @@ def subset_dataset(dataset_dir: Path, rows: int, out_dir: Path) -> Path:
 def captured_with(config: dict, workdir: Path, dataset_dir: Path, method: str) -> Path:
     """`dataset_dir` as captured with capture.method `method` (same k): itself when its own
     capture is that one, else captured again into the work dir."""
-    from distillflow.flows.capture_logits import capture_logits_command
+    from distillflow.flows.demo import capture_into
 
     manifest = json.loads((dataset_dir / "manifest.json").read_text()) if (dataset_dir / "manifest.json").is_file() else {}
     if (manifest.get("capture") or {}).get("method", "topk") == method:
@@ -115,17 +115,7 @@ def captured_with(config: dict, workdir: Path, dataset_dir: Path, method: str) -
     out_dir = workdir / f"dataset-{method}"
     if (out_dir / "manifest.json").is_file():
         return out_dir
-    variant = json.loads(json.dumps(config))
-    variant["capture"].update(method=method, input_dir=str(dataset_dir), output_dir=str(out_dir))
-    temperature = 1.0 if method == "sampled" else 2.0
-    variant["training"].update(dataset_dir=str(dataset_dir), temperature=temperature, divergence="forward_kl")
-    for section in ("evaluation", "sweep", "mining"):
-        variant.pop(section, None)
-    path = workdir / "configs" / f"capture-{method}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(variant, sort_keys=False))
-    capture_logits_command(path)
-    return out_dir
+    return capture_into(config, dataset_dir, out_dir, method, workdir / "configs" / f"capture-{method}.yaml")
 
 
 def untrained_student(config: dict, workdir: Path, name: str, seed: int) -> Path:
@@ -330,7 +320,9 @@ def main() -> None:
                 continue
             data = {"reference": reference_dir, **captured}.get(objective) or dataset_dir
             init = (
-                own_vocabulary_init(config, dataset_dir, workdir / "students" / f"bpe-init-seed{seed}", seed)
+                own_vocabulary_init(
+                    config["training"]["derive_student"], dataset_dir, workdir / "students" / f"bpe-init-seed{seed}", seed
+                )
                 if objective in OWN_VOCABULARY else None
             )
             students[name] = train_student(

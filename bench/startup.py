@@ -134,7 +134,7 @@ def model_config(run_dir: Path, dataset_dir: Path) -> Path:
                          "output_dir": str(run_dir / "captured")}
     config["training"] = {
         "dataset_dir": str(dataset_dir), "output_dir": str(run_dir / "student"), "teacher": str(TEACHER),
-        "derive_student": {"num_layers": 2, "hidden_size": 96, "num_attention_heads": 3, "intermediate_size": 256},
+        "derive_student": yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["training"]["derive_student"],
         "objective": "sft", "max_length": 256, "micro_batch_size": 2, "max_steps": 1,
     }
     config["evaluation"] = {

@@ -116,32 +116,34 @@ def student_config(
     return variant
 
 
-def topk_capture(config: dict[str, Any], workdir: Path) -> Path:
-    """The dataset with the teacher's k most likely tokens per answer token (the demo's own
-    capture draws them instead): what kd_greybox aligns to its student's tokens."""
+def capture_into(config: dict[str, Any], input_dir: Path, out_dir: Path, method: str, config_path: Path) -> Path:
+    """`input_dir` captured again into `out_dir` with capture.method `method` (same teacher and
+    k); the run config goes to `config_path`. The demo's grey-box students need the teacher's k
+    most likely tokens (`topk`) where its own capture draws them."""
     from distillflow.flows.capture_logits import capture_logits_command
 
-    out_dir = workdir / "dataset-topk"
     variant = json.loads(json.dumps(config))
-    variant["capture"].update(method="topk", input_dir=str(workdir / "dataset"), output_dir=str(out_dir))
+    variant["capture"].update(method=method, input_dir=str(input_dir), output_dir=str(out_dir))
+    variant["training"]["dataset_dir"] = str(input_dir)
     for section in ("evaluation", "sweep", "mining"):
         variant.pop(section, None)
-    path = workdir / "capture-topk.yaml"
-    path.write_text(yaml.safe_dump(variant, sort_keys=False), encoding="utf-8")
-    capture_logits_command(path)
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(variant, sort_keys=False), encoding="utf-8")
+    capture_logits_command(config_path)
     return out_dir
 
 
-def own_vocabulary_init(config: dict[str, Any], dataset_dir: Path, out_dir: Path, seed: int) -> Path:
-    """The own-vocabulary students' initial model: the demo student's shape over a BPE of
-    STUDENT_VOCABULARY tokens trained on the dataset's questions and answers."""
+def own_vocabulary_init(
+    shape: dict[str, int], dataset_dir: Path, out_dir: Path, seed: int, vocab_size: int = STUDENT_VOCABULARY
+) -> Path:
+    """The own-vocabulary students' initial model: `shape` (derive_student's keys) over a BPE
+    of `vocab_size` tokens trained on the dataset's questions and answers."""
     from distillflow.storage.parquet import read_table
     from distillflow.training.scratch import own_vocabulary_student
 
     rows = read_table(dataset_dir / "data", columns=["prompt", "response"]).to_pylist()
     texts = [f"{row['prompt']} {row['response']}" for row in rows]
-    shape = config["training"]["derive_student"]
-    return own_vocabulary_student(out_dir, texts, STUDENT_VOCABULARY, shape, seed)
+    return own_vocabulary_student(out_dir, texts, vocab_size, shape, seed)
 
 
 def write_reference_dataset(dataset_dir: Path, seeds_path: Path, out_dir: Path) -> int:
@@ -224,8 +226,11 @@ def demo_command(
     _say(f"reference dataset: {rows} rows with true answers ({reference_dir})")
 
     _say("capturing the teacher's top-k for the students with a vocabulary of their own…")
-    topk_dir = topk_capture(config, workdir)
-    init = own_vocabulary_init(config, workdir / "dataset", workdir / "student-bpe-init", budget.seed)
+    topk_dir = capture_into(
+        config, workdir / "dataset", workdir / "dataset-topk", "topk", workdir / "capture-topk.yaml"
+    )
+    shape = config["training"]["derive_student"]
+    init = own_vocabulary_init(shape, workdir / "dataset", workdir / "student-bpe-init", budget.seed)
     _say(f"own-vocabulary student: {STUDENT_VOCABULARY}-token BPE trained on the dataset's text ({init})")
 
     result["training"] = {}
