@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -109,14 +110,19 @@ def timed_lines(command: list[str], env: dict[str, str], cwd: Path, markers: dic
     tail: list[str] = []
     with subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            now = time.perf_counter() - started
-            tail = [*tail[-40:], line]
-            for name, marker in markers.items():
-                if name not in seen and marker in line:
-                    seen[name] = now
-        code = process.wait(COMMAND_TIMEOUT_S)
+        watchdog = threading.Timer(COMMAND_TIMEOUT_S, process.kill)  # a command that hangs ends the read
+        watchdog.start()
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                now = time.perf_counter() - started
+                tail = [*tail[-40:], line]
+                for name, marker in markers.items():
+                    if name not in seen and marker in line:
+                        seen[name] = now
+            code = process.wait(COMMAND_TIMEOUT_S)
+        finally:
+            watchdog.cancel()
     seen["total"] = time.perf_counter() - started
     missing = [name for name in markers if name not in seen]
     if code != 0 or missing:
