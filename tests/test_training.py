@@ -122,6 +122,39 @@ def test_derived_student_copies_every_kth_teacher_layer(tiny):
     assert narrow(torch.tensor([[1, 2, 3]])).logits.shape[-1] == teacher.config.vocab_size
 
 
+def test_pruned_student_keeps_the_mlp_neurons_that_matter(tiny, tmp_path):
+    """intermediate_size alone prunes each copied block's MLP: a teacher whose blocks each have
+    a random half of dead neurons (nothing reaches the residual stream) loses nothing."""
+    from distillflow.training.model import mlp_neuron_importance
+
+    teacher = load_causal_lm(tiny["teacher"])
+    width = teacher.config.intermediate_size
+    generator = torch.Generator().manual_seed(0)
+    live = []
+    with torch.no_grad():
+        for layer in teacher.model.layers:
+            dead = torch.randperm(width, generator=generator)[: width // 2]
+            layer.mlp.down_proj.weight[:, dead] = 0.0
+            live.append(sorted(set(range(width)) - set(dead.tolist())))
+    teacher.save_pretrained(tmp_path / "teacher")
+    load_tokenizer(tiny["teacher"]).save_pretrained(tmp_path / "teacher")
+    tokens = torch.tensor([[1, 5, 9, 14, 3, 7, 2]])
+    calibration = [torch.randint(3, 40, (12,), generator=generator) for _ in range(4)]
+    for sequences in (calibration, None):  # measured activations, and the weight-only proxy
+        importance = mlp_neuron_importance(teacher, sequences)
+        assert all(sorted(scores.topk(width // 2).indices.tolist()) == kept for scores, kept in zip(importance, live))
+        derive = DeriveStudentConfig(layer_stride=1, intermediate_size=width // 2)
+        student = derive_student(tmp_path / "teacher", derive, calibration=sequences)
+        assert student.config.intermediate_size == width // 2 and student.config.num_hidden_layers == 4
+        assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+        torch.testing.assert_close(student(tokens).logits, teacher(tokens).logits, rtol=1e-4, atol=1e-5)
+    # Two of four blocks, pruned: copied rows of the kept neurons, in the teacher's order.
+    student = derive_student(tmp_path / "teacher", DeriveStudentConfig(layer_stride=2, intermediate_size=width // 2))
+    torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[2].mlp.up_proj.weight[live[2]])
+    with pytest.raises(ValueError, match="wider than the teacher's"):
+        derive_student(tmp_path / "teacher", DeriveStudentConfig(layer_stride=2, intermediate_size=2 * width))
+
+
 def test_config_checks_ranges_and_says_what_is_missing(tiny, tmp_path):
     with pytest.raises(ValueError, match="needs a teacher"):
         TrainingConfig(dataset_dir=tmp_path, output_dir=tmp_path, student=tiny["student"], objective="kd_logits")

@@ -69,10 +69,12 @@ class DeriveStudentConfig(StrictModel):
     """Build the student from the teacher instead of loading a model directory.
 
     Layers: every `layer_stride`-th teacher layer is copied (DistilBERT-style), starting at
-    layer 0, or `num_layers` evenly spaced layers (first and last included). Width: with
-    `hidden_size` / `intermediate_size` / `num_attention_heads` set, the student is a fresh
-    (randomly initialised) model of that width and the teacher's depth choice; weights can
-    only be copied when the width is the teacher's.
+    layer 0, or `num_layers` evenly spaced layers (first and last included), with the teacher's
+    embeddings, final norm and lm_head. `intermediate_size` alone (below the teacher's) prunes
+    each copied block's MLP to its most important neurons, measured on the first training rows
+    (Minitron-style width pruning; gated MLPs: Llama, Qwen, Mistral). With `hidden_size` or
+    `num_attention_heads` set, the student is a fresh (randomly initialised) model of that
+    width and the teacher's depth choice: weights are copied only at the teacher's width.
     """
 
     layer_stride: int | None = Field(
@@ -82,7 +84,10 @@ class DeriveStudentConfig(StrictModel):
         None, ge=1, description="Instead of a stride: keep this many evenly spaced teacher layers."
     )
     hidden_size: int | None = Field(None, ge=8, description="Narrower width (random init).")
-    intermediate_size: int | None = Field(None, ge=8, description="MLP width of a narrower student.")
+    intermediate_size: int | None = Field(
+        None, ge=8, description="MLP width: of a narrower student (with hidden_size), or alone: "
+        "the copied blocks keep this many of their most important MLP neurons (pruned)."
+    )
     num_attention_heads: int | None = Field(
         None, ge=1, description="Attention heads of a narrower student (hidden_size must divide)."
     )
@@ -96,6 +101,16 @@ class DeriveStudentConfig(StrictModel):
                     f"{self.num_attention_heads}; pick a head count that divides it"
                 )
         return self
+
+    @property
+    def copies_weights(self) -> bool:
+        """At the teacher's width (copied blocks), as opposed to a fresh, narrower model."""
+        return self.hidden_size is None and self.num_attention_heads is None
+
+    @property
+    def prunes_mlp(self) -> bool:
+        """Copied blocks whose MLPs keep `intermediate_size` neurons (measured on training rows)."""
+        return self.copies_weights and self.intermediate_size is not None
 
 
 class TeacherServerConfig(StrictModel):

@@ -59,12 +59,20 @@ def chosen_layers(num_teacher_layers: int, derive: DeriveStudentConfig) -> list[
     return list(range(0, num_teacher_layers, derive.layer_stride or 1))
 
 
-def derive_student(teacher_dir: str | Path, derive: DeriveStudentConfig, seed: int = 0) -> nn.Module:
-    """A student built from the teacher: fewer layers (copied) and/or a narrower width (fresh).
+def derive_student(
+    teacher_dir: str | Path,
+    derive: DeriveStudentConfig,
+    seed: int = 0,
+    calibration: list[torch.Tensor] | None = None,
+) -> nn.Module:
+    """A student built from the teacher: fewer layers (copied) and/or a narrower width.
 
-    Same width: embeddings, final norm, lm_head and the chosen blocks are copied from the
-    teacher (DistilBERT-style). Narrower: a randomly initialised model of the teacher's
-    architecture with the new width and the chosen number of layers.
+    At the teacher's width: embeddings, final norm, lm_head and the chosen blocks are copied
+    from the teacher (DistilBERT-style). With only `intermediate_size` set (below the
+    teacher's), each copied block's MLP keeps its `intermediate_size` most important neurons
+    (`mlp_neuron_importance`, on `calibration` token sequences when given: Minitron-style width
+    pruning). With `hidden_size` or `num_attention_heads` set: a randomly initialised model of
+    the teacher's architecture with the new width and the chosen number of layers.
     """
     teacher = load_causal_lm(teacher_dir)
     layers = chosen_layers(teacher.config.num_hidden_layers, derive)
@@ -72,11 +80,21 @@ def derive_student(teacher_dir: str | Path, derive: DeriveStudentConfig, seed: i
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i] for i in layers]
-    narrower = any(
-        value is not None for value in (derive.hidden_size, derive.intermediate_size, derive.num_attention_heads)
-    )
     torch.manual_seed(seed)
-    if not narrower:
+    if derive.copies_weights:
+        kept_neurons = None
+        if derive.intermediate_size is not None and derive.intermediate_size < config.intermediate_size:
+            importance = mlp_neuron_importance(teacher, calibration)
+            kept_neurons = {
+                index: importance[index].topk(derive.intermediate_size).indices.sort().values for index in layers
+            }
+            config.intermediate_size = derive.intermediate_size
+        elif derive.intermediate_size is not None and derive.intermediate_size != config.intermediate_size:
+            raise ValueError(
+                f"derive_student: intermediate_size {derive.intermediate_size} is wider than the "
+                f"teacher's {config.intermediate_size}; a copied student can only keep fewer MLP "
+                "neurons (set hidden_size too for a fresh, randomly initialised student)"
+            )
         student = type(teacher)(config)
         teacher_state = teacher.state_dict()
         student_state = {}
@@ -85,7 +103,10 @@ def derive_student(teacher_dir: str | Path, derive: DeriveStudentConfig, seed: i
             if name.startswith("model.layers."):
                 index = int(name.split(".")[2])
                 source = name.replace(f"model.layers.{index}.", f"model.layers.{layers[index]}.", 1)
-            student_state[name] = teacher_state[source]
+            weight = teacher_state[source]
+            if kept_neurons is not None and name.startswith("model.layers."):
+                weight = _kept_mlp_slice(name, weight, kept_neurons[layers[int(name.split(".")[2])]])
+            student_state[name] = weight
         student.load_state_dict(student_state)
         return student
     heads = derive.num_attention_heads or config.num_attention_heads
@@ -101,6 +122,79 @@ def derive_student(teacher_dir: str | Path, derive: DeriveStudentConfig, seed: i
     config.head_dim = hidden // heads
     config.intermediate_size = derive.intermediate_size or 2 * hidden
     return type(teacher)(config)
+
+
+def _gated_mlps(model: nn.Module) -> list[nn.Module]:
+    """Each block's MLP, when it is gated (gate_proj, up_proj, down_proj: Llama, Qwen, Mistral)."""
+    mlps = [getattr(layer, "mlp", None) for layer in _decoder_layers(model)]
+    if not all(all(hasattr(mlp, part) for part in ("gate_proj", "up_proj", "down_proj")) for mlp in mlps):
+        raise ValueError(
+            f"derive_student: pruning MLP neurons (intermediate_size without hidden_size) needs "
+            f"gated MLPs (gate_proj, up_proj, down_proj); {type(model).__name__} has none. Set "
+            "hidden_size too for a fresh, narrower student"
+        )
+    return mlps
+
+
+# Training rows whose tokens measure MLP neuron importance when derive_student prunes.
+CALIBRATION_ROWS = 128
+
+
+def calibration_rows(examples: list[dict[str, np.ndarray]], count: int = CALIBRATION_ROWS) -> list[torch.Tensor]:
+    """`count` evenly spaced tokenised examples (prompt and answer tokens): a dataset's rows
+    are grouped (seed prompts, then their variants), so the first ones would see one kind."""
+    if not examples:
+        return []
+    picked = np.unique(np.linspace(0, len(examples) - 1, min(count, len(examples))).round().astype(int))
+    return [torch.as_tensor(examples[index]["input_ids"], dtype=torch.long) for index in picked]
+
+
+@torch.no_grad()
+def mlp_neuron_importance(model: nn.Module, calibration: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Per block, the importance of each MLP neuron j: the mean size of what it adds to the
+    residual stream, E|act(gate_j·x) · up_j·x| · ||down[:, j]|| over the tokens of
+    `calibration` (1-D token id tensors, run through the whole model; Minitron's activation
+    importance). Without calibration, a weight-only proxy: ||gate_j|| · ||up_j|| · ||down[:, j]||.
+    One (intermediate_size,) tensor per block."""
+    mlps = _gated_mlps(model)
+    down_norms = [mlp.down_proj.weight.float().norm(dim=0) for mlp in mlps]  # (I,) each
+    if not calibration:
+        return [
+            mlp.gate_proj.weight.float().norm(dim=1) * mlp.up_proj.weight.float().norm(dim=1) * down
+            for mlp, down in zip(mlps, down_norms)
+        ]
+    totals = [torch.zeros_like(down) for down in down_norms]
+    count = 0
+
+    def accumulate(index: int):
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            totals[index] += inputs[0].float().abs().reshape(-1, inputs[0].shape[-1]).sum(0)  # (I,)
+
+        return hook
+
+    handles = [mlp.down_proj.register_forward_pre_hook(accumulate(i)) for i, mlp in enumerate(mlps)]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for sequence in calibration:  # one at a time: no padding in the sums
+            model(input_ids=sequence[None].to(device), use_cache=False)
+            count += len(sequence)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return [total / max(count, 1) * down for total, down in zip(totals, down_norms)]
+
+
+def _kept_mlp_slice(name: str, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The rows (gate_proj, up_proj, and their biases) or columns (down_proj) of the kept MLP
+    neurons; any other weight unchanged."""
+    if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias")):
+        return weight[kept].clone()
+    if name.endswith("mlp.down_proj.weight"):
+        return weight[:, kept].clone()
+    return weight
 
 
 # --------------------------------------------------------------------------------------

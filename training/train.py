@@ -59,7 +59,9 @@ from distillflow.training.on_policy import (
     student_answer_rows,
     student_answers_wanted,
 )
-from distillflow.training.model import DistillationModel, derive_student, load_causal_lm, load_teacher
+from distillflow.training.model import (
+    DistillationModel, calibration_rows, derive_student, load_causal_lm, load_teacher,
+)  # fmt: skip
 from distillflow.training.vocabulary import load_tokenizer, topk_preflight, vocabulary_preflight
 
 
@@ -180,11 +182,19 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         student = load_causal_lm(config.student, dtype)
         student_tokenizer = load_tokenizer(config.student)
     else:
-        student = derive_student(config.teacher, config.derive_student, config.seed).to(dtype)
         student_tokenizer = teacher_tokenizer
     if config.chat_template is not None:
         # Saved with the exported student, and part of the tokenised-cache key.
         student_tokenizer.chat_template = chat_template_text(config.chat_template)
+    cache_dir = config.tokenized_cache_dir or output_dir / "tokenized"
+    holdout = config.holdout_fraction or 0.0  # rows of the held-out split are never trained on
+    if config.student is None:
+        calibration = None
+        if config.derive_student.prunes_mlp:  # neuron importance on training rows (cached: read again below)
+            calibration = calibration_rows(tokenize_dataset(
+                config.dataset_dir, student_tokenizer, config.system_prompt, config.max_length, cache_dir, holdout
+            ))  # fmt: skip
+        student = derive_student(config.teacher, config.derive_student, config.seed, calibration).to(dtype)
     student.config.use_cache = False
     student_rows = student.get_output_embeddings().weight.shape[0]
     vocab_size = None
@@ -205,8 +215,6 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     log(f"student: {parameters:,} parameters; objective {config.objective}; {world} process(es)")
 
     # 2. Data: tokenised once (cached), optionally packed; every rank holds the row list.
-    cache_dir = config.tokenized_cache_dir or output_dir / "tokenized"
-    holdout = config.holdout_fraction or 0.0  # rows of the held-out split are never trained on
     examples = tokenize_dataset(
         config.dataset_dir, student_tokenizer, config.system_prompt, config.max_length, cache_dir, holdout
     )
