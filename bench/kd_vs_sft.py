@@ -15,8 +15,11 @@
      kd_topk    the teacher's captured top-k logprobs (T = 2)
      kd_topk_T4_pure  the same at T = 4, alpha = 1 (pure KD: the case the tail rule decides)
      kd_sampled the same bytes per token as k tokens DRAWN from the teacher (capture.method:
-                sampled; T = 1, forward KL): the demo's own KD student
+                sampled; T = 1, forward KL)
      kd_logits  the teacher's full logits, in process
+     kd_hidden  the same (T = 2) plus the teacher's hidden states: the student's blocks matched
+                to the teacher's blocks 4 and 8 (cosine, through a learned projection): the
+                demo's own KD student
      on_policy  the student's own samples scored by the in-process teacher (lmbda 0.5, reverse KL)
      reference  the true answers of the same prompts (not distillation: what the data could teach)
      untrained  the student's initialisation, not trained (the floor)
@@ -59,6 +62,11 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "kd_topk_T4_pure": {"objective": "kd_topk", "temperature": 4.0, "alpha": 1.0},
     "kd_sampled": {"objective": "kd_topk", "temperature": 1.0, "divergence": "forward_kl"},
     "kd_logits": {"objective": "kd_logits", "temperature": 2.0},
+    # The teacher's full logits (T = 2) and its hidden states: the student's two blocks' outputs
+    # matched (cosine, through a learned projection) to the teacher's blocks 4 and 8.
+    "kd_hidden": {
+        "objective": "hidden", "temperature": 2.0, "hidden_layer_pairs": [[4, 1], [8, 2]], "hidden_loss": "cosine",
+    },  # fmt: skip
     "on_policy": {
         "objective": "on_policy", "lmbda": 0.5, "divergence": "reverse_kl", "temperature": 1.0,
         "sampling_temperature": 1.0, "max_new_tokens": 16, "packing": False, "micro_batch_size": 32,
@@ -67,7 +75,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "untrained": {},
     # A student of the same shape with a vocabulary of its own (the demo's 400-token BPE):
     "sft_bpe": {"objective": "sft"},
-    "kd_greybox": {"objective": "kd_greybox"},  # the teacher's top-k aligned to its tokens
+    "kd_greybox": {"objective": "kd_greybox", "temperature": 1.0, "divergence": "forward_kl"},  # top-k aligned to its tokens
 }
 OWN_VOCABULARY = ("sft_bpe", "kd_greybox")
 DEFAULT_OBJECTIVES = ("sft", "kd_topk", "reference", "untrained")

@@ -4,17 +4,21 @@
 2. `build_dataset` with the in-process teacher: seed questions and adversarial variants,
 3. `capture-logits`: k tokens drawn from the teacher's distribution at every answer token
    (`capture.method: sampled`),
-4. three students of the same size (≤ 1/4 of the teacher's parameters, same initialisation)
+4. four students of the same size (≤ 1/4 of the teacher's parameters, same initialisation)
    in the teacher's vocabulary, trained with DeepSpeed: `sft` on the teacher's text (black
-   box), `kd_sampled` on the captured tokens (white box, T = 1), and `reference` on the true
-   answers of the same prompts,
+   box), `kd_hidden` on the teacher's full logits and hidden states (white box, in process:
+   configs/demo.yaml's `training:` settings), `kd_sampled` on the captured tokens (T = 1),
+   and `reference` on the true answers of the same prompts,
 5. two students of that size with a vocabulary of their own (a byte-level BPE trained on the
    dataset's text, as a student picked off the shelf has its own tokenizer): `sft_bpe` on
    the teacher's text and `kd_greybox` on the teacher's top-k (a second capture,
    `capture.method: topk`), aligned to the student's tokens on the answer's bytes,
-6. `distill eval`: the teacher and the five students on held-out questions (words and
+6. `distill eval`: the teacher and the six students on held-out questions (words and
    numbers none of them saw), clean and perturbed, plus speed and size; the comparison
    table and the report's path at the end.
+
+The students train `PARALLEL_TRAININGS` at a time, each a `distill train` process of its own
+(one thread each: a 2-core machine trains two), its output in students/NAME/train.log.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,9 +42,21 @@ from distillflow.storage.manifest import Manifest
 
 DEMO_CONFIG = packaged("configs/demo.yaml")
 OWN_VOCABULARY_STUDENTS = ("sft_bpe", "kd_greybox")  # a BPE of their own, not the teacher's
-STUDENTS = ("sft", "kd_sampled", "reference", *OWN_VOCABULARY_STUDENTS)
-KD_STUDENT = "kd_sampled"  # trained on the capture with configs/demo.yaml's `training:` settings
+KD_STUDENT = "kd_hidden"  # trained with configs/demo.yaml's `training:` settings
+STUDENTS = ("sft", KD_STUDENT, "kd_sampled", "reference", *OWN_VOCABULARY_STUDENTS)
+# The other students: their objective over configs/demo.yaml's training settings.
+STUDENT_OBJECTIVES: dict[str, dict[str, Any]] = {
+    "sft": {"objective": "sft"},
+    # the captured tokens: a sampled capture is an estimate of p itself, so T = 1
+    "kd_sampled": {"objective": "kd_topk", "temperature": 1.0, "divergence": "forward_kl"},
+    "reference": {"objective": "sft"},
+    "sft_bpe": {"objective": "sft"},
+    "kd_greybox": {"objective": "kd_greybox", "temperature": 1.0, "divergence": "forward_kl"},
+}
 STUDENT_VOCABULARY = 400  # tokens of the own-vocabulary students' BPE
+PARALLEL_TRAININGS = 2  # students trained at once (one thread each)
+TRAINING_TIMEOUT_S = 3600.0  # one student's `distill train`, start to finish
+STOP_GRACE_S = 4.0  # Ctrl-C: how long a `distill train` has to stop its trainer before it is killed
 
 
 @dataclass(frozen=True)
@@ -106,7 +124,7 @@ def student_config(
     training["output_dir"] = str(workdir / "students" / name)
     training["dataset_dir"] = str(dataset_dir)
     if name != KD_STUDENT:
-        training["objective"] = "kd_greybox" if name == "kd_greybox" else "sft"
+        training.update(STUDENT_OBJECTIVES.get(name, {"objective": "sft"}))
     if init is not None:
         training["student"] = str(init)
         training.pop("derive_student", None)
@@ -186,13 +204,80 @@ def _say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
+def train_in_parallel(
+    jobs: list[tuple[str, Path]], students_dir: Path, parallel: int, timeout_s: float = TRAINING_TIMEOUT_S
+) -> dict[str, dict[str, Any]]:
+    """`distill train CONFIG` for each (name, config) job, `parallel` processes at a time, in
+    the order given; each one's output goes to students_dir/NAME/train.log. Returns each
+    student's final metrics (its metrics.json).
+
+    A training that fails or runs past `timeout_s` stops the others and raises DemoFailed with
+    the end of its log. On Ctrl-C (or any error) every running `distill train` gets SIGINT,
+    stops its trainer and exits; one still running STOP_GRACE_S later is killed."""
+    from distillflow.tasks.train.student import read_metrics
+
+    pending, running, metrics = list(jobs), {}, {}
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                name, path = pending.pop(0)
+                log_path = students_dir / name / "train.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with log_path.open("w", encoding="utf-8") as log:
+                    process = subprocess.Popen(
+                        [sys.executable, "-m", "distillflow.cli", "train", str(path)],
+                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    )  # fmt: skip
+                running[name] = (process, time.perf_counter(), log_path)
+            time.sleep(0.2)
+            for name, (process, started, log_path) in list(running.items()):
+                seconds = time.perf_counter() - started
+                if process.poll() is None and seconds <= timeout_s:
+                    continue
+                if process.returncode != 0:
+                    what = f"exited with code {process.returncode}" if process.returncode is not None else (
+                        f"did not finish in {timeout_s:.0f} s")
+                    tail = "\n".join(f"  | {line}" for line in log_path.read_text(errors="replace").splitlines()[-25:])
+                    raise DemoFailed(f"training the {name} student {what}; the end of {log_path}:\n{tail}")
+                del running[name]
+                metrics[name] = read_metrics(students_dir / name)[1]
+                _say(f"trained {name} in {seconds:.0f} s")
+    finally:
+        _stop(process for process, _, _ in running.values())
+    return {name: metrics[name] for name, _ in jobs}
+
+
+def _stop(processes: Any) -> None:
+    """Stop each running `distill train` as Ctrl-C does (it stops its trainer first): a
+    terminal's Ctrl-C has reached them already, so they get a moment to exit on their own,
+    then SIGINT; what still runs STOP_GRACE_S after is killed (inside the demo's own grace
+    period, distillflow/interrupt.py)."""
+    processes = [process for process in processes if process.poll() is None]
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and any(process.poll() is None for process in processes):
+        time.sleep(0.05)
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class DemoFailed(RuntimeError):
+    """A step of the demo failed; the message says which and quotes its log."""
+
+
 def demo_command(
     workdir: str | Path = "runs/demo", train_student: bool = True, budget: DemoBudget | None = None
 ) -> dict[str, Any]:
     from distillflow.flows.build import build_command
     from distillflow.flows.capture_logits import capture_logits_command
     from distillflow.flows.evaluate import eval_command
-    from distillflow.flows.train import train_command
     from distillflow.storage.inspect import inspect_dataset
     from distillflow.tasks.train.demo_teacher import ensure_demo_teacher
 
@@ -233,15 +318,19 @@ def demo_command(
     init = own_vocabulary_init(shape, workdir / "dataset", workdir / "student-bpe-init", budget.seed)
     _say(f"own-vocabulary student: {STUDENT_VOCABULARY}-token BPE trained on the dataset's text ({init})")
 
-    result["training"] = {}
+    jobs = []
     for name in STUDENTS:
         own = name in OWN_VOCABULARY_STUDENTS
         dataset_dir = reference_dir if name == "reference" else topk_dir if own else workdir / "dataset"
         path = workdir / f"student-{name}.yaml"
         variant = student_config(config, workdir, name, dataset_dir, init if own else None)
         path.write_text(yaml.safe_dump(variant, sort_keys=False))
-        _say(f"training the {name} student with DeepSpeed ({budget.student_steps} steps)…")
-        result["training"][name] = train_command(path)
+        jobs.append((name, path))
+    _say(
+        f"training {len(jobs)} students with DeepSpeed ({budget.student_steps} steps each, "
+        f"{PARALLEL_TRAININGS} at a time; logs in {workdir / 'students'}/NAME/train.log)…"
+    )
+    result["training"] = train_in_parallel(jobs, workdir / "students", PARALLEL_TRAININGS)
 
     _say("evaluating the teacher and the students…")
     result["report"] = eval_command(config_path)

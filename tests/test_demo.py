@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distillflow.flows.demo import OWN_VOCABULARY_STUDENTS, STUDENTS
+from distillflow.flows.demo import KD_STUDENT, OWN_VOCABULARY_STUDENTS, STUDENTS
 
 
 @pytest.mark.slow
@@ -34,5 +34,51 @@ def test_short_demo_trains_every_student_and_evaluates_them(tiny_demo):
     own = load_tokenizer(tmp_path / "student-bpe-init").get_vocab()
     assert all(load_tokenizer(tmp_path / "students" / name / "final").get_vocab() == own for name in OWN_VOCABULARY_STUDENTS)
     assert own != load_tokenizer(result["training"]["kd_sampled"]["final_dir"]).get_vocab()
+    # the default KD student matched the teacher's hidden states; each training kept its log
+    assert result["training"][KD_STUDENT]["objective"] == "hidden"
+    last_step = json.loads((tmp_path / "students" / KD_STUDENT / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last_step["hidden"] > 0 and last_step["kd"] > 0
+    assert all("trained →" in (tmp_path / "students" / name / "train.log").read_text() for name in STUDENTS)
     coverage = result["training"]["kd_greybox"]["greybox_coverage"]
     assert coverage["exact"] + coverage["merged"] > 0 and coverage["rows_without_logprobs"] == 0
+
+
+def _processes_with(text: str) -> list[int]:
+    """Pids whose command line contains `text`."""
+    from pathlib import Path
+
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.deepspeed
+def test_a_failed_training_stops_the_others_and_quotes_its_log(tmp_path):
+    """Two `distill train` at once: the one whose config is wrong fails the demo with its
+    log's end and its name, and the other one (a long training) is stopped, nothing left."""
+    import time
+
+    import yaml
+
+    from distillflow.flows.demo import DemoFailed, train_in_parallel
+    from tests.fixtures import build_tiny_setup_once
+
+    tiny = build_tiny_setup_once(tmp_path / "tiny", num_rows=8)
+    long_run = {"training": {"dataset_dir": str(tiny["dataset"]), "output_dir": str(tmp_path / "students" / "long"),
+                             "student": str(tiny["student"]), "objective": "sft", "max_steps": 100000,
+                             "log_every": 1, "checkpoint_every": 0}}  # fmt: skip
+    broken = {"training": {**long_run["training"], "output_dir": str(tmp_path / "students" / "broken"), "alhpa": 0.5}}
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(long_run))
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    started = time.monotonic()
+    with pytest.raises(DemoFailed, match="training the broken student exited with code 1") as error:
+        train_in_parallel([("long", tmp_path / "long.yaml"), ("broken", tmp_path / "broken.yaml")], tmp_path / "students", 2)
+    assert "alhpa" in str(error.value)  # the end of its log names the wrong key
+    assert time.monotonic() - started < 120
+    assert _processes_with(str(tmp_path / "long.yaml")) == []
+    assert _processes_with(str(tmp_path / "students" / "long")) == []  # its trainer too

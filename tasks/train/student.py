@@ -30,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from distillflow.config import load_training_config
+from distillflow.interrupt import cancel_on_interrupt
 from distillflow.progress import progress
 from distillflow.runs import get_run_logger, keeps_artifacts
 from distillflow.training.config import TrainingConfig
@@ -109,12 +110,15 @@ def run_streaming(
         timer = threading.Timer(timeout_s, kill_on_timeout)
         timer.start()
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            on_line(line)
-        returncode = process.wait()
+        # Ctrl-C / SIGTERM kill the trainer at once, from the signal's helper thread: the
+        # KeyboardInterrupt it also raises can land where Python ignores it (a __del__).
+        with cancel_on_interrupt(lambda: _kill_group(process)):
+            assert process.stdout is not None
+            for line in process.stdout:
+                line = line.rstrip("\n")
+                tail.append(line)
+                on_line(line)
+            returncode = process.wait()
     except BaseException:
         _kill_group(process)  # cancelled or interrupted: never leave training running
         raise
