@@ -85,7 +85,10 @@ def test_distill_mine_adds_hard_prompts_retrains_and_evaluates(tiny_demo, tmp_pa
     monkeypatch.chdir(tmp_path)
     workdir = tiny_demo["workdir"]
     config = yaml.safe_load((workdir / "demo.yaml").read_text())
-    config["training"].update(max_steps=3, output_dir=str(workdir / "students" / KD_STUDENT))
+    # kd_topk (the kd_sampled student's settings): the mined shard needs the teacher's tokens captured
+    config["training"].update(
+        max_steps=3, output_dir=str(workdir / "students" / KD_STUDENT), objective="kd_topk", temperature=1.0
+    )
     config["evaluation"]["output_dir"] = str(tmp_path / "eval")
     config["mining"] = {
         "output_dir": str(tmp_path / "mined"),
