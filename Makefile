@@ -84,7 +84,7 @@ bench: $(VENV)/.bench-deps
 # 2-14 minutes each on 2 cores (on_policy about 40 a seed), 4-6 hours. Then scripts/render_tables.py --save.
 kd-vs-sft: $(STAMP)
 	test -f runs/demo/dataset/manifest.json || $(VENV)/bin/distill demo
-	$(PY) bench/kd_vs_sft.py --objectives sft kd_topk kd_topk_T4_pure kd_sampled kd_logits on_policy reference untrained sft_bpe kd_greybox
+	$(PY) bench/kd_vs_sft.py --objectives sft kd_topk kd_topk_T4_pure kd_sampled kd_logits kd_hidden on_policy reference untrained sft_bpe kd_greybox
 
 # Hard-prompt mining vs random extra prompts on the demo task, 3 seeds (docs/mining.md).
 stream-bench: $(VENV)/.bench-deps

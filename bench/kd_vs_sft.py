@@ -27,6 +27,9 @@
                 on the dataset's text; its own initialisation per seed), the teacher's text
      kd_greybox that student on the teacher's top-k (a top-k capture) aligned to its tokens;
                 paired with sft_bpe, not sft
+     sft_pruned, kd_hidden_pruned  a student copied from the teacher (2 of its blocks, MLPs
+                pruned to 256 neurons: derive_student's Minitron-style pruning), sft and
+                kd_hidden; kd_hidden_pruned is paired with sft_pruned
 3. One `distill eval` of every student on the test set (prompts/seeds/skills_eval.jsonl),
    clean and under the robustness perturbations, with the spread of sampled answers on the
    families with several right answers.
@@ -56,6 +59,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+PRUNED = {"num_layers": 2, "intermediate_size": 256}
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "sft": {"objective": "sft"},
     "kd_topk": {"objective": "kd_topk", "temperature": 2.0},
@@ -73,6 +77,13 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     },  # fmt: skip
     "reference": {"objective": "sft"},
     "untrained": {},
+    # A student copied from the teacher instead (derive_student: 2 of its 8 blocks, each MLP
+    # pruned to its 256 most important neurons; 0.22 of its parameters), same steps:
+    "sft_pruned": {"objective": "sft", "derive_student": PRUNED},
+    "kd_hidden_pruned": {
+        "objective": "hidden", "temperature": 2.0, "hidden_layer_pairs": [[4, 1], [8, 2]], "hidden_loss": "cosine",
+        "derive_student": PRUNED,
+    },  # fmt: skip
     # A student of the same shape with a vocabulary of its own (the demo's 400-token BPE):
     "sft_bpe": {"objective": "sft"},
     "kd_greybox": {"objective": "kd_greybox", "temperature": 1.0, "divergence": "forward_kl"},  # top-k aligned to its tokens
@@ -203,8 +214,8 @@ def scores(entry: dict) -> dict[str, Any]:
 
 
 def sft_of(objective: str) -> str:
-    """The sft student an objective is paired with: the one with the same vocabulary."""
-    return "sft_bpe" if objective in OWN_VOCABULARY else "sft"
+    """The sft student an objective is paired with: the one with the same vocabulary and shape."""
+    return "sft_bpe" if objective in OWN_VOCABULARY else "sft_pruned" if objective.endswith("_pruned") else "sft"
 
 
 def summarise(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str, Any]:

@@ -244,7 +244,7 @@ def train_in_parallel(
                 _say(f"trained {name} in {seconds:.0f} s")
     finally:
         _stop(process for process, _, _ in running.values())
-    return {name: metrics[name] for name, _ in jobs}
+    return metrics
 
 
 def _stop(processes: Any) -> None:
@@ -330,6 +330,7 @@ def demo_command(
         f"training {len(jobs)} students with DeepSpeed ({budget.student_steps} steps each, "
         f"{PARALLEL_TRAININGS} at a time; logs in {workdir / 'students'}/NAME/train.log)…"
     )
+    jobs.sort(key=lambda job: job[0] != KD_STUDENT)  # the longest training (teacher in process) first
     result["training"] = train_in_parallel(jobs, workdir / "students", PARALLEL_TRAININGS)
 
     _say("evaluating the teacher and the students…")

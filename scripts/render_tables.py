@@ -38,6 +38,8 @@ SOURCES = {  # saved report → where a fresh run writes it
     "kd_vs_sft-rows500.json": ROOT / "runs" / "kd-vs-sft-rows500" / "kd_vs_sft.json",
     "kd_vs_sft-onpolicy.json": ROOT / "runs" / "kd-vs-sft-onpolicy" / "kd_vs_sft.json",
     "kd_vs_sft-bpe.json": ROOT / "runs" / "kd-vs-sft-bpe" / "kd_vs_sft.json",
+    "kd_vs_sft-hidden.json": ROOT / "runs" / "kd-vs-sft-hidden" / "kd_vs_sft.json",
+    "kd_vs_sft-pruned.json": ROOT / "runs" / "kd-vs-sft-pruned" / "kd_vs_sft.json",
     "sparse_kd_tail.json": ROOT / "runs" / "sparse-kd-tail" / "report.json",
     "sampled_kd.json": ROOT / "runs" / "bench-sampled-kd" / "sampled_kd.json",
     "greybox_kd.json": ROOT / "runs" / "bench-greybox-kd" / "greybox_kd.json",
@@ -146,7 +148,8 @@ def tables() -> dict[str, tuple[Path, str]]:
         out["demo"] = (ROOT / "README.md", demo_table(report))
         out["demo-family"] = (ROOT / "README.md", demo_family_table(report))
     for saved, name in (("kd_vs_sft.json", "kd-vs-sft"), ("kd_vs_sft-rows500.json", "kd-vs-sft-rows500"),
-                        ("kd_vs_sft-onpolicy.json", "kd-vs-sft-onpolicy"), ("kd_vs_sft-bpe.json", "kd-vs-sft-bpe")):
+                        ("kd_vs_sft-onpolicy.json", "kd-vs-sft-onpolicy"), ("kd_vs_sft-bpe.json", "kd-vs-sft-bpe"),
+                        ("kd_vs_sft-hidden.json", "kd-vs-sft-hidden"), ("kd_vs_sft-pruned.json", "kd-vs-sft-pruned")):
         if (REPORTS / saved).is_file():
             out[name] = (ROOT / "docs" / "kd_vs_sft.md", bench_table(json.loads((REPORTS / saved).read_text())))
     if (REPORTS / "sparse_kd_tail.json").is_file():
