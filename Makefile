@@ -80,9 +80,9 @@ bench: $(VENV)/.bench-deps
 	$(PY) bench/kd_step.py
 
 # Every objective on the demo task at the demo's settings, 5 seeds, mean ± 95 % CI and paired
-# differences (docs/kd_vs_sft.md). After `make demo` (it reuses runs/demo); 55 trainings, one at
+# differences (docs/kd_vs_sft.md). After `make demo` (it reuses runs/demo); 50 trainings, one at
 # a time: 2-4 minutes each, kd_logits and kd_hidden 6-11, on_policy 20-27 (measured on 2 cores
-# shared with another bench): about 6 hours. Then scripts/render_tables.py --save.
+# shared with another bench): 5-6 hours. Then scripts/render_tables.py --save.
 kd-vs-sft: $(STAMP)
 	test -f runs/demo/dataset/manifest.json || $(VENV)/bin/distill demo
 	$(PY) bench/kd_vs_sft.py --objectives sft kd_topk kd_topk_T4_pure kd_sampled kd_logits kd_hidden on_policy reference untrained sft_bpe kd_greybox
