@@ -82,3 +82,48 @@ def test_a_failed_training_stops_the_others_and_quotes_its_log(tmp_path):
     assert time.monotonic() - started < 120
     assert _processes_with(str(tmp_path / "long.yaml")) == []
     assert _processes_with(str(tmp_path / "students" / "long")) == []  # its trainer too
+
+
+@pytest.mark.deepspeed
+def test_ctrl_c_stops_the_parallel_trainings_in_seconds(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while two students train:
+    the command exits 130 within seconds and no `distill train` or trainer is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.fixtures import build_tiny_setup_once
+
+    tiny = build_tiny_setup_once(tmp_path / "tiny", num_rows=8)
+    jobs = []
+    for name in ("a", "b"):
+        run = {"training": {"dataset_dir": str(tiny["dataset"]), "output_dir": str(tmp_path / "students" / name),
+                            "student": str(tiny["student"]), "objective": "sft", "max_steps": 100000,
+                            "log_every": 1, "checkpoint_every": 0}}  # fmt: skip
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(run))
+        jobs.append((name, str(tmp_path / f"{name}.yaml")))
+    script = (
+        "from pathlib import Path\n"
+        "from distillflow.interrupt import exit_on_signals\n"
+        "from distillflow.flows.demo import train_in_parallel\n"
+        "with exit_on_signals():\n"
+        f"    train_in_parallel([(n, Path(p)) for n, p in {jobs!r}], Path({str(tmp_path / 'students')!r}), 2)\n"
+    )
+    log = (tmp_path / "command.log").open("w")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not all((tmp_path / "students" / name / "metrics.jsonl").is_file() for name in ("a", "b")):
+        assert process.poll() is None, (tmp_path / "command.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the trainings never started"
+        time.sleep(0.2)
+    sent = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(30) == 130, (tmp_path / "command.log").read_text()[-3000:]
+    assert time.monotonic() - sent < 10
+    for name in ("a", "b"):
+        assert _processes_with(str(tmp_path / f"{name}.yaml")) == []
+        assert _processes_with(str(tmp_path / "students" / name)) == []
