@@ -209,7 +209,7 @@ def train_in_parallel(
 ) -> dict[str, dict[str, Any]]:
     """`distill train CONFIG` for each (name, config) job, `parallel` processes at a time, in
     the order given; each one's output goes to students_dir/NAME/train.log. Returns each
-    student's final metrics (its metrics.json).
+    student's final metrics (the metrics.json of its training.output_dir), by name.
 
     A training that fails or runs past `timeout_s` stops the others and raises DemoFailed with
     the end of its log. On Ctrl-C (or any error) every running `distill train` gets SIGINT,
@@ -240,7 +240,8 @@ def train_in_parallel(
                     tail = "\n".join(f"  | {line}" for line in log_path.read_text(errors="replace").splitlines()[-25:])
                     raise DemoFailed(f"training the {name} student {what}; the end of {log_path}:\n{tail}")
                 del running[name]
-                metrics[name] = read_metrics(students_dir / name)[1]
+                output_dir = yaml.safe_load(dict(jobs)[name].read_text(encoding="utf-8"))["training"]["output_dir"]
+                metrics[name] = read_metrics(output_dir)[1]
                 _say(f"trained {name} in {seconds:.0f} s")
     finally:
         _stop(process for process, _, _ in running.values())
