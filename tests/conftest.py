@@ -33,11 +33,19 @@ if str(ROOT) not in sys.path:
 @pytest.fixture(autouse=True)
 def _flows_back_to_prefect():
     """A CLI call in a test can run its flows without orchestration (no server configured
-    yet, distillflow/runs.py); later tests of the same process get Prefect's flows back."""
+    yet, distillflow/runs.py); later tests of the same process get Prefect's flows back.
+    It can also point the process at the server `distill server start` recorded
+    (local_server.use_running_server sets PREFECT_API_URL): that server stops with its test,
+    so the variable goes back to what it was, or a later test's subprocesses inherit a dead URL."""
+    api_url = os.environ.get("PREFECT_API_URL")
     yield
     runs = sys.modules.get("distillflow.runs")
     if runs is not None and runs._active:
         runs.deactivate()
+    if api_url is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = api_url
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ def _processes_with(text: str) -> list[int]:
 
 
 @pytest.mark.deepspeed
-def test_a_failed_training_stops_the_others_and_quotes_its_log(tmp_path):
+def test_a_failed_training_stops_the_others_and_quotes_its_log(tmp_path, monkeypatch):
     """Two `distill train` at once: the one whose config is wrong fails the demo with its
     log's end and its name, and the other one (a long training) is stopped, nothing left."""
     import time
@@ -68,6 +68,8 @@ def test_a_failed_training_stops_the_others_and_quotes_its_log(tmp_path):
     from distillflow.flows.demo import DemoFailed, train_in_parallel
     from tests.fixtures import build_tiny_setup_once
 
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the trainings run with no server
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     tiny = build_tiny_setup_once(tmp_path / "tiny", num_rows=8)
     long_run = {"training": {"dataset_dir": str(tiny["dataset"]), "output_dir": str(tmp_path / "students" / "long"),
                              "student": str(tiny["student"]), "objective": "sft", "max_steps": 100000,
@@ -85,7 +87,7 @@ def test_a_failed_training_stops_the_others_and_quotes_its_log(tmp_path):
 
 
 @pytest.mark.deepspeed
-def test_ctrl_c_stops_the_parallel_trainings_in_seconds(tmp_path):
+def test_ctrl_c_stops_the_parallel_trainings_in_seconds(tmp_path, monkeypatch):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) while two students train:
     the command exits 130 within seconds and no `distill train` or trainer is left."""
     import os
@@ -98,6 +100,8 @@ def test_ctrl_c_stops_the_parallel_trainings_in_seconds(tmp_path):
 
     from tests.fixtures import build_tiny_setup_once
 
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the trainings run with no server
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     tiny = build_tiny_setup_once(tmp_path / "tiny", num_rows=8)
     jobs = []
     for name in ("a", "b"):

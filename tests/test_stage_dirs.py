@@ -42,6 +42,7 @@ def test_the_training_stage_reads_the_derived_directory_from_the_file(tmp_path):
 def test_an_explicit_key_wins_and_capture_output_feeds_kd_topk(tmp_path):
     data = demo_data(str(tmp_path / "built"))
     data["capture"]["output_dir"] = str(tmp_path / "captured")
+    data["training"].update(objective="kd_topk", temperature=1.0)  # reads the captured tokens
     dirs = stage_dirs(parse_config(data))
     assert (dirs.capture_input, dirs.training_dataset) == (tmp_path / "built", tmp_path / "captured")
     data["training"]["dataset_dir"] = str(tmp_path / "mine")
