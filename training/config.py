@@ -71,7 +71,7 @@ class DeriveStudentConfig(StrictModel):
     Layers: every `layer_stride`-th teacher layer is copied (DistilBERT-style), starting at
     layer 0, or `num_layers` evenly spaced layers (first and last included), with the teacher's
     embeddings, final norm and lm_head. `intermediate_size` alone (below the teacher's) prunes
-    each copied block's MLP to its most important neurons, measured on the first training rows
+    each copied block's MLP to its most important neurons, measured on evenly spaced training rows
     (Minitron-style width pruning; gated MLPs: Llama, Qwen, Mistral). With `hidden_size` or
     `num_attention_heads` set, the student is a fresh (randomly initialised) model of that
     width and the teacher's depth choice: weights are copied only at the teacher's width.

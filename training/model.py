@@ -99,13 +99,13 @@ def derive_student(
         teacher_state = teacher.state_dict()
         student_state = {}
         for name in student.state_dict():
-            source = name
-            if name.startswith("model.layers."):
-                index = int(name.split(".")[2])
-                source = name.replace(f"model.layers.{index}.", f"model.layers.{layers[index]}.", 1)
-            weight = teacher_state[source]
-            if kept_neurons is not None and name.startswith("model.layers."):
-                weight = _kept_mlp_slice(name, weight, kept_neurons[layers[int(name.split(".")[2])]])
+            if not name.startswith("model.layers."):
+                student_state[name] = teacher_state[name]
+                continue
+            index = int(name.split(".")[2])
+            weight = teacher_state[name.replace(f"model.layers.{index}.", f"model.layers.{layers[index]}.", 1)]
+            if kept_neurons is not None:
+                weight = _kept_mlp_slice(name, weight, kept_neurons[layers[index]])
             student_state[name] = weight
         student.load_state_dict(student_state)
         return student
