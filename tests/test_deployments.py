@@ -257,6 +257,11 @@ def test_a_stage_deployment_runs_the_stage_on_its_typed_config(prefect_harness, 
     from distillflow.flows.deployments import run_deployment
 
     monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    # The run's temporary directory goes under this test's own, so a deployment another test
+    # runs at the same time (another xdist worker) does not show up in the check below.
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
     seeds = tmp_path / "seeds.jsonl"
     write_seeds(seeds, GOOD[:4])
     with ServerThread(FaultyOpenAIServer(api_key=API_KEY), free_port()) as teacher:
@@ -266,7 +271,7 @@ def test_a_stage_deployment_runs_the_stage_on_its_typed_config(prefect_harness, 
     assert result["dataset"]["accepted"] == 4
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["name"] == "edited-in-the-form"
-    assert not list(Path(tempfile.gettempdir()).glob("distill-deployment-*"))  # the temporary config is gone
+    assert not list(private_tmp.glob("distill-deployment-*"))  # the temporary config is gone
 
 
 @pytest.mark.slow
