@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distillflow.flows.demo import KD_STUDENT, OWN_VOCABULARY_STUDENTS, STUDENTS
+from distillflow.flows.demo import DEMO_CONFIG, KD_STUDENT, OWN_VOCABULARY_STUDENTS, STUDENTS
 
 
 @pytest.mark.slow
@@ -34,13 +34,27 @@ def test_short_demo_trains_every_student_and_evaluates_them(tiny_demo):
     own = load_tokenizer(tmp_path / "student-bpe-init").get_vocab()
     assert all(load_tokenizer(tmp_path / "students" / name / "final").get_vocab() == own for name in OWN_VOCABULARY_STUDENTS)
     assert own != load_tokenizer(result["training"]["kd_sampled"]["final_dir"]).get_vocab()
-    # the default KD student matched the teacher's hidden states; each training kept its log
-    assert result["training"][KD_STUDENT]["objective"] == "hidden"
-    last_step = json.loads((tmp_path / "students" / KD_STUDENT / "metrics.jsonl").read_text().splitlines()[-1])
+    # the default KD student learned from the sampled capture; kd_hidden matched the teacher's
+    # hidden states; each training kept its log
+    assert result["training"][KD_STUDENT]["objective"] == "kd_topk"
+    assert result["training"]["kd_hidden"]["objective"] == "hidden"
+    last_step = json.loads((tmp_path / "students" / "kd_hidden" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last_step["hidden"] > 0 and last_step["kd"] > 0
     assert all("trained →" in (tmp_path / "students" / name / "train.log").read_text() for name in STUDENTS)
+    # every student at configs/demo.yaml's settings: its learning rate, steps and batch
+    settings = ("learning_rate", "max_steps", "micro_batch_size", "packing", "seed", "warmup_steps")
+    demo = _training(DEMO_CONFIG) | {"max_steps": budget.student_steps, "seed": budget.seed}
+    for name in STUDENTS:
+        training = _training(tmp_path / f"student-{name}.yaml")
+        assert {key: training.get(key) for key in settings} == {key: demo.get(key) for key in settings}, name
     coverage = result["training"]["kd_greybox"]["greybox_coverage"]
     assert coverage["exact"] + coverage["merged"] > 0 and coverage["rows_without_logprobs"] == 0
+
+
+def _training(path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8"))["training"]
 
 
 def _processes_with(text: str) -> list[int]:
