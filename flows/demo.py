@@ -4,16 +4,15 @@
 2. `build_dataset` with the in-process teacher: seed questions and adversarial variants,
 3. `capture-logits`: k tokens drawn from the teacher's distribution at every answer token
    (`capture.method: sampled`),
-4. four students of the same size (≤ 1/4 of the teacher's parameters, same initialisation)
+4. three students of the same size (≤ 1/4 of the teacher's parameters, same initialisation)
    in the teacher's vocabulary, trained with DeepSpeed: `sft` on the teacher's text (black
    box), `kd_sampled` on the captured tokens (white box, T = 1: configs/demo.yaml's
-   `training:` settings), `kd_hidden` on the teacher's full logits and hidden states (in
-   process), and `reference` on the true answers of the same prompts,
+   `training:` settings) and `reference` on the true answers of the same prompts,
 5. two students of that size with a vocabulary of their own (a byte-level BPE trained on the
    dataset's text, as a student picked off the shelf has its own tokenizer): `sft_bpe` on
    the teacher's text and `kd_greybox` on the teacher's top-k (a second capture,
    `capture.method: topk`), aligned to the student's tokens on the answer's bytes,
-6. `distill eval`: the teacher and the six students on held-out questions (words and
+6. `distill eval`: the teacher and the five students on held-out questions (words and
    numbers none of them saw), clean and perturbed, plus speed and size; the comparison
    table and the report's path at the end.
 
@@ -43,17 +42,10 @@ from distillflow.storage.manifest import Manifest
 DEMO_CONFIG = packaged("configs/demo.yaml")
 OWN_VOCABULARY_STUDENTS = ("sft_bpe", "kd_greybox")  # a BPE of their own, not the teacher's
 KD_STUDENT = "kd_sampled"  # trained with configs/demo.yaml's `training:` settings
-STUDENTS = ("sft", KD_STUDENT, "kd_hidden", "reference", *OWN_VOCABULARY_STUDENTS)
-LONGEST_TRAINING = "kd_hidden"  # the teacher runs in its training process: it starts first
+STUDENTS = ("sft", KD_STUDENT, "reference", *OWN_VOCABULARY_STUDENTS)
 # The other students: their objective over configs/demo.yaml's training settings.
 STUDENT_OBJECTIVES: dict[str, dict[str, Any]] = {
     "sft": {"objective": "sft"},
-    # the teacher in process: KL to its full logits (T = 2), and the outputs of the student's
-    # two blocks, through a learned projection (96 → 128), matched to its blocks 4 and 8
-    "kd_hidden": {
-        "objective": "hidden", "temperature": 2.0, "divergence": "forward_kl",
-        "hidden_layer_pairs": [[4, 1], [8, 2]], "hidden_loss": "cosine",
-    },  # fmt: skip
     "reference": {"objective": "sft"},
     "sft_bpe": {"objective": "sft"},
     "kd_greybox": {"objective": "kd_greybox", "temperature": 1.0, "divergence": "forward_kl"},
@@ -336,7 +328,6 @@ def demo_command(
         f"training {len(jobs)} students with DeepSpeed ({budget.student_steps} steps each, "
         f"{PARALLEL_TRAININGS} at a time; logs in {workdir / 'students'}/NAME/train.log)…"
     )
-    jobs.sort(key=lambda job: job[0] != LONGEST_TRAINING)
     result["training"] = train_in_parallel(jobs, workdir / "students", PARALLEL_TRAININGS)
 
     _say("evaluating the teacher and the students…")

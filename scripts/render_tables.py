@@ -12,7 +12,7 @@ never typed by hand. Sources:
     kd-vs-sft   runs/kd-vs-sft/kd_vs_sft.json        → docs/kd_vs_sft.md (`make kd-vs-sft`)
     kd-vs-sft-rows500 runs/kd-vs-sft-rows500/kd_vs_sft.json → docs/kd_vs_sft.md
     kd-vs-sft-bpe runs/kd-vs-sft-bpe/kd_vs_sft.json  → docs/kd_vs_sft.md (own-vocabulary students)
-    kd-vs-sft-hidden runs/kd-vs-sft-hidden/kd_vs_sft.json → docs/kd_vs_sft.md (kd_hidden, 5 seeds)
+    kd-vs-sft-lr runs/kd-vs-sft-lr/kd_vs_sft.json    → docs/kd_vs_sft.md (the learning rates, 5 seeds)
     kd-vs-sft-pruned runs/kd-vs-sft-pruned/kd_vs_sft.json → docs/kd_vs_sft.md (a pruned copied student)
     sparse-kd-tail runs/sparse-kd-tail/report.json     → docs/training.md (bench/sparse_kd_tail.py)
     sampled-kd  runs/bench-sampled-kd/sampled_kd.json → docs/training.md (bench/sampled_kd.py)
@@ -38,7 +38,7 @@ SOURCES = {  # saved report → where a fresh run writes it
     "kd_vs_sft.json": ROOT / "runs" / "kd-vs-sft" / "kd_vs_sft.json",
     "kd_vs_sft-rows500.json": ROOT / "runs" / "kd-vs-sft-rows500" / "kd_vs_sft.json",
     "kd_vs_sft-bpe.json": ROOT / "runs" / "kd-vs-sft-bpe" / "kd_vs_sft.json",
-    "kd_vs_sft-hidden.json": ROOT / "runs" / "kd-vs-sft-hidden" / "kd_vs_sft.json",
+    "kd_vs_sft-lr.json": ROOT / "runs" / "kd-vs-sft-lr" / "kd_vs_sft.json",
     "kd_vs_sft-pruned.json": ROOT / "runs" / "kd-vs-sft-pruned" / "kd_vs_sft.json",
     "sparse_kd_tail.json": ROOT / "runs" / "sparse-kd-tail" / "report.json",
     "sampled_kd.json": ROOT / "runs" / "bench-sampled-kd" / "sampled_kd.json",
@@ -149,7 +149,7 @@ def tables() -> dict[str, tuple[Path, str]]:
         out["demo-family"] = (ROOT / "README.md", demo_family_table(report))
     for saved, name in (("kd_vs_sft.json", "kd-vs-sft"), ("kd_vs_sft-rows500.json", "kd-vs-sft-rows500"),
                         ("kd_vs_sft-bpe.json", "kd-vs-sft-bpe"),
-                        ("kd_vs_sft-hidden.json", "kd-vs-sft-hidden"), ("kd_vs_sft-pruned.json", "kd-vs-sft-pruned")):
+                        ("kd_vs_sft-lr.json", "kd-vs-sft-lr"), ("kd_vs_sft-pruned.json", "kd-vs-sft-pruned")):
         if (REPORTS / saved).is_file():
             out[name] = (ROOT / "docs" / "kd_vs_sft.md", bench_table(json.loads((REPORTS / saved).read_text())))
     if (REPORTS / "sparse_kd_tail.json").is_file():
