@@ -11,6 +11,7 @@ never typed by hand. Sources:
     demo-family runs/demo/eval/report.json           → README.md
     kd-vs-sft   runs/kd-vs-sft/kd_vs_sft.json        → docs/kd_vs_sft.md (`make kd-vs-sft`)
     kd-vs-sft-rows500 runs/kd-vs-sft-rows500/kd_vs_sft.json → docs/kd_vs_sft.md
+    kd-vs-sft-rows500-lr runs/kd-vs-sft-rows500-lr/kd_vs_sft.json → docs/kd_vs_sft.md (500 rows, 3.75e-4)
     kd-vs-sft-bpe runs/kd-vs-sft-bpe/kd_vs_sft.json  → docs/kd_vs_sft.md (own-vocabulary students)
     kd-vs-sft-lr runs/kd-vs-sft-lr/kd_vs_sft.json    → docs/kd_vs_sft.md (the learning rates, 5 seeds)
     kd-vs-sft-pruned runs/kd-vs-sft-pruned/kd_vs_sft.json → docs/kd_vs_sft.md (a pruned copied student)
@@ -37,6 +38,7 @@ SOURCES = {  # saved report → where a fresh run writes it
     "demo-report.json": ROOT / "runs" / "demo" / "eval" / "report.json",
     "kd_vs_sft.json": ROOT / "runs" / "kd-vs-sft" / "kd_vs_sft.json",
     "kd_vs_sft-rows500.json": ROOT / "runs" / "kd-vs-sft-rows500" / "kd_vs_sft.json",
+    "kd_vs_sft-rows500-lr.json": ROOT / "runs" / "kd-vs-sft-rows500-lr" / "kd_vs_sft.json",
     "kd_vs_sft-bpe.json": ROOT / "runs" / "kd-vs-sft-bpe" / "kd_vs_sft.json",
     "kd_vs_sft-lr.json": ROOT / "runs" / "kd-vs-sft-lr" / "kd_vs_sft.json",
     "kd_vs_sft-pruned.json": ROOT / "runs" / "kd-vs-sft-pruned" / "kd_vs_sft.json",
@@ -147,7 +149,7 @@ def tables() -> dict[str, tuple[Path, str]]:
         report = json.loads(demo.read_text())
         out["demo"] = (ROOT / "README.md", demo_table(report))
         out["demo-family"] = (ROOT / "README.md", demo_family_table(report))
-    for saved, name in (("kd_vs_sft.json", "kd-vs-sft"), ("kd_vs_sft-rows500.json", "kd-vs-sft-rows500"),
+    for saved, name in (("kd_vs_sft.json", "kd-vs-sft"), ("kd_vs_sft-rows500.json", "kd-vs-sft-rows500"), ("kd_vs_sft-rows500-lr.json", "kd-vs-sft-rows500-lr"),
                         ("kd_vs_sft-bpe.json", "kd-vs-sft-bpe"),
                         ("kd_vs_sft-lr.json", "kd-vs-sft-lr"), ("kd_vs_sft-pruned.json", "kd-vs-sft-pruned")):
         if (REPORTS / saved).is_file():
