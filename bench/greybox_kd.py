@@ -47,8 +47,7 @@ from distillflow.tasks.train.student import run_streaming  # noqa: E402
 from distillflow.training.launch import build_launch_command, launch_env  # noqa: E402
 
 OBJECTIVES = ("sft", "kd_greybox")
-# The settings of docs/training.md's table that are not configs/demo.yaml's (its KD student
-# trains at T = 2 with the teacher in process, every student at 1.5e-3).
+# The settings of docs/training.md's table, which configs/demo.yaml's need not share.
 TEMPERATURE = 1.0
 LEARNING_RATE = 3.0e-3
 

@@ -70,37 +70,29 @@ PRUNED = {"num_layers": 2, "intermediate_size": 256}
 # docs/kd_vs_sft.md were measured at. The demo trains at an eighth of it (3.75e-4), where sft
 # learns the teacher's answers best (the *_lr objectives measure the rates between).
 BASE_LEARNING_RATE = 3.0e-3
+# The KD recipes that appear at several learning rates or student shapes:
+# kd_topk on a sampled capture (an estimate of p itself, so T = 1, forward KL), and the
+# teacher's full logits (T = 2) plus its hidden states: the student's two blocks' outputs
+# matched (cosine, through a learned projection) to the teacher's blocks 4 and 8.
+SAMPLED = {"objective": "kd_topk", "temperature": 1.0, "divergence": "forward_kl"}
+HIDDEN = {"objective": "hidden", "temperature": 2.0, "hidden_layer_pairs": [[4, 1], [8, 2]], "hidden_loss": "cosine"}
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "sft": {"objective": "sft"},
     "kd_topk": {"objective": "kd_topk", "temperature": 2.0},
     "kd_topk_T4_pure": {"objective": "kd_topk", "temperature": 4.0, "alpha": 1.0},
-    "kd_sampled": {"objective": "kd_topk", "temperature": 1.0, "divergence": "forward_kl"},
+    "kd_sampled": SAMPLED,
     "kd_logits": {"objective": "kd_logits", "temperature": 2.0},
-    # The teacher's full logits (T = 2) and its hidden states: the student's two blocks' outputs
-    # matched (cosine, through a learned projection) to the teacher's blocks 4 and 8.
-    "kd_hidden": {
-        "objective": "hidden", "temperature": 2.0, "hidden_layer_pairs": [[4, 1], [8, 2]], "hidden_loss": "cosine",
-        "learning_rate": 1.5e-3,
-    },  # fmt: skip
+    "kd_hidden": {**HIDDEN, "learning_rate": 1.5e-3},
     # kd_hidden at the other students' rate (3e-3): one seed in five fails to train.
-    "kd_hidden_lr3e-3": {
-        "objective": "hidden", "temperature": 2.0, "hidden_layer_pairs": [[4, 1], [8, 2]], "hidden_loss": "cosine",
-        "learning_rate": 3.0e-3,
-    },  # fmt: skip
+    "kd_hidden_lr3e-3": {**HIDDEN, "learning_rate": 3.0e-3},
     # Lower rates: half, a quarter and an eighth of BASE_LEARNING_RATE (the demo's 3.75e-4).
     "sft_half_lr": {"objective": "sft", "learning_rate": 1.5e-3},
-    "kd_sampled_half_lr": {
-        "objective": "kd_topk", "temperature": 1.0, "divergence": "forward_kl", "learning_rate": 1.5e-3,
-    },  # fmt: skip
+    "kd_sampled_half_lr": {**SAMPLED, "learning_rate": 1.5e-3},
     "kd_logits_half_lr": {"objective": "kd_logits", "temperature": 2.0, "learning_rate": 1.5e-3},
     "sft_quarter_lr": {"objective": "sft", "learning_rate": 7.5e-4},
     "sft_eighth_lr": {"objective": "sft", "learning_rate": 3.75e-4},
-    "kd_sampled_quarter_lr": {
-        "objective": "kd_topk", "temperature": 1.0, "divergence": "forward_kl", "learning_rate": 7.5e-4,
-    },  # fmt: skip
-    "kd_sampled_eighth_lr": {
-        "objective": "kd_topk", "temperature": 1.0, "divergence": "forward_kl", "learning_rate": 3.75e-4,
-    },  # fmt: skip
+    "kd_sampled_quarter_lr": {**SAMPLED, "learning_rate": 7.5e-4},
+    "kd_sampled_eighth_lr": {**SAMPLED, "learning_rate": 3.75e-4},
     "on_policy": {
         "objective": "on_policy", "lmbda": 0.5, "divergence": "reverse_kl", "temperature": 1.0,
         "sampling_temperature": 1.0, "max_new_tokens": 16, "packing": False, "micro_batch_size": 32,
@@ -110,10 +102,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     # A student copied from the teacher instead (derive_student: 2 of its 8 blocks, each MLP
     # pruned to its 256 most important neurons; 0.22 of its parameters), same steps:
     "sft_pruned": {"objective": "sft", "derive_student": PRUNED},
-    "kd_hidden_pruned": {
-        "objective": "hidden", "temperature": 2.0, "hidden_layer_pairs": [[4, 1], [8, 2]], "hidden_loss": "cosine",
-        "derive_student": PRUNED,
-    },  # fmt: skip
+    "kd_hidden_pruned": {**HIDDEN, "derive_student": PRUNED},
     # A student of the same shape with a vocabulary of its own (the demo's 400-token BPE):
     "sft_bpe": {"objective": "sft"},
     "kd_greybox": {"objective": "kd_greybox", "temperature": 1.0, "divergence": "forward_kl"},  # top-k aligned to its tokens

@@ -149,9 +149,10 @@ def tables() -> dict[str, tuple[Path, str]]:
         report = json.loads(demo.read_text())
         out["demo"] = (ROOT / "README.md", demo_table(report))
         out["demo-family"] = (ROOT / "README.md", demo_family_table(report))
-    for saved, name in (("kd_vs_sft.json", "kd-vs-sft"), ("kd_vs_sft-rows500.json", "kd-vs-sft-rows500"), ("kd_vs_sft-rows500-lr.json", "kd-vs-sft-rows500-lr"),
-                        ("kd_vs_sft-bpe.json", "kd-vs-sft-bpe"),
-                        ("kd_vs_sft-lr.json", "kd-vs-sft-lr"), ("kd_vs_sft-pruned.json", "kd-vs-sft-pruned")):
+    for saved, name in (("kd_vs_sft.json", "kd-vs-sft"), ("kd_vs_sft-lr.json", "kd-vs-sft-lr"),
+                        ("kd_vs_sft-rows500.json", "kd-vs-sft-rows500"),
+                        ("kd_vs_sft-rows500-lr.json", "kd-vs-sft-rows500-lr"),
+                        ("kd_vs_sft-bpe.json", "kd-vs-sft-bpe"), ("kd_vs_sft-pruned.json", "kd-vs-sft-pruned")):
         if (REPORTS / saved).is_file():
             out[name] = (ROOT / "docs" / "kd_vs_sft.md", bench_table(json.loads((REPORTS / saved).read_text())))
     if (REPORTS / "sparse_kd_tail.json").is_file():
