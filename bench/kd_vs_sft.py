@@ -1,6 +1,8 @@
 """KD vs SFT on the demo task, at the demo's settings, over several seeds.
 
     python bench/kd_vs_sft.py                                  # 5 seeds, the default objectives
+    python bench/kd_vs_sft.py --jobs 2                         # two trainings at a time (one per core)
+    python bench/kd_vs_sft.py --learning-rate 3e-3             # the rate of the first tables
     python bench/kd_vs_sft.py --rows 500                       # the low-data regime: 500 training rows
     python bench/kd_vs_sft.py --objectives sft kd_topk --seeds 0 1 --steps 50 --quick   # a smoke run
 
@@ -10,8 +12,8 @@
    needs (top-k, sampled) is captured into the work dir when the demo's is the other one.
    `--rows N` trains every student on the same first N rows of it.
 2. For each seed and objective, the demo's student (same derived shape, steps, packing,
-   batch and data order per seed; configs/demo.yaml's alpha; learning rate 3e-3, where the
-   objective sets none of its own):
+   batch and data order per seed; configs/demo.yaml's alpha; configs/demo.yaml's learning
+   rate, 3.75e-4, where the objective sets none of its own, or --learning-rate):
      sft        the teacher's text (black box)
      kd_topk    the teacher's captured top-k logprobs (T = 2)
      kd_topk_T4_pure  the same at T = 4, alpha = 1 (pure KD: the case the tail rule decides)
@@ -23,7 +25,7 @@
                 learning rate 1.5e-3
      kd_hidden_lr3e-3  the same at 3e-3
      sft_half_lr, sft_quarter_lr, sft_eighth_lr  sft at 1.5e-3, 7.5e-4 and 3.75e-4 (the
-                demo's rate); kd_sampled_half_lr, kd_sampled_quarter_lr, kd_sampled_eighth_lr
+                demo's rate) whatever --learning-rate is; kd_sampled_half_lr, kd_sampled_quarter_lr, kd_sampled_eighth_lr
                 and kd_logits_half_lr: those objectives at those rates, each paired with
                 the sft student at its own rate
      on_policy  the student's own samples scored by the in-process teacher (lmbda 0.5, reverse KL)
@@ -66,10 +68,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PRUNED = {"num_layers": 2, "intermediate_size": 256}
-# The learning rate of every objective that sets none of its own: the rate the first tables of
-# docs/kd_vs_sft.md were measured at. The demo trains at an eighth of it (3.75e-4), where sft
-# learns the teacher's answers best (the *_lr objectives measure the rates between).
-BASE_LEARNING_RATE = 3.0e-3
+# A student a third the demo's size (0.08 M parameters, 1/22 of the teacher's): less room to
+# imitate the teacher's answers, so more for its distribution to teach?
+SMALL = {"num_layers": 2, "hidden_size": 48, "num_attention_heads": 2, "intermediate_size": 128}
+# The rate the first tables of docs/kd_vs_sft.md were measured at (`--learning-rate 3e-3`; the
+# default is the demo's, configs/demo.yaml). The demo trains at an eighth of it (3.75e-4),
+# where sft learns the teacher's answers best; the *_lr objectives carry the rates between.
+FIRST_TABLES_LEARNING_RATE = 3.0e-3
 # The KD recipes that appear at several learning rates or student shapes:
 # kd_topk on a sampled capture (an estimate of p itself, so T = 1, forward KL), and the
 # teacher's full logits (T = 2) plus its hidden states: the student's two blocks' outputs
@@ -85,7 +90,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "kd_hidden": {**HIDDEN, "learning_rate": 1.5e-3},
     # kd_hidden at the other students' rate (3e-3): one seed in five fails to train.
     "kd_hidden_lr3e-3": {**HIDDEN, "learning_rate": 3.0e-3},
-    # Lower rates: half, a quarter and an eighth of BASE_LEARNING_RATE (the demo's 3.75e-4).
+    # Lower rates: half, a quarter and an eighth of FIRST_TABLES_LEARNING_RATE (the demo's 3.75e-4).
     "sft_half_lr": {"objective": "sft", "learning_rate": 1.5e-3},
     "kd_sampled_half_lr": {**SAMPLED, "learning_rate": 1.5e-3},
     "kd_logits_half_lr": {"objective": "kd_logits", "temperature": 2.0, "learning_rate": 1.5e-3},
@@ -103,6 +108,11 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     # pruned to its 256 most important neurons; 0.22 of its parameters), same steps:
     "sft_pruned": {"objective": "sft", "derive_student": PRUNED},
     "kd_hidden_pruned": {**HIDDEN, "derive_student": PRUNED},
+    # The SMALL student, at the base rate and at twice the demo's (7.5e-4); paired by rate:
+    "sft_small": {"objective": "sft", "derive_student": SMALL},
+    "kd_sampled_small": {**SAMPLED, "derive_student": SMALL},
+    "sft_small_quarter_lr": {"objective": "sft", "derive_student": SMALL, "learning_rate": 7.5e-4},
+    "kd_sampled_small_quarter_lr": {**SAMPLED, "derive_student": SMALL, "learning_rate": 7.5e-4},
     # A student of the same shape with a vocabulary of its own (the demo's 400-token BPE):
     "sft_bpe": {"objective": "sft"},
     "kd_greybox": {"objective": "kd_greybox", "temperature": 1.0, "divergence": "forward_kl"},  # top-k aligned to its tokens
@@ -182,11 +192,17 @@ def train_student(
     variant["training"].update(training)
     variant["training"]["output_dir"] = str(workdir / "students" / name)
     path = workdir / "configs" / f"{name}.yaml"
+    final = workdir / "students" / name / "final"
+    if (final / "config.json").is_file():  # finished in an earlier run of the bench: reused if alike
+        earlier = yaml.safe_load(path.read_text()) if path.is_file() else None
+        if earlier is None or _settings(earlier) != _settings(variant):
+            raise SystemExit(
+                f"{final} was trained with other settings than this run's {name} (or none are recorded "
+                f"in {path}): pass another --workdir, or delete {final.parent}"
+            )
+        return final
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(variant, sort_keys=False))
-    final = workdir / "students" / name / "final"
-    if (final / "config.json").is_file():  # finished in an earlier run of the bench
-        return final
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     started = time.perf_counter()
     result = subprocess.run(
@@ -197,6 +213,32 @@ def train_student(
         raise SystemExit(f"training {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     print(f"  trained {name} in {time.perf_counter() - started:.0f} s", flush=True)
     return final
+
+
+def _settings(variant: dict) -> dict:
+    """What a student's training depends on: its config's training section, output dir aside."""
+    return {key: value for key, value in variant["training"].items() if key != "output_dir"}
+
+
+# Rough training cost of each objective (sft = 1): the longest start first, so that --jobs
+# processes finish together.
+COST = {"on_policy": 10.0, "kd_logits": 3.0, "hidden": 3.0}
+
+
+def train_all(config: dict, workdir: Path, trainings: list[tuple[str, Path, dict]], jobs: int) -> dict[str, Path]:
+    """Each (name, dataset, settings) student trained, `jobs` processes at a time (one thread
+    each); the first failure stops the bench (the others finish their training first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job: tuple[str, Path, dict]) -> Path:
+        name, data, settings = job
+        settings = dict(settings)
+        init = settings.pop("init")
+        return train_student(config, workdir, name, data, init, **settings)
+
+    ordered = sorted(trainings, key=lambda job: -COST.get(job[2].get("objective", ""), 1.0))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return dict(zip([name for name, _, _ in ordered], pool.map(one, ordered)))
 
 
 def evaluate(config: dict, workdir: Path, models: dict[str, Path], eval_set: Path) -> dict:
@@ -232,27 +274,36 @@ def scores(entry: dict) -> dict[str, Any]:
     return out
 
 
-def learning_rate(objective: str) -> float:
-    return OBJECTIVES[objective].get("learning_rate", BASE_LEARNING_RATE)
+SFT_AT_OTHER_RATES = ("sft_half_lr", "sft_quarter_lr", "sft_eighth_lr")
 
 
-# sft at each learning rate: a KD objective is paired with the one at its own rate
-SFT_AT_RATE = {learning_rate(name): name for name in OBJECTIVES if name in ("sft", "sft_half_lr", "sft_quarter_lr", "sft_eighth_lr")}
+def learning_rate(objective: str, base: float) -> float:
+    """The rate `objective` trains at: its own, else the run's base rate (--learning-rate)."""
+    return OBJECTIVES[objective].get("learning_rate", base)
 
 
-def sft_of(objective: str) -> str:
+def uses_sampled_capture(objective: str) -> bool:
+    """Whether `objective` learns from a sampled capture (the SAMPLED recipe at any rate)."""
+    recipe = OBJECTIVES[objective]
+    return all(recipe.get(key) == value for key, value in SAMPLED.items())
+
+
+def sft_of(objective: str, base: float, present: Any = OBJECTIVES) -> str:
     """The sft student an objective is paired with: the one with the same vocabulary, shape and
-    learning rate."""
+    learning rate among `present` (`sft` itself where several train at that rate)."""
     if objective in OWN_VOCABULARY:
         return "sft_bpe"
     if objective.endswith("_pruned"):
         return "sft_pruned"
-    if objective.startswith("sft_"):  # sft at another rate: against sft at the base rate
-        return "sft"
-    return SFT_AT_RATE.get(learning_rate(objective), "sft")
+    baselines = ("sft_small", "sft_small_quarter_lr") if "_small" in objective else ("sft", *SFT_AT_OTHER_RATES)
+    if objective in baselines[1:]:  # sft at another rate: against sft at the base rate
+        return baselines[0]
+    rate = learning_rate(objective, base)
+    same_rate = [name for name in baselines if name in present and learning_rate(name, base) == rate]
+    return same_rate[0] if same_rate else baselines[0]
 
 
-def summarise(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> dict[str, Any]:
+def summarise(per_seed: dict[str, dict[int, dict]], seeds: list[int], base: float) -> dict[str, Any]:
     """Mean ± CI per objective and metric; paired differences to its sft (`sft_of`)."""
     table: dict[str, Any] = {}
     for objective, by_seed in per_seed.items():
@@ -261,7 +312,7 @@ def summarise(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> dict[st
         for name in sorted({name for r in runs for name in r["family"]}):
             metrics[name] = [r["family"][name] for r in runs if r["family"].get(name) is not None]
         row = {metric: mean_ci(values) for metric, values in metrics.items() if values}
-        baseline = sft_of(objective)
+        baseline = sft_of(objective, base, per_seed)
         if objective != baseline and baseline in per_seed:
             shared = [seed for seed in seeds if seed in by_seed and seed in per_seed[baseline]]
             for metric in ("clean", "robust"):
@@ -274,6 +325,12 @@ def summarise(per_seed: dict[str, dict[int, dict]], seeds: list[int]) -> dict[st
                     row[f"{metric}_minus_sft"] = mean_ci(diffs)
         table[objective] = row
     return table
+
+
+def _rate(value: float) -> str:
+    """3e-3, 3.75e-4: a learning rate as the docs write it."""
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _pct(stat: dict | None) -> str:
@@ -298,6 +355,9 @@ def _pt(stat: dict | None) -> str:
 def render(result: dict) -> str:
     """The bench's tables (markdown): overall, then per family."""
     table = result["table"]
+    base = result.get("learning_rate", FIRST_TABLES_LEARNING_RATE)  # reports before the flag: 3e-3
+    baselines = ("sft", *SFT_AT_OTHER_RATES, "sft_small", "sft_small_quarter_lr")
+    other_rates = {learning_rate(name, base) for name in table if name in baselines}
     lines = [
         f"KD vs SFT on the demo task: seeds {result['seeds']}, {result['steps']} steps, "
         f"{result['rows'] if result['rows'] else 'all'} training rows; "
@@ -307,7 +367,7 @@ def render(result: dict) -> str:
         + (", with `sft`, or with `sft_bpe` for a student with its own vocabulary."
            if any(objective in OWN_VOCABULARY for objective in table)
            else ", each KD student with the sft student at its own learning rate, and each sft student"
-                " with `sft` (3e-3)." if len(set(SFT_AT_RATE.values()) & set(table)) > 1 else "."),
+                f" with sft of its shape at {_rate(base)}." if len(other_rates) > 1 else "."),
         "",
         "| student | clean acc | robust acc | clean − sft (95 % CI) | robust − sft (95 % CI) |",
         "|---|---:|---:|---:|---:|",
@@ -336,8 +396,15 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=list(DEFAULT_OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("--rows", type=int, default=None, help="Train on the first N rows only (low-data regime).")
     parser.add_argument("--steps", type=int, default=DemoBudget().student_steps)
+    parser.add_argument(
+        "--learning-rate", type=float, default=None,
+        help="The rate of every objective that sets none of its own (default: configs/demo.yaml's).",
+    )  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=1, help="Trainings at a time (each on one thread).")
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: a smoke run of the bench itself.")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error("--jobs: at least 1")
     from provenance import provenance, versions  # bench/provenance.py, beside this script
     print(provenance(), flush=True)
 
@@ -352,6 +419,9 @@ def main() -> None:
         print(f"building the demo dataset in {source}…", flush=True)
         demo_command(source, train_student=False, budget=budget)
     config = yaml.safe_load((source / "demo.yaml").read_text())
+    base_rate = args.learning_rate
+    if base_rate is None:
+        base_rate = float(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["training"]["learning_rate"])
     if "teacher_topk" not in _columns(source / "dataset"):
         capture_logits_command(source / "demo.yaml")
     dataset_dir = source / "dataset"
@@ -362,11 +432,13 @@ def main() -> None:
         reference_dir = subset_dataset(reference_dir, min(args.rows, _rows(reference_dir)), workdir / "reference-subset")
     test_set = Path(config["evaluation"]["eval_sets"][0]["path"])
     captured = {
-        objective: captured_with(config, workdir, dataset_dir, "sampled" if objective == "kd_sampled" else "topk")
-        for objective in args.objectives if objective in ("kd_topk", "kd_topk_T4_pure", "kd_sampled", *OWN_VOCABULARY)
+        objective: captured_with(config, workdir, dataset_dir, "sampled" if uses_sampled_capture(objective) else "topk")
+        for objective in args.objectives
+        if OBJECTIVES[objective].get("objective") in ("kd_topk", "kd_greybox") or objective in OWN_VOCABULARY
     }
 
     students: dict[str, Path] = {}
+    trainings: list[tuple[str, Path, dict[str, Any]]] = []
     for seed in args.seeds:
         for objective in args.objectives:
             name = f"{objective}-seed{seed}"
@@ -380,10 +452,10 @@ def main() -> None:
                 )
                 if objective in OWN_VOCABULARY else None
             )
-            students[name] = train_student(
-                config, workdir, name, data, init, max_steps=args.steps, seed=seed,
-                **{"learning_rate": BASE_LEARNING_RATE, **OBJECTIVES[objective]},
-            )
+            settings = {"learning_rate": base_rate, **OBJECTIVES[objective]}
+            trainings.append((name, data, {"init": init, "max_steps": args.steps, "seed": seed, **settings}))
+    students.update(train_all(config, workdir, trainings, args.jobs))
+    students = {f"{o}-seed{s}": students[f"{o}-seed{s}"] for s in args.seeds for o in args.objectives}
     report = evaluate(config, workdir, students, test_set)
     per_seed: dict[str, dict[int, dict]] = {objective: {} for objective in args.objectives}
     for objective in args.objectives:
@@ -395,9 +467,10 @@ def main() -> None:
         "seeds": args.seeds,
         "steps": args.steps,
         "rows": args.rows,
+        "learning_rate": base_rate,
         "training": {"temperature": config["training"]["temperature"], "alpha": config["training"]["alpha"]},
         "per_seed": per_seed,
-        "table": summarise(per_seed, args.seeds),
+        "table": summarise(per_seed, args.seeds, base_rate),
         "seconds": round(time.perf_counter() - started, 1),
     }
     (workdir / "kd_vs_sft.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -14,6 +14,7 @@ never typed by hand. Sources:
     kd-vs-sft-rows500-lr runs/kd-vs-sft-rows500-lr/kd_vs_sft.json → docs/kd_vs_sft.md (500 rows, 3.75e-4)
     kd-vs-sft-bpe runs/kd-vs-sft-bpe/kd_vs_sft.json  → docs/kd_vs_sft.md (own-vocabulary students)
     kd-vs-sft-lr runs/kd-vs-sft-lr/kd_vs_sft.json    → docs/kd_vs_sft.md (the learning rates, 5 seeds)
+    kd-vs-sft-demo-rate runs/kd-vs-sft-demo-rate/kd_vs_sft.json → docs/kd_vs_sft.md (every objective at 3.75e-4)
     kd-vs-sft-pruned runs/kd-vs-sft-pruned/kd_vs_sft.json → docs/kd_vs_sft.md (a pruned copied student)
     sparse-kd-tail runs/sparse-kd-tail/report.json     → docs/training.md (bench/sparse_kd_tail.py)
     sampled-kd  runs/bench-sampled-kd/sampled_kd.json → docs/training.md (bench/sampled_kd.py)
@@ -41,6 +42,7 @@ SOURCES = {  # saved report → where a fresh run writes it
     "kd_vs_sft-rows500-lr.json": ROOT / "runs" / "kd-vs-sft-rows500-lr" / "kd_vs_sft.json",
     "kd_vs_sft-bpe.json": ROOT / "runs" / "kd-vs-sft-bpe" / "kd_vs_sft.json",
     "kd_vs_sft-lr.json": ROOT / "runs" / "kd-vs-sft-lr" / "kd_vs_sft.json",
+    "kd_vs_sft-demo-rate.json": ROOT / "runs" / "kd-vs-sft-demo-rate" / "kd_vs_sft.json",
     "kd_vs_sft-pruned.json": ROOT / "runs" / "kd-vs-sft-pruned" / "kd_vs_sft.json",
     "sparse_kd_tail.json": ROOT / "runs" / "sparse-kd-tail" / "report.json",
     "sampled_kd.json": ROOT / "runs" / "bench-sampled-kd" / "sampled_kd.json",
@@ -150,6 +152,7 @@ def tables() -> dict[str, tuple[Path, str]]:
         out["demo"] = (ROOT / "README.md", demo_table(report))
         out["demo-family"] = (ROOT / "README.md", demo_family_table(report))
     for saved, name in (("kd_vs_sft.json", "kd-vs-sft"), ("kd_vs_sft-lr.json", "kd-vs-sft-lr"),
+                        ("kd_vs_sft-demo-rate.json", "kd-vs-sft-demo-rate"),
                         ("kd_vs_sft-rows500.json", "kd-vs-sft-rows500"),
                         ("kd_vs_sft-rows500-lr.json", "kd-vs-sft-rows500-lr"),
                         ("kd_vs_sft-bpe.json", "kd-vs-sft-bpe"), ("kd_vs_sft-pruned.json", "kd-vs-sft-pruned")):
