@@ -84,7 +84,9 @@ bench: $(VENV)/.bench-deps
 # 3.75e-4); at 3e-3 (the first tables: every objective, the own-vocabulary students, the
 # 500-row regime, a pruned student); sft and KD from 3e-3 down to 3.75e-4, each KD student
 # paired with sft at its own rate; 500 rows at 3.75e-4; a smaller student. After `make demo`
-# (it reuses runs/demo); two trainings at a time, one per core: TIME. Then
+# (it reuses runs/demo); 177 trainings, two at a time (one per core). At the times measured
+# on this 2-core machine (sft-like 1-4 minutes each, kd_logits and kd_hidden 6-15, on_policy
+# 22-47 depending on load), about 7 hours with the evaluations. Then
 # scripts/render_tables.py --save.
 B = $(PY) bench/kd_vs_sft.py --jobs 2
 kd-vs-sft: $(STAMP)
