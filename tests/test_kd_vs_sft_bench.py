@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("kd_vs_sft_bench", ROOT / "bench" / "kd_vs_sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """bench/kd_vs_sft.py as `bench.kd_vs_sft`, the way scripts/render_tables.py imports it."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("bench.kd_vs_sft")
 
 
 def test_each_kd_student_is_paired_with_sft_at_its_own_learning_rate():
