@@ -275,6 +275,9 @@ def scores(entry: dict) -> dict[str, Any]:
 
 
 SFT_AT_OTHER_RATES = ("sft_half_lr", "sft_quarter_lr", "sft_eighth_lr")
+# The sft students a KD student may be paired with, by shape: the first is at the base rate.
+SFT_BASELINES = ("sft", *SFT_AT_OTHER_RATES)
+SMALL_SFT_BASELINES = ("sft_small", "sft_small_quarter_lr")
 
 
 def learning_rate(objective: str, base: float) -> float:
@@ -295,7 +298,7 @@ def sft_of(objective: str, base: float, present: Any = OBJECTIVES) -> str:
         return "sft_bpe"
     if objective.endswith("_pruned"):
         return "sft_pruned"
-    baselines = ("sft_small", "sft_small_quarter_lr") if "_small" in objective else ("sft", *SFT_AT_OTHER_RATES)
+    baselines = SMALL_SFT_BASELINES if "_small" in objective else SFT_BASELINES
     if objective in baselines[1:]:  # sft at another rate: against sft at the base rate
         return baselines[0]
     rate = learning_rate(objective, base)
@@ -356,8 +359,7 @@ def render(result: dict) -> str:
     """The bench's tables (markdown): overall, then per family."""
     table = result["table"]
     base = result.get("learning_rate", FIRST_TABLES_LEARNING_RATE)  # reports before the flag: 3e-3
-    baselines = ("sft", *SFT_AT_OTHER_RATES, "sft_small", "sft_small_quarter_lr")
-    other_rates = {learning_rate(name, base) for name in table if name in baselines}
+    other_rates = {learning_rate(name, base) for name in table if name in SFT_BASELINES + SMALL_SFT_BASELINES}
     lines = [
         f"KD vs SFT on the demo task: seeds {result['seeds']}, {result['steps']} steps, "
         f"{result['rows'] if result['rows'] else 'all'} training rows; "
