@@ -16,7 +16,9 @@
    rate, 3.75e-4, where the objective sets none of its own, or --learning-rate):
      sft        the teacher's text (black box)
      kd_topk    the teacher's captured top-k logprobs (T = 2)
-     kd_topk_T4_pure  the same at T = 4, alpha = 1 (pure KD: the case the tail rule decides)
+     kd_topk_T4_pure  the same at T = 4, alpha = 1 (pure KD: the case the tail rule decides);
+                kd_topk_T4_pure_quarter_lr and _half_lr at 7.5e-4 and 1.5e-3, each paired with
+                sft at its rate; kd_topk_T4 at T = 4 with the demo's alpha
      kd_sampled the same bytes per token as k tokens DRAWN from the teacher (capture.method:
                 sampled; T = 1, forward KL)
      kd_logits  the teacher's full logits, in process
@@ -29,6 +31,8 @@
                 and kd_logits_half_lr: those objectives at those rates, each paired with
                 the sft student at its own rate
      on_policy  the student's own samples scored by the in-process teacher (lmbda 0.5, reverse KL)
+     on_policy_after_kd_sampled  a second stage: the kd_sampled student of the same seed
+                (list kd_sampled too), 300 steps on its own samples only (lmbda 1)
      reference  the true answers of the same prompts (not distillation: what the data could teach)
      untrained  the student's initialisation, not trained (the floor)
      sft_bpe    the same shape with a vocabulary of its own (the demo's 400-token BPE trained
@@ -81,10 +85,19 @@ FIRST_TABLES_LEARNING_RATE = 3.0e-3
 # matched (cosine, through a learned projection) to the teacher's blocks 4 and 8.
 SAMPLED = {"objective": "kd_topk", "temperature": 1.0, "divergence": "forward_kl"}
 HIDDEN = {"objective": "hidden", "temperature": 2.0, "hidden_layer_pairs": [[4, 1], [8, 2]], "hidden_loss": "cosine"}
+ON_POLICY = {
+    "objective": "on_policy", "divergence": "reverse_kl", "temperature": 1.0,
+    "sampling_temperature": 1.0, "max_new_tokens": 16, "packing": False, "micro_batch_size": 32,
+}  # fmt: skip
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "sft": {"objective": "sft"},
     "kd_topk": {"objective": "kd_topk", "temperature": 2.0},
     "kd_topk_T4_pure": {"objective": "kd_topk", "temperature": 4.0, "alpha": 1.0},
+    # Pure KD at T = 4 at twice and four times the demo's rate (a student fitted to logits
+    # tempered by 4 must grow them 4-fold to answer sharply at T = 1), and at the demo's alpha:
+    "kd_topk_T4_pure_quarter_lr": {"objective": "kd_topk", "temperature": 4.0, "alpha": 1.0, "learning_rate": 7.5e-4},
+    "kd_topk_T4_pure_half_lr": {"objective": "kd_topk", "temperature": 4.0, "alpha": 1.0, "learning_rate": 1.5e-3},
+    "kd_topk_T4": {"objective": "kd_topk", "temperature": 4.0},
     "kd_sampled": SAMPLED,
     "kd_logits": {"objective": "kd_logits", "temperature": 2.0},
     "kd_hidden": {**HIDDEN, "learning_rate": 1.5e-3},
@@ -98,10 +111,11 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "sft_eighth_lr": {"objective": "sft", "learning_rate": 3.75e-4},
     "kd_sampled_quarter_lr": {**SAMPLED, "learning_rate": 7.5e-4},
     "kd_sampled_eighth_lr": {**SAMPLED, "learning_rate": 3.75e-4},
-    "on_policy": {
-        "objective": "on_policy", "lmbda": 0.5, "divergence": "reverse_kl", "temperature": 1.0,
-        "sampling_temperature": 1.0, "max_new_tokens": 16, "packing": False, "micro_batch_size": 32,
-    },  # fmt: skip
+    "on_policy": {**ON_POLICY, "lmbda": 0.5},
+    # On-policy distillation as a second stage (GKD, MiniLLM, Qwen3's on-policy stage): the
+    # trained kd_sampled student of the same seed, 300 more steps on its own answers only
+    # (lmbda 1), each token scored by the in-process teacher (reverse KL), at the base rate.
+    "on_policy_after_kd_sampled": {**ON_POLICY, "lmbda": 1.0, "from": "kd_sampled", "max_steps": 300},
     "reference": {"objective": "sft"},
     "untrained": {},
     # A student copied from the teacher instead (derive_student: 2 of its 8 blocks, each MLP
@@ -239,6 +253,20 @@ def train_all(config: dict, workdir: Path, trainings: list[tuple[str, Path, dict
     ordered = sorted(trainings, key=lambda job: -COST.get(job[2].get("objective", ""), 1.0))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return dict(zip([name for name, _, _ in ordered], pool.map(one, ordered)))
+
+
+def train_in_stages(config: dict, workdir: Path, trainings: list[tuple[str, Path, dict]], jobs: int) -> dict[str, Path]:
+    """`train_all`, first the students trained from their initialisation, then the second
+    stages (settings with `from`: an objective), each from that objective's student of its seed."""
+    students = train_all(config, workdir, [job for job in trainings if "from" not in job[2]], jobs)
+    second = []
+    for name, data, settings in trainings:
+        if "from" in settings:
+            settings = dict(settings)
+            first = students[f"{settings.pop('from')}-seed{settings['seed']}"]
+            second.append((name, data, {**settings, "student": str(first), "derive_student": None}))
+    students.update(train_all(config, workdir, second, jobs))
+    return students
 
 
 def evaluate(config: dict, workdir: Path, models: dict[str, Path], eval_set: Path) -> dict:
@@ -407,6 +435,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error("--jobs: at least 1")
+    for objective in args.objectives:
+        first = OBJECTIVES[objective].get("from")
+        if first is not None and first not in args.objectives:
+            parser.error(f"--objectives: {objective} continues from {first}'s students; list {first} too")
     from provenance import provenance, versions  # bench/provenance.py, beside this script
     print(provenance(), flush=True)
 
@@ -456,7 +488,7 @@ def main() -> None:
             )
             settings = {"learning_rate": base_rate, **OBJECTIVES[objective]}
             trainings.append((name, data, {"init": init, "max_steps": args.steps, "seed": seed, **settings}))
-    students.update(train_all(config, workdir, trainings, args.jobs))
+    students.update(train_in_stages(config, workdir, trainings, args.jobs))
     students = {f"{o}-seed{s}": students[f"{o}-seed{s}"] for s in args.seeds for o in args.objectives}
     report = evaluate(config, workdir, students, test_set)
     per_seed: dict[str, dict[int, dict]] = {objective: {} for objective in args.objectives}

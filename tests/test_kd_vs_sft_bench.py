@@ -68,3 +68,40 @@ def test_a_rerun_reuses_a_student_only_if_it_was_trained_with_the_same_settings(
     # The refused run did not overwrite the record of how the student was trained.
     record = yaml.safe_load((tmp_path / "configs" / "sft-seed0.yaml").read_text())
     assert record["training"]["learning_rate"] == 3e-3
+
+
+def test_a_second_stage_starts_from_the_first_stages_student_of_its_seed(tmp_path, monkeypatch):
+    bench = load_bench()
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    runs = []
+
+    def fake_training(command, **kwargs):
+        run = yaml.safe_load(Path(command[command.index("--config") + 1]).read_text())
+        final = Path(run["training"]["output_dir"]) / "final"
+        final.mkdir(parents=True)
+        (final / "config.json").write_text("{}")
+        runs.append(run["training"])
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_training)
+    data = tmp_path / "dataset"
+    trainings = [
+        (f"{objective}-seed{seed}", data, {"init": None, "max_steps": 1200, "seed": seed, **bench.OBJECTIVES[objective]})
+        for seed in (0, 1) for objective in ("on_policy_after_kd_sampled", "kd_sampled")
+    ]  # fmt: skip
+    students = bench.train_in_stages(config, tmp_path, trainings, jobs=2)
+    assert [run["objective"] for run in runs] == ["kd_topk", "kd_topk", "on_policy", "on_policy"]
+    for seed in (0, 1):
+        second = yaml.safe_load((tmp_path / "configs" / f"on_policy_after_kd_sampled-seed{seed}.yaml").read_text())["training"]
+        assert second["student"] == str(students[f"kd_sampled-seed{seed}"])
+        assert second["derive_student"] is None and second["teacher"] == config["training"]["teacher"]
+        assert (second["lmbda"], second["max_steps"], second["seed"]) == (1.0, 300, seed)
+        assert "from" not in second
+
+
+def test_a_second_stage_without_its_first_is_refused(monkeypatch, capsys):
+    bench = load_bench()
+    monkeypatch.setattr(sys, "argv", ["kd_vs_sft.py", "--objectives", "sft", "on_policy_after_kd_sampled"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "list kd_sampled too" in capsys.readouterr().err
