@@ -70,6 +70,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# As `distill` does: the flows' temporary Prefect server may take minutes to start on 2 busy
+# cores (two trainings beside it), where Prefect's default is 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 PRUNED = {"num_layers": 2, "intermediate_size": 256}
 # A student a third the demo's size (0.08 M parameters, 1/22 of the teacher's): less room to

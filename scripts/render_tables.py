@@ -17,6 +17,7 @@ never typed by hand. Sources:
     kd-vs-sft-demo-rate runs/kd-vs-sft-demo-rate/kd_vs_sft.json → docs/kd_vs_sft.md (every objective at 3.75e-4)
     kd-vs-sft-pruned runs/kd-vs-sft-pruned/kd_vs_sft.json → docs/kd_vs_sft.md (a pruned copied student)
     kd-vs-sft-small runs/kd-vs-sft-small/kd_vs_sft.json → docs/kd_vs_sft.md (a smaller student)
+    kd-vs-sft-t4 runs/kd-vs-sft-t4/kd_vs_sft.json    → docs/kd_vs_sft.md (T = 4 at its rates, on-policy stage)
     sparse-kd-tail runs/sparse-kd-tail/report.json     → docs/training.md (bench/sparse_kd_tail.py)
     sampled-kd  runs/bench-sampled-kd/sampled_kd.json → docs/training.md (bench/sampled_kd.py)
     greybox-kd  runs/bench-greybox-kd/greybox_kd.json → docs/training.md (bench/greybox_kd.py)
@@ -46,6 +47,7 @@ SOURCES = {  # saved report → where a fresh run writes it
     "kd_vs_sft-demo-rate.json": ROOT / "runs" / "kd-vs-sft-demo-rate" / "kd_vs_sft.json",
     "kd_vs_sft-pruned.json": ROOT / "runs" / "kd-vs-sft-pruned" / "kd_vs_sft.json",
     "kd_vs_sft-small.json": ROOT / "runs" / "kd-vs-sft-small" / "kd_vs_sft.json",
+    "kd_vs_sft-t4.json": ROOT / "runs" / "kd-vs-sft-t4" / "kd_vs_sft.json",
     "sparse_kd_tail.json": ROOT / "runs" / "sparse-kd-tail" / "report.json",
     "sampled_kd.json": ROOT / "runs" / "bench-sampled-kd" / "sampled_kd.json",
     "greybox_kd.json": ROOT / "runs" / "bench-greybox-kd" / "greybox_kd.json",
@@ -158,7 +160,7 @@ def tables() -> dict[str, tuple[Path, str]]:
                         ("kd_vs_sft-rows500.json", "kd-vs-sft-rows500"),
                         ("kd_vs_sft-rows500-lr.json", "kd-vs-sft-rows500-lr"),
                         ("kd_vs_sft-bpe.json", "kd-vs-sft-bpe"), ("kd_vs_sft-pruned.json", "kd-vs-sft-pruned"),
-                        ("kd_vs_sft-small.json", "kd-vs-sft-small")):
+                        ("kd_vs_sft-small.json", "kd-vs-sft-small"), ("kd_vs_sft-t4.json", "kd-vs-sft-t4")):
         if (REPORTS / saved).is_file():
             out[name] = (ROOT / "docs" / "kd_vs_sft.md", bench_table(json.loads((REPORTS / saved).read_text())))
     if (REPORTS / "sparse_kd_tail.json").is_file():
