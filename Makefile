@@ -99,7 +99,7 @@ kd-vs-sft: $(STAMP)
 	$(B) --learning-rate 3e-3 --workdir runs/kd-vs-sft-lr --objectives sft sft_half_lr sft_quarter_lr sft_eighth_lr kd_hidden_lr3e-3 kd_hidden kd_sampled_half_lr kd_logits_half_lr kd_sampled_quarter_lr kd_sampled_eighth_lr
 	$(B) --rows 500 --workdir runs/kd-vs-sft-rows500-lr --objectives sft_eighth_lr kd_sampled_eighth_lr
 	$(B) --workdir runs/kd-vs-sft-small --objectives sft_small kd_sampled_small sft_small_quarter_lr kd_sampled_small_quarter_lr
-	$(B) --workdir runs/kd-vs-sft-t4 --objectives sft sft_quarter_lr sft_half_lr kd_sampled kd_topk_T4_pure_quarter_lr kd_topk_T4_pure_half_lr kd_topk_T4 on_policy_after_kd_sampled
+	$(B) --workdir runs/kd-vs-sft-t4 --objectives sft sft_half_lr kd_sampled kd_topk_T4_pure_half_lr on_policy_after_kd_sampled
 
 # Hard-prompt mining vs random extra prompts on the demo task, 3 seeds (docs/mining.md).
 stream-bench: $(VENV)/.bench-deps

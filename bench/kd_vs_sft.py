@@ -17,8 +17,7 @@
      sft        the teacher's text (black box)
      kd_topk    the teacher's captured top-k logprobs (T = 2)
      kd_topk_T4_pure  the same at T = 4, alpha = 1 (pure KD: the case the tail rule decides);
-                kd_topk_T4_pure_quarter_lr and _half_lr at 7.5e-4 and 1.5e-3, each paired with
-                sft at its rate; kd_topk_T4 at T = 4 with the demo's alpha
+                kd_topk_T4_pure_half_lr at 1.5e-3, paired with sft_half_lr
      kd_sampled the same bytes per token as k tokens DRAWN from the teacher (capture.method:
                 sampled; T = 1, forward KL)
      kd_logits  the teacher's full logits, in process
@@ -96,11 +95,9 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "sft": {"objective": "sft"},
     "kd_topk": {"objective": "kd_topk", "temperature": 2.0},
     "kd_topk_T4_pure": {"objective": "kd_topk", "temperature": 4.0, "alpha": 1.0},
-    # Pure KD at T = 4 at twice and four times the demo's rate (a student fitted to logits
-    # tempered by 4 must grow them 4-fold to answer sharply at T = 1), and at the demo's alpha:
-    "kd_topk_T4_pure_quarter_lr": {"objective": "kd_topk", "temperature": 4.0, "alpha": 1.0, "learning_rate": 7.5e-4},
+    # Pure KD at T = 4 at four times the demo's rate: a student fitted to logits tempered by 4
+    # must grow them about 4-fold to answer as sharply at T = 1.
     "kd_topk_T4_pure_half_lr": {"objective": "kd_topk", "temperature": 4.0, "alpha": 1.0, "learning_rate": 1.5e-3},
-    "kd_topk_T4": {"objective": "kd_topk", "temperature": 4.0},
     "kd_sampled": SAMPLED,
     "kd_logits": {"objective": "kd_logits", "temperature": 2.0},
     "kd_hidden": {**HIDDEN, "learning_rate": 1.5e-3},
