@@ -83,10 +83,11 @@ bench: $(VENV)/.bench-deps
 # commands of every table in docs/kd_vs_sft.md. At the demo's settings (learning rate
 # 3.75e-4); at 3e-3 (the first tables: every objective, the own-vocabulary students, the
 # 500-row regime, a pruned student); sft and KD from 3e-3 down to 3.75e-4, each KD student
-# paired with sft at its own rate; 500 rows at 3.75e-4; a smaller student. After `make demo`
-# (it reuses runs/demo); 177 trainings, two at a time (one per core). At the times measured
+# paired with sft at its own rate; 500 rows at 3.75e-4; a smaller student; pure KD at T = 4 at
+# 1.5e-3 and on-policy as a second stage. After `make demo`
+# (it reuses runs/demo); 202 trainings, two at a time (one per core). At the times measured
 # on this 2-core machine (sft-like 1-4 minutes each, kd_logits and kd_hidden 6-15, on_policy
-# 22-47 depending on load), about 7 hours with the evaluations. Then
+# 22-47 depending on load, its 300-step second stage 7-8), about 8 hours with the evaluations. Then
 # scripts/render_tables.py --save.
 B = $(PY) bench/kd_vs_sft.py --jobs 2
 kd-vs-sft: $(STAMP)
